@@ -1,1 +1,12 @@
-//! placeholder
+//! serin's coordinator: the control-plane daemon and the operator CLI.
+
+pub mod agent_service;
+pub mod artifacts;
+pub mod cli;
+pub mod config;
+pub mod control_service;
+pub mod fleet;
+pub mod registry;
+pub mod rollout;
+pub mod server;
+pub mod store;
