@@ -8,5 +8,6 @@ pub mod control_service;
 pub mod fleet;
 pub mod registry;
 pub mod rollout;
+pub mod selector;
 pub mod server;
 pub mod store;
