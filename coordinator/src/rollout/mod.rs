@@ -1,1 +1,39 @@
-//! placeholder
+//! The rollout engine: from an operator's spec to a fleet on the new release, wave by wave.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`spec`] | the validated [`RolloutSpec`] (defaults, wave expressions, limits) |
+//! | [`threshold`] | exact integer arithmetic of count / percent limits |
+//! | [`plan`] | deterministic cohort planning from a fleet snapshot |
+//! | [`machine`] | the pure state machine: `step(now, Input) -> Vec<Command>` |
+//! | [`analysis`] | canary vs baseline comparison and its small-sample judge |
+//! | [`record`] | the versioned records the machine persists |
+//! | [`task`] | one tokio task per rollout: turns events, timers and operator calls into inputs |
+//! | [`manager`] | [`RolloutManager`]: start, plan, control, status, resume after a restart |
+//!
+//! Architecture invariant: the machine does no I/O and never reads the clock; only its task
+//! talks to the store and the fleet, and it persists every decision before sending the orders
+//! that decision causes.
+
+pub mod analysis;
+pub mod machine;
+pub mod manager;
+pub mod plan;
+pub mod record;
+pub mod settings;
+pub mod spec;
+pub mod task;
+pub mod threshold;
+
+#[cfg(test)]
+mod manager_tests;
+#[cfg(test)]
+mod scenarios;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use machine::{Command, Input, OperatorAction, Rollout, RolloutState};
+pub use manager::{RolloutError, RolloutManager};
+pub use settings::EngineSettings;
+pub use spec::RolloutSpec;
+pub use threshold::Limit;

@@ -1,0 +1,309 @@
+//! RolloutManager tests over the in-memory fakes, with tokio's paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serin_proto::wire::{OrderPhase, ResultCode};
+use serin_proto::{OrderAction, ServiceName, wire};
+use tokio_util::sync::CancellationToken;
+
+use super::manager::RolloutManager;
+use super::settings::EngineSettings;
+use super::task::Clock;
+use super::testing::{FakeFleet, MemStore, host, release_record, wire_spec};
+use crate::fleet::{FleetEvent, OrderOutcome};
+use crate::store::Store;
+
+fn setup(n: usize) -> (Arc<MemStore>, Arc<FakeFleet>) {
+    let store = Arc::new(MemStore::default());
+    store.put_release(&release_record()).unwrap();
+    let fleet = Arc::new(FakeFleet::new(
+        (1..=n)
+            .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
+            .collect(),
+    ));
+    (store, fleet)
+}
+
+async fn manager(
+    store: &Arc<MemStore>,
+    fleet: &Arc<FakeFleet>,
+    shutdown: &CancellationToken,
+) -> RolloutManager {
+    RolloutManager::start_with_clock(
+        store.clone(),
+        fleet.clone(),
+        EngineSettings::default(),
+        shutdown.clone(),
+        Clock::at(1_700_000_000_000),
+    )
+    .await
+    .unwrap()
+}
+
+/// Answers every order the fleet has received and not yet answered, successfully.
+fn agents(fleet: &FakeFleet, answered: &mut usize) {
+    let sent = fleet.sent();
+    for (h, o) in &sent[*answered..] {
+        let phases: &[OrderPhase] = match &o.action {
+            OrderAction::Activate { .. } => &[OrderPhase::Activated, OrderPhase::Healthy],
+            OrderAction::Confirm { .. } => &[OrderPhase::Confirmed],
+            OrderAction::Rollback { .. } => &[OrderPhase::RolledBack],
+            _ => &[],
+        };
+        for p in phases {
+            fleet.emit(FleetEvent::Result {
+                host: h.clone(),
+                outcome: OrderOutcome {
+                    order_id: o.order_id.clone(),
+                    rollout_id: o.rollout_id.clone(),
+                    seq: o.seq,
+                    service: ServiceName::new("web").unwrap(),
+                    release: None,
+                    phase: *p,
+                    code: ResultCode::Ok,
+                    message: String::new(),
+                    current_release: None,
+                },
+            });
+        }
+    }
+    *answered = sent.len();
+}
+
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<wire::RolloutStatus>,
+    f: impl Fn(&wire::RolloutStatus) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(3600), async {
+        loop {
+            if f(&rx.borrow_and_update()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                assert!(f(&rx.borrow()), "status never matched: {:?}", rx.borrow());
+                return;
+            }
+        }
+    })
+    .await
+    .expect("condition within an hour of (paused) time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_runs_to_success_through_the_manager() {
+    let (store, fleet) = setup(4);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let plan = mgr.plan(wire_spec(&["1", "100%"])).await.unwrap();
+    assert_eq!(plan.waves.len(), 2);
+    assert_eq!(plan.waves[0].host_ids, vec!["h1"]);
+    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    assert_eq!(st.state, "running");
+    assert_eq!(
+        fleet.sent().len(),
+        1,
+        "the canary is dispatched before start returns"
+    );
+    // A second rollout for the same service is refused.
+    let e = mgr
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains(&format!("already has an active rollout {}", st.rollout_id)),
+        "{}",
+        e.message()
+    );
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut answered = 0;
+    for _ in 0..50 {
+        agents(&fleet, &mut answered);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if rx.borrow().finished {
+            break;
+        }
+    }
+    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    let ex = mgr.explain(&st.rollout_id).await.unwrap();
+    assert!(ex.decisions.iter().any(|d| d.kind == "complete"));
+    assert!(
+        ex.events.iter().any(|e| e.contains("wave 1 started")),
+        "{:?}",
+        ex.events
+    );
+    let list = mgr.list(Some("web")).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(store.saves() > 4, "every step with a change is saved");
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn validation_and_unknown_things_map_to_the_right_codes() {
+    let (store, fleet) = setup(2);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let e = mgr.plan(wire_spec(&["0%", "100%"])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("waves[0]"), "{}", e.message());
+    let mut w = wire_spec(&[]);
+    w.release = "web-9".into();
+    let e = mgr.start_rollout(w).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = mgr.status("r-nope").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let mut w = wire_spec(&[]);
+    w.selector = "role=db".into();
+    let e = mgr.start_rollout(w).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("selects no host"), "{}", e.message());
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
+    let (store, fleet) = setup(3);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let mut answered = 0;
+    agents(&fleet, &mut answered);
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    wait_for(&mut rx, |s| s.waves[0].state == "baking").await;
+    // Coordinator "crash".
+    shutdown.cancel();
+    mgr.join().await;
+
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let before = fleet.sent().len();
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    assert_eq!(
+        rx.borrow().waves[0].state,
+        "baking",
+        "resumed in the same wave"
+    );
+    for _ in 0..60 {
+        agents(&fleet, &mut answered);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    let activates: Vec<_> = fleet
+        .sent()
+        .iter()
+        .filter(|(_, o)| o.action.kind() == "activate")
+        .map(|(h, _)| h.to_string())
+        .collect();
+    assert_eq!(
+        activates,
+        vec!["h1", "h2", "h3"],
+        "no host was activated twice"
+    );
+    assert!(fleet.sent().len() > before);
+    // Controls on a finished rollout are refused with the state named.
+    let e = mgr
+        .control(wire::ControlRequest {
+            rollout_id: st.rollout_id.clone(),
+            action: wire::ControlAction::Pause as i32,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("is succeeded; pause applies to"),
+        "{}",
+        e.message()
+    );
+    // Manual rollback works through the manager.
+    let st2 = mgr
+        .control(wire::ControlRequest {
+            rollout_id: st.rollout_id.clone(),
+            action: wire::ControlAction::Rollback as i32,
+            reason: "bad release".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(st2.state, "rolling_back");
+    agents(&fleet, &mut answered);
+    wait_for(&mut rx, |s| s.state == "rolled_back").await;
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
+    let (store, fleet) = setup(4);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = mgr.start_rollout(wire_spec(&["2", "100%"])).await.unwrap();
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    // h2 disappears before answering; h1 becomes healthy.
+    let mut down = host("h2", "eu-1", "web-1");
+    down.connected = false;
+    fleet.set_host(down);
+    wait_for(&mut rx, |s| {
+        s.hosts
+            .iter()
+            .any(|h| h.host_id == "h2" && h.phase == "unreachable")
+    })
+    .await;
+    let first: Vec<_> = fleet
+        .sent()
+        .into_iter()
+        .filter(|(h, _)| h.as_str() == "h1")
+        .collect();
+    answer(&fleet, &first);
+    wait_for(&mut rx, |s| s.state == "waiting").await;
+    // h2 returns: the very same order is re-sent and the rollout resumes by itself.
+    fleet.set_host(host("h2", "eu-1", "web-1"));
+    wait_for(&mut rx, |s| s.state == "running").await;
+    let to_h2: Vec<_> = fleet
+        .sent()
+        .into_iter()
+        .filter(|(h, _)| h.as_str() == "h2")
+        .collect();
+    assert_eq!(to_h2.len(), 2);
+    assert_eq!(to_h2[0].1, to_h2[1].1, "same order id and seq");
+    let mut answered = 0;
+    for _ in 0..60 {
+        agents(&fleet, &mut answered);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    let d: Vec<_> = rx
+        .borrow()
+        .decisions
+        .iter()
+        .map(|d| d.kind.clone())
+        .collect();
+    assert_eq!(d, vec!["wait", "resume", "promote", "promote", "complete"]);
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+/// Answers the given activate orders with activated + healthy.
+fn answer(fleet: &FakeFleet, orders: &[(serin_proto::HostId, serin_proto::Order)]) {
+    for (h, o) in orders {
+        for p in [OrderPhase::Activated, OrderPhase::Healthy] {
+            fleet.emit(FleetEvent::Result {
+                host: h.clone(),
+                outcome: OrderOutcome {
+                    order_id: o.order_id.clone(),
+                    rollout_id: o.rollout_id.clone(),
+                    seq: o.seq,
+                    service: ServiceName::new("web").unwrap(),
+                    release: None,
+                    phase: p,
+                    code: ResultCode::Ok,
+                    message: String::new(),
+                    current_release: None,
+                },
+            });
+        }
+    }
+}

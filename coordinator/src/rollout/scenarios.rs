@@ -1,0 +1,827 @@
+//! Whole-rollout scenarios driving the pure machine with a fake clock and scripted agents.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serin_proto::wire::{OrderPhase, ResultCode};
+use serin_proto::{HostId, Order, OrderAction, ReleaseId, ServiceName, wire};
+
+use super::machine::{
+    Command, ControlError, HostPhase, Input, OperatorAction, Rollout, RolloutState, WaveState,
+};
+use super::plan::{self, Plan};
+use super::record::{self, HostRecord};
+use super::settings::EngineSettings;
+use super::spec::RolloutSpec;
+use super::testing::{host, release, wire_spec};
+use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn hid(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+/// The machine plus a fake store (records as bytes), a seq allocator and a send log.
+#[derive(Clone)]
+struct Sim {
+    m: Rollout,
+    now: u64,
+    seqs: BTreeMap<HostId, u64>,
+    header: Vec<u8>,
+    hosts: BTreeMap<HostId, Vec<u8>>,
+    events: Vec<String>,
+    sent: Vec<(u64, HostId, Order)>,
+    answered: BTreeSet<String>,
+    finished: Vec<RolloutState>,
+    refused: Option<ControlError>,
+    fleet: Vec<HostSnapshot>,
+}
+
+impl Sim {
+    fn new(fleet: Vec<HostSnapshot>, spec: wire::RolloutSpec) -> Self {
+        let spec = RolloutSpec::try_from(spec).unwrap();
+        let p = plan::plan(&spec, &fleet);
+        let m = Rollout::new("r-1", spec, release(), &p, EngineSettings::default(), T0);
+        let mut s = Sim {
+            m,
+            now: T0,
+            seqs: BTreeMap::new(),
+            header: Vec::new(),
+            hosts: BTreeMap::new(),
+            events: Vec::new(),
+            sent: Vec::new(),
+            answered: BTreeSet::new(),
+            finished: Vec::new(),
+            refused: None,
+            fleet,
+        };
+        s.feed(Input::Tick);
+        s
+    }
+
+    fn plan(&self) -> Plan {
+        plan::plan(self.m.spec(), &self.fleet)
+    }
+
+    fn feed(&mut self, input: Input) {
+        let cmds = self.m.step(self.now, input);
+        self.run(cmds);
+    }
+
+    fn run(&mut self, cmds: Vec<Command>) {
+        for c in cmds {
+            match c {
+                Command::Persist(p) => {
+                    self.header = record::encode(&p.header);
+                    for h in p.hosts {
+                        self.hosts.insert(h.host.id.clone(), record::encode(&h));
+                    }
+                    self.events.extend(p.events.into_iter().map(|e| e.text));
+                }
+                Command::AllocateSeqs(reqs) => {
+                    let got = reqs
+                        .into_iter()
+                        .map(|r| {
+                            let s = self.seqs.entry(r.host).or_insert(0);
+                            *s = (*s).max(r.at_least) + 1;
+                            (r.order_id, *s)
+                        })
+                        .collect();
+                    let more = self.m.step(self.now, Input::SeqsAllocated(got));
+                    self.run(more);
+                }
+                Command::Send { host, order } => {
+                    // Invariant: what is sent was persisted first, with the same id and seq.
+                    let rec: HostRecord =
+                        record::decode_host("r-1", host.as_str(), &self.hosts[&host]).unwrap();
+                    let o = rec.host.order.expect("order persisted before it is sent");
+                    assert_eq!(o.order_id, order.order_id);
+                    assert_eq!(o.seq, Some(order.seq));
+                    self.sent.push((self.now, host, order));
+                }
+                Command::Refused(e) => self.refused = Some(e),
+                Command::Finished(s) => self.finished.push(s),
+            }
+        }
+    }
+
+    /// Advance the clock by `ms`, ticking at every deadline on the way.
+    fn advance(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while let Some(d) = self.m.next_deadline().filter(|d| *d <= end) {
+            self.now = d.max(self.now);
+            self.feed(Input::Tick);
+            if self.m.next_deadline() == Some(d) {
+                break;
+            }
+        }
+        self.now = end;
+        self.feed(Input::Tick);
+    }
+
+    fn outcome(
+        &self,
+        order: &Order,
+        phase: OrderPhase,
+        code: ResultCode,
+        current: &str,
+    ) -> OrderOutcome {
+        OrderOutcome {
+            order_id: order.order_id.clone(),
+            rollout_id: order.rollout_id.clone(),
+            seq: order.seq,
+            service: ServiceName::new("web").unwrap(),
+            release: None,
+            phase,
+            code,
+            message: String::new(),
+            current_release: Some(ReleaseId::new(current).unwrap()),
+        }
+    }
+
+    fn reply(
+        &mut self,
+        host: &HostId,
+        order: &Order,
+        phase: OrderPhase,
+        code: ResultCode,
+        current: &str,
+    ) {
+        let outcome = self.outcome(order, phase, code, current);
+        self.feed(Input::OrderResult {
+            host: host.clone(),
+            outcome,
+        });
+    }
+
+    /// Unanswered orders, oldest first.
+    fn pending(&self) -> Vec<(HostId, Order)> {
+        self.sent
+            .iter()
+            .filter(|(_, _, o)| !self.answered.contains(&o.order_id))
+            .map(|(_, h, o)| (h.clone(), o.clone()))
+            .collect()
+    }
+
+    /// Every agent answers every pending order successfully, except `bad` hosts, whose
+    /// activation fails with `bad_code` (FAILED) or a dead-man rollback.
+    fn agents(&mut self, bad: &[&str], dead_man: bool) {
+        for (h, o) in self.pending() {
+            self.answered.insert(o.order_id.clone());
+            match &o.action {
+                OrderAction::Activate { .. } if bad.contains(&h.as_str()) => {
+                    if dead_man {
+                        self.reply(&h, &o, OrderPhase::Activated, ResultCode::Ok, "web-2");
+                        self.reply(
+                            &h,
+                            &o,
+                            OrderPhase::RolledBack,
+                            ResultCode::ServiceFailedToStart,
+                            "web-1",
+                        );
+                    } else {
+                        self.reply(
+                            &h,
+                            &o,
+                            OrderPhase::Failed,
+                            ResultCode::HashMismatch,
+                            "web-1",
+                        );
+                    }
+                }
+                OrderAction::Activate { .. } => {
+                    self.reply(&h, &o, OrderPhase::Activated, ResultCode::Ok, "web-2");
+                    self.reply(&h, &o, OrderPhase::Healthy, ResultCode::Ok, "web-2");
+                }
+                OrderAction::Confirm { .. } => {
+                    self.reply(&h, &o, OrderPhase::Confirmed, ResultCode::Ok, "web-2")
+                }
+                OrderAction::Rollback { to } => {
+                    let to = to.as_ref().map_or("web-1", ReleaseId::as_str).to_string();
+                    self.reply(&h, &o, OrderPhase::RolledBack, ResultCode::Ok, &to)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn sent_kinds(&self, kind: &str) -> Vec<String> {
+        self.sent
+            .iter()
+            .filter(|(_, _, o)| o.action.kind() == kind)
+            .map(|(_, h, _)| h.to_string())
+            .collect()
+    }
+
+    fn operator(&mut self, action: OperatorAction) -> Result<(), ControlError> {
+        self.refused = None;
+        self.feed(Input::Operator {
+            action,
+            actor: "alice".into(),
+            reason: "test".into(),
+        });
+        match self.refused.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn phase(&self, h: &str) -> HostPhase {
+        self.m.host(&hid(h)).unwrap().phase
+    }
+
+    fn decision_kinds(&self) -> Vec<String> {
+        self.m.decisions().iter().map(|d| d.kind.clone()).collect()
+    }
+}
+
+fn fleet(n: usize) -> Vec<HostSnapshot> {
+    (1..=n)
+        .map(|i| host(&format!("h{i:02}"), "eu-1", "web-1"))
+        .collect()
+}
+
+fn zoned() -> Vec<HostSnapshot> {
+    let mut f = Vec::new();
+    for z in ["eu-1", "eu-2", "eu-3"] {
+        for i in 1..=3 {
+            f.push(host(&format!("{z}-h{i}"), z, "web-1"));
+        }
+    }
+    f
+}
+
+#[test]
+fn healthy_rollout_passes_every_wave_and_no_wave_starts_before_the_previous_gate() {
+    let mut s = Sim::new(fleet(10), wire_spec(&["1", "50%", "100%"]));
+    let p = s.plan();
+    assert_eq!(
+        s.sent_kinds("activate"),
+        vec!["h01"],
+        "only the canary is dispatched first"
+    );
+    // Dispatch order per wave must equal the plan.
+    for (wi, w) in p.waves.iter().enumerate() {
+        let before = s.sent_kinds("activate").len();
+        s.agents(&[], false);
+        assert_eq!(s.m.waves()[wi].state, WaveState::Baking);
+        let bake_ends = s.m.waves()[wi].bake_ends_ms.unwrap();
+        // Just before the bake ends nothing new is dispatched.
+        s.advance(bake_ends - s.now - 1);
+        assert_eq!(
+            s.sent_kinds("activate").len(),
+            before,
+            "wave {} started before the gate",
+            wi + 1
+        );
+        s.advance(1);
+        assert_eq!(s.m.waves()[wi].state, WaveState::Passed);
+        let planned: Vec<String> = w.hosts.iter().map(|h| h.host_id.to_string()).collect();
+        let confirms_for_wave: Vec<String> = s
+            .sent
+            .iter()
+            .filter(|(_, h, o)| o.action.kind() == "confirm" && planned.contains(&h.to_string()))
+            .map(|(_, h, _)| h.to_string())
+            .collect();
+        assert_eq!(
+            confirms_for_wave, planned,
+            "confirm orders go to the wave's hosts at its gate"
+        );
+    }
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    assert_eq!(s.finished, vec![RolloutState::Succeeded]);
+    assert_eq!(
+        s.decision_kinds(),
+        vec!["promote", "promote", "promote", "complete"]
+    );
+    for h in s.m.status().hosts {
+        assert_eq!(h.phase, "confirmed", "{h:?}");
+    }
+    // Activates went out wave by wave, exactly the planned cohorts.
+    let planned: Vec<String> = p.hosts().map(|h| h.host_id.to_string()).collect();
+    assert_eq!(s.sent_kinds("activate"), planned);
+    // Each activation carries a confirm deadline beyond healthy deadline + bake.
+    let (_, _, o) = &s.sent[0];
+    match &o.action {
+        OrderAction::Activate {
+            confirm_deadline,
+            healthy_deadline,
+            ..
+        } => {
+            assert_eq!(*healthy_deadline, std::time::Duration::from_secs(20));
+            assert_eq!(
+                *confirm_deadline,
+                Some(std::time::Duration::from_secs(20 + 10 + 60))
+            );
+        }
+        a => panic!("unexpected {a:?}"),
+    }
+    assert!(s.m.is_quiescent());
+}
+
+#[test]
+fn plan_is_exactly_what_runs_with_spread_and_domain_limits() {
+    let mut w = wire_spec(&["3", "100%"]);
+    w.spread_label = "zone".into();
+    w.max_domains_in_flight = 1;
+    let mut s = Sim::new(zoned(), w);
+    let p = s.plan();
+    // With one domain in flight at a time, the canary goes zone by zone.
+    assert_eq!(s.sent_kinds("activate"), vec!["eu-1-h1"]);
+    for _ in 0..20 {
+        s.agents(&[], false);
+        s.advance(10_000);
+    }
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    let planned: Vec<String> = p.hosts().map(|h| h.host_id.to_string()).collect();
+    assert_eq!(&planned[..3], &["eu-1-h1", "eu-2-h1", "eu-3-h1"]);
+    let sent = s.sent_kinds("activate");
+    // The canary went out one domain at a time, in plan order.
+    assert_eq!(&sent[..3], &planned[..3]);
+    // Later waves keep their planned membership; within a wave the domain limit groups hosts
+    // of the domain in flight together.
+    let mut a: Vec<String> = sent[3..].to_vec();
+    let mut b: Vec<String> = planned[3..].to_vec();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    assert_eq!(&sent[3..5], &["eu-1-h2", "eu-1-h3"]);
+    // Wave membership in status matches the plan.
+    let st = s.m.status();
+    for (wi, w) in p.waves.iter().enumerate() {
+        for h in &w.hosts {
+            let hp = st
+                .hosts
+                .iter()
+                .find(|x| x.host_id == h.host_id.as_str())
+                .unwrap();
+            assert_eq!(hp.wave as usize, wi);
+        }
+    }
+}
+
+#[test]
+fn crash_at_start_canary_rolls_back_only_canary_hosts() {
+    let mut s = Sim::new(fleet(10), wire_spec(&["2", "100%"]));
+    assert_eq!(s.sent_kinds("activate"), vec!["h01", "h02"]);
+    // h01 crashes at start; its agent's dead-man switch rolls it back. h02 is healthy.
+    s.agents(&["h01"], true);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::RollingBack,
+        "fails fast, without waiting for the bake"
+    );
+    assert_eq!(
+        s.sent_kinds("rollback"),
+        vec!["h02"],
+        "only the touched canary host is rolled back"
+    );
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+    assert_eq!(s.finished, vec![RolloutState::RolledBack]);
+    assert_eq!(
+        s.sent_kinds("activate"),
+        vec!["h01", "h02"],
+        "no other host was touched"
+    );
+    let d =
+        s.m.decisions()
+            .iter()
+            .find(|d| d.kind == "rollback")
+            .unwrap();
+    assert_eq!(d.evidence["failed"], "1");
+    assert_eq!(d.evidence["failures_allowed"], "0");
+    assert_eq!(d.actor, "engine");
+    assert!(
+        s.m.status().reason.contains("failure threshold"),
+        "{}",
+        s.m.status().reason
+    );
+    // The rollback goes to the baseline release.
+    let (_, _, o) = s
+        .sent
+        .iter()
+        .find(|(_, _, o)| o.action.kind() == "rollback")
+        .unwrap();
+    assert_eq!(
+        o.action,
+        OrderAction::Rollback {
+            to: Some(ReleaseId::new("web-1").unwrap())
+        }
+    );
+    assert_eq!(s.phase("h01"), HostPhase::RolledBack);
+    assert_eq!(s.phase("h03"), HostPhase::Pending);
+}
+
+#[test]
+fn one_zone_failing_rolls_back_every_touched_host() {
+    let mut w = wire_spec(&["3", "100%"]);
+    w.spread_label = "zone".into();
+    w.failure_threshold = "1".into();
+    let mut s = Sim::new(zoned(), w);
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert_eq!(s.m.current_wave(), 1);
+    // Zone eu-2's remaining two hosts fail to activate: 2 > 1 allowed.
+    s.agents(&["eu-2-h2", "eu-2-h3"], false);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    let mut rolled = s.sent_kinds("rollback");
+    rolled.sort();
+    let mut expected: Vec<String> = zoned()
+        .iter()
+        .map(|h| h.host_id.to_string())
+        .filter(|h| h != "eu-2-h2" && h != "eu-2-h3")
+        .collect();
+    expected.sort();
+    assert_eq!(
+        rolled, expected,
+        "every touched host (canary included) is rolled back at once"
+    );
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+}
+
+fn boundary(n: usize, threshold: &str, failures: usize) -> RolloutState {
+    let mut w = wire_spec(&["100%"]);
+    w.failure_threshold = threshold.into();
+    let mut s = Sim::new(fleet(n), w);
+    let bad: Vec<String> = (1..=failures).map(|i| format!("h{i:02}")).collect();
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    s.agents(&bad, false);
+    s.advance(10_000);
+    s.agents(&[], false);
+    s.m.state()
+}
+
+#[test]
+fn failure_thresholds_pass_exactly_at_the_limit_and_fail_one_past() {
+    // Counts.
+    assert_eq!(boundary(4, "0", 0), RolloutState::Succeeded);
+    assert_eq!(boundary(4, "0", 1), RolloutState::RolledBack);
+    assert_eq!(boundary(4, "2", 2), RolloutState::Succeeded);
+    assert_eq!(boundary(4, "2", 3), RolloutState::RolledBack);
+    // Percents: floor(P * n / 100).
+    assert_eq!(boundary(10, "10%", 1), RolloutState::Succeeded);
+    assert_eq!(boundary(10, "10%", 2), RolloutState::RolledBack);
+    assert_eq!(
+        boundary(7, "10%", 1),
+        RolloutState::RolledBack,
+        "10% of 7 allows 0"
+    );
+    assert_eq!(boundary(20, "15%", 3), RolloutState::Succeeded);
+    assert_eq!(boundary(20, "15%", 4), RolloutState::RolledBack);
+}
+
+#[test]
+fn cumulative_threshold_counts_across_waves() {
+    let mut w = wire_spec(&["2", "100%"]);
+    w.failure_threshold = "1".into();
+    w.cumulative_failure_threshold = "1".into();
+    let mut s = Sim::new(fleet(6), w);
+    s.agents(&["h01"], false);
+    s.advance(10_000);
+    assert_eq!(
+        s.m.current_wave(),
+        1,
+        "one failure is within both thresholds"
+    );
+    s.agents(&["h03"], false);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    let d =
+        s.m.decisions()
+            .iter()
+            .find(|d| d.kind == "rollback")
+            .unwrap();
+    assert!(d.reason.contains("cumulative"), "{}", d.reason);
+}
+
+#[test]
+fn unreachable_host_makes_the_wave_wait_and_it_resumes_when_the_host_returns() {
+    let mut s = Sim::new(fleet(6), wire_spec(&["3", "100%"]));
+    // h02 goes away before it answers.
+    s.answered.insert(s.sent[1].2.order_id.clone());
+    s.feed(Input::HostDown(hid("h02")));
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::Waiting,
+        "never promoted on missing data"
+    );
+    assert_eq!(s.m.waves()[0].state, WaveState::Waiting);
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!(d.kind, "wait");
+    assert_eq!(d.evidence["unreachable"], "1");
+    assert_eq!(d.evidence["failed"], "0");
+    assert_eq!(s.m.status().waves[0].unreachable, 1);
+    assert_eq!(s.m.status().waves[0].failed, 0, "unreachable is not failed");
+    // Still waiting later: no promotion by timeout.
+    s.advance(600_000);
+    assert_eq!(s.m.state(), RolloutState::Waiting);
+    let activates_before = s.sent_kinds("activate").len();
+    // h02 returns; its order is re-sent with the same id and seq.
+    let first = s.sent[1].2.clone();
+    s.feed(Input::HostUp(host("h02", "eu-1", "web-1")));
+    assert_eq!(s.m.state(), RolloutState::Running);
+    let (_, h, again) = s.sent.last().unwrap().clone();
+    assert_eq!(h.as_str(), "h02");
+    assert_eq!(again, first, "the same order, same seq");
+    assert_eq!(s.decision_kinds().last().unwrap(), "resume");
+    s.answered.remove(&first.order_id);
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert_eq!(s.m.current_wave(), 1);
+    assert!(s.sent_kinds("activate").len() > activates_before);
+}
+
+#[test]
+fn progress_deadline_fails_reachable_stragglers() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["2", "100%"]));
+    // h01 healthy; h02 activates but never reports healthy or anything else.
+    let o2 = s.sent[1].2.clone();
+    s.answered.insert(o2.order_id.clone());
+    s.reply(
+        &hid("h02"),
+        &o2,
+        OrderPhase::Progress,
+        ResultCode::Ok,
+        "web-1",
+    );
+    s.agents(&[], false);
+    s.advance(59_000);
+    assert_eq!(s.m.state(), RolloutState::Running);
+    s.advance(1_000);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    assert!(
+        s.m.host(&hid("h02"))
+            .unwrap()
+            .failure
+            .as_ref()
+            .unwrap()
+            .contains("progress deadline")
+    );
+}
+
+#[test]
+fn healthy_host_turning_unhealthy_during_bake_fails() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    s.agents(&[], false);
+    assert_eq!(s.m.waves()[0].state, WaveState::Baking);
+    s.feed(Input::Health {
+        host: hid("h01"),
+        sample: HealthSample {
+            service: ServiceName::new("web").unwrap(),
+            release: Some(ReleaseId::new("web-2").unwrap()),
+            healthy: false,
+            checks_passing: 0,
+            checks_total: 1,
+            probe_latency_us: None,
+            restarts: 1,
+            cpu_percent: 0.0,
+            rss_bytes: 0,
+            observed_unix_ms: s.now,
+        },
+    });
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    assert_eq!(s.sent_kinds("rollback"), vec!["h01"]);
+}
+
+#[test]
+fn on_failure_pause_then_retry_and_resume() {
+    let mut w = wire_spec(&["2", "100%"]);
+    w.on_failure = wire::OnFailure::Pause as i32;
+    let mut s = Sim::new(fleet(4), w);
+    s.agents(&["h02"], false);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    assert_eq!(s.decision_kinds(), vec!["pause"]);
+    // Invalid controls are refused with a clear message.
+    let e = s.operator(OperatorAction::Rollback).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rollout r-1 is paused; rollback applies to a succeeded rollout"
+    );
+    // Retry re-dispatches the failed host with a new order.
+    s.operator(OperatorAction::Retry).unwrap();
+    assert_eq!(s.m.state(), RolloutState::Running);
+    assert_eq!(s.sent_kinds("activate"), vec!["h01", "h02", "h02"]);
+    let seqs: Vec<u64> = s
+        .sent
+        .iter()
+        .filter(|(_, h, _)| h.as_str() == "h02")
+        .map(|(_, _, o)| o.seq)
+        .collect();
+    assert!(
+        seqs[1] > seqs[0],
+        "a retry is a new order with a higher seq: {seqs:?}"
+    );
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert_eq!(s.m.current_wave(), 1);
+    assert_eq!(s.decision_kinds(), vec!["pause", "retry", "promote"]);
+    let d = &s.m.decisions()[1];
+    assert_eq!(d.actor, "alice");
+    assert_eq!(d.evidence["hosts"], "h02");
+}
+
+#[test]
+fn resume_after_a_failure_pause_waives_those_failures() {
+    let mut w = wire_spec(&["2", "100%"]);
+    w.on_failure = wire::OnFailure::Pause as i32;
+    let mut s = Sim::new(fleet(4), w);
+    s.agents(&["h02"], false);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    s.operator(OperatorAction::Resume).unwrap();
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!(d.kind, "resume");
+    assert_eq!(d.evidence["waived_failures"], "h02");
+    s.advance(10_000);
+    assert_eq!(s.m.current_wave(), 1);
+    s.agents(&[], false);
+    s.advance(10_000);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+}
+
+#[test]
+fn operator_pause_resume_promote_abort() {
+    let mut s = Sim::new(fleet(6), wire_spec(&["1", "50%", "100%"]));
+    s.agents(&[], false);
+    assert_eq!(s.m.waves()[0].state, WaveState::Baking);
+    // Promote ends the bake now.
+    s.operator(OperatorAction::Promote).unwrap();
+    assert_eq!(s.m.waves()[0].state, WaveState::Passed);
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!((d.kind.as_str(), d.actor.as_str()), ("promote", "alice"));
+    assert!(d.evidence.contains_key("bake_skipped_ms"));
+    // Pause stops everything, also past deadlines.
+    s.operator(OperatorAction::Pause).unwrap();
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    let e = s.operator(OperatorAction::Pause).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rollout r-1 is paused; pause applies to a running or waiting rollout"
+    );
+    s.agents(&[], false);
+    s.advance(3_600_000);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    assert_eq!(s.m.current_wave(), 1);
+    s.operator(OperatorAction::Resume).unwrap();
+    assert_eq!(s.m.state(), RolloutState::Running);
+    s.agents(&[], false);
+    // Abort rolls back every touched host and ends aborted.
+    s.operator(OperatorAction::Abort).unwrap();
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    let mut rolled = s.sent_kinds("rollback");
+    rolled.sort();
+    assert_eq!(rolled, vec!["h01", "h02", "h03"]);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Aborted);
+    let e = s.operator(OperatorAction::Resume).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rollout r-1 is aborted; resume applies to a paused or waiting rollout"
+    );
+}
+
+#[test]
+fn manual_rollback_of_a_succeeded_rollout() {
+    let mut s = Sim::new(fleet(3), wire_spec(&["1", "100%"]));
+    for _ in 0..3 {
+        s.agents(&[], false);
+        s.advance(10_000);
+    }
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    let e = s.operator(OperatorAction::Retry).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("rollout r-1 is succeeded; retry applies to"),
+        "{e}"
+    );
+    s.operator(OperatorAction::Rollback).unwrap();
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    assert_eq!(s.sent_kinds("rollback").len(), 3);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+    assert_eq!(
+        s.finished,
+        vec![RolloutState::Succeeded, RolloutState::RolledBack]
+    );
+    assert!(s.decision_kinds().contains(&"manual_rollback".to_string()));
+    assert!(
+        s.m.status().reason.contains("rolled back by alice"),
+        "{}",
+        s.m.status().reason
+    );
+}
+
+#[test]
+fn a_host_joining_mid_rollout_lands_in_the_last_wave() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    s.feed(Input::HostUp(host("h99", "eu-1", "web-1")));
+    // A host that does not match the selector is ignored.
+    let mut other = host("db1", "eu-1", "web-1");
+    other.labels.insert("role".into(), "db".into());
+    s.feed(Input::HostUp(other));
+    assert_eq!(s.m.host(&hid("h99")).unwrap().wave, 1);
+    assert!(s.m.host(&hid("db1")).is_none());
+    assert_eq!(s.sent_kinds("activate"), vec!["h01"]);
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert!(s.sent_kinds("activate").contains(&"h99".to_string()));
+    s.agents(&[], false);
+    s.advance(10_000);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    // After success, a late joiner is activated and confirmed right away.
+    s.feed(Input::HostUp(host("h100", "eu-1", "web-1")));
+    assert_eq!(s.sent.last().unwrap().1.as_str(), "h100");
+    s.agents(&[], false);
+    s.agents(&[], false);
+    assert_eq!(s.phase("h100"), HostPhase::Confirmed);
+}
+
+#[test]
+fn rebuild_from_records_mid_wave_gives_the_same_next_commands() {
+    let mut s = Sim::new(fleet(6), wire_spec(&["2", "100%"]));
+    // h01 healthy, h02 still activating: mid-wave.
+    let o2 = s.sent[1].2.clone();
+    s.answered.insert(o2.order_id.clone());
+    s.agents(&[], false);
+    s.reply(
+        &hid("h02"),
+        &o2,
+        OrderPhase::Activated,
+        ResultCode::Ok,
+        "web-2",
+    );
+    s.advance(3_000);
+
+    // Crash: rebuild from what was persisted.
+    let header = record::decode_header("r-1", &s.header).unwrap();
+    let hosts: Vec<HostRecord> = s
+        .hosts
+        .iter()
+        .map(|(h, b)| record::decode_host("r-1", h.as_str(), b).unwrap())
+        .collect();
+    let restored = Rollout::restore(header, hosts, EngineSettings::default()).unwrap();
+    let mut r = s.clone();
+    r.m = restored;
+    r.sent.clear();
+    s.sent.clear();
+    let snapshot: Vec<HostSnapshot> = s.fleet.clone();
+    s.feed(Input::Resync(snapshot.clone()));
+    r.feed(Input::Resync(snapshot));
+    // The restored machine re-sends the unfinished order, same id and seq, and nothing else.
+    assert_eq!(r.sent.len(), 1);
+    assert_eq!(r.sent[0].2, o2);
+    assert_eq!(r.m.state(), RolloutState::Running);
+    assert_eq!(r.m.current_wave(), 0);
+    // From here both take the same decisions and send the same orders.
+    s.sent.clear();
+    r.sent.clear();
+    for sim in [&mut s, &mut r] {
+        sim.reply(
+            &hid("h02"),
+            &o2,
+            OrderPhase::Healthy,
+            ResultCode::Ok,
+            "web-2",
+        );
+        sim.advance(10_000);
+    }
+    assert!(!s.sent.is_empty());
+    assert_eq!(s.sent, r.sent);
+    assert_eq!(s.decision_kinds(), r.decision_kinds());
+    assert_eq!(
+        r.decision_kinds(),
+        vec!["promote"],
+        "no decision is made twice"
+    );
+}
+
+#[test]
+fn restore_refuses_records_from_the_future() {
+    let s = Sim::new(fleet(2), wire_spec(&["1", "100%"]));
+    let mut v: serde_json::Value = serde_json::from_slice(&s.header).unwrap();
+    v["version"] = serde_json::json!(99);
+    let e = record::decode_header("r-1", &serde_json::to_vec(&v).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("version 99"), "{e}");
+}
+
+#[test]
+fn max_in_flight_paces_a_wave() {
+    let mut w = wire_spec(&["100%"]);
+    w.max_in_flight = "2".into();
+    let mut s = Sim::new(fleet(5), w);
+    assert_eq!(s.sent_kinds("activate").len(), 2);
+    s.agents(&[], false);
+    assert_eq!(s.sent_kinds("activate").len(), 4);
+    s.agents(&[], false);
+    assert_eq!(s.sent_kinds("activate").len(), 5);
+    s.agents(&[], false);
+    s.advance(10_000);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+}

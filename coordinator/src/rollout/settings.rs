@@ -1,0 +1,43 @@
+//! Engine-wide tunables that are not part of a rollout's spec.
+
+use std::time::Duration;
+
+use super::analysis::AnalysisSettings;
+
+/// Settings of the rollout engine, shared by every rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    /// Safety tick: every rollout re-evaluates at least this often, besides its own deadlines.
+    pub tick: Duration,
+    /// Added to an activation's confirm deadline so that an agent's dead-man switch only fires
+    /// when the coordinator is really gone, not because a gate took a moment longer.
+    pub confirm_grace: Duration,
+    /// How long a reachable host may take to answer a rollback order before the rollback of
+    /// that host counts as failed.
+    pub rollback_timeout: Duration,
+    /// How long to wait before re-sending an order the agent refused as busy or stale.
+    pub order_retry_delay: Duration,
+    /// Orders re-sent after busy/stale refusals before the host counts as failed.
+    pub max_order_attempts: u32,
+    /// Canary analysis tunables.
+    pub analysis: AnalysisSettings,
+    /// When true, a confident "canary worse" verdict fails the gate; otherwise it is evidence only.
+    pub analysis_gates: bool,
+    /// Capacity of each rollout's operator channel.
+    pub control_queue: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            confirm_grace: Duration::from_secs(60),
+            rollback_timeout: Duration::from_secs(120),
+            order_retry_delay: Duration::from_secs(2),
+            max_order_attempts: 5,
+            analysis: AnalysisSettings::default(),
+            analysis_gates: true,
+            control_queue: 16,
+        }
+    }
+}

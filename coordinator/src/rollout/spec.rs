@@ -1,0 +1,523 @@
+//! The validated rollout spec: what an operator asked for, with defaults filled in.
+//!
+//! [`RolloutSpec`] is built from the wire type with `TryFrom`; every error names the spec field
+//! and the problem. Defaults (applied when a field is empty or zero):
+//!
+//! | field | default |
+//! |---|---|
+//! | `waves` | `1,25%,100%` |
+//! | `bake` | 30 s; `canary_bake`: same as `bake` |
+//! | `min_healthy` | 5 s |
+//! | `healthy_deadline` | 2 min |
+//! | `progress_deadline` | 10 min |
+//! | `failure_threshold` | `0` (any failed host fails the wave) |
+//! | `cumulative_failure_threshold` | none (only the per-wave threshold applies) |
+//! | `unreachable_threshold` | `0` (any unreachable host makes the wave wait) |
+//! | `max_unavailable`, `max_in_flight` | none (the whole wave at once) |
+//! | `on_failure` | rollback |
+//!
+//! ## Waves
+//!
+//! Waves are **cumulative coverage targets** over the eligible hosts (selected, reachable,
+//! healthy and not already on the release; see [`super::plan`]): `"1"` means "one host in total
+//! so far", `"10%"` means `ceil(10% of eligible)` hosts in total so far. The first wave is the
+//! canary. Each expression must grow: a later percentage must be larger than every earlier
+//! percentage and a later count larger than every earlier count. The last wave must be `100%` or
+//! a count; when a count (or a small fleet) leaves hosts uncovered, they form one extra final
+//! wave. Waves that resolve to no new hosts (e.g. `1,10%` on 5 hosts) are dropped from the plan.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serin_proto::wire;
+use serin_proto::{ReleaseId, ServiceName, ValidationError};
+
+use super::threshold::Limit;
+use crate::selector::Selector;
+
+/// Most waves a spec may list.
+pub const MAX_WAVES: usize = 64;
+/// Longest bake, deadline or timing a spec may ask for: 12 hours.
+pub const MAX_TIMING: Duration = Duration::from_secs(12 * 3600);
+
+/// One wave's cumulative coverage target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaveSize {
+    /// This many hosts in total, including earlier waves.
+    Count(u32),
+    /// `ceil(P% of eligible hosts)` in total, including earlier waves.
+    Percent(u32),
+}
+
+impl WaveSize {
+    /// Parses `"N"` (N ≥ 1) or `"P%"` (1 ≤ P ≤ 100).
+    pub fn parse(field: &str, text: &str) -> Result<Self, ValidationError> {
+        let t = text.trim();
+        let garbage = || {
+            ValidationError::new(
+                field,
+                format!("{text:?} is not a host count like \"1\" or a percentage like \"10%\""),
+            )
+        };
+        if let Some(p) = t.strip_suffix('%') {
+            let p: u32 = p.trim().parse().map_err(|_| garbage())?;
+            if p == 0 {
+                return Err(ValidationError::new(field, "0% covers no host"));
+            }
+            if p > 100 {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{text:?} is more than 100%"),
+                ));
+            }
+            Ok(WaveSize::Percent(p))
+        } else {
+            let n: u32 = t.parse().map_err(|_| garbage())?;
+            if n == 0 {
+                return Err(ValidationError::new(field, "0 covers no host"));
+            }
+            Ok(WaveSize::Count(n))
+        }
+    }
+
+    /// Hosts covered in total after this wave, out of `n` eligible hosts (at most `n`).
+    pub fn target(self, n: u32) -> u32 {
+        match self {
+            WaveSize::Count(c) => c.min(n),
+            WaveSize::Percent(p) => (u64::from(p) * u64::from(n)).div_ceil(100) as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaveSize::Count(c) => write!(f, "{c}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What to do when a wave's gate fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OnFailure {
+    /// Roll every touched host back to its baseline, in parallel.
+    Rollback,
+    /// Stop and wait for an operator.
+    Pause,
+}
+
+/// A validated rollout spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutSpec {
+    pub service: ServiceName,
+    pub release: ReleaseId,
+    /// The selector as parsed.
+    pub selector: Selector,
+    /// Cumulative coverage targets; the first is the canary.
+    pub waves: Vec<WaveSize>,
+    pub bake: Duration,
+    pub canary_bake: Duration,
+    /// How long a host must stay healthy before its agent reports it healthy.
+    pub min_healthy: Duration,
+    /// How long after activation a host has to become healthy.
+    pub healthy_deadline: Duration,
+    /// How long a wave may take from its start until every host is healthy.
+    pub progress_deadline: Duration,
+    pub max_unavailable: Option<Limit>,
+    pub max_in_flight: Option<Limit>,
+    /// Failed hosts allowed per wave (of the wave's size).
+    pub failure_threshold: Limit,
+    /// Failed hosts allowed over the whole rollout (of the rollout's size).
+    pub cumulative_failure_threshold: Option<Limit>,
+    /// Unreachable hosts allowed per wave before the wave waits.
+    pub unreachable_threshold: Limit,
+    pub on_failure: OnFailure,
+    /// Label whose values are the failure domains cohorts are spread over.
+    pub spread_label: Option<String>,
+    /// At most this many failure domains with hosts in flight at once.
+    pub max_domains_in_flight: Option<NonZeroU32>,
+}
+
+fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
+    if ms == 0 {
+        return Ok(default);
+    }
+    let d = Duration::from_millis(ms);
+    if d > MAX_TIMING {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} is longer than the limit of {}",
+                fmt_ms(ms),
+                fmt_ms(MAX_TIMING.as_millis() as u64)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+fn optional_limit(field: &str, text: &str) -> Result<Option<Limit>, ValidationError> {
+    if text.trim().is_empty() {
+        Ok(None)
+    } else {
+        Limit::parse(field, text).map(Some)
+    }
+}
+
+/// Parses and checks a wave list (see the module docs).
+pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
+    if texts.is_empty() {
+        return Ok(vec![
+            WaveSize::Count(1),
+            WaveSize::Percent(25),
+            WaveSize::Percent(100),
+        ]);
+    }
+    if texts.len() > MAX_WAVES {
+        return Err(ValidationError::new(
+            "waves",
+            format!("{} waves listed, at most {MAX_WAVES} allowed", texts.len()),
+        ));
+    }
+    let mut waves = Vec::with_capacity(texts.len());
+    let mut last_count: Option<u32> = None;
+    let mut last_percent: Option<u32> = None;
+    for (i, t) in texts.iter().enumerate() {
+        let field = format!("waves[{i}]");
+        let w = WaveSize::parse(&field, t)?;
+        match w {
+            WaveSize::Count(c) => {
+                if let Some(prev) = last_count.filter(|p| c <= *p) {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "{c} does not grow: waves are cumulative and an earlier wave already covers {prev} hosts"
+                        ),
+                    ));
+                }
+                last_count = Some(c);
+            }
+            WaveSize::Percent(p) => {
+                if let Some(prev) = last_percent.filter(|q| p <= *q) {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "{p}% does not grow: waves are cumulative and an earlier wave already covers {prev}%"
+                        ),
+                    ));
+                }
+                last_percent = Some(p);
+            }
+        }
+        waves.push(w);
+    }
+    if let Some(WaveSize::Percent(p)) = waves.last().copied()
+        && p != 100
+    {
+        return Err(ValidationError::new(
+            format!("waves[{}]", waves.len() - 1),
+            format!("the last wave must be 100% or a host count, not {p}%"),
+        ));
+    }
+    Ok(waves)
+}
+
+impl TryFrom<wire::RolloutSpec> for RolloutSpec {
+    type Error = ValidationError;
+
+    fn try_from(w: wire::RolloutSpec) -> Result<Self, Self::Error> {
+        let service = ServiceName::new(w.service.trim())?;
+        let release = ReleaseId::new(w.release.trim())
+            .map_err(|e| ValidationError::new("release", e.problem))?;
+        let selector = Selector::parse(&w.selector)
+            .map_err(|e| ValidationError::new("selector", e.to_string()))?;
+        let waves = parse_waves(&w.waves)?;
+        let bake = timing("bake", w.bake_ms, Duration::from_secs(30))?;
+        let canary_bake = timing("canary_bake", w.canary_bake_ms, bake)?;
+        let min_healthy = timing("min_healthy", w.min_healthy_ms, Duration::from_secs(5))?;
+        let healthy_deadline = timing(
+            "healthy_deadline",
+            w.healthy_deadline_ms,
+            Duration::from_secs(120),
+        )?;
+        let progress_deadline = timing(
+            "progress_deadline",
+            w.progress_deadline_ms,
+            Duration::from_secs(600),
+        )?;
+        if min_healthy >= healthy_deadline {
+            return Err(ValidationError::new(
+                "min_healthy",
+                format!(
+                    "{} must be shorter than healthy_deadline ({}), or no host could ever become healthy in time",
+                    fmt_ms(min_healthy.as_millis() as u64),
+                    fmt_ms(healthy_deadline.as_millis() as u64)
+                ),
+            ));
+        }
+        if progress_deadline < healthy_deadline {
+            return Err(ValidationError::new(
+                "progress_deadline",
+                format!(
+                    "{} must be at least healthy_deadline ({})",
+                    fmt_ms(progress_deadline.as_millis() as u64),
+                    fmt_ms(healthy_deadline.as_millis() as u64)
+                ),
+            ));
+        }
+        let max_unavailable = optional_limit("max_unavailable", &w.max_unavailable)?;
+        let max_in_flight = optional_limit("max_in_flight", &w.max_in_flight)?;
+        for (field, l) in [
+            ("max_unavailable", max_unavailable),
+            ("max_in_flight", max_in_flight),
+        ] {
+            if matches!(l, Some(Limit::Count(0)) | Some(Limit::Percent(0))) {
+                return Err(ValidationError::new(
+                    field,
+                    "0 would never let a host be updated",
+                ));
+            }
+        }
+        let failure_threshold =
+            optional_limit("failure_threshold", &w.failure_threshold)?.unwrap_or(Limit::Count(0));
+        let cumulative_failure_threshold = optional_limit(
+            "cumulative_failure_threshold",
+            &w.cumulative_failure_threshold,
+        )?;
+        let unreachable_threshold =
+            optional_limit("unreachable_threshold", &w.unreachable_threshold)?
+                .unwrap_or(Limit::Count(0));
+        let on_failure = match wire::OnFailure::try_from(w.on_failure) {
+            Ok(wire::OnFailure::Unspecified | wire::OnFailure::Rollback) => OnFailure::Rollback,
+            Ok(wire::OnFailure::Pause) => OnFailure::Pause,
+            Err(_) => {
+                return Err(ValidationError::new(
+                    "on_failure",
+                    format!("{} is not a known action (rollback or pause)", w.on_failure),
+                ));
+            }
+        };
+        let spread_label = match w.spread_label.trim() {
+            "" => None,
+            l => {
+                serin_proto::validate_label("spread_label", l, "")?;
+                Some(l.to_string())
+            }
+        };
+        Ok(Self {
+            service,
+            release,
+            selector,
+            waves,
+            bake,
+            canary_bake,
+            min_healthy,
+            healthy_deadline,
+            progress_deadline,
+            max_unavailable,
+            max_in_flight,
+            failure_threshold,
+            cumulative_failure_threshold,
+            unreachable_threshold,
+            on_failure,
+            spread_label,
+            max_domains_in_flight: NonZeroU32::new(w.max_domains_in_flight),
+        })
+    }
+}
+
+impl RolloutSpec {
+    /// The spec with every default spelled out, as shown to operators and stored.
+    pub fn to_wire(&self) -> wire::RolloutSpec {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let lim = |l: Option<Limit>| l.map(|l| l.to_string()).unwrap_or_default();
+        wire::RolloutSpec {
+            service: self.service.to_string(),
+            release: self.release.to_string(),
+            selector: self.selector.to_string(),
+            waves: self.waves.iter().map(ToString::to_string).collect(),
+            bake_ms: ms(self.bake),
+            canary_bake_ms: ms(self.canary_bake),
+            min_healthy_ms: ms(self.min_healthy),
+            healthy_deadline_ms: ms(self.healthy_deadline),
+            progress_deadline_ms: ms(self.progress_deadline),
+            max_unavailable: lim(self.max_unavailable),
+            max_in_flight: lim(self.max_in_flight),
+            failure_threshold: self.failure_threshold.to_string(),
+            cumulative_failure_threshold: lim(self.cumulative_failure_threshold),
+            on_failure: match self.on_failure {
+                OnFailure::Rollback => wire::OnFailure::Rollback as i32,
+                OnFailure::Pause => wire::OnFailure::Pause as i32,
+            },
+            spread_label: self.spread_label.clone().unwrap_or_default(),
+            max_domains_in_flight: self.max_domains_in_flight.map_or(0, NonZeroU32::get),
+            unreachable_threshold: self.unreachable_threshold.to_string(),
+        }
+    }
+
+    /// Bake time of wave `index` (the canary, index 0, uses `canary_bake`).
+    pub fn bake_for(&self, index: usize) -> Duration {
+        if index == 0 {
+            self.canary_bake
+        } else {
+            self.bake
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
+        wire::RolloutSpec {
+            service: "web".into(),
+            release: "web-2".into(),
+            waves: waves.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn err(w: wire::RolloutSpec) -> ValidationError {
+        RolloutSpec::try_from(w).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let s = RolloutSpec::try_from(wire_spec(&[])).unwrap();
+        assert_eq!(
+            s.waves,
+            vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(25),
+                WaveSize::Percent(100)
+            ]
+        );
+        assert_eq!(s.bake, Duration::from_secs(30));
+        assert_eq!(s.canary_bake, Duration::from_secs(30));
+        assert_eq!(s.min_healthy, Duration::from_secs(5));
+        assert_eq!(s.healthy_deadline, Duration::from_secs(120));
+        assert_eq!(s.progress_deadline, Duration::from_secs(600));
+        assert_eq!(s.failure_threshold, Limit::Count(0));
+        assert_eq!(s.unreachable_threshold, Limit::Count(0));
+        assert_eq!(s.cumulative_failure_threshold, None);
+        assert_eq!(s.max_in_flight, None);
+        assert_eq!(s.on_failure, OnFailure::Rollback);
+        // The wire form round-trips.
+        assert_eq!(RolloutSpec::try_from(s.to_wire()).unwrap(), s);
+    }
+
+    #[test]
+    fn canary_bake_defaults_to_bake() {
+        let mut w = wire_spec(&[]);
+        w.bake_ms = 7000;
+        assert_eq!(
+            RolloutSpec::try_from(w.clone()).unwrap().canary_bake,
+            Duration::from_secs(7)
+        );
+        w.canary_bake_ms = 1000;
+        let s = RolloutSpec::try_from(w).unwrap();
+        assert_eq!(s.bake_for(0), Duration::from_secs(1));
+        assert_eq!(s.bake_for(1), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn waves_reject_zero_garbage_and_overflow() {
+        for (waves, field, needle) in [
+            (&["0%", "100%"][..], "waves[0]", "0% covers no host"),
+            (&["0", "100%"][..], "waves[0]", "0 covers no host"),
+            (&["1", "150%"][..], "waves[1]", "more than 100%"),
+            (&["1", "abc"][..], "waves[1]", "not a host count"),
+            (&["1", "-3"][..], "waves[1]", "not a host count"),
+            (&["1", "10 %%"][..], "waves[1]", "not a host count"),
+        ] {
+            let e = err(wire_spec(waves));
+            assert_eq!(e.field, field, "{waves:?}: {e}");
+            assert!(e.problem.contains(needle), "{waves:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn waves_must_grow() {
+        let e = err(wire_spec(&["10%", "10%", "100%"]));
+        assert_eq!(e.field, "waves[1]");
+        assert!(e.problem.contains("does not grow"), "{e}");
+        let e = err(wire_spec(&["50%", "20%", "100%"]));
+        assert_eq!(e.field, "waves[1]");
+        let e = err(wire_spec(&["5", "1%", "3"]));
+        assert_eq!(e.field, "waves[2]");
+        assert!(
+            e.problem.contains("earlier wave already covers 5 hosts"),
+            "{e}"
+        );
+        // Counts and percents are not compared with each other.
+        assert!(RolloutSpec::try_from(wire_spec(&["5", "1%", "100%"])).is_ok());
+    }
+
+    #[test]
+    fn last_wave_must_be_all_or_a_count() {
+        let e = err(wire_spec(&["1", "50%"]));
+        assert_eq!(e.field, "waves[1]");
+        assert!(e.problem.contains("last wave must be 100%"), "{e}");
+        assert!(RolloutSpec::try_from(wire_spec(&["1", "5"])).is_ok());
+    }
+
+    #[test]
+    fn wave_targets_round_up() {
+        assert_eq!(WaveSize::Percent(10).target(7), 1);
+        assert_eq!(WaveSize::Percent(10).target(10), 1);
+        assert_eq!(WaveSize::Percent(10).target(11), 2);
+        assert_eq!(WaveSize::Percent(100).target(7), 7);
+        assert_eq!(WaveSize::Count(5).target(3), 3);
+    }
+
+    #[test]
+    fn other_fields_are_named_in_errors() {
+        let mut w = wire_spec(&[]);
+        w.selector = "role=".into();
+        let e = err(w);
+        assert_eq!(e.field, "selector");
+        assert!(e.problem.contains("malformed selector"), "{e}");
+
+        let mut w = wire_spec(&[]);
+        w.service = "Web!".into();
+        assert_eq!(err(w).field, "service");
+
+        let mut w = wire_spec(&[]);
+        w.release = "../x".into();
+        assert_eq!(err(w).field, "release");
+
+        let mut w = wire_spec(&[]);
+        w.failure_threshold = "lots".into();
+        assert_eq!(err(w).field, "failure_threshold");
+
+        let mut w = wire_spec(&[]);
+        w.max_in_flight = "0".into();
+        assert_eq!(err(w).field, "max_in_flight");
+
+        let mut w = wire_spec(&[]);
+        w.min_healthy_ms = 200_000;
+        assert_eq!(err(w).field, "min_healthy");
+
+        let mut w = wire_spec(&[]);
+        w.progress_deadline_ms = 1000;
+        assert_eq!(err(w).field, "progress_deadline");
+
+        let mut w = wire_spec(&[]);
+        w.bake_ms = 13 * 3600 * 1000;
+        assert_eq!(err(w).field, "bake");
+
+        let mut w = wire_spec(&[]);
+        w.on_failure = 42;
+        assert_eq!(err(w).field, "on_failure");
+
+        let mut w = wire_spec(&[]);
+        w.spread_label = "zo ne".into();
+        assert_eq!(err(w).field, "spread_label");
+    }
+}
