@@ -1,1 +1,505 @@
-//! placeholder
+//! The gRPC service agents talk to: `Attach` (the long-lived bidirectional stream) and
+//! `FetchArtifact` (resumable chunked download from the artifact store).
+//!
+//! An `Attach` stream starts with the agent's hello, answered by a welcome; the stream is then
+//! registered with the [`Registry`], which queues orders straight into the stream's outbound
+//! channel. One task per stream reads what the agent sends and hands it to the registry; it ends
+//! when the agent hangs up, when the registry closes the stream (replaced by a newer stream,
+//! silent past `unreachable_after`, or not reading its orders), or at shutdown. Every such task
+//! is tracked so the server can wait for all of them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use serin_proto::Sha256;
+use serin_proto::wire::{self, agent_message::Body};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::artifacts::ArtifactStore;
+use crate::registry::{Outbound, RecordError, Registry, unix_ms_now};
+
+/// How the agent service behaves.
+#[derive(Debug, Clone)]
+pub struct AgentServiceSettings {
+    /// Sent to agents in the welcome.
+    pub coordinator_id: String,
+    /// How often agents should send a heartbeat (sent in the welcome).
+    pub heartbeat_interval: Duration,
+    /// How long a new stream may take to send its hello.
+    pub hello_timeout: Duration,
+}
+
+/// Implements `serin.v1.AgentService`.
+pub struct AgentServiceImpl {
+    settings: AgentServiceSettings,
+    registry: Arc<Registry>,
+    artifacts: ArtifactStore,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AgentServiceImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentServiceImpl")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentServiceImpl {
+    /// A service whose per-stream tasks are spawned on `tasks` and end when `shutdown` is
+    /// cancelled.
+    pub fn new(
+        settings: AgentServiceSettings,
+        registry: Arc<Registry>,
+        artifacts: ArtifactStore,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            settings,
+            registry,
+            artifacts,
+            tasks,
+            shutdown,
+        }
+    }
+
+    /// Waits for the agent's first message, which must be a hello.
+    async fn read_hello(
+        &self,
+        inbound: &mut Streaming<wire::AgentMessage>,
+    ) -> Result<wire::Hello, Status> {
+        let first = tokio::time::timeout(self.settings.hello_timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {}",
+                    humantime::format_duration(self.settings.hello_timeout)
+                ))
+            })??;
+        match first.and_then(|m| m.body) {
+            Some(Body::Hello(h)) => Ok(h),
+            Some(other) => Err(Status::invalid_argument(format!(
+                "the first message of a stream must be a hello, got {}",
+                body_kind(&other)
+            ))),
+            None => Err(Status::invalid_argument(
+                "the stream ended or sent an empty message before its hello",
+            )),
+        }
+    }
+}
+
+fn body_kind(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "a hello",
+        Body::Heartbeat(_) => "a heartbeat",
+        Body::Health(_) => "a health report",
+        Body::Result(_) => "an order result",
+    }
+}
+
+/// Reads one agent stream until it ends, feeding the registry.
+async fn pump(
+    registry: Arc<Registry>,
+    host: serin_proto::HostId,
+    conn_id: u64,
+    mut inbound: Streaming<wire::AgentMessage>,
+    tx: mpsc::Sender<Outbound>,
+    kicked: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let ending = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Some(Status::unavailable("coordinator is shutting down")),
+            () = kicked.cancelled() => break Some(Status::unavailable(
+                "stream closed by the coordinator (a newer stream replaced it, or it was silent \
+                 longer than unreachable_after); reconnect and say hello",
+            )),
+            msg = inbound.message() => match msg {
+                Ok(Some(wire::AgentMessage { body: Some(body) })) => {
+                    match registry.record(&host, conn_id, body, Instant::now(), unix_ms_now()) {
+                        Ok(()) => {}
+                        Err(RecordError::Invalid(e)) => {
+                            tracing::warn!(host = %host, error = %e, "dropped an invalid message from an agent");
+                        }
+                        Err(e @ RecordError::NotCurrent { .. }) => {
+                            break Some(Status::unavailable(e.to_string()));
+                        }
+                    }
+                }
+                Ok(Some(wire::AgentMessage { body: None })) => {
+                    tracing::warn!(host = %host, "dropped an empty message from an agent");
+                }
+                Ok(None) => {
+                    tracing::debug!(host = %host, conn = conn_id, "agent closed its stream");
+                    break None;
+                }
+                Err(status) => {
+                    tracing::info!(host = %host, conn = conn_id, error = %status, "agent stream failed");
+                    break None;
+                }
+            },
+        }
+    };
+    if let Some(status) = ending {
+        // Best effort: the agent may be gone or its queue full; the stream ends either way.
+        let _ = tx.try_send(Err(status));
+    }
+    registry.detach(&host, conn_id);
+}
+
+type ArtifactStream = Pin<Box<dyn Stream<Item = Result<wire::ArtifactChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl wire::agent_service_server::AgentService for AgentServiceImpl {
+    type AttachStream = ReceiverStream<Outbound>;
+
+    #[tracing::instrument(skip_all, fields(peer = ?request.remote_addr()))]
+    async fn attach(
+        &self,
+        request: Request<Streaming<wire::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("coordinator is shutting down"));
+        }
+        let mut inbound = request.into_inner();
+        let hello = self.read_hello(&mut inbound).await.inspect_err(|e| {
+            tracing::warn!(error = %e, "refused an agent stream");
+        })?;
+        let (tx, rx) = mpsc::channel(self.registry.settings().order_queue.max(2));
+        let welcome = wire::CoordinatorMessage {
+            body: Some(wire::coordinator_message::Body::Welcome(wire::Welcome {
+                coordinator_id: self.settings.coordinator_id.clone(),
+                heartbeat_interval_ms: u32::try_from(self.settings.heartbeat_interval.as_millis())
+                    .unwrap_or(u32::MAX),
+            })),
+        };
+        // The welcome goes first, before the registry can queue any order behind it.
+        tx.try_send(Ok(welcome))
+            .map_err(|_| Status::internal("cannot queue the welcome"))?;
+        let attachment = self
+            .registry
+            .attach(hello, tx.clone(), Instant::now(), unix_ms_now())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "refused an agent hello");
+                Status::from(e)
+            })?;
+        tracing::info!(host = %attachment.host, conn = attachment.conn_id, "agent attached");
+        self.tasks.spawn(pump(
+            self.registry.clone(),
+            attachment.host,
+            attachment.conn_id,
+            inbound,
+            tx,
+            attachment.kicked,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FetchArtifactStream = ArtifactStream;
+
+    #[tracing::instrument(skip_all, fields(sha256 = %request.get_ref().sha256, offset = request.get_ref().offset))]
+    async fn fetch_artifact(
+        &self,
+        request: Request<wire::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let req = request.into_inner();
+        let sha = Sha256::from_hex("sha256", &req.sha256)?;
+        let (total_size, chunks) = self.artifacts.read_from(&sha, req.offset).await?;
+        let stream = chunks.map(move |c| match c {
+            Ok((offset, data)) => Ok(wire::ArtifactChunk {
+                offset,
+                data,
+                total_size,
+            }),
+            Err(e) => {
+                tracing::error!(sha256 = %sha, error = %e, "artifact read failed mid-stream");
+                Err(Status::from(e))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serin_proto::wire::agent_message::Body;
+    use serin_proto::wire::coordinator_message;
+    use serin_proto::{HostId, Order, OrderAction, ServiceName};
+    use sha2::Digest;
+
+    use super::*;
+    use crate::fleet::{Fleet, FleetEvent};
+    use crate::server::testing::{FakeAgent, TestServer, hello, wait_for};
+
+    const LONG: Duration = Duration::from_secs(30);
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn connected(server: &TestServer, host: &str) -> bool {
+        server
+            .registry
+            .host(&HostId::new(host).unwrap())
+            .is_some_and(|h| h.connected)
+    }
+
+    fn cancel_order(seq: u64) -> Order {
+        Order {
+            order_id: format!("o-{seq}"),
+            rollout_id: "r-1".into(),
+            seq,
+            service: ServiceName::new("web").unwrap(),
+            action: OrderAction::Cancel,
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_gets_a_welcome_then_orders_flow_down_and_results_up() {
+        let server = TestServer::start(LONG).await;
+        let mut events = server.registry.subscribe();
+        let (mut agent, welcome) =
+            FakeAgent::attach(&server, hello("h1", &[("role", "web")])).await;
+        assert_eq!(welcome.coordinator_id, "test-coordinator");
+        assert_eq!(welcome.heartbeat_interval_ms, 100);
+        match events.recv().await.unwrap() {
+            FleetEvent::HostUp(s) => {
+                assert_eq!(s.host_id.as_str(), "h1");
+                assert_eq!(s.labels["role"], "web");
+            }
+            e => panic!("expected HostUp, got {e:?}"),
+        }
+
+        let host = HostId::new("h1").unwrap();
+        assert!(server.registry.send(&host, cancel_order(7)));
+        match agent.next().await.unwrap().and_then(|m| m.body) {
+            Some(coordinator_message::Body::Order(o)) => {
+                assert_eq!(o.seq, 7);
+                assert_eq!(o.service, "web");
+                assert!(matches!(o.action, Some(wire::order::Action::Cancel(_))));
+            }
+            other => panic!("expected the order, got {other:?}"),
+        }
+
+        agent
+            .send(Body::Result(wire::OrderResult {
+                order_id: "o-7".into(),
+                rollout_id: "r-1".into(),
+                seq: 7,
+                service: "web".into(),
+                phase: wire::OrderPhase::Cancelled as i32,
+                code: wire::ResultCode::Ok as i32,
+                current_release: "web-1".into(),
+                ..Default::default()
+            }))
+            .await;
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            FleetEvent::Result { host: h, outcome } => {
+                assert_eq!(h, host);
+                assert_eq!(outcome.seq, 7);
+                assert_eq!(outcome.phase, wire::OrderPhase::Cancelled);
+            }
+            e => panic!("expected Result, got {e:?}"),
+        }
+        agent
+            .send(Body::Health(wire::HealthReport {
+                service: "web".into(),
+                release: "web-1".into(),
+                healthy: false,
+                ..Default::default()
+            }))
+            .await;
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            FleetEvent::Health { sample, .. } => assert!(!sample.healthy),
+            e => panic!("expected Health, got {e:?}"),
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn closing_the_stream_marks_the_host_down() {
+        let server = TestServer::start(LONG).await;
+        let (agent, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        assert!(connected(&server, "h1"));
+        let mut events = server.registry.subscribe();
+        drop(agent);
+        wait_for("h1 to be disconnected", WAIT, || !connected(&server, "h1")).await;
+        assert_eq!(
+            events.recv().await.unwrap(),
+            FleetEvent::HostDown {
+                host: HostId::new("h1").unwrap()
+            }
+        );
+        assert!(
+            !server
+                .registry
+                .send(&HostId::new("h1").unwrap(), cancel_order(1))
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_is_marked_unreachable_and_its_stream_closed() {
+        let server = TestServer::start(Duration::from_millis(300)).await;
+        let (mut agent, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        let mut events = server.registry.subscribe();
+        // The stream stays open but nothing more is sent.
+        wait_for("h1 to be unreachable", WAIT, || !connected(&server, "h1")).await;
+        assert_eq!(
+            events.recv().await.unwrap(),
+            FleetEvent::HostDown {
+                host: HostId::new("h1").unwrap()
+            }
+        );
+        let status = agent
+            .next()
+            .await
+            .expect_err("the stream ends with an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().contains("unreachable_after"), "{status}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_an_agent_connected() {
+        let unreachable = Duration::from_millis(300);
+        let server = TestServer::start(unreachable).await;
+        let (agent, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        let start = std::time::Instant::now();
+        while start.elapsed() < unreachable * 3 {
+            agent
+                .send(Body::Heartbeat(wire::Heartbeat { sent_unix_ms: 1 }))
+                .await;
+            assert!(connected(&server, "h1"), "h1 dropped despite heartbeats");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_stream_replaces_the_first() {
+        let server = TestServer::start(LONG).await;
+        let (mut first, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        let (mut second, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        let status = first.next().await.expect_err("the first stream is closed");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        // The host stays connected, and orders go to the new stream.
+        assert!(connected(&server, "h1"));
+        assert!(
+            server
+                .registry
+                .send(&HostId::new("h1").unwrap(), cancel_order(2))
+        );
+        let msg = second.next().await.unwrap().unwrap();
+        assert!(matches!(msg.body, Some(coordinator_message::Body::Order(o)) if o.seq == 2));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_hello_is_rejected_naming_the_field() {
+        let server = TestServer::start(LONG).await;
+        let mut bad = hello("h1", &[]);
+        bad.host_id = "../etc/passwd".into();
+        let e = FakeAgent::attach_with(&server, Body::Hello(bad))
+            .await
+            .err()
+            .expect("rejected");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("hello.host id"), "{e}");
+
+        let bad = hello("h1", &[("zone", "eu 1")]);
+        let e = FakeAgent::attach_with(&server, Body::Hello(bad))
+            .await
+            .err()
+            .expect("rejected");
+        assert!(e.message().contains("hello.labels"), "{e}");
+
+        let e = FakeAgent::attach_with(&server, Body::Heartbeat(wire::Heartbeat::default()))
+            .await
+            .err()
+            .expect("rejected");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("must be a hello"), "{e}");
+        assert!(server.registry.snapshot().is_empty());
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_open_streams() {
+        let server = TestServer::start(LONG).await;
+        let (mut agent, _) = FakeAgent::attach(&server, hello("h1", &[])).await;
+        server.stop().await;
+        // Either an unavailable status or a closed connection, but not a hang.
+        let r = agent.next().await;
+        assert!(!matches!(r, Ok(Some(_))), "{r:?}");
+    }
+
+    async fn fetch(
+        server: &TestServer,
+        sha256: &str,
+        offset: u64,
+    ) -> Result<Vec<wire::ArtifactChunk>, tonic::Status> {
+        let mut client = server.agent_client().await;
+        let mut stream = client
+            .fetch_artifact(wire::FetchArtifactRequest {
+                sha256: sha256.into(),
+                offset,
+            })
+            .await?
+            .into_inner();
+        let mut chunks = Vec::new();
+        while let Some(c) = stream.message().await? {
+            chunks.push(c);
+        }
+        Ok(chunks)
+    }
+
+    #[tokio::test]
+    async fn fetch_artifact_streams_chunks_and_resumes_from_an_offset() {
+        let server = TestServer::start(LONG).await;
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+        let (sha, _) = server.artifacts.put(&data).await.unwrap();
+        assert_eq!(sha.to_hex(), hex::encode(sha2::Sha256::digest(&data)));
+
+        let chunks = fetch(&server, &sha.to_hex(), 0).await.unwrap();
+        assert!(chunks.len() >= 3, "chunked: {} chunks", chunks.len());
+        assert!(chunks.iter().all(|c| c.total_size == data.len() as u64));
+        let got: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(got, data);
+
+        let resume = 300_001;
+        let chunks = fetch(&server, &sha.to_hex(), resume).await.unwrap();
+        assert_eq!(chunks[0].offset, resume);
+        let got: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(got, data[resume as usize..]);
+
+        let e = fetch(&server, &sha.to_hex(), data.len() as u64 + 1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+        let e = fetch(&server, &"0".repeat(64), 0).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        assert!(e.message().contains(&"0".repeat(64)), "{e}");
+        let e = fetch(&server, "xyz", 0).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        server.stop().await;
+    }
+}

@@ -1,1 +1,375 @@
-//! placeholder
+//! The coordinator's configuration file (TOML, default `/etc/serin/coordinator.toml`).
+//!
+//! ```toml
+//! listen = "127.0.0.1:7700"        # agents and operators, one port
+//! state_dir = "/var/lib/serin"      # store.redb + artifacts/
+//! heartbeat_interval = "2s"         # sent to agents in Welcome
+//! unreachable_after = "6s"          # no message for this long: host unreachable
+//! ```
+//!
+//! The file is parsed into a raw serde struct where every key is optional, then validated into
+//! [`CoordinatorConfig`] with typed values. Validation collects every problem, each naming its
+//! key, instead of stopping at the first. Unknown keys are warnings, not errors, so a rolled-back
+//! coordinator still starts with a config written for a newer one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default path of the config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/serin/coordinator.toml";
+
+/// The configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a value has the wrong type.
+    #[error("config is not valid TOML: {0}")]
+    Syntax(String),
+    /// One or more values are invalid; one entry per problem, each naming its key.
+    #[error("config has {} problem(s):\n{}", .0.len(), .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Every problem, one per entry.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// Address agents and operators connect to.
+    pub listen: SocketAddr,
+    /// Holds `store.redb` and `artifacts/`.
+    pub state_dir: PathBuf,
+    /// How often agents send a heartbeat (told to them in the Welcome).
+    pub heartbeat_interval: Duration,
+    /// No message from an agent for this long: the host is unreachable.
+    pub unreachable_after: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            state_dir: PathBuf::from("/var/lib/serin"),
+            heartbeat_interval: Duration::from_secs(2),
+            unreachable_after: Duration::from_secs(6),
+        }
+    }
+}
+
+/// A validated configuration and the warnings found on the way (unknown keys).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: CoordinatorConfig,
+    pub warnings: Vec<String>,
+}
+
+/// What `serin check-config` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Errors: the coordinator would refuse to start. Each names its key.
+    pub problems: Vec<String>,
+    /// Warnings: the coordinator starts anyway (e.g. `unknown key foo`).
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when the config can be used.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The file as written: every key optional, values still text.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    listen: Option<String>,
+    state_dir: Option<String>,
+    heartbeat_interval: Option<String>,
+    unreachable_after: Option<String>,
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, key: &str, problem: impl AsRef<str>) {
+        self.0.push(format!("{key}: {}", problem.as_ref()));
+    }
+
+    fn duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
+        let Some(value) = value else {
+            return default;
+        };
+        match humantime::parse_duration(value.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(key, format!("{value:?} must be greater than zero"));
+                default
+            }
+            Err(_) => {
+                self.push(key, format!("{value:?} is not a duration (e.g. \"5s\")"));
+                default
+            }
+        }
+    }
+}
+
+/// Formats a serde_ignored path as a dotted key.
+fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        P::Map { parent, key } => {
+            let p = key_path(parent);
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            key_path(parent)
+        }
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<CoordinatorConfig, ConfigError> {
+        let defaults = CoordinatorConfig::default();
+        let mut p = Problems(Vec::new());
+        let listen = match self.listen {
+            None => defaults.listen,
+            Some(s) => match s.trim().parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    p.push(
+                        "listen",
+                        format!("{s:?} is not an IP address and port (e.g. \"127.0.0.1:7700\")"),
+                    );
+                    defaults.listen
+                }
+            },
+        };
+        let state_dir = match self.state_dir {
+            None => defaults.state_dir,
+            Some(s) if s.trim().is_empty() => {
+                p.push("state_dir", "must not be empty");
+                defaults.state_dir
+            }
+            Some(s) => PathBuf::from(s),
+        };
+        let heartbeat_interval = p.duration(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            defaults.heartbeat_interval,
+        );
+        let unreachable_after = p.duration(
+            "unreachable_after",
+            self.unreachable_after,
+            defaults.unreachable_after,
+        );
+        let config = CoordinatorConfig {
+            listen,
+            state_dir,
+            heartbeat_interval,
+            unreachable_after,
+        };
+        p.0.extend(config.problems());
+        if p.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(p.0))
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates the file at `path`; unknown keys are logged as warnings.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let loaded = Self::load_with_warnings(path)?;
+        for w in &loaded.warnings {
+            tracing::warn!(path = %path.display(), "config: {w}");
+        }
+        Ok(loaded.config)
+    }
+
+    /// Reads and validates the file at `path`, returning the warnings too.
+    pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
+        let mut warnings = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            warnings.push(format!("unknown key {}", key_path(&path)));
+        })
+        .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let config = raw.validate()?;
+        Ok(Loaded { config, warnings })
+    }
+
+    /// Problems of the typed values taken together (call again after command-line overrides).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.unreachable_after <= self.heartbeat_interval {
+            p.push(format!(
+                "unreachable_after: {} must be longer than heartbeat_interval ({}), \
+                 or every host is declared unreachable between two heartbeats",
+                humantime::format_duration(self.unreachable_after),
+                humantime::format_duration(self.heartbeat_interval)
+            ));
+        }
+        if self.heartbeat_interval > Duration::from_secs(3600) {
+            p.push("heartbeat_interval: must be at most 1h".to_string());
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            p.push("state_dir: must not be empty".to_string());
+        }
+        p
+    }
+
+    /// Checks the typed values together, e.g. after `--listen`/`--state-dir` overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.problems();
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+}
+
+/// What `serin check-config --config PATH` prints: every problem and warning of the file.
+pub fn check_config(path: &Path) -> CheckReport {
+    match CoordinatorConfig::load_with_warnings(path) {
+        Ok(l) => CheckReport {
+            problems: Vec::new(),
+            warnings: l.warnings,
+        },
+        Err(e) => CheckReport {
+            problems: e.problems(),
+            warnings: Vec::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let l = CoordinatorConfig::parse("").unwrap();
+        assert_eq!(l.config, CoordinatorConfig::default());
+        assert!(l.warnings.is_empty());
+    }
+
+    #[test]
+    fn values_are_typed() {
+        let l = CoordinatorConfig::parse(
+            r#"
+            listen = "0.0.0.0:9000"
+            state_dir = "/srv/serin"
+            heartbeat_interval = "500ms"
+            unreachable_after = "3s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(l.config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(l.config.state_dir, PathBuf::from("/srv/serin"));
+        assert_eq!(l.config.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(l.config.unreachable_after, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let e = CoordinatorConfig::parse(
+            r#"
+            listen = "localhost"
+            heartbeat_interval = "soon"
+            unreachable_after = "0s"
+            "#,
+        )
+        .unwrap_err();
+        let p = e.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("listen: \"localhost\" is not"), "{p:?}");
+        assert!(
+            p[1].starts_with("heartbeat_interval: \"soon\" is not a duration"),
+            "{p:?}"
+        );
+        assert!(
+            p[2].starts_with("unreachable_after: \"0s\" must be greater"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn unreachable_after_must_exceed_the_heartbeat() {
+        let e = CoordinatorConfig::parse("heartbeat_interval = \"5s\"\nunreachable_after = \"5s\"")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unreachable_after: 5s must be longer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_warn_and_bad_toml_fails() {
+        let l = CoordinatorConfig::parse(
+            "listen = \"127.0.0.1:1\"\nfuture_knob = 3\n[tls]\ncert = \"x\"",
+        )
+        .unwrap();
+        assert_eq!(
+            l.warnings,
+            vec!["unknown key future_knob", "unknown key tls"]
+        );
+        assert!(matches!(
+            CoordinatorConfig::parse("listen = "),
+            Err(ConfigError::Syntax(_))
+        ));
+        assert!(matches!(
+            CoordinatorConfig::parse("listen = 5"),
+            Err(ConfigError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn check_config_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"nope\"\n").unwrap();
+        let r = check_config(&path);
+        assert!(!r.is_ok());
+        assert!(r.problems[0].starts_with("listen:"), "{r:?}");
+        let r = check_config(&dir.path().join("missing.toml"));
+        assert!(r.problems[0].contains("missing.toml"), "{r:?}");
+        std::fs::write(&path, "extra = 1\n").unwrap();
+        let r = check_config(&path);
+        assert!(r.is_ok());
+        assert_eq!(r.warnings, vec!["unknown key extra"]);
+    }
+}

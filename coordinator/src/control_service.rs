@@ -1,1 +1,698 @@
-//! placeholder
+//! The gRPC service operators talk to (`serin.v1.ControlService`): hosts, releases and
+//! artifacts are answered here; the rollout calls are forwarded to the rollout engine through the
+//! narrow [`RolloutApi`] trait (implemented by [`crate::rollout::RolloutManager`]).
+//!
+//! Releases are immutable: once `(service, release id)` names some content, pushing or
+//! registering different content under it is refused with `already_exists`, naming both hashes.
+//! Sending the same content again is fine and reported as deduplicated.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use serin_proto::wire;
+use serin_proto::{ArtifactSource, Release, ReleaseId, ServiceName, ValidationError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::artifacts::ArtifactStore;
+use crate::registry::{Registry, unix_ms_now};
+use crate::selector::Selector;
+use crate::store::{ReleaseRecord, Store, StoreError};
+
+/// The rollout engine as the control API needs it. Errors are already gRPC statuses
+/// (`invalid_argument`, `not_found`, `failed_precondition`, …) with messages for the operator.
+#[tonic::async_trait]
+pub trait RolloutApi: Send + Sync + 'static {
+    /// Which host lands in which wave; changes nothing.
+    async fn plan(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status>;
+    /// Starts a rollout.
+    async fn start_rollout(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status>;
+    /// A rollout's status now.
+    async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status>;
+    /// A rollout's status now and after every change.
+    fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status>;
+    /// Every rollout (of one service), oldest first.
+    async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status>;
+    /// Pause, resume, promote, abort, retry or roll back a rollout.
+    async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status>;
+    /// A rollout's decisions with their evidence.
+    async fn explain(&self, id: &str) -> Result<wire::Explanation, Status>;
+}
+
+#[tonic::async_trait]
+impl RolloutApi for crate::rollout::RolloutManager {
+    async fn plan(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status> {
+        crate::rollout::RolloutManager::plan(self, spec).await
+    }
+    async fn start_rollout(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status> {
+        crate::rollout::RolloutManager::start_rollout(self, spec).await
+    }
+    async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
+        crate::rollout::RolloutManager::status(self, id).await
+    }
+    fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
+        crate::rollout::RolloutManager::watch(self, id)
+    }
+    async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
+        crate::rollout::RolloutManager::list(self, service).await
+    }
+    async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status> {
+        crate::rollout::RolloutManager::control(self, req).await
+    }
+    async fn explain(&self, id: &str) -> Result<wire::Explanation, Status> {
+        crate::rollout::RolloutManager::explain(self, id).await
+    }
+}
+
+/// Implements `serin.v1.ControlService`.
+pub struct ControlServiceImpl {
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    artifacts: ArtifactStore,
+    rollouts: Arc<dyn RolloutApi>,
+    shutdown: CancellationToken,
+    /// Serialises the check-then-write of release records, so two concurrent pushes of one
+    /// release id cannot both win.
+    release_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ControlServiceImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServiceImpl").finish_non_exhaustive()
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store operation failed");
+    Status::internal(e.to_string())
+}
+
+/// Runs a (blocking, fsyncing) store call off the async workers.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        .map_err(store_status)
+}
+
+fn release_info(rec: &ReleaseRecord, deduplicated: bool) -> wire::ReleaseInfo {
+    wire::ReleaseInfo {
+        release: Some(wire::Release {
+            service: rec.service.clone(),
+            id: rec.id.clone(),
+            sha256: rec.sha256.clone(),
+            size: rec.size,
+            url: rec.url.clone(),
+        }),
+        created_unix_ms: rec.created_unix_ms,
+        deduplicated,
+    }
+}
+
+fn immutable(existing: &ReleaseRecord, sha256: &str) -> Status {
+    Status::already_exists(format!(
+        "release {} of service {} already exists with sha256 {}; this content has sha256 {}. \
+         Release ids are immutable: use a new release id",
+        existing.id, existing.service, existing.sha256, sha256
+    ))
+}
+
+impl ControlServiceImpl {
+    /// A control service over these parts.
+    pub fn new(
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        artifacts: ArtifactStore,
+        rollouts: Arc<dyn RolloutApi>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            store,
+            artifacts,
+            rollouts,
+            shutdown,
+            release_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn existing(
+        &self,
+        service: &ServiceName,
+        id: &ReleaseId,
+    ) -> Result<Option<ReleaseRecord>, Status> {
+        let (service, id) = (service.clone(), id.clone());
+        blocking(&self.store, move |s| s.release(&service, &id)).await
+    }
+
+    async fn put(&self, rec: ReleaseRecord) -> Result<(), Status> {
+        blocking(&self.store, move |s| s.put_release(&rec)).await
+    }
+}
+
+type WatchStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<wire::RolloutStatus, Status>> + Send>>;
+
+/// The watch channel's value now and after every change, until a finished status was sent, the
+/// engine drops the channel, or the coordinator shuts down.
+fn watch_stream(
+    rx: watch::Receiver<wire::RolloutStatus>,
+    shutdown: CancellationToken,
+) -> WatchStream {
+    struct St {
+        rx: watch::Receiver<wire::RolloutStatus>,
+        first: bool,
+        done: bool,
+        shutdown: CancellationToken,
+    }
+    let st = St {
+        rx,
+        first: true,
+        done: false,
+        shutdown,
+    };
+    Box::pin(futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if !st.first {
+            tokio::select! {
+                changed = st.rx.changed() => {
+                    if changed.is_err() {
+                        // The engine let go of the rollout: whatever we sent last is final.
+                        return None;
+                    }
+                }
+                () = st.shutdown.cancelled() => {
+                    st.done = true;
+                    return Some((Err(Status::unavailable("coordinator is shutting down")), st));
+                }
+            }
+        }
+        st.first = false;
+        let status = st.rx.borrow_and_update().clone();
+        st.done = status.finished;
+        Some((Ok(status), st))
+    }))
+}
+
+fn opt_service(field: &str, s: &str) -> Result<Option<ServiceName>, Status> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(ServiceName::new(s).map_err(|e| e.within(field))?))
+    }
+}
+
+#[tonic::async_trait]
+impl wire::control_service_server::ControlService for ControlServiceImpl {
+    #[tracing::instrument(skip_all, fields(selector = %request.get_ref().selector))]
+    async fn list_hosts(
+        &self,
+        request: Request<wire::ListHostsRequest>,
+    ) -> Result<Response<wire::ListHostsResponse>, Status> {
+        let selector = Selector::parse(&request.get_ref().selector)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(wire::ListHostsResponse {
+            hosts: self.registry.host_infos(&selector),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn push_artifact(
+        &self,
+        request: Request<Streaming<wire::PushArtifactChunk>>,
+    ) -> Result<Response<wire::ReleaseInfo>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the upload ended before its first chunk"))?;
+        let service = ServiceName::new(&first.service).map_err(|e| e.within("push"))?;
+        let id = ReleaseId::new(&first.release_id).map_err(|e| e.within("push"))?;
+        tracing::info!(service = %service, release = %id, "artifact upload started");
+
+        let mut upload = self.artifacts.upload().await?;
+        upload.write(&first.data).await?;
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    return Err(Status::unavailable("coordinator is shutting down; push again"));
+                }
+                chunk = inbound.message() => chunk?,
+            };
+            let Some(chunk) = chunk else { break };
+            if (!chunk.service.is_empty() && chunk.service != service.as_str())
+                || (!chunk.release_id.is_empty() && chunk.release_id != id.as_str())
+            {
+                return Err(ValidationError::new(
+                    "push.service",
+                    "only the first chunk names the service and release; a later chunk names another",
+                )
+                .into());
+            }
+            upload.write(&chunk.data).await?;
+        }
+        let staged = upload.finish().await?;
+        let sha = staged.sha256().to_hex();
+
+        let _guard = self.release_lock.lock().await;
+        if let Some(existing) = self.existing(&service, &id).await? {
+            if existing.sha256 != sha {
+                tracing::warn!(service = %service, release = %id, existing = %existing.sha256, pushed = %sha, "refused to change an immutable release");
+                return Err(immutable(&existing, &sha));
+            }
+            staged.commit().await?;
+            return Ok(Response::new(release_info(&existing, true)));
+        }
+        let size = staged.size();
+        let deduplicated = staged.commit().await?;
+        let rec = ReleaseRecord {
+            service: service.to_string(),
+            id: id.to_string(),
+            sha256: sha,
+            size,
+            url: String::new(),
+            created_unix_ms: unix_ms_now(),
+        };
+        self.put(rec.clone()).await?;
+        tracing::info!(service = %service, release = %id, sha256 = %rec.sha256, size, deduplicated, "release stored");
+        Ok(Response::new(release_info(&rec, deduplicated)))
+    }
+
+    #[tracing::instrument(skip_all, fields(service = %request.get_ref().service, release = %request.get_ref().id))]
+    async fn register_release(
+        &self,
+        request: Request<wire::Release>,
+    ) -> Result<Response<wire::ReleaseInfo>, Status> {
+        let release = Release::try_from(request.into_inner())?;
+        let ArtifactSource::Url(url) = &release.source else {
+            return Err(ValidationError::new(
+                "release.url",
+                "required: a registered release is downloaded from a URL (upload a file with \
+                 `serin artifact push` instead)",
+            )
+            .into());
+        };
+        let sha = release.sha256.to_hex();
+        let _guard = self.release_lock.lock().await;
+        if let Some(existing) = self.existing(&release.service, &release.id).await? {
+            if existing.sha256 != sha {
+                return Err(immutable(&existing, &sha));
+            }
+            if existing.size != release.size {
+                return Err(Status::already_exists(format!(
+                    "release {} of service {} already exists with size {}; this one has size {}",
+                    existing.id, existing.service, existing.size, release.size
+                )));
+            }
+            return Ok(Response::new(release_info(&existing, true)));
+        }
+        let rec = ReleaseRecord {
+            service: release.service.to_string(),
+            id: release.id.to_string(),
+            sha256: sha,
+            size: release.size,
+            url: url.clone(),
+            created_unix_ms: unix_ms_now(),
+        };
+        self.put(rec.clone()).await?;
+        tracing::info!(sha256 = %rec.sha256, url = %rec.url, "release registered");
+        Ok(Response::new(release_info(&rec, false)))
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<wire::ListReleasesRequest>,
+    ) -> Result<Response<wire::ListReleasesResponse>, Status> {
+        let service = opt_service("list_releases", &request.get_ref().service)?;
+        let mut recs = blocking(&self.store, move |s| s.releases(service.as_ref())).await?;
+        recs.sort_by(|a, b| {
+            (a.service.as_str(), a.created_unix_ms, a.id.as_str()).cmp(&(
+                b.service.as_str(),
+                b.created_unix_ms,
+                b.id.as_str(),
+            ))
+        });
+        Ok(Response::new(wire::ListReleasesResponse {
+            releases: recs.iter().map(|r| release_info(r, false)).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(service = %request.get_ref().service, release = %request.get_ref().release))]
+    async fn plan_rollout(
+        &self,
+        request: Request<wire::RolloutSpec>,
+    ) -> Result<Response<wire::RolloutPlan>, Status> {
+        Ok(Response::new(
+            self.rollouts.plan(request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(service = %request.get_ref().service, release = %request.get_ref().release))]
+    async fn start_rollout(
+        &self,
+        request: Request<wire::RolloutSpec>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        Ok(Response::new(
+            self.rollouts.start_rollout(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<wire::RolloutRef>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        Ok(Response::new(
+            self.rollouts.status(&request.get_ref().rollout_id).await?,
+        ))
+    }
+
+    type WatchRolloutStream = WatchStream;
+
+    #[tracing::instrument(skip_all, fields(rollout = %request.get_ref().rollout_id))]
+    async fn watch_rollout(
+        &self,
+        request: Request<wire::RolloutRef>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let rx = self.rollouts.watch(&request.get_ref().rollout_id)?;
+        Ok(Response::new(watch_stream(rx, self.shutdown.clone())))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<wire::ListRolloutsRequest>,
+    ) -> Result<Response<wire::ListRolloutsResponse>, Status> {
+        let service = opt_service("list_rollouts", &request.get_ref().service)?;
+        let rollouts = self
+            .rollouts
+            .list(service.as_ref().map(ServiceName::as_str))
+            .await?;
+        Ok(Response::new(wire::ListRolloutsResponse { rollouts }))
+    }
+
+    #[tracing::instrument(skip_all, fields(rollout = %request.get_ref().rollout_id, action = request.get_ref().action))]
+    async fn control_rollout(
+        &self,
+        request: Request<wire::ControlRequest>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        Ok(Response::new(
+            self.rollouts.control(request.into_inner()).await?,
+        ))
+    }
+
+    async fn explain_rollout(
+        &self,
+        request: Request<wire::RolloutRef>,
+    ) -> Result<Response<wire::Explanation>, Status> {
+        Ok(Response::new(
+            self.rollouts.explain(&request.get_ref().rollout_id).await?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use serin_proto::wire::control_service_client::ControlServiceClient;
+    use sha2::Digest;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::server::testing::{FakeAgent, TestServer, hello};
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn sha_hex(data: &[u8]) -> String {
+        hex::encode(sha2::Sha256::digest(data))
+    }
+
+    async fn push(
+        client: &mut ControlServiceClient<Channel>,
+        service: &str,
+        release: &str,
+        data: &[u8],
+    ) -> Result<wire::ReleaseInfo, Status> {
+        let mut chunks: Vec<wire::PushArtifactChunk> = data
+            .chunks(100_000)
+            .map(|c| wire::PushArtifactChunk {
+                data: c.to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        chunks[0].service = service.into();
+        chunks[0].release_id = release.into();
+        Ok(client
+            .push_artifact(futures::stream::iter(chunks))
+            .await?
+            .into_inner())
+    }
+
+    #[tokio::test]
+    async fn pushed_releases_are_deduplicated_and_immutable() {
+        let server = TestServer::start(LONG).await;
+        let mut client = server.control_client().await;
+        let a: Vec<u8> = (0..350_000u32).map(|i| (i % 199) as u8).collect();
+        let b = b"another binary".to_vec();
+
+        let info = push(&mut client, "web", "web-1", &a).await.unwrap();
+        let rel = info.release.clone().unwrap();
+        assert_eq!((rel.service.as_str(), rel.id.as_str()), ("web", "web-1"));
+        assert_eq!(rel.sha256, sha_hex(&a));
+        assert_eq!(rel.size, a.len() as u64);
+        assert!(rel.url.is_empty());
+        assert!(!info.deduplicated);
+        // The blob is in the artifact store under its hash.
+        let path = server.artifacts.path_of(&rel.sha256.parse().unwrap());
+        assert_eq!(std::fs::read(path).unwrap(), a);
+
+        // The same content again: fine, deduplicated, same record.
+        let again = push(&mut client, "web", "web-1", &a).await.unwrap();
+        assert!(again.deduplicated);
+        assert_eq!(again.created_unix_ms, info.created_unix_ms);
+
+        // Different content under the same id: refused, naming both hashes.
+        let e = push(&mut client, "web", "web-1", &b).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+        assert!(e.message().contains(&sha_hex(&a)), "{e}");
+        assert!(e.message().contains(&sha_hex(&b)), "{e}");
+
+        // Same content under a new id: a new release sharing the blob.
+        let other = push(&mut client, "web", "web-2", &a).await.unwrap();
+        assert!(other.deduplicated);
+
+        let list = client
+            .list_releases(wire::ListReleasesRequest {
+                service: "web".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids: Vec<_> = list
+            .releases
+            .iter()
+            .map(|r| r.release.as_ref().unwrap().id.clone())
+            .collect();
+        assert_eq!(ids, vec!["web-1", "web-2"]);
+        let none = client
+            .list_releases(wire::ListReleasesRequest {
+                service: "db".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(none.releases.is_empty());
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_push_is_refused_naming_the_field() {
+        let server = TestServer::start(LONG).await;
+        let mut client = server.control_client().await;
+        let e = push(&mut client, "Web", "web-1", b"x").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("push.service"), "{e}");
+        let e = push(&mut client, "web", "../web", b"x").await.unwrap_err();
+        assert!(e.message().contains("push.release id"), "{e}");
+        let e = client
+            .push_artifact(futures::stream::iter(vec![wire::PushArtifactChunk {
+                service: "web".into(),
+                release_id: "web-1".into(),
+                data: Vec::new(),
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("empty"), "{e}");
+        assert!(server.store.releases(None).unwrap().is_empty());
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn register_release_needs_a_url_and_keeps_ids_immutable() {
+        let server = TestServer::start(LONG).await;
+        let mut client = server.control_client().await;
+        let rel = wire::Release {
+            service: "web".into(),
+            id: "web-9".into(),
+            sha256: "ab".repeat(32),
+            size: 1234,
+            url: "https://example.invalid/web-9".into(),
+        };
+        let info = client
+            .register_release(rel.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.release.as_ref().unwrap(), &rel);
+        assert!(!info.deduplicated);
+        let again = client
+            .register_release(rel.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.deduplicated);
+
+        let mut changed = rel.clone();
+        changed.sha256 = "cd".repeat(32);
+        let e = client.register_release(changed).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+        assert!(
+            e.message().contains(&"ab".repeat(32)) && e.message().contains(&"cd".repeat(32)),
+            "{e}"
+        );
+
+        let mut no_url = rel.clone();
+        no_url.id = "web-10".into();
+        no_url.url = String::new();
+        let e = client.register_release(no_url).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("release.url"), "{e}");
+
+        let mut bad = rel;
+        bad.sha256 = "nope".into();
+        let e = client.register_release(bad).await.unwrap_err();
+        assert!(e.message().contains("release.sha256"), "{e}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn list_hosts_filters_by_selector() {
+        let server = TestServer::start(LONG).await;
+        let mut agents = Vec::new();
+        for (h, zone) in [("h1", "eu-1"), ("h2", "eu-2"), ("h3", "eu-1")] {
+            agents.push(
+                FakeAgent::attach(&server, hello(h, &[("zone", zone), ("role", "web")])).await,
+            );
+        }
+        let mut client = server.control_client().await;
+        let list = |selector: &str| wire::ListHostsRequest {
+            selector: selector.into(),
+        };
+        let hosts = client
+            .list_hosts(list("zone=eu-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        let ids: Vec<_> = hosts.iter().map(|h| h.host_id.as_str()).collect();
+        assert_eq!(ids, vec!["h1", "h3"]);
+        assert!(hosts.iter().all(|h| h.connected));
+        assert_eq!(hosts[0].hostname, "h1.test");
+        assert_eq!(hosts[0].services[0].current_release, "web-1");
+
+        let all = client
+            .list_hosts(list(""))
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        assert_eq!(all.len(), 3);
+        let set = client
+            .list_hosts(list("zone in (eu-2),role=web"))
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        assert_eq!(set.len(), 1);
+
+        let e = client.list_hosts(list("zone=")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.message()
+                .contains("malformed selector \"zone=\": empty value"),
+            "{e}"
+        );
+        drop(agents);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn rollout_calls_are_forwarded_to_the_engine() {
+        let server = TestServer::start(LONG).await;
+        let mut client = server.control_client().await;
+        let e = client
+            .get_rollout(wire::RolloutRef {
+                rollout_id: "r-404".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("r-404"), "{e}");
+        let e = client
+            .watch_rollout(wire::RolloutRef {
+                rollout_id: "r-404".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = client
+            .list_rollouts(wire::ListRolloutsRequest {
+                service: "Bad!".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn watch_streams_every_change_until_the_rollout_finishes() {
+        let status = |state: &str, finished: bool| wire::RolloutStatus {
+            rollout_id: "r-1".into(),
+            state: state.into(),
+            finished,
+            ..Default::default()
+        };
+        let (tx, rx) = watch::channel(status("running", false));
+        let mut stream = watch_stream(rx, CancellationToken::new());
+        assert_eq!(stream.next().await.unwrap().unwrap().state, "running");
+        tx.send(status("paused", false)).unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().state, "paused");
+        tx.send(status("succeeded", true)).unwrap();
+        let last = stream.next().await.unwrap().unwrap();
+        assert!(last.finished);
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after a finished status"
+        );
+
+        // A shutdown ends a watch that would otherwise wait forever.
+        let (_tx, rx) = watch::channel(status("running", false));
+        let shutdown = CancellationToken::new();
+        let mut stream = watch_stream(rx, shutdown.clone());
+        assert!(stream.next().await.unwrap().is_ok());
+        shutdown.cancel();
+        let e = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(stream.next().await.is_none());
+    }
+}

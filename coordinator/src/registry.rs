@@ -1,1 +1,908 @@
-//! placeholder
+//! The host registry: every agent the coordinator has heard from, and the way to reach it.
+//!
+//! Agent streams ([`crate::agent_service`]) feed it validated messages; the rollout engine reads it
+//! through the [`Fleet`] trait. Per host it keeps the inventory from the agent's hello, kept up to
+//! date by order results and health reports (only the latest report per service), when the host
+//! was last heard from, and the sending half of its open stream. Every change that matters to a
+//! rollout is broadcast as a [`FleetEvent`].
+//!
+//! A host is *connected* while its stream is open and messages keep arriving. When no message
+//! arrived for `unreachable_after`, the reaper marks it unreachable ([`FleetEvent::HostDown`]) and
+//! closes its stream, so the agent reconnects and says hello with a fresh inventory. A second
+//! stream from the same host replaces the first one.
+//!
+//! Wire types stop here: [`validate_hello`], [`validate_health`] and [`validate_result`] turn
+//! them into the domain types of [`crate::fleet`], naming the offending field on failure.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serin_proto::wire::{self, CheckKind, OrderPhase, ServiceState};
+use serin_proto::{HostId, Order, ReleaseId, ServiceName, ValidationError};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{Fleet, FleetEvent, HealthSample, HostSnapshot, OrderOutcome, ServiceSnapshot};
+use crate::selector::Selector;
+
+/// What goes down an agent's stream: a message, or the error that ends the stream.
+pub type Outbound = Result<wire::CoordinatorMessage, tonic::Status>;
+
+/// How the registry behaves.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// No message for this long: the host is unreachable and its stream is closed.
+    pub unreachable_after: Duration,
+    /// Messages queued to one agent before the agent counts as stuck and is disconnected.
+    pub order_queue: usize,
+    /// Events buffered for slow [`Fleet::subscribe`] receivers before they lag.
+    pub event_capacity: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            unreachable_after: Duration::from_secs(6),
+            order_queue: 1024,
+            event_capacity: 16 * 1024,
+        }
+    }
+}
+
+/// Current time as Unix milliseconds (for display and reports; deadlines use [`Instant`]).
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The open stream of a connected host.
+struct Connection {
+    id: u64,
+    tx: mpsc::Sender<Outbound>,
+    /// Cancelled when the registry closes the stream (replaced, silent, stuck).
+    kick: CancellationToken,
+}
+
+struct HostEntry {
+    snapshot: HostSnapshot,
+    /// Latest report per service, as received (for `serin hosts`).
+    health: BTreeMap<ServiceName, wire::HealthReport>,
+    last_seen: Instant,
+    conn: Option<Connection>,
+}
+
+/// An agent stream registered with the registry.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The host, as validated from its hello.
+    pub host: HostId,
+    /// Identifies this stream among the host's successive streams.
+    pub conn_id: u64,
+    /// Cancelled when the registry wants this stream closed; the reason is in [`Registry::detach`]
+    /// logs and in the error sent down the stream.
+    pub kicked: CancellationToken,
+}
+
+/// A message from an agent could not be taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The stream was replaced or closed by the registry; the caller should end it.
+    #[error("stream {conn_id} of host {host} is no longer current")]
+    NotCurrent { host: HostId, conn_id: u64 },
+    /// The message was invalid; it is dropped, the stream stays open.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+/// The registry of hosts; implements [`Fleet`].
+pub struct Registry {
+    settings: RegistrySettings,
+    hosts: Mutex<BTreeMap<HostId, HostEntry>>,
+    events: broadcast::Sender<FleetEvent>,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(settings: RegistrySettings) -> Self {
+        let (events, _) = broadcast::channel(settings.event_capacity.max(16));
+        Self {
+            settings,
+            hosts: Mutex::new(BTreeMap::new()),
+            events,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<HostId, HostEntry>> {
+        // Every critical section leaves the map consistent before anything can panic, so a
+        // poisoned lock is safe to recover.
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: FleetEvent) {
+        // No subscriber is fine: nobody is rolling anything out.
+        let _ = self.events.send(event);
+    }
+
+    /// Registers a new stream for the host that sent `hello`. Messages for the agent go into
+    /// `tx`. A previous stream of the same host is closed. Emits [`FleetEvent::HostUp`].
+    pub fn attach(
+        &self,
+        hello: wire::Hello,
+        tx: mpsc::Sender<Outbound>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Attachment, ValidationError> {
+        let snapshot = validate_hello(hello, now_ms)?;
+        let host = snapshot.host_id.clone();
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let conn = Connection {
+            id: conn_id,
+            tx,
+            kick: kick.clone(),
+        };
+        {
+            let mut hosts = self.lock();
+            let entry = hosts.entry(host.clone()).or_insert_with(|| HostEntry {
+                snapshot: snapshot.clone(),
+                health: BTreeMap::new(),
+                last_seen: now,
+                conn: None,
+            });
+            if let Some(old) = entry.conn.take() {
+                tracing::info!(host = %host, old = old.id, new = conn_id, "agent reconnected; closing its previous stream");
+                old.kick.cancel();
+            }
+            // Drop health of services the agent no longer manages.
+            entry
+                .health
+                .retain(|svc, _| snapshot.services.contains_key(svc));
+            entry.snapshot = snapshot.clone();
+            entry.last_seen = now;
+            entry.conn = Some(conn);
+            self.emit(FleetEvent::HostUp(snapshot));
+        }
+        Ok(Attachment {
+            host,
+            conn_id,
+            kicked: kick,
+        })
+    }
+
+    /// Takes in a message that arrived on stream `conn_id` of `host` (anything but the hello).
+    pub fn record(
+        &self,
+        host: &HostId,
+        conn_id: u64,
+        body: wire::agent_message::Body,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<(), RecordError> {
+        use wire::agent_message::Body;
+        let mut hosts = self.lock();
+        let entry = match hosts.get_mut(host) {
+            Some(e) if e.conn.as_ref().is_some_and(|c| c.id == conn_id) => e,
+            _ => {
+                return Err(RecordError::NotCurrent {
+                    host: host.clone(),
+                    conn_id,
+                });
+            }
+        };
+        entry.last_seen = now;
+        entry.snapshot.last_seen_unix_ms = now_ms;
+        match body {
+            Body::Hello(_) => {
+                return Err(ValidationError::new(
+                    "hello",
+                    "only the first message of a stream may be a hello",
+                )
+                .into());
+            }
+            Body::Heartbeat(_) => {}
+            Body::Health(report) => {
+                let sample = validate_health(&report, now_ms)?;
+                let svc = entry
+                    .snapshot
+                    .services
+                    .entry(sample.service.clone())
+                    .or_insert_with(empty_service);
+                svc.healthy = Some(sample.healthy);
+                entry
+                    .health
+                    .insert(sample.service.clone(), compact_report(report));
+                self.emit(FleetEvent::Health {
+                    host: host.clone(),
+                    sample,
+                });
+            }
+            Body::Result(result) => {
+                let outcome = validate_result(result)?;
+                let svc = entry
+                    .snapshot
+                    .services
+                    .entry(outcome.service.clone())
+                    .or_insert_with(empty_service);
+                apply_outcome(svc, &outcome);
+                self.emit(FleetEvent::Result {
+                    host: host.clone(),
+                    outcome,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream `conn_id` of `host` ended. If it was the current one, the host is marked
+    /// disconnected and [`FleetEvent::HostDown`] is emitted.
+    pub fn detach(&self, host: &HostId, conn_id: u64) {
+        let mut hosts = self.lock();
+        let Some(entry) = hosts.get_mut(host) else {
+            return;
+        };
+        if entry.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+            entry.conn = None;
+            entry.snapshot.connected = false;
+            tracing::info!(host = %host, conn = conn_id, "agent disconnected");
+            self.emit(FleetEvent::HostDown { host: host.clone() });
+        }
+    }
+
+    /// Marks every connected host that sent nothing for `unreachable_after` as unreachable and
+    /// closes its stream. Returns the hosts it marked.
+    pub fn reap(&self, now: Instant) -> Vec<HostId> {
+        let mut hosts = self.lock();
+        let mut reaped = Vec::new();
+        for (id, entry) in hosts.iter_mut() {
+            if entry.conn.is_some()
+                && now.saturating_duration_since(entry.last_seen) > self.settings.unreachable_after
+            {
+                if let Some(conn) = entry.conn.take() {
+                    conn.kick.cancel();
+                }
+                entry.snapshot.connected = false;
+                tracing::warn!(
+                    host = %id,
+                    silent_ms = now.saturating_duration_since(entry.last_seen).as_millis() as u64,
+                    "agent unreachable: no message within unreachable_after"
+                );
+                self.emit(FleetEvent::HostDown { host: id.clone() });
+                reaped.push(id.clone());
+            }
+        }
+        reaped
+    }
+
+    /// Runs [`Registry::reap`] periodically until `shutdown` is cancelled.
+    pub async fn run_reaper(&self, shutdown: CancellationToken) {
+        let period = (self.settings.unreachable_after / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    self.reap(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Closes every open stream (at shutdown).
+    pub fn kick_all(&self) {
+        for entry in self.lock().values() {
+            if let Some(c) = &entry.conn {
+                c.kick.cancel();
+            }
+        }
+    }
+
+    /// Hosts matching `selector`, as the control API shows them, ordered by host id.
+    pub fn host_infos(&self, selector: &Selector) -> Vec<wire::HostInfo> {
+        self.lock()
+            .values()
+            .filter(|e| selector.matches(&e.snapshot.labels))
+            .map(|e| {
+                let s = &e.snapshot;
+                wire::HostInfo {
+                    host_id: s.host_id.to_string(),
+                    hostname: s.hostname.clone(),
+                    labels: s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<HashMap<_, _>>(),
+                    connected: s.connected,
+                    last_seen_unix_ms: s.last_seen_unix_ms,
+                    agent_version: s.agent_version.clone(),
+                    services: s
+                        .services
+                        .iter()
+                        .map(|(name, svc)| inventory_of(name, svc))
+                        .collect(),
+                    health: e.health.values().cloned().collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Fleet for Registry {
+    fn snapshot(&self) -> Vec<HostSnapshot> {
+        self.lock().values().map(|e| e.snapshot.clone()).collect()
+    }
+
+    fn host(&self, id: &HostId) -> Option<HostSnapshot> {
+        self.lock().get(id).map(|e| e.snapshot.clone())
+    }
+
+    fn send(&self, host: &HostId, order: Order) -> bool {
+        let mut hosts = self.lock();
+        let Some(entry) = hosts.get_mut(host) else {
+            return false;
+        };
+        let Some(conn) = &entry.conn else {
+            return false;
+        };
+        let (seq, kind, service) = (order.seq, order.action.kind(), order.service.clone());
+        let msg = wire::CoordinatorMessage {
+            body: Some(wire::coordinator_message::Body::Order(order.into())),
+        };
+        match conn.tx.try_send(Ok(msg)) {
+            Ok(()) => {
+                tracing::debug!(host = %host, service = %service, seq, kind, "order queued");
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The agent is not reading its stream. Close it: the agent reconnects, says
+                // hello with its inventory and the engine re-sends what is still wanted.
+                tracing::warn!(host = %host, seq, kind, "agent stream is full; disconnecting the agent");
+                if let Some(conn) = entry.conn.take() {
+                    conn.kick.cancel();
+                }
+                entry.snapshot.connected = false;
+                self.emit(FleetEvent::HostDown { host: host.clone() });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+}
+
+fn empty_service() -> ServiceSnapshot {
+    ServiceSnapshot {
+        current_release: None,
+        previous_release: None,
+        kept_releases: Vec::new(),
+        state: ServiceState::Unspecified,
+        healthy: None,
+        last_seq: 0,
+    }
+}
+
+/// Folds an order result into what we know of the service.
+fn apply_outcome(svc: &mut ServiceSnapshot, o: &OrderOutcome) {
+    if o.phase != OrderPhase::Rejected {
+        svc.last_seq = svc.last_seq.max(o.seq);
+    }
+    let swapped = matches!(o.phase, OrderPhase::Activated | OrderPhase::RolledBack);
+    if swapped || o.current_release.is_some() {
+        if swapped && svc.current_release != o.current_release {
+            svc.previous_release = svc.current_release.take();
+        }
+        svc.current_release = o.current_release.clone();
+    }
+    if let Some(r) = &o.release
+        && matches!(o.phase, OrderPhase::Staged | OrderPhase::Activated)
+        && !svc.kept_releases.contains(r)
+    {
+        svc.kept_releases.push(r.clone());
+    }
+    match o.phase {
+        OrderPhase::Activated => svc.state = ServiceState::AwaitingConfirm,
+        OrderPhase::Confirmed | OrderPhase::RolledBack => svc.state = ServiceState::Running,
+        _ => {}
+    }
+}
+
+fn inventory_of(name: &ServiceName, s: &ServiceSnapshot) -> wire::ServiceInventory {
+    wire::ServiceInventory {
+        service: name.to_string(),
+        current_release: s
+            .current_release
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        kept_releases: s.kept_releases.iter().map(ToString::to_string).collect(),
+        state: s.state as i32,
+        healthy: s.healthy.unwrap_or(false),
+        previous_release: s
+            .previous_release
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        last_seq: s.last_seq,
+    }
+}
+
+/// Printable text of at most `max` bytes.
+fn text(field: &str, s: &str, max: usize) -> Result<(), ValidationError> {
+    if s.len() > max {
+        return Err(ValidationError::new(
+            field,
+            format!("is {} bytes long, at most {max} allowed", s.len()),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary (for free-form messages, which are
+/// shown, never interpreted).
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn opt_release(field: &str, s: &str) -> Result<Option<ReleaseId>, ValidationError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        ReleaseId::new(s).map(Some).map_err(|e| e.within(field))
+    }
+}
+
+/// Checks of one health report kept for display; the sample keeps the counts of all of them.
+pub const MAX_KEPT_CHECKS: usize = 32;
+/// Bytes of a check's detail kept for display.
+pub const MAX_CHECK_DETAIL: usize = 256;
+
+/// The part of a health report worth keeping per host: bounded check list and details.
+fn compact_report(mut r: wire::HealthReport) -> wire::HealthReport {
+    r.checks.truncate(MAX_KEPT_CHECKS);
+    for c in &mut r.checks {
+        c.name = truncate(std::mem::take(&mut c.name), MAX_CHECK_DETAIL);
+        c.detail = truncate(std::mem::take(&mut c.detail), MAX_CHECK_DETAIL);
+    }
+    r
+}
+
+/// Most services one hello may list; a larger inventory is a bug or an attack.
+pub const MAX_SERVICES_PER_HOST: usize = 256;
+/// Most labels one host may carry.
+pub const MAX_LABELS_PER_HOST: usize = 64;
+/// Most kept releases one service may list.
+pub const MAX_KEPT_RELEASES: usize = 64;
+
+/// Validates an agent's hello into a connected [`HostSnapshot`].
+pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, ValidationError> {
+    let host_id = HostId::new(h.host_id).map_err(|e| e.within("hello"))?;
+    text("hello.hostname", &h.hostname, 253)?;
+    text("hello.agent_version", &h.agent_version, 64)?;
+    if h.labels.len() > MAX_LABELS_PER_HOST {
+        return Err(ValidationError::new(
+            "hello.labels",
+            format!(
+                "{} labels, at most {MAX_LABELS_PER_HOST} allowed",
+                h.labels.len()
+            ),
+        ));
+    }
+    let mut labels = BTreeMap::new();
+    for (k, v) in h.labels {
+        serin_proto::validate_label("hello.labels", &k, &v)?;
+        labels.insert(k, v);
+    }
+    if h.services.len() > MAX_SERVICES_PER_HOST {
+        return Err(ValidationError::new(
+            "hello.services",
+            format!(
+                "{} services, at most {MAX_SERVICES_PER_HOST} allowed",
+                h.services.len()
+            ),
+        ));
+    }
+    let mut services = BTreeMap::new();
+    for (i, inv) in h.services.into_iter().enumerate() {
+        let field = format!("hello.services[{i}]");
+        let name = ServiceName::new(&inv.service).map_err(|e| e.within(&field))?;
+        let state = ServiceState::try_from(inv.state).map_err(|_| {
+            ValidationError::new(
+                format!("{field}.state"),
+                format!("unknown state {}", inv.state),
+            )
+        })?;
+        if inv.kept_releases.len() > MAX_KEPT_RELEASES {
+            return Err(ValidationError::new(
+                format!("{field}.kept_releases"),
+                format!("at most {MAX_KEPT_RELEASES} allowed"),
+            ));
+        }
+        let kept_releases = inv
+            .kept_releases
+            .iter()
+            .map(|r| ReleaseId::new(r).map_err(|e| e.within(&format!("{field}.kept_releases"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let snap = ServiceSnapshot {
+            current_release: opt_release(
+                &format!("{field}.current_release"),
+                &inv.current_release,
+            )?,
+            previous_release: opt_release(
+                &format!("{field}.previous_release"),
+                &inv.previous_release,
+            )?,
+            kept_releases,
+            state,
+            healthy: Some(inv.healthy),
+            last_seq: inv.last_seq,
+        };
+        if services.insert(name.clone(), snap).is_some() {
+            return Err(ValidationError::new(
+                format!("{field}.service"),
+                format!("service {name} is listed twice"),
+            ));
+        }
+    }
+    let hostname = if h.hostname.is_empty() {
+        host_id.to_string()
+    } else {
+        h.hostname
+    };
+    Ok(HostSnapshot {
+        host_id,
+        hostname,
+        labels,
+        connected: true,
+        last_seen_unix_ms: now_ms,
+        agent_version: h.agent_version,
+        services,
+    })
+}
+
+/// Validates a health report into a [`HealthSample`]; a report without a time gets `now_ms`.
+pub fn validate_health(
+    r: &wire::HealthReport,
+    now_ms: u64,
+) -> Result<HealthSample, ValidationError> {
+    let service = ServiceName::new(&r.service).map_err(|e| e.within("health"))?;
+    let release = opt_release("health.release", &r.release)?;
+    if r.checks.len() > 1024 {
+        return Err(ValidationError::new(
+            "health.checks",
+            "at most 1024 checks allowed",
+        ));
+    }
+    let checks_passing = r.checks.iter().filter(|c| c.passing).count() as u32;
+    let probe_latency_us = r
+        .checks
+        .iter()
+        .find(|c| matches!(c.kind(), CheckKind::Http | CheckKind::Tcp) && c.latency_us > 0)
+        .map(|c| c.latency_us);
+    let process = r.process.unwrap_or_default();
+    let cpu_percent = if process.cpu_percent.is_finite() {
+        process.cpu_percent.max(0.0)
+    } else {
+        0.0
+    };
+    Ok(HealthSample {
+        service,
+        release,
+        healthy: r.healthy,
+        checks_passing,
+        checks_total: r.checks.len() as u32,
+        probe_latency_us,
+        restarts: process.restarts,
+        cpu_percent,
+        rss_bytes: process.rss_bytes,
+        observed_unix_ms: if r.observed_unix_ms == 0 {
+            now_ms
+        } else {
+            r.observed_unix_ms
+        },
+    })
+}
+
+/// Validates an order result into an [`OrderOutcome`].
+pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationError> {
+    text("result.order_id", &r.order_id, 128)?;
+    text("result.rollout_id", &r.rollout_id, 128)?;
+    let service = ServiceName::new(&r.service).map_err(|e| e.within("result"))?;
+    let release = opt_release("result.release", &r.release)?;
+    let current_release = opt_release("result.current_release", &r.current_release)?;
+    let phase = OrderPhase::try_from(r.phase)
+        .map_err(|_| ValidationError::new("result.phase", format!("unknown phase {}", r.phase)))?;
+    if phase == OrderPhase::Unspecified {
+        return Err(ValidationError::new("result.phase", "must be set"));
+    }
+    let code = wire::ResultCode::try_from(r.code)
+        .map_err(|_| ValidationError::new("result.code", format!("unknown code {}", r.code)))?;
+    Ok(OrderOutcome {
+        order_id: r.order_id,
+        rollout_id: r.rollout_id,
+        seq: r.seq,
+        service,
+        release,
+        phase,
+        code,
+        message: truncate(r.message, 4096),
+        current_release,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serin_proto::wire::agent_message::Body;
+
+    fn hello(host: &str, labels: &[(&str, &str)]) -> wire::Hello {
+        wire::Hello {
+            host_id: host.into(),
+            hostname: format!("{host}.example"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            agent_version: "0.1.0".into(),
+            services: vec![wire::ServiceInventory {
+                service: "web".into(),
+                current_release: "web-1".into(),
+                kept_releases: vec!["web-1".into()],
+                state: ServiceState::Running as i32,
+                healthy: true,
+                previous_release: String::new(),
+                last_seq: 4,
+            }],
+        }
+    }
+
+    fn registry(unreachable_ms: u64) -> Registry {
+        Registry::new(RegistrySettings {
+            unreachable_after: Duration::from_millis(unreachable_ms),
+            ..RegistrySettings::default()
+        })
+    }
+
+    #[test]
+    fn hello_becomes_a_snapshot_and_host_up() {
+        let reg = registry(1000);
+        let mut events = reg.subscribe();
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg
+            .attach(hello("h1", &[("role", "web")]), tx, Instant::now(), 5)
+            .unwrap();
+        assert_eq!(a.host.as_str(), "h1");
+        let snap = reg.host(&a.host).unwrap();
+        assert!(snap.connected);
+        assert_eq!(snap.labels["role"], "web");
+        let web = &snap.services[&ServiceName::new("web").unwrap()];
+        assert_eq!(web.current_release.as_ref().unwrap().as_str(), "web-1");
+        assert_eq!(web.last_seq, 4);
+        assert!(matches!(events.try_recv().unwrap(), FleetEvent::HostUp(s) if s == snap));
+    }
+
+    #[test]
+    fn bad_hello_names_the_field() {
+        let mut h = hello("h1", &[]);
+        h.host_id = "../etc".into();
+        assert_eq!(validate_hello(h, 0).unwrap_err().field, "hello.host id");
+        let h = hello("h1", &[("zone", "eu 1")]);
+        assert_eq!(validate_hello(h, 0).unwrap_err().field, "hello.labels");
+        let mut h = hello("h1", &[]);
+        h.services[0].current_release = "a/b".into();
+        let e = validate_hello(h, 0).unwrap_err();
+        assert!(
+            e.field.starts_with("hello.services[0].current_release"),
+            "{e}"
+        );
+        let mut h = hello("h1", &[]);
+        h.services.push(h.services[0].clone());
+        assert!(validate_hello(h, 0).unwrap_err().problem.contains("twice"));
+    }
+
+    #[test]
+    fn results_update_the_inventory_and_are_broadcast() {
+        let reg = registry(1000);
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
+        let mut events = reg.subscribe();
+        let result = wire::OrderResult {
+            order_id: "o1".into(),
+            rollout_id: "r1".into(),
+            seq: 7,
+            service: "web".into(),
+            release: "web-2".into(),
+            phase: OrderPhase::Activated as i32,
+            code: wire::ResultCode::Ok as i32,
+            message: String::new(),
+            current_release: "web-2".into(),
+            bytes_done: 0,
+        };
+        reg.record(&a.host, a.conn_id, Body::Result(result), Instant::now(), 1)
+            .unwrap();
+        let web = reg.host(&a.host).unwrap().services[&ServiceName::new("web").unwrap()].clone();
+        assert_eq!(web.current_release.unwrap().as_str(), "web-2");
+        assert_eq!(web.previous_release.unwrap().as_str(), "web-1");
+        assert_eq!(web.last_seq, 7);
+        match events.try_recv().unwrap() {
+            FleetEvent::Result { host, outcome } => {
+                assert_eq!(host, a.host);
+                assert_eq!(outcome.phase, OrderPhase::Activated);
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // An invalid message is refused without touching the stream.
+        let bad = wire::HealthReport {
+            service: "Web!".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            reg.record(&a.host, a.conn_id, Body::Health(bad), Instant::now(), 1),
+            Err(RecordError::Invalid(_))
+        ));
+        assert!(reg.host(&a.host).unwrap().connected);
+    }
+
+    #[test]
+    fn reaper_marks_silent_hosts_down_and_closes_their_stream() {
+        let reg = registry(100);
+        let t0 = Instant::now();
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, t0, 0).unwrap();
+        let mut events = reg.subscribe();
+        assert!(reg.reap(t0 + Duration::from_millis(100)).is_empty());
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Heartbeat(wire::Heartbeat::default()),
+            t0 + Duration::from_millis(90),
+            0,
+        )
+        .unwrap();
+        assert!(reg.reap(t0 + Duration::from_millis(150)).is_empty());
+        assert_eq!(
+            reg.reap(t0 + Duration::from_millis(191)),
+            vec![a.host.clone()]
+        );
+        assert!(a.kicked.is_cancelled());
+        assert!(!reg.host(&a.host).unwrap().connected);
+        assert_eq!(
+            events.try_recv().unwrap(),
+            FleetEvent::HostDown {
+                host: a.host.clone()
+            }
+        );
+        // The closed stream's late messages are refused.
+        assert!(matches!(
+            reg.record(
+                &a.host,
+                a.conn_id,
+                Body::Heartbeat(wire::Heartbeat::default()),
+                t0,
+                0
+            ),
+            Err(RecordError::NotCurrent { .. })
+        ));
+    }
+
+    #[test]
+    fn a_second_stream_replaces_the_first() {
+        let reg = registry(1000);
+        let (tx1, _rx1) = mpsc::channel(8);
+        let (tx2, mut rx2) = mpsc::channel(8);
+        let a1 = reg
+            .attach(hello("h1", &[]), tx1, Instant::now(), 0)
+            .unwrap();
+        let a2 = reg
+            .attach(hello("h1", &[]), tx2, Instant::now(), 0)
+            .unwrap();
+        assert!(a1.kicked.is_cancelled());
+        assert!(!a2.kicked.is_cancelled());
+        let mut events = reg.subscribe();
+        // The old stream ending does not mark the host down.
+        reg.detach(&a1.host, a1.conn_id);
+        assert!(reg.host(&a1.host).unwrap().connected);
+        assert!(events.try_recv().is_err());
+        // Orders go to the new stream.
+        let order = Order {
+            order_id: "o".into(),
+            rollout_id: String::new(),
+            seq: 1,
+            service: ServiceName::new("web").unwrap(),
+            action: serin_proto::OrderAction::Cancel,
+        };
+        assert!(reg.send(&a2.host, order.clone()));
+        assert!(rx2.try_recv().is_ok());
+        reg.detach(&a2.host, a2.conn_id);
+        assert!(!reg.send(&a2.host, order));
+        assert_eq!(
+            events.try_recv().unwrap(),
+            FleetEvent::HostDown { host: a2.host }
+        );
+    }
+
+    #[test]
+    fn kept_health_reports_are_bounded() {
+        let reg = registry(1000);
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
+        let check = wire::CheckResult {
+            name: "http".into(),
+            passing: true,
+            detail: "x".repeat(10_000),
+            ..Default::default()
+        };
+        let report = wire::HealthReport {
+            service: "web".into(),
+            healthy: true,
+            checks: vec![check; 100],
+            ..Default::default()
+        };
+        let mut events = reg.subscribe();
+        reg.record(&a.host, a.conn_id, Body::Health(report), Instant::now(), 1)
+            .unwrap();
+        // The sample counts every check ...
+        match events.try_recv().unwrap() {
+            FleetEvent::Health { sample, .. } => {
+                assert_eq!((sample.checks_passing, sample.checks_total), (100, 100));
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // ... but what is kept per host stays small.
+        let info = &reg.host_infos(&Selector::everything())[0];
+        assert_eq!(info.health[0].checks.len(), MAX_KEPT_CHECKS);
+        assert!(info.health[0].checks[0].detail.len() <= MAX_CHECK_DETAIL + 3);
+    }
+
+    #[test]
+    fn host_infos_filter_by_selector() {
+        let reg = registry(1000);
+        for (h, zone) in [("h1", "eu-1"), ("h2", "eu-2"), ("h3", "eu-1")] {
+            let (tx, _rx) = mpsc::channel(8);
+            reg.attach(hello(h, &[("zone", zone)]), tx, Instant::now(), 0)
+                .unwrap();
+        }
+        let ids: Vec<_> = reg
+            .host_infos(&Selector::parse("zone=eu-1").unwrap())
+            .into_iter()
+            .map(|h| h.host_id)
+            .collect();
+        assert_eq!(ids, vec!["h1", "h3"]);
+        assert_eq!(reg.host_infos(&Selector::everything()).len(), 3);
+    }
+}

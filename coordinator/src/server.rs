@@ -1,1 +1,634 @@
-//! placeholder
+//! The coordinator daemon: opens its state, starts its tasks and serves both gRPC services
+//! (agents and operators) on one listener until shutdown.
+//!
+//! [`run`] takes its I/O (a bound listener) and a shutdown signal, so tests start real servers
+//! on port 0. On shutdown it stops accepting calls, closes every agent stream and watch, waits
+//! for every task it started (stream pumps, the reaper, the rollout tasks) and returns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serin_proto::wire::agent_service_server::AgentServiceServer;
+use serin_proto::wire::control_service_server::ControlServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent_service::{AgentServiceImpl, AgentServiceSettings};
+use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::config::CoordinatorConfig;
+use crate::control_service::{ControlServiceImpl, RolloutApi};
+use crate::fleet::Fleet;
+use crate::registry::{Registry, RegistrySettings};
+use crate::store::{RedbStore, Store, StoreError};
+
+/// Largest gRPC message accepted or sent. Artifact chunks are 1 MiB from the CLI and 256 KiB to
+/// agents; a large fleet's host list or a long rollout's status is the biggest other message.
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The coordinator could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The state directory could not be created.
+    #[error("cannot create state directory {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The artifact store could not be opened.
+    #[error("cannot open the artifact store: {0}")]
+    Artifacts(#[from] ArtifactError),
+    /// The rollout engine could not resume the stored rollouts.
+    #[error("cannot start the rollout engine: {0}")]
+    Rollouts(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A startup task panicked or was cancelled.
+    #[error("startup task failed: {0}")]
+    Task(String),
+}
+
+/// A name for this coordinator in welcomes and logs: `<hostname>:<port>`.
+fn coordinator_id(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "serin-coordinator".to_string());
+    format!("{host}:{}", addr.port())
+}
+
+/// Runs the coordinator on `listener` until `shutdown` is cancelled, then drains and returns.
+#[tracing::instrument(skip_all, fields(state_dir = %config.state_dir.display()))]
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Task(e.to_string()))?;
+
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServerError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let store_path = config.state_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || RedbStore::open(store_path))
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))??,
+    );
+    let artifacts = ArtifactStore::open(&config.state_dir)?;
+    let registry = Arc::new(Registry::new(RegistrySettings {
+        unreachable_after: config.unreachable_after,
+        ..RegistrySettings::default()
+    }));
+
+    // Everything this function starts stops on `inner`; it is cancelled by `shutdown`, and also
+    // on our own way out when serving fails.
+    let inner = shutdown.child_token();
+    let tasks = TaskTracker::new();
+    {
+        let registry = registry.clone();
+        let inner = inner.clone();
+        tasks.spawn(async move { registry.run_reaper(inner).await });
+    }
+
+    let rollouts = match start_rollouts(store.clone(), registry.clone(), inner.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            inner.cancel();
+            tasks.close();
+            tasks.wait().await;
+            return Err(e);
+        }
+    };
+
+    let parts = Parts {
+        registry: registry.clone(),
+        store,
+        artifacts,
+        rollouts: rollouts.api(),
+        agent: AgentServiceSettings {
+            coordinator_id: coordinator_id(addr),
+            heartbeat_interval: config.heartbeat_interval,
+            hello_timeout: config.unreachable_after.max(Duration::from_secs(5)),
+        },
+    };
+    let served = serve(parts, listener, tasks.clone(), inner.clone()).await;
+
+    tracing::info!("coordinator draining");
+    inner.cancel();
+    registry.kick_all();
+    tasks.close();
+    tasks.wait().await;
+    rollouts.join().await;
+    tracing::info!("coordinator stopped");
+    served.map_err(|e| {
+        tracing::error!(error = %e, "gRPC server failed");
+        ServerError::Transport(e)
+    })
+}
+
+/// What [`serve`] serves.
+pub(crate) struct Parts {
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+    pub artifacts: ArtifactStore,
+    pub rollouts: Arc<dyn RolloutApi>,
+    pub agent: AgentServiceSettings,
+}
+
+/// Serves both gRPC services on `listener` until `inner` is cancelled. Per-stream tasks are
+/// spawned on `tasks`; the caller waits for them.
+pub(crate) async fn serve(
+    parts: Parts,
+    listener: TcpListener,
+    tasks: TaskTracker,
+    inner: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let addr = listener.local_addr().ok();
+    let agent = AgentServiceImpl::new(
+        parts.agent,
+        parts.registry.clone(),
+        parts.artifacts.clone(),
+        tasks,
+        inner.clone(),
+    );
+    let control = ControlServiceImpl::new(
+        parts.registry,
+        parts.store,
+        parts.artifacts,
+        parts.rollouts,
+        inner.clone(),
+    );
+    tracing::info!(addr = ?addr, "coordinator serving");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(
+            AgentServiceServer::new(agent)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .add_service(
+            ControlServiceServer::new(control)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            inner.cancelled().await
+        })
+        .await
+}
+
+/// The running rollout engine, as the server holds it.
+struct Rollouts {
+    manager: crate::rollout::RolloutManager,
+}
+
+impl Rollouts {
+    fn api(&self) -> Arc<dyn RolloutApi> {
+        Arc::new(self.manager.clone())
+    }
+
+    /// Waits for every rollout task (after shutdown was cancelled).
+    async fn join(self) {
+        self.manager.join().await;
+    }
+}
+
+async fn start_rollouts(
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<Rollouts, ServerError> {
+    let fleet: Arc<dyn Fleet> = registry;
+    let manager = crate::rollout::RolloutManager::start(
+        store,
+        fleet,
+        crate::rollout::EngineSettings::default(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| ServerError::Rollouts(e.to_string()))?;
+    Ok(Rollouts { manager })
+}
+
+/// A real server on 127.0.0.1:0 with direct access to its parts, for the tests of the services.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::{Duration, Instant};
+
+    use serin_proto::wire;
+    use serin_proto::wire::agent_service_client::AgentServiceClient;
+    use serin_proto::wire::control_service_client::ControlServiceClient;
+    use tokio::sync::{mpsc, watch};
+    use tonic::Status;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A rollout engine that knows no rollouts.
+    pub(crate) struct NoRollouts;
+
+    #[tonic::async_trait]
+    impl RolloutApi for NoRollouts {
+        async fn plan(&self, _: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status> {
+            Err(Status::unimplemented("no engine in this test"))
+        }
+        async fn start_rollout(&self, _: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status> {
+            Err(Status::unimplemented("no engine in this test"))
+        }
+        async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
+            Err(Status::not_found(format!("no rollout {id}")))
+        }
+        fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
+            Err(Status::not_found(format!("no rollout {id}")))
+        }
+        async fn list(&self, _: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
+            Ok(Vec::new())
+        }
+        async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status> {
+            Err(Status::not_found(format!("no rollout {}", req.rollout_id)))
+        }
+        async fn explain(&self, id: &str) -> Result<wire::Explanation, Status> {
+            Err(Status::not_found(format!("no rollout {id}")))
+        }
+    }
+
+    /// Polls `cond` every 20 ms until it holds, failing the test after `timeout`.
+    pub(crate) async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) struct TestServer {
+        pub addr: SocketAddr,
+        pub registry: Arc<Registry>,
+        pub store: Arc<dyn Store>,
+        pub artifacts: ArtifactStore,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        handle: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        pub(crate) async fn start(unreachable_after: Duration) -> Self {
+            Self::start_with(unreachable_after, Arc::new(NoRollouts)).await
+        }
+
+        pub(crate) async fn start_with(
+            unreachable_after: Duration,
+            rollouts: Arc<dyn RolloutApi>,
+        ) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let registry = Arc::new(Registry::new(RegistrySettings {
+                unreachable_after,
+                ..RegistrySettings::default()
+            }));
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            let artifacts = ArtifactStore::open(dir.path()).expect("artifacts");
+            let shutdown = CancellationToken::new();
+            let tasks = TaskTracker::new();
+            {
+                let (registry, shutdown) = (registry.clone(), shutdown.clone());
+                tasks.spawn(async move { registry.run_reaper(shutdown).await });
+            }
+            let parts = Parts {
+                registry: registry.clone(),
+                store: store.clone(),
+                artifacts: artifacts.clone(),
+                rollouts,
+                agent: AgentServiceSettings {
+                    coordinator_id: "test-coordinator".into(),
+                    heartbeat_interval: Duration::from_millis(100),
+                    hello_timeout: Duration::from_secs(5),
+                },
+            };
+            let handle = tokio::spawn(serve(parts, listener, tasks.clone(), shutdown.clone()));
+            Self {
+                addr,
+                registry,
+                store,
+                artifacts,
+                shutdown,
+                tasks,
+                handle: Some(handle),
+                _dir: dir,
+            }
+        }
+
+        pub(crate) fn url(&self) -> String {
+            format!("http://{}", self.addr)
+        }
+
+        pub(crate) async fn agent_client(&self) -> AgentServiceClient<Channel> {
+            AgentServiceClient::connect(self.url())
+                .await
+                .expect("connect agent client")
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        }
+
+        pub(crate) async fn control_client(&self) -> ControlServiceClient<Channel> {
+            ControlServiceClient::connect(self.url())
+                .await
+                .expect("connect control client")
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE)
+        }
+
+        /// Shuts down and checks that the server and every task it started stopped in time.
+        pub(crate) async fn stop(mut self) {
+            self.shutdown.cancel();
+            self.registry.kick_all();
+            let handle = self.handle.take().expect("running");
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("server stops within 10s of shutdown")
+                .expect("server task")
+                .expect("server result");
+            self.tasks.close();
+            tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+                .await
+                .expect("every stream task stops within 10s of shutdown");
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    /// An agent's end of an `Attach` stream.
+    pub(crate) struct FakeAgent {
+        pub tx: mpsc::Sender<wire::AgentMessage>,
+        pub inbound: tonic::Streaming<wire::CoordinatorMessage>,
+    }
+
+    pub(crate) fn hello(host: &str, labels: &[(&str, &str)]) -> wire::Hello {
+        wire::Hello {
+            host_id: host.into(),
+            hostname: format!("{host}.test"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            agent_version: "test".into(),
+            services: vec![wire::ServiceInventory {
+                service: "web".into(),
+                current_release: "web-1".into(),
+                kept_releases: vec!["web-1".into()],
+                state: wire::ServiceState::Running as i32,
+                healthy: true,
+                previous_release: String::new(),
+                last_seq: 0,
+            }],
+        }
+    }
+
+    impl FakeAgent {
+        /// Opens a stream and sends `first`; returns the agent and the welcome.
+        pub(crate) async fn attach_with(
+            server: &TestServer,
+            first: wire::agent_message::Body,
+        ) -> Result<(Self, wire::Welcome), Status> {
+            let (tx, rx) = mpsc::channel(64);
+            tx.send(wire::AgentMessage { body: Some(first) })
+                .await
+                .expect("queue first message");
+            let mut client = server.agent_client().await;
+            let mut inbound = client
+                .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let msg = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("no welcome within 5s"))??
+                .ok_or_else(|| Status::aborted("stream ended before the welcome"))?;
+            match msg.body {
+                Some(wire::coordinator_message::Body::Welcome(w)) => Ok((Self { tx, inbound }, w)),
+                other => panic!("expected a welcome first, got {other:?}"),
+            }
+        }
+
+        pub(crate) async fn attach(
+            server: &TestServer,
+            hello: wire::Hello,
+        ) -> (Self, wire::Welcome) {
+            Self::attach_with(server, wire::agent_message::Body::Hello(hello))
+                .await
+                .expect("attach")
+        }
+
+        /// The next message from the coordinator (or the stream's end / error).
+        pub(crate) async fn next(&mut self) -> Result<Option<wire::CoordinatorMessage>, Status> {
+            tokio::time::timeout(Duration::from_secs(5), self.inbound.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("nothing from the coordinator within 5s"))?
+        }
+
+        pub(crate) async fn send(&self, body: wire::agent_message::Body) {
+            self.tx
+                .send(wire::AgentMessage { body: Some(body) })
+                .await
+                .expect("send to coordinator");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serin_proto::wire;
+    use serin_proto::wire::agent_service_client::AgentServiceClient;
+    use serin_proto::wire::control_service_client::ControlServiceClient;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+
+    /// `run` on a port-0 listener, cancelled when dropped.
+    struct Running {
+        shutdown: CancellationToken,
+        handle: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
+        url: String,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    impl Running {
+        async fn start(state_dir: &std::path::Path) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let config = CoordinatorConfig {
+                listen: addr,
+                state_dir: state_dir.to_path_buf(),
+                heartbeat_interval: Duration::from_millis(200),
+                unreachable_after: Duration::from_secs(2),
+            };
+            let shutdown = CancellationToken::new();
+            let handle = tokio::spawn(run(config, listener, shutdown.clone()));
+            Self {
+                shutdown,
+                handle: Some(handle),
+                url: format!("http://{addr}"),
+            }
+        }
+
+        async fn stop(mut self) {
+            self.shutdown.cancel();
+            let handle = self.handle.take().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("run returns within 10s of shutdown")
+                .expect("run task")
+                .expect("run result");
+        }
+    }
+
+    #[tokio::test]
+    async fn run_serves_both_services_keeps_state_and_stops_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Running::start(dir.path()).await;
+
+        // An agent attaches and is welcomed with the configured heartbeat.
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(wire::AgentMessage {
+            body: Some(wire::agent_message::Body::Hello(testing::hello(
+                "h1",
+                &[("zone", "a")],
+            ))),
+        })
+        .await
+        .unwrap();
+        let mut agent = AgentServiceClient::connect(server.url.clone())
+            .await
+            .unwrap();
+        let mut inbound = agent
+            .attach(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(
+            welcome.body,
+            Some(wire::coordinator_message::Body::Welcome(w)) if w.heartbeat_interval_ms == 200
+        ));
+
+        // An operator pushes a release and plans a rollout through the real engine.
+        let mut ctl = ControlServiceClient::connect(server.url.clone())
+            .await
+            .unwrap();
+        let info = ctl
+            .push_artifact(futures::stream::iter(vec![wire::PushArtifactChunk {
+                service: "web".into(),
+                release_id: "web-2".into(),
+                data: b"new binary".to_vec(),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!info.deduplicated);
+        let hosts = ctl
+            .list_hosts(wire::ListHostsRequest {
+                selector: "zone=a".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        assert_eq!(hosts.len(), 1);
+        let plan = ctl
+            .plan_rollout(wire::RolloutSpec {
+                service: "web".into(),
+                release: "web-2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let planned: Vec<_> = plan.waves.iter().flat_map(|w| w.host_ids.clone()).collect();
+        assert_eq!(planned, vec!["h1"]);
+
+        // Shutdown returns although an agent stream is still open, and ends that stream.
+        server.stop().await;
+        let end = inbound.message().await;
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+
+        // State survives a restart: the release is still there, its blob still served.
+        let server = Running::start(dir.path()).await;
+        let mut ctl = ControlServiceClient::connect(server.url.clone())
+            .await
+            .unwrap();
+        let releases = ctl
+            .list_releases(wire::ListReleasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .releases;
+        assert_eq!(releases.len(), 1);
+        let rel = releases[0].release.clone().unwrap();
+        assert_eq!(rel.id, "web-2");
+        let mut agent = AgentServiceClient::connect(server.url.clone())
+            .await
+            .unwrap();
+        let mut chunks = agent
+            .fetch_artifact(wire::FetchArtifactRequest {
+                sha256: rel.sha256,
+                offset: 4,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let chunk = chunks.message().await.unwrap().unwrap();
+        assert_eq!(chunk.data, b"binary");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn run_refuses_an_inconsistent_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = CoordinatorConfig {
+            listen: listener.local_addr().unwrap(),
+            state_dir: dir.path().to_path_buf(),
+            heartbeat_interval: Duration::from_secs(10),
+            unreachable_after: Duration::from_secs(5),
+        };
+        let e = run(config, listener, CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unreachable_after"), "{e}");
+    }
+}

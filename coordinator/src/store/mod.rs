@@ -5,6 +5,12 @@
 //! what the blobs mean, so the rollout engine's records can evolve without touching it, and a
 //! distributed store can replace the embedded one later.
 
+pub mod memory;
+pub mod redb;
+
+pub use self::memory::MemoryStore;
+pub use self::redb::RedbStore;
+
 use serin_proto::{HostId, ReleaseId, ServiceName};
 
 /// A release the coordinator knows.
@@ -69,4 +75,153 @@ pub trait Store: Send + Sync + 'static {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError>;
+}
+
+/// Behaviour every [`Store`] implementation must show; run by each implementation's tests.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    fn host(s: &str) -> HostId {
+        HostId::new(s).unwrap()
+    }
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn release(service: &str, id: &str) -> ReleaseRecord {
+        ReleaseRecord {
+            service: service.into(),
+            id: id.into(),
+            sha256: "ab".repeat(32),
+            size: 42,
+            url: String::new(),
+            created_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// What [`fill`] wrote, to compare after a reopen.
+    pub(crate) struct Filled {
+        releases: Vec<ReleaseRecord>,
+        rollouts: Vec<(String, StoredRollout)>,
+    }
+
+    /// Writes a little of everything.
+    pub(crate) fn fill(store: &dyn Store) -> Filled {
+        let releases = vec![
+            release("db", "db-1"),
+            release("web", "web-1"),
+            release("web", "web-2"),
+        ];
+        for r in &releases {
+            store.put_release(r).unwrap();
+        }
+        store
+            .save_rollout(
+                "r-b",
+                b"hdr-b1",
+                &[(host("h2"), b"h2".to_vec())],
+                &[b"e0".to_vec()],
+            )
+            .unwrap();
+        store
+            .save_rollout("r-a", b"hdr-a", &[(host("h1"), b"h1".to_vec())], &[])
+            .unwrap();
+        store
+            .save_rollout(
+                "r-b",
+                b"hdr-b2",
+                &[
+                    (host("h1"), b"h1".to_vec()),
+                    (host("h2"), b"h2-v2".to_vec()),
+                ],
+                &[b"e1".to_vec(), b"e2".to_vec()],
+            )
+            .unwrap();
+        let rollouts = ["r-b", "r-a"]
+            .into_iter()
+            .map(|id| (id.to_string(), store.load_rollout(id).unwrap().unwrap()))
+            .collect();
+        Filled { releases, rollouts }
+    }
+
+    /// Checks that `store` holds what [`fill`] wrote.
+    pub(crate) fn verify_filled(store: &dyn Store, f: &Filled) {
+        assert_eq!(store.releases(None).unwrap(), f.releases);
+        assert_eq!(store.rollout_ids().unwrap(), vec!["r-b", "r-a"]);
+        for (id, r) in &f.rollouts {
+            assert_eq!(
+                store.load_rollout(id).unwrap().as_ref(),
+                Some(r),
+                "rollout {id}"
+            );
+        }
+    }
+
+    /// Runs every conformance check on an empty store.
+    pub(crate) fn check_all(store: &dyn Store) {
+        assert!(store.releases(None).unwrap().is_empty());
+        assert!(store.rollout_ids().unwrap().is_empty());
+        assert_eq!(store.load_rollout("r-x").unwrap(), None);
+        assert_eq!(
+            store
+                .release(&svc("web"), &"web-1".parse().unwrap())
+                .unwrap(),
+            None
+        );
+
+        let filled = fill(store);
+        verify_filled(store, &filled);
+
+        // Releases: lookup and per-service listing, with a service name that is a prefix of
+        // another one.
+        store.put_release(&release("web2", "web2-1")).unwrap();
+        let web: Vec<_> = store
+            .releases(Some(&svc("web")))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(web, vec!["web-1", "web-2"]);
+        assert_eq!(
+            store
+                .release(&svc("web"), &"web-2".parse().unwrap())
+                .unwrap(),
+            Some(release("web", "web-2"))
+        );
+        assert!(store.releases(Some(&svc("nope"))).unwrap().is_empty());
+
+        // Rollouts: header replaced, hosts upserted in host order, events appended in order.
+        let b = store.load_rollout("r-b").unwrap().unwrap();
+        assert_eq!(b.header, b"hdr-b2");
+        assert_eq!(
+            b.hosts,
+            vec![
+                (host("h1"), b"h1".to_vec()),
+                (host("h2"), b"h2-v2".to_vec())
+            ]
+        );
+        assert_eq!(
+            b.events,
+            vec![b"e0".to_vec(), b"e1".to_vec(), b"e2".to_vec()]
+        );
+        // A rollout id that is a prefix of another does not see the other's rows.
+        store
+            .save_rollout("r-b-2", b"x", &[(host("h9"), vec![])], &[b"z".to_vec()])
+            .unwrap();
+        let b = store.load_rollout("r-b").unwrap().unwrap();
+        assert_eq!(b.hosts.len(), 2);
+        assert_eq!(b.events.len(), 3);
+        assert_eq!(store.rollout_ids().unwrap(), vec!["r-b", "r-a", "r-b-2"]);
+
+        // Sequences: strictly increasing per pair, independent between pairs, above at_least.
+        let (h1, web) = (host("h1"), svc("web"));
+        assert_eq!(store.next_seq(&h1, &web, 0).unwrap(), 1);
+        assert_eq!(store.next_seq(&h1, &web, 0).unwrap(), 2);
+        assert_eq!(store.next_seq(&h1, &svc("db"), 0).unwrap(), 1);
+        assert_eq!(store.next_seq(&host("h2"), &web, 0).unwrap(), 1);
+        assert_eq!(store.next_seq(&h1, &web, 10).unwrap(), 11);
+        assert_eq!(store.next_seq(&h1, &web, 3).unwrap(), 12);
+    }
 }

@@ -1,0 +1,139 @@
+//! An in-memory [`Store`] for tests of the modules built on top of it.
+//!
+//! Same semantics as [`super::RedbStore`] (checked by the same conformance tests), nothing
+//! survives the process. Not for production: a coordinator restart would forget every rollout.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serin_proto::{HostId, ReleaseId, ServiceName};
+
+use super::{ReleaseRecord, Store, StoreError, StoredRollout};
+
+#[derive(Default)]
+struct Inner {
+    releases: BTreeMap<(String, String), ReleaseRecord>,
+    rollouts: BTreeMap<String, StoredRollout>,
+    order: Vec<String>,
+    seqs: BTreeMap<(HostId, ServiceName), u64>,
+}
+
+/// A [`Store`] that lives in memory only.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave Inner half-updated in a way that matters
+        // for tests, so a poisoned lock is recovered rather than propagated.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
+        self.lock()
+            .releases
+            .insert((rec.service.clone(), rec.id.clone()), rec.clone());
+        Ok(())
+    }
+
+    fn release(
+        &self,
+        service: &ServiceName,
+        id: &ReleaseId,
+    ) -> Result<Option<ReleaseRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .releases
+            .get(&(service.to_string(), id.to_string()))
+            .cloned())
+    }
+
+    fn releases(&self, service: Option<&ServiceName>) -> Result<Vec<ReleaseRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .releases
+            .values()
+            .filter(|r| service.is_none_or(|s| r.service == s.as_str()))
+            .cloned()
+            .collect())
+    }
+
+    fn save_rollout(
+        &self,
+        rollout_id: &str,
+        header: &[u8],
+        hosts: &[(HostId, Vec<u8>)],
+        events: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let r = inner
+            .rollouts
+            .entry(rollout_id.to_string())
+            .or_insert_with(|| {
+                inner.order.push(rollout_id.to_string());
+                StoredRollout::default()
+            });
+        r.header = header.to_vec();
+        for (host, blob) in hosts {
+            match r.hosts.binary_search_by(|(h, _)| h.cmp(host)) {
+                Ok(i) => r.hosts[i].1 = blob.clone(),
+                Err(i) => r.hosts.insert(i, (host.clone(), blob.clone())),
+            }
+        }
+        r.events.extend(events.iter().cloned());
+        Ok(())
+    }
+
+    fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
+        Ok(self.lock().rollouts.get(rollout_id).cloned())
+    }
+
+    fn rollout_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock().order.clone())
+    }
+
+    fn next_seq(
+        &self,
+        host: &HostId,
+        service: &ServiceName,
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .seqs
+            .entry((host.clone(), service.clone()))
+            .or_insert(0);
+        let next = (*slot).max(at_least).checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!("order sequence for {host}/{service} is exhausted"))
+        })?;
+        *slot = next;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    #[test]
+    fn conforms() {
+        conformance::check_all(&MemoryStore::new());
+    }
+}
