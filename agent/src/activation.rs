@@ -1,0 +1,978 @@
+//! The activation state machine: swap a release in, restart the service, watch it through the
+//! dead-man switch, and roll back locally when it fails.
+//!
+//! The machine is pure: [`Activation::step`] takes an [`Input`] (with the wall-clock time passed
+//! in where it matters) and returns the [`Command`]s the driver must execute, in order. It does
+//! no I/O and never reads the clock. The whole [`Activation`] is the journal persisted in
+//! `state.json` before each step, so an agent restarted in any phase can finish the job: deadlines
+//! are absolute Unix milliseconds and hold across restarts.
+//!
+//! ```text
+//! Journaled --Swapped--> Swapped --Started--> Armed --(healthy for min_healthy, confirmed)--> done
+//!                           |                   |
+//!                      StartFailed      unhealthy / no confirm / died
+//!                           v                   v
+//!                      RollingBack --Swapped--> RollbackSwapped --Started/StartFailed--> done
+//! ```
+
+use serde::{Deserialize, Serialize};
+use serin_proto::wire::{OrderPhase, ResultCode};
+
+/// The order an activation answers to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRef {
+    /// The order's id.
+    pub order_id: String,
+    /// The rollout it belongs to.
+    pub rollout_id: String,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+/// Timing of an activation, from the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadlines {
+    /// The new release must be healthy for `min_healthy_ms` within this time after its start.
+    pub healthy_deadline_ms: u64,
+    /// How long the release must stay healthy before it is reported healthy.
+    pub min_healthy_ms: u64,
+    /// A confirm must arrive within this time after the start; `None`: confirmed once healthy.
+    pub confirm_deadline_ms: Option<u64>,
+}
+
+/// Why the dead-man switch restored the previous release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RollbackCause {
+    /// The new release did not start or did not stay up.
+    FailedToStart,
+    /// The new release failed its health checks, or was not healthy in time.
+    Unhealthy,
+    /// No confirm arrived before the confirm deadline.
+    ConfirmTimeout,
+}
+
+impl RollbackCause {
+    /// The result code reported for this cause.
+    pub fn code(self) -> ResultCode {
+        match self {
+            RollbackCause::FailedToStart => ResultCode::ServiceFailedToStart,
+            RollbackCause::Unhealthy => ResultCode::Unhealthy,
+            RollbackCause::ConfirmTimeout => ResultCode::ConfirmTimeout,
+        }
+    }
+}
+
+/// Where an activation is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// The intent "activate `to` instead of `from`" is journaled; `current` may still point at
+    /// `from` (or already at `to`, if the agent died right after the swap).
+    Journaled,
+    /// `current` points at `to`; the service still runs (or is being restarted into) the old code.
+    Swapped,
+    /// The new release was started; the dead-man switch is armed with absolute deadlines.
+    Armed {
+        /// When the service was started with the new release.
+        started_unix_ms: u64,
+        /// The release must have been healthy for `min_healthy` by then.
+        healthy_by_unix_ms: u64,
+        /// A confirm must arrive by then; `None`: no confirm needed.
+        confirm_by_unix_ms: Option<u64>,
+        /// Since when the checks have been passing without interruption; `None`: not passing.
+        healthy_since_unix_ms: Option<u64>,
+        /// HEALTHY was reported; only the confirm is awaited now.
+        reported_healthy: bool,
+    },
+    /// The new release failed; `current` is being pointed back at `from`.
+    RollingBack {
+        /// Why.
+        cause: RollbackCause,
+        /// Human explanation, reported with ROLLED_BACK.
+        message: String,
+    },
+    /// `current` points at `from` again; the service is being restarted with it.
+    RollbackSwapped {
+        /// Why.
+        cause: RollbackCause,
+        /// Human explanation, reported with ROLLED_BACK.
+        message: String,
+    },
+}
+
+/// One activation in flight: the journal entry of `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    /// The order being carried out.
+    pub order: OrderRef,
+    /// The release `current` pointed at before; `None`: none.
+    pub from: Option<String>,
+    /// The release being activated.
+    pub to: String,
+    /// Timing from the order.
+    pub deadlines: Deadlines,
+    /// Where the activation is.
+    pub phase: Phase,
+}
+
+/// What health monitoring concluded at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not enough probes yet to say.
+    Unknown,
+    /// Every check passes.
+    Passing,
+    /// At least one check fails.
+    Failing,
+}
+
+/// A health observation of the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// The checks' verdict.
+    pub verdict: Verdict,
+    /// Whether the service's process (or unit) is up.
+    pub running: bool,
+    /// Restarts since the release was started.
+    pub restarts: u32,
+    /// What failed, for messages.
+    pub detail: String,
+}
+
+/// An input to the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The driver pointed `current` where the last [`Command::Swap`] said.
+    Swapped,
+    /// The service was (re)started successfully at `now_ms`.
+    Started {
+        /// Wall-clock time, Unix ms.
+        now_ms: u64,
+    },
+    /// Starting the service failed.
+    StartFailed {
+        /// Why.
+        message: String,
+    },
+    /// A health observation at `now_ms`.
+    Health {
+        /// Wall-clock time, Unix ms.
+        now_ms: u64,
+        /// What was observed.
+        observation: Observation,
+    },
+    /// Time passed.
+    Tick {
+        /// Wall-clock time, Unix ms.
+        now_ms: u64,
+    },
+    /// A confirm order for the activated release arrived.
+    Confirm {
+        /// The confirm order (the CONFIRMED result answers it).
+        order: OrderRef,
+    },
+}
+
+/// Something the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Write the activation (the journal) durably before anything else.
+    Persist,
+    /// Point `current` at this release atomically.
+    Swap(String),
+    /// Restart the service, then feed back [`Input::Started`] or [`Input::StartFailed`].
+    Restart,
+    /// Send an order result.
+    Report {
+        /// The order it answers.
+        order: OrderRef,
+        /// The release activated.
+        release: String,
+        /// Its phase.
+        phase: OrderPhase,
+        /// Its code.
+        code: ResultCode,
+        /// Human explanation.
+        message: String,
+        /// What `current` points at now.
+        current: Option<String>,
+    },
+    /// The activation is over; clear the journal.
+    Finish {
+        /// How it ended.
+        outcome: Outcome,
+        /// The release current pointed at before.
+        from: Option<String>,
+        /// The release that was activated.
+        to: String,
+    },
+}
+
+/// How an activation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new release stays (confirmed, or healthy without a confirm needed).
+    Kept,
+    /// The previous release was restored.
+    RolledBack,
+    /// The new release failed and there was nothing to restore; it stays in place.
+    FailedInPlace,
+}
+
+/// A transition's result: the next state (`None`: finished) and the commands to execute.
+pub type Step = (Option<Activation>, Vec<Command>);
+
+impl Activation {
+    /// Starts an activation: the journal must be persisted, then `current` swapped to `to`.
+    pub fn begin(order: OrderRef, from: Option<String>, to: String, deadlines: Deadlines) -> Step {
+        let a = Activation {
+            order,
+            from,
+            to: to.clone(),
+            deadlines,
+            phase: Phase::Journaled,
+        };
+        (Some(a), vec![Command::Persist, Command::Swap(to)])
+    }
+
+    /// What the driver must do after an agent restart found this activation in the journal.
+    /// `target_intact`: the release being activated is still complete and verified on disk.
+    pub fn resume(self, target_intact: bool) -> Step {
+        match &self.phase {
+            Phase::Journaled | Phase::Swapped if !target_intact => {
+                let message = format!(
+                    "release {} is no longer intact on disk after an agent restart",
+                    self.to
+                );
+                self.roll_back(RollbackCause::FailedToStart, message)
+            }
+            Phase::Journaled => {
+                let to = self.to.clone();
+                (Some(self), vec![Command::Swap(to)])
+            }
+            Phase::Swapped => (Some(self), vec![Command::Restart]),
+            // The deadlines are absolute and still hold; the health history starts over.
+            Phase::Armed { .. } => {
+                let mut a = self;
+                if let Phase::Armed {
+                    healthy_since_unix_ms,
+                    ..
+                } = &mut a.phase
+                {
+                    *healthy_since_unix_ms = None;
+                }
+                (Some(a), vec![Command::Persist])
+            }
+            Phase::RollingBack { .. } => {
+                let from = self.from.clone();
+                match from {
+                    Some(f) => (Some(self), vec![Command::Swap(f)]),
+                    None => (Some(self), vec![]),
+                }
+            }
+            Phase::RollbackSwapped { .. } => (Some(self), vec![Command::Restart]),
+        }
+    }
+
+    /// Whether the dead-man switch is armed (the activation awaits health and/or confirm).
+    pub fn is_armed(&self) -> bool {
+        matches!(self.phase, Phase::Armed { .. })
+    }
+
+    /// The next wall-clock time at which a [`Input::Tick`] could change something.
+    pub fn next_deadline(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Armed {
+                healthy_by_unix_ms,
+                confirm_by_unix_ms,
+                healthy_since_unix_ms,
+                reported_healthy,
+                ..
+            } => {
+                let mut next = confirm_by_unix_ms.unwrap_or(u64::MAX);
+                if !reported_healthy {
+                    next = next.min(*healthy_by_unix_ms);
+                    if let Some(since) = healthy_since_unix_ms {
+                        next = next.min(since.saturating_add(self.deadlines.min_healthy_ms));
+                    }
+                }
+                (next != u64::MAX).then_some(next)
+            }
+            _ => None,
+        }
+    }
+
+    /// Applies one input.
+    pub fn step(self, input: Input) -> Step {
+        match (&self.phase, input) {
+            (Phase::Journaled, Input::Swapped) => {
+                let mut a = self;
+                a.phase = Phase::Swapped;
+                (Some(a), vec![Command::Persist, Command::Restart])
+            }
+            (Phase::Swapped, Input::Started { now_ms }) => {
+                let d = self.deadlines;
+                let mut a = self;
+                a.phase = Phase::Armed {
+                    started_unix_ms: now_ms,
+                    healthy_by_unix_ms: now_ms.saturating_add(d.healthy_deadline_ms),
+                    confirm_by_unix_ms: d.confirm_deadline_ms.map(|c| now_ms.saturating_add(c)),
+                    healthy_since_unix_ms: None,
+                    reported_healthy: false,
+                };
+                let report = Command::Report {
+                    order: a.order.clone(),
+                    release: a.to.clone(),
+                    phase: OrderPhase::Activated,
+                    code: ResultCode::Ok,
+                    message: format!("release {} is current and was started", a.to),
+                    current: Some(a.to.clone()),
+                };
+                (Some(a), vec![Command::Persist, report])
+            }
+            (Phase::Swapped, Input::StartFailed { message }) => {
+                let message = format!("release {} failed to start: {message}", self.to);
+                self.roll_back(RollbackCause::FailedToStart, message)
+            }
+            (
+                Phase::Armed { .. },
+                Input::Health {
+                    now_ms,
+                    observation,
+                },
+            ) => self.observe(now_ms, observation),
+            (Phase::Armed { .. }, Input::Tick { now_ms }) => self.tick(now_ms),
+            (Phase::Armed { .. }, Input::Confirm { order }) => {
+                let report = Command::Report {
+                    order,
+                    release: self.to.clone(),
+                    phase: OrderPhase::Confirmed,
+                    code: ResultCode::Ok,
+                    message: format!("release {} confirmed", self.to),
+                    current: Some(self.to.clone()),
+                };
+                (None, vec![report, self.finish(Outcome::Kept)])
+            }
+            (Phase::RollingBack { cause, message }, Input::Swapped) => {
+                let (cause, message) = (*cause, message.clone());
+                let mut a = self;
+                a.phase = Phase::RollbackSwapped { cause, message };
+                (Some(a), vec![Command::Persist, Command::Restart])
+            }
+            (Phase::RollbackSwapped { cause, message }, Input::Started { .. }) => {
+                let report = Command::Report {
+                    order: self.order.clone(),
+                    release: self.to.clone(),
+                    phase: OrderPhase::RolledBack,
+                    code: cause.code(),
+                    message: message.clone(),
+                    current: self.from.clone(),
+                };
+                (None, vec![report, self.finish(Outcome::RolledBack)])
+            }
+            (Phase::RollbackSwapped { cause, message }, Input::StartFailed { message: why }) => {
+                let from = self.from.clone().unwrap_or_default();
+                let report = Command::Report {
+                    order: self.order.clone(),
+                    release: self.to.clone(),
+                    phase: OrderPhase::RolledBack,
+                    code: cause.code(),
+                    message: format!(
+                        "{message}; restored release {from} but it failed to start too: {why}"
+                    ),
+                    current: self.from.clone(),
+                };
+                (None, vec![report, self.finish(Outcome::RolledBack)])
+            }
+            // Anything else is not meaningful in this phase and changes nothing.
+            (_, _) => (Some(self), vec![]),
+        }
+    }
+
+    fn observe(self, now_ms: u64, o: Observation) -> Step {
+        let Phase::Armed {
+            healthy_since_unix_ms,
+            reported_healthy,
+            ..
+        } = self.phase
+        else {
+            return (Some(self), vec![]);
+        };
+        let never_healthy = healthy_since_unix_ms.is_none() && !reported_healthy;
+        if never_healthy && (!o.running || o.restarts > 0) {
+            let message = format!(
+                "release {} did not stay up after start (running: {}, restarts: {}){}",
+                self.to,
+                o.running,
+                o.restarts,
+                detail_suffix(&o.detail)
+            );
+            return self.roll_back(RollbackCause::FailedToStart, message);
+        }
+        if !o.running {
+            let message = format!(
+                "release {} stopped running before it was confirmed{}",
+                self.to,
+                detail_suffix(&o.detail)
+            );
+            return self.roll_back(RollbackCause::Unhealthy, message);
+        }
+        match o.verdict {
+            Verdict::Failing => {
+                let message = format!(
+                    "release {} failed its health checks before it was confirmed{}",
+                    self.to,
+                    detail_suffix(&o.detail)
+                );
+                self.roll_back(RollbackCause::Unhealthy, message)
+            }
+            Verdict::Passing => {
+                let mut a = self;
+                if let Phase::Armed {
+                    healthy_since_unix_ms: since @ None,
+                    ..
+                } = &mut a.phase
+                {
+                    *since = Some(now_ms);
+                }
+                a.tick(now_ms)
+            }
+            Verdict::Unknown => {
+                let mut a = self;
+                if let Phase::Armed {
+                    healthy_since_unix_ms: since,
+                    ..
+                } = &mut a.phase
+                {
+                    *since = None;
+                }
+                a.tick(now_ms)
+            }
+        }
+    }
+
+    fn tick(self, now_ms: u64) -> Step {
+        let Phase::Armed {
+            started_unix_ms,
+            healthy_by_unix_ms,
+            confirm_by_unix_ms,
+            healthy_since_unix_ms,
+            reported_healthy,
+        } = self.phase
+        else {
+            return (Some(self), vec![]);
+        };
+        let d = self.deadlines;
+        if !reported_healthy {
+            let healthy_long_enough = healthy_since_unix_ms
+                .is_some_and(|since| now_ms.saturating_sub(since) >= d.min_healthy_ms);
+            if healthy_long_enough {
+                let report = Command::Report {
+                    order: self.order.clone(),
+                    release: self.to.clone(),
+                    phase: OrderPhase::Healthy,
+                    code: ResultCode::Ok,
+                    message: format!(
+                        "release {} has been healthy for {} ms",
+                        self.to, d.min_healthy_ms
+                    ),
+                    current: Some(self.to.clone()),
+                };
+                if confirm_by_unix_ms.is_none() {
+                    return (None, vec![report, self.finish(Outcome::Kept)]);
+                }
+                let mut a = self;
+                a.phase = Phase::Armed {
+                    started_unix_ms,
+                    healthy_by_unix_ms,
+                    confirm_by_unix_ms,
+                    healthy_since_unix_ms,
+                    reported_healthy: true,
+                };
+                return a.tick_confirm(now_ms, vec![Command::Persist, report]);
+            }
+            if now_ms >= healthy_by_unix_ms {
+                let message = format!(
+                    "release {} was not healthy for {} ms within the healthy deadline of {} ms",
+                    self.to, d.min_healthy_ms, d.healthy_deadline_ms
+                );
+                return self.roll_back(RollbackCause::Unhealthy, message);
+            }
+        }
+        self.tick_confirm(now_ms, vec![])
+    }
+
+    fn tick_confirm(self, now_ms: u64, mut commands: Vec<Command>) -> Step {
+        if let Phase::Armed {
+            confirm_by_unix_ms: Some(by),
+            ..
+        } = self.phase
+            && now_ms >= by
+        {
+            let message = format!(
+                "no confirm for release {} arrived within {} ms",
+                self.to,
+                self.deadlines.confirm_deadline_ms.unwrap_or_default()
+            );
+            let (next, more) = self.roll_back(RollbackCause::ConfirmTimeout, message);
+            commands.extend(more);
+            return (next, commands);
+        }
+        (Some(self), commands)
+    }
+
+    fn roll_back(self, cause: RollbackCause, message: String) -> Step {
+        match self.from.clone() {
+            Some(from) => {
+                let mut a = self;
+                a.phase = Phase::RollingBack { cause, message };
+                (Some(a), vec![Command::Persist, Command::Swap(from)])
+            }
+            None => {
+                let report = Command::Report {
+                    order: self.order.clone(),
+                    release: self.to.clone(),
+                    phase: OrderPhase::Failed,
+                    code: cause.code(),
+                    message: format!("{message}; no previous release to restore"),
+                    current: Some(self.to.clone()),
+                };
+                (None, vec![report, self.finish(Outcome::FailedInPlace)])
+            }
+        }
+    }
+}
+
+impl Activation {
+    fn finish(&self, outcome: Outcome) -> Command {
+        Command::Finish {
+            outcome,
+            from: self.from.clone(),
+            to: self.to.clone(),
+        }
+    }
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: Deadlines = Deadlines {
+        healthy_deadline_ms: 10_000,
+        min_healthy_ms: 2_000,
+        confirm_deadline_ms: Some(30_000),
+    };
+
+    fn order() -> OrderRef {
+        OrderRef {
+            order_id: "o1".into(),
+            rollout_id: "r1".into(),
+            seq: 7,
+        }
+    }
+
+    fn confirm_order() -> OrderRef {
+        OrderRef {
+            order_id: "o8".into(),
+            rollout_id: "r1".into(),
+            seq: 8,
+        }
+    }
+
+    fn healthy(now_ms: u64) -> Input {
+        Input::Health {
+            now_ms,
+            observation: Observation {
+                verdict: Verdict::Passing,
+                running: true,
+                restarts: 0,
+                detail: String::new(),
+            },
+        }
+    }
+
+    fn obs(now_ms: u64, verdict: Verdict, running: bool, restarts: u32) -> Input {
+        Input::Health {
+            now_ms,
+            observation: Observation {
+                verdict,
+                running,
+                restarts,
+                detail: "http: 500".into(),
+            },
+        }
+    }
+
+    /// Drives an activation to Armed, started at t=1000.
+    fn armed(d: Deadlines) -> Activation {
+        let (a, cmds) = Activation::begin(order(), Some("A".into()), "B".into(), d);
+        assert_eq!(cmds, vec![Command::Persist, Command::Swap("B".into())]);
+        let a = a.unwrap();
+        assert_eq!(a.phase, Phase::Journaled);
+        let (a, cmds) = a.step(Input::Swapped);
+        assert_eq!(cmds, vec![Command::Persist, Command::Restart]);
+        let a = a.unwrap();
+        assert_eq!(a.phase, Phase::Swapped);
+        let (a, cmds) = a.step(Input::Started { now_ms: 1_000 });
+        let a = a.unwrap();
+        assert_eq!(cmds[0], Command::Persist);
+        assert!(
+            matches!(&cmds[1], Command::Report { phase: OrderPhase::Activated, current: Some(c), .. } if c == "B")
+        );
+        assert_eq!(
+            a.phase,
+            Phase::Armed {
+                started_unix_ms: 1_000,
+                healthy_by_unix_ms: 11_000,
+                confirm_by_unix_ms: d.confirm_deadline_ms.map(|c| 1_000 + c),
+                healthy_since_unix_ms: None,
+                reported_healthy: false,
+            }
+        );
+        a
+    }
+
+    fn finished(cmds: &[Command]) -> Option<Outcome> {
+        match cmds.last() {
+            Some(Command::Finish { outcome, .. }) => Some(outcome.clone()),
+            _ => None,
+        }
+    }
+
+    fn reports(cmds: &[Command]) -> Vec<(OrderPhase, ResultCode)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::Report { phase, code, .. } => Some((*phase, *code)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn expect_rollback(step: Step, cause: RollbackCause) -> Activation {
+        let (a, cmds) = step;
+        let a = a.expect("activation should continue with a rollback");
+        assert!(
+            matches!(&a.phase, Phase::RollingBack { cause: c, .. } if *c == cause),
+            "{:?}",
+            a.phase
+        );
+        assert_eq!(cmds, vec![Command::Persist, Command::Swap("A".into())]);
+        a
+    }
+
+    #[test]
+    fn healthy_then_confirmed_keeps_the_release() {
+        let a = armed(D);
+        let (a, cmds) = a.step(healthy(2_000));
+        assert!(cmds.is_empty(), "{cmds:?}");
+        let a = a.unwrap();
+        assert_eq!(a.next_deadline(), Some(4_000));
+        let (a, cmds) = a.step(Input::Tick { now_ms: 3_999 });
+        assert!(cmds.is_empty());
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 4_000 });
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+        assert_eq!(cmds[0], Command::Persist);
+        let a = a.unwrap();
+        assert_eq!(a.next_deadline(), Some(31_000));
+        let (a, cmds) = a.step(Input::Confirm {
+            order: confirm_order(),
+        });
+        assert!(a.is_none());
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::Confirmed, ResultCode::Ok)]
+        );
+        assert!(
+            matches!(&cmds[0], Command::Report { order, .. } if order.seq == 8),
+            "CONFIRMED must answer the confirm order"
+        );
+        assert_eq!(finished(&cmds), Some(Outcome::Kept));
+    }
+
+    #[test]
+    fn without_confirm_deadline_healthy_finishes() {
+        let a = armed(Deadlines {
+            confirm_deadline_ms: None,
+            ..D
+        });
+        assert_eq!(a.next_deadline(), Some(11_000));
+        let (a, _) = a.step(healthy(1_500));
+        let (a, cmds) = a.unwrap().step(healthy(3_500));
+        assert!(a.is_none());
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+        assert_eq!(finished(&cmds), Some(Outcome::Kept));
+    }
+
+    #[test]
+    fn zero_min_healthy_reports_healthy_on_first_pass() {
+        let a = armed(Deadlines {
+            min_healthy_ms: 0,
+            ..D
+        });
+        let (_, cmds) = a.step(healthy(1_001));
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+    }
+
+    #[test]
+    fn failing_checks_roll_back_as_unhealthy() {
+        let a = armed(D);
+        let (a, _) = a.step(healthy(2_000));
+        let a = expect_rollback(
+            a.unwrap().step(obs(2_500, Verdict::Failing, true, 0)),
+            RollbackCause::Unhealthy,
+        );
+        let (a, cmds) = a.step(Input::Swapped);
+        assert_eq!(cmds, vec![Command::Persist, Command::Restart]);
+        let (a, cmds) = a.unwrap().step(Input::Started { now_ms: 3_000 });
+        assert!(a.is_none());
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::RolledBack, ResultCode::Unhealthy)]
+        );
+        match &cmds[0] {
+            Command::Report {
+                message, current, ..
+            } => {
+                assert!(
+                    message.contains("failed its health checks") && message.contains("http: 500"),
+                    "{message}"
+                );
+                assert_eq!(current.as_deref(), Some("A"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(finished(&cmds), Some(Outcome::RolledBack));
+    }
+
+    #[test]
+    fn failing_after_healthy_but_before_confirm_still_rolls_back() {
+        let a = armed(D);
+        let (a, _) = a.step(healthy(1_000));
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 3_000 });
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+        expect_rollback(
+            a.unwrap().step(obs(5_000, Verdict::Failing, true, 0)),
+            RollbackCause::Unhealthy,
+        );
+    }
+
+    #[test]
+    fn not_healthy_by_the_deadline_rolls_back() {
+        let a = armed(D);
+        let (a, _) = a.step(obs(2_000, Verdict::Unknown, true, 0));
+        let a = a.unwrap();
+        assert_eq!(a.next_deadline(), Some(11_000));
+        let (a, cmds) = a.step(Input::Tick { now_ms: 10_999 });
+        assert!(cmds.is_empty());
+        let a = expect_rollback(
+            a.unwrap().step(Input::Tick { now_ms: 11_000 }),
+            RollbackCause::Unhealthy,
+        );
+        match a.phase {
+            Phase::RollingBack { message, .. } => {
+                assert!(message.contains("not healthy for 2000 ms"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn healthy_streak_interrupted_by_unknown_starts_over() {
+        let a = armed(D);
+        let (a, _) = a.step(healthy(2_000));
+        let (a, _) = a.unwrap().step(obs(3_000, Verdict::Unknown, true, 0));
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 4_500 });
+        assert!(cmds.is_empty(), "streak should have restarted: {cmds:?}");
+        let (_, cmds) = a.unwrap().step(healthy(5_000));
+        assert!(cmds.is_empty());
+    }
+
+    #[test]
+    fn confirm_timeout_rolls_back() {
+        let a = armed(D);
+        let (a, _) = a.step(healthy(1_000));
+        let (a, _) = a.unwrap().step(Input::Tick { now_ms: 3_000 });
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 30_999 });
+        assert!(cmds.is_empty());
+        let a = expect_rollback(
+            a.unwrap().step(Input::Tick { now_ms: 31_000 }),
+            RollbackCause::ConfirmTimeout,
+        );
+        let (a, _) = a.step(Input::Swapped);
+        let (_, cmds) = a.unwrap().step(Input::Started { now_ms: 31_100 });
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::RolledBack, ResultCode::ConfirmTimeout)]
+        );
+    }
+
+    #[test]
+    fn confirm_deadline_shorter_than_healthy_time_times_out_while_waiting() {
+        let a = armed(Deadlines {
+            confirm_deadline_ms: Some(1_500),
+            ..D
+        });
+        expect_rollback(
+            a.step(Input::Tick { now_ms: 2_500 }),
+            RollbackCause::ConfirmTimeout,
+        );
+    }
+
+    #[test]
+    fn early_confirm_disarms() {
+        let a = armed(D);
+        let (a, cmds) = a.step(Input::Confirm {
+            order: confirm_order(),
+        });
+        assert!(a.is_none());
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::Confirmed, ResultCode::Ok)]
+        );
+    }
+
+    #[test]
+    fn dying_before_healthy_is_a_failed_start() {
+        let a = armed(D);
+        expect_rollback(
+            a.clone().step(obs(1_200, Verdict::Unknown, false, 0)),
+            RollbackCause::FailedToStart,
+        );
+        expect_rollback(
+            a.step(obs(1_200, Verdict::Unknown, true, 1)),
+            RollbackCause::FailedToStart,
+        );
+    }
+
+    #[test]
+    fn dying_after_healthy_is_unhealthy() {
+        let a = armed(D);
+        let (a, _) = a.step(healthy(1_100));
+        expect_rollback(
+            a.unwrap().step(obs(1_500, Verdict::Passing, false, 0)),
+            RollbackCause::Unhealthy,
+        );
+    }
+
+    #[test]
+    fn start_failure_rolls_back_as_failed_to_start() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let a = expect_rollback(
+            a.unwrap().step(Input::StartFailed {
+                message: "exec format error".into(),
+            }),
+            RollbackCause::FailedToStart,
+        );
+        let (a, _) = a.step(Input::Swapped);
+        let (_, cmds) = a.unwrap().step(Input::StartFailed {
+            message: "also broken".into(),
+        });
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::RolledBack, ResultCode::ServiceFailedToStart)]
+        );
+        match &cmds[0] {
+            Command::Report { message, .. } => {
+                assert!(message.contains("also broken"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn failure_without_previous_release_fails_in_place() {
+        let (a, _) = Activation::begin(order(), None, "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let (a, cmds) = a.unwrap().step(Input::StartFailed {
+            message: "boom".into(),
+        });
+        assert!(a.is_none());
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::Failed, ResultCode::ServiceFailedToStart)]
+        );
+        assert_eq!(finished(&cmds), Some(Outcome::FailedInPlace));
+    }
+
+    #[test]
+    fn irrelevant_inputs_change_nothing() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let a = a.unwrap();
+        for input in [
+            Input::Confirm {
+                order: confirm_order(),
+            },
+            Input::Tick { now_ms: 99_999 },
+            healthy(5),
+            Input::Started { now_ms: 1 },
+        ] {
+            let (next, cmds) = a.clone().step(input);
+            assert_eq!(next.as_ref(), Some(&a));
+            assert!(cmds.is_empty());
+        }
+    }
+
+    #[test]
+    fn resume_completes_or_restores_each_phase() {
+        let (j, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let j = j.unwrap();
+        assert_eq!(j.clone().resume(true).1, vec![Command::Swap("B".into())]);
+        let (r, cmds) = j.clone().resume(false);
+        assert!(matches!(
+            r.unwrap().phase,
+            Phase::RollingBack {
+                cause: RollbackCause::FailedToStart,
+                ..
+            }
+        ));
+        assert_eq!(cmds, vec![Command::Persist, Command::Swap("A".into())]);
+
+        let (s, _) = j.step(Input::Swapped);
+        let s = s.unwrap();
+        assert_eq!(s.clone().resume(true).1, vec![Command::Restart]);
+
+        let a = armed(D);
+        let (a, _) = a.step(healthy(2_000));
+        let (a, cmds) = a.unwrap().resume(true);
+        let a = a.unwrap();
+        assert_eq!(cmds, vec![Command::Persist]);
+        assert!(matches!(
+            a.phase,
+            Phase::Armed {
+                healthy_since_unix_ms: None,
+                healthy_by_unix_ms: 11_000,
+                ..
+            }
+        ));
+        // Deadlines persisted before the restart still fire after it.
+        expect_rollback(
+            a.step(Input::Tick { now_ms: 11_000 }),
+            RollbackCause::Unhealthy,
+        );
+
+        let rb = expect_rollback(
+            armed(D).step(obs(2_000, Verdict::Failing, true, 0)),
+            RollbackCause::Unhealthy,
+        );
+        assert_eq!(rb.clone().resume(true).1, vec![Command::Swap("A".into())]);
+        let (rs, _) = rb.step(Input::Swapped);
+        assert_eq!(rs.unwrap().resume(true).1, vec![Command::Restart]);
+    }
+
+    #[test]
+    fn journal_round_trips_through_json() {
+        let a = armed(D);
+        let json = serde_json::to_string(&a).unwrap();
+        let back: Activation = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, a);
+    }
+}

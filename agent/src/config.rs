@@ -1,0 +1,854 @@
+//! The agent's configuration: TOML parsed into raw serde structs with defaults, then validated
+//! into typed values.
+//!
+//! [`Config::parse`] collects every problem it finds, each naming its key (e.g.
+//! `service[0].check[1].interval: "abc" is not a duration (e.g. "5s")`), and warns about unknown
+//! keys instead of failing, so a rolled-back agent still starts with a newer config.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serin_proto::{HostId, ServiceName};
+
+/// Where the agent looks for its config file by default.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/serin/agent.toml";
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The coordinator's gRPC endpoint (`http://host:port`).
+    pub coordinator: String,
+    /// Root of the agent's durable state.
+    pub state_dir: PathBuf,
+    /// Explicit host id; `None`: machine-id or a generated one.
+    pub host_id: Option<HostId>,
+    /// Explicit hostname; `None`: the system hostname.
+    pub hostname: Option<String>,
+    /// How often a heartbeat goes up (the coordinator's Welcome may override it).
+    pub heartbeat_interval: Duration,
+    /// A full health report goes up at least this often.
+    pub report_interval: Duration,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Labels the host announces.
+    pub labels: BTreeMap<String, String>,
+    /// The managed services.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One managed service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The service's name.
+    pub name: ServiceName,
+    /// File name of the artifact inside `releases/<id>/`.
+    pub binary: String,
+    /// Releases kept on disk, current and previous included (at least 2).
+    pub keep_releases: usize,
+    /// Time between SIGTERM and SIGKILL when the supervisor stops the process.
+    pub stop_timeout: Duration,
+    /// How the service is run.
+    pub run: RunConfig,
+    /// Health checks.
+    pub checks: Vec<CheckConfig>,
+}
+
+/// How a service is run.
+#[derive(Debug, Clone)]
+pub enum RunConfig {
+    /// The agent supervises the process itself.
+    Process {
+        /// Arguments after the binary.
+        args: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+    },
+    /// A systemd unit runs it.
+    Systemd {
+        /// Unit name, e.g. `web.service`.
+        unit: String,
+    },
+}
+
+/// One health check.
+#[derive(Debug, Clone)]
+pub struct CheckConfig {
+    /// Name used in reports.
+    pub name: String,
+    /// What it probes.
+    pub kind: CheckKind,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time a probe may take.
+    pub timeout: Duration,
+    /// Consecutive failures that turn the check failing.
+    pub failure_threshold: NonZeroU32,
+    /// Consecutive successes that turn the check passing.
+    pub success_threshold: NonZeroU32,
+}
+
+/// What a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// HTTP GET; 2xx is ok.
+    Http {
+        /// The full URL.
+        url: String,
+        /// `host:port` to connect to.
+        authority: String,
+        /// Path and query.
+        path: String,
+    },
+    /// TCP connect.
+    Tcp {
+        /// Address to connect to.
+        address: SocketAddr,
+    },
+    /// Command exit status; 0 is ok.
+    Command {
+        /// argv, program first.
+        argv: Vec<String>,
+    },
+    /// Failing when the service restarted more than `max` times since activation.
+    Restarts {
+        /// Allowed restarts.
+        max: u32,
+    },
+}
+
+impl CheckKind {
+    /// Short name of the kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Http { .. } => "http",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Command { .. } => "command",
+            CheckKind::Restarts { .. } => "restarts",
+        }
+    }
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a value of the wrong type.
+    #[error("config is not valid: {0}")]
+    Syntax(String),
+    /// One or more values are invalid; one line per problem, each naming its key.
+    #[error("config has {} problem(s):\n{}", .0.len(), .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Every problem, one per entry.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// A validated config plus the warnings found on the way (unknown keys).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The config.
+    pub config: Config,
+    /// Warnings, e.g. `unknown key service[0].foo`.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    coordinator: Option<String>,
+    #[serde(default = "default_state_dir")]
+    state_dir: String,
+    host_id: Option<String>,
+    hostname: Option<String>,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_interval: String,
+    #[serde(default = "default_report")]
+    report_interval: String,
+    #[serde(default = "default_reconnect_initial")]
+    reconnect_initial: String,
+    #[serde(default = "default_reconnect_max")]
+    reconnect_max: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawService {
+    name: Option<String>,
+    binary: Option<String>,
+    #[serde(default = "default_keep")]
+    keep_releases: i64,
+    #[serde(default = "default_stop_timeout")]
+    stop_timeout: String,
+    run: Option<RawRun>,
+    #[serde(default)]
+    check: Vec<RawCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRun {
+    kind: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    unit: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCheck {
+    name: Option<String>,
+    kind: Option<String>,
+    url: Option<String>,
+    address: Option<String>,
+    command: Option<Vec<String>>,
+    max: Option<i64>,
+    #[serde(default = "default_check_interval")]
+    interval: String,
+    #[serde(default = "default_check_timeout")]
+    timeout: String,
+    #[serde(default = "default_failure_threshold")]
+    failure_threshold: i64,
+    #[serde(default = "default_success_threshold")]
+    success_threshold: i64,
+}
+
+fn default_state_dir() -> String {
+    "/var/lib/serin-agent".into()
+}
+fn default_heartbeat() -> String {
+    "5s".into()
+}
+fn default_report() -> String {
+    "30s".into()
+}
+fn default_reconnect_initial() -> String {
+    "200ms".into()
+}
+fn default_reconnect_max() -> String {
+    "30s".into()
+}
+fn default_keep() -> i64 {
+    3
+}
+fn default_stop_timeout() -> String {
+    "5s".into()
+}
+fn default_check_interval() -> String {
+    "5s".into()
+}
+fn default_check_timeout() -> String {
+    "1s".into()
+}
+fn default_failure_threshold() -> i64 {
+    3
+}
+fn default_success_threshold() -> i64 {
+    1
+}
+
+/// Formats a serde_ignored path the way problems name keys: `service[0].check[1].foo`.
+fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        P::Map { parent, key } => {
+            let p = key_path(parent);
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            key_path(parent)
+        }
+    }
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, key: impl AsRef<str>, problem: impl AsRef<str>) {
+        self.0
+            .push(format!("{}: {}", key.as_ref(), problem.as_ref()));
+    }
+
+    fn duration(&mut self, key: &str, value: &str) -> Duration {
+        match humantime::parse_duration(value.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(key, format!("{value:?} must be greater than zero"));
+                Duration::from_secs(1)
+            }
+            Err(_) => {
+                self.push(key, format!("{value:?} is not a duration (e.g. \"5s\")"));
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: i64) -> NonZeroU32 {
+        match u32::try_from(value).ok().and_then(NonZeroU32::new) {
+            Some(v) => v,
+            None => {
+                self.push(
+                    key,
+                    format!("{value} must be a whole number from 1 to {}", u32::MAX),
+                );
+                NonZeroU32::MIN
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
+        let mut warnings = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            warnings.push(format!("unknown key {}", key_path(&path)));
+        })
+        .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let config = raw.validate()?;
+        Ok(Loaded { config, warnings })
+    }
+}
+
+/// Warnings about unknown keys in config text (empty when the text does not parse).
+pub fn unknown_keys(text: &str) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Ok(de) = toml::Deserializer::parse(text) {
+        let _: Result<RawConfig, _> = serde_ignored::deserialize(de, |path| {
+            warnings.push(format!("unknown key {}", key_path(&path)));
+        });
+    }
+    warnings
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut p = Problems(Vec::new());
+        let coordinator = match self.coordinator {
+            None => {
+                p.push("coordinator", "required (e.g. \"http://127.0.0.1:7700\")");
+                String::new()
+            }
+            Some(c) => {
+                let rest = c
+                    .strip_prefix("http://")
+                    .or_else(|| c.strip_prefix("https://"));
+                match rest {
+                    Some(r) if !r.is_empty() && !r.contains(char::is_whitespace) => {
+                        if tonic::transport::Endpoint::from_shared(c.clone()).is_err() {
+                            p.push("coordinator", format!("{c:?} is not a valid URL"));
+                        }
+                    }
+                    _ => p.push(
+                        "coordinator",
+                        format!("{c:?} must be an http:// or https:// URL"),
+                    ),
+                }
+                c
+            }
+        };
+        if self.state_dir.is_empty() || !Path::new(&self.state_dir).is_absolute() {
+            p.push(
+                "state_dir",
+                format!("{:?} must be an absolute path", self.state_dir),
+            );
+        }
+        let host_id = self.host_id.and_then(|h| match HostId::new(h) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                p.push("host_id", e.problem);
+                None
+            }
+        });
+        if let Some(h) = &self.hostname
+            && (h.is_empty()
+                || h.len() > 253
+                || h.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            p.push("hostname", format!("{h:?} is not a valid host name"));
+        }
+        let heartbeat_interval = p.duration("heartbeat_interval", &self.heartbeat_interval);
+        let report_interval = p.duration("report_interval", &self.report_interval);
+        let reconnect_initial = p.duration("reconnect_initial", &self.reconnect_initial);
+        let reconnect_max = p.duration("reconnect_max", &self.reconnect_max);
+        if reconnect_max < reconnect_initial {
+            p.push(
+                "reconnect_max",
+                format!(
+                    "{:?} must not be less than reconnect_initial ({:?})",
+                    self.reconnect_max, self.reconnect_initial
+                ),
+            );
+        }
+        for (k, v) in &self.labels {
+            if let Err(e) = serin_proto::validate_label(&format!("labels.{k}"), k, v) {
+                p.push(e.field, e.problem);
+            }
+        }
+        let mut services = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.service.into_iter().enumerate() {
+            if let Some(svc) = s.validate(&format!("service[{i}]"), &mut p) {
+                if !seen.insert(svc.name.clone()) {
+                    p.push(
+                        format!("service[{i}].name"),
+                        format!("{:?} is used by an earlier service", svc.name.as_str()),
+                    );
+                }
+                services.push(svc);
+            }
+        }
+        if !p.0.is_empty() {
+            return Err(ConfigError::Invalid(p.0));
+        }
+        Ok(Config {
+            coordinator,
+            state_dir: PathBuf::from(self.state_dir),
+            host_id,
+            hostname: self.hostname,
+            heartbeat_interval,
+            report_interval,
+            reconnect_initial,
+            reconnect_max,
+            labels: self.labels,
+            services,
+        })
+    }
+}
+
+impl RawService {
+    fn validate(self, at: &str, p: &mut Problems) -> Option<ServiceConfig> {
+        let name = match self.name {
+            None => {
+                p.push(format!("{at}.name"), "required");
+                None
+            }
+            Some(n) => match ServiceName::new(n) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    p.push(format!("{at}.name"), e.problem);
+                    None
+                }
+            },
+        };
+        let binary = match self.binary {
+            None => {
+                p.push(format!("{at}.binary"), "required");
+                String::new()
+            }
+            Some(b) => {
+                if b.is_empty()
+                    || b == "."
+                    || b == ".."
+                    || b == "release.json"
+                    || b.contains('/')
+                    || b.contains('\0')
+                {
+                    p.push(
+                        format!("{at}.binary"),
+                        format!("{b:?} must be a plain file name (no '/', not release.json)"),
+                    );
+                }
+                b
+            }
+        };
+        let keep_releases = if self.keep_releases < 2 || self.keep_releases > 1000 {
+            p.push(
+                format!("{at}.keep_releases"),
+                format!("{} must be between 2 and 1000", self.keep_releases),
+            );
+            2
+        } else {
+            self.keep_releases as usize
+        };
+        let stop_timeout = p.duration(&format!("{at}.stop_timeout"), &self.stop_timeout);
+        let run = match self.run {
+            None => {
+                p.push(
+                    format!("{at}.run"),
+                    "required ([service.run] with kind = \"process\" or \"systemd\")",
+                );
+                None
+            }
+            Some(r) => match r.kind.as_deref() {
+                Some("process") => Some(RunConfig::Process {
+                    args: r.args,
+                    env: r.env,
+                }),
+                Some("systemd") => match r.unit {
+                    Some(u)
+                        if !u.is_empty()
+                            && !u.contains('/')
+                            && !u.contains(char::is_whitespace) =>
+                    {
+                        Some(RunConfig::Systemd { unit: u })
+                    }
+                    Some(u) => {
+                        p.push(
+                            format!("{at}.run.unit"),
+                            format!("{u:?} is not a unit name"),
+                        );
+                        None
+                    }
+                    None => {
+                        p.push(format!("{at}.run.unit"), "required when kind = \"systemd\"");
+                        None
+                    }
+                },
+                Some(other) => {
+                    p.push(
+                        format!("{at}.run.kind"),
+                        format!("{other:?} is not one of \"process\", \"systemd\""),
+                    );
+                    None
+                }
+                None => {
+                    p.push(
+                        format!("{at}.run.kind"),
+                        "required (\"process\" or \"systemd\")",
+                    );
+                    None
+                }
+            },
+        };
+        let mut checks = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        for (j, c) in self.check.into_iter().enumerate() {
+            let cat = format!("{at}.check[{j}]");
+            if let Some(c) = c.validate(&cat, p) {
+                if !names.insert(c.name.clone()) {
+                    p.push(
+                        format!("{cat}.name"),
+                        format!("{:?} is used by an earlier check", c.name),
+                    );
+                }
+                checks.push(c);
+            }
+        }
+        Some(ServiceConfig {
+            name: name?,
+            binary,
+            keep_releases,
+            stop_timeout,
+            run: run?,
+            checks,
+        })
+    }
+}
+
+/// Splits an `http://host:port/path` URL into authority and path.
+fn split_http_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty()
+        || authority.contains(char::is_whitespace)
+        || path.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    let authority = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Some((authority, path.to_string()))
+}
+
+impl RawCheck {
+    fn validate(self, at: &str, p: &mut Problems) -> Option<CheckConfig> {
+        let interval = p.duration(&format!("{at}.interval"), &self.interval);
+        let timeout = p.duration(&format!("{at}.timeout"), &self.timeout);
+        let failure_threshold =
+            p.positive(&format!("{at}.failure_threshold"), self.failure_threshold);
+        let success_threshold =
+            p.positive(&format!("{at}.success_threshold"), self.success_threshold);
+        let kind = match self.kind.as_deref() {
+            Some("http") => match self.url {
+                None => {
+                    p.push(format!("{at}.url"), "required when kind = \"http\"");
+                    None
+                }
+                Some(url) => match split_http_url(&url) {
+                    Some((authority, path)) => Some(CheckKind::Http {
+                        url,
+                        authority,
+                        path,
+                    }),
+                    None => {
+                        p.push(
+                            format!("{at}.url"),
+                            format!("{url:?} is not an http:// URL (e.g. \"http://127.0.0.1:8080/healthz\")"),
+                        );
+                        None
+                    }
+                },
+            },
+            Some("tcp") => match self.address {
+                None => {
+                    p.push(format!("{at}.address"), "required when kind = \"tcp\"");
+                    None
+                }
+                Some(a) => match a.parse::<SocketAddr>() {
+                    Ok(address) => Some(CheckKind::Tcp { address }),
+                    Err(_) => {
+                        p.push(
+                            format!("{at}.address"),
+                            format!("{a:?} is not an address (e.g. \"127.0.0.1:8080\")"),
+                        );
+                        None
+                    }
+                },
+            },
+            Some("command") => match self.command {
+                Some(argv) if !argv.is_empty() && !argv[0].is_empty() => {
+                    Some(CheckKind::Command { argv })
+                }
+                Some(_) => {
+                    p.push(format!("{at}.command"), "must name a program");
+                    None
+                }
+                None => {
+                    p.push(format!("{at}.command"), "required when kind = \"command\"");
+                    None
+                }
+            },
+            Some("restarts") => match self.max {
+                Some(m) if (0..=i64::from(u32::MAX)).contains(&m) => {
+                    Some(CheckKind::Restarts { max: m as u32 })
+                }
+                Some(m) => {
+                    p.push(format!("{at}.max"), format!("{m} must be 0 or more"));
+                    None
+                }
+                None => {
+                    p.push(format!("{at}.max"), "required when kind = \"restarts\"");
+                    None
+                }
+            },
+            Some(other) => {
+                p.push(
+                    format!("{at}.kind"),
+                    format!("{other:?} is not one of \"http\", \"tcp\", \"command\", \"restarts\""),
+                );
+                None
+            }
+            None => {
+                p.push(format!("{at}.kind"), "required");
+                None
+            }
+        }?;
+        Some(CheckConfig {
+            name: self.name.unwrap_or_else(|| kind.name().to_string()),
+            kind,
+            interval,
+            timeout,
+            failure_threshold,
+            success_threshold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+coordinator = "http://127.0.0.1:7700"
+state_dir = "/tmp/serin"
+heartbeat_interval = "2s"
+
+[labels]
+zone = "eu-1"
+
+[[service]]
+name = "web"
+binary = "web"
+keep_releases = 3
+
+[service.run]
+kind = "process"
+args = ["--port", "18080"]
+env = { FOO = "bar" }
+
+[[service.check]]
+kind = "http"
+url = "http://127.0.0.1:18080/healthz"
+interval = "1s"
+timeout = "500ms"
+
+[[service.check]]
+name = "port"
+kind = "tcp"
+address = "127.0.0.1:18080"
+"#;
+
+    #[test]
+    fn good_config_validates_into_typed_values() {
+        let loaded = Config::parse(GOOD).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let c = loaded.config;
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.report_interval, Duration::from_secs(30));
+        assert_eq!(c.reconnect_initial, Duration::from_millis(200));
+        assert_eq!(c.services.len(), 1);
+        let s = &c.services[0];
+        assert_eq!(s.name.as_str(), "web");
+        assert_eq!(s.checks[0].name, "http");
+        assert_eq!(
+            s.checks[0].kind,
+            CheckKind::Http {
+                url: "http://127.0.0.1:18080/healthz".into(),
+                authority: "127.0.0.1:18080".into(),
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(s.checks[0].failure_threshold.get(), 3);
+        assert_eq!(s.checks[1].name, "port");
+        assert!(
+            matches!(&s.run, RunConfig::Process { args, env } if args.len() == 2 && env["FOO"] == "bar")
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+state_dir = "relative"
+heartbeat_interval = "abc"
+
+[[service]]
+name = "Web"
+binary = "a/b"
+keep_releases = 1
+
+[service.run]
+kind = "docker"
+
+[[service.check]]
+kind = "http"
+url = "http://127.0.0.1:1/"
+interval = "soon"
+
+[[service.check]]
+kind = "tcp"
+address = "nowhere"
+failure_threshold = 0
+"#;
+        let err = Config::parse(text).unwrap_err();
+        let problems = err.problems();
+        let expect = [
+            "coordinator: required",
+            "state_dir: \"relative\" must be an absolute path",
+            "heartbeat_interval: \"abc\" is not a duration (e.g. \"5s\")",
+            "service[0].name:",
+            "service[0].binary:",
+            "service[0].keep_releases: 1 must be between 2 and 1000",
+            "service[0].run.kind: \"docker\" is not one of",
+            "service[0].check[0].interval: \"soon\" is not a duration (e.g. \"5s\")",
+            "service[0].check[1].failure_threshold:",
+            "service[0].check[1].address: \"nowhere\" is not an address",
+        ];
+        for e in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(e)),
+                "missing problem {e:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_warn_but_do_not_fail() {
+        let text = format!("{GOOD}\nfuture_option = 1\n");
+        let text = text.replace("keep_releases = 3", "keep_releases = 3\nfoo = true");
+        let loaded = Config::parse(&text).unwrap();
+        assert!(
+            loaded
+                .warnings
+                .contains(&"unknown key service[0].foo".to_string()),
+            "{:?}",
+            loaded.warnings
+        );
+        assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn systemd_needs_a_unit_and_checks_need_their_fields() {
+        let text = r#"
+coordinator = "http://c:1"
+[[service]]
+name = "db"
+binary = "db"
+[service.run]
+kind = "systemd"
+[[service.check]]
+kind = "command"
+[[service.check]]
+kind = "restarts"
+"#;
+        let problems = Config::parse(text).unwrap_err().problems();
+        assert!(
+            problems.contains(&"service[0].run.unit: required when kind = \"systemd\"".to_string()),
+            "{problems:?}"
+        );
+        assert!(
+            problems.contains(
+                &"service[0].check[0].command: required when kind = \"command\"".to_string()
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems.contains(
+                &"service[0].check[1].max: required when kind = \"restarts\"".to_string()
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        assert!(matches!(
+            Config::parse("coordinator = "),
+            Err(ConfigError::Syntax(_))
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+//! The connection to the coordinator: one long-lived `Attach` stream, re-established with
+//! jittered exponential backoff.
+//!
+//! On every connect the agent sends a `Hello` built from the services' current inventories, then
+//! heartbeats, health reports and order results; orders coming down are validated and routed to
+//! their service's task. Order results produced while disconnected are queued (bounded) and sent
+//! after the reconnect; health reports are not queued (fresh ones go up on reconnect).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use serin_proto::wire::agent_service_client::AgentServiceClient;
+use serin_proto::wire::{
+    self, OrderPhase, ResultCode, agent_message::Body as Up, coordinator_message::Body as Down,
+};
+use serin_proto::{HostId, Order};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::release_store::unix_ms;
+use crate::service::{Input, ServiceHandle, Upstream};
+
+/// Most order results kept while disconnected; the oldest are dropped beyond this.
+const MAX_QUEUED_RESULTS: usize = 4096;
+
+/// Who this agent is and how it talks.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Host id.
+    pub host_id: HostId,
+    /// Hostname.
+    pub hostname: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Heartbeat interval until a Welcome says otherwise.
+    pub heartbeat_interval: Duration,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+/// Runs the connection until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    channel: Channel,
+    services: HashMap<String, ServiceHandle>,
+    mut upstream: mpsc::Receiver<Upstream>,
+    shutdown: CancellationToken,
+) {
+    let mut client = AgentServiceClient::new(channel);
+    let mut queued: VecDeque<wire::OrderResult> = VecDeque::new();
+    let mut backoff = settings.reconnect_initial;
+    let queue = |queued: &mut VecDeque<wire::OrderResult>, up: Upstream| {
+        if let Upstream::Result(r) = up {
+            if queued.len() >= MAX_QUEUED_RESULTS {
+                tracing::warn!("result queue full; dropping the oldest result");
+                queued.pop_front();
+            }
+            queued.push_back(r);
+        }
+    };
+    loop {
+        let (tx, rx) = mpsc::channel::<wire::AgentMessage>(64);
+        let hello = hello(&settings, &services);
+        let _ = tx.try_send(wire::AgentMessage {
+            body: Some(Up::Hello(hello)),
+        });
+        let attach = client.attach(ReceiverStream::new(rx));
+        tokio::pin!(attach);
+        let response = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(up) = upstream.recv() => queue(&mut queued, up),
+                r = &mut attach => break r,
+            }
+        };
+        match response {
+            Ok(response) => {
+                tracing::info!(host = %settings.host_id, "connected to coordinator");
+                backoff = settings.reconnect_initial;
+                let mut inbound = response.into_inner();
+                let ended = connected(
+                    &settings,
+                    &services,
+                    &tx,
+                    &mut inbound,
+                    &mut upstream,
+                    &mut queued,
+                    &shutdown,
+                )
+                .await;
+                match ended {
+                    Ended::Shutdown => return,
+                    Ended::Lost(why) => {
+                        tracing::warn!(error = %why, "connection to coordinator lost")
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), error = %status.message(), retry_in = ?backoff, "cannot attach to coordinator");
+            }
+        }
+        // Full jitter: wait a random time up to the current backoff.
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(up) = upstream.recv() => queue(&mut queued, up),
+                _ = &mut sleep => break,
+            }
+        }
+        backoff = (backoff * 2).min(settings.reconnect_max);
+    }
+}
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+fn hello(settings: &Settings, services: &HashMap<String, ServiceHandle>) -> wire::Hello {
+    let mut inventories: Vec<wire::ServiceInventory> = services
+        .values()
+        .map(|h| h.inventory.borrow().clone())
+        .collect();
+    inventories.sort_by(|a, b| a.service.cmp(&b.service));
+    wire::Hello {
+        host_id: settings.host_id.to_string(),
+        hostname: settings.hostname.clone(),
+        labels: settings.labels.clone().into_iter().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        services: inventories,
+    }
+}
+
+async fn connected(
+    settings: &Settings,
+    services: &HashMap<String, ServiceHandle>,
+    tx: &mpsc::Sender<wire::AgentMessage>,
+    inbound: &mut tonic::Streaming<wire::CoordinatorMessage>,
+    upstream: &mut mpsc::Receiver<Upstream>,
+    queued: &mut VecDeque<wire::OrderResult>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let send = |body: Up| async move {
+        tx.send(wire::AgentMessage { body: Some(body) })
+            .await
+            .map_err(|_| "outgoing stream closed".to_string())
+    };
+    // Results produced while away go first, then fresh health reports.
+    while let Some(r) = queued.pop_front() {
+        if let Err(e) = send(Up::Result(r.clone())).await {
+            queued.push_front(r);
+            return Ended::Lost(e);
+        }
+    }
+    for h in services.values() {
+        let _ = h.tx.try_send(Input::ReportNow);
+    }
+    let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            msg = inbound.message() => match msg {
+                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Welcome(w)) })) => {
+                    tracing::info!(coordinator = %w.coordinator_id, heartbeat_ms = w.heartbeat_interval_ms, "welcomed by coordinator");
+                    if w.heartbeat_interval_ms > 0 {
+                        let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms)).max(Duration::from_millis(50));
+                        heartbeat = tokio::time::interval(every);
+                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        heartbeat.tick().await;
+                    }
+                }
+                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Order(o)) })) => {
+                    if let Some(reply) = route(o, services)
+                        && let Err(e) = send(Up::Result(reply)).await
+                    {
+                        return Ended::Lost(e);
+                    }
+                }
+                Ok(Some(wire::CoordinatorMessage { body: None })) => {}
+                Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
+                Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
+            },
+            _ = heartbeat.tick() => {
+                if let Err(e) = send(Up::Heartbeat(wire::Heartbeat { sent_unix_ms: unix_ms() })).await {
+                    return Ended::Lost(e);
+                }
+            }
+            Some(up) = upstream.recv() => {
+                let body = match up {
+                    Upstream::Result(r) => Up::Result(r),
+                    Upstream::Health(h) => Up::Health(h),
+                };
+                let keep = match &body {
+                    Up::Result(r) => Some(r.clone()),
+                    _ => None,
+                };
+                if let Err(e) = send(body).await {
+                    if let Some(r) = keep {
+                        queued.push_back(r);
+                    }
+                    return Ended::Lost(e);
+                }
+            }
+        }
+    }
+}
+
+/// Validates an order and hands it to its service; returns a result to send when it cannot.
+fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wire::OrderResult> {
+    let reject =
+        |o: &wire::Order, phase: OrderPhase, code: ResultCode, message: String| wire::OrderResult {
+            order_id: o.order_id.clone(),
+            rollout_id: o.rollout_id.clone(),
+            seq: o.seq,
+            service: o.service.clone(),
+            phase: phase as i32,
+            code: code as i32,
+            message,
+            ..Default::default()
+        };
+    let Some(handle) = services.get(&o.service) else {
+        let msg = format!("service {:?} is not managed by this agent", o.service);
+        tracing::warn!(service = %o.service, seq = o.seq, "order for an unknown service");
+        return Some(reject(
+            &o,
+            OrderPhase::Rejected,
+            ResultCode::UnknownService,
+            msg,
+        ));
+    };
+    let raw = o.clone();
+    let order = match Order::try_from(o) {
+        Ok(order) => order,
+        Err(e) => {
+            tracing::warn!(service = %raw.service, seq = raw.seq, error = %e, "invalid order");
+            return Some(reject(
+                &raw,
+                OrderPhase::Rejected,
+                ResultCode::InvalidOrder,
+                e.to_string(),
+            ));
+        }
+    };
+    match handle.tx.try_send(Input::Order(order)) {
+        Ok(()) => None,
+        Err(_) => Some(reject(
+            &raw,
+            OrderPhase::Failed,
+            ResultCode::Busy,
+            format!("service {} cannot take orders right now", raw.service),
+        )),
+    }
+}

@@ -1,0 +1,136 @@
+//! Order admission: each sequence number is applied at most once per service.
+//!
+//! A repeated sequence gets the results stored for it again, a lower one is rejected as stale,
+//! and a new order while another is in progress fails as busy (except cancel and confirm).
+
+use serin_proto::wire::{self, OrderPhase, ResultCode};
+use serin_proto::{Order, OrderAction};
+
+use crate::state::ServiceState;
+
+/// What to do with an incoming order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// A new sequence: persist it as applied, then act.
+    Apply,
+    /// The sequence was applied before: re-send these results.
+    Duplicate(Vec<wire::OrderResult>),
+    /// The sequence is lower than one already applied.
+    Stale {
+        /// The last applied sequence.
+        last_seq: u64,
+    },
+    /// Another order is in progress.
+    Busy,
+}
+
+/// Decides what to do with `order` given the durable state and whether a job is in progress.
+pub fn admit(state: &ServiceState, order: &Order, busy: bool) -> Admission {
+    if order.seq == state.last_seq {
+        return Admission::Duplicate(state.results_for(order.seq));
+    }
+    if order.seq < state.last_seq {
+        return Admission::Stale {
+            last_seq: state.last_seq,
+        };
+    }
+    if busy
+        && !matches!(
+            order.action,
+            OrderAction::Cancel | OrderAction::Confirm { .. }
+        )
+    {
+        return Admission::Busy;
+    }
+    Admission::Apply
+}
+
+/// The release an order is about (empty when none).
+pub fn order_release(order: &Order) -> String {
+    match &order.action {
+        OrderAction::Stage { release } | OrderAction::Activate { release, .. } => {
+            release.id.to_string()
+        }
+        OrderAction::Rollback { to } => to.as_ref().map(ToString::to_string).unwrap_or_default(),
+        OrderAction::Confirm { release } => release.to_string(),
+        OrderAction::Cancel => String::new(),
+    }
+}
+
+/// Builds a result for `order`.
+pub fn result(
+    order: &Order,
+    phase: OrderPhase,
+    code: ResultCode,
+    message: impl Into<String>,
+    current: Option<&str>,
+) -> wire::OrderResult {
+    wire::OrderResult {
+        order_id: order.order_id.clone(),
+        rollout_id: order.rollout_id.clone(),
+        seq: order.seq,
+        service: order.service.to_string(),
+        release: order_release(order),
+        phase: phase as i32,
+        code: code as i32,
+        message: message.into(),
+        current_release: current.unwrap_or_default().to_string(),
+        bytes_done: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serin_proto::{ReleaseId, ServiceName};
+
+    fn order(seq: u64, action: OrderAction) -> Order {
+        Order {
+            order_id: format!("o{seq}"),
+            rollout_id: "r".into(),
+            seq,
+            service: ServiceName::new("web").unwrap(),
+            action,
+        }
+    }
+
+    #[test]
+    fn sequences_apply_once() {
+        let mut s = ServiceState {
+            last_seq: 5,
+            ..Default::default()
+        };
+        let confirm = OrderAction::Confirm {
+            release: ReleaseId::new("web-2").unwrap(),
+        };
+        let r = result(
+            &order(5, confirm.clone()),
+            OrderPhase::Confirmed,
+            ResultCode::Ok,
+            "ok",
+            Some("web-2"),
+        );
+        s.record(&r);
+        assert_eq!(
+            admit(&s, &order(5, confirm.clone()), false),
+            Admission::Duplicate(vec![r])
+        );
+        assert_eq!(
+            admit(&s, &order(4, confirm.clone()), false),
+            Admission::Stale { last_seq: 5 }
+        );
+        assert_eq!(
+            admit(&s, &order(6, confirm.clone()), false),
+            Admission::Apply
+        );
+        assert_eq!(
+            admit(&s, &order(6, OrderAction::Rollback { to: None }), true),
+            Admission::Busy
+        );
+        assert_eq!(
+            admit(&s, &order(6, OrderAction::Cancel), true),
+            Admission::Apply
+        );
+        assert_eq!(admit(&s, &order(6, confirm), true), Admission::Apply);
+    }
+}

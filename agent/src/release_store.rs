@@ -1,0 +1,798 @@
+//! The release store of one service: verified releases under `releases/<id>/`, partial downloads
+//! under `staging/`, and the `current` symlink.
+//!
+//! Everything for a service lives in one tree (`<state_dir>/<service>/`), so every rename stays
+//! on one mount. A release directory only ever appears complete: the artifact is downloaded into
+//! `staging/<sha256>.part`, verified, moved into a hidden temporary directory with its
+//! `release.json`, and that directory is renamed into place.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serin_proto::wire::ResultCode;
+use serin_proto::{Release, ReleaseId, ServiceName};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::durable;
+use crate::fault;
+use crate::fetch::{Download, Fetcher};
+
+/// Extra free space required beyond the declared artifact size.
+const SPACE_MARGIN: u64 = 16 << 20;
+/// How many times a short or broken download is resumed before giving up.
+const DOWNLOAD_ATTEMPTS: u32 = 5;
+
+/// `release.json`: what was verified about an installed release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseMeta {
+    /// Service name.
+    pub service: String,
+    /// Release id.
+    pub id: String,
+    /// Verified sha256, lowercase hex.
+    pub sha256: String,
+    /// Verified size in bytes.
+    pub size: u64,
+    /// When it was verified.
+    pub verified_unix_ms: u64,
+}
+
+/// Why staging failed. The current release is untouched in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Not enough free space for the artifact.
+    #[error(
+        "not enough free space to stage release {release}: need {need} bytes, {free} free in {dir}"
+    )]
+    InsufficientSpace {
+        /// Release id.
+        release: String,
+        /// Bytes needed (artifact plus margin).
+        need: u64,
+        /// Bytes free.
+        free: u64,
+        /// Where.
+        dir: String,
+    },
+    /// The download failed repeatedly.
+    #[error("download of release {release} failed: {reason}")]
+    Download {
+        /// Release id.
+        release: String,
+        /// Why.
+        reason: String,
+    },
+    /// The artifact's size differs from the declared one.
+    #[error("artifact size mismatch for release {release}: declared {expected} bytes, {got}")]
+    SizeMismatch {
+        /// Release id.
+        release: String,
+        /// Declared size.
+        expected: u64,
+        /// What was received.
+        got: String,
+    },
+    /// The artifact's hash differs from the declared one.
+    #[error("artifact sha256 mismatch for release {release}: expected {expected}, got {got}")]
+    HashMismatch {
+        /// Release id.
+        release: String,
+        /// Declared sha256.
+        expected: String,
+        /// Computed sha256.
+        got: String,
+    },
+    /// A release with this id but another hash is already installed.
+    #[error("release {release} is already installed with sha256 {installed}, not {requested}")]
+    Conflict {
+        /// Release id.
+        release: String,
+        /// Hash on disk.
+        installed: String,
+        /// Hash requested.
+        requested: String,
+    },
+    /// The stage was cancelled.
+    #[error("staging of release {release} was cancelled")]
+    Cancelled {
+        /// Release id.
+        release: String,
+    },
+    /// A file-system operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+impl StageError {
+    /// The result code reported for this error.
+    pub fn code(&self) -> ResultCode {
+        match self {
+            StageError::InsufficientSpace { .. } => ResultCode::InsufficientSpace,
+            StageError::Download { .. } => ResultCode::DownloadFailed,
+            StageError::SizeMismatch { .. } => ResultCode::SizeMismatch,
+            StageError::HashMismatch { .. } => ResultCode::HashMismatch,
+            StageError::Conflict { .. } => ResultCode::InvalidOrder,
+            StageError::Cancelled { .. } => ResultCode::Cancelled,
+            StageError::Io { .. } => ResultCode::IoError,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StageError {
+    let what = what.into();
+    move |source| StageError::Io { what, source }
+}
+
+/// A stream of artifact bytes.
+pub trait ChunkSource: Send {
+    /// The next chunk, `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send;
+}
+
+/// Opens artifact streams at an offset.
+pub trait Opener: Sync {
+    /// The stream type.
+    type Source: ChunkSource;
+    /// Opens the artifact from byte `offset`.
+    fn open(&self, offset: u64) -> impl Future<Output = Result<Self::Source, String>> + Send;
+}
+
+impl ChunkSource for Download {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        self.next().await
+    }
+}
+
+/// Opens `release` through a [`Fetcher`].
+#[derive(Debug)]
+pub struct FetchOpener<'a> {
+    /// The fetcher.
+    pub fetcher: &'a Fetcher,
+    /// The release.
+    pub release: &'a Release,
+}
+
+impl Opener for FetchOpener<'_> {
+    type Source = Download;
+    async fn open(&self, offset: u64) -> Result<Download, String> {
+        self.fetcher.open(self.release, offset).await
+    }
+}
+
+/// Whether `stage` downloaded anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// The release was already installed and verified.
+    AlreadyInstalled,
+    /// The release was downloaded, verified and installed.
+    Installed,
+}
+
+/// Free bytes available to unprivileged users on the file system holding `path`.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    Ok((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The release store of one service.
+#[derive(Debug, Clone)]
+pub struct ReleaseStore {
+    service: ServiceName,
+    binary: String,
+    dir: PathBuf,
+}
+
+impl ReleaseStore {
+    /// The store of `service` under `state_dir`, creating its directories.
+    pub fn open(state_dir: &Path, service: &ServiceName, binary: &str) -> io::Result<Self> {
+        let dir = state_dir.join(service.as_str());
+        fs::create_dir_all(dir.join("releases"))?;
+        fs::create_dir_all(dir.join("staging"))?;
+        Ok(ReleaseStore {
+            service: service.clone(),
+            binary: binary.to_string(),
+            dir,
+        })
+    }
+
+    /// `<state_dir>/<service>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn releases_dir(&self) -> PathBuf {
+        self.dir.join("releases")
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+
+    /// The `current` symlink.
+    pub fn current_link(&self) -> PathBuf {
+        self.dir.join("current")
+    }
+
+    /// The directory of release `id`.
+    pub fn release_dir(&self, id: &str) -> PathBuf {
+        self.releases_dir().join(id)
+    }
+
+    /// The artifact of release `id`.
+    pub fn binary_path(&self, id: &str) -> PathBuf {
+        self.release_dir(id).join(&self.binary)
+    }
+
+    /// The release `current` points at, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = fs::read_link(self.current_link()).ok()?;
+        let name = target.file_name()?.to_str()?;
+        ReleaseId::new(name).ok().map(ReleaseId::into_string)
+    }
+
+    /// The metadata of release `id` if it is installed completely: `release.json` readable and
+    /// the artifact present with the recorded size.
+    pub fn installed(&self, id: &str) -> Option<ReleaseMeta> {
+        let dir = self.release_dir(id);
+        let meta: ReleaseMeta =
+            serde_json::from_slice(&fs::read(dir.join("release.json")).ok()?).ok()?;
+        let len = fs::metadata(dir.join(&self.binary)).ok()?.len();
+        (meta.id == id && len == meta.size).then_some(meta)
+    }
+
+    /// Every complete release on disk, oldest verification first.
+    pub fn list(&self) -> Vec<ReleaseMeta> {
+        let Ok(entries) = fs::read_dir(self.releases_dir()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<ReleaseMeta> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| self.installed(&n))
+            .collect();
+        out.sort_by(|a, b| (a.verified_unix_ms, &a.id).cmp(&(b.verified_unix_ms, &b.id)));
+        out
+    }
+
+    /// Removes partial downloads and half-installed release directories.
+    pub fn clean_staging(&self) {
+        if let Ok(entries) = fs::read_dir(self.staging_dir()) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path()).or_else(|_| fs::remove_dir_all(e.path()));
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.releases_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') || self.installed(&name).is_none() {
+                    tracing::info!(service = %self.service, dir = %e.path().display(), "removing incomplete release directory");
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Points `current` at release `id` atomically (temporary symlink renamed over `current`,
+    /// directory fsynced).
+    pub fn swap_current(&self, id: &str) -> io::Result<()> {
+        if self.installed(id).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("release {id} of service {} is not installed", self.service),
+            ));
+        }
+        durable::replace_symlink(&self.current_link(), &Path::new("releases").join(id))
+    }
+
+    /// Removes the oldest releases beyond `keep`, never one named in `protect`. Returns the ids
+    /// removed.
+    pub fn prune(&self, keep: usize, protect: &[Option<&str>]) -> Vec<String> {
+        let releases = self.list();
+        let mut excess = releases.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for r in releases {
+            if excess == 0 {
+                break;
+            }
+            if protect.iter().flatten().any(|p| *p == r.id) {
+                continue;
+            }
+            // Rename out of the way first so a half-deleted directory never looks like a release.
+            let doomed = self.releases_dir().join(format!(".delete-{}", r.id));
+            let ok = fs::rename(self.release_dir(&r.id), &doomed).is_ok();
+            let _ = fs::remove_dir_all(&doomed);
+            if ok {
+                excess -= 1;
+                removed.push(r.id);
+            }
+        }
+        if !removed.is_empty() {
+            let _ = durable::fsync_dir(&self.releases_dir());
+        }
+        removed
+    }
+
+    /// Downloads, verifies and installs `release`, unless it is installed already.
+    /// `progress` is called with the bytes downloaded so far.
+    pub async fn stage<O: Opener>(
+        &self,
+        release: &Release,
+        opener: &O,
+        progress: &(dyn Fn(u64) + Sync),
+        cancel: &CancellationToken,
+        retry_delay: Duration,
+    ) -> Result<Staged, StageError> {
+        let id = release.id.as_str();
+        let sha = release.sha256.to_hex();
+        if let Some(meta) = self.installed(id) {
+            if meta.sha256 == sha {
+                return Ok(Staged::AlreadyInstalled);
+            }
+            return Err(StageError::Conflict {
+                release: id.into(),
+                installed: meta.sha256,
+                requested: sha,
+            });
+        }
+        let part_path = self.staging_dir().join(format!("{sha}.part"));
+        let existing = fs::metadata(&part_path).map(|m| m.len()).unwrap_or(0);
+        let existing = if existing > release.size { 0 } else { existing };
+        let free = free_space(&self.staging_dir()).map_err(io_err(format!(
+            "cannot read free space of {}",
+            self.staging_dir().display()
+        )))?;
+        let need = (release.size - existing).saturating_add(SPACE_MARGIN);
+        if free < need {
+            return Err(StageError::InsufficientSpace {
+                release: id.into(),
+                need,
+                free,
+                dir: self.staging_dir().display().to_string(),
+            });
+        }
+        let result = self
+            .download_and_install(release, &part_path, opener, progress, cancel, retry_delay)
+            .await;
+        if result.is_err() {
+            // A failed stage leaves nothing behind; resuming happens within one stage.
+            let _ = fs::remove_file(&part_path);
+            let _ = fs::remove_dir_all(self.releases_dir().join(format!(".install-{id}")));
+        }
+        result
+    }
+
+    async fn download_and_install<O: Opener>(
+        &self,
+        release: &Release,
+        part_path: &Path,
+        opener: &O,
+        progress: &(dyn Fn(u64) + Sync),
+        cancel: &CancellationToken,
+        retry_delay: Duration,
+    ) -> Result<Staged, StageError> {
+        let id = release.id.as_str();
+        let part_name = part_path.display().to_string();
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(part_path)
+            .map_err(io_err(format!("cannot open {part_name}")))?;
+        let mut hasher = Sha256::new();
+        let mut offset = file
+            .metadata()
+            .map_err(io_err(format!("cannot stat {part_name}")))?
+            .len();
+        if offset > release.size {
+            file.set_len(0)
+                .map_err(io_err(format!("cannot truncate {part_name}")))?;
+            offset = 0;
+        }
+        if offset > 0 {
+            // Resume: hash what is already there.
+            let mut f =
+                fs::File::open(part_path).map_err(io_err(format!("cannot read {part_name}")))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = offset;
+            while left > 0 {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(io_err(format!("cannot read {part_name}")))?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(left as usize);
+                hasher.update(&buf[..n]);
+                left -= n as u64;
+            }
+            tracing::info!(service = %self.service, release = id, offset, "resuming partial download");
+        }
+        let mut attempt = 0;
+        let mut last_problem = String::new();
+        let mut short = false;
+        while offset < release.size {
+            if attempt >= DOWNLOAD_ATTEMPTS {
+                return Err(if short {
+                    StageError::SizeMismatch {
+                        release: id.into(),
+                        expected: release.size,
+                        got: format!("the source ended after {offset} bytes"),
+                    }
+                } else {
+                    StageError::Download {
+                        release: id.into(),
+                        reason: format!("{last_problem} (after {DOWNLOAD_ATTEMPTS} attempts)"),
+                    }
+                });
+            }
+            if attempt > 0 {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                    _ = tokio::time::sleep(retry_delay * attempt) => {}
+                }
+            }
+            attempt += 1;
+            let mut source = tokio::select! {
+                _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                s = opener.open(offset) => match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        short = false;
+                        last_problem = e;
+                        continue;
+                    }
+                },
+            };
+            loop {
+                let chunk = tokio::select! {
+                    _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                    c = source.next_chunk() => c,
+                };
+                match chunk {
+                    Ok(Some(data)) => {
+                        if offset + data.len() as u64 > release.size {
+                            return Err(StageError::SizeMismatch {
+                                release: id.into(),
+                                expected: release.size,
+                                got: format!("the source sent more than {} bytes", release.size),
+                            });
+                        }
+                        file.write_all(&data)
+                            .map_err(io_err(format!("cannot write {part_name}")))?;
+                        hasher.update(&data);
+                        offset += data.len() as u64;
+                        progress(offset);
+                    }
+                    Ok(None) => {
+                        short = offset < release.size;
+                        last_problem =
+                            format!("the source ended after {offset} of {} bytes", release.size);
+                        break;
+                    }
+                    Err(e) => {
+                        short = false;
+                        last_problem = e;
+                        break;
+                    }
+                }
+            }
+        }
+        file.sync_all()
+            .map_err(io_err(format!("cannot fsync {part_name}")))?;
+        drop(file);
+        fault::point("stage-downloaded");
+
+        let got = hex::encode(hasher.finalize());
+        let expected = release.sha256.to_hex();
+        if got != expected {
+            return Err(StageError::HashMismatch {
+                release: id.into(),
+                expected,
+                got,
+            });
+        }
+        fault::point("stage-verified");
+
+        let tmp = self.releases_dir().join(format!(".install-{id}"));
+        let _ = fs::remove_dir_all(&tmp);
+        let tmp_name = tmp.display().to_string();
+        fs::create_dir(&tmp).map_err(io_err(format!("cannot create {tmp_name}")))?;
+        let bin = tmp.join(&self.binary);
+        fs::rename(part_path, &bin)
+            .map_err(io_err(format!("cannot move {part_name} into {tmp_name}")))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("cannot chmod {}", bin.display())))?;
+        let meta = ReleaseMeta {
+            service: self.service.to_string(),
+            id: id.into(),
+            sha256: expected,
+            size: release.size,
+            verified_unix_ms: unix_ms(),
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| StageError::Io {
+            what: "cannot encode release.json".into(),
+            source: io::Error::other(e),
+        })?;
+        durable::write_atomic(&tmp.join("release.json"), &json)
+            .map_err(io_err(format!("cannot write release.json in {tmp_name}")))?;
+        durable::fsync_dir(&tmp).map_err(io_err(format!("cannot fsync {tmp_name}")))?;
+        let final_dir = self.release_dir(id);
+        fs::rename(&tmp, &final_dir).map_err(io_err(format!(
+            "cannot move {tmp_name} to {}",
+            final_dir.display()
+        )))?;
+        durable::fsync_dir(&self.releases_dir()).map_err(io_err("cannot fsync releases/"))?;
+        let _ = durable::fsync_dir(&self.staging_dir());
+        fault::point("stage-installed");
+        Ok(Staged::Installed)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serin_proto::ArtifactSource;
+    use std::sync::Mutex;
+
+    /// Serves `data`, cutting each opened stream after `cut` bytes (if set) and optionally
+    /// appending junk.
+    pub(crate) struct VecOpener {
+        pub data: Vec<u8>,
+        pub cut: Option<usize>,
+        pub opens: Mutex<Vec<u64>>,
+    }
+
+    pub(crate) struct VecSource {
+        chunks: Vec<Vec<u8>>,
+    }
+
+    impl ChunkSource for VecSource {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+            Ok(if self.chunks.is_empty() {
+                None
+            } else {
+                Some(self.chunks.remove(0))
+            })
+        }
+    }
+
+    impl VecOpener {
+        pub(crate) fn new(data: &[u8]) -> Self {
+            VecOpener {
+                data: data.to_vec(),
+                cut: None,
+                opens: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Opener for VecOpener {
+        type Source = VecSource;
+        async fn open(&self, offset: u64) -> Result<VecSource, String> {
+            self.opens.lock().unwrap().push(offset);
+            let mut rest = &self.data[(offset as usize).min(self.data.len())..];
+            if let Some(cut) = self.cut {
+                rest = &rest[..cut.min(rest.len())];
+            }
+            Ok(VecSource {
+                chunks: rest.chunks(7).map(<[u8]>::to_vec).collect(),
+            })
+        }
+    }
+
+    pub(crate) fn release_for(data: &[u8], id: &str, size: u64) -> Release {
+        Release {
+            service: ServiceName::new("web").unwrap(),
+            id: ReleaseId::new(id).unwrap(),
+            sha256: serin_proto::Sha256::from_bytes(Sha256::digest(data).into()),
+            size,
+            source: ArtifactSource::Coordinator,
+        }
+    }
+
+    pub(crate) fn store(dir: &Path) -> ReleaseStore {
+        ReleaseStore::open(dir, &ServiceName::new("web").unwrap(), "web").unwrap()
+    }
+
+    async fn stage(s: &ReleaseStore, r: &Release, o: &VecOpener) -> Result<Staged, StageError> {
+        s.stage(
+            r,
+            o,
+            &|_| {},
+            &CancellationToken::new(),
+            Duration::from_millis(1),
+        )
+        .await
+    }
+
+    fn staging_is_empty(s: &ReleaseStore) -> bool {
+        fs::read_dir(s.staging_dir()).unwrap().next().is_none()
+    }
+
+    #[tokio::test]
+    async fn stage_installs_a_verified_release_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = b"#!/bin/sh\necho hello\n".repeat(10);
+        let r = release_for(&data, "web-1", data.len() as u64);
+        let o = VecOpener::new(&data);
+        assert_eq!(stage(&s, &r, &o).await.unwrap(), Staged::Installed);
+        let bin = s.binary_path("web-1");
+        assert_eq!(fs::read(&bin).unwrap(), data);
+        assert_eq!(
+            fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let meta = s.installed("web-1").unwrap();
+        assert_eq!(meta.sha256, r.sha256.to_hex());
+        assert_eq!(meta.size, data.len() as u64);
+        assert!(staging_is_empty(&s));
+        // Already there: not downloaded again.
+        assert_eq!(stage(&s, &r, &o).await.unwrap(), Staged::AlreadyInstalled);
+        assert_eq!(o.opens.lock().unwrap().len(), 1);
+        // Same id, other bytes: refused.
+        let other = release_for(b"other", "web-1", 5);
+        assert!(matches!(
+            stage(&s, &other, &VecOpener::new(b"other")).await,
+            Err(StageError::Conflict { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn hash_mismatch_names_both_hashes_and_installs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let r = release_for(b"good bytes", "web-1", 10);
+        let e = stage(&s, &r, &VecOpener::new(b"evil bytes"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ResultCode::HashMismatch);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&r.sha256.to_hex())
+                && msg.contains(&hex::encode(Sha256::digest(b"evil bytes"))),
+            "{msg}"
+        );
+        assert!(
+            msg.starts_with("artifact sha256 mismatch for release web-1"),
+            "{msg}"
+        );
+        assert!(s.list().is_empty());
+        assert!(staging_is_empty(&s));
+    }
+
+    #[tokio::test]
+    async fn too_many_bytes_abort_with_size_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let r = release_for(b"0123456789", "web-1", 10);
+        let e = stage(&s, &r, &VecOpener::new(b"0123456789-and-more"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ResultCode::SizeMismatch, "{e}");
+        assert!(s.list().is_empty());
+        assert!(staging_is_empty(&s));
+    }
+
+    #[tokio::test]
+    async fn short_streams_resume_from_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data: Vec<u8> = (0..100u8).collect();
+        let r = release_for(&data, "web-1", 100);
+        let mut o = VecOpener::new(&data);
+        o.cut = Some(30);
+        assert_eq!(stage(&s, &r, &o).await.unwrap(), Staged::Installed);
+        assert_eq!(*o.opens.lock().unwrap(), vec![0, 30, 60, 90]);
+        assert_eq!(fs::read(s.binary_path("web-1")).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_source_that_stays_short_is_a_size_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = b"0123456789".to_vec();
+        let r = release_for(&data, "web-1", 20);
+        let e = stage(&s, &r, &VecOpener::new(&data)).await.unwrap_err();
+        assert_eq!(e.code(), ResultCode::SizeMismatch, "{e}");
+        assert!(e.to_string().contains("ended after 10 bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn insufficient_space_is_refused_before_touching_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        // A declared size larger than the whole free space of the disk.
+        let free = free_space(dir.path()).unwrap();
+        let r = release_for(b"x", "web-1", free + 1);
+        let o = VecOpener::new(b"x");
+        let e = stage(&s, &r, &o).await.unwrap_err();
+        assert_eq!(e.code(), ResultCode::InsufficientSpace);
+        assert!(
+            o.opens.lock().unwrap().is_empty(),
+            "download started anyway"
+        );
+        assert!(staging_is_empty(&s));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_the_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let r = release_for(b"abc", "web-1", 3);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let e = s
+            .stage(
+                &r,
+                &VecOpener::new(b"abc"),
+                &|_| {},
+                &cancel,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ResultCode::Cancelled);
+        assert!(s.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn swap_and_prune_keep_current_and_previous() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        for i in 1..=5 {
+            let data = format!("release {i}");
+            let r = release_for(data.as_bytes(), &format!("web-{i}"), data.len() as u64);
+            stage(&s, &r, &VecOpener::new(data.as_bytes()))
+                .await
+                .unwrap();
+        }
+        assert!(s.current().is_none());
+        s.swap_current("web-1").unwrap();
+        assert_eq!(s.current().as_deref(), Some("web-1"));
+        assert_eq!(
+            fs::read_link(s.current_link()).unwrap(),
+            Path::new("releases/web-1")
+        );
+        s.swap_current("web-2").unwrap();
+        assert_eq!(s.current().as_deref(), Some("web-2"));
+        assert!(s.swap_current("web-9").is_err());
+        assert_eq!(s.current().as_deref(), Some("web-2"));
+
+        let removed = s.prune(3, &[Some("web-2"), Some("web-1")]);
+        assert_eq!(removed, vec!["web-3".to_string(), "web-4".to_string()]);
+        let left: Vec<String> = s.list().into_iter().map(|m| m.id).collect();
+        assert_eq!(left, vec!["web-1", "web-2", "web-5"]);
+    }
+
+    #[test]
+    fn clean_staging_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        fs::write(s.staging_dir().join("abc.part"), b"partial").unwrap();
+        fs::create_dir(s.releases_dir().join(".install-web-3")).unwrap();
+        fs::create_dir(s.releases_dir().join("web-4")).unwrap();
+        s.clean_staging();
+        assert!(staging_is_empty(&s));
+        assert_eq!(fs::read_dir(s.releases_dir()).unwrap().count(), 0);
+    }
+}

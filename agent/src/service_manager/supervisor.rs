@@ -1,0 +1,638 @@
+//! A [`ServiceManager`] that runs the service's process itself (`run.kind = "process"`).
+//!
+//! One task owns the process. It starts `<service_dir>/current/<binary> <args>` with the release
+//! directory as cwd, in its own process group, with stdout/stderr appended to
+//! `<service_dir>/service.log`, and records `{pid, start_time, release}` in
+//! `<service_dir>/supervisor.json`. An unexpected exit is followed by a restart after an
+//! exponential backoff, and counted. Stopping sends SIGTERM to the process group, then SIGKILL
+//! after the stop timeout. When the agent stops, the process keeps running; the next agent adopts
+//! it if the recorded pid still has the recorded start time (from `/proc/<pid>/stat`).
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ServiceError, ServiceManager, ServiceStatus};
+use crate::durable;
+
+/// What the supervisor runs.
+#[derive(Debug, Clone)]
+pub struct SupervisorSpec {
+    /// Service name (logs, `SERIN_SERVICE`).
+    pub service: String,
+    /// `<state_dir>/<service>`.
+    pub service_dir: PathBuf,
+    /// Artifact file name inside the release directory.
+    pub binary: String,
+    /// Arguments after the binary.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// SIGTERM-to-SIGKILL time.
+    pub stop_timeout: Duration,
+    /// First restart delay after an exit.
+    pub restart_backoff: Duration,
+    /// Largest restart delay.
+    pub restart_backoff_max: Duration,
+}
+
+/// `supervisor.json`: the process the supervisor started last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Its pid (also its process group id).
+    pub pid: u32,
+    /// Its start time in clock ticks after boot, from `/proc/<pid>/stat`.
+    pub start_time: u64,
+    /// The release it runs.
+    pub release: String,
+}
+
+/// The start time (field 22 of `/proc/<pid>/stat`) of a live, non-zombie process.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); field 22 is fields[19].
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn alive(pid: u32, start_time: u64) -> bool {
+    proc_start_time(pid) == Some(start_time)
+}
+
+enum Request {
+    Start(oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<Result<(), String>>),
+    Restart(oneshot::Sender<Result<(), String>>),
+    Status(oneshot::Sender<(ServiceStatus, Option<String>)>),
+}
+
+/// Handle to the supervisor task of one service.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    service: String,
+    tx: mpsc::Sender<Request>,
+}
+
+enum Proc {
+    Child {
+        child: tokio::process::Child,
+        record: Record,
+    },
+    Adopted {
+        record: Record,
+    },
+}
+
+impl Proc {
+    fn record(&self) -> &Record {
+        match self {
+            Proc::Child { record, .. } | Proc::Adopted { record } => record,
+        }
+    }
+}
+
+struct Actor {
+    spec: SupervisorSpec,
+    proc: Option<Proc>,
+    /// The service should be running (restart it after exits).
+    wanted: bool,
+    restarts: u32,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    started_at: Instant,
+    last_exit: String,
+}
+
+impl Supervisor {
+    /// Spawns the supervisor task on `tracker`; it adopts a still-running process recorded in
+    /// `supervisor.json`. The task ends on `shutdown`, leaving the process running.
+    pub fn spawn(spec: SupervisorSpec, tracker: &TaskTracker, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let service = spec.service.clone();
+        let mut actor = Actor {
+            backoff: spec.restart_backoff,
+            spec,
+            proc: None,
+            wanted: false,
+            restarts: 0,
+            restart_at: None,
+            started_at: Instant::now(),
+            last_exit: String::new(),
+        };
+        actor.adopt();
+        tracker.spawn(actor.run(rx, shutdown));
+        Supervisor { service, tx }
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ServiceError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || ServiceError {
+            service: self.service.clone(),
+            message: "the process supervisor has stopped".into(),
+        };
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    fn flatten(&self, r: Result<Result<(), String>, ServiceError>) -> Result<(), ServiceError> {
+        r?.map_err(|message| ServiceError {
+            service: self.service.clone(),
+            message,
+        })
+    }
+}
+
+impl ServiceManager for Supervisor {
+    fn start(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.flatten(self.call(Request::Start).await) })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.flatten(self.call(Request::Stop).await) })
+    }
+
+    fn restart(&self) -> BoxFuture<'_, Result<(), ServiceError>> {
+        Box::pin(async move { self.flatten(self.call(Request::Restart).await) })
+    }
+
+    fn status(&self) -> BoxFuture<'_, Result<ServiceStatus, ServiceError>> {
+        Box::pin(async move { Ok(self.call(Request::Status).await?.0) })
+    }
+
+    fn running_release(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move { self.call(Request::Status).await.ok()?.1 })
+    }
+}
+
+impl Actor {
+    fn record_path(&self) -> PathBuf {
+        self.spec.service_dir.join("supervisor.json")
+    }
+
+    fn adopt(&mut self) {
+        let Ok(bytes) = std::fs::read(self.record_path()) else {
+            return;
+        };
+        let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
+            tracing::warn!(service = %self.spec.service, "ignoring unreadable supervisor.json");
+            return;
+        };
+        if record.pid > 1 && alive(record.pid, record.start_time) {
+            tracing::info!(service = %self.spec.service, pid = record.pid, release = %record.release, "adopting running service process");
+            self.proc = Some(Proc::Adopted { record });
+            self.wanted = true;
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        loop {
+            let restart_at = self.restart_at;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                req = rx.recv() => match req {
+                    None => break,
+                    Some(req) => self.handle(req).await,
+                },
+                exit = wait_exit(&mut self.proc), if self.proc.is_some() => self.exited(exit),
+                _ = sleep_until(restart_at), if restart_at.is_some() => {
+                    self.restart_at = None;
+                    if self.wanted
+                        && self.proc.is_none()
+                        && let Err(e) = self.spawn_process()
+                    {
+                        tracing::warn!(service = %self.spec.service, error = %e, "restart failed");
+                        self.schedule_restart();
+                    }
+                }
+            }
+        }
+        // The process keeps running; the next agent adopts it.
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Start(reply) => {
+                self.wanted = true;
+                let r = if self.proc.is_some() {
+                    Ok(())
+                } else {
+                    self.restart_at = None;
+                    self.spawn_process()
+                        .inspect_err(|_| self.schedule_restart())
+                };
+                let _ = reply.send(r);
+            }
+            Request::Stop(reply) => {
+                self.wanted = false;
+                self.restart_at = None;
+                let r = self.terminate().await;
+                let _ = std::fs::remove_file(self.record_path());
+                let _ = reply.send(r);
+            }
+            Request::Restart(reply) => {
+                self.wanted = true;
+                self.restart_at = None;
+                let r = match self.terminate().await {
+                    Ok(()) => self
+                        .spawn_process()
+                        .inspect_err(|_| self.schedule_restart()),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Status(reply) => {
+                let status = ServiceStatus {
+                    running: self.proc.is_some(),
+                    pid: self.proc.as_ref().map(|p| p.record().pid),
+                    restarts: self.restarts,
+                    detail: match &self.proc {
+                        Some(_) => "running".into(),
+                        None if self.last_exit.is_empty() => "not running".into(),
+                        None => self.last_exit.clone(),
+                    },
+                };
+                let release = self.proc.as_ref().map(|p| p.record().release.clone());
+                let _ = reply.send((status, release));
+            }
+        }
+    }
+
+    fn exited(&mut self, how: String) {
+        let ran_for = self.started_at.elapsed();
+        self.proc = None;
+        self.last_exit = how.clone();
+        if !self.wanted {
+            return;
+        }
+        if ran_for > Duration::from_secs(10) {
+            self.backoff = self.spec.restart_backoff;
+        }
+        tracing::warn!(service = %self.spec.service, exit = %how, restart_in = ?self.backoff, "service process exited");
+        self.restarts = self.restarts.saturating_add(1);
+        self.schedule_restart();
+    }
+
+    fn schedule_restart(&mut self) {
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.spec.restart_backoff_max);
+    }
+
+    fn spawn_process(&mut self) -> Result<(), String> {
+        let current = self.spec.service_dir.join("current");
+        let release_dir = std::fs::canonicalize(&current)
+            .map_err(|e| format!("cannot resolve {}: {e}", current.display()))?;
+        let release = release_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let binary = release_dir.join(&self.spec.binary);
+        let log_path = self.spec.service_dir.join("service.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.args(&self.spec.args)
+            .current_dir(&release_dir)
+            .env("SERIN_SERVICE", &self.spec.service)
+            .env("SERIN_RELEASE", &release)
+            .envs(&self.spec.env)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        let child = tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| format!("{} exited immediately", binary.display()))?;
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        let record = Record {
+            pid,
+            start_time,
+            release: release.clone(),
+        };
+        if let Ok(json) = serde_json::to_vec(&record)
+            && let Err(e) = durable::write_atomic(&self.record_path(), &json)
+        {
+            tracing::warn!(service = %self.spec.service, error = %e, "cannot write supervisor.json");
+        }
+        tracing::info!(service = %self.spec.service, pid, release = %release, "service process started");
+        self.started_at = Instant::now();
+        self.proc = Some(Proc::Child { child, record });
+        Ok(())
+    }
+
+    /// Stops the process: SIGTERM to its group, SIGKILL after the stop timeout.
+    async fn terminate(&mut self) -> Result<(), String> {
+        let Some(proc) = self.proc.take() else {
+            return Ok(());
+        };
+        let record = proc.record().clone();
+        let pgid = Pid::from_raw(record.pid as i32);
+        let _ = killpg(pgid, Signal::SIGTERM);
+        match proc {
+            Proc::Child { mut child, .. } => {
+                if tokio::time::timeout(self.spec.stop_timeout, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(service = %self.spec.service, pid = record.pid, "service ignored SIGTERM, sending SIGKILL");
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    let _ = child.kill().await;
+                }
+            }
+            Proc::Adopted { .. } => {
+                if !wait_gone(&record, self.spec.stop_timeout).await {
+                    tracing::warn!(service = %self.spec.service, pid = record.pid, "service ignored SIGTERM, sending SIGKILL");
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    if !wait_gone(&record, Duration::from_secs(5)).await {
+                        return Err(format!("process {} survived SIGKILL", record.pid));
+                    }
+                }
+            }
+        }
+        // Anything left in the group (children of the service) goes too.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        self.last_exit = "stopped".into();
+        Ok(())
+    }
+}
+
+async fn wait_gone(record: &Record, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while alive(record.pid, record.start_time) {
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the process exits; says how.
+async fn wait_exit(proc: &mut Option<Proc>) -> String {
+    match proc {
+        Some(Proc::Child { child, .. }) => match child.wait().await {
+            Ok(status) => format!("exited with {status}"),
+            Err(e) => format!("could not be waited for: {e}"),
+        },
+        Some(Proc::Adopted { record }) => {
+            while alive(record.pid, record.start_time) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            "exited".into()
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `path` exists (a helper for tests and callers checking the record).
+pub fn record_exists(service_dir: &Path) -> bool {
+    service_dir.join("supervisor.json").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) async fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < until, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills a process group when dropped, so failed tests leave nothing running.
+    struct KillOnDrop(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for pid in self.0.lock().unwrap().iter() {
+                let _ = killpg(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn setup(script: &str) -> (tempfile::TempDir, SupervisorSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = dir.path().join("web");
+        let rel = svc.join("releases/web-1");
+        std::fs::create_dir_all(&rel).unwrap();
+        let bin = rel.join("web");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("releases/web-1", svc.join("current")).unwrap();
+        let spec = SupervisorSpec {
+            service: "web".into(),
+            service_dir: svc,
+            binary: "web".into(),
+            args: vec!["30".into()],
+            env: BTreeMap::from([("FOO".into(), "bar".into())]),
+            stop_timeout: Duration::from_millis(300),
+            restart_backoff: Duration::from_millis(50),
+            restart_backoff_max: Duration::from_millis(200),
+        };
+        (dir, spec)
+    }
+
+    async fn status(s: &Supervisor) -> ServiceStatus {
+        s.status().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn starts_restarts_after_exit_and_stops() {
+        let (_dir, spec) = setup(
+            "#!/bin/sh\necho \"$SERIN_SERVICE $SERIN_RELEASE $FOO $(pwd)\"\nexec sleep \"$1\"\n",
+        );
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _guard = KillOnDrop(pids.clone());
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn(spec.clone(), &tracker, token.clone());
+        assert!(!status(&s).await.running);
+        s.start().await.unwrap();
+        let st = status(&s).await;
+        assert!(st.running);
+        let pid = st.pid.unwrap();
+        pids.lock().unwrap().push(pid);
+        let rec: Record = serde_json::from_slice(
+            &std::fs::read(spec.service_dir.join("supervisor.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec.pid, pid);
+        assert_eq!(rec.release, "web-1");
+        let log = spec.service_dir.join("service.log");
+        wait_for("service output", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("web web-1 bar")
+        })
+        .await;
+        assert!(
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("releases/web-1")
+        );
+
+        // Kill it: the supervisor restarts it and counts the restart.
+        killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let new_pid = loop {
+            let st = status(&s).await;
+            if st.running && st.pid != Some(pid) {
+                assert_eq!(st.restarts, 1);
+                break st.pid.unwrap();
+            }
+            assert!(Instant::now() < until, "not restarted: {st:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        pids.lock().unwrap().push(new_pid);
+
+        s.stop().await.unwrap();
+        assert!(!status(&s).await.running);
+        assert!(
+            proc_start_time(new_pid).is_none(),
+            "process still alive after stop"
+        );
+        assert!(!record_exists(&spec.service_dir));
+        token.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn sigkill_after_stop_timeout_for_a_process_ignoring_sigterm() {
+        let (_dir, spec) = setup("#!/bin/sh\ntrap '' TERM\nwhile true; do sleep 0.05; done\n");
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _guard = KillOnDrop(pids.clone());
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn(spec, &tracker, token.clone());
+        s.start().await.unwrap();
+        let pid = status(&s).await.pid.unwrap();
+        pids.lock().unwrap().push(pid);
+        let t0 = Instant::now();
+        s.stop().await.unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "SIGKILL before the stop timeout"
+        );
+        assert!(proc_start_time(pid).is_none());
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_new_supervisor_adopts_the_running_process() {
+        let (_dir, spec) = setup("#!/bin/sh\nexec sleep \"$1\"\n");
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _guard = KillOnDrop(pids.clone());
+        let tracker = TaskTracker::new();
+        let first_token = CancellationToken::new();
+        let first = Supervisor::spawn(spec.clone(), &tracker, first_token.clone());
+        first.start().await.unwrap();
+        let pid = status(&first).await.pid.unwrap();
+        pids.lock().unwrap().push(pid);
+        // The "agent" stops: the process keeps running.
+        first_token.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert!(
+            proc_start_time(pid).is_some(),
+            "process died with its supervisor"
+        );
+
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let second = Supervisor::spawn(spec.clone(), &tracker, token.clone());
+        let st = status(&second).await;
+        assert!(st.running);
+        assert_eq!(st.pid, Some(pid));
+        assert_eq!(second.running_release().await.as_deref(), Some("web-1"));
+        // Starting an adopted service does not start a second copy.
+        second.start().await.unwrap();
+        assert_eq!(status(&second).await.pid, Some(pid));
+        // An adopted process that dies is noticed and restarted.
+        killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = status(&second).await;
+            if st.running && st.pid != Some(pid) {
+                pids.lock().unwrap().push(st.pid.unwrap());
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "adopted process not restarted: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        second.stop().await.unwrap();
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_stale_record_is_not_adopted() {
+        let (_dir, spec) = setup("#!/bin/sh\nexec sleep \"$1\"\n");
+        let me = std::process::id();
+        let rec = Record {
+            pid: me,
+            start_time: proc_start_time(me).unwrap() + 1,
+            release: "web-1".into(),
+        };
+        std::fs::write(
+            spec.service_dir.join("supervisor.json"),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+        .unwrap();
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn(spec, &tracker, token.clone());
+        assert!(!status(&s).await.running);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_a_start_error() {
+        let (_dir, spec) = setup("#!/bin/sh\nexec sleep \"$1\"\n");
+        std::fs::remove_file(spec.service_dir.join("releases/web-1/web")).unwrap();
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn(spec, &tracker, token.clone());
+        let e = s.start().await.unwrap_err();
+        assert!(e.to_string().contains("cannot start"), "{e}");
+        token.cancel();
+    }
+}
