@@ -1,1 +1,208 @@
-fn main() {}
+//! The `serin` binary: the coordinator daemon (`serin serve`, `serin check-config`) and the
+//! operator CLI (every other subcommand, a client of a running coordinator).
+//!
+//! This file binds sockets, reads files and installs signal handlers; everything else lives in
+//! the library: [`serin_coordinator::server::run`] serves, [`serin_coordinator::cli`] is the CLI.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serin_coordinator::cli::{self, Cli, Command, Exit, args::ServeArgs, commands};
+use serin_coordinator::config::{self, CoordinatorConfig};
+use serin_coordinator::server;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    // Usage errors exit 2 and --help/--version exit 0, both printed by clap.
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            commands::completions(shell, &mut buf);
+            return write_stdout(&buf);
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            return match commands::man_page(&mut buf) {
+                Ok(()) => write_stdout(&buf),
+                Err(e) => fail(&e.to_string(), e.exit()),
+            };
+        }
+        _ => {}
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the tokio runtime: {e}"), Exit::Error),
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing("info");
+            match runtime.block_on(serve(args)) {
+                Ok(()) => Exit::Success.into(),
+                Err(e) => fail(&anyhow_chain(&e), Exit::Error),
+            }
+        }
+        Command::CheckConfig(args) => match check_config(&args.config) {
+            Ok(summary) => {
+                println!("{summary}");
+                Exit::Success.into()
+            }
+            Err(problems) => {
+                let mut err = std::io::stderr().lock();
+                for p in problems {
+                    let _ = writeln!(err, "{p}");
+                }
+                Exit::Error.into()
+            }
+        },
+        command => {
+            init_tracing("warn");
+            match runtime.block_on(cli::run_operator(&cli.coordinator, cli.output, command)) {
+                Ok(exit) => exit.into(),
+                Err(e) => fail(&e.to_string(), e.exit()),
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`serin man | head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Exit::Success.into(),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Exit::Success.into(),
+        Err(e) => fail(&format!("cannot write to stdout: {e}"), Exit::Error),
+    }
+}
+
+/// "outer: inner: cause", leaving out a cause whose text an outer message already contains.
+fn anyhow_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Prints `msg` as an error and returns `exit`.
+fn fail(msg: &str, exit: Exit) -> ExitCode {
+    let mut err = anstream::stderr().lock();
+    let style = anstyle::Style::new()
+        .bold()
+        .fg_color(Some(anstyle::AnsiColor::Red.into()));
+    let _ = writeln!(err, "{style}error:{style:#} {msg}");
+    exit.into()
+}
+
+/// Logs to stderr, filtered by `SERIN_LOG` or `RUST_LOG` (default `default`).
+fn init_tracing(default: &str) {
+    let filter = std::env::var("SERIN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// `serin serve`: load the config, bind, announce the address, serve until SIGTERM/SIGINT.
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_serve_config(&args)?;
+    let listen = config.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("cannot read the address bound for {listen}"))?;
+    eprintln!("serin coordinator listening on {bound}");
+
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let result = server::run(config, listener, shutdown.clone())
+        .await
+        .context("the coordinator stopped with an error");
+    shutdown.cancel();
+    signals.abort();
+    let _ = signals.await;
+    result
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// `serin check-config`: the summary line (and warnings), or every problem found.
+fn check_config(path: &std::path::Path) -> Result<String, Vec<String>> {
+    let report = config::check_config(path);
+    let warnings = report.warnings.iter().map(|w| format!("warning: {w}"));
+    if !report.is_ok() {
+        return Err(report.problems.iter().cloned().chain(warnings).collect());
+    }
+    let mut out: Vec<String> = warnings.collect();
+    match CoordinatorConfig::load_with_warnings(path) {
+        Ok(l) => out.push(format!(
+            "config OK: listen {}, state_dir {}",
+            l.config.listen,
+            l.config.state_dir.display()
+        )),
+        Err(e) => return Err(e.problems()),
+    }
+    Ok(out.join("\n"))
+}
+
+/// Loads the config for `serin serve`: the file, then the command-line overrides. When the file
+/// does not exist and `--listen` or `--state-dir` is given, the defaults stand in for it.
+fn load_serve_config(args: &ServeArgs) -> anyhow::Result<CoordinatorConfig> {
+    let overridden = args.listen.is_some() || args.state_dir.is_some();
+    let mut config = if !args.config.exists() && overridden {
+        tracing::info!(config = %args.config.display(), "no config file, using defaults and flags");
+        CoordinatorConfig::default()
+    } else {
+        let loaded = CoordinatorConfig::load_with_warnings(&args.config)?;
+        for w in &loaded.warnings {
+            tracing::warn!(config = %args.config.display(), "{w}");
+        }
+        loaded.config
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}

@@ -1,0 +1,641 @@
+//! The `serin` command line, declared with clap derive, and the client-side checks of its values.
+//!
+//! Cheap checks happen here so a typo fails fast with exit code 2 and a message naming the bad
+//! element (`--waves 1,10%,abc`); the coordinator stays the authority and validates every spec
+//! again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serin_proto::wire;
+
+use super::exit::EXIT_CODES_HELP;
+
+/// Default coordinator URL for operator commands.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
+
+/// Default path of the coordinator's config file.
+pub const DEFAULT_CONFIG: &str = "/etc/serin/coordinator.toml";
+
+/// serin: progressive delivery of releases to a fleet of hosts.
+#[derive(Debug, Parser)]
+#[command(
+    name = "serin",
+    version,
+    about = "Canary, waves and automatic rollback for services on VMs and bare metal",
+    long_about = "serin ships releases of a service to a fleet of hosts: a canary cohort first, then \
+                  widening waves, each gated on the health the hosts stream back, with an automatic \
+                  rollback when a gate fails.\n\n`serin serve` runs the coordinator daemon; every other \
+                  command is a client of a running coordinator.",
+    after_help = EXIT_CODES_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// URL of the coordinator to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SERIN_COORDINATOR",
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL"
+    )]
+    pub coordinator: String,
+
+    /// Output format: text for humans, json for machines (one JSON document per response message).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of the operator commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Tables, progress bars and colour in a terminal; plain lines when piped.
+    Text,
+    /// The response messages as JSON.
+    Json,
+}
+
+/// The top-level subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator daemon (agents and operators talk to it on one port).
+    Serve(ServeArgs),
+    /// Validate the coordinator's config file and exit (0: valid, 1: problems printed).
+    CheckConfig(CheckConfigArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell to generate completions for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
+    /// List the hosts the coordinator knows, with their labels, services and health.
+    Hosts(HostsArgs),
+    /// Upload artifacts to the coordinator's content-addressed store.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
+    /// Register and list releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Plan, start, watch, steer and explain rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+/// `serin serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The coordinator's config file (TOML). When it does not exist and flags are given, defaults apply.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Address to listen on for agents and operators (overrides the file), e.g. 127.0.0.1:7700.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Directory for the store and the artifacts (overrides the file).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `serin check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The coordinator's config file (TOML).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// `serin hosts`.
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    /// Label selector, e.g. "role=web,zone=eu-1". Default: every host.
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+}
+
+/// `serin artifact ...`.
+#[derive(Debug, Subcommand)]
+pub enum ArtifactCommand {
+    /// Upload FILE as a release of a service (streamed in 1 MiB chunks) and register it.
+    Push {
+        /// The artifact to upload (the service's binary).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Service the release belongs to.
+        #[arg(long, short = 's')]
+        service: String,
+        /// Release id, e.g. 1.4.2.
+        #[arg(long, short = 'r')]
+        release: String,
+    },
+}
+
+/// `serin release ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Register a release served from an HTTP(S) URL with a pinned sha256 and size.
+    Add {
+        /// Service the release belongs to.
+        #[arg(long, short = 's')]
+        service: String,
+        /// Release id, e.g. 1.4.2.
+        #[arg(long, short = 'r')]
+        release: String,
+        /// http:// or https:// URL the agents download the artifact from.
+        #[arg(long)]
+        url: String,
+        /// Lowercase hex sha256 of the artifact.
+        #[arg(long)]
+        sha256: String,
+        /// Exact size of the artifact in bytes.
+        #[arg(long)]
+        size: u64,
+    },
+    /// List the registered releases.
+    List {
+        /// Only this service's releases.
+        #[arg(long, short = 's')]
+        service: Option<String>,
+    },
+}
+
+/// `serin rollout ...`.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Show which host lands in which wave (and which are skipped, and why), changing nothing.
+    Plan(SpecArgs),
+    /// Start a rollout; with --wait, follow it live until it ends.
+    Start(StartArgs),
+    /// Show a rollout's state, waves, hosts, canary comparison and decisions.
+    Status {
+        /// The rollout id (r-...).
+        id: String,
+        /// Follow the rollout live until it ends (exit code as with `start --wait`).
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// With --watch: give up after this long (exit 4), e.g. "10m".
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", requires = "watch")]
+        timeout: Option<Duration>,
+    },
+    /// List rollouts, newest first.
+    List {
+        /// Only this service's rollouts.
+        #[arg(long, short = 's')]
+        service: Option<String>,
+    },
+    /// Pause a running rollout: no new wave starts until `resume`.
+    Pause(ControlArgs),
+    /// Resume a paused rollout.
+    Resume(ControlArgs),
+    /// End the current wave's bake now and go on.
+    Promote(ControlArgs),
+    /// Stop the rollout and roll back every host it touched.
+    Abort(ControlArgs),
+    /// Try the failed hosts of a paused rollout again.
+    Retry(ControlArgs),
+    /// Roll a finished rollout's hosts back to their baseline release.
+    Rollback(ControlArgs),
+    /// Print every decision with its evidence, and the rollout's event log.
+    Explain {
+        /// The rollout id (r-...).
+        id: String,
+    },
+}
+
+/// Arguments of the operator actions on one rollout.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The rollout id (r-...).
+    pub id: String,
+    /// Why; stored with the decision and shown by `explain`.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// `serin rollout start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The rollout to start.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Follow the rollout live until it ends; the exit code tells how it ended.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long (exit 4); the rollout goes on.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+/// What a rollout should do; shared by `plan` and `start`. Unset options take the coordinator's
+/// defaults.
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// Service to roll out.
+    #[arg(long, short = 's')]
+    pub service: String,
+    /// Release to roll out (registered with `artifact push` or `release add`).
+    #[arg(long, short = 'r')]
+    pub release: String,
+    /// Label selector of the hosts, e.g. "role=web,zone=eu-1". Default: every host running the service.
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Wave sizes, first is the canary: cumulative counts or percents of the eligible hosts,
+    /// e.g. 1,10%,50%,100% (coordinator default: 1,25%,100%).
+    #[arg(long, value_parser = parse_wave_list, value_name = "LIST")]
+    pub waves: Option<WaveList>,
+    /// Bake time after each wave before its gate, e.g. 30s (default 30s).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub bake: Option<Duration>,
+    /// Bake time of the canary wave (default: --bake).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub canary_bake: Option<Duration>,
+    /// How long a host must stay healthy after activation to count as healthy (default 5s).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub min_healthy: Option<Duration>,
+    /// A host that is not healthy this long after activation has failed (default 2m).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub healthy_deadline: Option<Duration>,
+    /// A wave that has not finished this long after it started has failed (default 10m).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub progress_deadline: Option<Duration>,
+    /// Hosts of the selection allowed to be unavailable at once: count or percent (N or P%).
+    #[arg(long, value_parser = parse_count_or_percent, value_name = "N|P%")]
+    pub max_unavailable: Option<CountOrPercent>,
+    /// Hosts being changed at once: count or percent.
+    #[arg(long, value_parser = parse_count_or_percent, value_name = "N|P%")]
+    pub max_in_flight: Option<CountOrPercent>,
+    /// Failed hosts allowed per wave before the gate fails: count or percent (default 0).
+    #[arg(long, value_parser = parse_count_or_percent, value_name = "N|P%")]
+    pub failure_threshold: Option<CountOrPercent>,
+    /// Failed hosts allowed over the whole rollout: count or percent.
+    #[arg(long, value_parser = parse_count_or_percent, value_name = "N|P%")]
+    pub cumulative_failure_threshold: Option<CountOrPercent>,
+    /// Unreachable hosts allowed per wave before the rollout waits for them: count or percent
+    /// (default 0).
+    #[arg(long, value_parser = parse_count_or_percent, value_name = "N|P%")]
+    pub unreachable_threshold: Option<CountOrPercent>,
+    /// What a failed gate does: roll back every touched host (default), or pause for an operator.
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub on_failure: Option<OnFailureArg>,
+    /// Spread every wave over the values of this label (failure domains), e.g. zone.
+    #[arg(long, value_name = "LABEL")]
+    pub spread_by: Option<String>,
+    /// At most this many failure domains in flight at once (with --spread-by).
+    #[arg(long, value_name = "K")]
+    pub max_domains: Option<u32>,
+}
+
+/// `--on-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailureArg {
+    /// Roll back every host the rollout touched.
+    Rollback,
+    /// Pause and wait for an operator.
+    Pause,
+}
+
+impl SpecArgs {
+    /// The wire spec; unset options stay zero/empty so the coordinator's defaults apply.
+    pub fn to_spec(&self) -> wire::RolloutSpec {
+        let ms = |d: Option<Duration>| {
+            d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0)
+        };
+        let cp = |v: &Option<CountOrPercent>| v.as_ref().map(|c| c.0.clone()).unwrap_or_default();
+        wire::RolloutSpec {
+            service: self.service.clone(),
+            release: self.release.clone(),
+            selector: self.selector.clone().unwrap_or_default(),
+            waves: self.waves.as_ref().map(|w| w.0.clone()).unwrap_or_default(),
+            bake_ms: ms(self.bake),
+            canary_bake_ms: ms(self.canary_bake),
+            min_healthy_ms: ms(self.min_healthy),
+            healthy_deadline_ms: ms(self.healthy_deadline),
+            progress_deadline_ms: ms(self.progress_deadline),
+            max_unavailable: cp(&self.max_unavailable),
+            max_in_flight: cp(&self.max_in_flight),
+            failure_threshold: cp(&self.failure_threshold),
+            cumulative_failure_threshold: cp(&self.cumulative_failure_threshold),
+            on_failure: match self.on_failure {
+                None => wire::OnFailure::Unspecified,
+                Some(OnFailureArg::Rollback) => wire::OnFailure::Rollback,
+                Some(OnFailureArg::Pause) => wire::OnFailure::Pause,
+            } as i32,
+            spread_label: self.spread_by.clone().unwrap_or_default(),
+            max_domains_in_flight: self.max_domains.unwrap_or(0),
+            unreachable_threshold: cp(&self.unreachable_threshold),
+        }
+    }
+}
+
+/// A validated wave list: every element a positive count ("1") or a percent in (0, 100] ("10%").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaveList(pub Vec<String>);
+
+/// A validated "N" or "P%" value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountOrPercent(pub String);
+
+/// Parses a duration such as "30s", "2m", "1h 30m" or "500ms". Zero is refused: in a spec it
+/// would mean "the coordinator's default", which is not what "0s" says.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration (e.g. \"30s\", \"2m\", \"500ms\"): {e}"))?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?}: must be longer than 0 (use a small value such as \"100ms\")"
+        ));
+    }
+    Ok(d)
+}
+
+/// Checks one count-or-percent element (whole numbers, as the coordinator accepts them);
+/// `allow_zero` is false for wave sizes.
+fn check_count_or_percent(s: &str, allow_zero: bool) -> Result<(), String> {
+    let expected = || "expected a count like \"1\" or a percent like \"10%\"".to_string();
+    if let Some(p) = s.strip_suffix('%') {
+        let v: u32 = p.parse().map_err(|_| expected())?;
+        if v > 100 {
+            return Err("a percent must be at most 100%".to_string());
+        }
+        if !allow_zero && v == 0 {
+            return Err("0% covers no host".to_string());
+        }
+        return Ok(());
+    }
+    let n: u32 = s.parse().map_err(|_| expected())?;
+    if !allow_zero && n == 0 {
+        return Err("a wave must have at least 1 host".to_string());
+    }
+    Ok(())
+}
+
+/// Parses a count ("3") or a percent ("25%").
+pub fn parse_count_or_percent(s: &str) -> Result<CountOrPercent, String> {
+    let t = s.trim();
+    check_count_or_percent(t, true).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(CountOrPercent(t.to_string()))
+}
+
+/// Parses a comma-separated wave list, naming the first bad element and its position.
+pub fn parse_wave_list(s: &str) -> Result<WaveList, String> {
+    let mut waves = Vec::new();
+    for (i, raw) in s.split(',').enumerate() {
+        let el = raw.trim();
+        if el.is_empty() {
+            return Err(format!(
+                "wave {} of {s:?} is empty: expected a count like \"1\" or a percent like \"10%\"",
+                i + 1
+            ));
+        }
+        check_count_or_percent(el, false)
+            .map_err(|e| format!("wave {} of {s:?} is {el:?}: {e}", i + 1))?;
+        waves.push(el.to_string());
+    }
+    Ok(WaveList(waves))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("serin").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn start_with_every_option_builds_the_spec() {
+        let cli = parse(&[
+            "--coordinator",
+            "http://10.0.0.1:7700",
+            "rollout",
+            "start",
+            "--service",
+            "web",
+            "--release",
+            "1.4.2",
+            "-l",
+            "role=web,zone=eu-1",
+            "--waves",
+            "1, 10%,50%,100%",
+            "--bake",
+            "30s",
+            "--canary-bake",
+            "2m",
+            "--min-healthy",
+            "500ms",
+            "--healthy-deadline",
+            "1m",
+            "--progress-deadline",
+            "10m",
+            "--max-unavailable",
+            "25%",
+            "--max-in-flight",
+            "3",
+            "--failure-threshold",
+            "0",
+            "--cumulative-failure-threshold",
+            "10%",
+            "--unreachable-threshold",
+            "1",
+            "--on-failure",
+            "pause",
+            "--spread-by",
+            "zone",
+            "--max-domains",
+            "2",
+            "--wait",
+            "--timeout",
+            "15m",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.coordinator, "http://10.0.0.1:7700");
+        let Command::Rollout(RolloutCommand::Start(start)) = cli.command else {
+            panic!("expected rollout start, got {:?}", cli.command);
+        };
+        assert!(start.wait);
+        assert_eq!(start.timeout, Some(Duration::from_secs(900)));
+        let spec = start.spec.to_spec();
+        assert_eq!(spec.service, "web");
+        assert_eq!(spec.release, "1.4.2");
+        assert_eq!(spec.selector, "role=web,zone=eu-1");
+        assert_eq!(spec.waves, ["1", "10%", "50%", "100%"]);
+        assert_eq!(spec.bake_ms, 30_000);
+        assert_eq!(spec.canary_bake_ms, 120_000);
+        assert_eq!(spec.min_healthy_ms, 500);
+        assert_eq!(spec.healthy_deadline_ms, 60_000);
+        assert_eq!(spec.progress_deadline_ms, 600_000);
+        assert_eq!(spec.max_unavailable, "25%");
+        assert_eq!(spec.max_in_flight, "3");
+        assert_eq!(spec.failure_threshold, "0");
+        assert_eq!(spec.cumulative_failure_threshold, "10%");
+        assert_eq!(spec.unreachable_threshold, "1");
+        assert_eq!(spec.on_failure, wire::OnFailure::Pause as i32);
+        assert_eq!(spec.spread_label, "zone");
+        assert_eq!(spec.max_domains_in_flight, 2);
+    }
+
+    #[test]
+    fn unset_options_leave_the_coordinator_defaults() {
+        let cli = parse(&["rollout", "plan", "-s", "web", "-r", "2"]).expect("valid");
+        assert_eq!(cli.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(cli.output, OutputFormat::Text);
+        let Command::Rollout(RolloutCommand::Plan(spec)) = cli.command else {
+            panic!("expected rollout plan");
+        };
+        let spec = spec.to_spec();
+        assert!(spec.waves.is_empty());
+        assert_eq!(spec.bake_ms, 0);
+        assert_eq!(spec.on_failure, wire::OnFailure::Unspecified as i32);
+    }
+
+    #[test]
+    fn json_output_is_a_global_flag() {
+        let cli = parse(&["hosts", "-o", "json", "-l", "zone=a"]).expect("valid");
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::Hosts(h) = cli.command else {
+            panic!("expected hosts");
+        };
+        assert_eq!(h.selector.as_deref(), Some("zone=a"));
+    }
+
+    #[test]
+    fn a_bad_wave_list_is_a_usage_error_naming_the_element() {
+        let err = parse(&[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2",
+            "--waves",
+            "1,10%,abc",
+        ])
+        .expect_err("abc is not a wave size");
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(msg.contains("\"abc\""), "{msg}");
+        assert!(msg.contains("wave 3"), "{msg}");
+    }
+
+    #[test]
+    fn wave_list_rules() {
+        assert_eq!(
+            parse_wave_list("1,10%,50%,100%").expect("valid").0,
+            ["1", "10%", "50%", "100%"]
+        );
+        for (bad, needle) in [
+            ("0", "at least 1 host"),
+            ("1,,100%", "wave 2"),
+            ("150%", "at most 100%"),
+            ("0%", "covers no host"),
+            ("12.5%", "expected a count"),
+            ("-1", "expected a count"),
+            ("1,x%", "wave 2"),
+            ("", "wave 1"),
+        ] {
+            let e = parse_wave_list(bad).expect_err(bad);
+            assert!(e.contains(needle), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn count_or_percent_rules() {
+        assert!(parse_count_or_percent("0").is_ok());
+        assert!(parse_count_or_percent("0%").is_ok());
+        assert!(parse_count_or_percent("100%").is_ok());
+        assert!(parse_count_or_percent("101%").is_err());
+        assert!(parse_count_or_percent("many").is_err());
+        let err = parse(&[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2",
+            "--max-unavailable",
+            "lots",
+        ])
+        .expect_err("not a count");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("lots"));
+    }
+
+    #[test]
+    fn bad_durations_and_missing_arguments_are_usage_errors() {
+        for args in [
+            &["rollout", "start", "-s", "web", "-r", "2", "--bake", "soon"][..],
+            &["rollout", "start", "-s", "web", "-r", "2", "--bake", "0s"][..],
+            &["rollout", "start", "-s", "web"][..],
+            &[
+                "rollout",
+                "start",
+                "-s",
+                "web",
+                "-r",
+                "2",
+                "--timeout",
+                "5m",
+            ][..],
+            &["rollout", "status"][..],
+            &["rollout", "launch", "r-1"][..],
+            &["-o", "yaml", "hosts"][..],
+            &["completions", "tcsh"][..],
+            &[
+                "release", "add", "-s", "web", "-r", "1", "--url", "http://x",
+            ][..],
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} should be rejected"));
+            assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
+        let err = parse(&["rollout", "start", "-s", "web", "-r", "2", "--bake", "soon"])
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn control_commands_take_an_id_and_a_reason() {
+        let cli = parse(&["rollout", "abort", "r-17", "--reason", "bad canary"]).expect("valid");
+        let Command::Rollout(RolloutCommand::Abort(c)) = cli.command else {
+            panic!("expected abort");
+        };
+        assert_eq!(c.id, "r-17");
+        assert_eq!(c.reason.as_deref(), Some("bad canary"));
+        let cli = parse(&["rollout", "status", "r-17", "--watch", "--timeout", "2m"]).expect("ok");
+        assert!(matches!(
+            cli.command,
+            Command::Rollout(RolloutCommand::Status { watch: true, timeout: Some(t), .. })
+                if t == Duration::from_secs(120)
+        ));
+    }
+
+    #[test]
+    fn serve_flags_override_the_config_file() {
+        let cli =
+            parse(&["serve", "--listen", "127.0.0.1:0", "--state-dir", "/tmp/x"]).expect("ok");
+        let Command::Serve(s) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(s.config, PathBuf::from(DEFAULT_CONFIG));
+        assert_eq!(s.listen, Some("127.0.0.1:0".parse().expect("addr")));
+        assert!(parse(&["serve", "--listen", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"), "{help}");
+        assert!(help.contains("5  the rollout is paused"), "{help}");
+    }
+}

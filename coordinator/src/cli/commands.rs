@@ -1,0 +1,494 @@
+//! The operator commands: each one is a ControlService call and a rendering of its answer.
+
+use std::io::Write;
+use std::path::Path;
+
+use serin_proto::wire;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::args::{
+    ArtifactCommand, ControlArgs, OutputFormat, ReleaseCommand, RolloutCommand, SpecArgs, StartArgs,
+};
+use super::client::Control;
+use super::exit::{CliError, Exit, error_chain};
+use super::render::{self, Palette};
+use super::watch::{self, now_ms};
+
+/// Size of the chunks `artifact push` streams.
+pub const PUSH_CHUNK: usize = 1024 * 1024;
+
+/// Prints a JSON value (pretty) or a text block to stdout.
+fn emit(
+    output: OutputFormat,
+    json: impl FnOnce() -> serde_json::Value,
+    text: impl FnOnce(&Palette) -> String,
+) {
+    match output {
+        OutputFormat::Json => {
+            let v = json();
+            // anstream's macros ignore a closed pipe (`serin hosts -o json | head`).
+            anstream::println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
+        }
+        OutputFormat::Text => {
+            let p = Palette::for_stdout();
+            anstream::print!("{}", text(&p));
+        }
+    }
+}
+
+/// Client-side checks of a service name and release id (the server checks them again).
+fn check_names(service: &str, release: &str) -> Result<(), CliError> {
+    serin_proto::ServiceName::new(service)
+        .map_err(|e| CliError::Usage(format!("--service: {e}")))?;
+    serin_proto::ReleaseId::new(release).map_err(|e| CliError::Usage(format!("--release: {e}")))?;
+    Ok(())
+}
+
+/// `serin hosts`.
+pub async fn hosts(
+    c: &mut Control,
+    output: OutputFormat,
+    selector: Option<String>,
+) -> Result<Exit, CliError> {
+    let resp = c
+        .client
+        .list_hosts(wire::ListHostsRequest {
+            selector: selector.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| c.err("list hosts", s))?
+        .into_inner();
+    let now = now_ms();
+    emit(
+        output,
+        || render::hosts_json(&resp),
+        |p| render::hosts_text(&resp.hosts, now, p),
+    );
+    Ok(Exit::Success)
+}
+
+/// `serin artifact ...`.
+pub async fn artifact(
+    c: &mut Control,
+    output: OutputFormat,
+    cmd: ArtifactCommand,
+) -> Result<Exit, CliError> {
+    match cmd {
+        ArtifactCommand::Push {
+            file,
+            service,
+            release,
+        } => push(c, output, &file, &service, &release).await,
+    }
+}
+
+/// Streams `file` in [`PUSH_CHUNK`] chunks, then checks the coordinator's sha256 and size
+/// against what was read.
+async fn push(
+    c: &mut Control,
+    output: OutputFormat,
+    file: &Path,
+    service: &str,
+    release: &str,
+) -> Result<Exit, CliError> {
+    check_names(service, release)?;
+    let mut f = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot open artifact {}: {e}", file.display())))?;
+    let meta = f
+        .metadata()
+        .await
+        .map_err(|e| CliError::Other(format!("cannot stat artifact {}: {e}", file.display())))?;
+    if !meta.is_file() {
+        return Err(CliError::Usage(format!(
+            "artifact {} is not a regular file",
+            file.display()
+        )));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<wire::PushArtifactChunk>(4);
+    let display = file.display().to_string();
+    let (service_s, release_s) = (service.to_string(), release.to_string());
+    // Reads the file and feeds the request stream; yields the hash and size it read.
+    let reader = async move {
+        let mut hasher = Sha256::new();
+        let mut total: u64 = 0;
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; PUSH_CHUNK];
+            let mut filled = 0;
+            while filled < PUSH_CHUNK {
+                let n = f
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(|e| CliError::Other(format!("cannot read artifact {display}: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            total += filled as u64;
+            let last = filled < PUSH_CHUNK;
+            if filled > 0 || first {
+                let chunk = wire::PushArtifactChunk {
+                    service: if first {
+                        service_s.clone()
+                    } else {
+                        String::new()
+                    },
+                    release_id: if first {
+                        release_s.clone()
+                    } else {
+                        String::new()
+                    },
+                    data: buf,
+                };
+                first = false;
+                if tx.send(chunk).await.is_err() {
+                    // The call ended early; its error is reported by the RPC side.
+                    break;
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        drop(tx);
+        Ok::<_, CliError>((hex::encode(hasher.finalize()), total))
+    };
+    let call = c
+        .client
+        .push_artifact(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let (read, answer) = tokio::join!(reader, call);
+    let info = answer
+        .map_err(|s| c.err(&format!("push {}", file.display()), s))?
+        .into_inner();
+    let (sha, size) = read?;
+    if let Some(rel) = &info.release
+        && (rel.sha256 != sha || rel.size != size)
+    {
+        return Err(CliError::Other(format!(
+            "the coordinator stored release {service} {release} with sha256 {} and size {}, but {} has sha256 {sha} and size {size}",
+            rel.sha256,
+            rel.size,
+            file.display()
+        )));
+    }
+    emit(
+        output,
+        || render::release_info_json(&info),
+        |p| render::release_info_text(&info, "pushed", p),
+    );
+    Ok(Exit::Success)
+}
+
+/// `serin release ...`.
+pub async fn release(
+    c: &mut Control,
+    output: OutputFormat,
+    cmd: ReleaseCommand,
+) -> Result<Exit, CliError> {
+    match cmd {
+        ReleaseCommand::Add {
+            service,
+            release,
+            url,
+            sha256,
+            size,
+        } => {
+            check_names(&service, &release)?;
+            serin_proto::Sha256::from_hex("--sha256", &sha256)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(CliError::Usage(format!(
+                    "--url {url:?} must be an http:// or https:// URL"
+                )));
+            }
+            let info = c
+                .client
+                .register_release(wire::Release {
+                    service,
+                    id: release,
+                    sha256,
+                    size,
+                    url,
+                })
+                .await
+                .map_err(|s| c.err("register release", s))?
+                .into_inner();
+            emit(
+                output,
+                || render::release_info_json(&info),
+                |p| render::release_info_text(&info, "registered", p),
+            );
+        }
+        ReleaseCommand::List { service } => {
+            let resp = c
+                .client
+                .list_releases(wire::ListReleasesRequest {
+                    service: service.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| c.err("list releases", s))?
+                .into_inner();
+            emit(
+                output,
+                || render::releases_json(&resp),
+                |p| render::releases_text(&resp.releases, p),
+            );
+        }
+    }
+    Ok(Exit::Success)
+}
+
+/// `serin rollout ...`.
+pub async fn rollout(
+    c: &mut Control,
+    output: OutputFormat,
+    cmd: RolloutCommand,
+) -> Result<Exit, CliError> {
+    match cmd {
+        RolloutCommand::Plan(spec) => plan(c, output, &spec).await,
+        RolloutCommand::Start(start) => start_rollout(c, output, start).await,
+        RolloutCommand::Status { id, watch, timeout } => {
+            if watch {
+                return watch::follow(c, &id, None, output, timeout).await;
+            }
+            let s = get(c, &id).await?;
+            let now = now_ms();
+            emit(
+                output,
+                || render::status_json(&s),
+                |p| render::status_text(&s, now, p),
+            );
+            Ok(Exit::Success)
+        }
+        RolloutCommand::List { service } => {
+            let resp = c
+                .client
+                .list_rollouts(wire::ListRolloutsRequest {
+                    service: service.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| c.err("list rollouts", s))?
+                .into_inner();
+            emit(
+                output,
+                || render::rollouts_json(&resp),
+                |p| render::rollouts_text(&resp.rollouts, p),
+            );
+            Ok(Exit::Success)
+        }
+        RolloutCommand::Pause(a) => control(c, output, wire::ControlAction::Pause, a).await,
+        RolloutCommand::Resume(a) => control(c, output, wire::ControlAction::Resume, a).await,
+        RolloutCommand::Promote(a) => control(c, output, wire::ControlAction::Promote, a).await,
+        RolloutCommand::Abort(a) => control(c, output, wire::ControlAction::Abort, a).await,
+        RolloutCommand::Retry(a) => control(c, output, wire::ControlAction::Retry, a).await,
+        RolloutCommand::Rollback(a) => control(c, output, wire::ControlAction::Rollback, a).await,
+        RolloutCommand::Explain { id } => {
+            let e = c
+                .client
+                .explain_rollout(wire::RolloutRef {
+                    rollout_id: id.clone(),
+                })
+                .await
+                .map_err(|s| c.err(&format!("explain rollout {id}"), s))?
+                .into_inner();
+            emit(
+                output,
+                || render::explanation_json(&e),
+                |p| render::explanation_text(&e, p),
+            );
+            Ok(Exit::Success)
+        }
+    }
+}
+
+fn check_spec(spec: &SpecArgs) -> Result<(), CliError> {
+    check_names(&spec.service, &spec.release)?;
+    if spec.max_domains.is_some() && spec.spread_by.is_none() {
+        return Err(CliError::Usage(
+            "--max-domains needs --spread-by LABEL (the failure-domain label)".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+async fn plan(c: &mut Control, output: OutputFormat, spec: &SpecArgs) -> Result<Exit, CliError> {
+    check_spec(spec)?;
+    let plan = c
+        .client
+        .plan_rollout(spec.to_spec())
+        .await
+        .map_err(|s| c.err("plan rollout", s))?
+        .into_inner();
+    emit(
+        output,
+        || render::plan_json(&plan),
+        |p| render::plan_text(&plan, p),
+    );
+    Ok(Exit::Success)
+}
+
+async fn start_rollout(
+    c: &mut Control,
+    output: OutputFormat,
+    start: StartArgs,
+) -> Result<Exit, CliError> {
+    check_spec(&start.spec)?;
+    let status = c
+        .client
+        .start_rollout(start.spec.to_spec())
+        .await
+        .map_err(|s| c.err("start rollout", s))?
+        .into_inner();
+    if start.wait {
+        let id = status.rollout_id.clone();
+        if output == OutputFormat::Text {
+            let mut err = anstream::stderr().lock();
+            let _ = writeln!(
+                err,
+                "started rollout {id}; following it (Ctrl-C stops watching, not the rollout)"
+            );
+        }
+        return watch::follow(c, &id, Some(status), output, start.timeout).await;
+    }
+    let now = now_ms();
+    emit(
+        output,
+        || render::status_json(&status),
+        |p| {
+            format!(
+                "started rollout {}\n\n{}\nfollow it with: serin rollout status {} --watch\n",
+                p.bold(&status.rollout_id),
+                render::status_text(&status, now, p),
+                status.rollout_id
+            )
+        },
+    );
+    Ok(Exit::Success)
+}
+
+async fn get(c: &mut Control, id: &str) -> Result<wire::RolloutStatus, CliError> {
+    Ok(c.client
+        .get_rollout(wire::RolloutRef {
+            rollout_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| c.err(&format!("get rollout {id}"), s))?
+        .into_inner())
+}
+
+async fn control(
+    c: &mut Control,
+    output: OutputFormat,
+    action: wire::ControlAction,
+    args: ControlArgs,
+) -> Result<Exit, CliError> {
+    let verb = action
+        .as_str_name()
+        .trim_start_matches("CONTROL_ACTION_")
+        .to_ascii_lowercase();
+    let s = c
+        .client
+        .control_rollout(wire::ControlRequest {
+            rollout_id: args.id.clone(),
+            action: action as i32,
+            reason: args.reason.unwrap_or_default(),
+        })
+        .await
+        .map_err(|st| c.err(&format!("{verb} rollout {}", args.id), st))?
+        .into_inner();
+    let now = now_ms();
+    emit(
+        output,
+        || render::status_json(&s),
+        |p| {
+            format!(
+                "{verb}: rollout {} is now {}\n\n{}",
+                p.bold(&s.rollout_id),
+                p.state(&s.state),
+                render::status_text(&s, now, p)
+            )
+        },
+    );
+    Ok(Exit::Success)
+}
+
+/// Runs an operator command against the coordinator at `url`.
+pub async fn run_operator(
+    url: &str,
+    output: OutputFormat,
+    command: super::args::Command,
+) -> Result<Exit, CliError> {
+    use super::args::Command;
+    let mut c = Control::connect(url).await?;
+    match command {
+        Command::Hosts(h) => hosts(&mut c, output, h.selector).await,
+        Command::Artifact(a) => artifact(&mut c, output, a).await,
+        Command::Release(r) => release(&mut c, output, r).await,
+        Command::Rollout(r) => rollout(&mut c, output, r).await,
+        Command::Serve(_)
+        | Command::CheckConfig(_)
+        | Command::Completions { .. }
+        | Command::Man => Err(CliError::Other(
+            "internal error: not an operator command".to_string(),
+        )),
+    }
+}
+
+/// Writes the shell completion script for `shell` to `out`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn Write) {
+    let mut cmd = <super::args::Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "serin", out);
+}
+
+/// Writes the man page (roff) to `out`.
+pub fn man_page(out: &mut dyn Write) -> Result<(), CliError> {
+    let cmd = <super::args::Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd)
+        .render(out)
+        .map_err(|e| CliError::Other(format!("cannot write the man page: {}", error_chain(&e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_and_man_page_are_generated() {
+        let mut bash = Vec::new();
+        completions(clap_complete::Shell::Bash, &mut bash);
+        let bash = String::from_utf8(bash).expect("utf-8");
+        assert!(
+            bash.contains("rollout"),
+            "bash completion mentions subcommands"
+        );
+        let mut man = Vec::new();
+        man_page(&mut man).expect("man page");
+        let man = String::from_utf8(man).expect("utf-8");
+        assert!(man.contains(".TH serin"), "{}", &man[..man.len().min(200)]);
+        assert!(
+            man.contains("Exit codes"),
+            "the man page documents the exit codes"
+        );
+    }
+
+    #[test]
+    fn bad_names_are_usage_errors() {
+        assert_eq!(
+            check_names("Web!", "1.0").expect_err("bad").exit().code(),
+            2
+        );
+        assert_eq!(
+            check_names("web", "../x").expect_err("bad").exit().code(),
+            2
+        );
+        assert!(check_names("web", "1.4.2").is_ok());
+    }
+}

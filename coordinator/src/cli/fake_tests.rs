@@ -1,0 +1,444 @@
+//! End-to-end tests of the operator commands against a scripted ControlService on a real
+//! loopback socket: argument parsing, the gRPC calls, the live view and the exit codes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use serin_proto::wire;
+use serin_proto::wire::control_service_server::{ControlService, ControlServiceServer};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::args::Cli;
+use super::exit::Exit;
+use super::render::tests::sample_status;
+
+/// What the fake coordinator answers, and what it saw.
+#[derive(Default)]
+struct Script {
+    /// Statuses `WatchRollout` streams, 10 ms apart.
+    watch: Vec<wire::RolloutStatus>,
+    /// Keep the watch stream open after the last status (for the timeout test).
+    hold_open: bool,
+    /// `StartRollout` fails with this.
+    start_error: Option<Status>,
+    /// `PushArtifact` reports this sha256 instead of the real one.
+    lie_about_sha: bool,
+    /// Sizes of the pushed chunks, and the service/release of the first.
+    pushed: Vec<usize>,
+    pushed_names: Option<(String, String)>,
+    /// Specs received by StartRollout.
+    started: Vec<wire::RolloutSpec>,
+    /// Control requests received.
+    controls: Vec<wire::ControlRequest>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Script>>);
+
+impl Fake {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for Fake {
+    async fn list_hosts(
+        &self,
+        _: Request<wire::ListHostsRequest>,
+    ) -> Result<Response<wire::ListHostsResponse>, Status> {
+        Ok(Response::new(wire::ListHostsResponse {
+            hosts: vec![wire::HostInfo {
+                host_id: "web-01".into(),
+                connected: true,
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn push_artifact(
+        &self,
+        request: Request<tonic::Streaming<wire::PushArtifactChunk>>,
+    ) -> Result<Response<wire::ReleaseInfo>, Status> {
+        let mut stream = request.into_inner();
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut names = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if names.is_none() {
+                names = Some((chunk.service.clone(), chunk.release_id.clone()));
+            }
+            hasher.update(&chunk.data);
+            size += chunk.data.len() as u64;
+            self.lock().pushed.push(chunk.data.len());
+        }
+        let (service, id) = names.ok_or_else(|| Status::invalid_argument("no chunk"))?;
+        let mut sha = hex::encode(hasher.finalize());
+        if self.lock().lie_about_sha {
+            sha = "0".repeat(64);
+        }
+        self.lock().pushed_names = Some((service.clone(), id.clone()));
+        Ok(Response::new(wire::ReleaseInfo {
+            release: Some(wire::Release {
+                service,
+                id,
+                sha256: sha,
+                size,
+                url: String::new(),
+            }),
+            created_unix_ms: 1,
+            deduplicated: false,
+        }))
+    }
+
+    async fn register_release(
+        &self,
+        request: Request<wire::Release>,
+    ) -> Result<Response<wire::ReleaseInfo>, Status> {
+        Ok(Response::new(wire::ReleaseInfo {
+            release: Some(request.into_inner()),
+            created_unix_ms: 1,
+            deduplicated: false,
+        }))
+    }
+
+    async fn list_releases(
+        &self,
+        _: Request<wire::ListReleasesRequest>,
+    ) -> Result<Response<wire::ListReleasesResponse>, Status> {
+        Ok(Response::new(wire::ListReleasesResponse::default()))
+    }
+
+    async fn plan_rollout(
+        &self,
+        request: Request<wire::RolloutSpec>,
+    ) -> Result<Response<wire::RolloutPlan>, Status> {
+        Ok(Response::new(wire::RolloutPlan {
+            spec: Some(request.into_inner()),
+            ..Default::default()
+        }))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<wire::RolloutSpec>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        let mut s = self.lock();
+        if let Some(e) = s.start_error.clone() {
+            return Err(e);
+        }
+        s.started.push(request.into_inner());
+        let mut first = sample_status();
+        first.state = "running".into();
+        Ok(Response::new(first))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<wire::RolloutRef>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        let id = request.into_inner().rollout_id;
+        if id != "r-42" {
+            return Err(Status::not_found(format!("no rollout {id}")));
+        }
+        let s = self.lock();
+        Ok(Response::new(
+            s.watch.last().cloned().unwrap_or_else(sample_status),
+        ))
+    }
+
+    type WatchRolloutStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<wire::RolloutStatus, Status>> + Send>,
+    >;
+
+    async fn watch_rollout(
+        &self,
+        _: Request<wire::RolloutRef>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let (items, hold) = {
+            let s = self.lock();
+            (s.watch.clone(), s.hold_open)
+        };
+        let items = futures::stream::iter(items).then(|s| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(s)
+        });
+        // After the script: end the stream, or hold it open forever.
+        let tail = futures::stream::unfold((), move |()| async move {
+            if hold {
+                std::future::pending::<()>().await;
+            }
+            None
+        });
+        let stream = items.chain(tail);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _: Request<wire::ListRolloutsRequest>,
+    ) -> Result<Response<wire::ListRolloutsResponse>, Status> {
+        Ok(Response::new(wire::ListRolloutsResponse {
+            rollouts: vec![sample_status()],
+        }))
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<wire::ControlRequest>,
+    ) -> Result<Response<wire::RolloutStatus>, Status> {
+        self.lock().controls.push(request.into_inner());
+        let mut s = sample_status();
+        s.state = "paused".into();
+        Ok(Response::new(s))
+    }
+
+    async fn explain_rollout(
+        &self,
+        _: Request<wire::RolloutRef>,
+    ) -> Result<Response<wire::Explanation>, Status> {
+        Ok(Response::new(wire::Explanation {
+            status: Some(sample_status()),
+            decisions: sample_status().decisions,
+            events: vec!["created".into()],
+        }))
+    }
+}
+
+/// A fake coordinator on a loopback port; stops when dropped.
+struct Server {
+    url: String,
+    fake: Fake,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(script: Script) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let fake = Fake(Arc::new(Mutex::new(script)));
+    let stop = CancellationToken::new();
+    let svc = ControlServiceServer::new(fake.clone());
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                s.cancelled_owned(),
+            )
+            .await;
+    });
+    Server {
+        url: format!("http://{addr}"),
+        fake,
+        stop,
+    }
+}
+
+/// Parses `serin --coordinator URL -o json ARGS` and runs it; the exit code it maps to.
+async fn run(server: &Server, args: &[&str]) -> (Exit, String) {
+    let cli = Cli::try_parse_from(
+        ["serin", "--coordinator", &server.url, "-o", "json"]
+            .iter()
+            .copied()
+            .chain(args.iter().copied()),
+    )
+    .expect("valid command line");
+    match super::run_operator(&cli.coordinator, cli.output, cli.command).await {
+        Ok(exit) => (exit, String::new()),
+        Err(e) => (e.exit(), e.to_string()),
+    }
+}
+
+fn ending(state: &str) -> Vec<wire::RolloutStatus> {
+    let mut running = sample_status();
+    running.state = "running".into();
+    let mut last = sample_status();
+    last.state = state.into();
+    last.finished = matches!(state, "succeeded" | "rolled_back" | "aborted" | "failed");
+    vec![running.clone(), running, last]
+}
+
+#[tokio::test]
+async fn start_wait_exit_codes_follow_the_final_state() {
+    for (state, code) in [
+        ("succeeded", 0),
+        ("rolled_back", 3),
+        ("aborted", 3),
+        ("failed", 3),
+        ("paused", 5),
+    ] {
+        let server = serve(Script {
+            watch: ending(state),
+            ..Default::default()
+        })
+        .await;
+        let (exit, err) = run(
+            &server,
+            &["rollout", "start", "-s", "web", "-r", "2.0.0", "--wait"],
+        )
+        .await;
+        assert_eq!(exit.code(), code, "final state {state}: {err}");
+        assert_eq!(server.fake.lock().started.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn status_watch_ends_when_the_stream_ends_with_a_final_state() {
+    let server = serve(Script {
+        watch: ending("rolled_back"),
+        ..Default::default()
+    })
+    .await;
+    let (exit, err) = run(&server, &["rollout", "status", "r-42", "--watch"]).await;
+    assert_eq!(exit, Exit::RolloutFailed, "{err}");
+}
+
+#[tokio::test]
+async fn wait_gives_up_after_the_timeout_with_exit_4() {
+    let server = serve(Script {
+        watch: vec![sample_status()],
+        hold_open: true,
+        ..Default::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (exit, err) = run(
+        &server,
+        &[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2.0.0",
+            "--wait",
+            "--timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    assert_eq!(exit, Exit::Timeout, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_rejected_spec_is_exit_2_with_the_servers_message() {
+    let server = serve(Script {
+        start_error: Some(Status::failed_precondition(
+            "service web already has an active rollout r-1",
+        )),
+        ..Default::default()
+    })
+    .await;
+    let (exit, err) = run(&server, &["rollout", "start", "-s", "web", "-r", "2.0.0"]).await;
+    assert_eq!(exit, Exit::Usage);
+    assert!(err.contains("already has an active rollout r-1"), "{err}");
+    let (exit, err) = run(&server, &["rollout", "status", "r-404"]).await;
+    assert_eq!(exit, Exit::Usage);
+    assert!(err.contains("no rollout r-404"), "{err}");
+}
+
+#[tokio::test]
+async fn push_streams_one_mib_chunks_and_checks_the_stored_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("web");
+    let data: Vec<u8> = (0..(2 * 1024 * 1024 + 512 * 1024))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    std::fs::write(&file, &data).expect("write artifact");
+    let path = file.display().to_string();
+
+    let server = serve(Script::default()).await;
+    let (exit, err) = run(
+        &server,
+        &["artifact", "push", &path, "-s", "web", "-r", "1.4.2"],
+    )
+    .await;
+    assert_eq!(exit, Exit::Success, "{err}");
+    {
+        let s = server.fake.lock();
+        assert_eq!(s.pushed, [1024 * 1024, 1024 * 1024, 512 * 1024]);
+        assert_eq!(
+            s.pushed_names,
+            Some(("web".to_string(), "1.4.2".to_string()))
+        );
+    }
+
+    let liar = serve(Script {
+        lie_about_sha: true,
+        ..Default::default()
+    })
+    .await;
+    let (exit, err) = run(
+        &liar,
+        &["artifact", "push", &path, "-s", "web", "-r", "1.4.2"],
+    )
+    .await;
+    assert_eq!(exit, Exit::Error);
+    assert!(err.contains("sha256"), "{err}");
+
+    let (exit, err) = run(
+        &server,
+        &[
+            "artifact",
+            "push",
+            "/nonexistent/file",
+            "-s",
+            "web",
+            "-r",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(exit, Exit::Usage);
+    assert!(err.contains("/nonexistent/file"), "{err}");
+}
+
+#[tokio::test]
+async fn every_read_command_and_control_action_succeeds_against_a_coordinator() {
+    let server = serve(Script::default()).await;
+    for args in [
+        &["hosts", "-l", "zone=a"][..],
+        &["release", "list"][..],
+        &[
+            "release",
+            "add",
+            "-s",
+            "web",
+            "-r",
+            "1",
+            "--url",
+            "https://example.invalid/web",
+            "--sha256",
+            &"ab".repeat(32),
+            "--size",
+            "10",
+        ][..],
+        &["rollout", "plan", "-s", "web", "-r", "2"][..],
+        &["rollout", "list"][..],
+        &["rollout", "status", "r-42"][..],
+        &["rollout", "explain", "r-42"][..],
+        &["rollout", "pause", "r-42", "--reason", "lunch"][..],
+    ] {
+        let (exit, err) = run(&server, args).await;
+        assert_eq!(exit, Exit::Success, "{args:?}: {err}");
+    }
+    let controls = server.fake.lock().controls.clone();
+    assert_eq!(controls.len(), 1);
+    assert_eq!(controls[0].action, wire::ControlAction::Pause as i32);
+    assert_eq!(controls[0].reason, "lunch");
+}
