@@ -1,0 +1,182 @@
+//! Locating the workspace's binaries, built fresh once per test process.
+//!
+//! Tests run real processes: `serin-agent`, `serin` and `serin-demo-service`. The first call to
+//! [`agent`] or [`demo_service`] runs `cargo build --bins -p serin-agent -p serin-tests`, the first
+//! call to [`serin`] or [`binary`] runs `cargo build --workspace --bins` (each once per test
+//! process), so the binaries are never stale. Building serin-tests alongside the agent matters:
+//! cargo unifies features over the selected packages, so the agent binary gets the
+//! `fault-injection` feature this crate enables on its dependency (a plain
+//! `cargo build -p serin-agent` builds it without, and overwrites the binary).
+//! The paths handed out are the build outputs in `deps/` (see `stable_path`), so a concurrent
+//! `cargo build -p serin-agent` cannot swap a binary without the feature under a running test.
+//! Set `SERIN_TESTS_SKIP_BUILD=1` to skip the builds (e.g. when the binaries were just built).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The directory holding the binaries of the current profile, e.g. `target/debug/`.
+///
+/// Derived from the running executable (`target/debug/deps/agent_x-hash` or
+/// `target/debug/serin-demo`), so it follows `CARGO_TARGET_DIR` and the profile in use.
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the path of the running test executable");
+        let mut dir = exe
+            .parent()
+            .expect("the test executable lives in a directory")
+            .to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        dir
+    })
+    .clone()
+}
+
+/// The workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+}
+
+/// Which packages a build covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `-p serin-agent -p serin-tests`: the agent (with `fault-injection`, unified from this
+    /// crate's dependency) and the demo service. Agent tests need no more, so they do not fail
+    /// when another crate of the workspace does not compile.
+    Agent,
+    /// `--workspace`: everything, the coordinator's `serin` included.
+    Workspace,
+}
+
+/// Binaries resolved right after each scope's build.
+type Resolved = Result<HashMap<&'static str, PathBuf>, String>;
+
+/// The binaries each scope's build resolves.
+fn names(scope: Scope) -> &'static [&'static str] {
+    match scope {
+        Scope::Agent => &["serin-agent", "serin-demo-service"],
+        Scope::Workspace => &["serin-agent", "serin-demo-service", "serin"],
+    }
+}
+
+/// Runs the build for `scope` once per process and resolves its binaries; panics with cargo's
+/// stderr on failure (every later call panics with the same message instead of building again).
+fn ensure_built(scope: Scope) -> &'static HashMap<&'static str, PathBuf> {
+    static AGENT: OnceLock<Resolved> = OnceLock::new();
+    static WORKSPACE: OnceLock<Resolved> = OnceLock::new();
+    let cell = match scope {
+        Scope::Agent => &AGENT,
+        Scope::Workspace => &WORKSPACE,
+    };
+    let resolved = cell.get_or_init(|| {
+        build(scope)?;
+        Ok(names(scope)
+            .iter()
+            .map(|name| (*name, stable_path(name)))
+            .collect())
+    });
+    match resolved {
+        Ok(map) => map,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The path of the build output behind `<bin_dir>/<name>` that later builds will not replace.
+///
+/// Cargo links each build of a binary to `deps/<name_with_underscores>-<hash>`, the hash covering
+/// the enabled features, and hardlinks the latest one to `<bin_dir>/<name>`. Someone running
+/// `cargo build -p serin-agent` meanwhile (without `fault-injection`) replaces
+/// `<bin_dir>/serin-agent`, but not the deps file of our feature set: so tests run that one.
+fn stable_path(name: &str) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let uplifted = bin_dir().join(name);
+    let Ok(meta) = std::fs::metadata(&uplifted) else {
+        return uplifted;
+    };
+    let prefix = format!("{}-", name.replace('-', "_"));
+    let found = std::fs::read_dir(bin_dir().join("deps"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .find(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
+        });
+    found.map_or(uplifted, |e| e.path())
+}
+
+fn build(scope: Scope) -> Result<(), String> {
+    if std::env::var_os("SERIN_TESTS_SKIP_BUILD").is_some_and(|v| v == "1") {
+        return Ok(());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+    match scope {
+        Scope::Agent => cmd.args(["-p", "serin-agent", "-p", "serin-tests"]),
+        Scope::Workspace => cmd.arg("--workspace"),
+    };
+    // Build the profile the tests run under, so bin_dir() finds what was built.
+    if bin_dir().file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let output = cmd
+        .output()
+        .map_err(|e| format!("running {cargo:?} {cmd:?}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+fn binary_in(scope: Scope, name: &str) -> PathBuf {
+    let path = ensure_built(scope)
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| bin_dir().join(name));
+    // A concurrent build of the same configuration (another engineer, another test process)
+    // replaces the file: it is missing for a moment, so give it a little while to come back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !path.is_file() && std::time::Instant::now() < deadline {
+        std::thread::sleep(crate::wait::POLL);
+    }
+    assert!(
+        path.is_file(),
+        "binary {name} not found at {} after building it",
+        path.display()
+    );
+    path
+}
+
+/// The path of workspace binary `name`, after `cargo build --workspace --bins`; panics if it
+/// does not exist.
+pub fn binary(name: &str) -> PathBuf {
+    binary_in(Scope::Workspace, name)
+}
+
+/// The agent binary, `serin-agent` (built with `fault-injection`).
+pub fn agent() -> PathBuf {
+    binary_in(Scope::Agent, "serin-agent")
+}
+
+/// The coordinator and operator CLI binary, `serin`.
+pub fn serin() -> PathBuf {
+    binary("serin")
+}
+
+/// The demo service binary, `serin-demo-service`.
+pub fn demo_service() -> PathBuf {
+    binary_in(Scope::Agent, "serin-demo-service")
+}
