@@ -391,6 +391,7 @@ impl Activation {
 
     fn observe(self, now_ms: u64, o: Observation) -> Step {
         let Phase::Armed {
+            healthy_by_unix_ms,
             healthy_since_unix_ms,
             reported_healthy,
             ..
@@ -418,6 +419,21 @@ impl Activation {
             return self.roll_back(RollbackCause::Unhealthy, message);
         }
         match o.verdict {
+            // Not healthy *yet*: a starting service (still running, not restarted) gets until
+            // the healthy deadline to start passing its checks; failing fast is only for a
+            // release that was healthy once.
+            Verdict::Failing if never_healthy => {
+                if now_ms >= healthy_by_unix_ms {
+                    let message = format!(
+                        "release {} was not healthy within the healthy deadline of {} ms{}",
+                        self.to,
+                        self.deadlines.healthy_deadline_ms,
+                        detail_suffix(&o.detail)
+                    );
+                    return self.roll_back(RollbackCause::Unhealthy, message);
+                }
+                self.tick(now_ms)
+            }
             Verdict::Failing => {
                 let message = format!(
                     "release {} failed its health checks before it was confirmed{}",
@@ -753,6 +769,41 @@ mod tests {
     }
 
     #[test]
+    fn failing_before_ever_healthy_waits_for_the_healthy_deadline() {
+        // A slow starter: connection refused for a while, then healthy.
+        let a = armed(D);
+        let (a, cmds) = a.step(obs(1_100, Verdict::Failing, true, 0));
+        assert!(cmds.is_empty(), "rolled back before the deadline: {cmds:?}");
+        let (a, cmds) = a.unwrap().step(obs(6_000, Verdict::Failing, true, 0));
+        assert!(cmds.is_empty(), "rolled back before the deadline: {cmds:?}");
+        let (a, _) = a.unwrap().step(healthy(7_000));
+        let (_, cmds) = a.unwrap().step(Input::Tick { now_ms: 9_000 });
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+
+        // Never passing: rolled back at the deadline, naming the failing check.
+        let a = armed(D);
+        let (a, _) = a.step(obs(1_100, Verdict::Failing, true, 0));
+        let a = expect_rollback(
+            a.unwrap().step(obs(11_000, Verdict::Failing, true, 0)),
+            RollbackCause::Unhealthy,
+        );
+        match a.phase {
+            Phase::RollingBack { message, .. } => assert!(
+                message.contains("healthy deadline of 10000 ms") && message.contains("http: 500"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+
+        // A crash at start still fails fast.
+        let a = armed(D);
+        expect_rollback(
+            a.step(obs(1_100, Verdict::Failing, false, 0)),
+            RollbackCause::FailedToStart,
+        );
+    }
+
+    #[test]
     fn failing_after_healthy_but_before_confirm_still_rolls_back() {
         let a = armed(D);
         let (a, _) = a.step(healthy(1_000));
@@ -959,8 +1010,9 @@ mod tests {
             RollbackCause::Unhealthy,
         );
 
+        let (a, _) = armed(D).step(healthy(1_500));
         let rb = expect_rollback(
-            armed(D).step(obs(2_000, Verdict::Failing, true, 0)),
+            a.unwrap().step(obs(2_000, Verdict::Failing, true, 0)),
             RollbackCause::Unhealthy,
         );
         assert_eq!(rb.clone().resume(true).1, vec![Command::Swap("A".into())]);

@@ -133,6 +133,37 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StageError {
     move |source| StageError::Io { what, source }
 }
 
+/// Runs blocking file-system work (large reads, fsyncs) on the blocking pool; `what` names the
+/// file for the error if the thread itself fails.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, StageError> + Send + 'static,
+) -> Result<T, StageError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(StageError::Io {
+            what: format!("blocking work on {what} failed"),
+            source: io::Error::other(e),
+        })
+    })
+}
+
+/// Feeds the first `len` bytes of the file at `path` into `hasher`.
+fn hash_prefix(mut hasher: Sha256, path: &Path, len: u64) -> io::Result<Sha256> {
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let n = n.min(left as usize);
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hasher)
+}
+
 /// A stream of artifact bytes.
 pub trait ChunkSource: Send {
     /// The next chunk, `None` at the end.
@@ -305,7 +336,7 @@ impl ReleaseStore {
 
     /// Removes the oldest releases beyond `keep`, never one named in `protect`. Returns the ids
     /// removed.
-    pub fn prune(&self, keep: usize, protect: &[Option<&str>]) -> Vec<String> {
+    pub fn prune(&self, keep: usize, protect: &[&str]) -> Vec<String> {
         let releases = self.list();
         let mut excess = releases.len().saturating_sub(keep);
         let mut removed = Vec::new();
@@ -313,7 +344,7 @@ impl ReleaseStore {
             if excess == 0 {
                 break;
             }
-            if protect.iter().flatten().any(|p| *p == r.id) {
+            if protect.contains(&r.id.as_str()) {
                 continue;
             }
             // Rename out of the way first so a half-deleted directory never looks like a release.
@@ -408,22 +439,12 @@ impl ReleaseStore {
             offset = 0;
         }
         if offset > 0 {
-            // Resume: hash what is already there.
-            let mut f =
-                fs::File::open(part_path).map_err(io_err(format!("cannot read {part_name}")))?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut left = offset;
-            while left > 0 {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(io_err(format!("cannot read {part_name}")))?;
-                if n == 0 {
-                    break;
-                }
-                let n = n.min(left as usize);
-                hasher.update(&buf[..n]);
-                left -= n as u64;
-            }
+            // Resume: hash what is already there (up to the whole artifact: off the runtime).
+            let (path, name) = (part_path.to_path_buf(), part_name.clone());
+            hasher = blocking(&part_name, move || {
+                hash_prefix(hasher, &path, offset).map_err(io_err(format!("cannot read {name}")))
+            })
+            .await?;
             tracing::info!(service = %self.service, release = id, offset, "resuming partial download");
         }
         let mut attempt = 0;
@@ -496,9 +517,14 @@ impl ReleaseStore {
                 }
             }
         }
-        file.sync_all()
-            .map_err(io_err(format!("cannot fsync {part_name}")))?;
-        drop(file);
+        // Fsyncing a large file and installing it block for a while: keep them off the runtime
+        // so the coordinator stream and the other services are not stalled.
+        let name = part_name.clone();
+        blocking(&part_name, move || {
+            file.sync_all()
+                .map_err(io_err(format!("cannot fsync {name}")))
+        })
+        .await?;
         fault::point("stage-downloaded");
 
         let got = hex::encode(hasher.finalize());
@@ -512,6 +538,30 @@ impl ReleaseStore {
         }
         fault::point("stage-verified");
 
+        let (store, id_owned, size, part) = (
+            self.clone(),
+            id.to_string(),
+            release.size,
+            part_path.to_path_buf(),
+        );
+        blocking(&part_name, move || {
+            store.install(&id_owned, expected, size, &part)
+        })
+        .await?;
+        fault::point("stage-installed");
+        Ok(Staged::Installed)
+    }
+
+    /// Moves the verified artifact at `part_path` into `releases/<id>/` with its `release.json`,
+    /// through a hidden temporary directory renamed into place (blocking, with fsyncs).
+    fn install(
+        &self,
+        id: &str,
+        sha256: String,
+        size: u64,
+        part_path: &Path,
+    ) -> Result<(), StageError> {
+        let part_name = part_path.display().to_string();
         let tmp = self.releases_dir().join(format!(".install-{id}"));
         let _ = fs::remove_dir_all(&tmp);
         let tmp_name = tmp.display().to_string();
@@ -524,8 +574,8 @@ impl ReleaseStore {
         let meta = ReleaseMeta {
             service: self.service.to_string(),
             id: id.into(),
-            sha256: expected,
-            size: release.size,
+            sha256,
+            size,
             verified_unix_ms: unix_ms(),
         };
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| StageError::Io {
@@ -542,8 +592,7 @@ impl ReleaseStore {
         )))?;
         durable::fsync_dir(&self.releases_dir()).map_err(io_err("cannot fsync releases/"))?;
         let _ = durable::fsync_dir(&self.staging_dir());
-        fault::point("stage-installed");
-        Ok(Staged::Installed)
+        Ok(())
     }
 }
 
@@ -707,6 +756,23 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_partial_download_left_in_staging_is_resumed_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data: Vec<u8> = (0..200u8).collect();
+        let r = release_for(&data, "web-1", 200);
+        fs::write(
+            s.staging_dir().join(format!("{}.part", r.sha256.to_hex())),
+            &data[..120],
+        )
+        .unwrap();
+        let o = VecOpener::new(&data);
+        assert_eq!(stage(&s, &r, &o).await.unwrap(), Staged::Installed);
+        assert_eq!(*o.opens.lock().unwrap(), vec![120]);
+        assert_eq!(fs::read(s.binary_path("web-1")).unwrap(), data);
+    }
+
+    #[tokio::test]
     async fn a_source_that_stays_short_is_a_size_mismatch() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
@@ -778,10 +844,28 @@ pub(crate) mod tests {
         assert!(s.swap_current("web-9").is_err());
         assert_eq!(s.current().as_deref(), Some("web-2"));
 
-        let removed = s.prune(3, &[Some("web-2"), Some("web-1")]);
+        // Protected releases count towards `keep` but are never removed.
+        let removed = s.prune(3, &["web-2", "web-1"]);
         assert_eq!(removed, vec!["web-3".to_string(), "web-4".to_string()]);
         let left: Vec<String> = s.list().into_iter().map(|m| m.id).collect();
         assert_eq!(left, vec!["web-1", "web-2", "web-5"]);
+    }
+
+    #[tokio::test]
+    async fn prune_removes_the_oldest_verified_first_whatever_the_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        for (id, at) in [("web-b", 3_000), ("web-a", 2_000), ("web-c", 1_000)] {
+            let r = release_for(id.as_bytes(), id, id.len() as u64);
+            stage(&s, &r, &VecOpener::new(id.as_bytes())).await.unwrap();
+            let path = s.release_dir(id).join("release.json");
+            let mut meta: ReleaseMeta = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            meta.verified_unix_ms = at;
+            fs::write(&path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        }
+        assert_eq!(s.prune(2, &["web-b"]), vec!["web-c".to_string()]);
+        assert_eq!(s.prune(1, &["web-b"]), vec!["web-a".to_string()]);
+        assert_eq!(s.prune(1, &["web-b"]), Vec::<String>::new());
     }
 
     #[test]

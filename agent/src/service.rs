@@ -120,6 +120,9 @@ struct ServiceTask {
     last_status: ServiceStatus,
     restart_baseline: u32,
     job: Option<StageJob>,
+    /// The release the last stage-only order put on disk, kept until an activation of it (or a
+    /// later stage) so that pruning does not remove what the coordinator is about to activate.
+    staged: Option<String>,
     inventory: watch::Sender<wire::ServiceInventory>,
     last_verdict: activation::Verdict,
 }
@@ -158,6 +161,7 @@ pub fn spawn(
         last_status: ServiceStatus::default(),
         restart_baseline: 0,
         job: None,
+        staged: None,
         inventory,
         last_verdict: activation::Verdict::Unknown,
     };
@@ -555,9 +559,11 @@ impl ServiceTask {
                     Staged::Installed => "downloaded and verified",
                 };
                 tracing::info!(service = self.name(), release = %job.release.id, how, "release staged");
-                self.prune();
+                // No pruning here: between staging and the swap the staged release is in no
+                // other protected slot. Pruning runs when an activation ends.
                 match job.activate {
                     None => {
+                        self.staged = Some(job.release.id.to_string());
                         let msg = format!("release {} {how}", job.release.id);
                         self.reply(&job.order, OrderPhase::Staged, ResultCode::Ok, msg)
                             .await;
@@ -621,6 +627,10 @@ impl ServiceTask {
 
     async fn begin_activation(&mut self, order: &Order, to: String, deadlines: Deadlines) {
         let from = self.store.current();
+        if self.staged.as_deref() == Some(to.as_str()) {
+            // From now on the journal protects it.
+            self.staged = None;
+        }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
         let step = Activation::begin(
             OrderRef {
@@ -737,19 +747,27 @@ impl ServiceTask {
         }
     }
 
-    fn prune(&mut self) {
-        let current = self.store.current();
-        let activating = self.state.activation.as_ref().map(|a| a.to.clone());
-        let job = self.job.as_ref().map(|j| j.release.id.to_string());
-        let removed = self.store.prune(
-            self.cfg.keep_releases,
-            &[
-                current.as_deref(),
-                self.state.previous.as_deref(),
-                activating.as_deref(),
-                job.as_deref(),
-            ],
+    /// Removes the oldest releases beyond `keep_releases`, never one that is current, the
+    /// rollback target, staged for activation, being staged, or named by an in-flight
+    /// activation journal. Runs on a blocking thread: deleting a large release and fsyncing
+    /// must not stall the other tasks on the runtime.
+    async fn prune(&mut self) {
+        let protect = protected_releases(
+            self.store.current(),
+            &self.state,
+            self.job.as_ref().map(|j| j.release.id.to_string()),
+            self.staged.clone(),
         );
+        let (store, keep) = (self.store.clone(), self.cfg.keep_releases);
+        let removed = tokio::task::spawn_blocking(move || {
+            let protect: Vec<&str> = protect.iter().map(String::as_str).collect();
+            store.prune(keep, &protect)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(service = self.name(), error = %e, "pruning old releases failed");
+            Vec::new()
+        });
         for id in removed {
             tracing::info!(service = self.name(), release = %id, "pruned old release");
         }
@@ -864,7 +882,7 @@ impl ServiceTask {
                     None
                 }
                 Command::Finish { outcome, from, to } => {
-                    self.finish(outcome, from, to);
+                    self.finish(outcome, from, to).await;
                     None
                 }
             };
@@ -903,7 +921,7 @@ impl ServiceTask {
         self.send(r, true).await;
     }
 
-    fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
+    async fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
         tracing::info!(service = self.name(), release = %to, outcome = ?outcome, "activation finished");
         self.state.activation = None;
         match outcome {
@@ -921,7 +939,8 @@ impl ServiceTask {
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist the end of the activation");
         }
-        self.prune();
+        // The activation is over and persisted: only now may old releases go.
+        self.prune().await;
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1028,10 +1047,7 @@ impl ServiceTask {
             (None, None, Some(_)) if self.last_status.running => wire::ServiceState::Running,
             (None, None, Some(_)) => wire::ServiceState::Stopped,
         };
-        let previous = match &self.state.activation {
-            Some(a) => a.from.clone(),
-            None => self.state.previous.clone(),
-        };
+        let previous = previous_release(current.as_deref(), &self.state);
         let inv = wire::ServiceInventory {
             service: self.name().to_string(),
             current_release: current.unwrap_or_default(),
@@ -1049,5 +1065,134 @@ impl ServiceTask {
                 true
             }
         });
+    }
+}
+
+/// The releases pruning must keep whatever their age: `current`, the rollback target
+/// (`previous`) and the last confirmed release, both ends of an in-flight activation journal,
+/// the release being staged (`job`) and the one staged for a coming activation (`staged`).
+fn protected_releases(
+    current: Option<String>,
+    state: &ServiceState,
+    job: Option<String>,
+    staged: Option<String>,
+) -> Vec<String> {
+    let journal = state
+        .activation
+        .as_ref()
+        .map(|a| [a.from.clone(), Some(a.to.clone())]);
+    [
+        current,
+        state.previous.clone(),
+        state.confirmed.clone(),
+        job,
+        staged,
+    ]
+    .into_iter()
+    .chain(journal.into_iter().flatten())
+    .flatten()
+    .collect()
+}
+
+/// The release a rollback would restore, as reported in the inventory: while an activation is
+/// in flight and `current` already points at its target, the release it came from; otherwise
+/// the recorded previous release. Never the same as `current`.
+fn previous_release(current: Option<&str>, state: &ServiceState) -> Option<String> {
+    let previous = match &state.activation {
+        Some(a) if current == Some(a.to.as_str()) => a.from.clone(),
+        _ => state.previous.clone(),
+    };
+    previous.filter(|p| Some(p.as_str()) != current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(from: Option<&str>, to: &str, phase: Phase) -> Activation {
+        Activation {
+            order: OrderRef {
+                order_id: "o1".into(),
+                rollout_id: "r1".into(),
+                seq: 1,
+            },
+            from: from.map(str::to_string),
+            to: to.to_string(),
+            deadlines: Deadlines {
+                healthy_deadline_ms: 1_000,
+                min_healthy_ms: 0,
+                confirm_deadline_ms: None,
+            },
+            phase,
+        }
+    }
+
+    fn state(previous: Option<&str>, activation: Option<Activation>) -> ServiceState {
+        ServiceState {
+            previous: previous.map(str::to_string),
+            activation,
+            ..ServiceState::default()
+        }
+    }
+
+    #[test]
+    fn inventory_previous_is_never_current_during_replay() {
+        // Journaled (not swapped yet) from demo-1.0 to demo-2.0, demo-0.9 before that.
+        let s = state(
+            Some("demo-0.9"),
+            Some(journal(Some("demo-1.0"), "demo-2.0", Phase::Journaled)),
+        );
+        assert_eq!(
+            previous_release(Some("demo-1.0"), &s).as_deref(),
+            Some("demo-0.9")
+        );
+        // Swapped: current is the target, so previous is where the activation came from.
+        let s = state(
+            Some("demo-0.9"),
+            Some(journal(Some("demo-1.0"), "demo-2.0", Phase::Swapped)),
+        );
+        assert_eq!(
+            previous_release(Some("demo-2.0"), &s).as_deref(),
+            Some("demo-1.0")
+        );
+        // First activation ever, not swapped: nothing to roll back to.
+        let s = state(None, Some(journal(None, "demo-1.0", Phase::Journaled)));
+        assert_eq!(previous_release(None, &s), None);
+        // No journal: the recorded previous, unless it is current.
+        assert_eq!(
+            previous_release(Some("demo-2.0"), &state(Some("demo-1.0"), None)).as_deref(),
+            Some("demo-1.0")
+        );
+        assert_eq!(
+            previous_release(Some("demo-2.0"), &state(Some("demo-2.0"), None)),
+            None
+        );
+        // Journal whose `from` equals current (re-activation): never previous == current.
+        let s = state(
+            Some("demo-1.0"),
+            Some(journal(Some("demo-2.0"), "demo-2.0", Phase::Swapped)),
+        );
+        assert_ne!(
+            previous_release(Some("demo-2.0"), &s).as_deref(),
+            Some("demo-2.0")
+        );
+    }
+
+    #[test]
+    fn pruning_protects_staged_journaled_current_and_previous() {
+        let s = state(
+            Some("web-1"),
+            Some(journal(Some("web-2"), "web-3", Phase::Journaled)),
+        );
+        let p = protected_releases(
+            Some("web-2".into()),
+            &s,
+            Some("web-5".into()),
+            Some("web-4".into()),
+        );
+        for id in ["web-1", "web-2", "web-3", "web-4", "web-5"] {
+            assert!(p.iter().any(|r| r == id), "{id} not protected: {p:?}");
+        }
+        assert!(protected_releases(None, &ServiceState::default(), None, None).is_empty());
     }
 }

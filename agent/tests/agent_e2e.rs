@@ -182,6 +182,10 @@ impl Drop for KillService {
 }
 
 fn config(addr: std::net::SocketAddr, state: &Path) -> serin_agent::Config {
+    config_keeping(addr, state, 3)
+}
+
+fn config_keeping(addr: std::net::SocketAddr, state: &Path, keep: usize) -> serin_agent::Config {
     let text = format!(
         r#"
 coordinator = "http://{addr}"
@@ -195,6 +199,7 @@ reconnect_max = "200ms"
 name = "web"
 binary = "web"
 stop_timeout = "1s"
+keep_releases = {keep}
 [service.run]
 kind = "process"
 [[service.check]]
@@ -205,7 +210,8 @@ timeout = "1s"
 failure_threshold = 2
 "#,
         state.display(),
-        state.display()
+        state.display(),
+        keep = keep,
     );
     serin_agent::Config::parse(&text).unwrap().config
 }
@@ -390,4 +396,94 @@ async fn stage_activate_confirm_dead_man_switch_and_restart() {
     agent.await.unwrap().unwrap();
     server_stop.cancel();
     let _ = server.await;
+}
+
+fn releases_on_disk(state: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(state.join("web/releases"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Starts the fake coordinator on port 0; returns it, its address and its stop token.
+async fn start_fake() -> (FakeCoordinator, std::net::SocketAddr, CancellationToken) {
+    let fake = FakeCoordinator::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(fake.clone()))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+    (fake, addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_current_previous_and_the_release_about_to_be_activated() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _kill = KillService(state.clone());
+    let (fake, addr, server_stop) = start_fake().await;
+    let good = "#!/bin/sh\ntouch ok\nexec sleep 60\n";
+    let releases: Vec<wire::Release> = (1..=3)
+        .map(|i| fake.add(&format!("web-{i}"), &format!("{good}# {i}\n")))
+        .collect();
+    let staged_only = fake.add("web-4", &format!("{good}# 4\n"));
+    let broken = fake.add("web-5", "#!/bin/sh\nexit 3\n");
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(serin_agent::run(
+        config_keeping(addr, &state, 2),
+        shutdown.clone(),
+    ));
+    wait_for("hello", || fake.0.lock().unwrap().orders.clone()).await;
+
+    // keep_releases = 2: each activation downloads its release and must still find it on disk.
+    for (i, r) in releases.iter().enumerate() {
+        let seq = i as u64 + 1;
+        fake.send(seq, activate(r, 0)).await;
+        let res = fake.wait_result(seq, OrderPhase::Healthy).await;
+        assert_eq!(res.current_release, r.id, "{}", res.message);
+    }
+    assert_eq!(current(&state), "releases/web-3");
+    wait_for("web-1 pruned", || {
+        (releases_on_disk(&state) == ["web-2", "web-3"]).then_some(())
+    })
+    .await;
+
+    // A staged release survives the pruning after a later, failed activation.
+    fake.send(
+        4,
+        wire::order::Action::Stage(wire::StageOrder {
+            release: Some(staged_only.clone()),
+        }),
+    )
+    .await;
+    fake.wait_result(4, OrderPhase::Staged).await;
+    fake.send(5, activate(&broken, 0)).await;
+    let r = fake.wait_result(5, OrderPhase::RolledBack).await;
+    assert_eq!(r.current_release, "web-3", "{}", r.message);
+    wait_for("the failed release pruned", || {
+        (releases_on_disk(&state) == ["web-2", "web-3", "web-4"]).then_some(())
+    })
+    .await;
+    fake.send(6, activate(&staged_only, 0)).await;
+    let r = fake.wait_result(6, OrderPhase::Healthy).await;
+    assert_eq!(r.current_release, "web-4", "{}", r.message);
+    wait_for("web-2 pruned", || {
+        (releases_on_disk(&state) == ["web-3", "web-4"]).then_some(())
+    })
+    .await;
+
+    shutdown.cancel();
+    agent.await.unwrap().unwrap();
+    server_stop.cancel();
 }
