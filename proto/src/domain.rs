@@ -57,7 +57,11 @@ fn check_ident(
     if value.len() > max_len {
         return Err(ValidationError::new(
             field,
-            format!("{:?} is {} bytes long, at most {max_len} allowed", value, value.len()),
+            format!(
+                "{:?} is {} bytes long, at most {max_len} allowed",
+                value,
+                value.len()
+            ),
         ));
     }
     let mut chars = value.chars();
@@ -251,12 +255,18 @@ impl TryFrom<wire::Release> for Release {
         let id = ReleaseId::new(r.id).map_err(|e| e.within("release"))?;
         let sha256 = Sha256::from_hex("release.sha256", &r.sha256)?;
         if r.size == 0 {
-            return Err(ValidationError::new("release.size", "must be at least 1 byte"));
+            return Err(ValidationError::new(
+                "release.size",
+                "must be at least 1 byte",
+            ));
         }
         if r.size > MAX_ARTIFACT_SIZE {
             return Err(ValidationError::new(
                 "release.size",
-                format!("{} bytes exceeds the limit of {MAX_ARTIFACT_SIZE} bytes", r.size),
+                format!(
+                    "{} bytes exceeds the limit of {MAX_ARTIFACT_SIZE} bytes",
+                    r.size
+                ),
             ));
         }
         let source = if r.url.is_empty() {
@@ -352,7 +362,10 @@ fn deadline(field: &str, ms: u64) -> Result<Duration, ValidationError> {
     if d > MAX_ORDER_DEADLINE {
         return Err(ValidationError::new(
             field,
-            format!("{ms} ms exceeds the limit of {} ms", MAX_ORDER_DEADLINE.as_millis()),
+            format!(
+                "{ms} ms exceeds the limit of {} ms",
+                MAX_ORDER_DEADLINE.as_millis()
+            ),
         ));
     }
     Ok(d)
@@ -422,7 +435,8 @@ impl TryFrom<wire::Order> for Order {
                     ));
                 }
                 let min_healthy = deadline("order.activate.min_healthy_ms", a.min_healthy_ms)?;
-                let confirm = deadline("order.activate.confirm_deadline_ms", a.confirm_deadline_ms)?;
+                let confirm =
+                    deadline("order.activate.confirm_deadline_ms", a.confirm_deadline_ms)?;
                 OrderAction::Activate {
                     release,
                     healthy_deadline,
@@ -534,9 +548,17 @@ mod tests {
 
     #[test]
     fn identifiers_refuse_path_tricks() {
-        for bad in ["", ".", "..", "../etc", "a/b", "a\\b", "-x", ".hidden", "a b", "x\0"] {
-            assert!(ReleaseId::new(bad).is_err(), "{bad:?} accepted as release id");
-            assert!(ServiceName::new(bad).is_err(), "{bad:?} accepted as service");
+        for bad in [
+            "", ".", "..", "../etc", "a/b", "a\\b", "-x", ".hidden", "a b", "x\0",
+        ] {
+            assert!(
+                ReleaseId::new(bad).is_err(),
+                "{bad:?} accepted as release id"
+            );
+            assert!(
+                ServiceName::new(bad).is_err(),
+                "{bad:?} accepted as service"
+            );
         }
         assert!(ReleaseId::new("web-1.4.2+build.7").is_ok());
         assert!(ServiceName::new("web").is_ok());
