@@ -107,7 +107,14 @@ pub async fn run(
         tasks.spawn(async move { registry.run_reaper(inner).await });
     }
 
-    let rollouts = match start_rollouts(store.clone(), registry.clone(), inner.clone()).await {
+    let rollouts = match start_rollouts(
+        store.clone(),
+        registry.clone(),
+        config.unreachable_after,
+        inner.clone(),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             inner.cancel();
@@ -215,17 +222,19 @@ impl Rollouts {
 async fn start_rollouts(
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    unreachable_after: std::time::Duration,
     shutdown: CancellationToken,
 ) -> Result<Rollouts, ServerError> {
     let fleet: Arc<dyn Fleet> = registry;
-    let manager = crate::rollout::RolloutManager::start(
-        store,
-        fleet,
-        crate::rollout::EngineSettings::default(),
-        shutdown,
-    )
-    .await
-    .map_err(|e| ServerError::Rollouts(e.to_string()))?;
+    // After a restart, hosts are "unknown" (not unreachable) for as long as a live agent can take
+    // to be noticed as gone.
+    let settings = crate::rollout::EngineSettings {
+        resume_grace: unreachable_after,
+        ..Default::default()
+    };
+    let manager = crate::rollout::RolloutManager::start(store, fleet, settings, shutdown)
+        .await
+        .map_err(|e| ServerError::Rollouts(e.to_string()))?;
     Ok(Rollouts { manager })
 }
 

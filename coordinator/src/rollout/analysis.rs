@@ -2,8 +2,11 @@
 //!
 //! Health samples stream in from every host. At a gate, [`compare`] summarises the samples of the
 //! canary hosts (already on the new release) and of the baseline hosts (selected but not yet
-//! touched) observed since the wave started, side by side: check pass rate, probe latency p50/p99,
-//! restarts, CPU and RSS.
+//! touched), side by side: check pass rate, probe latency p50/p99, restarts, CPU and RSS.
+//!
+//! Each host is summarised over its own [`Window`]: a canary host from the moment it reported
+//! healthy for its current activation (so neither a failed earlier attempt nor the failed probes
+//! of its own restart count against it), the baseline hosts over the same interval.
 //!
 //! The judge is deliberately conservative. It compares the *failure proportions* of health check
 //! results with a one-sided Fisher exact test (exact for any sample size, so small cohorts are
@@ -91,6 +94,13 @@ impl Samples {
     }
 }
 
+/// The samples of one host that count: those observed at or after `since_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub host: HostId,
+    pub since_ms: u64,
+}
+
 /// The comparison at a gate: summaries, the verdict and the test's p-value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
@@ -139,20 +149,16 @@ impl Comparison {
 }
 
 /// Summary of a group of hosts plus (failed checks, total checks).
-fn summarise(
-    samples: &Samples,
-    hosts: &[HostId],
-    since_ms: u64,
-) -> (wire::MetricSummary, (u64, u64)) {
+fn summarise(samples: &Samples, hosts: &[Window]) -> (wire::MetricSummary, (u64, u64)) {
     let mut reports = 0u32;
     let (mut failed, mut total) = (0u64, 0u64);
     let mut latencies = Vec::new();
     let mut restarts = 0u32;
     let (mut cpu, mut rss) = (0f64, 0u64);
     let mut with_data = 0u32;
-    for h in hosts {
+    for w in hosts {
         let mut last = None;
-        for s in samples.since(h, since_ms) {
+        for s in samples.since(&w.host, w.since_ms) {
             reports += 1;
             let (f, t) = if s.checks_total == 0 {
                 (u64::from(!s.healthy), 1)
@@ -231,16 +237,15 @@ pub fn fisher_greater(a: u64, n1: u64, c: u64, n2: u64) -> f64 {
     p.min(1.0)
 }
 
-/// Compares canary and baseline hosts over samples observed since `since_ms`.
+/// Compares canary and baseline hosts, each over the samples of its own window.
 pub fn compare(
     settings: &AnalysisSettings,
     samples: &Samples,
-    canary: &[HostId],
-    baseline: &[HostId],
-    since_ms: u64,
+    canary: &[Window],
+    baseline: &[Window],
 ) -> Comparison {
-    let (cs, (cf, ct)) = summarise(samples, canary, since_ms);
-    let (bs, (bf, bt)) = summarise(samples, baseline, since_ms);
+    let (cs, (cf, ct)) = summarise(samples, canary);
+    let (bs, (bf, bt)) = summarise(samples, baseline);
     let (verdict, p_value) =
         if baseline.is_empty() || ct < settings.min_checks || bt < settings.min_checks {
             (Verdict::InsufficientData, None)
@@ -288,6 +293,13 @@ mod tests {
         HostId::new(s).unwrap()
     }
 
+    fn w(s: &str, since_ms: u64) -> Window {
+        Window {
+            host: hid(s),
+            since_ms,
+        }
+    }
+
     #[test]
     fn fisher_matches_known_values() {
         // 3/3 canary failures vs 0/3 baseline: p = 1/20.
@@ -305,16 +317,10 @@ mod tests {
             s.push(&hid("c"), sample(t, 0, 1, 5), 100);
             s.push(&hid("b"), sample(t, 1, 1, 5), 100);
         }
-        let c = compare(
-            &AnalysisSettings::default(),
-            &s,
-            &[hid("c")],
-            &[hid("b")],
-            0,
-        );
+        let c = compare(&AnalysisSettings::default(), &s, &[w("c", 0)], &[w("b", 0)]);
         assert_eq!(c.verdict, Verdict::InsufficientData);
         // No baseline hosts at all.
-        let c = compare(&AnalysisSettings::default(), &s, &[hid("c")], &[], 0);
+        let c = compare(&AnalysisSettings::default(), &s, &[w("c", 0)], &[]);
         assert_eq!(c.verdict, Verdict::InsufficientData);
     }
 
@@ -331,18 +337,37 @@ mod tests {
             s.push(&hid("d"), sample(t, if t == 3 { 1 } else { 2 }, 2, 5), 100);
         }
         let set = AnalysisSettings::default();
-        let c = compare(&set, &s, &[hid("c")], &[hid("b")], 0);
+        let c = compare(&set, &s, &[w("c", 0)], &[w("b", 0)]);
         assert_eq!(c.verdict, Verdict::CanaryWorse, "{c:?}");
         assert_eq!(c.canary.latency_p99_ms, 50.0);
         assert_eq!(c.baseline.latency_p50_ms, 5.0);
-        let c = compare(&set, &s, &[hid("d")], &[hid("b")], 0);
+        let c = compare(&set, &s, &[w("d", 0)], &[w("b", 0)]);
         assert_eq!(
             c.verdict,
             Verdict::CanaryHealthy,
             "one failed check in 60 is noise: {c:?}"
         );
         // Samples before the window do not count.
-        let c = compare(&set, &s, &[hid("c")], &[hid("b")], 1000);
+        let c = compare(&set, &s, &[w("c", 1000)], &[w("b", 1000)]);
         assert_eq!(c.verdict, Verdict::InsufficientData);
+    }
+
+    #[test]
+    fn each_host_counts_only_samples_of_its_own_window() {
+        let mut s = Samples::default();
+        // c failed every check until t = 30 (a failed attempt, then its restart), then passes.
+        for t in 0..60 {
+            s.push(&hid("c"), sample(t, u32::from(t >= 30), 1, 5), 100);
+            s.push(&hid("b"), sample(t, 1, 1, 5), 100);
+        }
+        let set = AnalysisSettings::default();
+        let c = compare(&set, &s, &[w("c", 0)], &[w("b", 0)]);
+        assert_eq!(c.verdict, Verdict::CanaryWorse, "{c:?}");
+        let c = compare(&set, &s, &[w("c", 30)], &[w("b", 30)]);
+        assert_eq!(c.verdict, Verdict::CanaryHealthy, "{c:?}");
+        let mut e = BTreeMap::new();
+        c.evidence(&mut e);
+        assert_eq!(e["canary_checks_failed"], "0/30");
+        assert_eq!(e["baseline_checks_failed"], "0/30");
     }
 }

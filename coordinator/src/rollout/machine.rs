@@ -24,6 +24,18 @@
 //! `on_failure = rollback` sends every touched host a `Rollback` to its baseline, all at once (no
 //! canary phase for a revert).
 //!
+//! A host with no baseline (a first install) has nothing to go back to: a rollback gives it no
+//! order, leaves it on the rollout's release (phase `skipped`, or `failed` if it failed itself)
+//! and says so in its detail, the rollout's reason and the `rollback_finished` evidence; it never
+//! makes the rollback fail.
+//!
+//! ## After a restart
+//!
+//! [`Rollout::restore`] rebuilds intent from the records; what hosts do is observed again. Until
+//! a host says hello it is [`Reach::Unknown`], neither reachable nor unreachable: a gate, the
+//! end of a rollback and a waiting wave's resume wait for it. Hosts still unheard of when
+//! [`EngineSettings::resume_grace`] has passed count as unreachable from then on.
+//!
 //! ## Sequence numbers
 //!
 //! Orders carry a per-(host, service) sequence number that the store allocates. The machine
@@ -40,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use serin_proto::wire::{self, OrderPhase, ResultCode};
 use serin_proto::{HostId, Order, OrderAction, Release, ReleaseId};
 
-use super::analysis::{self, Comparison, Samples, Verdict};
+use super::analysis::{self, Comparison, Samples, Verdict, Window};
 use super::plan::{self, Plan};
 use super::record::{EventRecord, HeaderRecord, HostRecord, RECORD_VERSION, RecordError, ids};
 use super::settings::EngineSettings;
@@ -264,6 +276,10 @@ pub struct HostEntry {
     pub waived: bool,
     /// The rollback of this host failed.
     pub rollback_failed: Option<String>,
+    /// The host had no baseline release (a first install), so a rollback left it on the
+    /// rollout's release instead of ordering a rollback it cannot carry out.
+    #[serde(default)]
+    pub left_without_baseline: bool,
     pub detail: String,
     pub order: Option<HostOrder>,
     /// Id of the activate order (its late results, e.g. a dead-man rollback, still count).
@@ -280,9 +296,9 @@ pub struct HostEntry {
     pub healthy_ms: Option<u64>,
     /// Joined while the rollout was under way.
     pub joined: bool,
-    /// Observed: the agent is connected.
+    /// Observed: whether the agent is connected (unknown after a restart until it says hello).
     #[serde(skip)]
-    pub reachable: bool,
+    pub reach: Reach,
     /// Observed: the release the host serves.
     #[serde(skip)]
     pub current: Option<ReleaseId>,
@@ -292,6 +308,16 @@ pub struct HostEntry {
 }
 
 impl HostEntry {
+    /// Observed connected.
+    pub fn reachable(&self) -> bool {
+        self.reach == Reach::Reachable
+    }
+
+    /// Not heard from since the coordinator restarted, and the resume grace has not passed.
+    pub fn unknown(&self) -> bool {
+        self.reach == Reach::Unknown
+    }
+
     /// Counts as failed against thresholds.
     fn counts_failed(&self) -> bool {
         self.failure.is_some() && !self.waived
@@ -300,7 +326,7 @@ impl HostEntry {
     /// Nothing more to wait for in its wave before baking.
     fn settled(&self) -> bool {
         self.failure.is_some()
-            || !self.reachable
+            || self.reach == Reach::Unreachable
             || matches!(
                 self.phase,
                 HostPhase::Healthy
@@ -310,15 +336,33 @@ impl HostEntry {
             )
     }
 
-    /// Missing data: disconnected and neither failed nor done.
+    /// Missing data: disconnected and neither failed nor done (an unknown host is not missing
+    /// yet: it is waited for).
     fn counts_unreachable(&self) -> bool {
-        !self.reachable && self.failure.is_none() && self.phase != HostPhase::Confirmed
+        self.reach == Reach::Unreachable
+            && self.failure.is_none()
+            && self.phase != HostPhase::Confirmed
     }
 
     /// Dispatched and not yet healthy.
     fn in_flight(&self) -> bool {
         self.failure.is_none() && matches!(self.phase, HostPhase::Dispatched | HostPhase::Activated)
     }
+}
+
+/// What the coordinator knows about a host's connection (observed, never persisted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reach {
+    /// Nothing heard since the coordinator restarted: the host is neither reachable nor
+    /// unreachable until it says hello or [`EngineSettings::resume_grace`] passes. Gates and the
+    /// end of a rollback wait for unknown hosts instead of counting them as missing.
+    #[default]
+    Unknown,
+    /// The agent is connected.
+    Reachable,
+    /// The agent's stream closed, its heartbeats stopped, or it did not come back within the
+    /// resume grace.
+    Unreachable,
 }
 
 /// A recorded decision, with its evidence and actor.
@@ -490,6 +534,8 @@ pub struct Rollout {
     paused_by_failure: bool,
     rollback_final: Option<RolloutState>,
     // Observed, in memory only.
+    /// After a restore: hosts not heard from by then stop being unknown and count as unreachable.
+    resume_grace_until: Option<u64>,
     samples: Samples,
     comparison: Option<Comparison>,
     // Per-step scratch.
@@ -536,6 +582,7 @@ impl Rollout {
                         failure: None,
                         waived: false,
                         rollback_failed: None,
+                        left_without_baseline: false,
                         detail: String::new(),
                         order: None,
                         activate_order: None,
@@ -547,7 +594,7 @@ impl Rollout {
                         activated_ms: None,
                         healthy_ms: None,
                         joined: false,
-                        reachable: true,
+                        reach: Reach::Reachable,
                         current: h.baseline.clone(),
                         healthy: None,
                     },
@@ -582,6 +629,7 @@ impl Rollout {
             updated_ms: now_ms,
             paused_by_failure: false,
             rollback_final: None,
+            resume_grace_until: None,
             samples: Samples::default(),
             comparison: None,
             dirty_header: true,
@@ -610,12 +658,15 @@ impl Rollout {
         r
     }
 
-    /// Rebuilds a rollout from its stored records. Hosts start as unreachable until an
-    /// [`Input::Resync`] or [`Input::HostUp`] says otherwise.
+    /// Rebuilds a rollout from its stored records at `now_ms`. Hosts start as
+    /// [`Reach::Unknown`]: an [`Input::Resync`] or [`Input::HostUp`] showing them connected makes
+    /// them reachable; those still unheard of when [`EngineSettings::resume_grace`] has passed
+    /// count as unreachable from then on.
     pub fn restore(
         header: HeaderRecord,
         hosts: Vec<HostRecord>,
         settings: EngineSettings,
+        now_ms: u64,
     ) -> Result<Self, RecordError> {
         let invalid = |problem: String| RecordError::Invalid {
             what: format!("{}/header", header.id),
@@ -634,7 +685,7 @@ impl Rollout {
         let mut map = BTreeMap::new();
         for h in hosts {
             let mut e = h.host;
-            e.reachable = false;
+            e.reach = Reach::Unknown;
             e.current = None;
             e.healthy = None;
             map.insert(e.id.clone(), e);
@@ -656,6 +707,7 @@ impl Rollout {
             )));
         }
         let finished = header.state.is_finished();
+        let grace_until = now_ms + ms(settings.resume_grace);
         Ok(Self {
             id: header.id,
             spec,
@@ -672,6 +724,7 @@ impl Rollout {
             updated_ms: header.updated_ms,
             paused_by_failure: header.paused_by_failure,
             rollback_final: header.rollback_final,
+            resume_grace_until: Some(grace_until),
             samples: Samples::default(),
             comparison: None,
             dirty_header: false,
@@ -778,12 +831,15 @@ impl Rollout {
                 best = Some(best.map_or(t, |b| b.min(t)));
             }
         };
+        if self.hosts.values().any(HostEntry::unknown) {
+            consider(self.resume_grace_until);
+        }
         for h in self.hosts.values() {
             consider(h.retry_at_ms);
-            if h.reachable && h.failure.is_none() && h.phase == HostPhase::Activated {
+            if h.reachable() && h.failure.is_none() && h.phase == HostPhase::Activated {
                 consider(h.activated_ms.map(|t| t + ms(self.spec.healthy_deadline)));
             }
-            if h.reachable && h.phase == HostPhase::RollingBack {
+            if h.reachable() && h.phase == HostPhase::RollingBack {
                 consider(
                     h.order
                         .as_ref()
@@ -854,8 +910,14 @@ impl Rollout {
         let Some(h) = self.hosts.get_mut(&s.host_id) else {
             return;
         };
-        let was = h.reachable;
-        h.reachable = s.connected;
+        let was = h.reach;
+        h.reach = match (s.connected, was) {
+            (true, _) => Reach::Reachable,
+            // A disconnected host in a snapshot right after a restart says nothing new: it
+            // stays unknown until it says hello or the resume grace passes.
+            (false, Reach::Unknown) => Reach::Unknown,
+            (false, _) => Reach::Unreachable,
+        };
         if let Some(svc) = svc {
             h.current = svc.current_release.clone();
             h.healthy = svc.healthy;
@@ -872,8 +934,18 @@ impl Rollout {
         if h.order.as_ref().is_some_and(|o| !o.done && o.seq.is_some()) {
             self.sends.push(s.host_id.clone());
         }
-        if !was {
-            self.event(now, format!("host {} is reachable again", s.host_id));
+        match was {
+            Reach::Reachable => {}
+            Reach::Unknown => self.event(
+                now,
+                format!(
+                    "host {} reconnected after the coordinator restart",
+                    s.host_id
+                ),
+            ),
+            Reach::Unreachable => {
+                self.event(now, format!("host {} is reachable again", s.host_id));
+            }
         }
     }
 
@@ -892,17 +964,19 @@ impl Rollout {
             .cloned()
             .collect();
         for h in gone {
-            if let Some(e) = self.hosts.get_mut(&h) {
-                e.reachable = false;
+            if let Some(e) = self.hosts.get_mut(&h)
+                && e.reach == Reach::Reachable
+            {
+                e.reach = Reach::Unreachable;
             }
         }
     }
 
     fn on_host_down(&mut self, now: u64, id: &HostId) {
         if let Some(h) = self.hosts.get_mut(id)
-            && h.reachable
+            && h.reach != Reach::Unreachable
         {
-            h.reachable = false;
+            h.reach = Reach::Unreachable;
             self.event(now, format!("host {id} is unreachable"));
         }
     }
@@ -936,6 +1010,7 @@ impl Rollout {
             failure: None,
             waived: false,
             rollback_failed: None,
+            left_without_baseline: false,
             detail: "joined during the rollout".into(),
             order: None,
             activate_order: None,
@@ -947,7 +1022,7 @@ impl Rollout {
             activated_ms: None,
             healthy_ms: None,
             joined: true,
-            reachable: true,
+            reach: Reach::Reachable,
             current: p.baseline,
             healthy: None,
         };
@@ -1014,7 +1089,7 @@ impl Rollout {
                 h.last_seq = h.last_seq.max(*seq);
                 self.requested.remove(&o.order_id);
                 self.dirty_hosts.insert(id.clone());
-                if h.reachable {
+                if h.reachable() {
                     self.sends.push(id.clone());
                 }
             }
@@ -1033,6 +1108,10 @@ impl Rollout {
         };
         if out.current_release.is_some() {
             h.current = out.current_release.clone();
+        }
+        if h.left_without_baseline {
+            // Its orders were withdrawn when the rollout rolled back; late results change nothing.
+            return;
         }
         let Some(order) = h.order.clone() else { return };
         let kind = if order.order_id == out.order_id {
@@ -1325,6 +1404,7 @@ impl Rollout {
                     if let Some(h) = self.hosts.get_mut(id) {
                         h.failure = None;
                         h.waived = false;
+                        h.left_without_baseline = false;
                         h.phase = HostPhase::Pending;
                         h.attempts = 0;
                         h.detail = "retry".into();
@@ -1361,6 +1441,7 @@ impl Rollout {
     // Progress
 
     fn advance(&mut self, now: u64) {
+        self.end_resume_grace(now);
         self.retry_orders(now);
         // Each iteration makes at least one transition; a rollout has a bounded number of them.
         for _ in 0..(4 * self.waves.len() + 8) {
@@ -1377,6 +1458,34 @@ impl Rollout {
         }
         if self.state == RolloutState::RollingBack || self.state.is_finished() {
             self.check_rollback_timeouts(now);
+        }
+    }
+
+    /// Once the resume grace has passed, hosts still unheard of since the restart are unreachable.
+    fn end_resume_grace(&mut self, now: u64) {
+        if self.resume_grace_until.is_none_or(|t| now < t) {
+            return;
+        }
+        self.resume_grace_until = None;
+        let silent: Vec<HostId> = self
+            .hosts
+            .values_mut()
+            .filter(|h| h.unknown())
+            .map(|h| {
+                h.reach = Reach::Unreachable;
+                h.id.clone()
+            })
+            .collect();
+        if !silent.is_empty() {
+            self.event(
+                now,
+                format!(
+                    "{} hosts did not reconnect within {} of the coordinator restart; counted unreachable: {}",
+                    silent.len(),
+                    fmt_dur(self.settings.resume_grace),
+                    join_ids(&silent)
+                ),
+            );
         }
     }
 
@@ -1459,7 +1568,7 @@ impl Rollout {
         let hd = ms(self.spec.healthy_deadline);
         for id in &ids {
             let late = self.hosts.get(id).is_some_and(|h| {
-                h.reachable
+                h.reachable()
                     && h.failure.is_none()
                     && h.phase == HostPhase::Activated
                     && h.activated_ms.is_some_and(|t| t + hd <= now)
@@ -1484,7 +1593,7 @@ impl Rollout {
                 let late = self
                     .hosts
                     .get(id)
-                    .is_some_and(|h| h.reachable && !h.settled());
+                    .is_some_and(|h| h.reachable() && !h.settled());
                 if late {
                     self.fail_host(
                         now,
@@ -1521,6 +1630,14 @@ impl Rollout {
             WaveState::Baking
                 if w.promote_by.is_some() || w.bake_ends_ms.is_some_and(|t| t <= now) =>
             {
+                // Just after a restart, hosts not heard from yet are neither counted as healthy
+                // nor as unreachable: the gate waits for them (at most the resume grace).
+                let unknown = ids
+                    .iter()
+                    .any(|id| self.hosts.get(id).is_some_and(HostEntry::unknown));
+                if unknown {
+                    return false;
+                }
                 self.gate(now, idx);
                 true
             }
@@ -1559,7 +1676,7 @@ impl Rollout {
             let Some(h) = self.hosts.get(&id) else {
                 continue;
             };
-            if h.phase != HostPhase::Pending || !h.reachable || h.failure.is_some() {
+            if h.phase != HostPhase::Pending || !h.reachable() || h.failure.is_some() {
                 continue;
             }
             if let (Some(k), Some(d)) = (max_domains, &h.domain)
@@ -1702,9 +1819,15 @@ impl Rollout {
         e
     }
 
+    /// Canary analysis at the gate of wave `idx`. Each canary host counts from the moment it
+    /// reported healthy for its current activation (`healthy_ms`, cleared by every new activate
+    /// order, so a retry starts afresh and the failed probes of the restart itself do not count);
+    /// the baseline hosts count from the earliest of those moments, so both sides cover the
+    /// same interval.
     fn analyse(&mut self, idx: usize) -> Comparison {
         let wave = idx as u32;
-        let canary: Vec<HostId> = self
+        let wave_start = self.waves[idx].started_ms.unwrap_or(0);
+        let canary: Vec<Window> = self
             .hosts
             .values()
             .filter(|h| {
@@ -1712,22 +1835,26 @@ impl Rollout {
                     && h.failure.is_none()
                     && matches!(h.phase, HostPhase::Healthy | HostPhase::Confirmed)
             })
-            .map(|h| h.id.clone())
+            .map(|h| Window {
+                host: h.id.clone(),
+                since_ms: h.healthy_ms.unwrap_or(wave_start),
+            })
             .collect();
-        let baseline: Vec<HostId> = self
+        let since = canary
+            .iter()
+            .map(|w| w.since_ms)
+            .min()
+            .unwrap_or(wave_start);
+        let baseline: Vec<Window> = self
             .hosts
             .values()
-            .filter(|h| h.phase == HostPhase::Pending && h.reachable)
-            .map(|h| h.id.clone())
+            .filter(|h| h.phase == HostPhase::Pending && h.reachable())
+            .map(|h| Window {
+                host: h.id.clone(),
+                since_ms: since,
+            })
             .collect();
-        let since = self.waves[idx].started_ms.unwrap_or(0);
-        let c = analysis::compare(
-            &self.settings.analysis,
-            &self.samples,
-            &canary,
-            &baseline,
-            since,
-        );
+        let c = analysis::compare(&self.settings.analysis, &self.samples, &canary, &baseline);
         self.comparison = Some(c.clone());
         c
     }
@@ -1865,13 +1992,17 @@ impl Rollout {
     }
 
     fn touched_evidence(&self) -> BTreeMap<String, String> {
-        let touched = self
+        let (with, without): (Vec<&HostEntry>, Vec<&HostEntry>) = self
             .hosts
             .values()
             .filter(|h| h.phase.touched_new())
-            .count();
+            .partition(|h| h.baseline.is_some());
         let mut e = BTreeMap::new();
-        e.insert("hosts_to_roll_back".into(), touched.to_string());
+        e.insert("hosts_to_roll_back".into(), with.len().to_string());
+        if !without.is_empty() {
+            let ids: Vec<HostId> = without.iter().map(|h| h.id.clone()).collect();
+            e.insert("no_baseline_hosts".into(), join_ids(&ids));
+        }
         e
     }
 
@@ -1886,33 +2017,70 @@ impl Rollout {
             .filter(|h| h.phase.touched_new())
             .map(|h| h.id.clone())
             .collect();
+        let mut ordered = 0;
         for id in &touched {
-            self.start_host_rollback(now, id);
+            if self.start_host_rollback(now, id) {
+                ordered += 1;
+            }
         }
+        let left = touched.len() - ordered;
         self.event(
             now,
-            format!("rolling back {} hosts to their baselines", touched.len()),
+            if left == 0 {
+                format!("rolling back {ordered} hosts to their baselines")
+            } else {
+                format!(
+                    "rolling back {ordered} hosts to their baselines; {left} hosts have no baseline release to restore and stay on {}",
+                    self.spec.release
+                )
+            },
         );
     }
 
-    fn start_host_rollback(&mut self, now: u64, id: &HostId) {
-        if let Some(h) = self.hosts.get_mut(id) {
-            h.phase = HostPhase::RollingBack;
-            h.attempts = 0;
-            h.detail = format!(
-                "rolling back to {}",
-                h.baseline
-                    .as_ref()
-                    .map_or("the previous release", ReleaseId::as_str)
-            );
+    /// Sends a touched host back to its baseline. A host without a baseline (a first install)
+    /// has nothing to go back to: it gets no rollback order, is left on the rollout's release
+    /// and its outstanding activate order is withdrawn (never re-sent). Returns whether a
+    /// rollback was ordered.
+    fn start_host_rollback(&mut self, now: u64, id: &HostId) -> bool {
+        let release = self.spec.release.clone();
+        let Some(h) = self.hosts.get_mut(id) else {
+            return false;
+        };
+        if h.baseline.is_none() {
+            h.left_without_baseline = true;
+            h.phase = if h.failure.is_some() {
+                HostPhase::Failed
+            } else {
+                HostPhase::Skipped
+            };
+            h.retry_at_ms = None;
+            h.detail = format!("no baseline release to restore; left on {release}");
+            match h.order.as_mut() {
+                Some(o) if o.seq.is_none() => h.order = None,
+                Some(o) => o.done = true,
+                None => {}
+            }
+            self.dirty_hosts.insert(id.clone());
+            let msg = format!("host {id}: {}", h.detail);
+            self.event(now, msg);
+            return false;
         }
+        h.phase = HostPhase::RollingBack;
+        h.attempts = 0;
+        h.detail = format!(
+            "rolling back to {}",
+            h.baseline
+                .as_ref()
+                .map_or("the previous release", ReleaseId::as_str)
+        );
         self.issue(now, id, OrderKind::Rollback);
+        true
     }
 
     fn check_rollback_timeouts(&mut self, now: u64) {
         let limit = ms(self.settings.rollback_timeout);
         for h in self.hosts.values_mut() {
-            if h.reachable
+            if h.reachable()
                 && h.phase == HostPhase::RollingBack
                 && h.order
                     .as_ref()
@@ -1939,7 +2107,7 @@ impl Rollout {
         let outstanding = self
             .hosts
             .values()
-            .any(|h| h.phase == HostPhase::RollingBack && h.reachable);
+            .any(|h| h.phase == HostPhase::RollingBack && (h.reachable() || h.unknown()));
         if outstanding {
             return false;
         }
@@ -1983,6 +2151,22 @@ impl Rollout {
                 later.len()
             );
         }
+        let left: Vec<HostId> = self
+            .hosts
+            .values()
+            .filter(|h| h.left_without_baseline)
+            .map(|h| h.id.clone())
+            .collect();
+        if !left.is_empty() {
+            e.insert("no_baseline_hosts".into(), join_ids(&left));
+            e.insert("left_on_release".into(), self.spec.release.to_string());
+            self.reason = format!(
+                "{}; {} hosts had no baseline release to restore and were left on {}",
+                self.reason,
+                left.len(),
+                self.spec.release
+            );
+        }
         self.state = final_state;
         let reason = self.reason.clone();
         let idx = self.current_wave as u32;
@@ -1999,6 +2183,14 @@ impl Rollout {
             self.state = RolloutState::Running;
             self.gate_failed(now, idx, reason, evidence);
             return true;
+        }
+        // Unknown hosts (just after a restart) are neither back nor missing yet.
+        if self.waves[idx]
+            .hosts
+            .iter()
+            .any(|id| self.hosts.get(id).is_some_and(HostEntry::unknown))
+        {
+            return false;
         }
         let c = self.counts(idx);
         if self
@@ -2032,7 +2224,7 @@ impl Rollout {
             let Some(h) = self.hosts.get(&id) else {
                 continue;
             };
-            if h.phase == HostPhase::Pending && h.reachable && h.failure.is_none() && h.joined {
+            if h.phase == HostPhase::Pending && h.reachable() && h.failure.is_none() && h.joined {
                 self.activate(now, &id);
                 changed = true;
             } else if h.phase == HostPhase::Healthy
@@ -2043,7 +2235,7 @@ impl Rollout {
             {
                 self.issue(now, &id, OrderKind::Confirm);
                 changed = true;
-            } else if h.reachable
+            } else if h.reachable()
                 && h.failure.is_none()
                 && h.phase == HostPhase::Activated
                 && h.activated_ms
@@ -2210,6 +2402,7 @@ impl Rollout {
         for h in self.hosts.values() {
             if let Some(o) = &h.order
                 && o.seq.is_none()
+                && !o.done
                 && !self.requested.contains(&o.order_id)
             {
                 alloc.push(SeqRequest {
@@ -2282,7 +2475,9 @@ impl Rollout {
                         | HostPhase::RolledBack
                         | HostPhase::Skipped
                 );
-                let phase = if !h.reachable && !final_phase {
+                // An unknown host (just after a restart) keeps its last known phase; the detail
+                // says that it has not been heard from yet.
+                let phase = if h.reach == Reach::Unreachable && !final_phase {
                     "unreachable"
                 } else {
                     h.phase.as_str()
@@ -2295,11 +2490,14 @@ impl Rollout {
                 } else {
                     self.spec.release.to_string()
                 };
-                let detail = match (&h.rollback_failed, &h.failure) {
+                let mut detail = match (&h.rollback_failed, &h.failure) {
                     (Some(r), _) => r.clone(),
                     (None, Some(f)) if h.detail != *f => format!("{f}; {}", h.detail),
                     _ => h.detail.clone(),
                 };
+                if h.unknown() && !final_phase {
+                    detail = format!("not heard from since the coordinator restarted; {detail}");
+                }
                 wire::HostProgress {
                     host_id: h.id.to_string(),
                     hostname: h.hostname.clone(),

@@ -157,6 +157,7 @@ impl RolloutManager {
             header,
             hosts,
             self.inner.settings.clone(),
+            self.inner.clock.now_ms(),
         )?))
     }
 

@@ -233,6 +233,48 @@ impl Sim {
     fn decision_kinds(&self) -> Vec<String> {
         self.m.decisions().iter().map(|d| d.kind.clone()).collect()
     }
+
+    /// A coordinator crash and restart now: the machine is rebuilt from what was persisted and
+    /// the send log starts afresh.
+    fn restart(&mut self) {
+        let header = record::decode_header("r-1", &self.header).unwrap();
+        let hosts: Vec<HostRecord> = self
+            .hosts
+            .iter()
+            .map(|(h, b)| record::decode_host("r-1", h.as_str(), b).unwrap())
+            .collect();
+        self.m = Rollout::restore(header, hosts, EngineSettings::default(), self.now).unwrap();
+        self.sent.clear();
+        self.answered.clear();
+    }
+
+    /// A health sample of service web from `h` now, with one check passing or failing.
+    fn health(&mut self, h: &str, release: &str, passing: bool) {
+        self.feed(Input::Health {
+            host: hid(h),
+            sample: HealthSample {
+                service: ServiceName::new("web").unwrap(),
+                release: Some(ReleaseId::new(release).unwrap()),
+                healthy: passing,
+                checks_passing: u32::from(passing),
+                checks_total: 1,
+                probe_latency_us: Some(1_000),
+                restarts: 0,
+                cpu_percent: 1.0,
+                rss_bytes: 1,
+                observed_unix_ms: self.now,
+            },
+        });
+    }
+
+    fn status_of(&self, h: &str) -> wire::HostProgress {
+        self.m
+            .status()
+            .hosts
+            .into_iter()
+            .find(|p| p.host_id == h)
+            .unwrap()
+    }
 }
 
 fn fleet(n: usize) -> Vec<HostSnapshot> {
@@ -765,7 +807,7 @@ fn rebuild_from_records_mid_wave_gives_the_same_next_commands() {
         .iter()
         .map(|(h, b)| record::decode_host("r-1", h.as_str(), b).unwrap())
         .collect();
-    let restored = Rollout::restore(header, hosts, EngineSettings::default()).unwrap();
+    let restored = Rollout::restore(header, hosts, EngineSettings::default(), s.now).unwrap();
     let mut r = s.clone();
     r.m = restored;
     r.sent.clear();
@@ -824,4 +866,216 @@ fn max_in_flight_paces_a_wave() {
     s.advance(10_000);
     s.agents(&[], false);
     assert_eq!(s.m.state(), RolloutState::Succeeded);
+}
+
+#[test]
+fn after_a_restart_a_rollback_waits_for_unknown_hosts_until_the_resume_grace() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    s.agents(&[], false);
+    s.advance(10_000);
+    assert_eq!(s.m.current_wave(), 1);
+    // h02 fails in wave 1: h01, h03 and h04 get rollback orders, not answered yet.
+    s.agents(&["h02"], false);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    let mut rollbacks = s.sent_kinds("rollback");
+    rollbacks.sort();
+    assert_eq!(rollbacks, vec!["h01", "h03", "h04"]);
+    let h01_rollback = s
+        .sent
+        .iter()
+        .find(|(_, h, o)| h.as_str() == "h01" && o.action.kind() == "rollback")
+        .unwrap()
+        .2
+        .clone();
+
+    // The coordinator restarts; no agent has reconnected yet.
+    s.restart();
+    s.feed(Input::Resync(Vec::new()));
+    assert_eq!(
+        s.m.state(),
+        RolloutState::RollingBack,
+        "hosts not heard from since the restart are unknown, not unreachable: {}",
+        s.m.status().reason
+    );
+    let p = s.status_of("h01");
+    assert_eq!(p.phase, "rolling_back", "{p:?}");
+    assert!(
+        p.detail
+            .contains("not heard from since the coordinator restarted"),
+        "{p:?}"
+    );
+
+    // h01 says hello: its rollback is re-sent unchanged and it answers.
+    s.advance(1_000);
+    s.feed(Input::HostUp(host("h01", "eu-1", "web-2")));
+    assert_eq!(s.sent.len(), 1);
+    assert_eq!(s.sent[0].2, h01_rollback, "the same order, same seq");
+    s.agents(&[], false);
+    assert_eq!(s.phase("h01"), HostPhase::RolledBack);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::RollingBack,
+        "h03 and h04 are still unknown"
+    );
+
+    // h03 and h04 stay silent past the grace: now they are unreachable and the rollback ends.
+    s.advance(8_000);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    s.advance(1_000);
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+    assert!(
+        s.m.status()
+            .reason
+            .contains("2 unreachable hosts are rolled back when they reconnect"),
+        "{}",
+        s.m.status().reason
+    );
+    assert_eq!(s.status_of("h03").phase, "unreachable");
+    assert!(
+        s.events
+            .iter()
+            .any(|e| e.contains("did not reconnect within 10s")),
+        "{:?}",
+        s.events
+    );
+}
+
+#[test]
+fn after_a_restart_a_gate_does_not_wait_on_hosts_that_are_merely_unknown() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    s.agents(&[], false);
+    assert_eq!(s.m.waves()[0].state, WaveState::Baking);
+    s.advance(9_000);
+    s.restart();
+    s.feed(Input::Resync(Vec::new()));
+    // The bake ends while h01 has not reconnected yet: no verdict on missing data either way.
+    s.advance(2_000);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::Running,
+        "{}",
+        s.m.status().reason
+    );
+    assert!(s.decision_kinds().is_empty(), "{:?}", s.decision_kinds());
+
+    // Nobody comes back within the grace: then the wave waits, as for any unreachable host.
+    let mut silent = s.clone();
+    silent.advance(8_000);
+    assert_eq!(silent.m.state(), RolloutState::Waiting);
+
+    // h01 reconnects in time: the gate passes.
+    s.feed(Input::HostUp(host("h01", "eu-1", "web-2")));
+    for i in 2..=4 {
+        s.feed(Input::HostUp(host(&format!("h{i:02}"), "eu-1", "web-1")));
+    }
+    assert_eq!(s.decision_kinds(), vec!["promote"]);
+    assert_eq!(s.m.current_wave(), 1);
+}
+
+#[test]
+fn a_retried_canary_is_judged_only_on_samples_since_it_became_healthy_again() {
+    let mut w = wire_spec(&["1", "100%"]);
+    w.on_failure = wire::OnFailure::Pause as i32;
+    let mut s = Sim::new(fleet(4), w);
+    // First attempt: h01's checks fail while the baseline passes; its agent rolls it back.
+    for _ in 0..15 {
+        s.health("h01", "web-2", false);
+        for b in ["h02", "h03", "h04"] {
+            s.health(b, "web-1", true);
+        }
+        s.advance(200);
+    }
+    s.agents(&["h01"], true);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    // The release is healed; the operator retries.
+    s.operator(OperatorAction::Retry).unwrap();
+    // The restart itself fails a couple of probes (connection refused) before it is healthy.
+    for _ in 0..2 {
+        s.health("h01", "web-2", false);
+        s.advance(200);
+    }
+    s.agents(&[], false);
+    assert_eq!(s.m.waves()[0].state, WaveState::Baking);
+    for _ in 0..25 {
+        s.health("h01", "web-2", true);
+        for b in ["h02", "h03", "h04"] {
+            s.health(b, "web-1", true);
+        }
+        s.advance(200);
+    }
+    s.advance(10_000);
+    assert_eq!(
+        s.decision_kinds(),
+        vec!["pause", "retry", "promote"],
+        "{}",
+        s.m.status().reason
+    );
+    assert_eq!(s.m.current_wave(), 1);
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!(d.evidence["analysis"], "canary healthy", "{:?}", d.evidence);
+    assert_eq!(d.evidence["canary_checks_failed"], "0/25");
+    assert_eq!(d.evidence["baseline_checks_failed"], "0/75");
+}
+
+/// A host where service web is installed but has never had a release.
+fn fresh(id: &str) -> HostSnapshot {
+    let mut h = host(id, "eu-1", "web-1");
+    if let Some(svc) = h.services.values_mut().next() {
+        svc.current_release = None;
+        svc.kept_releases.clear();
+        svc.healthy = None;
+    }
+    h
+}
+
+#[test]
+fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back() {
+    // h01-h03 are first installs; h04 runs web-1.
+    let mut f: Vec<HostSnapshot> = ["h01", "h02", "h03"].iter().map(|h| fresh(h)).collect();
+    f.push(host("h04", "eu-1", "web-1"));
+    let mut s = Sim::new(f, wire_spec(&["100%"]));
+    assert_eq!(s.sent_kinds("activate").len(), 4);
+    // h02 fails to activate: every touched host is rolled back where there is a baseline.
+    s.agents(&["h02"], false);
+    assert_eq!(
+        s.sent_kinds("rollback"),
+        vec!["h04"],
+        "only a host with a baseline gets a rollback order"
+    );
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    s.agents(&[], false);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::RolledBack,
+        "{}",
+        s.m.status().reason
+    );
+    assert_eq!(s.finished, vec![RolloutState::RolledBack]);
+    for h in ["h01", "h03"] {
+        let p = s.status_of(h);
+        assert_eq!(p.phase, "skipped", "{p:?}");
+        assert_eq!(p.detail, "no baseline release to restore; left on web-2");
+        assert_eq!(p.target_release, "web-2");
+    }
+    assert_eq!(s.phase("h02"), HostPhase::Failed);
+    assert_eq!(s.phase("h04"), HostPhase::RolledBack);
+    let reason = s.m.status().reason;
+    assert!(
+        reason.contains("2 hosts had no baseline release to restore and were left on web-2"),
+        "{reason}"
+    );
+    assert!(!reason.contains("rollback failed"), "{reason}");
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!(d.kind, "rollback_finished");
+    assert_eq!(d.evidence["no_baseline_hosts"], "h01,h03");
+    assert_eq!(d.evidence["left_on_release"], "web-2");
+    assert!(
+        s.m.is_quiescent(),
+        "no order is left to deliver to the hosts without a baseline"
+    );
+    // A late result of a withdrawn activate order changes nothing.
+    let sent_before = s.sent.len();
+    s.advance(600_000);
+    assert_eq!(s.sent.len(), sent_before);
+    assert_eq!(s.phase("h01"), HostPhase::Skipped);
 }

@@ -25,6 +25,10 @@ pub struct EngineSettings {
     pub analysis_gates: bool,
     /// Capacity of each rollout's operator channel.
     pub control_queue: usize,
+    /// After a coordinator restart, how long a host may take to reconnect before it counts as
+    /// unreachable. Until then it is *unknown*: gates and the end of a rollback wait for it
+    /// rather than count it as missing. The server should pass its `unreachable_after`.
+    pub resume_grace: Duration,
 }
 
 impl Default for EngineSettings {
@@ -38,6 +42,7 @@ impl Default for EngineSettings {
             analysis: AnalysisSettings::default(),
             analysis_gates: true,
             control_queue: 16,
+            resume_grace: Duration::from_secs(10),
         }
     }
 }
