@@ -535,7 +535,11 @@ mod tests {
 
     #[tokio::test]
     async fn sigkill_after_stop_timeout_for_a_process_ignoring_sigterm() {
-        let (_dir, spec) = setup("#!/bin/sh\ntrap '' TERM\nwhile true; do sleep 0.05; done\n");
+        // The script says when its trap is in place (in its cwd, the release directory): a
+        // SIGTERM that arrived before would kill it at once.
+        let (_dir, spec) =
+            setup("#!/bin/sh\ntrap '' TERM\ntouch trapped\nwhile true; do sleep 0.05; done\n");
+        let trapped = spec.service_dir.join("releases/web-1/trapped");
         let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let _guard = KillOnDrop(pids.clone());
         let tracker = TaskTracker::new();
@@ -544,6 +548,14 @@ mod tests {
         s.start().await.unwrap();
         let pid = status(&s).await.pid.unwrap();
         pids.lock().unwrap().push(pid);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !trapped.exists() {
+            assert!(
+                Instant::now() < until,
+                "the script never installed its trap"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let t0 = Instant::now();
         s.stop().await.unwrap();
         assert!(
