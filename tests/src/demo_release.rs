@@ -37,6 +37,9 @@ pub struct Behaviour {
     /// Sleep this many milliseconds before answering `GET /healthz`.
     #[serde(default)]
     pub slow_health_ms: Option<u64>,
+    /// On SIGTERM, keep running this many milliseconds before exiting (a slow shutdown).
+    #[serde(default)]
+    pub slow_stop_ms: Option<u64>,
 }
 
 impl Behaviour {
@@ -47,6 +50,7 @@ impl Behaviour {
             crash_at_start: false,
             unhealthy_after_secs: None,
             slow_health_ms: None,
+            slow_stop_ms: None,
         }
     }
 
@@ -64,6 +68,12 @@ impl Behaviour {
     /// The same behaviour, turning unhealthy `secs` seconds after start.
     pub fn unhealthy_after(mut self, secs: u64) -> Self {
         self.unhealthy_after_secs = Some(secs);
+        self
+    }
+
+    /// The same behaviour, taking `ms` milliseconds to exit after SIGTERM.
+    pub fn slow_stop(mut self, ms: u64) -> Self {
+        self.slow_stop_ms = Some(ms);
         self
     }
 
@@ -169,6 +179,9 @@ impl DemoRelease {
         }
         if let Some(ms) = behaviour.slow_health_ms {
             cmd.arg("--slow-health-ms").arg(ms.to_string());
+        }
+        if let Some(ms) = behaviour.slow_stop_ms {
+            cmd.arg("--slow-stop-ms").arg(ms.to_string());
         }
         let output = cmd
             .output()

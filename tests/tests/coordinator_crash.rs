@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serin_proto::wire;
+use serin_tests::demo_release::Behaviour;
 use serin_tests::fleet;
 use serin_tests::fleet::{BASELINE, Fleet, Timings, describe_status};
 
@@ -121,7 +122,9 @@ fn coordinator_killed_while_dispatching_and_baking() {
 #[test]
 fn coordinator_killed_while_rolling_back() {
     let f = Fleet::start("crash-rollback", &["a", "b", "c", "a"]);
-    f.push(&fleet::healthy("v2"));
+    // v2 takes longer to stop than the agents' stop timeout, so every host's rollback (stop v2,
+    // start v1) lasts a couple of seconds: the rollout is reliably caught in `rolling_back`.
+    f.push(&fleet::release(Behaviour::healthy("v2").slow_stop(60_000)));
     let t = Timings {
         bake: "2s",
         min_healthy: "1s",

@@ -3,7 +3,7 @@
 //! ```text
 //! serin-demo-service [--port P] [--bind ADDR]
 //! serin-demo-service make-release --version V [--crash-at-start] [--unhealthy-after SECS]
-//!                    [--slow-health-ms MS] --out FILE
+//!                    [--slow-health-ms MS] [--slow-stop-ms MS] --out FILE
 //! ```
 //!
 //! Serving: `GET /healthz` answers 200 "ok" while healthy and 500 once unhealthy, `GET /version`
@@ -53,6 +53,12 @@ fn make_release(args: &[String]) -> anyhow::Result<()> {
                 let v = value(arg, &mut it)?;
                 behaviour.slow_health_ms = Some(v.parse().with_context(|| {
                     format!("--slow-health-ms: {v:?} is not a number of milliseconds")
+                })?);
+            }
+            "--slow-stop-ms" => {
+                let v = value(arg, &mut it)?;
+                behaviour.slow_stop_ms = Some(v.parse().with_context(|| {
+                    format!("--slow-stop-ms: {v:?} is not a number of milliseconds")
                 })?);
             }
             other => bail!("make-release: unknown argument {other:?}"),
@@ -141,6 +147,12 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
                 });
             }
         }
+    }
+    if let Some(ms) = behaviour.slow_stop_ms {
+        eprintln!(
+            "serin-demo-service: stopping on signal, slowly ({ms} ms) as this release is built to"
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     eprintln!("serin-demo-service: stopping on signal");
     Ok(())
