@@ -467,12 +467,15 @@ impl ReleaseStore {
             }
             if attempt > 0 {
                 tokio::select! {
+                    // A cancelled stage never completes, even when data is ready too.
+                    biased;
                     _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
                     _ = tokio::time::sleep(retry_delay * attempt) => {}
                 }
             }
             attempt += 1;
             let mut source = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
                 s = opener.open(offset) => match s {
                     Ok(s) => s,
@@ -485,6 +488,8 @@ impl ReleaseStore {
             };
             loop {
                 let chunk = tokio::select! {
+                    // A cancelled stage never completes, even when data is ready too.
+                    biased;
                     _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
                     c = source.next_chunk() => c,
                 };

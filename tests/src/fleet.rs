@@ -105,6 +105,36 @@ pub fn release(behaviour: Behaviour) -> DemoRelease {
     DemoRelease::from_bytes(behaviour, bytes)
 }
 
+/// The hosts of each wave of a `serin rollout plan -o json` answer (its `waves` array), in order.
+pub fn planned_waves(waves: &serde_json::Value) -> Vec<std::collections::BTreeSet<String>> {
+    waves
+        .as_array()
+        .expect("a waves array")
+        .iter()
+        .map(|w| {
+            w["host_ids"]
+                .as_array()
+                .expect("host_ids")
+                .iter()
+                .map(|h| h.as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// The hosts of each wave that a rollout ran, by wave index.
+pub fn waves_run(s: &wire::RolloutStatus) -> Vec<std::collections::BTreeSet<String>> {
+    (0..s.waves.len() as u32)
+        .map(|w| {
+            s.hosts
+                .iter()
+                .filter(|h| h.wave == w)
+                .map(|h| h.host_id.clone())
+                .collect()
+        })
+        .collect()
+}
+
 /// A healthy release answering `id` on `/version`.
 pub fn healthy(id: &str) -> DemoRelease {
     release(Behaviour::healthy(id))

@@ -10,22 +10,6 @@ use serin_tests::fleet::{BASELINE, Fleet, Timings, describe_status};
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn wave_sets(waves: &serde_json::Value) -> Vec<BTreeSet<String>> {
-    waves
-        .as_array()
-        .expect("a waves array")
-        .iter()
-        .map(|w| {
-            w["host_ids"]
-                .as_array()
-                .expect("host_ids")
-                .iter()
-                .map(|h| h.as_str().unwrap_or_default().to_owned())
-                .collect()
-        })
-        .collect()
-}
-
 /// `plan` lists exactly the waves `start` then runs, and a second rollout of the same service
 /// is refused with a message naming the active one.
 #[test]
@@ -37,7 +21,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
     let extra = ["--waves", "1,60%,100%", "--spread-by", "zone"];
     let before = f.list_rollouts();
     let plan = f.plan("v2", &extra, &t);
-    let planned = wave_sets(&plan["waves"]);
+    let planned = fleet::planned_waves(&plan["waves"]);
     assert_eq!(
         planned.iter().map(BTreeSet::len).collect::<Vec<_>>(),
         vec![1, 2, 2],
@@ -91,15 +75,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
         describe_status(&s),
         f.dump()
     );
-    let ran: Vec<BTreeSet<String>> = (0..s.waves.len() as u32)
-        .map(|w| {
-            s.hosts
-                .iter()
-                .filter(|h| h.wave == w)
-                .map(|h| h.host_id.clone())
-                .collect()
-        })
-        .collect();
+    let ran = fleet::waves_run(&s);
     assert_eq!(planned, ran, "{}", describe_status(&s));
     // The hosts switched in the plan's order: every host of wave k before any of wave k+1.
     let hist = f.history();

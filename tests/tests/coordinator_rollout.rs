@@ -37,28 +37,8 @@ fn healthy_release_reaches_every_host_wave_by_wave() {
     f.assert_all_serving(0..6, "v2");
 
     // The waves that ran are the plan's waves.
-    let planned: Vec<BTreeSet<String>> = plan["waves"]
-        .as_array()
-        .expect("plan waves")
-        .iter()
-        .map(|w| {
-            w["host_ids"]
-                .as_array()
-                .expect("host ids")
-                .iter()
-                .map(|h| h.as_str().unwrap_or_default().to_owned())
-                .collect()
-        })
-        .collect();
-    let ran: Vec<BTreeSet<String>> = (0..s.waves.len() as u32)
-        .map(|w| {
-            s.hosts
-                .iter()
-                .filter(|h| h.wave == w)
-                .map(|h| h.host_id.clone())
-                .collect()
-        })
-        .collect();
+    let planned = fleet::planned_waves(&plan["waves"]);
+    let ran = fleet::waves_run(&s);
     assert_eq!(planned, ran, "plan {plan}\n{}", describe_status(&s));
     // The canary spread over zones: the first wave has one host; the second covers 3 hosts
     // in total, one per zone.
