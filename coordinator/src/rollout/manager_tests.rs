@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 use super::manager::RolloutManager;
 use super::settings::EngineSettings;
 use super::task::Clock;
-use super::testing::{FakeFleet, MemStore, host, release_record, wire_spec};
+use super::testing::{FakeFleet, host, release_record, wire_spec};
 use crate::fleet::{FleetEvent, OrderOutcome};
 use crate::store::Store;
+use crate::store::memory::MemoryStore;
 
-fn setup(n: usize) -> (Arc<MemStore>, Arc<FakeFleet>) {
-    let store = Arc::new(MemStore::default());
+fn setup(n: usize) -> (Arc<MemoryStore>, Arc<FakeFleet>) {
+    let store = Arc::new(MemoryStore::new());
     store.put_release(&release_record()).unwrap();
     let fleet = Arc::new(FakeFleet::new(
         (1..=n)
@@ -26,7 +27,7 @@ fn setup(n: usize) -> (Arc<MemStore>, Arc<FakeFleet>) {
 }
 
 async fn manager(
-    store: &Arc<MemStore>,
+    store: &Arc<MemoryStore>,
     fleet: &Arc<FakeFleet>,
     shutdown: &CancellationToken,
 ) -> RolloutManager {

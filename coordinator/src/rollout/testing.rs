@@ -8,7 +8,7 @@ use serin_proto::{HostId, Order, ReleaseId, ServiceName, wire};
 
 use super::spec::RolloutSpec;
 use crate::fleet::{Fleet, FleetEvent, HostSnapshot, ServiceSnapshot};
-use crate::store::{ReleaseRecord, Store, StoreError, StoredRollout};
+use crate::store::ReleaseRecord;
 
 /// A host in zone `zone` with role=web, connected, running `release` of service web, healthy.
 pub fn host(id: &str, zone: &str, release: &str) -> HostSnapshot {
@@ -81,106 +81,6 @@ pub fn release() -> serin_proto::Release {
         url: r.url,
     })
     .unwrap()
-}
-
-/// An in-memory [`Store`].
-#[derive(Default)]
-pub struct MemStore {
-    inner: Mutex<MemInner>,
-}
-
-#[derive(Default)]
-struct MemInner {
-    releases: Vec<ReleaseRecord>,
-    rollouts: BTreeMap<String, StoredRollout>,
-    order: Vec<String>,
-    seqs: BTreeMap<(String, String), u64>,
-    saves: usize,
-}
-
-impl MemStore {
-    /// Number of successful `save_rollout` calls.
-    pub fn saves(&self) -> usize {
-        self.inner.lock().unwrap().saves
-    }
-}
-
-impl Store for MemStore {
-    fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
-        let mut i = self.inner.lock().unwrap();
-        i.releases
-            .retain(|r| !(r.service == rec.service && r.id == rec.id));
-        i.releases.push(rec.clone());
-        Ok(())
-    }
-
-    fn release(
-        &self,
-        service: &ServiceName,
-        id: &ReleaseId,
-    ) -> Result<Option<ReleaseRecord>, StoreError> {
-        let i = self.inner.lock().unwrap();
-        Ok(i.releases
-            .iter()
-            .find(|r| r.service == service.as_str() && r.id == id.as_str())
-            .cloned())
-    }
-
-    fn releases(&self, service: Option<&ServiceName>) -> Result<Vec<ReleaseRecord>, StoreError> {
-        let i = self.inner.lock().unwrap();
-        Ok(i.releases
-            .iter()
-            .filter(|r| service.is_none_or(|s| r.service == s.as_str()))
-            .cloned()
-            .collect())
-    }
-
-    fn save_rollout(
-        &self,
-        rollout_id: &str,
-        header: &[u8],
-        hosts: &[(HostId, Vec<u8>)],
-        events: &[Vec<u8>],
-    ) -> Result<(), StoreError> {
-        let mut i = self.inner.lock().unwrap();
-        if !i.rollouts.contains_key(rollout_id) {
-            i.order.push(rollout_id.to_string());
-        }
-        let r = i.rollouts.entry(rollout_id.to_string()).or_default();
-        r.header = header.to_vec();
-        for (h, b) in hosts {
-            match r.hosts.iter_mut().find(|(id, _)| id == h) {
-                Some(slot) => slot.1 = b.clone(),
-                None => r.hosts.push((h.clone(), b.clone())),
-            }
-        }
-        r.events.extend(events.iter().cloned());
-        i.saves += 1;
-        Ok(())
-    }
-
-    fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
-        Ok(self.inner.lock().unwrap().rollouts.get(rollout_id).cloned())
-    }
-
-    fn rollout_ids(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self.inner.lock().unwrap().order.clone())
-    }
-
-    fn next_seq(
-        &self,
-        host: &HostId,
-        service: &ServiceName,
-        at_least: u64,
-    ) -> Result<u64, StoreError> {
-        let mut i = self.inner.lock().unwrap();
-        let slot = i
-            .seqs
-            .entry((host.to_string(), service.to_string()))
-            .or_insert(0);
-        *slot = (*slot).max(at_least) + 1;
-        Ok(*slot)
-    }
 }
 
 /// A scripted [`Fleet`]: hosts are set by the test, sent orders are recorded, events are

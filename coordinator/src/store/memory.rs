@@ -16,6 +16,7 @@ struct Inner {
     rollouts: BTreeMap<String, StoredRollout>,
     order: Vec<String>,
     seqs: BTreeMap<(HostId, ServiceName), u64>,
+    saves: usize,
 }
 
 /// A [`Store`] that lives in memory only.
@@ -34,6 +35,11 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many `save_rollout` calls succeeded, for tests that check what gets persisted.
+    pub fn saves(&self) -> usize {
+        self.lock().saves
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -97,6 +103,7 @@ impl Store for MemoryStore {
             }
         }
         r.events.extend(events.iter().cloned());
+        inner.saves += 1;
         Ok(())
     }
 
