@@ -400,7 +400,9 @@ impl Activation {
             return (Some(self), vec![]);
         };
         let never_healthy = healthy_since_unix_ms.is_none() && !reported_healthy;
-        if never_healthy && (!o.running || o.restarts > 0) {
+        // A process that exits or restarts before the release completed its minimum healthy
+        // time did not start, even if a check passed for a moment in between.
+        if !reported_healthy && (!o.running || o.restarts > 0) {
             let message = format!(
                 "release {} did not stay up after start (running: {}, restarts: {}){}",
                 self.to,
@@ -907,9 +909,23 @@ mod tests {
     fn dying_after_healthy_is_unhealthy() {
         let a = armed(D);
         let (a, _) = a.step(healthy(1_100));
+        // Healthy for min_healthy (2 s): reported HEALTHY, then the process dies.
+        let (a, cmds) = a.unwrap().step(healthy(3_200));
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
         expect_rollback(
-            a.unwrap().step(obs(1_500, Verdict::Passing, false, 0)),
+            a.unwrap().step(obs(3_500, Verdict::Passing, false, 0)),
             RollbackCause::Unhealthy,
+        );
+    }
+
+    #[test]
+    fn dying_before_min_healthy_is_a_failed_start_even_after_a_passing_check() {
+        let a = armed(D);
+        // A check passed for a moment, but the process exits long before min_healthy (2 s).
+        let (a, _) = a.step(healthy(1_001));
+        expect_rollback(
+            a.unwrap().step(obs(1_002, Verdict::Passing, false, 0)),
+            RollbackCause::FailedToStart,
         );
     }
 
