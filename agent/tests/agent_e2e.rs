@@ -260,7 +260,11 @@ async fn stage_activate_confirm_dead_man_switch_and_restart() {
     let agent = tokio::spawn(serin_agent::run(config(addr, &state), shutdown.clone()));
     wait_for("hello", || fake.0.lock().unwrap().orders.clone()).await;
     {
-        let hello = fake.0.lock().unwrap().hellos[0].clone();
+        // The stream is open before its first message is recorded: wait for the hello itself.
+        let hello = wait_for("the first hello", || {
+            fake.0.lock().unwrap().hellos.first().cloned()
+        })
+        .await;
         assert_eq!(hello.host_id, "host-1");
         assert_eq!(hello.services[0].state, wire::ServiceState::Empty as i32);
     }
@@ -358,7 +362,10 @@ async fn stage_activate_confirm_dead_man_switch_and_restart() {
     fake.0.lock().unwrap().orders = None;
     let agent = tokio::spawn(serin_agent::run(config(addr, &state), shutdown.clone()));
     wait_for("second hello", || fake.0.lock().unwrap().orders.clone()).await;
-    let hello = fake.0.lock().unwrap().hellos.last().cloned().unwrap();
+    let hello = wait_for("the second hello", || {
+        fake.0.lock().unwrap().hellos.get(1).cloned()
+    })
+    .await;
     let inv = &hello.services[0];
     assert_eq!(inv.current_release, "web-1");
     assert_eq!(inv.last_seq, 6);
