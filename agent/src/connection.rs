@@ -185,6 +185,9 @@ async fn connected(
                         return Ended::Lost(e);
                     }
                 }
+                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => {
+                    tracing::debug!(service = %h.service, release = %h.release, "hold not handled yet");
+                }
                 Ok(Some(wire::CoordinatorMessage { body: None })) => {}
                 Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
                 Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),

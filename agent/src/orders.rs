@@ -76,6 +76,7 @@ pub fn result(
         message: message.into(),
         current_release: current.unwrap_or_default().to_string(),
         bytes_done: 0,
+        last_seq: 0,
     }
 }
 

@@ -917,6 +917,7 @@ impl ServiceTask {
             message,
             current_release: current.unwrap_or_default(),
             bytes_done: 0,
+            last_seq: 0,
         };
         self.send(r, true).await;
     }

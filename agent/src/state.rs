@@ -71,6 +71,7 @@ impl From<&StoredResult> for wire::OrderResult {
             message: r.message.clone(),
             current_release: r.current_release.clone(),
             bytes_done: 0,
+            last_seq: 0,
         }
     }
 }

@@ -752,6 +752,7 @@ mod tests {
             message: String::new(),
             current_release: "web-2".into(),
             bytes_done: 0,
+            last_seq: 7,
         };
         reg.record(&a.host, a.conn_id, Body::Result(result), Instant::now(), 1)
             .unwrap();

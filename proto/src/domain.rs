@@ -354,6 +354,10 @@ pub struct Order {
     pub action: OrderAction,
 }
 
+/// Highest order sequence the wire may carry (2^53). Far beyond any real count of orders, and far
+/// enough from `u64::MAX` that a counter moved past a reported value can never overflow.
+pub const MAX_ORDER_SEQ: u64 = 1 << 53;
+
 /// Longest healthy or confirm deadline an order may carry: one day.
 pub const MAX_ORDER_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
@@ -393,6 +397,12 @@ impl TryFrom<wire::Order> for Order {
         let rollout_id = bounded_text("order.rollout_id", o.rollout_id, 128)?;
         if o.seq == 0 {
             return Err(ValidationError::new("order.seq", "must be at least 1"));
+        }
+        if o.seq > MAX_ORDER_SEQ {
+            return Err(ValidationError::new(
+                "order.seq",
+                format!("{} exceeds the limit of {MAX_ORDER_SEQ}", o.seq),
+            ));
         }
         let service = ServiceName::new(o.service).map_err(|e| e.within("order"))?;
         let check_service = |release: &Release, field: &str| {
@@ -506,6 +516,46 @@ impl From<Order> for wire::Order {
     }
 }
 
+/// A validated [`wire::HoldConfirm`]: keep the named activation's dead-man switch from reverting for
+/// lack of a confirm until at least `confirm_deadline` from when the agent receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldConfirm {
+    pub service: ServiceName,
+    pub release: ReleaseId,
+    pub confirm_deadline: Duration,
+}
+
+impl TryFrom<wire::HoldConfirm> for HoldConfirm {
+    type Error = ValidationError;
+
+    fn try_from(h: wire::HoldConfirm) -> Result<Self, Self::Error> {
+        let service = ServiceName::new(h.service).map_err(|e| e.within("hold"))?;
+        let release = ReleaseId::new(h.release).map_err(|e| e.within("hold.release"))?;
+        let confirm_deadline = deadline("hold.confirm_deadline_ms", h.confirm_deadline_ms)?;
+        if confirm_deadline.is_zero() {
+            return Err(ValidationError::new(
+                "hold.confirm_deadline_ms",
+                "must be greater than 0",
+            ));
+        }
+        Ok(Self {
+            service,
+            release,
+            confirm_deadline,
+        })
+    }
+}
+
+impl From<HoldConfirm> for wire::HoldConfirm {
+    fn from(h: HoldConfirm) -> Self {
+        wire::HoldConfirm {
+            service: h.service.into_string(),
+            release: h.release.into_string(),
+            confirm_deadline_ms: h.confirm_deadline.as_millis() as u64,
+        }
+    }
+}
+
 /// Label key or value check: printable, no `=` or `,` (the selector syntax), bounded length.
 pub fn validate_label(field: &str, key: &str, value: &str) -> Result<(), ValidationError> {
     let ok_key = !key.is_empty()
@@ -607,5 +657,39 @@ mod tests {
         wrong.service = "db".into();
         let e = Order::try_from(wrong).unwrap_err();
         assert!(e.to_string().contains("belongs to service web"), "{e}");
+    }
+
+    #[test]
+    fn order_seq_near_the_end_of_the_type_is_refused() {
+        let o = Order {
+            order_id: "o1".into(),
+            rollout_id: "r1".into(),
+            seq: MAX_ORDER_SEQ,
+            service: ServiceName::new("web").unwrap(),
+            action: OrderAction::Cancel,
+        };
+        let mut w: wire::Order = o.clone().into();
+        assert_eq!(Order::try_from(w.clone()).unwrap(), o);
+        w.seq = u64::MAX;
+        let e = Order::try_from(w).unwrap_err();
+        assert!(e.to_string().contains("order.seq"), "{e}");
+    }
+
+    #[test]
+    fn hold_round_trips_and_refuses_zero_or_huge_deadlines() {
+        let h = HoldConfirm {
+            service: ServiceName::new("web").unwrap(),
+            release: ReleaseId::new("web-2").unwrap(),
+            confirm_deadline: Duration::from_secs(60),
+        };
+        let w: wire::HoldConfirm = h.clone().into();
+        assert_eq!(HoldConfirm::try_from(w.clone()).unwrap(), h);
+        let mut zero = w.clone();
+        zero.confirm_deadline_ms = 0;
+        assert!(HoldConfirm::try_from(zero).is_err());
+        let mut huge = w;
+        huge.confirm_deadline_ms = u64::MAX;
+        let e = HoldConfirm::try_from(huge).unwrap_err();
+        assert!(e.to_string().contains("hold.confirm_deadline_ms"), "{e}");
     }
 }
