@@ -268,6 +268,76 @@ impl Ca {
     }
 }
 
+/// A complete throwaway PKI in one directory, for the demo and the test harness: a CA, the
+/// coordinator's certificate, one per agent host and one per operator, all written with the same
+/// file names `serin ca …` uses.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    dir: PathBuf,
+}
+
+impl DevPki {
+    /// Creates everything in `dir` (which must not hold a CA yet), valid from `now` for a day.
+    pub fn create(
+        dir: &Path,
+        coordinator: &Subject,
+        hosts: &[serin_proto::HostId],
+        operators: &[(crate::identity::OperatorName, crate::identity::Role)],
+        now: SystemTime,
+    ) -> Result<Self, PkiError> {
+        let validity = Validity::starting(now, Duration::from_secs(86_400));
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ca::init(dir, "serin throwaway CA", validity)?;
+        let ca = Ca::load(dir)?;
+        let mut subjects = vec![coordinator.clone()];
+        subjects.extend(
+            hosts
+                .iter()
+                .map(|h| Subject::Client(PeerIdentity::Agent { host_id: h.clone() })),
+        );
+        subjects.extend(operators.iter().map(|(name, role)| {
+            Subject::Client(PeerIdentity::Operator {
+                name: name.clone(),
+                role: *role,
+            })
+        }));
+        for subject in &subjects {
+            let issued = ca.issue(subject, validity)?;
+            write_identity(&IdentityFiles::in_dir(dir, &subject.file_stem()), &issued)?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn files(&self, stem: &str) -> crate::tls::TlsFiles {
+        let f = IdentityFiles::in_dir(&self.dir, stem);
+        crate::tls::TlsFiles {
+            ca: self.dir.join(CA_CERT_FILE),
+            cert: f.cert,
+            key: f.key,
+        }
+    }
+
+    /// The coordinator's TLS files.
+    pub fn coordinator(&self) -> crate::tls::TlsFiles {
+        self.files("coordinator")
+    }
+
+    /// The TLS files of the agent on `host`.
+    pub fn agent(&self, host: &serin_proto::HostId) -> crate::tls::TlsFiles {
+        self.files(&format!("agent-{host}"))
+    }
+
+    /// The TLS files of operator `name`.
+    pub fn operator(&self, name: &crate::identity::OperatorName) -> crate::tls::TlsFiles {
+        self.files(&format!("operator-{name}"))
+    }
+}
+
 /// Writes a certificate (0644) and its key (0600) to `files`, refusing to overwrite either one.
 /// If the key cannot be written, the certificate just written is removed again.
 pub fn write_identity(files: &IdentityFiles, issued: &IssuedCert) -> Result<(), PkiError> {
@@ -489,6 +559,33 @@ mod tests {
             PeerIdentity::from_certificate(&der[0]).unwrap(),
             PeerIdentity::Coordinator
         );
+    }
+
+    #[test]
+    fn a_dev_pki_yields_working_configurations_for_every_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = serin_proto::HostId::new("demo-01").unwrap();
+        let alice = OperatorName::new("alice").unwrap();
+        let pki = DevPki::create(
+            dir.path(),
+            &Subject::Coordinator {
+                dns_names: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+            },
+            std::slice::from_ref(&host),
+            &[(alice.clone(), Role::Admin)],
+            SystemTime::now(),
+        )
+        .unwrap();
+        let load = |f| crate::tls::TlsMaterial::load(&f).unwrap();
+        crate::tls::server_config(
+            &load(pki.coordinator()),
+            std::sync::Arc::new(crate::tls::NoRevocation),
+        )
+        .unwrap();
+        crate::tls::agent_client_config(&load(pki.agent(&host)), &host).unwrap();
+        crate::tls::operator_client_config(&load(pki.operator(&alice))).unwrap();
+        assert_eq!(mode(&pki.agent(&host).key), 0o600);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! - [`server_config`]: the coordinator. TLS 1.2/1.3 on ring, a client certificate is required and
 //!   must chain to the configured serin CA, carry a serin client identity (agent or operator), be
 //!   within its validity window, and pass the [`Revocation`] hook. Anything else fails the
-//!   handshake, before a single gRPC byte is read.
+//!   handshake, before a single gRPC byte is read. TLS 1.3 only, and no session resumption: every
+//!   connection runs the whole verification again, so a revocation or an expiry takes effect at
+//!   the next connection.
 //! - [`agent_client_config`] / [`operator_client_config`]: the agent and the CLI. The CA is pinned
 //!   (the system trust store is never consulted), the coordinator's name is verified by the
 //!   connector in [`crate::transport`], and the client presents its own certificate.
@@ -27,6 +29,9 @@ use crate::identity::{IdentityError, PeerIdentity};
 
 /// ALPN protocol of gRPC.
 const ALPN_H2: &[u8] = b"h2";
+
+/// TLS 1.3 only: every peer is one of serin's own programs, so nothing needs an older version.
+const PROTOCOLS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// The ring crypto provider; serin never uses aws-lc.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -142,6 +147,53 @@ impl Revocation for NoRevocation {
     }
 }
 
+/// A [`Revocation`] held in memory: certificates by serial number, and whole identities (every
+/// certificate of a host or an operator). The coordinator fills it from its persisted
+/// revocations at start and on every `revoke`; the next handshake sees the change.
+#[derive(Debug, Default)]
+pub struct RevokedSet {
+    inner: std::sync::RwLock<Revoked>,
+}
+
+#[derive(Debug, Default)]
+struct Revoked {
+    identities: std::collections::HashSet<PeerIdentity>,
+    serials: std::collections::HashSet<Vec<u8>>,
+}
+
+impl RevokedSet {
+    /// Refuses every certificate carrying `identity` from now on.
+    pub fn revoke_identity(&self, identity: PeerIdentity) {
+        self.write().identities.insert(identity);
+    }
+
+    /// Refuses the certificate with this serial number from now on.
+    pub fn revoke_serial(&self, serial: Vec<u8>) {
+        self.write().serials.insert(serial);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Revoked> {
+        // A panic while holding the lock cannot leave the sets half-updated (single inserts).
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Revocation for RevokedSet {
+    fn check(&self, identity: &PeerIdentity, serial: &[u8]) -> Result<(), String> {
+        let revoked = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if revoked.identities.contains(identity) {
+            return Err(format!("{identity} is revoked"));
+        }
+        if revoked.serials.contains(serial) {
+            return Err(format!(
+                "certificate serial {} is revoked",
+                hex::encode(serial)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The coordinator's server configuration: mutual TLS, client certificates required, issued by
 /// the CA in `material`, carrying an agent or operator identity, not revoked.
 pub fn server_config(
@@ -165,12 +217,17 @@ pub fn server_config(
         revocation,
     });
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(PROTOCOLS)
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(material.cert_chain.clone(), material.key.clone_key())
         .map_err(|e| TlsError::Config(format!("the coordinator certificate or key: {e}")))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No session resumption: a resumed session skips the client verifier, so a certificate
+    // revoked (or expired) since the first handshake would still get in. Connections are
+    // long-lived gRPC channels; a full handshake each time costs nothing that matters.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -212,7 +269,7 @@ pub fn operator_client_config(material: &TlsMaterial) -> Result<Arc<ClientConfig
 /// [`agent_client_config`] or [`operator_client_config`].
 pub fn client_config(material: &TlsMaterial) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(PROTOCOLS)
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(material.roots()?)
         .with_client_auth_cert(material.cert_chain.clone(), material.key.clone_key())
@@ -233,7 +290,7 @@ pub fn anonymous_client_config(
             .map_err(|e| TlsError::Config(e.to_string()))?;
     }
     let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(PROTOCOLS)
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();

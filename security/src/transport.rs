@@ -46,6 +46,8 @@ pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 pub struct PeerInfo {
     /// The peer's address.
     pub remote_addr: SocketAddr,
+    /// Our address of the connection.
+    pub local_addr: Option<SocketAddr>,
     /// The identity its verified certificate carries.
     pub identity: PeerIdentity,
     /// The certificate's serial number (for revocation and the audit log).
@@ -199,6 +201,7 @@ impl TlsIncoming {
         };
         let handshake = async move {
             let _ = tcp.set_nodelay(true);
+            let local_addr = tcp.local_addr().ok();
             let mut first = [0u8; 1];
             match tcp.peek(&mut first).await {
                 Ok(0) | Err(_) => return Err(RefusalReason::Closed),
@@ -224,6 +227,7 @@ impl TlsIncoming {
                 inner: tls,
                 info: PeerInfo {
                     remote_addr,
+                    local_addr,
                     identity,
                     serial,
                 },
@@ -288,6 +292,42 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, to
         .ok_or_else(|| {
             tonic::Status::unauthenticated("no verified client certificate on this connection")
         })
+}
+
+/// The host id of the agent behind `request`; `permission_denied` for any other identity.
+pub fn agent_host<T>(request: &tonic::Request<T>) -> Result<&serin_proto::HostId, tonic::Status> {
+    match peer_identity(request)? {
+        PeerIdentity::Agent { host_id } => Ok(host_id),
+        other => Err(tonic::Status::permission_denied(format!(
+            "{other} is not an agent identity"
+        ))),
+    }
+}
+
+/// Checks the host id an agent claims (in its hello) against the one in its certificate.
+pub fn check_claimed_host(
+    certified: &serin_proto::HostId,
+    claimed: &serin_proto::HostId,
+) -> Result<(), tonic::Status> {
+    if certified == claimed {
+        Ok(())
+    } else {
+        Err(tonic::Status::permission_denied(format!(
+            "the hello claims host {claimed}, but this agent's certificate is for host {certified}"
+        )))
+    }
+}
+
+/// The operator behind `request` (name and role), e.g. for the audit log.
+pub fn operator<T>(
+    request: &tonic::Request<T>,
+) -> Result<(&crate::identity::OperatorName, Role), tonic::Status> {
+    match peer_identity(request)? {
+        PeerIdentity::Operator { name, role } => Ok((name, *role)),
+        other => Err(tonic::Status::permission_denied(format!(
+            "{other} is not an operator identity"
+        ))),
+    }
 }
 
 /// A human explanation of a failed connection or call, from the text of its error chain (the TLS
@@ -437,8 +477,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().to_string();
+        // Keep `Request::remote_addr()` working for handlers and their tracing spans.
+        if let Some(peer) = req.extensions().get::<PeerInfo>() {
+            let tcp = tonic::transport::server::TcpConnectInfo {
+                local_addr: peer.local_addr,
+                remote_addr: Some(peer.remote_addr),
+            };
+            req.extensions_mut().insert(tcp);
+        }
         let verdict = match req.extensions().get::<PeerInfo>() {
             None => Err(tonic::Status::unauthenticated(
                 "no verified client certificate on this connection",

@@ -16,10 +16,10 @@ use serin_proto::wire::agent_service_server::{AgentService, AgentServiceServer};
 use serin_proto::wire::control_service_client::ControlServiceClient;
 use serin_proto::wire::control_service_server::{ControlService, ControlServiceServer};
 use serin_security::pki::{Ca, IssuedCert, Subject, Validity};
-use serin_security::tls::{self, NoRevocation, Revocation, TlsMaterial};
+use serin_security::tls::{self, NoRevocation, Revocation, RevokedSet, TlsMaterial};
 use serin_security::transport::{
-    AuthorizeLayer, ClientTransport, Refusal, RefusalReason, TlsIncoming, connect, explain_failure,
-    peer_identity,
+    AuthorizeLayer, ClientTransport, Refusal, RefusalReason, TlsIncoming, agent_host,
+    check_claimed_host, connect, explain_failure, peer_identity,
 };
 use serin_security::{OperatorName, PeerIdentity, Role};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +36,10 @@ struct Probe {
 impl Probe {
     fn record<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let id = peer_identity(req)?.clone();
+        assert!(
+            req.remote_addr().is_some(),
+            "Request::remote_addr still works behind TlsIncoming"
+        );
         self.seen.lock().unwrap().push(id);
         Ok(())
     }
@@ -49,10 +53,23 @@ type Empty<T> = tokio_stream::Empty<Result<T, Status>>;
 #[tonic::async_trait]
 impl AgentService for Probe {
     type AttachStream = Empty<wire::CoordinatorMessage>;
+    /// As the coordinator will: the hello's host id must be the certificate's.
     async fn attach(
         &self,
-        req: Request<tonic::Streaming<wire::AgentMessage>>,
+        mut req: Request<tonic::Streaming<wire::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let certified = agent_host(&req)?.clone();
+        let first = req.get_mut().message().await?;
+        let Some(wire::AgentMessage {
+            body: Some(wire::agent_message::Body::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
+        };
+        let claimed = HostId::new(hello.host_id)?;
+        check_claimed_host(&certified, &claimed)?;
         self.record(&req)?;
         Ok(Response::new(tokio_stream::empty()))
     }
@@ -583,43 +600,39 @@ async fn a_plaintext_client_on_the_tls_port_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct RevokedHost(HostId);
-
-impl Revocation for RevokedHost {
-    fn check(&self, identity: &PeerIdentity, _serial: &[u8]) -> Result<(), String> {
-        match identity {
-            PeerIdentity::Agent { host_id } if host_id == &self.0 => {
-                Err(format!("host {host_id} revoked"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
 #[tokio::test]
-async fn the_revocation_hook_refuses_a_revoked_host_and_only_it() -> anyhow::Result<()> {
+async fn a_revoked_certificate_is_refused_from_the_next_handshake_on() -> anyhow::Result<()> {
     let pki = Pki::new("serin test");
-    let revoked = HostId::new("web-02")?;
+    let revoked = Arc::new(RevokedSet::default());
     let mut server = Server::start(
         &pki,
         &pki.valid(coordinator_subject("localhost")),
-        Arc::new(RevokedHost(revoked.clone())),
+        revoked.clone(),
     )
     .await;
-    let bad = tls_transport(tls::agent_client_config(
+    let host = HostId::new("web-02")?;
+    let t = tls_transport(tls::agent_client_config(
         &pki.material(&pki.valid(agent("web-02"))),
-        &revoked,
+        &host,
     )?);
-    let err = refused(fetch(&server.url(), &bad).await, "CertificateRevoked");
+    fetch(&server.url(), &t)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("served before the revocation")?;
+
+    revoked.revoke_identity(PeerIdentity::Agent {
+        host_id: host.clone(),
+    });
+    let err = refused(fetch(&server.url(), &t).await, "CertificateRevoked");
     explained(&err, "revoked");
     let reason = server.refusal().await;
     assert!(reason.to_string().contains("Revoked"), "{reason}");
 
-    let good_host = HostId::new("web-01")?;
+    // Another host is unaffected.
+    let other = HostId::new("web-01")?;
     let good = tls_transport(tls::agent_client_config(
         &pki.material(&pki.valid(agent("web-01"))),
-        &good_host,
+        &other,
     )?);
     fetch(&server.url(), &good)
         .await
@@ -627,7 +640,64 @@ async fn the_revocation_hook_refuses_a_revoked_host_and_only_it() -> anyhow::Res
         .context("web-01 is not revoked")?;
     assert_eq!(
         server.probe.seen(),
-        vec![PeerIdentity::Agent { host_id: good_host }]
+        vec![
+            PeerIdentity::Agent { host_id: host },
+            PeerIdentity::Agent { host_id: other }
+        ]
+    );
+    server.stop().await;
+    Ok(())
+}
+
+/// Opens Attach and sends a hello claiming `claimed`; the call's outcome.
+async fn attach_as(url: &str, transport: &ClientTransport, claimed: &str) -> Result<(), Status> {
+    let channel = connect(url, transport, Duration::from_secs(5))
+        .await
+        .map_err(|e| Status::unavailable(chain(&e)))?;
+    let hello = wire::AgentMessage {
+        body: Some(wire::agent_message::Body::Hello(wire::Hello {
+            host_id: claimed.to_string(),
+            ..Default::default()
+        })),
+    };
+    let mut stream = AgentServiceClient::new(channel)
+        .attach(tokio_stream::iter([hello]))
+        .await?
+        .into_inner();
+    // The probe answers with an empty stream once it accepted the hello.
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_a_certificate_claiming_host_b_is_refused() -> anyhow::Result<()> {
+    let pki = Pki::new("serin test");
+    let server = Server::start(
+        &pki,
+        &pki.valid(coordinator_subject("localhost")),
+        Arc::new(NoRevocation),
+    )
+    .await;
+    let a = HostId::new("host-a")?;
+    let t = tls_transport(tls::agent_client_config(
+        &pki.material(&pki.valid(agent("host-a"))),
+        &a,
+    )?);
+    let status = attach_as(&server.url(), &t, "host-b")
+        .await
+        .expect_err("host-a's certificate cannot attach as host-b");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the hello claims host host-b, but this agent's certificate is for host host-a"
+    );
+    assert!(server.probe.seen().is_empty(), "nothing was accepted");
+    attach_as(&server.url(), &t, "host-a")
+        .await
+        .context("its own host id is accepted")?;
+    assert_eq!(
+        server.probe.seen(),
+        vec![PeerIdentity::Agent { host_id: a }]
     );
     server.stop().await;
     Ok(())
