@@ -761,3 +761,45 @@ async fn a_silent_connection_neither_blocks_others_nor_stays_forever() -> anyhow
     server.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn during_a_ca_rotation_a_bundle_of_both_cas_accepts_both_generations() -> anyhow::Result<()>
+{
+    let old = Pki::new("serin CA 2026");
+    let new = Pki::new("serin CA 2027");
+    let bundle = format!("{}{}", old.ca_pem, new.ca_pem);
+    // The coordinator already runs on a certificate of the new CA and trusts both.
+    let coordinator = new.valid(coordinator_subject("localhost"));
+    let material = TlsMaterial::from_pem(&bundle, &coordinator.cert_pem, &coordinator.key_pem)?;
+    assert_eq!(material.ca.len(), 2, "both CAs are trust anchors");
+    let config = tls::server_config(&material, Arc::new(NoRevocation))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let probe = Probe::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .layer(AuthorizeLayer)
+        .add_service(ControlServiceServer::new(probe.clone()));
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(TlsIncoming::new(listener, config), async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let url = format!("https://localhost:{port}");
+    for (pki, name) in [(&old, "old-op"), (&new, "new-op")] {
+        let cert = pki.valid(operator(name, Role::Viewer));
+        // Each operator trusts the bundle too, so either generation of coordinator certificate works.
+        let m = TlsMaterial::from_pem(&bundle, &cert.cert_pem, &cert.key_pem)?;
+        let t = tls_transport(tls::operator_client_config(&m)?);
+        list_hosts(&url, &t)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{name} during the rotation"))?;
+    }
+    assert_eq!(probe.seen().len(), 2);
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}
