@@ -199,6 +199,16 @@ impl Ca {
     /// The CA from its certificate and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the CA key: {e}"))?;
+        let der = crate::tls::parse_certs(cert_pem.as_bytes())
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0])
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        if !cert.is_ca() {
+            return Err("the CA certificate is not a CA certificate".to_string());
+        }
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err("the CA key does not belong to the CA certificate".to_string());
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(|e| format!("the CA certificate: {e}"))?;
         Ok(Self {
@@ -586,6 +596,28 @@ mod tests {
         crate::tls::agent_client_config(&load(pki.agent(&host)), &host).unwrap();
         crate::tls::operator_client_config(&load(pki.operator(&alice))).unwrap();
         assert_eq!(mode(&pki.agent(&host).key), 0o600);
+    }
+
+    #[test]
+    fn a_ca_key_that_does_not_match_its_certificate_is_refused() {
+        let v = Validity::starting(SystemTime::now(), DEFAULT_CA_VALIDITY);
+        let (_, a) = Ca::generate("a", v).unwrap();
+        let (_, b) = Ca::generate("b", v).unwrap();
+        let err = Ca::from_pem(&a.cert_pem, &b.key_pem).unwrap_err();
+        assert!(err.contains("does not belong"), "{err}");
+        assert!(Ca::from_pem(&a.cert_pem, &a.key_pem).is_ok());
+        // A leaf certificate is not a CA.
+        let (ca, _) = Ca::generate("c", v).unwrap();
+        let leaf = ca
+            .issue(
+                &Subject::Client(PeerIdentity::Agent {
+                    host_id: serin_proto::HostId::new("h").unwrap(),
+                }),
+                v,
+            )
+            .unwrap();
+        let err = Ca::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap_err();
+        assert!(err.contains("not a CA"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,86 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The `[tls]` section of the coordinator's and the agent's config files, as written (every key
+/// optional); [`TlsSection::validate`] turns it into a [`TransportSecurity`].
+///
+/// ```toml
+/// [tls]
+/// ca = "/etc/serin/pki/ca.crt"
+/// cert = "/etc/serin/pki/coordinator.crt"
+/// key = "/etc/serin/pki/coordinator.key"
+/// # insecure_plaintext = true   # development only, instead of the three files
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct TlsSection {
+    /// The serin CA certificate (or a bundle of CAs during a rotation).
+    pub ca: Option<PathBuf>,
+    /// This program's certificate.
+    pub cert: Option<PathBuf>,
+    /// This program's private key.
+    pub key: Option<PathBuf>,
+    /// Development only: no TLS at all. Conflicts with the three files; loudly logged by the
+    /// programs.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+/// How a program secures its connections, validated from a [`TlsSection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportSecurity {
+    /// Mutual TLS with these files.
+    Tls(TlsFiles),
+    /// Cleartext, for development; explicitly asked for.
+    InsecurePlaintext,
+}
+
+impl TlsSection {
+    /// Every problem, each naming its key (`tls.cert: …`): the three files together, or
+    /// `insecure_plaintext = true` alone; nothing at all is an error too (TLS is not optional).
+    pub fn validate(&self) -> Result<TransportSecurity, Vec<String>> {
+        let set: Vec<&str> = [
+            ("ca", self.ca.is_some()),
+            ("cert", self.cert.is_some()),
+            ("key", self.key.is_some()),
+        ]
+        .iter()
+        .filter(|(_, present)| *present)
+        .map(|(name, _)| *name)
+        .collect();
+        if self.insecure_plaintext {
+            if set.is_empty() {
+                return Ok(TransportSecurity::InsecurePlaintext);
+            }
+            return Err(vec![format!(
+                "tls.insecure_plaintext: true conflicts with tls.{}; use either the files or plaintext",
+                set.join(", tls.")
+            )]);
+        }
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(TransportSecurity::Tls(TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            _ if set.is_empty() => Err(vec![
+                "tls: no ca, cert and key configured (make them with `serin ca`), or set \
+                 tls.insecure_plaintext = true for development only"
+                    .to_string(),
+            ]),
+            _ => Err(["ca", "cert", "key"]
+                .iter()
+                .filter(|name| !set.contains(name))
+                .map(|name| {
+                    format!(
+                        "tls.{name}: missing (tls.{} is set; the three files go together)",
+                        set.join(" and tls.")
+                    )
+                })
+                .collect()),
+        }
+    }
+}
+
 /// The parsed contents of [`TlsFiles`].
 #[derive(Debug)]
 pub struct TlsMaterial {
@@ -418,4 +498,54 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("tls configuration: {0}")]
     Config(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(toml_text: &str) -> TlsSection {
+        #[derive(serde::Deserialize)]
+        struct File {
+            tls: TlsSection,
+        }
+        toml::from_str::<File>(toml_text).unwrap().tls
+    }
+
+    #[test]
+    fn the_tls_section_needs_all_three_files_or_explicit_plaintext() {
+        let full = section("[tls]\nca = \"/p/ca.crt\"\ncert = \"/p/c.crt\"\nkey = \"/p/c.key\"\n");
+        assert_eq!(
+            full.validate(),
+            Ok(TransportSecurity::Tls(TlsFiles {
+                ca: "/p/ca.crt".into(),
+                cert: "/p/c.crt".into(),
+                key: "/p/c.key".into(),
+            }))
+        );
+        assert_eq!(
+            section("[tls]\ninsecure_plaintext = true\n").validate(),
+            Ok(TransportSecurity::InsecurePlaintext)
+        );
+        let none = TlsSection::default().validate().unwrap_err();
+        assert!(
+            none[0].contains("insecure_plaintext = true for development only"),
+            "{none:?}"
+        );
+        let half = section("[tls]\ncert = \"/c\"\n").validate().unwrap_err();
+        assert_eq!(
+            half,
+            vec![
+                "tls.ca: missing (tls.cert is set; the three files go together)".to_string(),
+                "tls.key: missing (tls.cert is set; the three files go together)".to_string(),
+            ]
+        );
+        let both = section("[tls]\nca = \"/ca\"\ninsecure_plaintext = true\n")
+            .validate()
+            .unwrap_err();
+        assert!(
+            both[0].starts_with("tls.insecure_plaintext: true conflicts with tls.ca"),
+            "{both:?}"
+        );
+    }
 }
