@@ -124,6 +124,21 @@ impl PublicKey {
     }
 }
 
+/// Parses the public keys pinned for one service (one key line each, as in an agent's config),
+/// naming the entry that is wrong (`trusted_keys[1]: malformed key: …`); a key listed twice is
+/// refused too, as a sign of a copy-paste mistake.
+pub fn parse_pinned_keys(field: &str, lines: &[String]) -> Result<Vec<PublicKey>, String> {
+    let mut keys: Vec<PublicKey> = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let key = PublicKey::parse(line).map_err(|e| format!("{field}[{i}]: {e}"))?;
+        if keys.iter().any(|k| k.id == key.id) {
+            return Err(format!("{field}[{i}]: key {} is listed twice", key.id));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
 /// A secret release-signing key. Zeroed when dropped; never printed.
 pub struct SecretKey(SigningKey);
 

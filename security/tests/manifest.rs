@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serin_proto::{ReleaseId, ServiceName, Sha256};
 use serin_security::manifest::{
-    Candidate, ManifestBody, PublicKey, SecretKey, VerifyError, parse, sign, verify,
+    Candidate, ManifestBody, PublicKey, SecretKey, VerifyError, parse, parse_pinned_keys, sign,
+    verify,
 };
 use sha2::Digest as _;
 
@@ -456,4 +457,24 @@ fn key_files_round_trip_and_bad_keys_are_refused() {
         SecretKey::parse(&line).is_err(),
         "a public key is not a secret key"
     );
+}
+
+#[test]
+fn pinned_keys_name_the_bad_entry() {
+    let a = SecretKey::generate().unwrap().public();
+    let b = SecretKey::generate().unwrap().public();
+    let keys = parse_pinned_keys(
+        "services.web.trusted_keys",
+        &[a.to_line("a"), b.to_line("")],
+    )
+    .unwrap();
+    assert_eq!(keys, vec![a.clone(), b]);
+    let e = parse_pinned_keys(
+        "trusted_keys",
+        &[a.to_line(""), "serin-ed25519 zz".to_string()],
+    )
+    .unwrap_err();
+    assert!(e.starts_with("trusted_keys[1]: malformed key"), "{e}");
+    let e = parse_pinned_keys("trusted_keys", &[a.to_line("x"), a.to_line("y")]).unwrap_err();
+    assert!(e.contains("listed twice"), "{e}");
 }
