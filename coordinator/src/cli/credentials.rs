@@ -274,6 +274,38 @@ pub fn resolve(
     }
 }
 
+/// The transport the CLI dials with: mutual TLS from the resolved files, or plaintext only when
+/// nothing is configured and the caller explicitly allows it (a development flag). The error says
+/// which file is wrong and where its path came from.
+pub fn client_transport(
+    resolved: Option<&Resolved>,
+    allow_plaintext: bool,
+) -> Result<serin_security::transport::ClientTransport, String> {
+    use serin_security::transport::ClientTransport;
+    let Some(r) = resolved else {
+        return if allow_plaintext {
+            Ok(ClientTransport::Plaintext)
+        } else {
+            Err(format!(
+                "no operator certificate configured: give --ca, --cert and --key, set {ENV_CA}, \
+                 {ENV_CERT} and {ENV_KEY}, or write them in ~/.config/serin/config.toml ([tls])"
+            ))
+        };
+    };
+    let material = serin_security::tls::TlsMaterial::load(&r.files).map_err(|e| {
+        format!(
+            "{e} (CA from {}, certificate and key from {})",
+            r.ca_from, r.pair_from
+        )
+    })?;
+    let config = serin_security::tls::operator_client_config(&material)
+        .map_err(|e| format!("{e} (from {})", r.pair_from))?;
+    Ok(ClientTransport::Tls {
+        config,
+        server_name: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,5 +442,53 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no CA is"), "{e}");
+    }
+
+    #[test]
+    fn resolved_files_become_a_tls_transport_and_nothing_needs_an_explicit_plaintext() {
+        use serin_security::pki::{DevPki, Subject};
+        use serin_security::transport::ClientTransport;
+        use serin_security::{OperatorName, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let alice = OperatorName::new("alice").unwrap();
+        let host = serin_proto::HostId::new("h1").unwrap();
+        let pki = DevPki::create(
+            dir.path(),
+            &Subject::Coordinator {
+                dns_names: vec!["localhost".into()],
+                ips: vec![],
+            },
+            std::slice::from_ref(&host),
+            &[(alice.clone(), Role::Viewer)],
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let resolved = |files: serin_security::tls::TlsFiles| Resolved {
+            files,
+            ca_from: Source::Env(ENV_CA),
+            pair_from: Source::Flag("--cert"),
+        };
+        let ok = client_transport(Some(&resolved(pki.operator(&alice))), false).unwrap();
+        assert!(matches!(ok, ClientTransport::Tls { .. }));
+
+        let e = client_transport(Some(&resolved(pki.agent(&host))), false).unwrap_err();
+        assert!(
+            e.contains("expected an operator identity") && e.contains("the --cert flag"),
+            "{e}"
+        );
+        let mut missing = pki.operator(&alice);
+        missing.key = dir.path().join("nope.key");
+        let e = client_transport(Some(&resolved(missing)), false).unwrap_err();
+        assert!(e.contains("nope.key") && e.contains("$SERIN_CA"), "{e}");
+
+        assert!(
+            client_transport(None, false)
+                .unwrap_err()
+                .contains("no operator certificate")
+        );
+        assert!(matches!(
+            client_transport(None, true).unwrap(),
+            ClientTransport::Plaintext
+        ));
     }
 }
