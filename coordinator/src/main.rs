@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     // Usage errors exit 2 and --help/--version exit 0, both printed by clap.
     let cli = Cli::parse();
+    if cli::offline::is_offline(&cli.command) {
+        return match cli::offline::run(cli.output, cli.command) {
+            Ok(exit) => exit.into(),
+            Err(e) => fail(&e.to_string(), e.exit()),
+        };
+    }
     match cli.command {
         Command::Completions { shell } => {
             let mut buf = Vec::new();

@@ -86,6 +86,11 @@ pub enum Command {
     /// Plan, start, watch, steer and explain rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// The serin CA: create it and issue coordinator, agent and operator certificates (offline).
+    #[command(subcommand)]
+    Ca(super::pki::CaCommand),
+    /// Make an ed25519 release-signing key pair (offline; keep the secret key off the coordinator).
+    Keygen(super::signing::KeygenArgs),
 }
 
 /// `serin serve`.
@@ -162,6 +167,10 @@ pub enum ReleaseCommand {
         #[arg(long, short = 's')]
         service: Option<String>,
     },
+    /// Sign a release: write FILE.manifest with its sha256, size and counter (offline).
+    Sign(super::signing::SignArgs),
+    /// Check FILE and its manifest as an agent would (offline).
+    Verify(super::signing::VerifyArgs),
 }
 
 /// `serin rollout ...`.

@@ -227,6 +227,11 @@ pub async fn release(
                 |p| render::release_info_text(&info, "registered", p),
             );
         }
+        ReleaseCommand::Sign(_) | ReleaseCommand::Verify(_) => {
+            return Err(CliError::Other(
+                "internal error: an offline command reached the coordinator client".to_string(),
+            ));
+        }
         ReleaseCommand::List { service } => {
             let resp = c
                 .client
@@ -434,6 +439,8 @@ pub async fn run_operator(
         Command::Release(r) => release(&mut c, output, r).await,
         Command::Rollout(r) => rollout(&mut c, output, r).await,
         Command::Serve(_)
+        | Command::Ca(_)
+        | Command::Keygen(_)
         | Command::CheckConfig(_)
         | Command::Completions { .. }
         | Command::Man => Err(CliError::Other(

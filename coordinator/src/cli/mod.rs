@@ -5,7 +5,11 @@
 //! - [`commands`]: one function per operator command, plus completions and the man page;
 //! - [`render`]: JSON conversions of the wire messages and the text tables and reports;
 //! - [`watch`]: the live view of a rollout (`start --wait`, `status --watch`);
-//! - [`exit`]: the documented exit codes and the error type that maps onto them.
+//! - [`exit`]: the documented exit codes and the error type that maps onto them;
+//! - [`offline`]: the commands that need no coordinator: [`pki`] (`serin ca …`) and [`signing`]
+//!   (`serin keygen`, `serin release sign|verify`);
+//! - [`credentials`]: where the CLI finds its operator certificate (flags, environment, per-user
+//!   config file).
 //!
 //! The daemon half of the binary (`serin serve`, `serin check-config`) lives in `main.rs`, which
 //! binds the listener and hands it to [`crate::server::run`].
@@ -13,8 +17,12 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod credentials;
 pub mod exit;
+pub mod offline;
+pub mod pki;
 pub mod render;
+pub mod signing;
 pub mod watch;
 
 #[cfg(test)]
