@@ -12,6 +12,7 @@
 //! - [`state`]: the durable per-service state file; [`durable`] has the fsync recipes.
 //! - [`service_manager`]: systemd and the built-in process supervisor.
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
+//! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -31,6 +32,7 @@ pub mod release_store;
 pub mod service;
 pub mod service_manager;
 pub mod state;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
