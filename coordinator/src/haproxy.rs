@@ -58,7 +58,9 @@ pub enum HaproxyError {
         others: String,
     },
     /// A share that cannot be given.
-    #[error("traffic share {share}% for {canary} canary and {baseline} baseline servers: {problem}")]
+    #[error(
+        "traffic share {share}% for {canary} canary and {baseline} baseline servers: {problem}"
+    )]
     BadShare {
         /// The wanted share in percent.
         share: u32,
@@ -167,7 +169,11 @@ pub fn check_drain(stats: &[ServerStat], backend: &str, server: &str) -> Result<
 /// percent of a backend's requests, the other `baseline` servers the rest, when every server has
 /// the same configured weight. The larger of the two is 100 %, so no server is scaled up past its
 /// configured weight; rounding is to the nearest percent (at least 1 %).
-pub fn weights_for_share(share: u32, canary: u32, baseline: u32) -> Result<(u32, u32), HaproxyError> {
+pub fn weights_for_share(
+    share: u32,
+    canary: u32,
+    baseline: u32,
+) -> Result<(u32, u32), HaproxyError> {
     let bad = |problem| HaproxyError::BadShare {
         share,
         canary,

@@ -130,14 +130,9 @@ mod tests {
         let handle = TrafficHandle::new(TrafficState::new(None));
         let tracker = TaskTracker::new();
         let token = CancellationToken::new();
-        let r = AgentCheckResponder::spawn(
-            "web".into(),
-            listener,
-            &handle,
-            &tracker,
-            token.clone(),
-        )
-        .unwrap();
+        let r =
+            AgentCheckResponder::spawn("web".into(), listener, &handle, &tracker, token.clone())
+                .unwrap();
         assert_eq!(ask(r.local_addr()).await, "up ready 100%\n");
         handle.set_weight(10).unwrap();
         assert_eq!(ask(r.local_addr()).await, "up ready 10%\n");

@@ -221,7 +221,10 @@ mod tests {
     #[test]
     fn no_ramp_without_slow_start_or_before_a_swap() {
         let t0 = Instant::now();
-        assert_eq!(TrafficState::new(None).swapped(t0).effective_weight(t0), 100);
+        assert_eq!(
+            TrafficState::new(None).swapped(t0).effective_weight(t0),
+            100
+        );
         let ramp = SlowStart::new(10, Duration::from_secs(4)).unwrap();
         assert_eq!(TrafficState::new(Some(ramp)).effective_weight(t0), 100);
     }
