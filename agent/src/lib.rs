@@ -12,6 +12,7 @@
 //! - [`state`]: the durable per-service state file; [`durable`] has the fsync recipes.
 //! - [`service_manager`]: systemd and the built-in process supervisor.
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
+//! - [`hooks`]: lifecycle hooks (`validate`, `post-start`) of the incoming release.
 //! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
@@ -25,6 +26,7 @@ pub mod durable;
 pub mod fault;
 pub mod fetch;
 pub mod health;
+pub mod hooks;
 pub mod host_id;
 pub mod metrics;
 pub mod orders;
