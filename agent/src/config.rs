@@ -1056,7 +1056,10 @@ mod traffic_tests {
             }
         );
         // Defaults: no responder, plain restart, 60 s hooks.
-        let t = Config::parse(&service(PROCESS, "")).unwrap().config.services[0]
+        let t = Config::parse(&service(PROCESS, ""))
+            .unwrap()
+            .config
+            .services[0]
             .traffic
             .clone();
         assert_eq!((t.agent_check, t.slow_start), (None, None));
@@ -1077,7 +1080,10 @@ mod traffic_tests {
             "service[0].traffic.slow_start_from: 0 must be a percentage from 1 to 100",
             "service[0].swap.listen: \"nowhere\" is not an IP address and port",
         ] {
-            assert!(problems.iter().any(|p| p == expected), "{expected}\n{problems:#?}");
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected}\n{problems:#?}"
+            );
         }
         let problems = Config::parse(&service(
             "kind = \"systemd\"\nunit = \"web.service\"",
@@ -1086,7 +1092,8 @@ mod traffic_tests {
         .unwrap_err()
         .problems();
         assert!(
-            problems[0].starts_with("service[0].swap.mode: \"reload\" needs run.kind = \"process\""),
+            problems[0]
+                .starts_with("service[0].swap.mode: \"reload\" needs run.kind = \"process\""),
             "{problems:#?}"
         );
         let problems = Config::parse(&service(PROCESS, "[service.swap]\nmode = \"socket\""))
