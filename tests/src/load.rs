@@ -150,8 +150,7 @@ impl LoadGen {
                 });
             }
         });
-        let t = tally.lock().unwrap().clone();
-        t
+        tally.lock().unwrap().clone()
     }
 
     /// Starts sending requests until [`Running::stop`].
