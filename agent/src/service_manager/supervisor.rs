@@ -499,23 +499,49 @@ impl Actor {
         nix::sys::signal::kill(Pid::from_raw(old.pid as i32), Signal::SIGHUP)
             .map_err(|e| format!("reload: cannot signal process {}: {e}", old.pid))?;
         let deadline = Instant::now() + timeout;
-        let new_pid = loop {
-            let n = match tokio::time::timeout_at(deadline, notify.recv(&mut buf)).await {
-                Err(_) => {
-                    return Err(format!(
-                        "reload: no READY=1 with a new MAINPID on {} within {timeout:?} after SIGHUP to process {}",
-                        self.spec.service_dir.join("notify.sock").display(),
-                        old.pid
-                    ));
+        let notify_path = self.spec.service_dir.join("notify.sock");
+        let ready_pid = |msg: &[u8]| match parse_notify(&String::from_utf8_lossy(msg)) {
+            (Some(pid), true) if pid != old.pid => Some(pid),
+            _ => None,
+        };
+        let waited = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break Err(None),
+                got = notify.recv(&mut buf) => match got {
+                    Err(e) => return Err(format!("reload: reading {}: {e}", notify_path.display())),
+                    Ok(n) => if let Some(pid) = ready_pid(&buf[..n]) {
+                        break Ok(pid);
+                    },
+                },
+                how = wait_exit(&mut self.proc) => {
+                    // The successor may have announced itself just before the old one left.
+                    let mut announced = None;
+                    while let Ok(n) = notify.try_recv(&mut buf) {
+                        announced = ready_pid(&buf[..n]).or(announced);
+                    }
+                    match announced {
+                        Some(pid) => break Ok(pid),
+                        None => break Err(Some(how)),
+                    }
                 }
-                Ok(Err(e)) => return Err(format!("reload: reading the notify socket: {e}")),
-                Ok(Ok(n)) => n,
-            };
-            let (main_pid, ready) = parse_notify(&String::from_utf8_lossy(&buf[..n]));
-            if let (Some(pid), true) = (main_pid, ready)
-                && pid != old.pid
-            {
-                break pid;
+            }
+        };
+        let new_pid = match waited {
+            Ok(pid) => pid,
+            Err(None) => {
+                return Err(format!(
+                    "reload: no READY=1 with a new MAINPID on {} within {timeout:?} after SIGHUP to process {}",
+                    notify_path.display(),
+                    old.pid
+                ));
+            }
+            Err(Some(how)) => {
+                // Counted and restarted like any unexpected exit (the new release, via `current`).
+                self.exited(how.clone());
+                return Err(format!(
+                    "reload: process {} {how} after SIGHUP before a new main process was ready (does the application re-exec on SIGHUP?)",
+                    old.pid
+                ));
             }
         };
         let start_time = proc_start_time(new_pid)
@@ -844,6 +870,60 @@ mod tests {
         let token = CancellationToken::new();
         let s = Supervisor::spawn(spec, &tracker, token.clone());
         assert!(!status(&s).await.running);
+        token.cancel();
+    }
+
+    #[test]
+    fn notify_messages_give_the_main_pid_and_readiness() {
+        assert_eq!(parse_notify("MAINPID=42\nREADY=1\n"), (Some(42), true));
+        assert_eq!(parse_notify("READY=1"), (None, true));
+        assert_eq!(
+            parse_notify("STATUS=warming up\nMAINPID=7"),
+            (Some(7), false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_of_a_process_that_dies_on_sighup_fails_fast_and_restarts_it() {
+        // `sleep` does not handle SIGHUP: it dies instead of handing over.
+        let (_dir, spec) = setup("#!/bin/sh\nexec sleep \"$1\"\n");
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _guard = KillOnDrop(pids.clone());
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn_with_swap(
+            spec.clone(),
+            SwapMode::Reload {
+                ready_timeout: Duration::from_secs(30),
+            },
+            &tracker,
+            token.clone(),
+        );
+        s.start().await.unwrap();
+        let pid = status(&s).await.pid.unwrap();
+        pids.lock().unwrap().push(pid);
+        let t0 = Instant::now();
+        let e = s.restart().await.unwrap_err().to_string();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(
+            e.contains(&format!(
+                "reload: process {pid} exited with signal: 1 (SIGHUP)"
+            )) && e.contains("before a new main process was ready"),
+            "{e}"
+        );
+        // Like any unexpected exit: counted, and started again.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = status(&s).await;
+            if st.running && st.pid != Some(pid) {
+                assert_eq!(st.restarts, 1);
+                pids.lock().unwrap().push(st.pid.unwrap());
+                break;
+            }
+            assert!(Instant::now() < until, "not restarted: {st:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.stop().await.unwrap();
         token.cancel();
     }
 
