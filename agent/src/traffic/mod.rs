@@ -1,7 +1,8 @@
 //! Load-balancer integration: what the agent tells HAProxy about each service it manages.
 //!
 //! - [`state`]: the pure traffic state of one service (admin state ready / drain / maint, a
-//!   weight percentage, a slow-start ramp after a swap); time is passed in.
+//!   weight percentage, a slow-start ramp after a swap) and the wait for a drained server to go
+//!   idle ([`state::DrainWait`]: idle, or a timeout after which the swap proceeds); time is passed in.
 //! - [`responder`]: HAProxy's agent-check protocol on a TCP port of the service's own; each
 //!   connection gets one line computed from the current [`state::TrafficState`].
 //!
@@ -14,4 +15,4 @@ pub mod responder;
 pub mod state;
 
 pub use responder::{AgentCheckResponder, TrafficHandle};
-pub use state::{AdminState, SlowStart, TrafficState};
+pub use state::{AdminState, DrainVerdict, DrainWait, SlowStart, TrafficState};

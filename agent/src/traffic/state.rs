@@ -160,6 +160,66 @@ impl TrafficState {
     }
 }
 
+/// Waiting for a drained server to go idle before its swap: done when no session is left, or
+/// when the drain timeout has passed (the swap then goes ahead and the evidence says so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainWait {
+    started: Instant,
+    timeout: Duration,
+}
+
+/// What a [`DrainWait`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainVerdict {
+    /// Sessions are still open and there is time left.
+    Wait,
+    /// No session left.
+    Idle {
+        /// Time since the drain began.
+        after: Duration,
+    },
+    /// The timeout passed with sessions still open: swap anyway.
+    TimedOut {
+        /// Time since the drain began.
+        after: Duration,
+        /// Sessions still open.
+        sessions: u64,
+    },
+}
+
+impl DrainWait {
+    /// A drain that began at `started` and waits at most `timeout`.
+    pub fn new(started: Instant, timeout: Duration) -> Self {
+        DrainWait { started, timeout }
+    }
+
+    /// The verdict at `now` with `sessions` still open (from HAProxy's `scur`, or the
+    /// service's own count).
+    pub fn decide(&self, now: Instant, sessions: u64) -> DrainVerdict {
+        let after = now.saturating_duration_since(self.started);
+        if sessions == 0 {
+            DrainVerdict::Idle { after }
+        } else if after >= self.timeout {
+            DrainVerdict::TimedOut { after, sessions }
+        } else {
+            DrainVerdict::Wait
+        }
+    }
+}
+
+impl DrainVerdict {
+    /// The evidence line for the host's progress and `explain`.
+    pub fn evidence(&self) -> String {
+        match self {
+            DrainVerdict::Wait => "draining".to_owned(),
+            DrainVerdict::Idle { after } => format!("drained: idle after {after:?}"),
+            DrainVerdict::TimedOut { after, sessions } => format!(
+                "drain timed out after {after:?} with {sessions} session(s) still open; swapping anyway"
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +287,33 @@ mod tests {
         );
         let ramp = SlowStart::new(10, Duration::from_secs(4)).unwrap();
         assert_eq!(TrafficState::new(Some(ramp)).effective_weight(t0), 100);
+    }
+
+    #[test]
+    fn a_drain_waits_for_idle_or_proceeds_after_its_timeout_saying_so() {
+        let t0 = Instant::now();
+        let d = DrainWait::new(t0, Duration::from_secs(5));
+        assert_eq!(d.decide(t0 + Duration::from_secs(1), 3), DrainVerdict::Wait);
+        let idle = d.decide(t0 + Duration::from_millis(1500), 0);
+        assert_eq!(
+            idle,
+            DrainVerdict::Idle {
+                after: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(idle.evidence(), "drained: idle after 1.5s");
+        let late = d.decide(t0 + Duration::from_secs(5), 1);
+        assert_eq!(
+            late,
+            DrainVerdict::TimedOut {
+                after: Duration::from_secs(5),
+                sessions: 1
+            }
+        );
+        assert_eq!(
+            late.evidence(),
+            "drain timed out after 5s with 1 session(s) still open; swapping anyway"
+        );
     }
 
     #[test]
