@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SWAPS: usize = 20;
+const REQUESTS_BETWEEN_SWAPS: u64 = 25;
 
 /// Kills whatever the supervisor recorded (the whole process group) when dropped.
 struct KillService(PathBuf);
@@ -106,6 +107,14 @@ fn swaps_under_load(
     let mut pids = BTreeSet::new();
     let t0 = Instant::now();
     for i in 1..=SWAPS {
+        // Every swap happens under load: some requests go through between any two swaps.
+        let mark = load.sent();
+        wait_for(
+            &format!("{name}: load before swap {i}"),
+            Duration::from_secs(10),
+            &dump,
+            || load.sent() >= mark + REQUESTS_BETWEEN_SWAPS,
+        );
         let to = &releases[i % 2];
         replace_symlink(&current, Path::new(&format!("releases/{}", to.id))).unwrap();
         rt.block_on(sup.restart())
