@@ -3,12 +3,12 @@
 //!
 //! The service's owner changes the state through a [`TrafficHandle`] (a `watch` sender, so the
 //! state has one writer); the responder only reads it. HAProxy may send a line of its own
-//! (`agent-send`); it is not read, the answer does not depend on it.
+//! (`agent-send`); it is read and dropped, the answer does not depend on it.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -100,10 +100,15 @@ async fn serve(
             }
         };
         // One short write on a fresh socket: answered inline, so no task outlives the loop.
+        // Whatever HAProxy sent (`agent-send`) is read and dropped before closing, so the close
+        // is a FIN, not a reset that could discard the answer.
         let line = state.borrow().answer(Instant::now());
         let written = tokio::time::timeout(std::time::Duration::from_secs(1), async {
             stream.write_all(line.as_bytes()).await?;
-            stream.shutdown().await
+            stream.shutdown().await?;
+            let mut sink = [0u8; 256];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
         })
         .await;
         if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
@@ -115,7 +120,6 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     async fn ask(addr: SocketAddr) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -139,6 +143,15 @@ mod tests {
         handle.update(TrafficState::drain);
         assert_eq!(ask(r.local_addr()).await, "drain\n");
         assert!(handle.set_weight(300).is_err());
+        // HAProxy's `agent-send` line is read and dropped; the answer still arrives.
+        let mut s = tokio::net::TcpStream::connect(r.local_addr())
+            .await
+            .unwrap();
+        s.write_all(b"hello from haproxy\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "drain\n");
         token.cancel();
         tracker.close();
         tracker.wait().await;
