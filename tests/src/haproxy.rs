@@ -150,7 +150,11 @@ impl Drop for Haproxy {
     }
 }
 
-/// HTTP servers in the test process answering `200 <name>` after an optional delay.
+/// How long [`NamedBackends`] take to answer `GET /hold`.
+pub const HOLD: Duration = Duration::from_secs(3);
+
+/// HTTP servers in the test process answering `200 <name>` after an optional delay (`GET /hold`:
+/// after [`HOLD`]).
 #[derive(Debug)]
 pub struct NamedBackends {
     /// `(name, address)` of each.
@@ -187,7 +191,9 @@ impl NamedBackends {
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
                         }
-                        tokio::time::sleep(delay).await;
+                        // `GET /hold` is a client holding its session open for a while.
+                        let hold = buf.starts_with(b"GET /hold ");
+                        tokio::time::sleep(if hold { HOLD } else { delay }).await;
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
                             name.len()

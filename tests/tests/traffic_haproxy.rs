@@ -6,9 +6,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serin_agent::traffic::{AgentCheckResponder, SlowStart, TrafficHandle, TrafficState};
+use serin_agent::traffic::{
+    AgentCheckResponder, DrainVerdict, DrainWait, SlowStart, TrafficHandle, TrafficState,
+};
 use serin_coordinator::haproxy::{HaproxyError, check_drain, weights_for_share};
-use serin_tests::haproxy::{BACKEND, Haproxy, NamedBackends, Server};
+use serin_tests::haproxy::{BACKEND, HOLD, Haproxy, NamedBackends, Server};
 use serin_tests::load::LoadGen;
 use serin_tests::wait::{wait_for, wait_for_value};
 use tokio_util::sync::CancellationToken;
@@ -310,5 +312,54 @@ fn slow_start_raises_the_new_host_weight_over_the_configured_time() {
     assert!(
         took >= Duration::from_millis(2_500) && took <= Duration::from_secs(3) + INTER * 2,
         "full weight after {took:?}, the ramp is 3 s: {seen:?}"
+    );
+}
+
+#[test]
+fn a_drain_held_open_by_a_client_times_out_and_says_so_then_the_client_still_gets_its_answer() {
+    let c = Cluster::start(vec![weighted(100); 4], Duration::ZERO);
+    for s in NAMES {
+        c.wait_weight(s, 100, Duration::from_secs(5));
+    }
+    // A client holds a session open (its answer takes 3 s).
+    let frontend = c.frontend();
+    let held = std::thread::spawn(move || LoadGen::new(frontend, "/hold", 1).run(1));
+    let dump = || format!("{:?}\n{}", c.haproxy.stats(), c.haproxy.log_tail());
+    let busy = wait_for_value(
+        "the held session on a server",
+        Duration::from_secs(5),
+        &dump,
+        || c.haproxy.stats().ok()?.into_iter().find(|s| s.scur == 1),
+    );
+    let i = NAMES.iter().position(|n| *n == busy.server).unwrap();
+    c.handles[i].update(TrafficState::drain);
+    let wait = DrainWait::new(Instant::now(), Duration::from_secs(1));
+    let verdict = wait_for_value("the drain to end", Duration::from_secs(5), &dump, || {
+        let s = c.haproxy.server(&busy.server).ok()?;
+        match wait.decide(Instant::now(), s.scur) {
+            DrainVerdict::Wait => None,
+            v => Some(v),
+        }
+    });
+    eprintln!("{}: {}", busy.server, verdict.evidence());
+    match verdict {
+        DrainVerdict::TimedOut { after, sessions } => {
+            assert_eq!(sessions, 1);
+            assert!(after >= Duration::from_secs(1) && after < HOLD, "{after:?}");
+        }
+        other => panic!("the held session did not hold the drain: {other:?}"),
+    }
+    assert!(
+        verdict.evidence().starts_with("drain timed out after 1."),
+        "{}",
+        verdict.evidence()
+    );
+    // Draining never cut the held session: the client gets its answer.
+    let tally = held.join().unwrap();
+    assert_eq!(
+        tally.ok_by_body.get(&busy.server),
+        Some(&1),
+        "{}",
+        tally.summary()
     );
 }
