@@ -57,6 +57,9 @@ pub struct ServiceConfig {
     pub run: RunConfig,
     /// Health checks.
     pub checks: Vec<CheckConfig>,
+    /// Load balancer, swap mode and lifecycle hooks (`[service.traffic]`, `[service.swap]`,
+    /// `[service.hooks]`).
+    pub traffic: TrafficConfig,
 }
 
 /// How a service is run.
@@ -193,6 +196,143 @@ struct RawConfig {
     service: Vec<RawService>,
 }
 
+// --- traffic, swap modes and hooks (issue 11): one block, validated by `RawTrafficKeys` ---
+
+/// Load-balancer integration, swap mode and lifecycle hooks of one service.
+#[derive(Debug, Clone, Default)]
+pub struct TrafficConfig {
+    /// `[service.traffic] agent_check`: where HAProxy's agent-check finds this service's
+    /// responder; `None`: no responder.
+    pub agent_check: Option<SocketAddr>,
+    /// `[service.traffic] slow_start` / `slow_start_from`: the weight ramp after a swap.
+    pub slow_start: Option<crate::traffic::SlowStart>,
+    /// `[service.swap]`: how a restart hands over to the new process.
+    pub swap: crate::service_manager::supervisor::SwapMode,
+    /// `[service.hooks] timeout`: how long a lifecycle hook may run.
+    pub hook_timeout: Duration,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTrafficSection {
+    agent_check: Option<String>,
+    slow_start: Option<String>,
+    slow_start_from: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawSwapSection {
+    mode: Option<String>,
+    listen: Option<String>,
+    ready_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawHooksSection {
+    timeout: Option<String>,
+}
+
+/// The raw `[service.traffic]`, `[service.swap]` and `[service.hooks]` tables.
+#[derive(Debug, Default)]
+struct RawTrafficKeys {
+    traffic: RawTrafficSection,
+    swap: RawSwapSection,
+    hooks: RawHooksSection,
+}
+
+impl RawTrafficKeys {
+    fn validate(self, at: &str, supervised: bool, p: &mut Problems) -> TrafficConfig {
+        use crate::service_manager::supervisor::SwapMode;
+        let addr = |p: &mut Problems, key: String, v: &str| match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.push(key, format!("{v:?} is not an IP address and port"));
+                None
+            }
+        };
+        let agent_check = self
+            .traffic
+            .agent_check
+            .as_deref()
+            .and_then(|v| addr(p, format!("{at}.traffic.agent_check"), v));
+        let slow_start = self.traffic.slow_start.as_deref().and_then(|v| {
+            let duration = p.duration(&format!("{at}.traffic.slow_start"), v);
+            let from = self.traffic.slow_start_from.unwrap_or(10);
+            match crate::traffic::SlowStart::new(u32::try_from(from).unwrap_or(0), duration) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    p.push(
+                        format!("{at}.traffic.slow_start_from"),
+                        format!("{from} must be a percentage from 1 to 100"),
+                    );
+                    None
+                }
+            }
+        });
+        if self.traffic.slow_start.is_none() && self.traffic.slow_start_from.is_some() {
+            p.push(
+                format!("{at}.traffic.slow_start_from"),
+                "only meaningful with traffic.slow_start",
+            );
+        }
+        let mode = self.swap.mode.as_deref().unwrap_or("restart");
+        let swap = match mode {
+            "restart" => SwapMode::Restart,
+            "socket" => match self.swap.listen.as_deref() {
+                None => {
+                    p.push(
+                        format!("{at}.swap.listen"),
+                        "required when swap.mode = \"socket\" (the address the service serves on)",
+                    );
+                    SwapMode::Restart
+                }
+                Some(v) => addr(p, format!("{at}.swap.listen"), v)
+                    .map(|listen| SwapMode::Socket { listen })
+                    .unwrap_or_default(),
+            },
+            "reload" => SwapMode::Reload {
+                ready_timeout: p.duration(
+                    &format!("{at}.swap.ready_timeout"),
+                    self.swap.ready_timeout.as_deref().unwrap_or("30s"),
+                ),
+            },
+            other => {
+                p.push(
+                    format!("{at}.swap.mode"),
+                    format!("{other:?} is not one of \"restart\", \"socket\", \"reload\""),
+                );
+                SwapMode::Restart
+            }
+        };
+        if !supervised && swap != SwapMode::Restart {
+            p.push(
+                format!("{at}.swap.mode"),
+                format!(
+                    "{mode:?} needs run.kind = \"process\"; for a systemd unit use a .socket unit \
+                     with Accept=no (socket) or ExecReload (reload)"
+                ),
+            );
+        }
+        if self.swap.listen.is_some() && mode != "socket" {
+            p.push(
+                format!("{at}.swap.listen"),
+                "only meaningful with swap.mode = \"socket\"",
+            );
+        }
+        let hook_timeout = p.duration(
+            &format!("{at}.hooks.timeout"),
+            self.hooks.timeout.as_deref().unwrap_or("60s"),
+        );
+        TrafficConfig {
+            agent_check,
+            slow_start,
+            swap,
+            hook_timeout,
+        }
+    }
+}
+
+// --- end of the traffic block ---
+
 #[derive(Debug, Deserialize)]
 struct RawService {
     name: Option<String>,
@@ -204,6 +344,13 @@ struct RawService {
     run: Option<RawRun>,
     #[serde(default)]
     check: Vec<RawCheck>,
+    // Traffic block (issue 11).
+    #[serde(default)]
+    traffic: RawTrafficSection,
+    #[serde(default)]
+    swap: RawSwapSection,
+    #[serde(default)]
+    hooks: RawHooksSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -562,6 +709,12 @@ impl RawService {
                 checks.push(c);
             }
         }
+        let traffic = RawTrafficKeys {
+            traffic: self.traffic,
+            swap: self.swap,
+            hooks: self.hooks,
+        }
+        .validate(at, matches!(run, Some(RunConfig::Process { .. })), p);
         Some(ServiceConfig {
             name: name?,
             binary,
@@ -569,6 +722,7 @@ impl RawService {
             stop_timeout,
             run: run?,
             checks,
+            traffic,
         })
     }
 }
@@ -850,5 +1004,111 @@ kind = "restarts"
             Config::parse("coordinator = "),
             Err(ConfigError::Syntax(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+    use crate::service_manager::supervisor::SwapMode;
+
+    fn service(run: &str, extra: &str) -> String {
+        format!(
+            "coordinator = \"http://127.0.0.1:7700\"\n\n[[service]]\nname = \"web\"\nbinary = \"web\"\n\n[service.run]\n{run}\n\n{extra}\n"
+        )
+    }
+
+    const PROCESS: &str = "kind = \"process\"";
+
+    #[test]
+    fn traffic_swap_and_hooks_keys_validate_into_typed_values() {
+        let text = service(
+            PROCESS,
+            "[service.traffic]\nagent_check = \"0.0.0.0:9301\"\nslow_start = \"30s\"\nslow_start_from = 5\n\n\
+             [service.swap]\nmode = \"socket\"\nlisten = \"127.0.0.1:8080\"\n\n[service.hooks]\ntimeout = \"10s\"",
+        );
+        let loaded = Config::parse(&text).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let t = &loaded.config.services[0].traffic;
+        assert_eq!(t.agent_check, Some("0.0.0.0:9301".parse().unwrap()));
+        assert_eq!(
+            t.slow_start,
+            Some(crate::traffic::SlowStart::new(5, Duration::from_secs(30)).unwrap())
+        );
+        assert_eq!(
+            t.swap,
+            SwapMode::Socket {
+                listen: "127.0.0.1:8080".parse().unwrap()
+            }
+        );
+        assert_eq!(t.hook_timeout, Duration::from_secs(10));
+
+        let t = Config::parse(&service(PROCESS, "[service.swap]\nmode = \"reload\""))
+            .unwrap()
+            .config
+            .services[0]
+            .traffic
+            .clone();
+        assert_eq!(
+            t.swap,
+            SwapMode::Reload {
+                ready_timeout: Duration::from_secs(30)
+            }
+        );
+        // Defaults: no responder, plain restart, 60 s hooks.
+        let t = Config::parse(&service(PROCESS, ""))
+            .unwrap()
+            .config
+            .services[0]
+            .traffic
+            .clone();
+        assert_eq!((t.agent_check, t.slow_start), (None, None));
+        assert_eq!(t.swap, SwapMode::Restart);
+        assert_eq!(t.hook_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_traffic_keys_are_named() {
+        let text = service(
+            "kind = \"systemd\"\nunit = \"web.service\"",
+            "[service.traffic]\nagent_check = \"localhost\"\nslow_start = \"1s\"\nslow_start_from = 0\n\n\
+             [service.swap]\nmode = \"socket\"\nlisten = \"nowhere\"",
+        );
+        let problems = Config::parse(&text).unwrap_err().problems();
+        for expected in [
+            "service[0].traffic.agent_check: \"localhost\" is not an IP address and port",
+            "service[0].traffic.slow_start_from: 0 must be a percentage from 1 to 100",
+            "service[0].swap.listen: \"nowhere\" is not an IP address and port",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected}\n{problems:#?}"
+            );
+        }
+        let problems = Config::parse(&service(
+            "kind = \"systemd\"\nunit = \"web.service\"",
+            "[service.swap]\nmode = \"reload\"",
+        ))
+        .unwrap_err()
+        .problems();
+        assert!(
+            problems[0]
+                .starts_with("service[0].swap.mode: \"reload\" needs run.kind = \"process\""),
+            "{problems:#?}"
+        );
+        let problems = Config::parse(&service(PROCESS, "[service.swap]\nmode = \"socket\""))
+            .unwrap_err()
+            .problems();
+        assert!(
+            problems[0].starts_with("service[0].swap.listen: required when swap.mode = \"socket\""),
+            "{problems:#?}"
+        );
+        let problems = Config::parse(&service(PROCESS, "[service.swap]\nmode = \"hot\""))
+            .unwrap_err()
+            .problems();
+        assert_eq!(
+            problems,
+            vec!["service[0].swap.mode: \"hot\" is not one of \"restart\", \"socket\", \"reload\""]
+        );
     }
 }

@@ -12,6 +12,8 @@
 //! - [`state`]: the durable per-service state file; [`durable`] has the fsync recipes.
 //! - [`service_manager`]: systemd and the built-in process supervisor.
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
+//! - [`hooks`]: lifecycle hooks (`validate`, `post-start`) of the incoming release.
+//! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -24,6 +26,7 @@ pub mod durable;
 pub mod fault;
 pub mod fetch;
 pub mod health;
+pub mod hooks;
 pub mod host_id;
 pub mod metrics;
 pub mod orders;
@@ -31,6 +34,7 @@ pub mod release_store;
 pub mod service;
 pub mod service_manager;
 pub mod state;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +76,16 @@ pub enum AgentError {
     /// A service could not be set up.
     #[error(transparent)]
     Service(#[from] service::ServiceInitError),
+    /// A service's agent-check responder could not listen.
+    #[error("service {service}: cannot listen for HAProxy's agent-check on {address}: {source}")]
+    AgentCheck {
+        /// The service.
+        service: String,
+        /// `traffic.agent_check`.
+        address: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Knobs that are not part of the config file (tests and unusual hosts).
@@ -140,6 +154,9 @@ pub async fn run_with(
     tracing::info!(host = %host_id, hostname = %hostname, services = config.services.len(), coordinator = %config.coordinator, "agent starting");
 
     let mut services = HashMap::new();
+    // The agent-check responders' states; until the activation driver takes them over, each
+    // answers `up ready 100%` for as long as the agent runs.
+    let mut traffic_handles = Vec::new();
     for svc in &config.services {
         let service_dir = config.state_dir.join(svc.name.as_str());
         std::fs::create_dir_all(&service_dir).map_err(|source| AgentError::StateDir {
@@ -147,7 +164,7 @@ pub async fn run_with(
             source,
         })?;
         let manager: Arc<dyn ServiceManager> = match &svc.run {
-            RunConfig::Process { args, env } => Arc::new(Supervisor::spawn(
+            RunConfig::Process { args, env } => Arc::new(Supervisor::spawn_with_swap(
                 SupervisorSpec {
                     service: svc.name.to_string(),
                     service_dir,
@@ -158,6 +175,7 @@ pub async fn run_with(
                     restart_backoff: Duration::from_millis(100),
                     restart_backoff_max: Duration::from_secs(5),
                 },
+                svc.traffic.swap.clone(),
                 &tracker,
                 tasks.clone(),
             )),
@@ -165,6 +183,36 @@ pub async fn run_with(
                 Arc::new(Systemd::new(unit.clone(), options.systemctl.clone()))
             }
         };
+        if let Some(address) = svc.traffic.agent_check {
+            let listener = match tokio::net::TcpListener::bind(address).await {
+                Ok(l) => l,
+                Err(source) => {
+                    tasks.cancel();
+                    tracker.close();
+                    tracker.wait().await;
+                    return Err(AgentError::AgentCheck {
+                        service: svc.name.to_string(),
+                        address,
+                        source,
+                    });
+                }
+            };
+            let handle =
+                traffic::TrafficHandle::new(traffic::TrafficState::new(svc.traffic.slow_start));
+            traffic::AgentCheckResponder::spawn(
+                svc.name.to_string(),
+                listener,
+                &handle,
+                &tracker,
+                tasks.clone(),
+            )
+            .map_err(|source| AgentError::AgentCheck {
+                service: svc.name.to_string(),
+                address,
+                source,
+            })?;
+            traffic_handles.push(handle);
+        }
         let ctx = service::Context {
             fetcher: fetcher.clone(),
             metrics: metrics.clone(),
@@ -208,6 +256,7 @@ pub async fn run_with(
     ));
     tracker.close();
     tasks.cancelled().await;
+    drop(traffic_handles);
     tracker.wait().await;
     tracing::info!("agent stopped; managed services keep running");
     Ok(())

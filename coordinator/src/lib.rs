@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control_service;
 pub mod fleet;
+pub mod haproxy;
 pub mod registry;
 pub mod rollout;
 pub mod selector;

@@ -13,6 +13,8 @@
 //! - [`agent_fixture`]: one agent attached to one fake coordinator, with the shared test steps.
 //! - [`http`]: a blocking HTTP client for the demo service and an artifact server for URL releases.
 //! - [`fleet`]: a real coordinator (`serin serve`) and N agents for end-to-end rollout tests.
+//! - [`haproxy`]: Debian's HAProxy on loopback with a test config and its runtime API.
+//! - [`load`]: a bounded HTTP load generator counting failures by kind.
 
 pub mod agent_fixture;
 pub mod agent_proc;
@@ -20,6 +22,8 @@ pub mod binaries;
 pub mod demo_release;
 pub mod fake_coordinator;
 pub mod fleet;
+pub mod haproxy;
 pub mod http;
+pub mod load;
 pub mod orders;
 pub mod wait;

@@ -7,8 +7,27 @@
 //! exponential backoff, and counted. Stopping sends SIGTERM to the process group, then SIGKILL
 //! after the stop timeout. When the agent stops, the process keeps running; the next agent adopts
 //! it if the recorded pid still has the recorded start time (from `/proc/<pid>/stat`).
+//!
+//! A restart hands over according to the [`SwapMode`]:
+//! - `Restart` (default): stop, then start; connections are refused in between.
+//! - `Socket`: the supervisor binds the service's listening socket once and passes it to every
+//!   process it starts as fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` (systemd's socket-activation
+//!   protocol, `Accept=no`), so connections wait in the kernel's backlog while the process is
+//!   swapped. `LISTEN_PID` must be the child's own pid, which only the child knows: the process
+//!   is started through `/bin/sh -c 'LISTEN_PID=$$ … exec "$0" "$@"'`, which keeps its pid.
+//! - `Reload`: the process is started as `<service_dir>/current/<binary>` with `NOTIFY_SOCKET`
+//!   set to `<service_dir>/notify.sock`; a restart sends it SIGHUP, and the application re-execs
+//!   itself (the new release, through `current`) keeping its socket, the way nginx, HAProxy and
+//!   Envoy hand sockets over. The new process announces `MAINPID=<pid>` and `READY=1` on the
+//!   notify socket (systemd's `sd_notify`); the supervisor then follows the new main pid (in the
+//!   same process group) and the old process finishes its connections and exits.
+//!
+//! After an agent restart in `Socket` mode the adopted process holds the only copy of the
+//! socket: the first swap after that binds it anew once the old process is gone (a short gap).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,8 +42,30 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use command_fds::{CommandFdExt, FdMapping};
+
 use super::{ServiceError, ServiceManager, ServiceStatus};
 use crate::durable;
+
+/// How [`ServiceManager::restart`] hands the service over to a new process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SwapMode {
+    /// Stop the old process, then start the new one: connections are refused in between.
+    #[default]
+    Restart,
+    /// The supervisor holds the listening socket on `listen` and passes it to each process it
+    /// starts (fd 3, `LISTEN_FDS=1`, `LISTEN_PID`); connections wait in the backlog meanwhile.
+    Socket {
+        /// The address the service listens on.
+        listen: SocketAddr,
+    },
+    /// SIGHUP makes the application re-exec itself keeping its socket; the swap is done when a
+    /// new process sends `MAINPID=<pid>` and `READY=1` on `NOTIFY_SOCKET` within `ready_timeout`.
+    Reload {
+        /// How long to wait for the new process to be ready.
+        ready_timeout: Duration,
+    },
+}
 
 /// What the supervisor runs.
 #[derive(Debug, Clone)]
@@ -56,6 +97,17 @@ pub struct Record {
     pub start_time: u64,
     /// The release it runs.
     pub release: String,
+    /// Its process group, when it is not `pid` (after a reload the new main process stays in
+    /// the group of the first one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgid: Option<u32>,
+}
+
+impl Record {
+    /// The process group to signal.
+    pub fn pgid(&self) -> u32 {
+        self.pgid.unwrap_or(self.pid)
+    }
 }
 
 /// The start time (field 22 of `/proc/<pid>/stat`) of a live, non-zombie process.
@@ -108,6 +160,11 @@ impl Proc {
 
 struct Actor {
     spec: SupervisorSpec,
+    swap: SwapMode,
+    /// `Socket` mode: the listening socket, held across restarts.
+    socket: Option<OwnedFd>,
+    /// `Reload` mode: where the service announces `MAINPID=` and `READY=1`.
+    notify: Option<tokio::net::UnixDatagram>,
     proc: Option<Proc>,
     /// The service should be running (restart it after exits).
     wanted: bool,
@@ -122,11 +179,24 @@ impl Supervisor {
     /// Spawns the supervisor task on `tracker`; it adopts a still-running process recorded in
     /// `supervisor.json`. The task ends on `shutdown`, leaving the process running.
     pub fn spawn(spec: SupervisorSpec, tracker: &TaskTracker, shutdown: CancellationToken) -> Self {
+        Self::spawn_with_swap(spec, SwapMode::Restart, tracker, shutdown)
+    }
+
+    /// [`Supervisor::spawn`] with a [`SwapMode`] for restarts.
+    pub fn spawn_with_swap(
+        spec: SupervisorSpec,
+        swap: SwapMode,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let service = spec.service.clone();
         let mut actor = Actor {
             backoff: spec.restart_backoff,
             spec,
+            swap,
+            socket: None,
+            notify: None,
             proc: None,
             wanted: false,
             restarts: 0,
@@ -245,16 +315,24 @@ impl Actor {
                 self.restart_at = None;
                 let r = self.terminate().await;
                 let _ = std::fs::remove_file(self.record_path());
+                // Nobody will accept on it: connections must be refused, not left waiting.
+                self.socket = None;
                 let _ = reply.send(r);
             }
             Request::Restart(reply) => {
                 self.wanted = true;
                 self.restart_at = None;
-                let r = match self.terminate().await {
-                    Ok(()) => self
-                        .spawn_process()
-                        .inspect_err(|_| self.schedule_restart()),
-                    Err(e) => Err(e),
+                let r = match (&self.swap, &self.proc) {
+                    (SwapMode::Reload { ready_timeout }, Some(_)) => {
+                        let timeout = *ready_timeout;
+                        self.reload(timeout).await
+                    }
+                    _ => match self.terminate().await {
+                        Ok(()) => self
+                            .spawn_process()
+                            .inspect_err(|_| self.schedule_restart()),
+                        Err(e) => Err(e),
+                    },
                 };
                 let _ = reply.send(r);
             }
@@ -314,7 +392,37 @@ impl Actor {
         let log2 = log
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let mut cmd = std::process::Command::new(&binary);
+        let mut cmd = match self.swap.clone() {
+            SwapMode::Restart => std::process::Command::new(&binary),
+            SwapMode::Socket { listen } => {
+                let socket = self.listening_socket(listen)?;
+                let mut cmd = std::process::Command::new("/bin/sh");
+                // `$$` is the shell's pid, which `exec` keeps: LISTEN_PID names the service.
+                cmd.arg("-c")
+                    .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+                    .arg(&binary)
+                    .env("LISTEN_FDS", "1")
+                    .env("LISTEN_FDNAMES", &self.spec.service)
+                    .fd_mappings(vec![FdMapping {
+                        parent_fd: socket,
+                        child_fd: 3,
+                    }])
+                    .map_err(|e| format!("cannot pass the listening socket: {e}"))?;
+                cmd
+            }
+            SwapMode::Reload { .. } => {
+                let notify = self.notify_socket()?;
+                // Through `current`, so the application's re-exec runs the new release.
+                let mut cmd = std::process::Command::new(
+                    self.spec
+                        .service_dir
+                        .join("current")
+                        .join(&self.spec.binary),
+                );
+                cmd.env("NOTIFY_SOCKET", notify);
+                cmd
+            }
+        };
         cmd.args(&self.spec.args)
             .current_dir(&release_dir)
             .env("SERIN_SERVICE", &self.spec.service)
@@ -335,6 +443,7 @@ impl Actor {
             pid,
             start_time,
             release: release.clone(),
+            pgid: None,
         };
         if let Ok(json) = serde_json::to_vec(&record)
             && let Err(e) = durable::write_atomic(&self.record_path(), &json)
@@ -347,13 +456,126 @@ impl Actor {
         Ok(())
     }
 
+    /// `Socket` mode: a duplicate of the held listening socket, bound on first use.
+    fn listening_socket(&mut self, listen: SocketAddr) -> Result<OwnedFd, String> {
+        if self.socket.is_none() {
+            let listener = std::net::TcpListener::bind(listen)
+                .map_err(|e| format!("cannot listen on {listen} for the service: {e}"))?;
+            tracing::info!(service = %self.spec.service, %listen, "holding the service's listening socket");
+            self.socket = Some(OwnedFd::from(listener));
+        }
+        self.socket
+            .as_ref()
+            .map(OwnedFd::try_clone)
+            .transpose()
+            .map_err(|e| format!("cannot duplicate the listening socket on {listen}: {e}"))?
+            .ok_or_else(|| "no listening socket".to_owned())
+    }
+
+    /// `Reload` mode: the notify socket's path, bound on first use.
+    fn notify_socket(&mut self) -> Result<PathBuf, String> {
+        let path = self.spec.service_dir.join("notify.sock");
+        if self.notify.is_none() {
+            let _ = std::fs::remove_file(&path);
+            let socket = tokio::net::UnixDatagram::bind(&path)
+                .map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+            self.notify = Some(socket);
+        }
+        Ok(path)
+    }
+
+    /// `Reload` mode: SIGHUP to the main process, then wait for a new main pid to be ready.
+    async fn reload(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(old) = self.proc.as_ref().map(|p| p.record().clone()) else {
+            return self.spawn_process();
+        };
+        self.notify_socket()?;
+        let Some(notify) = self.notify.as_ref() else {
+            return Err("no notify socket".into());
+        };
+        let mut buf = vec![0u8; 4096];
+        // Anything announced before this reload is stale.
+        while notify.try_recv(&mut buf).is_ok() {}
+        nix::sys::signal::kill(Pid::from_raw(old.pid as i32), Signal::SIGHUP)
+            .map_err(|e| format!("reload: cannot signal process {}: {e}", old.pid))?;
+        let deadline = Instant::now() + timeout;
+        let notify_path = self.spec.service_dir.join("notify.sock");
+        let ready_pid = |msg: &[u8]| match parse_notify(&String::from_utf8_lossy(msg)) {
+            (Some(pid), true) if pid != old.pid => Some(pid),
+            _ => None,
+        };
+        let waited = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break Err(None),
+                got = notify.recv(&mut buf) => match got {
+                    Err(e) => return Err(format!("reload: reading {}: {e}", notify_path.display())),
+                    Ok(n) => if let Some(pid) = ready_pid(&buf[..n]) {
+                        break Ok(pid);
+                    },
+                },
+                how = wait_exit(&mut self.proc) => {
+                    // The successor may have announced itself just before the old one left.
+                    let mut announced = None;
+                    while let Ok(n) = notify.try_recv(&mut buf) {
+                        announced = ready_pid(&buf[..n]).or(announced);
+                    }
+                    match announced {
+                        Some(pid) => break Ok(pid),
+                        None => break Err(Some(how)),
+                    }
+                }
+            }
+        };
+        let new_pid = match waited {
+            Ok(pid) => pid,
+            Err(None) => {
+                return Err(format!(
+                    "reload: no READY=1 with a new MAINPID on {} within {timeout:?} after SIGHUP to process {}",
+                    notify_path.display(),
+                    old.pid
+                ));
+            }
+            Err(Some(how)) => {
+                // Counted and restarted like any unexpected exit (the new release, via `current`).
+                self.exited(how.clone());
+                return Err(format!(
+                    "reload: process {} {how} after SIGHUP before a new main process was ready (does the application re-exec on SIGHUP?)",
+                    old.pid
+                ));
+            }
+        };
+        let start_time = proc_start_time(new_pid)
+            .ok_or_else(|| format!("reload: new main process {new_pid} is already gone"))?;
+        let current = self.spec.service_dir.join("current");
+        let release = std::fs::canonicalize(&current)
+            .ok()
+            .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .unwrap_or_default();
+        let record = Record {
+            pid: new_pid,
+            start_time,
+            release: release.clone(),
+            pgid: Some(old.pgid()),
+        };
+        if let Ok(json) = serde_json::to_vec(&record)
+            && let Err(e) = durable::write_atomic(&self.record_path(), &json)
+        {
+            tracing::warn!(service = %self.spec.service, error = %e, "cannot write supervisor.json");
+        }
+        tracing::info!(service = %self.spec.service, old_pid = old.pid, pid = new_pid, release = %release, "service reloaded");
+        // The old process finishes its connections and exits on its own; tokio reaps it.
+        self.started_at = Instant::now();
+        self.proc = Some(Proc::Adopted { record });
+        Ok(())
+    }
+
     /// Stops the process: SIGTERM to its group, SIGKILL after the stop timeout.
     async fn terminate(&mut self) -> Result<(), String> {
         let Some(proc) = self.proc.take() else {
             return Ok(());
         };
         let record = proc.record().clone();
-        let pgid = Pid::from_raw(record.pid as i32);
+        let pgid = Pid::from_raw(record.pgid() as i32);
         let _ = killpg(pgid, Signal::SIGTERM);
         match proc {
             Proc::Child { mut child, .. } => {
@@ -381,6 +603,20 @@ impl Actor {
         self.last_exit = "stopped".into();
         Ok(())
     }
+}
+
+/// `MAINPID=` and `READY=1` of one `sd_notify` datagram.
+fn parse_notify(msg: &str) -> (Option<u32>, bool) {
+    let mut main_pid = None;
+    let mut ready = false;
+    for line in msg.lines() {
+        match line.split_once('=') {
+            Some(("MAINPID", v)) => main_pid = v.trim().parse().ok(),
+            Some(("READY", v)) => ready = v.trim() == "1",
+            _ => {}
+        }
+    }
+    (main_pid, ready)
 }
 
 async fn wait_gone(record: &Record, limit: Duration) -> bool {
@@ -623,6 +859,7 @@ mod tests {
             pid: me,
             start_time: proc_start_time(me).unwrap() + 1,
             release: "web-1".into(),
+            pgid: None,
         };
         std::fs::write(
             spec.service_dir.join("supervisor.json"),
@@ -633,6 +870,60 @@ mod tests {
         let token = CancellationToken::new();
         let s = Supervisor::spawn(spec, &tracker, token.clone());
         assert!(!status(&s).await.running);
+        token.cancel();
+    }
+
+    #[test]
+    fn notify_messages_give_the_main_pid_and_readiness() {
+        assert_eq!(parse_notify("MAINPID=42\nREADY=1\n"), (Some(42), true));
+        assert_eq!(parse_notify("READY=1"), (None, true));
+        assert_eq!(
+            parse_notify("STATUS=warming up\nMAINPID=7"),
+            (Some(7), false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_of_a_process_that_dies_on_sighup_fails_fast_and_restarts_it() {
+        // `sleep` does not handle SIGHUP: it dies instead of handing over.
+        let (_dir, spec) = setup("#!/bin/sh\nexec sleep \"$1\"\n");
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _guard = KillOnDrop(pids.clone());
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let s = Supervisor::spawn_with_swap(
+            spec.clone(),
+            SwapMode::Reload {
+                ready_timeout: Duration::from_secs(30),
+            },
+            &tracker,
+            token.clone(),
+        );
+        s.start().await.unwrap();
+        let pid = status(&s).await.pid.unwrap();
+        pids.lock().unwrap().push(pid);
+        let t0 = Instant::now();
+        let e = s.restart().await.unwrap_err().to_string();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(
+            e.contains(&format!(
+                "reload: process {pid} exited with signal: 1 (SIGHUP)"
+            )) && e.contains("before a new main process was ready"),
+            "{e}"
+        );
+        // Like any unexpected exit: counted, and started again.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = status(&s).await;
+            if st.running && st.pid != Some(pid) {
+                assert_eq!(st.restarts, 1);
+                pids.lock().unwrap().push(st.pid.unwrap());
+                break;
+            }
+            assert!(Instant::now() < until, "not restarted: {st:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.stop().await.unwrap();
         token.cancel();
     }
 

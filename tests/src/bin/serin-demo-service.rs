@@ -10,7 +10,13 @@
 //! answers the release's version string, `GET /pid` the process id (so a test can tell whether
 //! the process answering changed). What the release does comes from the trailer appended to its
 //! own executable (see `serin_tests::demo_release`); without one it is version "dev" and healthy.
-//! SIGTERM or SIGINT ends it with status 0.
+//! SIGTERM or SIGINT ends it with status 0, after the requests in flight are answered.
+//!
+//! Socket handoff (for the supervisor's swap modes): a listening socket passed with
+//! `LISTEN_FDS` (systemd's protocol, `LISTEN_FDS_FIRST_FD` honoured) is used instead of binding.
+//! SIGHUP re-execs `argv[0]` (through `current`, so the new release) with the listening socket
+//! inherited; the new process announces `MAINPID=`/`READY=1` on `NOTIFY_SOCKET` once it accepts
+//! and then sends SIGTERM to the process it replaces, which finishes its requests and exits.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -114,39 +120,47 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
 
 async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     let started = Instant::now();
-    // The previous release may still be closing the port while the supervisor starts this one.
-    let bind_deadline = Instant::now() + Duration::from_secs(3);
-    let listener = loop {
-        match TcpListener::bind(&addr).await {
-            Ok(l) => break l,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < bind_deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
-        }
+    let listener = match handoff::inherited_listener()? {
+        Some(l) => l,
+        None => bind(&addr).await?,
     };
     eprintln!(
         "serin-demo-service: version {} listening on {addr}",
         behaviour.version
     );
+    handoff::announce_ready()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let in_flight = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = handoff::reexec(&listener) {
+                    eprintln!("serin-demo-service: reload failed: {e:#}");
+                }
+            }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let behaviour = behaviour.clone();
-                tokio::spawn(async move {
+                in_flight.spawn(async move {
                     if let Err(e) = handle(stream, &behaviour, started).await {
                         eprintln!("serin-demo-service: connection error: {e:#}");
                     }
                 });
             }
         }
+    }
+    // Stop accepting (the socket may live on in a successor), answer what was accepted.
+    drop(listener);
+    in_flight.close();
+    if tokio::time::timeout(Duration::from_secs(10), in_flight.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("serin-demo-service: requests still in flight after 10 s, stopping anyway");
     }
     if let Some(ms) = behaviour.slow_stop_ms {
         eprintln!(
@@ -156,6 +170,95 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     }
     eprintln!("serin-demo-service: stopping on signal");
     Ok(())
+}
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    // The previous release may still be closing the port while the supervisor starts this one.
+    let bind_deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < bind_deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
+        }
+    }
+}
+
+/// Taking over and handing over the listening socket.
+mod handoff {
+    use std::os::fd::AsRawFd;
+
+    use anyhow::Context;
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use tokio::net::TcpListener;
+
+    /// The process this one replaces on a reload (it is sent SIGTERM once this one is ready).
+    const REPLACES: &str = "SERIN_DEMO_REPLACES";
+
+    /// A listening socket passed with `LISTEN_FDS`, if any.
+    pub fn inherited_listener() -> anyhow::Result<Option<TcpListener>> {
+        let mut fds = listenfd::ListenFd::from_env();
+        let Some(std) = fds
+            .take_tcp_listener(0)
+            .context("LISTEN_FDS: fd is not a TCP listening socket")?
+        else {
+            return Ok(None);
+        };
+        std.set_nonblocking(true)?;
+        eprintln!(
+            "serin-demo-service: using the inherited listening socket (fd {})",
+            std.as_raw_fd()
+        );
+        Ok(Some(TcpListener::from_std(std)?))
+    }
+
+    /// `MAINPID=`/`READY=1` on `NOTIFY_SOCKET`; then SIGTERM to the process replaced.
+    pub fn announce_ready() -> anyhow::Result<()> {
+        if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+            let msg = format!("MAINPID={}\nREADY=1\n", std::process::id());
+            std::os::unix::net::UnixDatagram::unbound()?
+                .send_to(msg.as_bytes(), &path)
+                .with_context(|| format!("notifying {path:?}"))?;
+        }
+        if let Some(pid) = std::env::var(REPLACES)
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            eprintln!("serin-demo-service: ready, stopping the replaced process {pid}");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts `argv[0]` again with the listening socket inherited (`LISTEN_FDS_FIRST_FD`).
+    pub fn reexec(listener: &TcpListener) -> anyhow::Result<()> {
+        let mut args = std::env::args_os();
+        let program = args.next().context("no argv[0]")?;
+        let fd = listener.as_raw_fd();
+        fcntl(listener, FcntlArg::F_SETFD(FdFlag::empty())).context("clearing FD_CLOEXEC")?;
+        let child = std::process::Command::new(&program)
+            .args(args)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDS_FIRST_FD", fd.to_string())
+            .env_remove("LISTEN_PID")
+            .env(REPLACES, std::process::id().to_string())
+            .spawn()
+            .with_context(|| format!("re-executing {program:?}"));
+        // Later children (none, here) must not inherit it.
+        fcntl(listener, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("setting FD_CLOEXEC")?;
+        eprintln!(
+            "serin-demo-service: reloading: started {program:?} as process {}",
+            child?.id()
+        );
+        Ok(())
+    }
 }
 
 async fn handle(

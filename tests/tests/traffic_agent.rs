@@ -1,0 +1,76 @@
+//! The swap modes and the agent-check responder through a real `serin-agent` configured with
+//! `[service.swap]` and `[service.traffic]`: an activation under load refuses nothing, and
+//! HAProxy's agent-check port answers.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serin_proto::wire::OrderPhase;
+use serin_tests::agent_fixture::AgentFixture;
+use serin_tests::agent_proc::{AgentOptions, free_port};
+use serin_tests::demo_release::DemoRelease;
+use serin_tests::load::LoadGen;
+use serin_tests::orders::Deadlines;
+
+fn activation_under_load(name: &str, swap_toml: &str) {
+    let agent_check = free_port();
+    let mut opts = AgentOptions::new(name);
+    opts.checks_toml = format!(
+        "{}\n[service.swap]\n{swap_toml}\n\n[service.traffic]\nagent_check = \"127.0.0.1:{agent_check}\"\n",
+        opts.checks_toml
+    );
+    let fx = AgentFixture::start_with(opts);
+    let v1 = DemoRelease::healthy("traffic-1.0");
+    let v2 = DemoRelease::healthy("traffic-2.0");
+    fx.install_first(1, &v1);
+    let first_pid = fx.agent.service_pid().unwrap();
+
+    let load = LoadGen::new(
+        SocketAddr::from(([127, 0, 0, 1], fx.agent.port)),
+        "/version",
+        8,
+    )
+    .start();
+    fx.activate(2, &v2, Deadlines::quick().confirm_within(30_000));
+    let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+    assert_eq!(healthy.release, "traffic-2.0");
+    fx.wait_serving("traffic-2.0");
+    let tally = load.stop();
+    eprintln!("{name}: one activation under load: {}", tally.summary());
+    assert_eq!(tally.failed(), 0, "{}\n{}", tally.summary(), fx.dump());
+    assert!(
+        tally.ok_by_body.contains_key("traffic-1.0")
+            && tally.ok_by_body.contains_key("traffic-2.0"),
+        "{}",
+        tally.summary()
+    );
+    assert_ne!(
+        fx.agent.service_pid().unwrap(),
+        first_pid,
+        "the process was not swapped"
+    );
+
+    let mut answer = String::new();
+    let mut s = TcpStream::connect(("127.0.0.1", agent_check)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "up ready 100%\n");
+}
+
+#[test]
+fn an_agent_in_socket_mode_activates_under_load_without_a_failed_request() {
+    let port_placeholder = "listen = \"127.0.0.1:{port}\"";
+    activation_under_load(
+        "traffic-socket",
+        &format!("mode = \"socket\"\n{port_placeholder}"),
+    );
+}
+
+#[test]
+fn an_agent_in_reload_mode_activates_under_load_without_a_failed_request() {
+    activation_under_load(
+        "traffic-reload",
+        "mode = \"reload\"\nready_timeout = \"10s\"",
+    );
+}
