@@ -12,6 +12,7 @@
 //! - [`state`]: the durable per-service state file; [`durable`] has the fsync recipes.
 //! - [`service_manager`]: systemd and the built-in process supervisor.
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
+//! - [`liveness`]: the main loop's beat, which feeds systemd's watchdog.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -25,6 +26,7 @@ pub mod fault;
 pub mod fetch;
 pub mod health;
 pub mod host_id;
+pub mod liveness;
 pub mod metrics;
 pub mod orders;
 pub mod release_store;
@@ -81,6 +83,8 @@ pub struct Options {
     pub machine_id_path: PathBuf,
     /// The `systemctl` program.
     pub systemctl: PathBuf,
+    /// Beaten by the main loop (systemd readiness and watchdog, see [`liveness`]).
+    pub liveness: liveness::Liveness,
 }
 
 impl Default for Options {
@@ -88,6 +92,7 @@ impl Default for Options {
         Options {
             machine_id_path: PathBuf::from("/etc/machine-id"),
             systemctl: PathBuf::from("systemctl"),
+            liveness: liveness::Liveness::new(),
         }
     }
 }
@@ -198,6 +203,7 @@ pub async fn run_with(
         heartbeat_interval: config.heartbeat_interval,
         reconnect_initial: config.reconnect_initial,
         reconnect_max: config.reconnect_max,
+        liveness: options.liveness.clone(),
     };
     tracker.spawn(connection::run(
         settings,
