@@ -166,9 +166,11 @@ pub async fn run_with(
                 &tracker,
                 tasks.clone(),
             )),
-            RunConfig::Systemd { unit } => {
-                Arc::new(Systemd::new(unit.clone(), options.systemctl.clone()))
-            }
+            RunConfig::Systemd { unit } => Arc::new(Systemd::new(
+                unit.clone(),
+                options.systemctl.clone(),
+                service_dir.join("releases"),
+            )),
         };
         let ctx = service::Context {
             fetcher: fetcher.clone(),
