@@ -3,9 +3,10 @@
 //! [`point`] marks a step of staging or activation. In builds with the `fault-injection` feature,
 //! the environment variable `SERIN_AGENT_CRASH_AT=<point>[,<point>...]` makes the agent SIGKILL
 //! itself the first time it reaches one of the named points, so tests can check that every step
-//! is recoverable. [`wedge`] marks a place in a loop: with the feature, while the file named by
-//! `SERIN_AGENT_WEDGE_FILE` exists and holds that place's name, the loop blocks there for good
-//! (a wedged main loop, which systemd's watchdog must restart).
+//! is recoverable. [`wedge`] marks a place in a loop: with the feature, when the file named by
+//! `SERIN_AGENT_WEDGE_FILE` exists and holds that place's name, the agent removes the file (so
+//! the next agent process runs normally) and blocks the loop there for good: a wedged main loop,
+//! which systemd's watchdog must restart.
 //!
 //! Without the feature both compile to nothing, and the product binary does not even contain the
 //! variables' names: no crate of the workspace enables the feature (cargo would unify it into
@@ -44,6 +45,9 @@ pub fn wedge(name: &str) {
     };
     let wanted = |f: &std::ffi::OsStr| std::fs::read_to_string(f).is_ok_and(|s| s.trim() == name);
     if wanted(&file) {
+        if let Err(e) = std::fs::remove_file(&file) {
+            tracing::warn!(point = name, error = %e, "fault injection: cannot remove the wedge file");
+        }
         tracing::warn!(point = name, "fault injection: wedging this loop");
         // Block this thread for good, as a deadlock would; only a restart ends it.
         loop {
