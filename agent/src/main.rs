@@ -185,7 +185,7 @@ fn main() -> ExitCode {
     let loaded = match Config::load(&cli.config) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(config = %cli.config.display(), "{e}");
+            tracing::error!(config = %cli.config.display(), "cannot load the config: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -225,7 +225,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "agent failed");
+            // The cause goes into the message too: journalctl shows messages, not fields.
+            tracing::error!(error = format!("{e:#}"), "agent failed: {e:#}");
             ExitCode::FAILURE
         }
     }
