@@ -20,7 +20,8 @@
 #   6. an upgrade of the serin-agent package under client load: no failed request, the demo
 #      service's PID unchanged;
 #   7. purging serin-agent leaves no process, unit or state;
-#   8. `systemd-analyze verify` passes for both units; the packaged agent has no fault hooks.
+#   8. `systemd-analyze verify` passes for both units; the packaged agent has no fault hooks;
+#   9. both daemons log to the journal with structured fields (ROLLOUT=, SERVICE=, RELEASE=).
 #
 # Cleans up namespaces, the bridge, mounts, machines and cgroups on exit (also on failure) and
 # sweeps leftovers of an earlier run at start. SERIN_SYSTEM_KEEP=1 keeps the logs directory.
@@ -478,7 +479,7 @@ h4_unreachable() {
   "$SERIN" rollout status "$(rollout_id 5.0.0)" -o json |
     jq -e '.hosts[] | select(.host_id == "sys-h4") | .phase == "unreachable" or (.detail | test("unreachable"))'
 }
-h4_unreachable || log "  (status does not name h4 unreachable explicitly)"
+h4_unreachable >/dev/null || die "the rollout status does not show sys-h4 unreachable"
 ip -n "$PREFIX-h4" link set eth0 up
 ip -n "$PREFIX-h4" route replace default via "$NET.1"
 finished() { [[ "$(rollout_state 5.0.0)" == succeeded ]]; }
@@ -529,9 +530,16 @@ done
 
 # ---------------------------------------------------------------------------------------------
 log "scenario: systemd-analyze verify of both units"
-hexec c systemd-analyze verify /usr/lib/systemd/system/serin-coordinator.service >"$WORK/logs/verify.log" 2>&1 ||
+hexec c systemd-analyze verify --man=no /usr/lib/systemd/system/serin-coordinator.service >"$WORK/logs/verify.log" 2>&1 ||
   die "systemd-analyze verify serin-coordinator.service: $(cat "$WORK/logs/verify.log")"
-hexec h1 systemd-analyze verify /usr/lib/systemd/system/serin-agent.service >>"$WORK/logs/verify.log" 2>&1 ||
+hexec h1 systemd-analyze verify --man=no /usr/lib/systemd/system/serin-agent.service >>"$WORK/logs/verify.log" 2>&1 ||
   die "systemd-analyze verify serin-agent.service: $(cat "$WORK/logs/verify.log")"
+
+log "scenario: the daemons log structured fields to the journal"
+hexec c journalctl --no-pager -o json -u serin-coordinator | jq -e -s \
+  'any(.[]; .ROLLOUT != null and .SERVICE == "demo" and .RELEASE != null)' >/dev/null ||
+  die "no journal entry of serin-coordinator carries ROLLOUT, SERVICE and RELEASE fields"
+hexec h1 journalctl --no-pager -o json -u serin-agent | jq -e -s 'any(.[]; .SERVICE == "demo")' >/dev/null ||
+  die "no journal entry of serin-agent carries a SERVICE field"
 
 log "system suite passed in $(($(date +%s) - START)) s"
