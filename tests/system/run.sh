@@ -73,7 +73,7 @@ cleanup() {
       [[ -d "$cg/$PREFIX-$h" ]] && find "$cg/$PREFIX-$h" -depth -type d -exec rmdir {} + 2>/dev/null || true
     done
   done
-  if [[ -n "${LOAD_PID:-}" ]]; then kill "$LOAD_PID" 2>/dev/null || true; fi
+  if [[ -n "${LOAD_PID:-}" ]]; then kill $LOAD_PID 2>/dev/null || true; fi
   ip link del "$BRIDGE" 2>/dev/null || true
 }
 
@@ -490,27 +490,39 @@ wait_until "every unit to run 5.0.0" 30 all_run 5.0.0
 log "scenario: upgrade serin-agent on h1 under client load"
 demo_pid="$(hexec h1 systemctl show -p MainPID --value demo.service)"
 agent_pid_before="$(agent_pid h1)"
-(
-  ok=0 fail=0
+client() { # n: request /version until load.stop, then write "ok fail" to load.result.n
+  local ok=0 fail=0
   while [[ ! -f "$WORK/load.stop" ]]; do
     if curl -fsS --max-time 2 "http://$(ip_of h1):8080/version" >/dev/null 2>&1; then
       ok=$((ok + 1))
+      if [[ $ok == 1 ]]; then touch "$WORK/load.started.$1"; fi
     else
       fail=$((fail + 1))
     fi
   done
-  echo "$ok $fail" >"$WORK/load.result"
-) &
-LOAD_PID=$!
+  echo "$ok $fail" >"$WORK/load.result.$1"
+}
+LOAD_PIDS=()
+for i in 1 2 3; do
+  client "$i" &
+  LOAD_PIDS+=($!)
+done
+LOAD_PID="${LOAD_PIDS[*]}"
+load_started() { [[ -f "$WORK/load.started.1" && -f "$WORK/load.started.2" && -f "$WORK/load.started.3" ]]; }
+wait_until "the clients to get answers" 10 load_started
 hexec h1 dpkg -i /root/pkgs/serin-agent_upgrade.deb >"$WORK/logs/h1.upgrade.log" 2>&1 ||
   die "upgrading serin-agent on h1 failed: $(cat "$WORK/logs/h1.upgrade.log")"
 new_agent() { [[ "$(agent_pid h1)" != "$agent_pid_before" ]] && hexec h1 systemctl is-active serin-agent; }
 wait_until "the upgraded agent to run on h1" 30 new_agent
 wait_until "h1 to reconnect after the upgrade" 30 all_connected
 touch "$WORK/load.stop"
-wait "$LOAD_PID"
+wait "${LOAD_PIDS[@]}"
 LOAD_PID=
-read -r ok fail <"$WORK/load.result"
+ok=0 fail=0
+for i in 1 2 3; do
+  read -r o f <"$WORK/load.result.$i"
+  ok=$((ok + o)) fail=$((fail + f))
+done
 installed="$(hexec h1 dpkg-query -W -f '${Version}' serin-agent)"
 [[ "$installed" == "$UPGRADE_VERSION"* ]] || die "h1 has serin-agent $installed after the upgrade"
 [[ "$fail" == 0 && "$ok" -gt 0 ]] || die "client saw $fail failed of $((ok + fail)) requests during the upgrade"
