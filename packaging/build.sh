@@ -20,6 +20,7 @@ apt_install() {
     echo "packaging/build.sh: $1 is missing and there is no apt-get to install it" >&2
     exit 1
   fi
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 

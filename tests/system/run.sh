@@ -44,7 +44,7 @@ START=$(date +%s)
 log() { printf '[%4ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
 die() {
   log "FAILED: $*"
-  dump || true
+  if declare -F dump >/dev/null; then dump || true; fi
   exit 1
 }
 
