@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::liveness::Liveness;
 use crate::release_store::unix_ms;
 use crate::service::{Input, ServiceHandle, Upstream};
 
@@ -40,6 +41,8 @@ pub struct Settings {
     pub reconnect_initial: Duration,
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
+    /// Beaten every [`Liveness::PERIOD`] by this loop, whatever it waits for (systemd's watchdog).
+    pub liveness: Liveness,
 }
 
 /// Runs the connection until `shutdown`.
@@ -53,6 +56,7 @@ pub async fn run(
     let mut client = AgentServiceClient::new(channel);
     let mut queued: VecDeque<wire::OrderResult> = VecDeque::new();
     let mut backoff = settings.reconnect_initial;
+    let mut beat = tokio::time::interval(Liveness::PERIOD);
     let queue = |queued: &mut VecDeque<wire::OrderResult>, up: Upstream| {
         if let Upstream::Result(r) = up {
             if queued.len() >= MAX_QUEUED_RESULTS {
@@ -74,6 +78,7 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 Some(up) = upstream.recv() => queue(&mut queued, up),
+                _ = beat.tick() => settings.liveness.beat(),
                 r = &mut attach => break r,
             }
         };
@@ -111,6 +116,7 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 Some(up) = upstream.recv() => queue(&mut queued, up),
+                _ = beat.tick() => settings.liveness.beat(),
                 _ = &mut sleep => break,
             }
         }
@@ -162,6 +168,7 @@ async fn connected(
     for h in services.values() {
         let _ = h.tx.try_send(Input::ReportNow);
     }
+    let mut beat = tokio::time::interval(Liveness::PERIOD);
     let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
@@ -192,6 +199,7 @@ async fn connected(
                 Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
                 Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
             },
+            _ = beat.tick() => settings.liveness.beat(),
             _ = heartbeat.tick() => {
                 if let Err(e) = send(Up::Heartbeat(wire::Heartbeat { sent_unix_ms: unix_ms() })).await {
                     return Ended::Lost(e);

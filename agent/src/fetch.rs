@@ -10,7 +10,9 @@ use tonic::transport::Channel;
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     coordinator: AgentServiceClient<Channel>,
-    http: reqwest::Client,
+    /// The client for URL releases, or why there is none (e.g. a host without a CA bundle):
+    /// that fails URL releases with the reason, never the agent's start.
+    http: Result<reqwest::Client, String>,
 }
 
 /// A download in progress.
@@ -53,7 +55,13 @@ impl Fetcher {
             .connect_timeout(std::time::Duration::from_secs(10))
             .read_timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| {
+                let why = format!(
+                    "cannot build the HTTP client for URL releases (is a CA bundle installed?): {e}"
+                );
+                tracing::warn!("{why}; releases from the coordinator are not affected");
+                why
+            });
         Ok(Fetcher {
             coordinator: AgentServiceClient::new(channel).max_decoding_message_size(16 << 20),
             http,
@@ -83,7 +91,7 @@ impl Fetcher {
                 Ok(Download::Coordinator { stream, offset })
             }
             ArtifactSource::Url(url) => {
-                let mut req = self.http.get(url);
+                let mut req = self.http.as_ref().map_err(Clone::clone)?.get(url);
                 if offset > 0 {
                     req = req.header("Range", format!("bytes={offset}-"));
                 }

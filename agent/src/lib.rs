@@ -14,6 +14,7 @@
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
 //! - [`hooks`]: lifecycle hooks (`validate`, `post-start`) of the incoming release.
 //! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
+//! - [`liveness`]: the main loop's beat, which feeds systemd's watchdog.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -28,6 +29,7 @@ pub mod fetch;
 pub mod health;
 pub mod hooks;
 pub mod host_id;
+pub mod liveness;
 pub mod metrics;
 pub mod orders;
 pub mod release_store;
@@ -95,6 +97,8 @@ pub struct Options {
     pub machine_id_path: PathBuf,
     /// The `systemctl` program.
     pub systemctl: PathBuf,
+    /// Beaten by the main loop (systemd readiness and watchdog, see [`liveness`]).
+    pub liveness: liveness::Liveness,
 }
 
 impl Default for Options {
@@ -102,6 +106,7 @@ impl Default for Options {
         Options {
             machine_id_path: PathBuf::from("/etc/machine-id"),
             systemctl: PathBuf::from("systemctl"),
+            liveness: liveness::Liveness::new(),
         }
     }
 }
@@ -179,9 +184,11 @@ pub async fn run_with(
                 &tracker,
                 tasks.clone(),
             )),
-            RunConfig::Systemd { unit } => {
-                Arc::new(Systemd::new(unit.clone(), options.systemctl.clone()))
-            }
+            RunConfig::Systemd { unit } => Arc::new(Systemd::new(
+                unit.clone(),
+                options.systemctl.clone(),
+                service_dir.join("releases"),
+            )),
         };
         if let Some(address) = svc.traffic.agent_check {
             let listener = match tokio::net::TcpListener::bind(address).await {
@@ -246,6 +253,7 @@ pub async fn run_with(
         heartbeat_interval: config.heartbeat_interval,
         reconnect_initial: config.reconnect_initial,
         reconnect_max: config.reconnect_max,
+        liveness: options.liveness.clone(),
     };
     tracker.spawn(connection::run(
         settings,

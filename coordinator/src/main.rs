@@ -3,6 +3,11 @@
 //!
 //! This file binds sockets, reads files and installs signal handlers; everything else lives in
 //! the library: [`serin_coordinator::server::run`] serves, [`serin_coordinator::cli`] is the CLI.
+//!
+//! Under systemd (`Type=notify`), `serin serve` reports ready once it answers a call on its own
+//! listener (the server only serves after its store is open and its rollouts resumed) and feeds
+//! the watchdog only while those self-calls keep being answered, so a wedged server is restarted.
+//! It logs to the journal with structured fields when stderr is the journal stream.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -47,7 +52,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            init_tracing("info");
+            init_daemon_tracing("info");
             match runtime.block_on(serve(args)) {
                 Ok(()) => Exit::Success.into(),
                 Err(e) => fail(&anyhow_chain(&e), Exit::Error),
@@ -126,6 +131,122 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
+/// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` names its
+/// device and inode (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    expected.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// The daemon's logging: the journal's native protocol when stderr is the journal stream, each
+/// tracing field a journal field (`ROLLOUT=`, `WAVE=`, `HOST=`, so `journalctl ROLLOUT=r-1`
+/// works); else text on stderr as [`init_tracing`].
+fn init_daemon_tracing(default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let filter = std::env::var("SERIN_LOG")
+                    .or_else(|_| std::env::var("RUST_LOG"))
+                    .unwrap_or_else(|_| default.to_string());
+                let _ = tracing_subscriber::registry()
+                    .with(tracing_subscriber::EnvFilter::new(filter))
+                    .with(layer.with_field_prefix(None))
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("cannot log to the journal ({e}); logging text on stderr"),
+        }
+    }
+    init_tracing(default);
+}
+
+/// Readiness and watchdog for systemd: calls `ListHosts` on the coordinator's own listener (a
+/// selector no host matches, so the answer is small) until one is answered, then sends
+/// `READY=1`; with `WatchdogSec=` set, repeats the call every quarter period and sends
+/// `WATCHDOG=1` only when it was answered within that quarter. Outside systemd
+/// (`NOTIFY_SOCKET` unset) it still probes until ready, then ends.
+async fn notify_systemd(bound: std::net::SocketAddr, shutdown: CancellationToken) {
+    use sd_notify::NotifyState;
+    use serin_proto::wire::ListHostsRequest;
+    use serin_proto::wire::control_service_client::ControlServiceClient;
+    use std::time::Duration;
+
+    let mut target = bound;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let timeout = watchdog.map_or(Duration::from_secs(2), |p| p / 4);
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{target}")) {
+        Ok(e) => e.connect_timeout(timeout).timeout(timeout),
+        Err(e) => {
+            tracing::error!(error = %e, address = %target, "cannot probe the coordinator's own listener");
+            return;
+        }
+    };
+    let client = ControlServiceClient::new(endpoint.connect_lazy());
+    let probe = || {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_hosts(ListHostsRequest {
+                    selector: "serin-watchdog-probe".into(),
+                })
+                .await
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if probe().await.is_ok() {
+            break;
+        }
+    }
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the coordinator is ready");
+    }
+    let Some(period) = watchdog else {
+        return;
+    };
+    tracing::info!(watchdog = ?period, "feeding systemd's watchdog from answered self-calls");
+    let mut tick = tokio::time::interval(period / 4);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match probe().await {
+            Ok(_) => {
+                if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+                    tracing::warn!(error = %e, "cannot feed systemd's watchdog");
+                }
+            }
+            Err(status) => tracing::error!(
+                error = %status,
+                "the coordinator did not answer its own call; not feeding the watchdog"
+            ),
+        }
+    }
+}
+
 /// `serin serve`: load the config, bind, announce the address, serve until SIGTERM/SIGINT.
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_serve_config(&args)?;
@@ -140,12 +261,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let notifier = tokio::spawn(notify_systemd(bound, shutdown.clone()));
     let result = server::run(config, listener, shutdown.clone())
         .await
         .context("the coordinator stopped with an error");
     shutdown.cancel();
     signals.abort();
     let _ = signals.await;
+    let _ = notifier.await;
     result
 }
 
@@ -167,6 +290,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
         _ = shutdown.cancelled() => return,
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
 }
 

@@ -199,8 +199,20 @@ impl AgentProc {
     }
 
     /// Starts the agent process (it must not be running), with `SERIN_AGENT_CRASH_AT=crash_at`
-    /// when given.
+    /// when given. Crash points exist only in the test build of the agent, so with `crash_at`
+    /// that build ([`binaries::fault_agent`]) runs, otherwise the product binary.
     pub fn spawn(&self, crash_at: Option<&str>) {
+        let binary = if crash_at.is_some() {
+            binaries::fault_agent()
+        } else {
+            binaries::agent()
+        };
+        self.spawn_binary(&binary, crash_at);
+    }
+
+    /// [`spawn`](Self::spawn) of a given agent binary, with `SERIN_AGENT_CRASH_AT=crash_at` when
+    /// given, whatever the binary (e.g. to prove that the product binary ignores it).
+    pub fn spawn_binary(&self, binary: &Path, crash_at: Option<&str>) {
         let mut child = lock(&self.child);
         if let Some(c) = child.as_mut() {
             assert!(
@@ -226,7 +238,7 @@ impl AgentProc {
             );
         }
         let err = log.try_clone().expect("cloning the agent log handle");
-        let mut cmd = Command::new(binaries::agent());
+        let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())

@@ -3,12 +3,16 @@
 //! Tests run real processes: `serin-agent`, `serin` and `serin-demo-service`. The first call to
 //! [`agent`] or [`demo_service`] runs `cargo build --bins -p serin-agent -p serin-tests`, the first
 //! call to [`serin`] or [`binary`] runs `cargo build --workspace --bins` (each once per test
-//! process), so the binaries are never stale. Building serin-tests alongside the agent matters:
-//! cargo unifies features over the selected packages, so the agent binary gets the
-//! `fault-injection` feature this crate enables on its dependency (a plain
-//! `cargo build -p serin-agent` builds it without, and overwrites the binary).
+//! process), so the binaries are never stale. These are the product binaries, exactly what
+//! `cargo build --workspace` and the packages ship: no test-only code.
+//!
+//! The one test variant is [`fault_agent`]: `serin-agent` built with its `fault-injection`
+//! feature (crash points driven by `SERIN_AGENT_CRASH_AT`, a wedge for the watchdog) in a target
+//! directory of its own, `<target>/fault-injection/`. No crate of the workspace enables that
+//! feature, because cargo unifies features across a workspace build: a dependency with the feature
+//! here would put the hooks into every `cargo build --workspace` (and the demo, and the packages).
 //! The paths handed out are the build outputs in `deps/` (see `stable_path`), so a concurrent
-//! `cargo build -p serin-agent` cannot swap a binary without the feature under a running test.
+//! build cannot swap a binary under a running test.
 //! Set `SERIN_TESTS_SKIP_BUILD=1` to skip the builds (e.g. when the binaries were just built).
 
 use std::collections::HashMap;
@@ -46,10 +50,12 @@ pub fn workspace_root() -> &'static Path {
 /// Which packages a build covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
-    /// `-p serin-agent -p serin-tests`: the agent (with `fault-injection`, unified from this
-    /// crate's dependency) and the demo service. Agent tests need no more, so they do not fail
-    /// when another crate of the workspace does not compile.
+    /// `-p serin-agent -p serin-tests`: the agent and the demo service. Agent tests need no
+    /// more, so they do not fail when another crate of the workspace does not compile.
     Agent,
+    /// `-p serin-agent --features fault-injection` in `<target>/fault-injection/`: the test
+    /// build of the agent.
+    FaultAgent,
     /// `--workspace`: everything, the coordinator's `serin` included.
     Workspace,
 }
@@ -61,6 +67,7 @@ type Resolved = Result<HashMap<&'static str, PathBuf>, String>;
 fn names(scope: Scope) -> &'static [&'static str] {
     match scope {
         Scope::Agent => &["serin-agent", "serin-demo-service"],
+        Scope::FaultAgent => &["serin-agent"],
         Scope::Workspace => &["serin-agent", "serin-demo-service", "serin"],
     }
 }
@@ -69,16 +76,18 @@ fn names(scope: Scope) -> &'static [&'static str] {
 /// stderr on failure (every later call panics with the same message instead of building again).
 fn ensure_built(scope: Scope) -> &'static HashMap<&'static str, PathBuf> {
     static AGENT: OnceLock<Resolved> = OnceLock::new();
+    static FAULT_AGENT: OnceLock<Resolved> = OnceLock::new();
     static WORKSPACE: OnceLock<Resolved> = OnceLock::new();
     let cell = match scope {
         Scope::Agent => &AGENT,
+        Scope::FaultAgent => &FAULT_AGENT,
         Scope::Workspace => &WORKSPACE,
     };
     let resolved = cell.get_or_init(|| {
         build(scope)?;
         Ok(names(scope)
             .iter()
-            .map(|name| (*name, stable_path(name)))
+            .map(|name| (*name, stable_path(&scope_bin_dir(scope), name)))
             .collect())
     });
     match resolved {
@@ -90,17 +99,16 @@ fn ensure_built(scope: Scope) -> &'static HashMap<&'static str, PathBuf> {
 /// The path of the build output behind `<bin_dir>/<name>` that later builds will not replace.
 ///
 /// Cargo links each build of a binary to `deps/<name_with_underscores>-<hash>`, the hash covering
-/// the enabled features, and hardlinks the latest one to `<bin_dir>/<name>`. Someone running
-/// `cargo build -p serin-agent` meanwhile (without `fault-injection`) replaces
-/// `<bin_dir>/serin-agent`, but not the deps file of our feature set: so tests run that one.
-fn stable_path(name: &str) -> PathBuf {
+/// the enabled features, and hardlinks the latest one to `<bin_dir>/<name>`. Someone building
+/// meanwhile replaces `<bin_dir>/<name>`, but not the deps file we resolved: so tests run that one.
+fn stable_path(bin_dir: &Path, name: &str) -> PathBuf {
     use std::os::unix::fs::MetadataExt;
-    let uplifted = bin_dir().join(name);
+    let uplifted = bin_dir.join(name);
     let Ok(meta) = std::fs::metadata(&uplifted) else {
         return uplifted;
     };
     let prefix = format!("{}-", name.replace('-', "_"));
-    let found = std::fs::read_dir(bin_dir().join("deps"))
+    let found = std::fs::read_dir(bin_dir.join("deps"))
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
@@ -112,6 +120,26 @@ fn stable_path(name: &str) -> PathBuf {
     found.map_or(uplifted, |e| e.path())
 }
 
+/// The target directory of the test build of the agent: `<target>/fault-injection`.
+fn fault_target_dir() -> PathBuf {
+    let dir = bin_dir();
+    dir.parent()
+        .expect("the profile directory lives in a target directory")
+        .join("fault-injection")
+}
+
+/// The directory a scope's binaries land in.
+fn scope_bin_dir(scope: Scope) -> PathBuf {
+    match scope {
+        Scope::Agent | Scope::Workspace => bin_dir(),
+        Scope::FaultAgent => fault_target_dir().join(
+            bin_dir()
+                .file_name()
+                .expect("the profile directory has a name"),
+        ),
+    }
+}
+
 fn build(scope: Scope) -> Result<(), String> {
     if std::env::var_os("SERIN_TESTS_SKIP_BUILD").is_some_and(|v| v == "1") {
         return Ok(());
@@ -121,6 +149,15 @@ fn build(scope: Scope) -> Result<(), String> {
     cmd.current_dir(workspace_root()).args(["build", "--bins"]);
     match scope {
         Scope::Agent => cmd.args(["-p", "serin-agent", "-p", "serin-tests"]),
+        Scope::FaultAgent => cmd
+            .args([
+                "-p",
+                "serin-agent",
+                "--features",
+                "fault-injection",
+                "--target-dir",
+            ])
+            .arg(fault_target_dir()),
         Scope::Workspace => cmd.arg("--workspace"),
     };
     // Build the profile the tests run under, so bin_dir() finds what was built.
@@ -145,7 +182,7 @@ fn binary_in(scope: Scope, name: &str) -> PathBuf {
     let path = ensure_built(scope)
         .get(name)
         .cloned()
-        .unwrap_or_else(|| bin_dir().join(name));
+        .unwrap_or_else(|| scope_bin_dir(scope).join(name));
     // A concurrent build of the same configuration (another engineer, another test process)
     // replaces the file: it is missing for a moment, so give it a little while to come back.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -166,9 +203,15 @@ pub fn binary(name: &str) -> PathBuf {
     binary_in(Scope::Workspace, name)
 }
 
-/// The agent binary, `serin-agent` (built with `fault-injection`).
+/// The agent binary, `serin-agent`, as shipped (no fault hooks).
 pub fn agent() -> PathBuf {
     binary_in(Scope::Agent, "serin-agent")
+}
+
+/// The test build of the agent: `serin-agent` with its `fault-injection` feature, built in
+/// `<target>/fault-injection/` so the feature never reaches a product build.
+pub fn fault_agent() -> PathBuf {
+    binary_in(Scope::FaultAgent, "serin-agent")
 }
 
 /// The coordinator and operator CLI binary, `serin`.
