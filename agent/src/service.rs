@@ -47,11 +47,18 @@ pub enum Input {
     Probe {
         /// Index into the health monitor's checks.
         index: usize,
+        /// The process generation the probe was started in; results of another are dropped.
+        generation: u64,
         /// The outcome.
         result: ProbeResult,
     },
-    /// The service manager's status.
-    Status(ServiceStatus),
+    /// The service manager's status, polled in process generation `generation`.
+    Status {
+        /// The process generation the poll was started in.
+        generation: u64,
+        /// What the manager said.
+        status: ServiceStatus,
+    },
     /// Send a full health report now (e.g. after a reconnect).
     ReportNow,
 }
@@ -125,6 +132,17 @@ struct ServiceTask {
     staged: Option<String>,
     inventory: watch::Sender<wire::ServiceInventory>,
     last_verdict: activation::Verdict,
+    /// The probes' epoch: which process generation they observe, and whether they run at all.
+    epoch: watch::Sender<ProbeEpoch>,
+}
+
+/// Which process the probes are about. Every (re)start of the service begins a new generation:
+/// a probe result or status poll tagged with an older one describes a previous process (or was
+/// started before the new one) and never counts. While a restart is under way the probes pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProbeEpoch {
+    generation: u64,
+    active: bool,
 }
 
 /// Opens the service's store and state, and spawns its task (which first replays the journal).
@@ -164,6 +182,10 @@ pub fn spawn(
         staged: None,
         inventory,
         last_verdict: activation::Verdict::Unknown,
+        epoch: watch::Sender::new(ProbeEpoch {
+            generation: 0,
+            active: true,
+        }),
     };
     task.publish_inventory();
     let probes = task.spawn_probes(tracker, &tx, shutdown.clone());
@@ -172,6 +194,64 @@ pub fn spawn(
         tx,
         inventory: inventory_rx,
     })
+}
+
+/// One probe task: waits while the epoch is paused, probes at once at the start of each new
+/// generation and then every `interval`, drops a probe in flight when the generation changes,
+/// and hands each result with its generation to `deliver` (which returns false once the service
+/// task is gone).
+async fn probe_loop<T, P, PF, D, DF>(
+    mut epoch: watch::Receiver<ProbeEpoch>,
+    token: CancellationToken,
+    interval: Duration,
+    probe: P,
+    deliver: D,
+) where
+    P: Fn() -> PF,
+    PF: std::future::Future<Output = T>,
+    D: Fn(u64, T) -> DF,
+    DF: std::future::Future<Output = bool>,
+{
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let ProbeEpoch { generation, active } = *epoch.borrow_and_update();
+        if !active {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = epoch.changed() => if changed.is_err() { return },
+            }
+            next = tokio::time::Instant::now();
+            continue;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                next = tokio::time::Instant::now();
+                continue;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            _ = token.cancelled() => return,
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Started before the new generation: whatever it finds is not about it.
+                next = tokio::time::Instant::now();
+                continue;
+            }
+            r = probe() => r,
+        };
+        next = started + interval;
+        if !deliver(generation, result).await {
+            return;
+        }
+    }
 }
 
 async fn sleep_until_unix_ms(at: Option<u64>) {
@@ -189,7 +269,10 @@ impl ServiceTask {
         self.cfg.name.as_str()
     }
 
-    /// Probe tasks: one per configured check with a probe, plus the status poller.
+    /// Probe tasks: one per configured check with a probe, plus the status poller. Each waits
+    /// while the epoch is inactive, probes at once when a new generation begins (the first
+    /// probe of a new process is not left to a free-running interval), abandons a probe in
+    /// flight when the generation changes under it, and tags each result with its generation.
     fn spawn_probes(
         &self,
         tracker: &TaskTracker,
@@ -204,55 +287,77 @@ impl ServiceTask {
                 continue;
             }
             let (kind, interval, timeout) = (check.kind.clone(), check.interval, check.timeout);
-            let (tx, token) = (tx.clone(), token.clone());
-            tracker.spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    let result = tokio::select! {
-                        _ = token.cancelled() => break,
-                        r = health::probe(&kind, timeout) => r,
-                    };
-                    if tx
-                        .send(Input::Probe {
+            let tx = tx.clone();
+            tracker.spawn(probe_loop(
+                self.epoch.subscribe(),
+                token.clone(),
+                interval,
+                move || {
+                    let kind = kind.clone();
+                    async move { health::probe(&kind, timeout).await }
+                },
+                move |generation, result| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(Input::Probe {
                             index: i + 1,
+                            generation,
                             result,
                         })
                         .await
-                        .is_err()
-                    {
-                        break;
+                        .is_ok()
                     }
-                }
-            });
+                },
+            ));
         }
         let status_every = status_every.max(Duration::from_millis(100));
-        let (tx, token2, manager) = (tx.clone(), token.clone(), self.manager.clone());
-        tracker.spawn(async move {
-            let mut tick = tokio::time::interval(status_every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = token2.cancelled() => break,
-                    _ = tick.tick() => {}
+        let (tx, manager) = (tx.clone(), self.manager.clone());
+        tracker.spawn(probe_loop(
+            self.epoch.subscribe(),
+            token.clone(),
+            status_every,
+            move || {
+                let manager = manager.clone();
+                async move {
+                    match manager.status().await {
+                        Ok(s) => s,
+                        Err(e) => ServiceStatus {
+                            detail: e.to_string(),
+                            ..Default::default()
+                        },
+                    }
                 }
-                let status = match manager.status().await {
-                    Ok(s) => s,
-                    Err(e) => ServiceStatus {
-                        detail: e.to_string(),
-                        ..Default::default()
-                    },
-                };
-                if tx.send(Input::Status(status)).await.is_err() {
-                    break;
-                }
-            }
-        });
+            },
+            move |generation, status| {
+                let tx = tx.clone();
+                async move { tx.send(Input::Status { generation, status }).await.is_ok() }
+            },
+        ));
         token
+    }
+
+    /// Pauses the probes: a restart is under way and nothing observed now describes the
+    /// process that will run afterwards.
+    fn pause_probes(&mut self) {
+        self.epoch.send_modify(|e| {
+            e.generation += 1;
+            e.active = false;
+        });
+    }
+
+    /// A new process generation begins: every check forgets what it knew, results of earlier
+    /// generations still queued are dropped, and the probes run at once.
+    fn new_generation(&mut self) {
+        self.monitor.reset();
+        self.last_verdict = activation::Verdict::Unknown;
+        self.epoch.send_modify(|e| {
+            e.generation += 1;
+            e.active = true;
+        });
+    }
+
+    fn generation(&self) -> u64 {
+        self.epoch.borrow().generation
     }
 
     async fn run(
@@ -276,13 +381,20 @@ impl ServiceTask {
                 input = rx.recv() => match input {
                     None => break,
                     Some(Input::Order(order)) => self.handle_order(order, &mut jobs).await,
-                    Some(Input::Probe { index, result }) => {
+                    Some(Input::Probe { index, generation, result }) => {
+                        if generation != self.generation() {
+                            tracing::debug!(service = self.name(), index, generation, detail = %result.detail, "dropping a probe result about an earlier process");
+                            continue;
+                        }
                         if let Some(check) = self.monitor.checks.get_mut(index) {
                             check.record(result);
                         }
                         self.after_health().await;
                     }
-                    Some(Input::Status(status)) => {
+                    Some(Input::Status { generation, status }) => {
+                        if generation != self.generation() {
+                            continue;
+                        }
                         self.record_status(status);
                         self.after_health().await;
                     }
@@ -336,10 +448,16 @@ impl ServiceTask {
         let running_release = self.manager.running_release().await;
         let result = if !status.running {
             tracing::info!(service = self.name(), release = %current, "starting service");
-            self.manager.start().await
+            self.pause_probes();
+            let r = self.manager.start().await;
+            self.new_generation();
+            r
         } else if running_release.as_ref().is_some_and(|r| *r != current) {
             tracing::info!(service = self.name(), release = %current, running = ?running_release, "service runs another release than current; restarting");
-            self.manager.restart().await
+            self.pause_probes();
+            let r = self.manager.restart().await;
+            self.new_generation();
+            r
         } else {
             Ok(())
         };
@@ -773,10 +891,12 @@ impl ServiceTask {
         }
     }
 
+    /// Restarts the service into what `current` points at. No probe result about the previous
+    /// process, nor one of a probe started before the restart, counts for the new one.
     async fn restart_service(&mut self) -> Result<(), String> {
+        self.pause_probes();
         let r = self.manager.restart().await.map_err(|e| e.to_string());
-        self.monitor.reset();
-        self.last_verdict = activation::Verdict::Unknown;
+        self.new_generation();
         if let Ok(s) = self.manager.status().await {
             self.restart_baseline = s.restarts;
             self.last_status = s;
@@ -1177,6 +1297,65 @@ mod tests {
             previous_release(Some("demo-2.0"), &s).as_deref(),
             Some("demo-2.0")
         );
+    }
+
+    /// A probe loop with an hour-long interval: it probes at once in each new generation, drops
+    /// the probe that was in flight when the generation changed, and tags results correctly.
+    #[tokio::test]
+    async fn probes_run_at_once_in_a_new_generation_and_drop_probes_in_flight() {
+        let epoch = watch::Sender::new(ProbeEpoch {
+            generation: 0,
+            active: true,
+        });
+        let token = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel::<(u64, u64)>(16);
+        // Probe number n of the loop; the second one hangs until the generation changes.
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = calls.clone();
+        let task = tokio::spawn(probe_loop(
+            epoch.subscribe(),
+            token.clone(),
+            Duration::from_secs(3600),
+            move || {
+                let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    n
+                }
+            },
+            move |generation, n| {
+                let tx = tx.clone();
+                async move { tx.send((generation, n)).await.is_ok() }
+            },
+        ));
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, rx.recv()).await.unwrap();
+        assert_eq!(first, Some((0, 0)), "first probe at once, generation 0");
+
+        // A restart: paused (no probes), then generation 2 with an immediate probe. That probe
+        // hangs; the next generation abandons it and probes again at once.
+        epoch.send_modify(|e| {
+            e.generation = 1;
+            e.active = false;
+        });
+        epoch.send_modify(|e| {
+            e.generation = 2;
+            e.active = true;
+        });
+        while calls.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        epoch.send_modify(|e| e.generation = 3);
+        let next = tokio::time::timeout(within, rx.recv()).await.unwrap();
+        assert_eq!(
+            next,
+            Some((3, 2)),
+            "the hung probe of generation 2 was dropped, generation 3 probed at once"
+        );
+        token.cancel();
+        task.await.unwrap();
     }
 
     #[test]

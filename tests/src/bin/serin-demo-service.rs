@@ -3,14 +3,16 @@
 //! ```text
 //! serin-demo-service [--port P] [--bind ADDR]
 //! serin-demo-service make-release --version V [--crash-at-start] [--unhealthy-after SECS]
-//!                    [--slow-health-ms MS] [--slow-stop-ms MS] --out FILE
+//!                    [--slow-health-ms MS] [--slow-stop-ms MS] [--listen-after-ms MS] --out FILE
 //! ```
 //!
 //! Serving: `GET /healthz` answers 200 "ok" while healthy and 500 once unhealthy, `GET /version`
 //! answers the release's version string, `GET /pid` the process id (so a test can tell whether
 //! the process answering changed). What the release does comes from the trailer appended to its
 //! own executable (see `serin_tests::demo_release`); without one it is version "dev" and healthy.
-//! SIGTERM or SIGINT ends it with status 0.
+//! SIGTERM or SIGINT ends it with status 0 (after draining: still answering for `slow_stop_ms`
+//! when the release is built with it). A release built with `listen_after_ms` binds its port
+//! only that long after start.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -59,6 +61,12 @@ fn make_release(args: &[String]) -> anyhow::Result<()> {
                 let v = value(arg, &mut it)?;
                 behaviour.slow_stop_ms = Some(v.parse().with_context(|| {
                     format!("--slow-stop-ms: {v:?} is not a number of milliseconds")
+                })?);
+            }
+            "--listen-after-ms" => {
+                let v = value(arg, &mut it)?;
+                behaviour.listen_after_ms = Some(v.parse().with_context(|| {
+                    format!("--listen-after-ms: {v:?} is not a number of milliseconds")
                 })?);
             }
             other => bail!("make-release: unknown argument {other:?}"),
@@ -114,6 +122,16 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
 
 async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    if let Some(ms) = behaviour.listen_after_ms {
+        eprintln!("serin-demo-service: warming up for {ms} ms before listening");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
     // The previous release may still be closing the port while the supervisor starts this one.
     let bind_deadline = Instant::now() + Duration::from_secs(3);
     let listener = loop {
@@ -131,28 +149,40 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
         "serin-demo-service: version {} listening on {addr}",
         behaviour.version
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let serve = |stream: TcpStream| {
+        let behaviour = behaviour.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &behaviour, started).await {
+                eprintln!("serin-demo-service: connection error: {e:#}");
+            }
+        });
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let behaviour = behaviour.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &behaviour, started).await {
-                        eprintln!("serin-demo-service: connection error: {e:#}");
-                    }
-                });
+                if let Ok((stream, _)) = accepted {
+                    serve(stream);
+                }
             }
         }
     }
     if let Some(ms) = behaviour.slow_stop_ms {
-        eprintln!(
-            "serin-demo-service: stopping on signal, slowly ({ms} ms) as this release is built to"
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        // A draining service: it goes on answering (new connections too) until it is done.
+        eprintln!("serin-demo-service: draining for {ms} ms on signal as this release is built to");
+        let drained = tokio::time::sleep(Duration::from_millis(ms));
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        serve(stream);
+                    }
+                }
+            }
+        }
     }
     eprintln!("serin-demo-service: stopping on signal");
     Ok(())
