@@ -91,6 +91,13 @@ pub enum Phase {
         /// Human explanation, reported with ROLLED_BACK.
         message: String,
     },
+    /// The journal record of a forward step could not be written after `current` was swapped:
+    /// `current` is being pointed back at `from`, the old process never stopped. Never
+    /// restarts anything.
+    Abandoning {
+        /// Why, reported with FAILED / IO_ERROR.
+        message: String,
+    },
     /// `current` points at `from` again; the service is being restarted with it.
     RollbackSwapped {
         /// Why.
@@ -166,6 +173,13 @@ pub enum Input {
         /// Wall-clock time, Unix ms.
         now_ms: u64,
     },
+    /// The driver could not write the journal record of a forward step ([`Phase::Journaled`] or
+    /// [`Phase::Swapped`], see [`Activation::journal_required`]); the step after it must not
+    /// run.
+    JournalFailed {
+        /// The write error.
+        message: String,
+    },
     /// A confirm order for the activated release arrived.
     Confirm {
         /// The confirm order (the CONFIRMED result answers it).
@@ -217,6 +231,9 @@ pub enum Outcome {
     RolledBack,
     /// The new release failed and there was nothing to restore; it stays in place.
     FailedInPlace,
+    /// The activation stopped before the new release ran (its journal could not be written);
+    /// the release that ran before still runs.
+    Abandoned,
 }
 
 /// A transition's result: the next state (`None`: finished) and the commands to execute.
@@ -271,7 +288,19 @@ impl Activation {
                 }
             }
             Phase::RollbackSwapped { .. } => (Some(self), vec![Command::Restart]),
+            Phase::Abandoning { .. } => match self.from.clone() {
+                Some(f) => (Some(self), vec![Command::Swap(f)]),
+                None => (Some(self), vec![]),
+            },
         }
+    }
+
+    /// Whether this phase's journal record must be durable before the next step runs. True for
+    /// the forward steps (swap, restart into the new release); the record of later phases
+    /// (armed, rolling back) only refines what a restarted agent would do, and a rollback to
+    /// the release that ran before goes on even when the disk refuses writes.
+    pub fn journal_required(&self) -> bool {
+        matches!(self.phase, Phase::Journaled | Phase::Swapped)
     }
 
     /// Whether the dead-man switch is armed (the activation awaits health and/or confirm).
@@ -383,6 +412,25 @@ impl Activation {
                     current: self.from.clone(),
                 };
                 (None, vec![report, self.finish(Outcome::RolledBack)])
+            }
+            (Phase::Journaled, Input::JournalFailed { message }) => {
+                let report = self.abandoned_report(&message, self.from.clone());
+                (None, vec![report, self.finish(Outcome::Abandoned)])
+            }
+            (Phase::Swapped, Input::JournalFailed { message }) => match self.from.clone() {
+                Some(from) => {
+                    let mut a = self;
+                    a.phase = Phase::Abandoning { message };
+                    (Some(a), vec![Command::Swap(from)])
+                }
+                None => {
+                    let report = self.abandoned_report(&message, Some(self.to.clone()));
+                    (None, vec![report, self.finish(Outcome::Abandoned)])
+                }
+            },
+            (Phase::Abandoning { message }, Input::Swapped) => {
+                let report = self.abandoned_report(message, self.from.clone());
+                (None, vec![report, self.finish(Outcome::Abandoned)])
             }
             // Anything else is not meaningful in this phase and changes nothing.
             (_, _) => (Some(self), vec![]),
@@ -562,6 +610,20 @@ impl Activation {
 }
 
 impl Activation {
+    fn abandoned_report(&self, message: &str, current: Option<String>) -> Command {
+        Command::Report {
+            order: self.order.clone(),
+            release: self.to.clone(),
+            phase: OrderPhase::Failed,
+            code: ResultCode::IoError,
+            message: format!(
+                "cannot write the activation journal, so release {} was not activated: {message}",
+                self.to
+            ),
+            current,
+        }
+    }
+
     fn finish(&self, outcome: Outcome) -> Command {
         Command::Finish {
             outcome,
@@ -627,6 +689,76 @@ mod tests {
                 detail: "http: 500".into(),
             },
         }
+    }
+
+    fn journal_failed() -> Input {
+        Input::JournalFailed {
+            message: "disk full".into(),
+        }
+    }
+
+    fn is_io_failure(c: &Command, expected_current: Option<&str>) -> bool {
+        matches!(c, Command::Report { phase: OrderPhase::Failed, code: ResultCode::IoError, current, message, .. }
+            if current.as_deref() == expected_current && message.contains("journal"))
+    }
+
+    #[test]
+    fn journal_failure_before_the_swap_abandons_without_touching_anything() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let a = a.unwrap();
+        assert!(a.journal_required());
+        let (next, cmds) = a.step(journal_failed());
+        assert_eq!(next, None);
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        assert!(is_io_failure(&cmds[0], Some("A")), "{cmds:?}");
+        assert!(matches!(
+            &cmds[1],
+            Command::Finish {
+                outcome: Outcome::Abandoned,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn journal_failure_after_the_swap_swaps_back_and_never_restarts() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let a = a.unwrap();
+        assert!(a.journal_required());
+        let (a, cmds) = a.step(journal_failed());
+        assert_eq!(cmds, vec![Command::Swap("A".into())]);
+        let (next, cmds) = a.unwrap().step(Input::Swapped);
+        assert_eq!(next, None);
+        assert!(is_io_failure(&cmds[0], Some("A")), "{cmds:?}");
+        assert!(!cmds.contains(&Command::Restart), "{cmds:?}");
+        assert!(matches!(
+            &cmds[1],
+            Command::Finish {
+                outcome: Outcome::Abandoned,
+                ..
+            }
+        ));
+        // A first activation has nothing to swap back to: it stops, not started.
+        let (a, _) = Activation::begin(order(), None, "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let (next, cmds) = a.unwrap().step(journal_failed());
+        assert_eq!(next, None);
+        assert!(is_io_failure(&cmds[0], Some("B")), "{cmds:?}");
+        assert!(!cmds.contains(&Command::Restart), "{cmds:?}");
+    }
+
+    #[test]
+    fn journal_is_required_only_for_forward_steps() {
+        let a = armed(D);
+        assert!(!a.journal_required());
+        let (a, _) = a.step(obs(2_000, Verdict::Failing, false, 0));
+        let a = a.unwrap();
+        assert!(matches!(a.phase, Phase::RollingBack { .. }));
+        assert!(
+            !a.journal_required(),
+            "a rollback goes on even if the disk refuses writes"
+        );
     }
 
     /// Drives an activation to Armed, started at t=1000.

@@ -924,7 +924,24 @@ impl ServiceTask {
                 Command::Persist => {
                     let phase = self.state.activation.as_ref().map(|a| a.phase.clone());
                     if let Err(e) = self.state_file.save(&self.state) {
-                        tracing::error!(service = self.name(), error = %e, "cannot persist the activation journal");
+                        let required = self
+                            .state
+                            .activation
+                            .as_ref()
+                            .is_some_and(Activation::journal_required);
+                        tracing::error!(service = self.name(), error = %e, stops_activation = required, "cannot persist the activation journal");
+                        if required {
+                            // No step runs unless its journal record is durable.
+                            queue.clear();
+                            if let Some(a) = self.state.activation.take() {
+                                let (next, more) = a.step(activation::Input::JournalFailed {
+                                    message: e.to_string(),
+                                });
+                                self.state.activation = next;
+                                queue.extend(more);
+                            }
+                            continue;
+                        }
                     }
                     match phase {
                         Some(Phase::Journaled) => fault::point("activate-journaled"),
@@ -936,7 +953,7 @@ impl ServiceTask {
                 Command::Swap(id) => {
                     let rolling_back = matches!(
                         self.state.activation.as_ref().map(|a| &a.phase),
-                        Some(Phase::RollingBack { .. })
+                        Some(Phase::RollingBack { .. } | Phase::Abandoning { .. })
                     );
                     match self.store.swap_current(&id) {
                         Ok(()) => {
@@ -1055,7 +1072,7 @@ impl ServiceTask {
             Outcome::RolledBack => {
                 self.state.confirmed = from;
             }
-            Outcome::FailedInPlace => {}
+            Outcome::FailedInPlace | Outcome::Abandoned => {}
         }
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist the end of the activation");
@@ -1159,9 +1176,9 @@ impl ServiceTask {
             (Some(a), _, _) => match a.phase {
                 Phase::Journaled | Phase::Swapped => wire::ServiceState::Activating,
                 Phase::Armed { .. } => wire::ServiceState::AwaitingConfirm,
-                Phase::RollingBack { .. } | Phase::RollbackSwapped { .. } => {
-                    wire::ServiceState::RollingBack
-                }
+                Phase::RollingBack { .. }
+                | Phase::RollbackSwapped { .. }
+                | Phase::Abandoning { .. } => wire::ServiceState::RollingBack,
             },
             (None, Some(_), _) => wire::ServiceState::Staging,
             (None, None, None) => wire::ServiceState::Empty,
