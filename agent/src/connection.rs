@@ -219,6 +219,10 @@ async fn connected(
 
 /// Validates an order and hands it to its service; returns a result to send when it cannot.
 fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wire::OrderResult> {
+    let last_seq = services
+        .get(&o.service)
+        .map(|h| h.inventory.borrow().last_seq)
+        .unwrap_or_default();
     let reject =
         |o: &wire::Order, phase: OrderPhase, code: ResultCode, message: String| wire::OrderResult {
             order_id: o.order_id.clone(),
@@ -228,6 +232,7 @@ fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wi
             phase: phase as i32,
             code: code as i32,
             message,
+            last_seq,
             ..Default::default()
         };
     let Some(handle) = services.get(&o.service) else {

@@ -473,7 +473,10 @@ impl ServiceTask {
     // ---------------------------------------------------------------------------------------
     // Orders
 
-    async fn send(&mut self, result: wire::OrderResult, record: bool) {
+    async fn send(&mut self, mut result: wire::OrderResult, record: bool) {
+        // Every result says how far this agent's sequence is, so a coordinator whose counter
+        // is behind can move past it.
+        result.last_seq = self.state.last_seq;
         if record {
             self.state.record(&result);
             if let Err(e) = self.state_file.save(&self.state) {
@@ -628,13 +631,14 @@ impl ServiceTask {
             cancel.clone(),
         );
         let upstream = self.ctx.upstream.clone();
-        let progress_base = orders::result(
+        let mut progress_base = orders::result(
             &order,
             OrderPhase::Progress,
             ResultCode::Ok,
             "downloading",
             self.store.current().as_deref(),
         );
+        progress_base.last_seq = self.state.last_seq;
         let retry_delay = self.ctx.retry_delay;
         tracing::info!(service = self.name(), release = %release.id, size = release.size, "staging release");
         jobs.spawn(async move {
