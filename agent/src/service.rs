@@ -25,7 +25,7 @@ use crate::fetch::Fetcher;
 use crate::health::{self, HealthMonitor, ProbeResult};
 use crate::metrics::Metrics;
 use crate::orders::{self, Admission};
-use crate::release_store::{FetchOpener, ReleaseStore, StageError, Staged, unix_ms};
+use crate::release_store::{FetchOpener, ReleaseStore, StageError, StagePolicy, Staged, unix_ms};
 use crate::service_manager::{ServiceManager, ServiceStatus};
 use crate::state::{ServiceState, StateFile};
 
@@ -83,8 +83,8 @@ pub struct Context {
     pub upstream: mpsc::Sender<Upstream>,
     /// How often a full health report goes up.
     pub report_interval: Duration,
-    /// Delay between download retries.
-    pub retry_delay: Duration,
+    /// How stages retry and when they give up on a download.
+    pub stage_policy: StagePolicy,
 }
 
 /// Why a service task could not start.
@@ -130,6 +130,8 @@ struct ServiceTask {
     /// The release the last stage-only order put on disk, kept until an activation of it (or a
     /// later stage) so that pruning does not remove what the coordinator is about to activate.
     staged: Option<String>,
+    /// The release whose stage the order being handled cancelled, for its answer.
+    last_preempted: Option<String>,
     inventory: watch::Sender<wire::ServiceInventory>,
     last_verdict: activation::Verdict,
     /// The probes' epoch: which process generation they observe, and whether they run at all.
@@ -180,6 +182,7 @@ pub fn spawn(
         restart_baseline: 0,
         job: None,
         staged: None,
+        last_preempted: None,
         inventory,
         last_verdict: activation::Verdict::Unknown,
         epoch: watch::Sender::new(ProbeEpoch {
@@ -193,6 +196,18 @@ pub fn spawn(
     Ok(ServiceHandle {
         tx,
         inventory: inventory_rx,
+    })
+}
+
+/// The result of a stage task, a panicked task being an I/O failure of the stage.
+fn flatten_stage(
+    done: Result<Result<Staged, StageError>, tokio::task::JoinError>,
+) -> Result<Staged, StageError> {
+    done.unwrap_or_else(|e| {
+        Err(StageError::Io {
+            what: "stage task failed".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
     })
 }
 
@@ -401,11 +416,7 @@ impl ServiceTask {
                     Some(Input::ReportNow) => self.send_health(),
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => {
-                    let result = done.unwrap_or_else(|e| Err(StageError::Io {
-                        what: "stage task failed".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    }));
-                    self.stage_done(result).await;
+                    self.stage_done(flatten_stage(done), None).await;
                 }
                 _ = sleep_until_unix_ms(deadline), if deadline.is_some() => {
                     self.feed(activation::Input::Tick { now_ms: unix_ms() }).await;
@@ -509,7 +520,7 @@ impl ServiceTask {
 
     async fn handle_order(&mut self, order: Order, jobs: &mut JoinSet<Result<Staged, StageError>>) {
         tracing::info!(service = self.name(), seq = order.seq, order = %order.order_id, action = order.action.kind(), "order received");
-        match orders::admit(&self.state, &order, self.job.is_some()) {
+        match orders::admit(&self.state, &order) {
             Admission::Duplicate(results) => {
                 tracing::info!(
                     service = self.name(),
@@ -537,23 +548,6 @@ impl ServiceTask {
                 self.send(r, false).await;
                 return;
             }
-            Admission::Busy => {
-                let what = self
-                    .job
-                    .as_ref()
-                    .map(|j| j.release.id.to_string())
-                    .unwrap_or_default();
-                let current = self.store.current();
-                let r = orders::result(
-                    &order,
-                    OrderPhase::Failed,
-                    ResultCode::Busy,
-                    format!("service {} is busy staging release {what}", self.name()),
-                    current.as_deref(),
-                );
-                self.send(r, false).await;
-                return;
-            }
             Admission::Apply => {}
         }
         // Persist the sequence before acting: a crash now must not apply it twice.
@@ -570,6 +564,18 @@ impl ServiceTask {
             );
             self.send(r, false).await;
             return;
+        }
+        // A newer order that changes what runs or what is staged preempts the stage in
+        // progress: cancel it, wait until its partial download is removed, then act. A confirm
+        // is about the armed activation and leaves the stage alone.
+        if matches!(
+            order.action,
+            OrderAction::Stage { .. }
+                | OrderAction::Activate { .. }
+                | OrderAction::Rollback { .. }
+                | OrderAction::Cancel
+        ) {
+            self.preempt_stage(&order, jobs).await;
         }
         match order.action.clone() {
             OrderAction::Stage { release } => self.start_stage(order, release, None, jobs),
@@ -593,27 +599,34 @@ impl ServiceTask {
                 self.confirm_order(order, release.to_string()).await
             }
             OrderAction::Cancel => {
-                if let Some(job) = &self.job {
-                    job.cancel.cancel();
-                    let id = job.release.id.to_string();
-                    self.reply(
-                        &order,
-                        OrderPhase::Cancelled,
-                        ResultCode::Ok,
-                        format!("staging of release {id} cancelled"),
-                    )
+                let msg = match self.last_preempted.take() {
+                    Some(id) => format!("staging of release {id} cancelled"),
+                    None => "nothing in progress to cancel".to_owned(),
+                };
+                self.reply(&order, OrderPhase::Cancelled, ResultCode::Ok, msg)
                     .await;
-                } else {
-                    self.reply(
-                        &order,
-                        OrderPhase::Cancelled,
-                        ResultCode::Ok,
-                        "nothing in progress to cancel",
-                    )
-                    .await;
-                }
             }
         }
+    }
+
+    /// Cancels the stage in progress, if any, on behalf of `by`; returns once the stage task
+    /// has ended and removed its partial download, after its order was answered CANCELLED.
+    async fn preempt_stage(&mut self, by: &Order, jobs: &mut JoinSet<Result<Staged, StageError>>) {
+        self.last_preempted = None;
+        let Some(job) = &self.job else {
+            return;
+        };
+        tracing::info!(service = self.name(), release = %job.release.id, stage_seq = job.order.seq, by_seq = by.seq, "order preempts the stage in progress");
+        job.cancel.cancel();
+        let id = job.release.id.to_string();
+        let result = match jobs.join_next().await {
+            Some(done) => flatten_stage(done),
+            None => Err(StageError::Cancelled {
+                release: id.clone(),
+            }),
+        };
+        self.stage_done(result, Some(by.seq)).await;
+        self.last_preempted = Some(id);
     }
 
     fn start_stage(
@@ -639,7 +652,7 @@ impl ServiceTask {
             self.store.current().as_deref(),
         );
         progress_base.last_seq = self.state.last_seq;
-        let retry_delay = self.ctx.retry_delay;
+        let policy = self.ctx.stage_policy;
         tracing::info!(service = self.name(), release = %release.id, size = release.size, "staging release");
         jobs.spawn(async move {
             let step = (rel.size / 10).max(1 << 20);
@@ -657,9 +670,7 @@ impl ServiceTask {
                 fetcher: &fetcher,
                 release: &rel,
             };
-            store
-                .stage(&rel, &opener, &progress, &token, retry_delay)
-                .await
+            store.stage(&rel, &opener, &progress, &token, policy).await
         });
         self.job = Some(StageJob {
             order,
@@ -670,10 +681,37 @@ impl ServiceTask {
         self.publish_inventory();
     }
 
-    async fn stage_done(&mut self, result: Result<Staged, StageError>) {
+    /// A stage task ended. `preempted_by`: the sequence of the order that cancelled it; a stage
+    /// that completed anyway stays on disk but is not activated.
+    async fn stage_done(&mut self, result: Result<Staged, StageError>, preempted_by: Option<u64>) {
         let Some(job) = self.job.take() else {
             return;
         };
+        if let Some(by) = preempted_by {
+            let msg = match &result {
+                Ok(_) => {
+                    self.staged = Some(job.release.id.to_string());
+                    format!(
+                        "release {} was staged, but order seq {by} superseded this order",
+                        job.release.id
+                    )
+                }
+                Err(StageError::Cancelled { .. }) => format!(
+                    "staging of release {} cancelled by order seq {by}",
+                    job.release.id
+                ),
+                Err(e) => format!("{e}; order seq {by} superseded this order"),
+            };
+            self.reply(
+                &job.order,
+                OrderPhase::Cancelled,
+                ResultCode::Cancelled,
+                msg,
+            )
+            .await;
+            self.publish_inventory();
+            return;
+        }
         match result {
             Ok(staged) => {
                 let how = match staged {

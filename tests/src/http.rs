@@ -63,7 +63,7 @@ pub fn pid(port: u16) -> anyhow::Result<u32> {
 /// A tiny HTTP server on 127.0.0.1 (port 0) serving fixed bodies by path; stops on drop.
 pub struct ArtifactServer {
     addr: SocketAddr,
-    files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    files: Arc<Mutex<HashMap<String, Served>>>,
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -74,7 +74,7 @@ impl ArtifactServer {
     pub fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the artifact server");
         let addr = listener.local_addr().expect("artifact server address");
-        let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let files: Arc<Mutex<HashMap<String, Served>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -103,10 +103,26 @@ impl ArtifactServer {
 
     /// Serves `body` at `path` (e.g. "/web-2.0"); returns the full URL.
     pub fn put(&self, path: &str, body: Vec<u8>) -> String {
-        self.files
-            .lock()
-            .expect("artifact server lock")
-            .insert(path.to_owned(), body);
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: None,
+            },
+        );
+        self.url(path)
+    }
+
+    /// Serves `body` at `path` slowly: `per` bytes, then a pause of `every`, and so on (the
+    /// headers announce the whole length at once). Returns the full URL.
+    pub fn put_trickle(&self, path: &str, body: Vec<u8>, per: usize, every: Duration) -> String {
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: Some((per.max(1), every)),
+            },
+        );
         self.url(path)
     }
 
@@ -121,9 +137,17 @@ impl ArtifactServer {
     }
 }
 
+/// What the server answers for one path.
+#[derive(Clone)]
+struct Served {
+    body: Vec<u8>,
+    /// Write this many bytes, then pause this long, until done.
+    trickle: Option<(usize, Duration)>,
+}
+
 fn serve_one(
     mut conn: TcpStream,
-    files: &Mutex<HashMap<String, Vec<u8>>>,
+    files: &Mutex<HashMap<String, Served>>,
     requests: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -149,13 +173,23 @@ fn serve_one(
         .get(path)
         .cloned();
     match body {
-        Some(body) => {
+        Some(Served { body, trickle }) => {
             write!(
                 conn,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 body.len()
             )?;
-            conn.write_all(&body)?;
+            match trickle {
+                None => conn.write_all(&body)?,
+                Some((per, every)) => {
+                    // Ends when the client hangs up (the write fails) or the body is out.
+                    for piece in body.chunks(per) {
+                        conn.write_all(piece)?;
+                        conn.flush()?;
+                        std::thread::sleep(every);
+                    }
+                }
+            }
         }
         None => {
             write!(
