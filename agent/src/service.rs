@@ -831,6 +831,27 @@ impl ServiceTask {
             .await;
             return;
         }
+        if self.state.activation.is_none() && current.as_deref() == Some(target.as_str()) {
+            // Already there (the host rolled back by itself, or the order is repeated): a
+            // running service is left alone, a stopped one is started.
+            let running = self
+                .manager
+                .status()
+                .await
+                .map(|s| s.running)
+                .unwrap_or(false);
+            if running {
+                self.state.confirmed = Some(target.clone());
+                if let Err(e) = self.state_file.save(&self.state) {
+                    tracing::warn!(service = self.name(), error = %e, "cannot persist the confirmed release");
+                }
+                let msg =
+                    format!("release {target} is already current and running; nothing restarted");
+                self.reply(&order, OrderPhase::RolledBack, ResultCode::Ok, msg)
+                    .await;
+                return;
+            }
+        }
         if let Some(a) = self.state.activation.take() {
             tracing::info!(service = self.name(), release = %a.to, "rollback order supersedes the activation in progress");
         }
@@ -851,10 +872,15 @@ impl ServiceTask {
         let _ = self.state_file.save(&self.state);
         match self.restart_service().await {
             Ok(()) => {
-                let msg = format!(
-                    "rolled back from {} to release {target}",
-                    current.as_deref().unwrap_or("nothing")
-                );
+                let msg = match current.as_deref() {
+                    Some(c) if c == target => {
+                        format!("release {target} was current but not running; started it")
+                    }
+                    c => format!(
+                        "rolled back from {} to release {target}",
+                        c.unwrap_or("nothing")
+                    ),
+                };
                 self.reply(&order, OrderPhase::RolledBack, ResultCode::Ok, msg)
                     .await;
             }

@@ -394,3 +394,40 @@ fn ordered_rollback_restores_the_previous_release() {
     );
     assert_eq!(fx.agent.version().ok().as_deref(), Some("demo-1.0"));
 }
+
+#[test]
+fn rollback_order_for_the_release_already_running_does_not_restart_it() {
+    let fx = AgentFixture::start("rollback-already-current");
+    fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
+    // The host rolls back by itself (the new release crashes at start)...
+    let bad = DemoRelease::build(Behaviour::healthy("demo-2.0").crashing_at_start());
+    fx.activate(2, &bad, Deadlines::quick().confirm_within(30_000));
+    expect_local_rollback(
+        &fx,
+        2,
+        &[ResultCode::ServiceFailedToStart, ResultCode::Unhealthy],
+    );
+    let pid = fx.agent.service_pid().expect("service pid");
+    // ...then the coordinator's rollback order arrives: nothing to do but say so.
+    fx.send(orders::rollback(3, SERVICE, "demo-1.0"));
+    let r = fx.wait_outcome(3);
+    assert_eq!(
+        (r.phase(), r.code()),
+        (OrderPhase::RolledBack, ResultCode::Ok),
+        "{}\n{}",
+        describe_result(&r),
+        fx.dump()
+    );
+    assert_eq!(r.current_release, "demo-1.0", "{}", describe_result(&r));
+    assert_eq!(
+        fx.agent.service_pid().ok(),
+        Some(pid),
+        "the release already running was restarted by a rollback to itself\n{}",
+        fx.dump()
+    );
+    assert!(
+        !r.message.contains("from demo-1.0"),
+        "{}",
+        describe_result(&r)
+    );
+}
