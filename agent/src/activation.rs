@@ -180,6 +180,14 @@ pub enum Input {
         /// The write error.
         message: String,
     },
+    /// The coordinator is alive and still deciding (a `HoldConfirm` for this activation's
+    /// release): the confirm deadline moves to at least `now_ms + confirm_deadline_ms`.
+    Hold {
+        /// Wall-clock time the hold arrived, Unix ms.
+        now_ms: u64,
+        /// How long from now a confirm may still come.
+        confirm_deadline_ms: u64,
+    },
     /// A confirm order for the activated release arrived.
     Confirm {
         /// The confirm order (the CONFIRMED result answers it).
@@ -371,6 +379,36 @@ impl Activation {
                 },
             ) => self.observe(now_ms, observation),
             (Phase::Armed { .. }, Input::Tick { now_ms }) => self.tick(now_ms),
+            (
+                Phase::Armed { .. },
+                Input::Hold {
+                    now_ms,
+                    confirm_deadline_ms,
+                },
+            ) => {
+                let mut a = self;
+                let mut moved = false;
+                if let Phase::Armed {
+                    confirm_by_unix_ms: Some(by),
+                    ..
+                } = &mut a.phase
+                {
+                    let held = now_ms.saturating_add(confirm_deadline_ms);
+                    if held > *by {
+                        *by = held;
+                        moved = true;
+                    }
+                }
+                // Journaled, so the later deadline holds across an agent restart.
+                (
+                    Some(a),
+                    if moved {
+                        vec![Command::Persist]
+                    } else {
+                        vec![]
+                    },
+                )
+            }
             (Phase::Armed { .. }, Input::Confirm { order }) => {
                 let report = Command::Report {
                     order,
@@ -689,6 +727,76 @@ mod tests {
                 detail: "http: 500".into(),
             },
         }
+    }
+
+    #[test]
+    fn hold_moves_the_confirm_deadline_later_but_never_earlier_or_past_health() {
+        let confirm_by = |a: &Activation| match a.phase {
+            Phase::Armed {
+                confirm_by_unix_ms, ..
+            } => confirm_by_unix_ms,
+            _ => panic!("not armed: {:?}", a.phase),
+        };
+        // Started at 1_000, confirm by 31_000; healthy from 1_500, reported at 3_500.
+        let (a, _) = armed(D).step(healthy(1_500));
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 3_500 });
+        assert!(
+            cmds.iter().any(|c| matches!(
+                c,
+                Command::Report {
+                    phase: OrderPhase::Healthy,
+                    ..
+                }
+            )),
+            "{cmds:?}"
+        );
+        let a = a.unwrap();
+        assert_eq!(confirm_by(&a), Some(31_000));
+        let (a, cmds) = a.step(Input::Hold {
+            now_ms: 20_000,
+            confirm_deadline_ms: 30_000,
+        });
+        let a = a.unwrap();
+        assert_eq!(cmds, vec![Command::Persist]);
+        assert_eq!(confirm_by(&a), Some(50_000));
+        // A shorter hold never brings the deadline closer.
+        let (a, cmds) = a.step(Input::Hold {
+            now_ms: 21_000,
+            confirm_deadline_ms: 1_000,
+        });
+        let a = a.unwrap();
+        assert!(cmds.is_empty());
+        assert_eq!(confirm_by(&a), Some(50_000));
+        // At the old deadline nothing happens; at the new one the switch fires.
+        let (a, cmds) = a.step(Input::Tick { now_ms: 31_000 });
+        let a = a.unwrap();
+        assert!(cmds.is_empty(), "{cmds:?}");
+        let (a, cmds) = a.step(Input::Tick { now_ms: 50_000 });
+        assert!(
+            matches!(
+                a.unwrap().phase,
+                Phase::RollingBack {
+                    cause: RollbackCause::ConfirmTimeout,
+                    ..
+                }
+            ),
+            "{cmds:?}"
+        );
+        // A hold does not save a release failing its checks.
+        let a = armed(D);
+        let (a, _) = a.step(healthy(1_500));
+        let (a, _) = a.unwrap().step(Input::Hold {
+            now_ms: 2_000,
+            confirm_deadline_ms: 60_000,
+        });
+        let (a, _) = a.unwrap().step(obs(2_500, Verdict::Failing, true, 0));
+        assert!(matches!(
+            a.unwrap().phase,
+            Phase::RollingBack {
+                cause: RollbackCause::Unhealthy,
+                ..
+            }
+        ));
     }
 
     fn journal_failed() -> Input {

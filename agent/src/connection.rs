@@ -13,7 +13,7 @@ use serin_proto::wire::agent_service_client::AgentServiceClient;
 use serin_proto::wire::{
     self, OrderPhase, ResultCode, agent_message::Body as Up, coordinator_message::Body as Down,
 };
-use serin_proto::{HostId, Order};
+use serin_proto::{HoldConfirm, HostId, Order};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -185,9 +185,7 @@ async fn connected(
                         return Ended::Lost(e);
                     }
                 }
-                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => {
-                    tracing::debug!(service = %h.service, release = %h.release, "hold not handled yet");
-                }
+                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => route_hold(h, services),
                 Ok(Some(wire::CoordinatorMessage { body: None })) => {}
                 Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
                 Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
@@ -213,6 +211,30 @@ async fn connected(
                     return Ended::Lost(e);
                 }
             }
+        }
+    }
+}
+
+/// Validates a hold and hands it to its service; an invalid one or one for a service this agent
+/// does not manage is logged and dropped (a hold has no answer).
+fn route_hold(h: wire::HoldConfirm, services: &HashMap<String, ServiceHandle>) {
+    let raw_service = h.service.clone();
+    let hold = match HoldConfirm::try_from(h) {
+        Ok(hold) => hold,
+        Err(e) => {
+            tracing::warn!(service = %raw_service, error = %e, "invalid hold ignored");
+            return;
+        }
+    };
+    match services.get(hold.service.as_str()) {
+        Some(handle) => {
+            // A full queue drops it: the coordinator sends holds again while it waits.
+            if handle.tx.try_send(Input::Hold(hold)).is_err() {
+                tracing::warn!(service = %raw_service, "service queue full; hold dropped");
+            }
+        }
+        None => {
+            tracing::warn!(service = %raw_service, "hold for a service this agent does not manage")
         }
     }
 }

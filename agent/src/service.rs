@@ -61,6 +61,9 @@ pub enum Input {
     },
     /// Send a full health report now (e.g. after a reconnect).
     ReportNow,
+    /// The coordinator holds this service's armed activation of a release (it is alive and
+    /// still deciding): keep its dead-man switch from firing for lack of a confirm.
+    Hold(serin_proto::HoldConfirm),
 }
 
 /// Handle to a running service task.
@@ -414,6 +417,7 @@ impl ServiceTask {
                         self.after_health().await;
                     }
                     Some(Input::ReportNow) => self.send_health(),
+                    Some(Input::Hold(hold)) => self.hold(hold).await,
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => {
                     self.stage_done(flatten_stage(done), None).await;
@@ -894,6 +898,27 @@ impl ServiceTask {
                 .await;
             }
         }
+    }
+
+    /// Applies a `HoldConfirm`: an armed activation of that release gets a confirm deadline of
+    /// at least now + the hold's deadline (journaled); a hold for another release, or with no
+    /// activation armed, is ignored. Health failures still revert.
+    async fn hold(&mut self, hold: serin_proto::HoldConfirm) {
+        let matches = self
+            .state
+            .activation
+            .as_ref()
+            .is_some_and(|a| a.is_armed() && a.to == hold.release.as_str());
+        if !matches {
+            tracing::debug!(service = self.name(), release = %hold.release, "hold for no armed activation of that release; ignored");
+            return;
+        }
+        tracing::debug!(service = self.name(), release = %hold.release, confirm_deadline_ms = hold.confirm_deadline.as_millis() as u64, "coordinator holds the activation");
+        self.feed(activation::Input::Hold {
+            now_ms: unix_ms(),
+            confirm_deadline_ms: hold.confirm_deadline.as_millis() as u64,
+        })
+        .await;
     }
 
     async fn confirm_order(&mut self, order: Order, release: String) {

@@ -191,13 +191,34 @@ impl FakeCoordinator {
 
     /// Sends `order` to `host` on its live connection.
     pub fn send_order(&self, host: &str, order: wire::Order) -> anyhow::Result<()> {
+        self.send_message(host, coordinator_message::Body::Order(order))
+    }
+
+    /// Sends a `HoldConfirm` to `host`: keep the armed activation of `release` of `service`
+    /// from reverting for lack of a confirm for `confirm_deadline_ms` more.
+    pub fn send_hold(
+        &self,
+        host: &str,
+        service: &str,
+        release: &str,
+        confirm_deadline_ms: u64,
+    ) -> anyhow::Result<()> {
+        self.send_message(
+            host,
+            coordinator_message::Body::Hold(wire::HoldConfirm {
+                service: service.to_owned(),
+                release: release.to_owned(),
+                confirm_deadline_ms,
+            }),
+        )
+    }
+
+    fn send_message(&self, host: &str, body: coordinator_message::Body) -> anyhow::Result<()> {
         let hosts = lock(&self.shared.hosts);
         let Some((_, tx)) = hosts.get(host).and_then(|h| h.live.as_ref()) else {
             anyhow::bail!("host {host} is not connected to the fake coordinator");
         };
-        let msg = CoordinatorMessage {
-            body: Some(coordinator_message::Body::Order(order)),
-        };
+        let msg = CoordinatorMessage { body: Some(body) };
         tx.send(Ok(msg))
             .map_err(|_| anyhow::anyhow!("connection of host {host} closed"))
     }
