@@ -666,6 +666,7 @@ impl ReleaseStore {
         durable::write_atomic(&tmp.join("release.json"), &json)
             .map_err(io_err(format!("cannot write release.json in {tmp_name}")))?;
         durable::fsync_dir(&tmp).map_err(io_err(format!("cannot fsync {tmp_name}")))?;
+        fault::point("stage-install-prepared");
         let final_dir = self.release_dir(id);
         fs::rename(&tmp, &final_dir).map_err(io_err(format!(
             "cannot move {tmp_name} to {}",

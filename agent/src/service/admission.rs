@@ -8,6 +8,7 @@ use serin_proto::{Order, OrderAction};
 use tokio::task::JoinSet;
 
 use crate::activation::{self, Deadlines, OrderRef};
+use crate::fault;
 use crate::orders::{self, Admission};
 use crate::release_store::{StageError, Staged, unix_ms};
 
@@ -20,7 +21,24 @@ impl ServiceTask {
         jobs: &mut JoinSet<Result<Staged, StageError>>,
     ) {
         tracing::info!(service = self.name(), seq = order.seq, order = %order.order_id, action = order.action.kind(), "order received");
+        let in_progress = self.job.as_ref().is_some_and(|j| j.order.seq == order.seq)
+            || self
+                .state
+                .activation
+                .as_ref()
+                .is_some_and(|a| a.order.seq == order.seq);
         match orders::admit(&self.state, &order) {
+            Admission::Duplicate(results) if results.is_empty() && !in_progress => {
+                // Admitted (its sequence persisted) but never carried out or answered: the agent
+                // died in between. Nothing of it took effect, so it is carried out now.
+                tracing::info!(
+                    service = self.name(),
+                    seq = order.seq,
+                    "order admitted before an agent restart was never answered; carrying it out"
+                );
+                self.act(order, jobs).await;
+                return;
+            }
             Admission::Duplicate(results) => {
                 tracing::info!(
                     service = self.name(),
@@ -65,6 +83,12 @@ impl ServiceTask {
             self.send(r, false).await;
             return;
         }
+        fault::point("order-admitted");
+        self.act(order, jobs).await;
+    }
+
+    /// Carries out an admitted order whose sequence is durable.
+    async fn act(&mut self, order: Order, jobs: &mut JoinSet<Result<Staged, StageError>>) {
         // A newer order that changes what runs or what is staged preempts the stage in
         // progress: cancel it, wait until its partial download is removed, then act. A confirm
         // is about the armed activation and leaves the stage alone.
@@ -170,10 +194,14 @@ impl ServiceTask {
                 .await;
                 return;
             }
+            fault::point("ordered-rollback-swapped");
             self.state.previous = current.clone();
         }
         self.state.confirmed = Some(target.clone());
-        let _ = self.state_file.save(&self.state);
+        if let Err(e) = self.state_file.save(&self.state) {
+            tracing::warn!(service = self.name(), error = %e, "cannot persist the rolled-back release");
+        }
+        fault::point("ordered-rollback-saved");
         match self.restart_service().await {
             Ok(()) => {
                 let msg = match current.as_deref() {

@@ -161,8 +161,20 @@ impl ServiceTask {
                     }
                     match phase {
                         Some(Phase::Journaled) => fault::point("activate-journaled"),
-                        Some(Phase::Armed { .. }) => fault::point("confirm-wait"),
-                        _ => {}
+                        Some(Phase::Swapped) => fault::point("activate-swapped-journaled"),
+                        Some(Phase::Armed {
+                            reported_healthy: false,
+                            ..
+                        }) => fault::point("confirm-wait"),
+                        Some(Phase::Armed {
+                            reported_healthy: true,
+                            ..
+                        }) => fault::point("activate-healthy-journaled"),
+                        Some(Phase::RollingBack { .. }) => fault::point("rollback-journaled"),
+                        Some(Phase::RollbackSwapped { .. }) => {
+                            fault::point("rollback-swapped-journaled")
+                        }
+                        Some(Phase::Abandoning { .. }) | None => {}
                     }
                     None
                 }
@@ -211,9 +223,11 @@ impl ServiceTask {
                     );
                     match self.restart_service().await {
                         Ok(()) => {
-                            if forward {
-                                fault::point("activate-restarted");
-                            }
+                            fault::point(if forward {
+                                "activate-restarted"
+                            } else {
+                                "rollback-restarted"
+                            });
                             Some(activation::Input::Started { now_ms: unix_ms() })
                         }
                         Err(message) => {
@@ -293,6 +307,7 @@ impl ServiceTask {
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist the end of the activation");
         }
+        fault::point("activation-finished");
         // The activation is over and persisted: only now may old releases go.
         self.prune().await;
     }

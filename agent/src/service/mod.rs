@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::activation::{self, Activation};
 use crate::config::ServiceConfig;
+use crate::fault;
 use crate::fetch::Fetcher;
 use crate::health::{HealthMonitor, ProbeResult};
 use crate::metrics::Metrics;
@@ -329,6 +330,7 @@ impl ServiceTask {
             if let Err(e) = self.state_file.save(&self.state) {
                 tracing::error!(service = self.name(), error = %e, "cannot persist order result");
             }
+            fault::point("result-recorded");
         }
         tracing::info!(
             service = self.name(),

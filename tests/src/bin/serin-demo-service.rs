@@ -22,6 +22,14 @@ use serin_tests::demo_release::{self, Behaviour};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// `eprintln!` that never panics: a full disk under the log must not kill the service.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("make-release") {
@@ -109,9 +117,9 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let behaviour = demo_release::read_behaviour(std::path::Path::new("/proc/self/exe"))?;
-    eprintln!("serin-demo-service: starting with {behaviour:?}");
+    say!("serin-demo-service: starting with {behaviour:?}");
     if behaviour.crash_at_start {
-        eprintln!("serin-demo-service: crashing at start as this release is built to");
+        say!("serin-demo-service: crashing at start as this release is built to");
         std::process::exit(1);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -125,7 +133,7 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if let Some(ms) = behaviour.listen_after_ms {
-        eprintln!("serin-demo-service: warming up for {ms} ms before listening");
+        say!("serin-demo-service: warming up for {ms} ms before listening");
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
             _ = term.recv() => return Ok(()),
@@ -145,7 +153,7 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
             Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
         }
     };
-    eprintln!(
+    say!(
         "serin-demo-service: version {} listening on {addr}",
         behaviour.version
     );
@@ -153,7 +161,7 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
         let behaviour = behaviour.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, &behaviour, started).await {
-                eprintln!("serin-demo-service: connection error: {e:#}");
+                say!("serin-demo-service: connection error: {e:#}");
             }
         });
     };
@@ -170,7 +178,7 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     }
     if let Some(ms) = behaviour.slow_stop_ms {
         // A draining service: it goes on answering (new connections too) until it is done.
-        eprintln!("serin-demo-service: draining for {ms} ms on signal as this release is built to");
+        say!("serin-demo-service: draining for {ms} ms on signal as this release is built to");
         let drained = tokio::time::sleep(Duration::from_millis(ms));
         tokio::pin!(drained);
         loop {
@@ -184,7 +192,7 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
             }
         }
     }
-    eprintln!("serin-demo-service: stopping on signal");
+    say!("serin-demo-service: stopping on signal");
     Ok(())
 }
 
