@@ -41,6 +41,8 @@ pub enum ArtifactFault {
     /// Send the artifact up to this many bytes, then hold the stream open (sending nothing)
     /// until the fault is changed or cleared; then send the rest.
     HoldAfter(u64),
+    /// Send the artifact, then go on sending more chunks for ever (an endless source).
+    Endless,
     /// Send `bytes` bytes every `every`, for ever if need be (a trickling source).
     Trickle {
         /// Bytes per message.
@@ -604,6 +606,32 @@ impl agent_service_server::AgentService for Service {
                 end = end.min(usize::try_from(*n).unwrap_or(usize::MAX));
             }
             Some(ArtifactFault::HoldAfter(_)) => {}
+            Some(ArtifactFault::Endless) => {
+                let (tx, rx) = mpsc::channel(2);
+                let start = usize::try_from(req.offset).unwrap_or(usize::MAX);
+                tokio::spawn(async move {
+                    for c in chunks_of(&bytes, start.min(bytes.len()), bytes.len()) {
+                        if tx.send(c).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut at = total_size;
+                    loop {
+                        let chunk = ArtifactChunk {
+                            offset: at,
+                            data: vec![0x42; CHUNK_SIZE],
+                            total_size,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                        at += CHUNK_SIZE as u64;
+                    }
+                });
+                return Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )));
+            }
             Some(ArtifactFault::Trickle { bytes, every }) => pacing = Some((*bytes, *every)),
             None => {}
         }

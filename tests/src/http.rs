@@ -108,6 +108,21 @@ impl ArtifactServer {
             Served {
                 body,
                 trickle: None,
+                cut: None,
+            },
+        );
+        self.url(path)
+    }
+
+    /// Serves `body` at `path` but closes every connection after `after` bytes of it (the
+    /// headers announce the whole length, and a Range is not honoured). Returns the full URL.
+    pub fn put_cut(&self, path: &str, body: Vec<u8>, after: usize) -> String {
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: None,
+                cut: Some(after),
             },
         );
         self.url(path)
@@ -121,6 +136,7 @@ impl ArtifactServer {
             Served {
                 body,
                 trickle: Some((per.max(1), every)),
+                cut: None,
             },
         );
         self.url(path)
@@ -143,6 +159,8 @@ struct Served {
     body: Vec<u8>,
     /// Write this many bytes, then pause this long, until done.
     trickle: Option<(usize, Duration)>,
+    /// Close the connection after this many bytes of the body.
+    cut: Option<usize>,
 }
 
 fn serve_one(
@@ -173,15 +191,21 @@ fn serve_one(
         .get(path)
         .cloned();
     match body {
-        Some(Served { body, trickle }) => {
+        Some(Served { body, trickle, cut }) => {
             write!(
                 conn,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 body.len()
             )?;
-            match trickle {
-                None => conn.write_all(&body)?,
-                Some((per, every)) => {
+            match (trickle, cut) {
+                (_, Some(after)) => {
+                    conn.write_all(&body[..after.min(body.len())])?;
+                    conn.flush()?;
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                (None, None) => conn.write_all(&body)?,
+                (Some((per, every)), None) => {
                     // Ends when the client hangs up (the write fails) or the body is out.
                     for piece in body.chunks(per) {
                         conn.write_all(piece)?;

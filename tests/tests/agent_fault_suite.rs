@@ -14,6 +14,10 @@
 //!   after the disk is fixed succeeds with no repair. Mounting needs root; CI runs as root. Where
 //!   the suite cannot mount, these cases count as violations (never silently skipped) unless
 //!   `SERIN_FAULT_SKIP_ROOT=1` says to skip them, which the summary then shows.
+//! - **source**: the artifact comes from a hostile source — the coordinator's stream or an HTTP
+//!   URL flipping bytes, ending early, stalling without closing, trickling, never ending, or
+//!   refusing: the activation fails with a clear code within the download deadline, nothing is
+//!   activated or left in staging, the release serving is not restarted.
 //! - **slow**: releases that listen only seconds after their start, replacing releases that drain
 //!   for seconds on SIGTERM, for every check kind: never rolled back within the healthy deadline.
 //!
@@ -74,6 +78,7 @@ fn agent_fault_suite() {
     let long = std::env::var_os("SERIN_FAULT_LONG").is_some();
     let mut cases = crash_cases();
     cases.extend(disk_cases());
+    cases.extend(transport_cases());
     cases.extend(slow_cases(long));
     if let Ok(only) = std::env::var("SERIN_FAULT_ONLY") {
         cases.retain(|c| format!("{} {}", c.kind, c.name).contains(&only));
@@ -593,6 +598,120 @@ fn disk_cases() -> Vec<Case> {
             still_works(fx, 3, "demo-3.0");
         }),
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile artifact sources
+
+/// Downloads below 64 KiB/s over a second are abandoned, and any download after 20 s.
+const STRICT_DOWNLOADS: &str =
+    "[download]\nmin_bytes_per_sec = 65536\nrate_window = \"1s\"\ndeadline = \"20s\"\n";
+
+/// How a hostile source misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    /// The coordinator's stream flips a byte.
+    CoordinatorFlipped,
+    /// The coordinator's stream ends early, every time.
+    CoordinatorTruncated,
+    /// The coordinator's stream stops sending without closing.
+    CoordinatorStalled,
+    /// The coordinator's stream trickles a byte every 200 ms.
+    CoordinatorSlow,
+    /// The coordinator's stream goes on after the artifact's end.
+    CoordinatorEndless,
+    /// The coordinator refuses the fetch.
+    CoordinatorUnavailable,
+    /// The HTTP source serves other bytes.
+    HttpFlipped,
+    /// The HTTP source closes every connection mid-body.
+    HttpCut,
+    /// The HTTP source trickles a byte every 200 ms.
+    HttpSlow,
+}
+
+fn transport_cases() -> Vec<Case> {
+    use Hostile::*;
+    [
+        (CoordinatorFlipped, &[ResultCode::HashMismatch][..]),
+        (
+            CoordinatorTruncated,
+            &[ResultCode::SizeMismatch, ResultCode::DownloadFailed][..],
+        ),
+        (CoordinatorStalled, &[ResultCode::DownloadFailed][..]),
+        (CoordinatorSlow, &[ResultCode::DownloadFailed][..]),
+        (CoordinatorEndless, &[ResultCode::SizeMismatch][..]),
+        (CoordinatorUnavailable, &[ResultCode::DownloadFailed][..]),
+        (HttpFlipped, &[ResultCode::HashMismatch][..]),
+        (
+            HttpCut,
+            &[ResultCode::SizeMismatch, ResultCode::DownloadFailed][..],
+        ),
+        (HttpSlow, &[ResultCode::DownloadFailed][..]),
+    ]
+    .into_iter()
+    .map(|(how, codes)| {
+        case("source", format!("{how:?}"), move || {
+            hostile_source(how, codes)
+        })
+    })
+    .collect()
+}
+
+/// An activation whose artifact comes from a hostile source ends with one of `codes` within the
+/// download deadline; nothing is activated or left in staging, and the release serving is not
+/// restarted.
+fn hostile_source(how: Hostile, codes: &[ResultCode]) {
+    let mut opts = AgentOptions::new(&format!("hostile-{how:?}"));
+    opts.extra_top_toml = STRICT_DOWNLOADS.to_owned();
+    let fx = AgentFixture::start_with(opts);
+    fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
+    let pid = fx.agent.service_pid().expect("service pid");
+    let v2 = DemoRelease::healthy("demo-2.0");
+    let server = serin_tests::http::ArtifactServer::start();
+    let url = match how {
+        Hostile::HttpFlipped => {
+            let mut evil = v2.bytes.clone();
+            evil[v2.bytes.len() / 3] ^= 0xff;
+            server.put("/demo-2.0", evil)
+        }
+        Hostile::HttpCut => server.put_cut("/demo-2.0", v2.bytes.clone(), v2.bytes.len() / 2),
+        Hostile::HttpSlow => {
+            server.put_trickle("/demo-2.0", v2.bytes.clone(), 1, Duration::from_millis(200))
+        }
+        _ => {
+            fx.publish(&v2);
+            let fault = match how {
+                Hostile::CoordinatorFlipped => ArtifactFault::WrongBytes,
+                Hostile::CoordinatorTruncated => ArtifactFault::TruncateAfter(v2.size / 2),
+                Hostile::CoordinatorStalled => ArtifactFault::HoldAfter(1 << 20),
+                Hostile::CoordinatorSlow => ArtifactFault::Trickle {
+                    bytes: 1,
+                    every: Duration::from_millis(200),
+                },
+                Hostile::CoordinatorEndless => ArtifactFault::Endless,
+                _ => ArtifactFault::Fail,
+            };
+            fx.coord.set_fault(&v2.sha256, Some(fault));
+            String::new()
+        }
+    };
+    let sent = Instant::now();
+    fx.send(orders::activate(
+        2,
+        v2.wire(SERVICE, &url),
+        Deadlines::quick(),
+    ));
+    refused_cleanly(&fx, 2, codes, pid);
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(25),
+        "the download took {took:?}, past its 20 s deadline\n{}",
+        fx.dump()
+    );
+    assert!(!fx.agent.releases().contains(&v2.id), "{}", fx.dump());
+    fx.coord.set_fault(&v2.sha256, None);
+    still_works(&fx, 3, "demo-3.0");
 }
 
 // ---------------------------------------------------------------------------------------------
