@@ -17,7 +17,8 @@
 //! - **source**: the artifact comes from a hostile source — the coordinator's stream or an HTTP
 //!   URL flipping bytes, ending early, stalling without closing, trickling, never ending, or
 //!   refusing: the activation fails with a clear code within the download deadline, nothing is
-//!   activated or left in staging, the release serving is not restarted.
+//!   activated or left in staging, the release serving is not restarted, and the agent's peak
+//!   memory stays below 256 MiB.
 //! - **slow**: releases that listen only seconds after their start, replacing releases that drain
 //!   for seconds on SIGTERM, for every check kind: never rolled back within the healthy deadline.
 //!
@@ -710,8 +711,26 @@ fn hostile_source(how: Hostile, codes: &[ResultCode]) {
         fx.dump()
     );
     assert!(!fx.agent.releases().contains(&v2.id), "{}", fx.dump());
+    // Memory stayed bounded: a hostile source cannot make the agent buffer the artifact, let
+    // alone an endless one (the agent streams chunks to disk; its peak is a few tens of MiB).
+    let peak = peak_rss_kib(fx.agent.pid().expect("agent pid"));
+    eprintln!("fault suite: source {how:?}: agent peak RSS {peak:?} KiB");
+    assert!(
+        peak.is_some_and(|kib| kib < 256 * 1024),
+        "agent peak RSS {peak:?} KiB, expected below 256 MiB\n{}",
+        fx.dump()
+    );
     fx.coord.set_fault(&v2.sha256, None);
     still_works(&fx, 3, "demo-3.0");
+}
+
+/// The peak resident set size of process `pid` (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------------
