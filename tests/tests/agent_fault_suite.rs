@@ -9,7 +9,8 @@
 //!   it is started again, the coordinator re-sends the order (as it does after a reconnect), and
 //!   the invariants are checked; then a fresh activation must succeed.
 //! - **disk**: the agent's state directory is a small tmpfs, full before staging, full during the
-//!   download, full when an activation begins (its first durable write), or read-only: the order
+//!   download, full when an activation begins (its first durable write), full exactly at the
+//!   activation's journal write, or read-only: the order
 //!   fails with a clear code, the current release keeps serving without a restart, and a retry
 //!   after the disk is fixed succeeds with no repair. Mounting needs root; CI runs as root. Where
 //!   the suite cannot mount, these cases count as violations (never silently skipped) unless
@@ -377,6 +378,21 @@ fn crash_and_recover(point: &str, via: Via) {
 
 const SKIPPED: &str = "SKIPPED:";
 
+/// The page size tmpfs allocates in.
+const PAGE: u64 = 4096;
+
+/// Sizes of the files in the agent's `staging/`.
+fn part_sizes(fx: &AgentFixture) -> Vec<u64> {
+    let dir = fx.agent.service_dir().join("staging");
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A tmpfs of `size_mib` MiB mounted on `dir`, unmounted (lazily) on drop.
 struct SmallFs {
     dir: PathBuf,
@@ -427,6 +443,19 @@ impl SmallFs {
         while f.write_all(&small).is_ok() {}
         let _ = f.sync_all();
         path
+    }
+
+    /// Fills the filesystem, then frees `pages` pages of it again.
+    fn fill_but(&self, pages: u64) {
+        let path = self.fill();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("opening the filler");
+        let len = f.metadata().expect("filler size").len();
+        // Down to a page boundary, then `pages` pages less.
+        f.set_len((len / PAGE).saturating_sub(pages) * PAGE)
+            .expect("shrinking the filler");
     }
 
     fn free(&self) {
@@ -575,6 +604,42 @@ fn disk_cases() -> Vec<Case> {
             fs.free();
             // The retry needs no repair: the staged release is still there.
             still_works(fx, 4, "demo-2.0");
+        }),
+        case("disk", "full at the journal write", || {
+            // The download is held just before its end, with its last page already written;
+            // the disk is filled but for one page, which the release's `release.json` takes
+            // when the download ends. The next durable write is the activation's journal.
+            let DiskFixture { fx, fs } = &disk_fixture("disk-full-at-journal");
+            let pid = fx.agent.service_pid().expect("service pid");
+            let v2 = DemoRelease::healthy("demo-2.0");
+            fx.publish(&v2);
+            let hold_at = (v2.size - 1) / PAGE * PAGE + 1;
+            fx.coord
+                .set_fault(&v2.sha256, Some(ArtifactFault::HoldAfter(hold_at)));
+            fx.send(orders::activate(
+                2,
+                v2.wire(SERVICE, ""),
+                Deadlines::quick(),
+            ));
+            wait::wait_for(
+                "the download to reach the hold",
+                Duration::from_secs(20),
+                &|| format!("staging: {:?}\n{}", part_sizes(fx), fx.dump()),
+                || part_sizes(fx).iter().any(|n| *n >= hold_at),
+            );
+            fs.fill_but(1);
+            fx.coord.set_fault(&v2.sha256, None);
+            refused_cleanly(fx, 2, &[ResultCode::IoError], pid);
+            let r = fx.wait_outcome(2);
+            assert!(
+                r.message.contains("journal"),
+                "the failure should be the journal write: {}\n{}",
+                describe_result(&r),
+                fx.dump()
+            );
+            fs.free();
+            // The release was installed before the journal failed: the retry needs no download.
+            still_works(fx, 3, "demo-2.0");
         }),
         case("disk", "read-only state directory", || {
             let DiskFixture { fx, fs } = &disk_fixture("disk-read-only");
