@@ -15,6 +15,7 @@ use crate::release_store::{StageError, Staged, unix_ms};
 use super::ServiceTask;
 
 impl ServiceTask {
+    /// Admits an order (duplicate, stale or new), persists a new sequence, then carries it out.
     pub(super) async fn handle_order(
         &mut self,
         order: Order,
@@ -133,6 +134,8 @@ impl ServiceTask {
         }
     }
 
+    /// Points `current` at the rollback target (`to`, else the previous release) and restarts,
+    /// superseding an activation in flight; the release already current and running is left alone.
     pub(super) async fn rollback_order(&mut self, order: Order, to: Option<String>) {
         let current = self.store.current();
         let target = to.or_else(|| self.state.previous.clone());
@@ -249,6 +252,7 @@ impl ServiceTask {
         .await;
     }
 
+    /// Confirms the armed activation of `release`, or says why there is nothing to confirm.
     pub(super) async fn confirm_order(&mut self, order: Order, release: String) {
         match &self.state.activation {
             Some(a) if a.to == release && a.is_armed() => {

@@ -17,6 +17,8 @@ use crate::state::ServiceState;
 use super::ServiceTask;
 
 impl ServiceTask {
+    /// Activates `release`: at once if it is on disk and verified, else after staging it; an
+    /// activation already in flight refuses it as busy.
     pub(super) async fn activate_order(
         &mut self,
         order: Order,
@@ -59,6 +61,7 @@ impl ServiceTask {
         }
     }
 
+    /// Starts the activation machine for `to` (journal first, then swap).
     pub(super) async fn begin_activation(
         &mut self,
         order: &Order,
@@ -123,6 +126,7 @@ impl ServiceTask {
         r
     }
 
+    /// Steps the activation in flight with `input` and executes what it says.
     pub(super) async fn feed(&mut self, input: activation::Input) {
         let Some(a) = self.state.activation.take() else {
             return;
@@ -264,6 +268,7 @@ impl ServiceTask {
         self.publish_inventory();
     }
 
+    /// Sends (and records) a result for the activation's order.
     pub(super) async fn report_for(
         &mut self,
         order: &OrderRef,
@@ -289,6 +294,7 @@ impl ServiceTask {
         self.send(r, true).await;
     }
 
+    /// Ends the activation: clears the journal, records previous/confirmed, then prunes.
     pub(super) async fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
         tracing::info!(service = self.name(), release = %to, outcome = ?outcome, "activation finished");
         self.state.activation = None;

@@ -9,6 +9,7 @@ use crate::state::ServiceState;
 use super::ServiceTask;
 
 impl ServiceTask {
+    /// Publishes the service's inventory if it changed.
     pub(super) fn publish_inventory(&mut self) {
         let current = self.store.current();
         let kept = self.store.list().into_iter().map(|m| m.id).collect();

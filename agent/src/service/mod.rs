@@ -364,6 +364,7 @@ mod test_support {
     use crate::activation::{Activation, Deadlines, OrderRef, Phase};
     use crate::state::ServiceState;
 
+    /// A journal entry from `from` to `to` in `phase`.
     pub(super) fn journal(from: Option<&str>, to: &str, phase: Phase) -> Activation {
         Activation {
             order: OrderRef {
@@ -382,6 +383,7 @@ mod test_support {
         }
     }
 
+    /// A state with `previous` and the journal `activation`.
     pub(super) fn state(previous: Option<&str>, activation: Option<Activation>) -> ServiceState {
         ServiceState {
             previous: previous.map(str::to_string),

@@ -173,10 +173,12 @@ impl ServiceTask {
         });
     }
 
+    /// The current process generation.
     pub(super) fn generation(&self) -> u64 {
         self.epoch.borrow().generation
     }
 
+    /// Feeds the service manager's status into the process check and the `restarts` checks.
     pub(super) fn record_status(&mut self, status: ServiceStatus) {
         let restarts = status.restarts.saturating_sub(self.restart_baseline);
         let detail = if status.running {
@@ -201,6 +203,7 @@ impl ServiceTask {
         self.last_status = status;
     }
 
+    /// After a new health observation: reports a changed verdict and feeds the armed activation.
     pub(super) async fn after_health(&mut self) {
         let verdict = self.monitor.verdict();
         if verdict != self.last_verdict {
@@ -240,6 +243,7 @@ impl ServiceTask {
         }
     }
 
+    /// Queues a full health report (dropped if the queue is full: only the latest matters).
     pub(super) fn send_health(&mut self) {
         let restarts = self
             .last_status

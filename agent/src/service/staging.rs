@@ -59,6 +59,7 @@ impl ServiceTask {
         self.last_preempted = Some(id);
     }
 
+    /// Spawns the stage task for `release`; `activate`: begin the activation once it is staged.
     pub(super) fn start_stage(
         &mut self,
         order: Order,
