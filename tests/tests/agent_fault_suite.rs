@@ -506,6 +506,7 @@ impl Drop for SmallFs {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
                 .arg(&self.dir)
+                .stderr(std::process::Stdio::null())
                 .status();
         }
     }
