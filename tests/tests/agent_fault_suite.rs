@@ -172,7 +172,11 @@ fn agent_fault_suite() {
             skipped.len()
         );
     }
-    eprintln!("{summary}");
+    // Straight to stderr, past the test harness's capture: CI logs show the table on success too.
+    {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(summary.as_bytes());
+    }
     let violations: Vec<String> = outcomes
         .into_iter()
         .filter_map(|(kind, name, r, _)| match r {
