@@ -91,6 +91,13 @@ pub enum Phase {
         /// Human explanation, reported with ROLLED_BACK.
         message: String,
     },
+    /// The journal record of a forward step could not be written after `current` was swapped:
+    /// `current` is being pointed back at `from`, the old process never stopped. Never
+    /// restarts anything.
+    Abandoning {
+        /// Why, reported with FAILED / IO_ERROR.
+        message: String,
+    },
     /// `current` points at `from` again; the service is being restarted with it.
     RollbackSwapped {
         /// Why.
@@ -166,6 +173,21 @@ pub enum Input {
         /// Wall-clock time, Unix ms.
         now_ms: u64,
     },
+    /// The driver could not write the journal record of a forward step ([`Phase::Journaled`] or
+    /// [`Phase::Swapped`], see [`Activation::journal_required`]); the step after it must not
+    /// run.
+    JournalFailed {
+        /// The write error.
+        message: String,
+    },
+    /// The coordinator is alive and still deciding (a `HoldConfirm` for this activation's
+    /// release): the confirm deadline moves to at least `now_ms + confirm_deadline_ms`.
+    Hold {
+        /// Wall-clock time the hold arrived, Unix ms.
+        now_ms: u64,
+        /// How long from now a confirm may still come.
+        confirm_deadline_ms: u64,
+    },
     /// A confirm order for the activated release arrived.
     Confirm {
         /// The confirm order (the CONFIRMED result answers it).
@@ -217,6 +239,9 @@ pub enum Outcome {
     RolledBack,
     /// The new release failed and there was nothing to restore; it stays in place.
     FailedInPlace,
+    /// The activation stopped before the new release ran (its journal could not be written);
+    /// the release that ran before still runs.
+    Abandoned,
 }
 
 /// A transition's result: the next state (`None`: finished) and the commands to execute.
@@ -271,7 +296,19 @@ impl Activation {
                 }
             }
             Phase::RollbackSwapped { .. } => (Some(self), vec![Command::Restart]),
+            Phase::Abandoning { .. } => match self.from.clone() {
+                Some(f) => (Some(self), vec![Command::Swap(f)]),
+                None => (Some(self), vec![]),
+            },
         }
+    }
+
+    /// Whether this phase's journal record must be durable before the next step runs. True for
+    /// the forward steps (swap, restart into the new release); the record of later phases
+    /// (armed, rolling back) only refines what a restarted agent would do, and a rollback to
+    /// the release that ran before goes on even when the disk refuses writes.
+    pub fn journal_required(&self) -> bool {
+        matches!(self.phase, Phase::Journaled | Phase::Swapped)
     }
 
     /// Whether the dead-man switch is armed (the activation awaits health and/or confirm).
@@ -342,6 +379,36 @@ impl Activation {
                 },
             ) => self.observe(now_ms, observation),
             (Phase::Armed { .. }, Input::Tick { now_ms }) => self.tick(now_ms),
+            (
+                Phase::Armed { .. },
+                Input::Hold {
+                    now_ms,
+                    confirm_deadline_ms,
+                },
+            ) => {
+                let mut a = self;
+                let mut moved = false;
+                if let Phase::Armed {
+                    confirm_by_unix_ms: Some(by),
+                    ..
+                } = &mut a.phase
+                {
+                    let held = now_ms.saturating_add(confirm_deadline_ms);
+                    if held > *by {
+                        *by = held;
+                        moved = true;
+                    }
+                }
+                // Journaled, so the later deadline holds across an agent restart.
+                (
+                    Some(a),
+                    if moved {
+                        vec![Command::Persist]
+                    } else {
+                        vec![]
+                    },
+                )
+            }
             (Phase::Armed { .. }, Input::Confirm { order }) => {
                 let report = Command::Report {
                     order,
@@ -383,6 +450,25 @@ impl Activation {
                     current: self.from.clone(),
                 };
                 (None, vec![report, self.finish(Outcome::RolledBack)])
+            }
+            (Phase::Journaled, Input::JournalFailed { message }) => {
+                let report = self.abandoned_report(&message, self.from.clone());
+                (None, vec![report, self.finish(Outcome::Abandoned)])
+            }
+            (Phase::Swapped, Input::JournalFailed { message }) => match self.from.clone() {
+                Some(from) => {
+                    let mut a = self;
+                    a.phase = Phase::Abandoning { message };
+                    (Some(a), vec![Command::Swap(from)])
+                }
+                None => {
+                    let report = self.abandoned_report(&message, Some(self.to.clone()));
+                    (None, vec![report, self.finish(Outcome::Abandoned)])
+                }
+            },
+            (Phase::Abandoning { message }, Input::Swapped) => {
+                let report = self.abandoned_report(message, self.from.clone());
+                (None, vec![report, self.finish(Outcome::Abandoned)])
             }
             // Anything else is not meaningful in this phase and changes nothing.
             (_, _) => (Some(self), vec![]),
@@ -562,6 +648,20 @@ impl Activation {
 }
 
 impl Activation {
+    fn abandoned_report(&self, message: &str, current: Option<String>) -> Command {
+        Command::Report {
+            order: self.order.clone(),
+            release: self.to.clone(),
+            phase: OrderPhase::Failed,
+            code: ResultCode::IoError,
+            message: format!(
+                "cannot write the activation journal, so release {} was not activated: {message}",
+                self.to
+            ),
+            current,
+        }
+    }
+
     fn finish(&self, outcome: Outcome) -> Command {
         Command::Finish {
             outcome,
@@ -627,6 +727,146 @@ mod tests {
                 detail: "http: 500".into(),
             },
         }
+    }
+
+    #[test]
+    fn hold_moves_the_confirm_deadline_later_but_never_earlier_or_past_health() {
+        let confirm_by = |a: &Activation| match a.phase {
+            Phase::Armed {
+                confirm_by_unix_ms, ..
+            } => confirm_by_unix_ms,
+            _ => panic!("not armed: {:?}", a.phase),
+        };
+        // Started at 1_000, confirm by 31_000; healthy from 1_500, reported at 3_500.
+        let (a, _) = armed(D).step(healthy(1_500));
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 3_500 });
+        assert!(
+            cmds.iter().any(|c| matches!(
+                c,
+                Command::Report {
+                    phase: OrderPhase::Healthy,
+                    ..
+                }
+            )),
+            "{cmds:?}"
+        );
+        let a = a.unwrap();
+        assert_eq!(confirm_by(&a), Some(31_000));
+        let (a, cmds) = a.step(Input::Hold {
+            now_ms: 20_000,
+            confirm_deadline_ms: 30_000,
+        });
+        let a = a.unwrap();
+        assert_eq!(cmds, vec![Command::Persist]);
+        assert_eq!(confirm_by(&a), Some(50_000));
+        // A shorter hold never brings the deadline closer.
+        let (a, cmds) = a.step(Input::Hold {
+            now_ms: 21_000,
+            confirm_deadline_ms: 1_000,
+        });
+        let a = a.unwrap();
+        assert!(cmds.is_empty());
+        assert_eq!(confirm_by(&a), Some(50_000));
+        // At the old deadline nothing happens; at the new one the switch fires.
+        let (a, cmds) = a.step(Input::Tick { now_ms: 31_000 });
+        let a = a.unwrap();
+        assert!(cmds.is_empty(), "{cmds:?}");
+        let (a, cmds) = a.step(Input::Tick { now_ms: 50_000 });
+        assert!(
+            matches!(
+                a.unwrap().phase,
+                Phase::RollingBack {
+                    cause: RollbackCause::ConfirmTimeout,
+                    ..
+                }
+            ),
+            "{cmds:?}"
+        );
+        // A hold does not save a release failing its checks.
+        let a = armed(D);
+        let (a, _) = a.step(healthy(1_500));
+        let (a, _) = a.unwrap().step(Input::Hold {
+            now_ms: 2_000,
+            confirm_deadline_ms: 60_000,
+        });
+        let (a, _) = a.unwrap().step(obs(2_500, Verdict::Failing, true, 0));
+        assert!(matches!(
+            a.unwrap().phase,
+            Phase::RollingBack {
+                cause: RollbackCause::Unhealthy,
+                ..
+            }
+        ));
+    }
+
+    fn journal_failed() -> Input {
+        Input::JournalFailed {
+            message: "disk full".into(),
+        }
+    }
+
+    fn is_io_failure(c: &Command, expected_current: Option<&str>) -> bool {
+        matches!(c, Command::Report { phase: OrderPhase::Failed, code: ResultCode::IoError, current, message, .. }
+            if current.as_deref() == expected_current && message.contains("journal"))
+    }
+
+    #[test]
+    fn journal_failure_before_the_swap_abandons_without_touching_anything() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let a = a.unwrap();
+        assert!(a.journal_required());
+        let (next, cmds) = a.step(journal_failed());
+        assert_eq!(next, None);
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        assert!(is_io_failure(&cmds[0], Some("A")), "{cmds:?}");
+        assert!(matches!(
+            &cmds[1],
+            Command::Finish {
+                outcome: Outcome::Abandoned,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn journal_failure_after_the_swap_swaps_back_and_never_restarts() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let a = a.unwrap();
+        assert!(a.journal_required());
+        let (a, cmds) = a.step(journal_failed());
+        assert_eq!(cmds, vec![Command::Swap("A".into())]);
+        let (next, cmds) = a.unwrap().step(Input::Swapped);
+        assert_eq!(next, None);
+        assert!(is_io_failure(&cmds[0], Some("A")), "{cmds:?}");
+        assert!(!cmds.contains(&Command::Restart), "{cmds:?}");
+        assert!(matches!(
+            &cmds[1],
+            Command::Finish {
+                outcome: Outcome::Abandoned,
+                ..
+            }
+        ));
+        // A first activation has nothing to swap back to: it stops, not started.
+        let (a, _) = Activation::begin(order(), None, "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let (next, cmds) = a.unwrap().step(journal_failed());
+        assert_eq!(next, None);
+        assert!(is_io_failure(&cmds[0], Some("B")), "{cmds:?}");
+        assert!(!cmds.contains(&Command::Restart), "{cmds:?}");
+    }
+
+    #[test]
+    fn journal_is_required_only_for_forward_steps() {
+        let a = armed(D);
+        assert!(!a.journal_required());
+        let (a, _) = a.step(obs(2_000, Verdict::Failing, false, 0));
+        let a = a.unwrap();
+        assert!(matches!(a.phase, Phase::RollingBack { .. }));
+        assert!(
+            !a.journal_required(),
+            "a rollback goes on even if the disk refuses writes"
+        );
     }
 
     /// Drives an activation to Armed, started at t=1000.

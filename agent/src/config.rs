@@ -38,8 +38,33 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// Labels the host announces.
     pub labels: BTreeMap<String, String>,
+    /// Limits on artifact downloads (`[download]`).
+    pub download: DownloadLimits,
     /// The managed services.
     pub services: Vec<ServiceConfig>,
+}
+
+/// How slow or long an artifact download may be before it is abandoned (`[download]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadLimits {
+    /// `min_bytes_per_sec`: fewer bytes than this rate over a whole `rate_window` abandon the
+    /// download as stalled. Default 16384 (16 KiB/s).
+    pub min_bytes_per_sec: u64,
+    /// `rate_window`: the window the minimum rate is measured over. Default 60 s.
+    pub rate_window: Duration,
+    /// `deadline`: a download (with its retries) that has not finished after this long is
+    /// abandoned. Default 1 h.
+    pub deadline: Duration,
+}
+
+impl Default for DownloadLimits {
+    fn default() -> Self {
+        DownloadLimits {
+            min_bytes_per_sec: 16 * 1024,
+            rate_window: Duration::from_secs(60),
+            deadline: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// One managed service.
@@ -193,6 +218,8 @@ struct RawConfig {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
+    download: RawDownload,
+    #[serde(default)]
     service: Vec<RawService>,
 }
 
@@ -332,6 +359,36 @@ impl RawTrafficKeys {
 }
 
 // --- end of the traffic block ---
+
+#[derive(Debug, Deserialize)]
+struct RawDownload {
+    #[serde(default = "default_min_bytes_per_sec")]
+    min_bytes_per_sec: i64,
+    #[serde(default = "default_rate_window")]
+    rate_window: String,
+    #[serde(default = "default_download_deadline")]
+    deadline: String,
+}
+
+impl Default for RawDownload {
+    fn default() -> Self {
+        RawDownload {
+            min_bytes_per_sec: default_min_bytes_per_sec(),
+            rate_window: default_rate_window(),
+            deadline: default_download_deadline(),
+        }
+    }
+}
+
+fn default_min_bytes_per_sec() -> i64 {
+    DownloadLimits::default().min_bytes_per_sec as i64
+}
+fn default_rate_window() -> String {
+    humantime::format_duration(DownloadLimits::default().rate_window).to_string()
+}
+fn default_download_deadline() -> String {
+    humantime::format_duration(DownloadLimits::default().deadline).to_string()
+}
 
 #[derive(Debug, Deserialize)]
 struct RawService {
@@ -569,6 +626,24 @@ impl RawConfig {
                 p.push(e.field, e.problem);
             }
         }
+        let min_bytes_per_sec = match u64::try_from(self.download.min_bytes_per_sec) {
+            Ok(v) => v,
+            Err(_) => {
+                p.push(
+                    "download.min_bytes_per_sec",
+                    format!(
+                        "{} must be a whole number of bytes per second, 0 or more",
+                        self.download.min_bytes_per_sec
+                    ),
+                );
+                0
+            }
+        };
+        let download = DownloadLimits {
+            min_bytes_per_sec,
+            rate_window: p.duration("download.rate_window", &self.download.rate_window),
+            deadline: p.duration("download.deadline", &self.download.deadline),
+        };
         let mut services = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.service.into_iter().enumerate() {
@@ -595,6 +670,7 @@ impl RawConfig {
             reconnect_initial,
             reconnect_max,
             labels: self.labels,
+            download,
             services,
         })
     }
@@ -900,6 +976,44 @@ address = "127.0.0.1:18080"
         assert_eq!(s.checks[1].name, "port");
         assert!(
             matches!(&s.run, RunConfig::Process { args, env } if args.len() == 2 && env["FOO"] == "bar")
+        );
+    }
+
+    #[test]
+    fn download_limits_have_documented_defaults_and_are_checked() {
+        let c = Config::parse(GOOD).unwrap().config;
+        assert_eq!(
+            c.download,
+            DownloadLimits {
+                min_bytes_per_sec: 16 * 1024,
+                rate_window: Duration::from_secs(60),
+                deadline: Duration::from_secs(3600),
+            }
+        );
+        let text = GOOD.replace(
+            "[labels]",
+            "[download]\nmin_bytes_per_sec = 1000\nrate_window = \"5s\"\ndeadline = \"10m\"\n\n[labels]",
+        );
+        let c = Config::parse(&text).unwrap().config;
+        assert_eq!(c.download.min_bytes_per_sec, 1000);
+        assert_eq!(c.download.rate_window, Duration::from_secs(5));
+        assert_eq!(c.download.deadline, Duration::from_secs(600));
+        let text = GOOD.replace(
+            "[labels]",
+            "[download]\nmin_bytes_per_sec = -1\ndeadline = \"never\"\n\n[labels]",
+        );
+        let problems = Config::parse(&text).unwrap_err().problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("download.min_bytes_per_sec: -1")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("download.deadline: \"never\"")),
+            "{problems:?}"
         );
     }
 

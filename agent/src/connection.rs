@@ -13,7 +13,7 @@ use serin_proto::wire::agent_service_client::AgentServiceClient;
 use serin_proto::wire::{
     self, OrderPhase, ResultCode, agent_message::Body as Up, coordinator_message::Body as Down,
 };
-use serin_proto::{HostId, Order};
+use serin_proto::{HoldConfirm, HostId, Order};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -192,9 +192,7 @@ async fn connected(
                         return Ended::Lost(e);
                     }
                 }
-                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => {
-                    tracing::debug!(service = %h.service, release = %h.release, "hold not handled yet");
-                }
+                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => route_hold(h, services),
                 Ok(Some(wire::CoordinatorMessage { body: None })) => {}
                 Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
                 Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
@@ -225,8 +223,36 @@ async fn connected(
     }
 }
 
+/// Validates a hold and hands it to its service; an invalid one or one for a service this agent
+/// does not manage is logged and dropped (a hold has no answer).
+fn route_hold(h: wire::HoldConfirm, services: &HashMap<String, ServiceHandle>) {
+    let raw_service = h.service.clone();
+    let hold = match HoldConfirm::try_from(h) {
+        Ok(hold) => hold,
+        Err(e) => {
+            tracing::warn!(service = %raw_service, error = %e, "invalid hold ignored");
+            return;
+        }
+    };
+    match services.get(hold.service.as_str()) {
+        Some(handle) => {
+            // A full queue drops it: the coordinator sends holds again while it waits.
+            if handle.tx.try_send(Input::Hold(hold)).is_err() {
+                tracing::warn!(service = %raw_service, "service queue full; hold dropped");
+            }
+        }
+        None => {
+            tracing::warn!(service = %raw_service, "hold for a service this agent does not manage")
+        }
+    }
+}
+
 /// Validates an order and hands it to its service; returns a result to send when it cannot.
 fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wire::OrderResult> {
+    let last_seq = services
+        .get(&o.service)
+        .map(|h| h.inventory.borrow().last_seq)
+        .unwrap_or_default();
     let reject =
         |o: &wire::Order, phase: OrderPhase, code: ResultCode, message: String| wire::OrderResult {
             order_id: o.order_id.clone(),
@@ -236,6 +262,7 @@ fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wi
             phase: phase as i32,
             code: code as i32,
             message,
+            last_seq,
             ..Default::default()
         };
     let Some(handle) = services.get(&o.service) else {

@@ -292,7 +292,7 @@ mod tests {
                 &opener,
                 &|_| {},
                 &CancellationToken::new(),
-                Duration::from_millis(1),
+                crate::release_store::tests::policy(Duration::from_millis(1)),
             )
             .await
     }

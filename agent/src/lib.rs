@@ -225,7 +225,10 @@ pub async fn run_with(
             metrics: metrics.clone(),
             upstream: up_tx.clone(),
             report_interval: config.report_interval,
-            retry_delay: Duration::from_millis(200),
+            stage_policy: release_store::StagePolicy {
+                retry_delay: Duration::from_millis(200),
+                limits: config.download,
+            },
         };
         let handle = match service::spawn(
             svc.clone(),

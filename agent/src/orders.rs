@@ -1,7 +1,8 @@
 //! Order admission: each sequence number is applied at most once per service.
 //!
 //! A repeated sequence gets the results stored for it again, a lower one is rejected as stale,
-//! and a new order while another is in progress fails as busy (except cancel and confirm).
+//! and a newer one is applied even while a stage is in progress (the service task lets it
+//! preempt the stage).
 
 use serin_proto::wire::{self, OrderPhase, ResultCode};
 use serin_proto::{Order, OrderAction};
@@ -20,12 +21,11 @@ pub enum Admission {
         /// The last applied sequence.
         last_seq: u64,
     },
-    /// Another order is in progress.
-    Busy,
 }
 
-/// Decides what to do with `order` given the durable state and whether a job is in progress.
-pub fn admit(state: &ServiceState, order: &Order, busy: bool) -> Admission {
+/// Decides what to do with `order` given the durable state. A stage in progress does not make
+/// a newer order wait: the service task lets it preempt the stage.
+pub fn admit(state: &ServiceState, order: &Order) -> Admission {
     if order.seq == state.last_seq {
         return Admission::Duplicate(state.results_for(order.seq));
     }
@@ -33,14 +33,6 @@ pub fn admit(state: &ServiceState, order: &Order, busy: bool) -> Admission {
         return Admission::Stale {
             last_seq: state.last_seq,
         };
-    }
-    if busy
-        && !matches!(
-            order.action,
-            OrderAction::Cancel | OrderAction::Confirm { .. }
-        )
-    {
-        return Admission::Busy;
     }
     Admission::Apply
 }
@@ -113,25 +105,18 @@ mod tests {
         );
         s.record(&r);
         assert_eq!(
-            admit(&s, &order(5, confirm.clone()), false),
+            admit(&s, &order(5, confirm.clone())),
             Admission::Duplicate(vec![r])
         );
         assert_eq!(
-            admit(&s, &order(4, confirm.clone()), false),
+            admit(&s, &order(4, confirm.clone())),
             Admission::Stale { last_seq: 5 }
         );
+        assert_eq!(admit(&s, &order(6, confirm.clone())), Admission::Apply);
         assert_eq!(
-            admit(&s, &order(6, confirm.clone()), false),
+            admit(&s, &order(6, OrderAction::Rollback { to: None })),
             Admission::Apply
         );
-        assert_eq!(
-            admit(&s, &order(6, OrderAction::Rollback { to: None }), true),
-            Admission::Busy
-        );
-        assert_eq!(
-            admit(&s, &order(6, OrderAction::Cancel), true),
-            Admission::Apply
-        );
-        assert_eq!(admit(&s, &order(6, confirm), true), Admission::Apply);
+        assert_eq!(admit(&s, &order(6, OrderAction::Cancel)), Admission::Apply);
     }
 }

@@ -10,6 +10,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ use serin_proto::{Release, ReleaseId, ServiceName};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::DownloadLimits;
 use crate::durable;
 use crate::fault;
 use crate::fetch::{Download, Fetcher};
@@ -26,6 +28,15 @@ use crate::fetch::{Download, Fetcher};
 const SPACE_MARGIN: u64 = 16 << 20;
 /// How many times a short or broken download is resumed before giving up.
 const DOWNLOAD_ATTEMPTS: u32 = 5;
+
+/// How a stage retries and when it gives up on a download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagePolicy {
+    /// Pause before the n-th retry of a broken download: n × this.
+    pub retry_delay: Duration,
+    /// Minimum rate and overall deadline.
+    pub limits: DownloadLimits,
+}
 
 /// `release.json`: what was verified about an installed release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +136,52 @@ impl StageError {
             StageError::Cancelled { .. } => ResultCode::Cancelled,
             StageError::Io { .. } => ResultCode::IoError,
         }
+    }
+}
+
+/// Ends with the error that abandons a download which is too slow: fewer than
+/// `min_bytes_per_sec` over a whole `rate_window` (measured in consecutive windows), or not
+/// finished by the overall `deadline`. Never ends while the download keeps within both.
+async fn watch_download(
+    release: &str,
+    size: u64,
+    received: &AtomicU64,
+    limits: DownloadLimits,
+) -> StageError {
+    let started = tokio::time::Instant::now();
+    let deadline = started + limits.deadline;
+    let mut window_start = started;
+    let mut at_window_start = received.load(Ordering::Relaxed);
+    loop {
+        let window_end = window_start + limits.rate_window;
+        if deadline <= window_end {
+            tokio::time::sleep_until(deadline).await;
+            let done = received.load(Ordering::Relaxed);
+            return StageError::Download {
+                release: release.into(),
+                reason: format!(
+                    "not finished within the download deadline of {} ({done} of {size} bytes)",
+                    humantime::format_duration(limits.deadline)
+                ),
+            };
+        }
+        tokio::time::sleep_until(window_end).await;
+        let done = received.load(Ordering::Relaxed);
+        let got = done.saturating_sub(at_window_start);
+        let need = (limits.min_bytes_per_sec as f64 * limits.rate_window.as_secs_f64()) as u64;
+        if got < need {
+            return StageError::Download {
+                release: release.into(),
+                reason: format!(
+                    "too slow: {got} bytes in the last {}, below the minimum of {} bytes/s \
+                     ({done} of {size} bytes)",
+                    humantime::format_duration(limits.rate_window),
+                    limits.min_bytes_per_sec
+                ),
+            };
+        }
+        window_start = window_end;
+        at_window_start = done;
     }
 }
 
@@ -370,7 +427,7 @@ impl ReleaseStore {
         opener: &O,
         progress: &(dyn Fn(u64) + Sync),
         cancel: &CancellationToken,
-        retry_delay: Duration,
+        policy: StagePolicy,
     ) -> Result<Staged, StageError> {
         let id = release.id.as_str();
         let sha = release.sha256.to_hex();
@@ -401,7 +458,7 @@ impl ReleaseStore {
             });
         }
         let result = self
-            .download_and_install(release, &part_path, opener, progress, cancel, retry_delay)
+            .download_and_install(release, &part_path, opener, progress, cancel, policy)
             .await;
         if result.is_err() {
             // A failed stage leaves nothing behind; resuming happens within one stage.
@@ -418,8 +475,12 @@ impl ReleaseStore {
         opener: &O,
         progress: &(dyn Fn(u64) + Sync),
         cancel: &CancellationToken,
-        retry_delay: Duration,
+        policy: StagePolicy,
     ) -> Result<Staged, StageError> {
+        let StagePolicy {
+            retry_delay,
+            limits,
+        } = policy;
         let id = release.id.as_str();
         let part_name = part_path.display().to_string();
         let mut file = fs::OpenOptions::new()
@@ -447,80 +508,95 @@ impl ReleaseStore {
             .await?;
             tracing::info!(service = %self.service, release = id, offset, "resuming partial download");
         }
-        let mut attempt = 0;
-        let mut last_problem = String::new();
-        let mut short = false;
-        while offset < release.size {
-            if attempt >= DOWNLOAD_ATTEMPTS {
-                return Err(if short {
-                    StageError::SizeMismatch {
-                        release: id.into(),
-                        expected: release.size,
-                        got: format!("the source ended after {offset} bytes"),
-                    }
-                } else {
-                    StageError::Download {
-                        release: id.into(),
-                        reason: format!("{last_problem} (after {DOWNLOAD_ATTEMPTS} attempts)"),
-                    }
-                });
-            }
-            if attempt > 0 {
-                tokio::select! {
-                    // A cancelled stage never completes, even when data is ready too.
-                    biased;
-                    _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
-                    _ = tokio::time::sleep(retry_delay * attempt) => {}
-                }
-            }
-            attempt += 1;
-            let mut source = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
-                s = opener.open(offset) => match s {
-                    Ok(s) => s,
-                    Err(e) => {
-                        short = false;
-                        last_problem = e;
-                        continue;
-                    }
-                },
-            };
-            loop {
-                let chunk = tokio::select! {
-                    // A cancelled stage never completes, even when data is ready too.
-                    biased;
-                    _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
-                    c = source.next_chunk() => c,
-                };
-                match chunk {
-                    Ok(Some(data)) => {
-                        if offset + data.len() as u64 > release.size {
-                            return Err(StageError::SizeMismatch {
-                                release: id.into(),
-                                expected: release.size,
-                                got: format!("the source sent more than {} bytes", release.size),
-                            });
+        let received = AtomicU64::new(offset);
+        let download = async {
+            let mut attempt = 0;
+            let mut last_problem = String::new();
+            let mut short = false;
+            while offset < release.size {
+                if attempt >= DOWNLOAD_ATTEMPTS {
+                    return Err(if short {
+                        StageError::SizeMismatch {
+                            release: id.into(),
+                            expected: release.size,
+                            got: format!("the source ended after {offset} bytes"),
                         }
-                        file.write_all(&data)
-                            .map_err(io_err(format!("cannot write {part_name}")))?;
-                        hasher.update(&data);
-                        offset += data.len() as u64;
-                        progress(offset);
+                    } else {
+                        StageError::Download {
+                            release: id.into(),
+                            reason: format!("{last_problem} (after {DOWNLOAD_ATTEMPTS} attempts)"),
+                        }
+                    });
+                }
+                if attempt > 0 {
+                    tokio::select! {
+                        // A cancelled stage never completes, even when data is ready too.
+                        biased;
+                        _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                        _ = tokio::time::sleep(retry_delay * attempt) => {}
                     }
-                    Ok(None) => {
-                        short = offset < release.size;
-                        last_problem =
-                            format!("the source ended after {offset} of {} bytes", release.size);
-                        break;
-                    }
-                    Err(e) => {
-                        short = false;
-                        last_problem = e;
-                        break;
+                }
+                attempt += 1;
+                let mut source = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                    s = opener.open(offset) => match s {
+                        Ok(s) => s,
+                        Err(e) => {
+                            short = false;
+                            last_problem = e;
+                            continue;
+                        }
+                    },
+                };
+                loop {
+                    let chunk = tokio::select! {
+                        // A cancelled stage never completes, even when data is ready too.
+                        biased;
+                        _ = cancel.cancelled() => return Err(StageError::Cancelled { release: id.into() }),
+                        c = source.next_chunk() => c,
+                    };
+                    match chunk {
+                        Ok(Some(data)) => {
+                            if offset + data.len() as u64 > release.size {
+                                return Err(StageError::SizeMismatch {
+                                    release: id.into(),
+                                    expected: release.size,
+                                    got: format!(
+                                        "the source sent more than {} bytes",
+                                        release.size
+                                    ),
+                                });
+                            }
+                            file.write_all(&data)
+                                .map_err(io_err(format!("cannot write {part_name}")))?;
+                            hasher.update(&data);
+                            offset += data.len() as u64;
+                            received.store(offset, Ordering::Relaxed);
+                            progress(offset);
+                        }
+                        Ok(None) => {
+                            short = offset < release.size;
+                            last_problem = format!(
+                                "the source ended after {offset} of {} bytes",
+                                release.size
+                            );
+                            break;
+                        }
+                        Err(e) => {
+                            short = false;
+                            last_problem = e;
+                            break;
+                        }
                     }
                 }
             }
+            Ok(())
+        };
+        tokio::select! {
+            biased;
+            r = download => r?,
+            e = watch_download(id, release.size, &received, limits) => return Err(e),
         }
         // Fsyncing a large file and installing it block for a while: keep them off the runtime
         // so the coordinator stream and the other services are not stalled.
@@ -590,6 +666,7 @@ impl ReleaseStore {
         durable::write_atomic(&tmp.join("release.json"), &json)
             .map_err(io_err(format!("cannot write release.json in {tmp_name}")))?;
         durable::fsync_dir(&tmp).map_err(io_err(format!("cannot fsync {tmp_name}")))?;
+        fault::point("stage-install-prepared");
         let final_dir = self.release_dir(id);
         fs::rename(&tmp, &final_dir).map_err(io_err(format!(
             "cannot move {tmp_name} to {}",
@@ -667,15 +744,121 @@ pub(crate) mod tests {
         ReleaseStore::open(dir, &ServiceName::new("web").unwrap(), "web").unwrap()
     }
 
+    pub(crate) fn policy(retry_delay: Duration) -> StagePolicy {
+        StagePolicy {
+            retry_delay,
+            limits: DownloadLimits::default(),
+        }
+    }
+
     async fn stage(s: &ReleaseStore, r: &Release, o: &VecOpener) -> Result<Staged, StageError> {
         s.stage(
             r,
             o,
             &|_| {},
             &CancellationToken::new(),
-            Duration::from_millis(1),
+            policy(Duration::from_millis(1)),
         )
         .await
+    }
+
+    /// Serves `data` `per` bytes at a time, pausing `every` before each piece.
+    struct TrickleOpener {
+        data: Vec<u8>,
+        per: usize,
+        every: Duration,
+    }
+
+    struct TrickleSource {
+        rest: Vec<u8>,
+        per: usize,
+        every: Duration,
+    }
+
+    impl ChunkSource for TrickleSource {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+            if self.rest.is_empty() {
+                return Ok(None);
+            }
+            tokio::time::sleep(self.every).await;
+            let n = self.per.min(self.rest.len());
+            Ok(Some(self.rest.drain(..n).collect()))
+        }
+    }
+
+    impl Opener for TrickleOpener {
+        type Source = TrickleSource;
+        async fn open(&self, offset: u64) -> Result<TrickleSource, String> {
+            Ok(TrickleSource {
+                rest: self.data[offset as usize..].to_vec(),
+                per: self.per,
+                every: self.every,
+            })
+        }
+    }
+
+    async fn stage_trickle(
+        s: &ReleaseStore,
+        data: &[u8],
+        per: usize,
+        every: Duration,
+        limits: DownloadLimits,
+    ) -> Result<Staged, StageError> {
+        let r = release_for(data, "web-1", data.len() as u64);
+        let opener = TrickleOpener {
+            data: data.to_vec(),
+            per,
+            every,
+        };
+        let policy = StagePolicy {
+            retry_delay: Duration::from_millis(1),
+            limits,
+        };
+        s.stage(&r, &opener, &|_| {}, &CancellationToken::new(), policy)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_trickling_download_below_the_minimum_rate_is_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = vec![7u8; 10_000];
+        let limits = DownloadLimits {
+            min_bytes_per_sec: 1_000,
+            rate_window: Duration::from_millis(200),
+            deadline: Duration::from_secs(3600),
+        };
+        // 1 byte every 20 ms: about 10 bytes per 200 ms window, far below 200.
+        let e = stage_trickle(&s, &data, 1, Duration::from_millis(20), limits)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ResultCode::DownloadFailed, "{e}");
+        assert!(e.to_string().contains("too slow"), "{e}");
+        assert!(staging_is_empty(&s), "a .part is left in staging");
+        assert!(s.list().is_empty());
+        // Fast enough (about 10 kB/s): installed, even though it takes several windows.
+        let data = vec![8u8; 6_000];
+        let ok = stage_trickle(&s, &data, 100, Duration::from_millis(10), limits).await;
+        assert_eq!(ok.unwrap(), Staged::Installed);
+    }
+
+    #[tokio::test]
+    async fn a_download_past_its_deadline_is_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = vec![7u8; 100_000];
+        let limits = DownloadLimits {
+            min_bytes_per_sec: 10,
+            rate_window: Duration::from_millis(100),
+            deadline: Duration::from_millis(500),
+        };
+        // 100 kB/s is above the minimum rate, but 1 s of it is past the 0.5 s deadline.
+        let e = stage_trickle(&s, &data, 1_000, Duration::from_millis(10), limits)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ResultCode::DownloadFailed, "{e}");
+        assert!(e.to_string().contains("deadline"), "{e}");
+        assert!(staging_is_empty(&s), "a .part is left in staging");
     }
 
     fn staging_is_empty(s: &ReleaseStore) -> bool {
@@ -818,7 +1001,7 @@ pub(crate) mod tests {
                 &VecOpener::new(b"abc"),
                 &|_| {},
                 &cancel,
-                Duration::ZERO,
+                policy(Duration::ZERO),
             )
             .await
             .unwrap_err();

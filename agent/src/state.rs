@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serin_proto::wire;
+use serin_proto::{MAX_ORDER_SEQ, wire};
 
 use crate::activation::Activation;
 use crate::durable;
@@ -120,6 +120,23 @@ impl ServiceState {
         }
     }
 
+    /// A `last_seq` beyond [`MAX_ORDER_SEQ`] can only have been left by an older agent that
+    /// accepted such an order; no valid order could follow it. It is brought back to the highest
+    /// valid sequence among the stored results (0 if none), and results beyond the limit are
+    /// dropped. Returns what was changed, if anything.
+    pub fn repair_last_seq(&mut self) -> Option<SeqRepair> {
+        if self.last_seq <= MAX_ORDER_SEQ {
+            return None;
+        }
+        let poisoned = self.last_seq;
+        self.results.retain(|r| r.seq <= MAX_ORDER_SEQ);
+        self.last_seq = self.results.iter().map(|r| r.seq).max().unwrap_or(0);
+        Some(SeqRepair {
+            poisoned,
+            now: self.last_seq,
+        })
+    }
+
     /// The stored results of order `seq`, oldest first.
     pub fn results_for(&self, seq: u64) -> Vec<wire::OrderResult> {
         self.results
@@ -128,6 +145,15 @@ impl ServiceState {
             .map(wire::OrderResult::from)
             .collect()
     }
+}
+
+/// A repair of a poisoned `last_seq` ([`ServiceState::repair_last_seq`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRepair {
+    /// The sequence found.
+    pub poisoned: u64,
+    /// The sequence now.
+    pub now: u64,
 }
 
 /// Why the state file could not be used.
@@ -192,10 +218,22 @@ impl StateFile {
             });
         }
         // Version 1 is the first; later versions migrate forward here.
-        Ok(ServiceState {
+        let mut state = ServiceState {
             version: STATE_VERSION,
             ..state
-        })
+        };
+        if let Some(repaired) = state.repair_last_seq() {
+            tracing::warn!(
+                path = %self.path.display(),
+                poisoned = repaired.poisoned,
+                repaired = repaired.now,
+                "last applied order sequence is beyond the wire's limit (left by an older agent); repaired it"
+            );
+            if let Err(e) = self.save(&state) {
+                tracing::warn!(error = %e, "cannot persist the repaired order sequence; repairing again at the next start");
+            }
+        }
+        Ok(state)
     }
 
     /// Writes the state durably.
@@ -254,6 +292,43 @@ mod tests {
         assert_eq!(back.results.len(), KEPT_RESULTS);
         assert_eq!(back.results_for(99)[0].message, "m99");
         assert!(back.results_for(1).is_empty());
+    }
+
+    #[test]
+    fn poisoned_last_seq_is_repaired_at_load_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        let mut s = ServiceState {
+            last_seq: u64::MAX,
+            ..Default::default()
+        };
+        for seq in [3, 9, u64::MAX] {
+            s.record(&wire::OrderResult {
+                seq,
+                ..Default::default()
+            });
+        }
+        file.save(&s).unwrap();
+        let back = file.load().unwrap();
+        assert_eq!(back.last_seq, 9);
+        assert_eq!(back.results.len(), 2);
+        let raw: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+        assert_eq!(raw["last_seq"], 9, "the repair is persisted");
+        // A sane sequence is left alone; nothing at all gives 0.
+        let mut ok = ServiceState {
+            last_seq: MAX_ORDER_SEQ,
+            ..Default::default()
+        };
+        assert_eq!(ok.repair_last_seq(), None);
+        ok.last_seq = MAX_ORDER_SEQ + 1;
+        assert_eq!(
+            ok.repair_last_seq(),
+            Some(SeqRepair {
+                poisoned: MAX_ORDER_SEQ + 1,
+                now: 0
+            })
+        );
     }
 
     #[test]

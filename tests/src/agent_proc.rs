@@ -28,8 +28,37 @@ use crate::{binaries, http, wait};
 /// Name of the service every test agent manages.
 pub const SERVICE: &str = "demo";
 
-/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+/// A free TCP port on 127.0.0.1 for a service to listen on later, never the same one twice in
+/// this process.
+///
+/// It is taken below the kernel's ephemeral range (`ip_local_port_range`): a port from that range
+/// that is free now can become the local port of any outgoing connection on the machine before
+/// the service binds it (seen: two demo services unable to bind for seconds while a fleet
+/// simulator ran next to the tests). Below the range only explicit binds compete.
 pub fn free_port() -> u16 {
+    use std::collections::HashSet;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let span = u32::from(high - low);
+    // Start somewhere that differs between test processes, then walk.
+    let start = (std::process::id().wrapping_mul(7919) % span) as u16;
+    let mut given = lock(&GIVEN);
+    let given = given.get_or_insert_with(HashSet::new);
+    for i in 0..span {
+        let port = low + ((u32::from(start) + i * 37) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    // Everything below the ephemeral range is taken: fall back to the kernel's choice.
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

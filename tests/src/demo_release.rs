@@ -8,7 +8,7 @@
 //!
 //! The ELF loader ignores the bytes after the image, so every release runs the same code but has
 //! its own sha256 and behaviour (version string, crash at start, unhealthy after a delay, slow
-//! health answers). The demo service reads the trailer from `/proc/self/exe` at start;
+//! health answers, slow start, slow stop). The demo service reads the trailer from `/proc/self/exe` at start;
 //! [`DemoRelease::build`] makes releases for tests by running `serin-demo-service make-release`.
 
 use std::path::Path;
@@ -37,9 +37,14 @@ pub struct Behaviour {
     /// Sleep this many milliseconds before answering `GET /healthz`.
     #[serde(default)]
     pub slow_health_ms: Option<u64>,
-    /// On SIGTERM, keep running this many milliseconds before exiting (a slow shutdown).
+    /// On SIGTERM, keep serving (new connections too) this many milliseconds before exiting: a
+    /// service draining slowly.
     #[serde(default)]
     pub slow_stop_ms: Option<u64>,
+    /// Wait this many milliseconds after start before listening (a slow starter: a JVM, a
+    /// service warming its cache).
+    #[serde(default)]
+    pub listen_after_ms: Option<u64>,
 }
 
 impl Behaviour {
@@ -51,6 +56,7 @@ impl Behaviour {
             unhealthy_after_secs: None,
             slow_health_ms: None,
             slow_stop_ms: None,
+            listen_after_ms: None,
         }
     }
 
@@ -74,6 +80,12 @@ impl Behaviour {
     /// The same behaviour, taking `ms` milliseconds to exit after SIGTERM.
     pub fn slow_stop(mut self, ms: u64) -> Self {
         self.slow_stop_ms = Some(ms);
+        self
+    }
+
+    /// The same behaviour, listening only `ms` milliseconds after start.
+    pub fn listen_after(mut self, ms: u64) -> Self {
+        self.listen_after_ms = Some(ms);
         self
     }
 
@@ -182,6 +194,9 @@ impl DemoRelease {
         }
         if let Some(ms) = behaviour.slow_stop_ms {
             cmd.arg("--slow-stop-ms").arg(ms.to_string());
+        }
+        if let Some(ms) = behaviour.listen_after_ms {
+            cmd.arg("--listen-after-ms").arg(ms.to_string());
         }
         let output = cmd
             .output()

@@ -38,6 +38,18 @@ pub enum ArtifactFault {
     TruncateAfter(u64),
     /// Answer every fetch with `UNAVAILABLE`.
     Fail,
+    /// Send the artifact up to this many bytes, then hold the stream open (sending nothing)
+    /// until the fault is changed or cleared; then send the rest.
+    HoldAfter(u64),
+    /// Send the artifact, then go on sending more chunks for ever (an endless source).
+    Endless,
+    /// Send `bytes` bytes every `every`, for ever if need be (a trickling source).
+    Trickle {
+        /// Bytes per message.
+        bytes: usize,
+        /// Pause between messages.
+        every: Duration,
+    },
 }
 
 /// One message an agent sent, as recorded.
@@ -80,6 +92,8 @@ struct Shared {
     /// Protocol violations seen (e.g. a first message that is not a Hello).
     errors: Mutex<Vec<String>>,
     heartbeat_interval_ms: AtomicU32,
+    /// Notified whenever a fault changes (releases [`ArtifactFault::HoldAfter`]).
+    faults_changed: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +178,7 @@ impl FakeCoordinator {
             Some(f) => faults.insert(sha256.to_owned(), f),
             None => faults.remove(sha256),
         };
+        self.shared.faults_changed.notify_waiters();
     }
 
     /// Every `FetchArtifact` call so far.
@@ -178,13 +193,34 @@ impl FakeCoordinator {
 
     /// Sends `order` to `host` on its live connection.
     pub fn send_order(&self, host: &str, order: wire::Order) -> anyhow::Result<()> {
+        self.send_message(host, coordinator_message::Body::Order(order))
+    }
+
+    /// Sends a `HoldConfirm` to `host`: keep the armed activation of `release` of `service`
+    /// from reverting for lack of a confirm for `confirm_deadline_ms` more.
+    pub fn send_hold(
+        &self,
+        host: &str,
+        service: &str,
+        release: &str,
+        confirm_deadline_ms: u64,
+    ) -> anyhow::Result<()> {
+        self.send_message(
+            host,
+            coordinator_message::Body::Hold(wire::HoldConfirm {
+                service: service.to_owned(),
+                release: release.to_owned(),
+                confirm_deadline_ms,
+            }),
+        )
+    }
+
+    fn send_message(&self, host: &str, body: coordinator_message::Body) -> anyhow::Result<()> {
         let hosts = lock(&self.shared.hosts);
         let Some((_, tx)) = hosts.get(host).and_then(|h| h.live.as_ref()) else {
             anyhow::bail!("host {host} is not connected to the fake coordinator");
         };
-        let msg = CoordinatorMessage {
-            body: Some(coordinator_message::Body::Order(order)),
-        };
+        let msg = CoordinatorMessage { body: Some(body) };
         tx.send(Ok(msg))
             .map_err(|_| anyhow::anyhow!("connection of host {host} closed"))
     }
@@ -554,7 +590,9 @@ impl agent_service_server::AgentService for Service {
         };
         let total_size = bytes.len() as u64;
         let mut end = bytes.len();
-        match lock(&self.shared.faults).get(&req.sha256) {
+        let fault = lock(&self.shared.faults).get(&req.sha256).cloned();
+        let mut pacing = None;
+        match &fault {
             Some(ArtifactFault::Fail) => {
                 return Err(Status::unavailable(
                     "injected fault: artifact store unavailable",
@@ -567,6 +605,34 @@ impl agent_service_server::AgentService for Service {
             Some(ArtifactFault::TruncateAfter(n)) => {
                 end = end.min(usize::try_from(*n).unwrap_or(usize::MAX));
             }
+            Some(ArtifactFault::HoldAfter(_)) => {}
+            Some(ArtifactFault::Endless) => {
+                let (tx, rx) = mpsc::channel(2);
+                let start = usize::try_from(req.offset).unwrap_or(usize::MAX);
+                tokio::spawn(async move {
+                    for c in chunks_of(&bytes, start.min(bytes.len()), bytes.len()) {
+                        if tx.send(c).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut at = total_size;
+                    loop {
+                        let chunk = ArtifactChunk {
+                            offset: at,
+                            data: vec![0x42; CHUNK_SIZE],
+                            total_size,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                        at += CHUNK_SIZE as u64;
+                    }
+                });
+                return Ok(Response::new(Box::pin(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )));
+            }
+            Some(ArtifactFault::Trickle { bytes, every }) => pacing = Some((*bytes, *every)),
             None => {}
         }
         let offset = usize::try_from(req.offset).unwrap_or(usize::MAX);
@@ -575,17 +641,98 @@ impl agent_service_server::AgentService for Service {
                 "offset {offset} is beyond the artifact's {total_size} bytes"
             )));
         }
-        let mut chunks = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let to = (at + CHUNK_SIZE).min(end);
-            chunks.push(Ok(ArtifactChunk {
-                offset: at as u64,
-                data: bytes[at..to].to_vec(),
-                total_size,
-            }));
-            at = to;
+        if let Some(ArtifactFault::HoldAfter(n)) = fault {
+            return Ok(Response::new(self.held_stream(
+                req.sha256,
+                bytes,
+                offset,
+                usize::try_from(n).unwrap_or(usize::MAX),
+            )));
         }
+        if let Some((per, every)) = pacing {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let mut at = offset;
+                while at < end {
+                    let to = (at + per.max(1)).min(end);
+                    let chunk = ArtifactChunk {
+                        offset: at as u64,
+                        data: bytes[at..to].to_vec(),
+                        total_size,
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                    at = to;
+                    tokio::time::sleep(every).await;
+                }
+            });
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
+        let chunks = chunks_of(&bytes, offset, end);
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+/// The chunks of `bytes[offset..end]`.
+fn chunks_of(bytes: &[u8], offset: usize, end: usize) -> Vec<Result<ArtifactChunk, Status>> {
+    let mut chunks = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let to = (at + CHUNK_SIZE).min(end);
+        chunks.push(Ok(ArtifactChunk {
+            offset: at as u64,
+            data: bytes[at..to].to_vec(),
+            total_size: bytes.len() as u64,
+        }));
+        at = to;
+    }
+    chunks
+}
+
+impl Service {
+    /// A stream of `bytes` from `offset` that stops after `hold` bytes until the fault of
+    /// `sha256` is no longer that hold, then sends the rest.
+    fn held_stream(
+        &self,
+        sha256: String,
+        bytes: Vec<u8>,
+        offset: usize,
+        hold: usize,
+    ) -> ChunkStream {
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let hold = hold.clamp(offset, bytes.len());
+            for c in chunks_of(&bytes, offset, hold) {
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let changed = shared.faults_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let held = matches!(
+                    lock(&shared.faults).get(&sha256),
+                    Some(ArtifactFault::HoldAfter(_))
+                );
+                if !held {
+                    break;
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tx.closed() => return,
+                }
+            }
+            for c in chunks_of(&bytes, hold, bytes.len()) {
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }

@@ -63,7 +63,7 @@ pub fn pid(port: u16) -> anyhow::Result<u32> {
 /// A tiny HTTP server on 127.0.0.1 (port 0) serving fixed bodies by path; stops on drop.
 pub struct ArtifactServer {
     addr: SocketAddr,
-    files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    files: Arc<Mutex<HashMap<String, Served>>>,
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -74,7 +74,7 @@ impl ArtifactServer {
     pub fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding the artifact server");
         let addr = listener.local_addr().expect("artifact server address");
-        let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let files: Arc<Mutex<HashMap<String, Served>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -103,10 +103,42 @@ impl ArtifactServer {
 
     /// Serves `body` at `path` (e.g. "/web-2.0"); returns the full URL.
     pub fn put(&self, path: &str, body: Vec<u8>) -> String {
-        self.files
-            .lock()
-            .expect("artifact server lock")
-            .insert(path.to_owned(), body);
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: None,
+                cut: None,
+            },
+        );
+        self.url(path)
+    }
+
+    /// Serves `body` at `path` but closes every connection after `after` bytes of it (the
+    /// headers announce the whole length, and a Range is not honoured). Returns the full URL.
+    pub fn put_cut(&self, path: &str, body: Vec<u8>, after: usize) -> String {
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: None,
+                cut: Some(after),
+            },
+        );
+        self.url(path)
+    }
+
+    /// Serves `body` at `path` slowly: `per` bytes, then a pause of `every`, and so on (the
+    /// headers announce the whole length at once). Returns the full URL.
+    pub fn put_trickle(&self, path: &str, body: Vec<u8>, per: usize, every: Duration) -> String {
+        self.files.lock().expect("artifact server lock").insert(
+            path.to_owned(),
+            Served {
+                body,
+                trickle: Some((per.max(1), every)),
+                cut: None,
+            },
+        );
         self.url(path)
     }
 
@@ -121,9 +153,19 @@ impl ArtifactServer {
     }
 }
 
+/// What the server answers for one path.
+#[derive(Clone)]
+struct Served {
+    body: Vec<u8>,
+    /// Write this many bytes, then pause this long, until done.
+    trickle: Option<(usize, Duration)>,
+    /// Close the connection after this many bytes of the body.
+    cut: Option<usize>,
+}
+
 fn serve_one(
     mut conn: TcpStream,
-    files: &Mutex<HashMap<String, Vec<u8>>>,
+    files: &Mutex<HashMap<String, Served>>,
     requests: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -149,13 +191,29 @@ fn serve_one(
         .get(path)
         .cloned();
     match body {
-        Some(body) => {
+        Some(Served { body, trickle, cut }) => {
             write!(
                 conn,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                 body.len()
             )?;
-            conn.write_all(&body)?;
+            match (trickle, cut) {
+                (_, Some(after)) => {
+                    conn.write_all(&body[..after.min(body.len())])?;
+                    conn.flush()?;
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                (None, None) => conn.write_all(&body)?,
+                (Some((per, every)), None) => {
+                    // Ends when the client hangs up (the write fails) or the body is out.
+                    for piece in body.chunks(per) {
+                        conn.write_all(piece)?;
+                        conn.flush()?;
+                        std::thread::sleep(every);
+                    }
+                }
+            }
         }
         None => {
             write!(

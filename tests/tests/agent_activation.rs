@@ -394,3 +394,111 @@ fn ordered_rollback_restores_the_previous_release() {
     );
     assert_eq!(fx.agent.version().ok().as_deref(), Some("demo-1.0"));
 }
+
+#[test]
+fn rollback_order_for_the_release_already_running_does_not_restart_it() {
+    let fx = AgentFixture::start("rollback-already-current");
+    fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
+    // The host rolls back by itself (the new release crashes at start)...
+    let bad = DemoRelease::build(Behaviour::healthy("demo-2.0").crashing_at_start());
+    fx.activate(2, &bad, Deadlines::quick().confirm_within(30_000));
+    expect_local_rollback(
+        &fx,
+        2,
+        &[ResultCode::ServiceFailedToStart, ResultCode::Unhealthy],
+    );
+    let pid = fx.agent.service_pid().expect("service pid");
+    // ...then the coordinator's rollback order arrives: nothing to do but say so.
+    fx.send(orders::rollback(3, SERVICE, "demo-1.0"));
+    let r = fx.wait_outcome(3);
+    assert_eq!(
+        (r.phase(), r.code()),
+        (OrderPhase::RolledBack, ResultCode::Ok),
+        "{}\n{}",
+        describe_result(&r),
+        fx.dump()
+    );
+    assert_eq!(r.current_release, "demo-1.0", "{}", describe_result(&r));
+    assert_eq!(
+        fx.agent.service_pid().ok(),
+        Some(pid),
+        "the release already running was restarted by a rollback to itself\n{}",
+        fx.dump()
+    );
+    assert!(
+        !r.message.contains("from demo-1.0"),
+        "{}",
+        describe_result(&r)
+    );
+}
+
+/// The armed activation's `confirm_by_unix_ms` in the journal, if any.
+fn journaled_confirm_by(fx: &AgentFixture) -> Option<u64> {
+    let state = fx.agent.state_json().ok()?;
+    state["activation"]["phase"]["confirm_by_unix_ms"].as_u64()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_hold_keeps_the_dead_man_switch_fed_across_an_agent_restart() {
+    let fx = AgentFixture::start("hold-confirm");
+    fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
+    let v2 = DemoRelease::healthy("demo-2.0");
+    fx.activate(2, &v2, Deadlines::quick().confirm_within(3_000));
+    fx.wait_phase(2, OrderPhase::Healthy);
+    let first_by = journaled_confirm_by(&fx).expect("an armed journal with a confirm deadline");
+
+    // A hold for another release changes nothing; the one for demo-2.0 moves the deadline to
+    // about now + 6 s, journaled.
+    let held_at = Instant::now();
+    let held_unix = unix_ms();
+    fx.coord
+        .send_hold(fx.host(), SERVICE, "demo-9.9", 600_000)
+        .expect("sending a hold");
+    fx.coord
+        .send_hold(fx.host(), SERVICE, "demo-2.0", 6_000)
+        .expect("sending a hold");
+    let by = wait::wait_for_value(
+        "the hold to be journaled",
+        Duration::from_secs(5),
+        &|| fx.dump(),
+        || journaled_confirm_by(&fx).filter(|by| *by > first_by),
+    );
+    assert!(
+        by >= held_unix + 6_000 && by < held_unix + 60_000,
+        "confirm deadline {by} is not about 6 s after the hold at {held_unix} (the hold for \
+         another release must be ignored)\n{}",
+        fx.dump()
+    );
+
+    // The agent dies and comes back: the held deadline, not the original one, still holds.
+    fx.agent.kill();
+    fx.agent.spawn(None);
+    fx.wait_attached(2);
+    let (rolled_back_at, r) = fx.coord.wait_result_at(
+        fx.host(),
+        "ROLLED_BACK at the held confirm deadline",
+        Duration::from_secs(20),
+        &|| fx.dump(),
+        |r| r.seq == 2 && r.phase() == OrderPhase::RolledBack,
+    );
+    assert_eq!(
+        r.code(),
+        ResultCode::ConfirmTimeout,
+        "{}",
+        describe_result(&r)
+    );
+    let after = rolled_back_at.duration_since(held_at);
+    assert!(
+        after >= Duration::from_millis(5_500),
+        "rolled back {after:?} after the hold: the held deadline was not kept\n{}",
+        fx.dump()
+    );
+    fx.wait_serving("demo-1.0");
+}

@@ -3,14 +3,16 @@
 //! ```text
 //! serin-demo-service [--port P] [--bind ADDR]
 //! serin-demo-service make-release --version V [--crash-at-start] [--unhealthy-after SECS]
-//!                    [--slow-health-ms MS] [--slow-stop-ms MS] --out FILE
+//!                    [--slow-health-ms MS] [--slow-stop-ms MS] [--listen-after-ms MS] --out FILE
 //! ```
 //!
 //! Serving: `GET /healthz` answers 200 "ok" while healthy and 500 once unhealthy, `GET /version`
 //! answers the release's version string, `GET /pid` the process id (so a test can tell whether
 //! the process answering changed). What the release does comes from the trailer appended to its
 //! own executable (see `serin_tests::demo_release`); without one it is version "dev" and healthy.
-//! SIGTERM or SIGINT ends it with status 0, after the requests in flight are answered.
+//! SIGTERM or SIGINT ends it with status 0 once the requests in flight are answered; a release
+//! built with `slow_stop_ms` first drains, still answering (new connections too) that long. A
+//! release built with `listen_after_ms` binds its port only that long after start.
 //!
 //! Socket handoff (for the supervisor's swap modes): a listening socket passed with
 //! `LISTEN_FDS` (systemd's protocol, `LISTEN_FDS_FIRST_FD` honoured) is used instead of binding.
@@ -25,6 +27,14 @@ use anyhow::{Context, bail};
 use serin_tests::demo_release::{self, Behaviour};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// `eprintln!` that never panics: a full disk under the log must not kill the service.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,6 +77,12 @@ fn make_release(args: &[String]) -> anyhow::Result<()> {
                     format!("--slow-stop-ms: {v:?} is not a number of milliseconds")
                 })?);
             }
+            "--listen-after-ms" => {
+                let v = value(arg, &mut it)?;
+                behaviour.listen_after_ms = Some(v.parse().with_context(|| {
+                    format!("--listen-after-ms: {v:?} is not a number of milliseconds")
+                })?);
+            }
             other => bail!("make-release: unknown argument {other:?}"),
         }
     }
@@ -107,9 +123,9 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let behaviour = demo_release::read_behaviour(std::path::Path::new("/proc/self/exe"))?;
-    eprintln!("serin-demo-service: starting with {behaviour:?}");
+    say!("serin-demo-service: starting with {behaviour:?}");
     if behaviour.crash_at_start {
-        eprintln!("serin-demo-service: crashing at start as this release is built to");
+        say!("serin-demo-service: crashing at start as this release is built to");
         std::process::exit(1);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -120,36 +136,64 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
 
 async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    if let Some(ms) = behaviour.listen_after_ms {
+        say!("serin-demo-service: warming up for {ms} ms before listening");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
     let listener = match handoff::inherited_listener()? {
         Some(l) => l,
         None => bind(&addr).await?,
     };
-    eprintln!(
+    say!(
         "serin-demo-service: version {} listening on {addr}",
         behaviour.version
     );
     handoff::announce_ready()?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let in_flight = tokio_util::task::TaskTracker::new();
+    let serve = |stream: TcpStream| {
+        let behaviour = behaviour.clone();
+        in_flight.spawn(async move {
+            if let Err(e) = handle(stream, &behaviour, started).await {
+                say!("serin-demo-service: connection error: {e:#}");
+            }
+        });
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
                 if let Err(e) = handoff::reexec(&listener) {
-                    eprintln!("serin-demo-service: reload failed: {e:#}");
+                    say!("serin-demo-service: reload failed: {e:#}");
                 }
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let behaviour = behaviour.clone();
-                in_flight.spawn(async move {
-                    if let Err(e) = handle(stream, &behaviour, started).await {
-                        eprintln!("serin-demo-service: connection error: {e:#}");
+                if let Ok((stream, _)) = accepted {
+                    serve(stream);
+                }
+            }
+        }
+    }
+    if let Some(ms) = behaviour.slow_stop_ms {
+        // A draining service: it goes on answering (new connections too) until it is done.
+        say!("serin-demo-service: draining for {ms} ms on signal as this release is built to");
+        let drained = tokio::time::sleep(Duration::from_millis(ms));
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        serve(stream);
                     }
-                });
+                }
             }
         }
     }
@@ -160,15 +204,9 @@ async fn run(addr: String, behaviour: Behaviour) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        eprintln!("serin-demo-service: requests still in flight after 10 s, stopping anyway");
+        say!("serin-demo-service: requests still in flight after 10 s, stopping anyway");
     }
-    if let Some(ms) = behaviour.slow_stop_ms {
-        eprintln!(
-            "serin-demo-service: stopping on signal, slowly ({ms} ms) as this release is built to"
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-    eprintln!("serin-demo-service: stopping on signal");
+    say!("serin-demo-service: stopping on signal");
     Ok(())
 }
 

@@ -1,0 +1,332 @@
+//! Health: one probe task per configured check plus a status poller, each tagged with the
+//! process generation it observed, so no result about a previous process (or started before
+//! the new one) counts for the new release; the checks' verdict; the observations fed to the
+//! armed activation's dead-man switch; health reports.
+
+use std::time::Duration;
+
+use serin_proto::wire;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::activation::{self, Activation, Observation};
+use crate::config::CheckKind;
+use crate::health::{self, ProbeResult};
+use crate::release_store::unix_ms;
+use crate::service_manager::ServiceStatus;
+
+use super::{Input, ServiceTask, Upstream};
+
+/// Which process the probes are about. Every (re)start of the service begins a new generation:
+/// a probe result or status poll tagged with an older one describes a previous process (or was
+/// started before the new one) and never counts. While a restart is under way the probes pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ProbeEpoch {
+    pub(super) generation: u64,
+    pub(super) active: bool,
+}
+
+/// One probe task: waits while the epoch is paused, probes at once at the start of each new
+/// generation and then every `interval`, drops a probe in flight when the generation changes,
+/// and hands each result with its generation to `deliver` (which returns false once the service
+/// task is gone).
+pub(super) async fn probe_loop<T, P, PF, D, DF>(
+    mut epoch: watch::Receiver<ProbeEpoch>,
+    token: CancellationToken,
+    interval: Duration,
+    probe: P,
+    deliver: D,
+) where
+    P: Fn() -> PF,
+    PF: std::future::Future<Output = T>,
+    D: Fn(u64, T) -> DF,
+    DF: std::future::Future<Output = bool>,
+{
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let ProbeEpoch { generation, active } = *epoch.borrow_and_update();
+        if !active {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = epoch.changed() => if changed.is_err() { return },
+            }
+            next = tokio::time::Instant::now();
+            continue;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                next = tokio::time::Instant::now();
+                continue;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            _ = token.cancelled() => return,
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Started before the new generation: whatever it finds is not about it.
+                next = tokio::time::Instant::now();
+                continue;
+            }
+            r = probe() => r,
+        };
+        next = started + interval;
+        if !deliver(generation, result).await {
+            return;
+        }
+    }
+}
+
+impl ServiceTask {
+    /// Probe tasks: one per configured check with a probe, plus the status poller. Each waits
+    /// while the epoch is inactive, probes at once when a new generation begins (the first
+    /// probe of a new process is not left to a free-running interval), abandons a probe in
+    /// flight when the generation changes under it, and tags each result with its generation.
+    pub(super) fn spawn_probes(
+        &self,
+        tracker: &TaskTracker,
+        tx: &mpsc::Sender<Input>,
+        shutdown: CancellationToken,
+    ) -> CancellationToken {
+        let token = shutdown.child_token();
+        let mut status_every = Duration::from_secs(1);
+        for (i, check) in self.cfg.checks.iter().enumerate() {
+            status_every = status_every.min(check.interval);
+            if matches!(check.kind, CheckKind::Restarts { .. }) {
+                continue;
+            }
+            let (kind, interval, timeout) = (check.kind.clone(), check.interval, check.timeout);
+            let tx = tx.clone();
+            tracker.spawn(probe_loop(
+                self.epoch.subscribe(),
+                token.clone(),
+                interval,
+                move || {
+                    let kind = kind.clone();
+                    async move { health::probe(&kind, timeout).await }
+                },
+                move |generation, result| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(Input::Probe {
+                            index: i + 1,
+                            generation,
+                            result,
+                        })
+                        .await
+                        .is_ok()
+                    }
+                },
+            ));
+        }
+        let status_every = status_every.max(Duration::from_millis(100));
+        let (tx, manager) = (tx.clone(), self.manager.clone());
+        tracker.spawn(probe_loop(
+            self.epoch.subscribe(),
+            token.clone(),
+            status_every,
+            move || {
+                let manager = manager.clone();
+                async move {
+                    match manager.status().await {
+                        Ok(s) => s,
+                        Err(e) => ServiceStatus {
+                            detail: e.to_string(),
+                            ..Default::default()
+                        },
+                    }
+                }
+            },
+            move |generation, status| {
+                let tx = tx.clone();
+                async move { tx.send(Input::Status { generation, status }).await.is_ok() }
+            },
+        ));
+        token
+    }
+
+    /// Pauses the probes: a restart is under way and nothing observed now describes the
+    /// process that will run afterwards.
+    pub(super) fn pause_probes(&mut self) {
+        self.epoch.send_modify(|e| {
+            e.generation += 1;
+            e.active = false;
+        });
+    }
+
+    /// A new process generation begins: every check forgets what it knew, results of earlier
+    /// generations still queued are dropped, and the probes run at once.
+    pub(super) fn new_generation(&mut self) {
+        self.monitor.reset();
+        self.last_verdict = activation::Verdict::Unknown;
+        self.epoch.send_modify(|e| {
+            e.generation += 1;
+            e.active = true;
+        });
+    }
+
+    /// The current process generation.
+    pub(super) fn generation(&self) -> u64 {
+        self.epoch.borrow().generation
+    }
+
+    /// Feeds the service manager's status into the process check and the `restarts` checks.
+    pub(super) fn record_status(&mut self, status: ServiceStatus) {
+        let restarts = status.restarts.saturating_sub(self.restart_baseline);
+        let detail = if status.running {
+            format!("running (pid {})", status.pid.unwrap_or(0))
+        } else {
+            status.detail.clone()
+        };
+        self.monitor.checks[0].record(ProbeResult {
+            ok: status.running,
+            latency: Duration::ZERO,
+            detail,
+        });
+        for (i, check) in self.cfg.checks.iter().enumerate() {
+            if let CheckKind::Restarts { max } = check.kind {
+                self.monitor.checks[i + 1].record(ProbeResult {
+                    ok: restarts <= max,
+                    latency: Duration::ZERO,
+                    detail: format!("{restarts} restarts since activation (max {max})"),
+                });
+            }
+        }
+        self.last_status = status;
+    }
+
+    /// After a new health observation: reports a changed verdict and feeds the armed activation.
+    pub(super) async fn after_health(&mut self) {
+        let verdict = self.monitor.verdict();
+        if verdict != self.last_verdict {
+            tracing::info!(service = self.name(), verdict = ?verdict, detail = %self.monitor.failing_detail(), "health changed");
+            self.last_verdict = verdict;
+            self.send_health();
+            self.publish_inventory();
+        }
+        if self
+            .state
+            .activation
+            .as_ref()
+            .is_some_and(Activation::is_armed)
+        {
+            if verdict == activation::Verdict::Failing {
+                // Before judging, look at the process itself: a release that crashed at start
+                // is a failed start, not merely unhealthy.
+                if let Ok(status) = self.manager.status().await {
+                    self.record_status(status);
+                }
+            }
+            let verdict = self.monitor.verdict();
+            let observation = Observation {
+                verdict,
+                running: self.last_status.running,
+                restarts: self
+                    .last_status
+                    .restarts
+                    .saturating_sub(self.restart_baseline),
+                detail: self.monitor.failing_detail(),
+            };
+            self.feed(activation::Input::Health {
+                now_ms: unix_ms(),
+                observation,
+            })
+            .await;
+        }
+    }
+
+    /// Queues a full health report (dropped if the queue is full: only the latest matters).
+    pub(super) fn send_health(&mut self) {
+        let restarts = self
+            .last_status
+            .restarts
+            .saturating_sub(self.restart_baseline);
+        let pid = if self.last_status.running {
+            self.last_status.pid
+        } else {
+            None
+        };
+        let report = wire::HealthReport {
+            service: self.name().to_string(),
+            release: self.store.current().unwrap_or_default(),
+            healthy: self.monitor.verdict() == activation::Verdict::Passing,
+            checks: self.monitor.checks.iter().map(|c| c.to_wire()).collect(),
+            process: Some(self.ctx.metrics.process(pid, restarts)),
+            host: Some(self.ctx.metrics.host()),
+            observed_unix_ms: unix_ms(),
+        };
+        let _ = self.ctx.upstream.try_send(Upstream::Health(report));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe loop with an hour-long interval: it probes at once in each new generation, drops
+    /// the probe that was in flight when the generation changed, and tags results correctly.
+    #[tokio::test]
+    async fn probes_run_at_once_in_a_new_generation_and_drop_probes_in_flight() {
+        let epoch = watch::Sender::new(ProbeEpoch {
+            generation: 0,
+            active: true,
+        });
+        let token = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel::<(u64, u64)>(16);
+        // Probe number n of the loop; the second one hangs until the generation changes.
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = calls.clone();
+        let task = tokio::spawn(probe_loop(
+            epoch.subscribe(),
+            token.clone(),
+            Duration::from_secs(3600),
+            move || {
+                let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    n
+                }
+            },
+            move |generation, n| {
+                let tx = tx.clone();
+                async move { tx.send((generation, n)).await.is_ok() }
+            },
+        ));
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, rx.recv()).await.unwrap();
+        assert_eq!(first, Some((0, 0)), "first probe at once, generation 0");
+
+        // A restart: paused (no probes), then generation 2 with an immediate probe. That probe
+        // hangs; the next generation abandons it and probes again at once.
+        epoch.send_modify(|e| {
+            e.generation = 1;
+            e.active = false;
+        });
+        epoch.send_modify(|e| {
+            e.generation = 2;
+            e.active = true;
+        });
+        while calls.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        epoch.send_modify(|e| e.generation = 3);
+        let next = tokio::time::timeout(within, rx.recv()).await.unwrap();
+        assert_eq!(
+            next,
+            Some((3, 2)),
+            "the hung probe of generation 2 was dropped, generation 3 probed at once"
+        );
+        token.cancel();
+        task.await.unwrap();
+    }
+}
