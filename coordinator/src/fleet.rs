@@ -65,6 +65,9 @@ pub struct OrderOutcome {
     pub code: ResultCode,
     pub message: String,
     pub current_release: Option<ReleaseId>,
+    /// The highest sequence the agent has applied for this service (0 from agents that do not
+    /// report it). After a `STALE_ORDER` refusal the coordinator allocates past it.
+    pub last_seq: u64,
 }
 
 /// Something that happened in the fleet.

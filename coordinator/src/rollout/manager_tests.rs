@@ -65,6 +65,7 @@ fn agents(fleet: &FakeFleet, answered: &mut usize) {
                     code: ResultCode::Ok,
                     message: String::new(),
                     current_release: None,
+                    last_seq: 0,
                 },
             });
         }
@@ -303,6 +304,7 @@ fn answer(fleet: &FakeFleet, orders: &[(serin_proto::HostId, serin_proto::Order)
                     code: ResultCode::Ok,
                     message: String::new(),
                     current_release: None,
+                    last_seq: 0,
                 },
             });
         }

@@ -26,6 +26,8 @@ pub mod task;
 pub mod threshold;
 
 #[cfg(test)]
+mod findings_tests;
+#[cfg(test)]
 mod manager_tests;
 #[cfg(test)]
 mod scenarios;

@@ -136,6 +136,7 @@ impl Sim {
             code,
             message: String::new(),
             current_release: Some(ReleaseId::new(current).unwrap()),
+            last_seq: 0,
         }
     }
 

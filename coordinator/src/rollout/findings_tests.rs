@@ -1,0 +1,276 @@
+//! Reproductions of the ordering holes found in issue 6 (findings 1–4), each failing on the
+//! engine as it was before the fix. They run the real manager and tasks over the scripted
+//! [`FakeFleet`] and a [`TestStore`] that can fail or hold saves, with tokio's paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serin_proto::wire::{OrderPhase, ResultCode};
+use serin_proto::{HostId, OrderAction, wire};
+use tokio_util::sync::CancellationToken;
+
+use super::manager::RolloutManager;
+use super::settings::EngineSettings;
+use super::task::Clock;
+use super::testing::{FakeFleet, TestStore, host, outcome, wire_spec};
+use crate::fleet::FleetEvent;
+use crate::store::Store;
+
+fn fleet(n: usize) -> Arc<FakeFleet> {
+    Arc::new(FakeFleet::new(
+        (1..=n)
+            .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
+            .collect(),
+    ))
+}
+
+async fn manager(
+    store: &Arc<TestStore>,
+    fleet: &Arc<FakeFleet>,
+    shutdown: &CancellationToken,
+) -> RolloutManager {
+    RolloutManager::start_with_clock(
+        store.clone(),
+        fleet.clone(),
+        EngineSettings::default(),
+        shutdown.clone(),
+        Clock::at(1_700_000_000_000),
+    )
+    .await
+    .unwrap()
+}
+
+/// A responder that answers every order as a healthy agent does.
+fn healthy_agent() -> super::testing::Responder {
+    Box::new(|h: &HostId, o: &serin_proto::Order| {
+        let phases: &[OrderPhase] = match &o.action {
+            OrderAction::Activate { .. } => &[OrderPhase::Activated, OrderPhase::Healthy],
+            OrderAction::Confirm { .. } => &[OrderPhase::Confirmed],
+            OrderAction::Rollback { .. } => &[OrderPhase::RolledBack],
+            _ => &[],
+        };
+        phases
+            .iter()
+            .map(|p| FleetEvent::Result {
+                host: h.clone(),
+                outcome: outcome(o, *p, ResultCode::Ok),
+            })
+            .collect()
+    })
+}
+
+async fn wait_status(
+    rx: &mut tokio::sync::watch::Receiver<wire::RolloutStatus>,
+    what: &str,
+    f: impl Fn(&wire::RolloutStatus) -> bool,
+) {
+    let r = tokio::time::timeout(Duration::from_secs(3600), async {
+        loop {
+            if f(&rx.borrow_and_update()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok() && f(&rx.borrow()),
+        "{what}: never happened; status: {:#?}",
+        rx.borrow()
+    );
+}
+
+fn failed_hosts(s: &wire::RolloutStatus) -> Vec<String> {
+    s.hosts
+        .iter()
+        .filter(|h| h.phase == "failed" || h.detail.contains("failed"))
+        .map(|h| format!("{}: {}", h.host_id, h.detail))
+        .collect()
+}
+
+/// Finding 1: a save that fails after the canary's sequence was allocated must not lose the
+/// order. Before the fix the order was marked sent, never sent, and the canary "failed" its
+/// progress deadline: a store hiccup blamed on the release.
+#[tokio::test(start_paused = true)]
+async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    fleet.respond_with(healthy_agent());
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    // The first save (the rollout itself) succeeds, the one after the sequence allocation
+    // fails, and so does the retry after it.
+    store.fail_after_saves(1, 2);
+    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
+    let s = rx.borrow().clone();
+    assert_eq!(s.state, "succeeded", "reason: {}; failed: {:?}", s.reason, failed_hosts(&s));
+    assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
+    let sent = fleet.sent();
+    assert!(
+        sent.iter()
+            .any(|(h, o)| h.as_str() == "h1" && o.action.kind() == "activate"),
+        "the canary's activate order went out: {sent:?}"
+    );
+    // Everything the machine decided reached the store.
+    let stored = store.load_rollout(&st.rollout_id).unwrap().unwrap();
+    let header = super::record::decode_header(&st.rollout_id, &stored.header).unwrap();
+    assert_eq!(header.state, super::RolloutState::Succeeded);
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+/// Finding 2: a refusal that arrives as fast as the order goes out is not lost. Before the fix
+/// the task subscribed to fleet events after the canary was dispatched, the refusal was
+/// missed and the canary "failed" its progress deadline a minute later instead.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_arriving_before_start_returns_is_seen() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(3);
+    fleet.respond_with(Box::new(|h: &HostId, o: &serin_proto::Order| {
+        let mut r = outcome(o, OrderPhase::Rejected, ResultCode::InsufficientSpace);
+        r.message = "12 MiB free, 100 MiB needed".into();
+        vec![FleetEvent::Result {
+            host: h.clone(),
+            outcome: r,
+        }]
+    }));
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
+    let s = rx.borrow().clone();
+    let h1 = s.hosts.iter().find(|h| h.host_id == "h1").unwrap();
+    assert!(
+        h1.detail.contains("insufficient_space"),
+        "the canary failed for the reason its agent gave: {h1:?}"
+    );
+    let decision = s.decisions.iter().find(|d| d.kind == "rollback").unwrap();
+    assert!(
+        decision.at_unix_ms < s.created_unix_ms + 10_000,
+        "the refusal was acted on at once, not at the progress deadline: {decision:?}"
+    );
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+/// Finding 3: a manual rollback of the previous rollout racing a new start cannot leave two
+/// live rollouts of one service. Before the fix, the rollback reached the old rollout's task
+/// (operator calls never took the start lock) while the new start was between its check and the
+/// cancellation of the old task: both calls succeeded and `rolling_back` was persisted beside the
+/// new rollout.
+#[tokio::test(start_paused = true)]
+async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let a = mgr.start_rollout(wire_spec(&["100%"])).await.unwrap();
+    let mut rx = mgr.watch(&a.rollout_id).unwrap();
+    // Answer what went out before start returned, then answer as it goes.
+    let agent = healthy_agent();
+    for (h, o) in fleet.sent() {
+        for e in agent(&h, &o) {
+            fleet.emit(e);
+        }
+    }
+    fleet.respond_with(agent);
+    wait_status(&mut rx, "rollout A succeeds", |s| s.state == "succeeded").await;
+
+    // Hold every save but A's: the start of B stops in the middle.
+    store.close_gate(&a.rollout_id);
+    let mut spec = wire_spec(&["100%"]);
+    spec.release = "web-2".into();
+    let m2 = mgr.clone();
+    let start = tokio::spawn(async move { m2.start_rollout(spec).await });
+    let r = tokio::time::timeout(Duration::from_secs(60), async {
+        while store.blocked() == 0 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "the start of B reached its first save");
+    let m3 = mgr.clone();
+    let id = a.rollout_id.clone();
+    let rollback = tokio::spawn(async move {
+        m3.control(wire::ControlRequest {
+            rollout_id: id,
+            action: wire::ControlAction::Rollback as i32,
+            reason: "racing".into(),
+        })
+        .await
+    });
+    // Give the rollback every chance to run while B's start is held.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.open_gate();
+    let started = start.await.unwrap();
+    let rolled = rollback.await.unwrap();
+    assert!(
+        !(started.is_ok() && rolled.is_ok()),
+        "both the start of B and the rollback of A succeeded: {started:?} / {rolled:?}"
+    );
+    // Whatever won, after a restart at most one rollout of the service is live.
+    shutdown.cancel();
+    mgr.join().await;
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let unfinished: Vec<_> = mgr
+        .list(Some("web"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| !s.finished)
+        .map(|s| (s.rollout_id, s.state))
+        .collect();
+    assert!(unfinished.len() <= 1, "live rollouts: {unfinished:?}");
+    shutdown.cancel();
+    mgr.join().await;
+}
+
+/// Finding 4: when the store's sequence counter is behind the agent's (a store restored from a
+/// backup), the agent refuses with `STALE_ORDER` and its `last_seq`; the coordinator allocates
+/// past it and the host is updated. Before the fix each retry reused a sequence the agent had
+/// already passed and the host failed after five tries.
+#[tokio::test(start_paused = true)]
+async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    let agent_seq = 500;
+    let healthy = healthy_agent();
+    fleet.respond_with(Box::new(move |h: &HostId, o: &serin_proto::Order| {
+        if o.seq <= agent_seq {
+            let mut r = outcome(o, OrderPhase::Rejected, ResultCode::StaleOrder);
+            r.last_seq = agent_seq;
+            vec![FleetEvent::Result {
+                host: h.clone(),
+                outcome: r,
+            }]
+        } else {
+            healthy(h, o)
+        }
+    }));
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
+    let s = rx.borrow().clone();
+    assert_eq!(s.state, "succeeded", "{:?}", failed_hosts(&s));
+    let activates: Vec<(String, u64)> = fleet
+        .sent()
+        .iter()
+        .filter(|(_, o)| o.action.kind() == "activate" && o.seq > agent_seq)
+        .map(|(h, o)| (h.to_string(), o.seq))
+        .collect();
+    assert_eq!(activates.len(), 2, "one fresh activate per host: {activates:?}");
+    shutdown.cancel();
+    mgr.join().await;
+}
