@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::ArtifactStore;
 use crate::registry::{Registry, unix_ms_now};
+use crate::rollout::{OperatorAction, RolloutError, RolloutManager, RolloutSpec};
 use crate::selector::Selector;
 use crate::store::{ReleaseRecord, Store, StoreError};
 
@@ -40,28 +41,82 @@ pub trait RolloutApi: Send + Sync + 'static {
     async fn explain(&self, id: &str) -> Result<wire::Explanation, Status>;
 }
 
+impl From<RolloutError> for Status {
+    fn from(e: RolloutError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RolloutError::InvalidSpec(_) => Status::invalid_argument(msg),
+            RolloutError::UnknownRelease { .. } | RolloutError::NotFound(_) => {
+                Status::not_found(msg)
+            }
+            RolloutError::NothingToDo(_)
+            | RolloutError::ServiceBusy { .. }
+            | RolloutError::Refused(_)
+            | RolloutError::NotLatest { .. } => Status::failed_precondition(msg),
+            RolloutError::NotSaved(_) | RolloutError::Stopped(_) => Status::unavailable(msg),
+            RolloutError::Store(_) | RolloutError::Record(_) | RolloutError::BadRelease { .. } => {
+                tracing::error!(error = %msg, "rollout engine failed");
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+/// The operator action of a wire control request.
+fn action_from_wire(action: i32) -> Result<OperatorAction, Status> {
+    match wire::ControlAction::try_from(action) {
+        Ok(wire::ControlAction::Pause) => Ok(OperatorAction::Pause),
+        Ok(wire::ControlAction::Resume) => Ok(OperatorAction::Resume),
+        Ok(wire::ControlAction::Promote) => Ok(OperatorAction::Promote),
+        Ok(wire::ControlAction::Abort) => Ok(OperatorAction::Abort),
+        Ok(wire::ControlAction::Retry) => Ok(OperatorAction::Retry),
+        Ok(wire::ControlAction::Rollback) => Ok(OperatorAction::Rollback),
+        _ => Err(Status::invalid_argument(format!(
+            "action: {action} is not one of pause, resume, promote, abort, retry, rollback"
+        ))),
+    }
+}
+
+/// A validated spec from the wire.
+fn spec_from_wire(spec: wire::RolloutSpec) -> Result<RolloutSpec, Status> {
+    RolloutSpec::try_from(spec).map_err(|e| Status::from(RolloutError::from(e)))
+}
+
 #[tonic::async_trait]
-impl RolloutApi for crate::rollout::RolloutManager {
+impl RolloutApi for RolloutManager {
     async fn plan(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status> {
-        crate::rollout::RolloutManager::plan(self, spec).await
+        let spec = spec_from_wire(spec)?;
+        let p = RolloutManager::plan(self, &spec).await?;
+        Ok(p.to_wire(&spec))
     }
     async fn start_rollout(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::start_rollout(self, spec).await
+        let spec = spec_from_wire(spec)?;
+        Ok(RolloutManager::start_rollout(self, spec).await?)
     }
     async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::status(self, id).await
+        Ok(RolloutManager::status(self, id).await?)
     }
     fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
-        crate::rollout::RolloutManager::watch(self, id)
+        Ok(RolloutManager::watch(self, id)?)
     }
     async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
-        crate::rollout::RolloutManager::list(self, service).await
+        let service = match service.map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => {
+                Some(ServiceName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
+        };
+        Ok(RolloutManager::list(self, service.as_ref()).await?)
     }
     async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::control(self, req).await
+        let action = action_from_wire(req.action)?;
+        if req.reason.len() > 1024 {
+            return Err(Status::invalid_argument("reason: at most 1024 bytes"));
+        }
+        Ok(RolloutManager::control(self, &req.rollout_id, action, "operator", &req.reason).await?)
     }
     async fn explain(&self, id: &str) -> Result<wire::Explanation, Status> {
-        crate::rollout::RolloutManager::explain(self, id).await
+        Ok(RolloutManager::explain(self, id).await?)
     }
 }
 

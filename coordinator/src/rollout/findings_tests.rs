@@ -10,6 +10,12 @@ use serin_proto::{HostId, OrderAction, wire};
 use tokio_util::sync::CancellationToken;
 
 use super::manager::RolloutManager;
+use crate::control_service::RolloutApi;
+
+/// The engine as the control service calls it (wire types in and out).
+fn api(m: &RolloutManager) -> &dyn RolloutApi {
+    m
+}
 use super::settings::EngineSettings;
 use super::task::Clock;
 use super::testing::{FakeFleet, TestStore, host, outcome, wire_spec};
@@ -103,11 +109,20 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
     // The first save (the rollout itself) succeeds, the one after the sequence allocation
     // fails, and so does the retry after it.
     store.fail_after_saves(1, 2);
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
-    assert_eq!(s.state, "succeeded", "reason: {}; failed: {:?}", s.reason, failed_hosts(&s));
+    assert_eq!(
+        s.state,
+        "succeeded",
+        "reason: {}; failed: {:?}",
+        s.reason,
+        failed_hosts(&s)
+    );
     assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
     let sent = fleet.sent();
     assert!(
@@ -140,8 +155,11 @@ async fn a_refusal_arriving_before_start_returns_is_seen() {
     }));
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     let h1 = s.hosts.iter().find(|h| h.host_id == "h1").unwrap();
@@ -169,8 +187,8 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
     let fleet = fleet(2);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let a = mgr.start_rollout(wire_spec(&["100%"])).await.unwrap();
-    let mut rx = mgr.watch(&a.rollout_id).unwrap();
+    let a = api(&mgr).start_rollout(wire_spec(&["100%"])).await.unwrap();
+    let mut rx = api(&mgr).watch(&a.rollout_id).unwrap();
     // Answer what went out before start returned, then answer as it goes.
     let agent = healthy_agent();
     for (h, o) in fleet.sent() {
@@ -186,29 +204,31 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
     let mut spec = wire_spec(&["100%"]);
     spec.release = "web-2".into();
     let m2 = mgr.clone();
-    let start = tokio::spawn(async move { m2.start_rollout(spec).await });
-    let r = tokio::time::timeout(Duration::from_secs(60), async {
-        while store.blocked() == 0 {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "the start of B reached its first save");
+    let start = tokio::spawn(async move { api(&m2).start_rollout(spec).await });
+    // A blocked save stops tokio's paused clock, so wait in real time, yielding.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.blocked() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the start of B reached its first save"
+        );
+        tokio::task::yield_now().await;
+    }
     let m3 = mgr.clone();
     let id = a.rollout_id.clone();
     let rollback = tokio::spawn(async move {
-        m3.control(wire::ControlRequest {
-            rollout_id: id,
-            action: wire::ControlAction::Rollback as i32,
-            reason: "racing".into(),
-        })
-        .await
+        api(&m3)
+            .control(wire::ControlRequest {
+                rollout_id: id,
+                action: wire::ControlAction::Rollback as i32,
+                reason: "racing".into(),
+            })
+            .await
     });
     // Give the rollback every chance to run while B's start is held.
-    for _ in 0..50 {
+    let until = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < until && !rollback.is_finished() {
         tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     store.open_gate();
     let started = start.await.unwrap();
@@ -222,7 +242,7 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
     mgr.join().await;
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let unfinished: Vec<_> = mgr
+    let unfinished: Vec<_> = api(&mgr)
         .list(Some("web"))
         .await
         .unwrap()
@@ -259,8 +279,11 @@ async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
     }));
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     assert_eq!(s.state, "succeeded", "{:?}", failed_hosts(&s));
@@ -270,7 +293,11 @@ async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
         .filter(|(_, o)| o.action.kind() == "activate" && o.seq > agent_seq)
         .map(|(h, o)| (h.to_string(), o.seq))
         .collect();
-    assert_eq!(activates.len(), 2, "one fresh activate per host: {activates:?}");
+    assert_eq!(
+        activates.len(),
+        2,
+        "one fresh activate per host: {activates:?}"
+    );
     shutdown.cancel();
     mgr.join().await;
 }

@@ -469,6 +469,12 @@ pub enum Input {
     },
     /// The whole fleet as it is now (after a restart or a lagging event stream).
     Resync(Vec<HostSnapshot>),
+    /// Saving the rollout failed: nothing decided since the last successful save is durable,
+    /// and no order issued since then went out. The rollout pauses (no new decisions) until
+    /// [`Input::StoreRecovered`].
+    StoreFailed { error: String },
+    /// A save succeeded again after [`Input::StoreFailed`]; the held orders went out now.
+    StoreRecovered,
 }
 
 /// A sequence number request for one order.
@@ -532,6 +538,8 @@ pub struct Rollout {
     created_ms: u64,
     updated_ms: u64,
     paused_by_failure: bool,
+    /// Paused because the store refused a save; resumes by itself when a save succeeds.
+    paused_by_store: bool,
     rollback_final: Option<RolloutState>,
     // Observed, in memory only.
     /// After a restore: hosts not heard from by then stop being unknown and count as unreachable.
@@ -628,6 +636,7 @@ impl Rollout {
             created_ms: now_ms,
             updated_ms: now_ms,
             paused_by_failure: false,
+            paused_by_store: false,
             rollback_final: None,
             resume_grace_until: None,
             samples: Samples::default(),
@@ -723,6 +732,7 @@ impl Rollout {
             created_ms: header.created_ms,
             updated_ms: header.updated_ms,
             paused_by_failure: header.paused_by_failure,
+            paused_by_store: header.paused_by_store,
             rollback_final: header.rollback_final,
             resume_grace_until: Some(grace_until),
             samples: Samples::default(),
@@ -781,6 +791,27 @@ impl Rollout {
                 .all(|h| h.order.as_ref().is_none_or(|o| o.done))
     }
 
+    /// The current record of one host, if it is in the rollout.
+    pub fn host_record(&self, id: &HostId) -> Option<HostRecord> {
+        self.hosts.get(id).map(|h| HostRecord {
+            version: RECORD_VERSION,
+            host: h.clone(),
+        })
+    }
+
+    /// The current header record.
+    pub fn header(&self) -> HeaderRecord {
+        self.header_record()
+    }
+
+    /// The order `host` should be working on, ready to (re-)send: it has a sequence and no
+    /// final result yet.
+    pub fn order_to_send(&self, host: &HostId) -> Option<Order> {
+        let h = self.hosts.get(host)?;
+        h.order.as_ref().filter(|o| !o.done)?;
+        self.order_for(h)
+    }
+
     /// The full records (for a first save or a snapshot).
     pub fn records(&self) -> (HeaderRecord, Vec<HostRecord>) {
         (
@@ -819,6 +850,7 @@ impl Rollout {
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
             paused_by_failure: self.paused_by_failure,
+            paused_by_store: self.paused_by_store,
             rollback_final: self.rollback_final,
         }
     }
@@ -893,6 +925,8 @@ impl Rollout {
                 }
             }
             Input::Resync(snaps) => self.on_resync(now_ms, snaps),
+            Input::StoreFailed { error } => self.on_store_failed(now_ms, error),
+            Input::StoreRecovered => self.on_store_recovered(now_ms),
         }
         self.advance(now_ms);
         self.drain(now_ms, refused)
@@ -947,6 +981,59 @@ impl Rollout {
                 self.event(now, format!("host {} is reachable again", s.host_id));
             }
         }
+    }
+
+    fn on_store_failed(&mut self, now: u64, error: String) {
+        // Allocations requested in the failed round were dropped with it: ask again.
+        self.requested.clear();
+        if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) {
+            self.event(now, format!("saving the rollout failed: {error}"));
+            return;
+        }
+        self.state = RolloutState::Paused;
+        self.paused_by_store = true;
+        self.paused_by_failure = false;
+        self.reason = format!(
+            "saving the rollout failed ({error}); paused until the store accepts writes again"
+        );
+        if let Some(w) = self.waves.get_mut(self.current_wave) {
+            w.state = WaveState::Paused;
+            w.bake_ends_ms = None;
+        }
+        let idx = self.current_wave.min(self.waves.len().saturating_sub(1)) as u32;
+        let mut e = BTreeMap::new();
+        e.insert("store_error".into(), error.clone());
+        self.decide(
+            now,
+            idx,
+            "pause",
+            format!("the store refused a save: {error}"),
+            e,
+            ENGINE,
+        );
+    }
+
+    fn on_store_recovered(&mut self, now: u64) {
+        // Orders held back while the store failed went out just now: their clocks start now.
+        for h in self.hosts.values_mut() {
+            if let Some(o) = h.order.as_mut().filter(|o| !o.done && o.seq.is_some()) {
+                o.sent_ms = Some(now);
+            }
+        }
+        if !(self.paused_by_store && self.state == RolloutState::Paused) {
+            self.paused_by_store = false;
+            return;
+        }
+        let idx = self.current_wave.min(self.waves.len().saturating_sub(1)) as u32;
+        self.resume_wave(now);
+        self.decide(
+            now,
+            idx,
+            "resume",
+            "the store accepts writes again".into(),
+            BTreeMap::new(),
+            ENGINE,
+        );
     }
 
     fn on_resync(&mut self, now: u64, snaps: Vec<HostSnapshot>) {
@@ -1241,8 +1328,15 @@ impl Rollout {
                     && h.attempts < max_attempts
                 {
                     h.attempts += 1;
-                    h.last_seq = h.last_seq.max(out.seq);
-                    h.retry_at_ms = Some(now + retry_delay);
+                    // The agent has applied `last_seq` already (a store restored from a backup
+                    // can be behind it): the next order must be allocated past it. A stale
+                    // refusal is retried at once, a busy one after the retry delay.
+                    h.last_seq = h.last_seq.max(out.seq).max(out.last_seq);
+                    h.retry_at_ms = Some(if code == ResultCode::StaleOrder {
+                        now
+                    } else {
+                        now + retry_delay
+                    });
                     h.detail = format!("order refused ({}); retrying", detail_of(&out));
                 } else if kind == OrderKind::Rollback {
                     h.phase = HostPhase::Failed;
@@ -1265,6 +1359,18 @@ impl Rollout {
         }
         if let Some(reason) = fail {
             self.fail_host(now, id, reason);
+        }
+    }
+
+    /// The refusal of `action` in the rollout's current state, for a rollout that is not
+    /// running (its task is gone, so nothing can change it).
+    pub fn refusal(&self, action: OperatorAction) -> ControlError {
+        ControlError {
+            rollout: self.id.clone(),
+            state: self.state.as_str().to_string(),
+            action: action.as_str().to_string(),
+            applies: action.applies_to().to_string(),
+            extra: String::new(),
         }
     }
 
@@ -1515,6 +1621,7 @@ impl Rollout {
     fn resume_wave(&mut self, now: u64) {
         self.state = RolloutState::Running;
         self.paused_by_failure = false;
+        self.paused_by_store = false;
         self.reason.clear();
         if let Some(w) = self.waves.get_mut(self.current_wave) {
             w.state = if w.started_ms.is_some() {

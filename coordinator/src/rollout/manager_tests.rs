@@ -8,6 +8,12 @@ use serin_proto::{OrderAction, ServiceName, wire};
 use tokio_util::sync::CancellationToken;
 
 use super::manager::RolloutManager;
+use crate::control_service::RolloutApi;
+
+/// The engine as the control service calls it (wire types in and out).
+fn api(m: &RolloutManager) -> &dyn RolloutApi {
+    m
+}
 use super::settings::EngineSettings;
 use super::task::Clock;
 use super::testing::{FakeFleet, host, release_record, wire_spec};
@@ -97,10 +103,13 @@ async fn a_rollout_runs_to_success_through_the_manager() {
     let (store, fleet) = setup(4);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let plan = mgr.plan(wire_spec(&["1", "100%"])).await.unwrap();
+    let plan = api(&mgr).plan(wire_spec(&["1", "100%"])).await.unwrap();
     assert_eq!(plan.waves.len(), 2);
     assert_eq!(plan.waves[0].host_ids, vec!["h1"]);
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
     assert_eq!(st.state, "running");
     assert_eq!(
         fleet.sent().len(),
@@ -108,7 +117,7 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         "the canary is dispatched before start returns"
     );
     // A second rollout for the same service is refused.
-    let e = mgr
+    let e = api(&mgr)
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap_err();
@@ -119,7 +128,7 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         "{}",
         e.message()
     );
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     let mut answered = 0;
     for _ in 0..50 {
         agents(&fleet, &mut answered);
@@ -129,14 +138,14 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         }
     }
     wait_for(&mut rx, |s| s.state == "succeeded").await;
-    let ex = mgr.explain(&st.rollout_id).await.unwrap();
+    let ex = api(&mgr).explain(&st.rollout_id).await.unwrap();
     assert!(ex.decisions.iter().any(|d| d.kind == "complete"));
     assert!(
         ex.events.iter().any(|e| e.contains("wave 1 started")),
         "{:?}",
         ex.events
     );
-    let list = mgr.list(Some("web")).await.unwrap();
+    let list = api(&mgr).list(Some("web")).await.unwrap();
     assert_eq!(list.len(), 1);
     assert!(store.saves() > 4, "every step with a change is saved");
     shutdown.cancel();
@@ -148,18 +157,21 @@ async fn validation_and_unknown_things_map_to_the_right_codes() {
     let (store, fleet) = setup(2);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let e = mgr.plan(wire_spec(&["0%", "100%"])).await.unwrap_err();
+    let e = api(&mgr)
+        .plan(wire_spec(&["0%", "100%"]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("waves[0]"), "{}", e.message());
     let mut w = wire_spec(&[]);
     w.release = "web-9".into();
-    let e = mgr.start_rollout(w).await.unwrap_err();
+    let e = api(&mgr).start_rollout(w).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = mgr.status("r-nope").await.unwrap_err();
+    let e = api(&mgr).status("r-nope").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let mut w = wire_spec(&[]);
     w.selector = "role=db".into();
-    let e = mgr.start_rollout(w).await.unwrap_err();
+    let e = api(&mgr).start_rollout(w).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("selects no host"), "{}", e.message());
     shutdown.cancel();
@@ -171,10 +183,13 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let (store, fleet) = setup(3);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
     let mut answered = 0;
     agents(&fleet, &mut answered);
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     wait_for(&mut rx, |s| s.waves[0].state == "baking").await;
     // Coordinator "crash".
     shutdown.cancel();
@@ -183,7 +198,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
     let before = fleet.sent().len();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     assert_eq!(
         rx.borrow().waves[0].state,
         "baking",
@@ -207,7 +222,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     );
     assert!(fleet.sent().len() > before);
     // Controls on a finished rollout are refused with the state named.
-    let e = mgr
+    let e = api(&mgr)
         .control(wire::ControlRequest {
             rollout_id: st.rollout_id.clone(),
             action: wire::ControlAction::Pause as i32,
@@ -222,7 +237,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         e.message()
     );
     // Manual rollback works through the manager.
-    let st2 = mgr
+    let st2 = api(&mgr)
         .control(wire::ControlRequest {
             rollout_id: st.rollout_id.clone(),
             action: wire::ControlAction::Rollback as i32,
@@ -242,8 +257,11 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     let (store, fleet) = setup(4);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["2", "100%"])).await.unwrap();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["2", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
     // h2 disappears before answering; h1 becomes healthy.
     let mut down = host("h2", "eu-1", "web-1");
     down.connected = false;

@@ -122,6 +122,9 @@ pub struct HeaderRecord {
     pub updated_ms: u64,
     /// The rollout paused because a gate failed (not because an operator asked).
     pub paused_by_failure: bool,
+    /// Paused because the store refused a save (resumes by itself once a save succeeds).
+    #[serde(default)]
+    pub paused_by_store: bool,
     /// The state a rollback in progress ends in (rolled_back or aborted).
     pub rollback_final: Option<RolloutState>,
 }

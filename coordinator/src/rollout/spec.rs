@@ -137,6 +137,10 @@ pub struct RolloutSpec {
     pub spread_label: Option<String>,
     /// At most this many failure domains with hosts in flight at once.
     pub max_domains_in_flight: Option<NonZeroU32>,
+    /// The operator gave no wave list: the default adapts to small fleets (waves that add no
+    /// host are left out) instead of being refused. Only planning reads it; the wire form and
+    /// the stored spec spell the default waves out.
+    pub default_waves: bool,
 }
 
 fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
@@ -327,6 +331,7 @@ impl TryFrom<wire::RolloutSpec> for RolloutSpec {
             on_failure,
             spread_label,
             max_domains_in_flight: NonZeroU32::new(w.max_domains_in_flight),
+            default_waves: w.waves.is_empty(),
         })
     }
 }
@@ -408,8 +413,17 @@ mod tests {
         assert_eq!(s.cumulative_failure_threshold, None);
         assert_eq!(s.max_in_flight, None);
         assert_eq!(s.on_failure, OnFailure::Rollback);
-        // The wire form round-trips.
-        assert_eq!(RolloutSpec::try_from(s.to_wire()).unwrap(), s);
+        assert!(s.default_waves);
+        // The wire form round-trips (spelling the default waves out).
+        let back = RolloutSpec::try_from(s.to_wire()).unwrap();
+        assert!(!back.default_waves);
+        assert_eq!(
+            RolloutSpec {
+                default_waves: true,
+                ..back
+            },
+            s
+        );
     }
 
     #[test]

@@ -145,7 +145,10 @@ impl Fleet for FakeFleet {
             .get(host)
             .is_some_and(|h| h.connected);
         if connected {
-            self.sent.lock().unwrap().push((host.clone(), order.clone()));
+            self.sent
+                .lock()
+                .unwrap()
+                .push((host.clone(), order.clone()));
             let answer = self
                 .responder
                 .lock()
@@ -276,9 +279,9 @@ impl Store for TestStore {
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
             .is_err()
             && self
-            .fail_saves
-            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+                .fail_saves
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
         {
             return Err(StoreError::Io("injected save failure".into()));
         }
