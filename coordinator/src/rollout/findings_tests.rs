@@ -301,3 +301,49 @@ async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
     shutdown.cancel();
     mgr.join().await;
 }
+
+/// Finding 5 (the coordinator's half): a wave list that does not grow on this fleet is refused
+/// with a message naming the wave, instead of silently running fewer waves than listed. The
+/// default list still adapts to small fleets.
+#[tokio::test(start_paused = true)]
+async fn a_wave_list_that_does_not_grow_on_this_fleet_is_refused() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(8);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    for (waves, field, shown) in [
+        (&["1", "5%", "100%"][..], "waves[1]", "\"5%\" is 1 host"),
+        (&["10", "5%", "100%"][..], "waves[1]", "\"5%\" is 1 host"),
+        (&["2", "25%", "100%"][..], "waves[1]", "\"25%\" is 2 hosts"),
+    ] {
+        for call in ["plan", "start"] {
+            let e = match call {
+                "plan" => api(&mgr).plan(wire_spec(waves)).await.unwrap_err(),
+                _ => api(&mgr).start_rollout(wire_spec(waves)).await.unwrap_err(),
+            };
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{waves:?}: {e:?}");
+            assert!(
+                e.message().contains(field)
+                    && e.message().contains(shown)
+                    && e.message().contains("does not grow"),
+                "{call} {waves:?}: {}",
+                e.message()
+            );
+        }
+    }
+    assert!(fleet.sent().is_empty(), "nothing was started");
+    // The server takes the same grammar as the CLI: "10 %" is a percentage.
+    let p = api(&mgr)
+        .plan(wire_spec(&["1", "50 %", "100%"]))
+        .await
+        .unwrap();
+    assert_eq!(p.waves.len(), 3);
+    // The default list on a fleet of two: 1, 1 (dropped), 2.
+    let small = self::fleet(2);
+    let mgr2 = manager(&store, &small, &shutdown).await;
+    let p = api(&mgr2).plan(wire_spec(&[])).await.unwrap();
+    assert_eq!(p.waves.len(), 2);
+    shutdown.cancel();
+    mgr.join().await;
+    mgr2.join().await;
+}

@@ -35,68 +35,7 @@ use serin_proto::{ReleaseId, ServiceName, ValidationError};
 use super::threshold::Limit;
 use crate::selector::Selector;
 
-/// Most waves a spec may list.
-pub const MAX_WAVES: usize = 64;
-/// Longest bake, deadline or timing a spec may ask for: 12 hours.
-pub const MAX_TIMING: Duration = Duration::from_secs(12 * 3600);
-
-/// One wave's cumulative coverage target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaveSize {
-    /// This many hosts in total, including earlier waves.
-    Count(u32),
-    /// `ceil(P% of eligible hosts)` in total, including earlier waves.
-    Percent(u32),
-}
-
-impl WaveSize {
-    /// Parses `"N"` (N ≥ 1) or `"P%"` (1 ≤ P ≤ 100).
-    pub fn parse(field: &str, text: &str) -> Result<Self, ValidationError> {
-        let t = text.trim();
-        let garbage = || {
-            ValidationError::new(
-                field,
-                format!("{text:?} is not a host count like \"1\" or a percentage like \"10%\""),
-            )
-        };
-        if let Some(p) = t.strip_suffix('%') {
-            let p: u32 = p.trim().parse().map_err(|_| garbage())?;
-            if p == 0 {
-                return Err(ValidationError::new(field, "0% covers no host"));
-            }
-            if p > 100 {
-                return Err(ValidationError::new(
-                    field,
-                    format!("{text:?} is more than 100%"),
-                ));
-            }
-            Ok(WaveSize::Percent(p))
-        } else {
-            let n: u32 = t.parse().map_err(|_| garbage())?;
-            if n == 0 {
-                return Err(ValidationError::new(field, "0 covers no host"));
-            }
-            Ok(WaveSize::Count(n))
-        }
-    }
-
-    /// Hosts covered in total after this wave, out of `n` eligible hosts (at most `n`).
-    pub fn target(self, n: u32) -> u32 {
-        match self {
-            WaveSize::Count(c) => c.min(n),
-            WaveSize::Percent(p) => (u64::from(p) * u64::from(n)).div_ceil(100) as u32,
-        }
-    }
-}
-
-impl std::fmt::Display for WaveSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WaveSize::Count(c) => write!(f, "{c}"),
-            WaveSize::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
+pub use serin_proto::grammar::{MAX_TIMING, MAX_WAVES, WaveSize};
 
 /// What to do when a wave's gate fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -144,21 +83,7 @@ pub struct RolloutSpec {
 }
 
 fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
-    if ms == 0 {
-        return Ok(default);
-    }
-    let d = Duration::from_millis(ms);
-    if d > MAX_TIMING {
-        return Err(ValidationError::new(
-            field,
-            format!(
-                "{} is longer than the limit of {}",
-                fmt_ms(ms),
-                fmt_ms(MAX_TIMING.as_millis() as u64)
-            ),
-        ));
-    }
-    Ok(d)
+    serin_proto::grammar::timing_ms(field, ms, default)
 }
 
 fn fmt_ms(ms: u64) -> String {
@@ -173,7 +98,7 @@ fn optional_limit(field: &str, text: &str) -> Result<Option<Limit>, ValidationEr
     }
 }
 
-/// Parses and checks a wave list (see the module docs).
+/// Parses and checks a wave list (see the module docs); empty is the default `1,25%,100%`.
 pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
     if texts.is_empty() {
         return Ok(vec![
@@ -182,53 +107,7 @@ pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
             WaveSize::Percent(100),
         ]);
     }
-    if texts.len() > MAX_WAVES {
-        return Err(ValidationError::new(
-            "waves",
-            format!("{} waves listed, at most {MAX_WAVES} allowed", texts.len()),
-        ));
-    }
-    let mut waves = Vec::with_capacity(texts.len());
-    let mut last_count: Option<u32> = None;
-    let mut last_percent: Option<u32> = None;
-    for (i, t) in texts.iter().enumerate() {
-        let field = format!("waves[{i}]");
-        let w = WaveSize::parse(&field, t)?;
-        match w {
-            WaveSize::Count(c) => {
-                if let Some(prev) = last_count.filter(|p| c <= *p) {
-                    return Err(ValidationError::new(
-                        field,
-                        format!(
-                            "{c} does not grow: waves are cumulative and an earlier wave already covers {prev} hosts"
-                        ),
-                    ));
-                }
-                last_count = Some(c);
-            }
-            WaveSize::Percent(p) => {
-                if let Some(prev) = last_percent.filter(|q| p <= *q) {
-                    return Err(ValidationError::new(
-                        field,
-                        format!(
-                            "{p}% does not grow: waves are cumulative and an earlier wave already covers {prev}%"
-                        ),
-                    ));
-                }
-                last_percent = Some(p);
-            }
-        }
-        waves.push(w);
-    }
-    if let Some(WaveSize::Percent(p)) = waves.last().copied()
-        && p != 100
-    {
-        return Err(ValidationError::new(
-            format!("waves[{}]", waves.len() - 1),
-            format!("the last wave must be 100% or a host count, not {p}%"),
-        ));
-    }
-    Ok(waves)
+    serin_proto::grammar::parse_waves(texts)
 }
 
 impl TryFrom<wire::RolloutSpec> for RolloutSpec {
