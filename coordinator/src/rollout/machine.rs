@@ -771,6 +771,11 @@ impl Rollout {
         &self.waves
     }
 
+    /// Every host of the rollout.
+    pub fn hosts(&self) -> impl Iterator<Item = &HostEntry> {
+        self.hosts.values()
+    }
+
     /// One host's entry.
     pub fn host(&self, id: &HostId) -> Option<&HostEntry> {
         self.hosts.get(id)
@@ -905,6 +910,8 @@ impl Rollout {
 
     /// Feeds one input at time `now_ms` (unix milliseconds) and returns what to do.
     pub fn step(&mut self, now_ms: u64, input: Input) -> Vec<Command> {
+        #[cfg(debug_assertions)]
+        let before = self.state;
         let mut refused = None;
         match input {
             // Allocation requests are answered within the driver's handling of one input, so
@@ -929,7 +936,59 @@ impl Rollout {
             Input::StoreRecovered => self.on_store_recovered(now_ms),
         }
         self.advance(now_ms);
+        #[cfg(debug_assertions)]
+        self.debug_check(before);
         self.drain(now_ms, refused)
+    }
+
+    /// The engine's promises that can be checked on one machine after every step (the model
+    /// tests check them, and more, across interleavings; see `model_tests.rs`).
+    #[cfg(debug_assertions)]
+    fn debug_check(&self, before: RolloutState) {
+        if let Some(l) = self.spec.max_in_flight {
+            let cap = l.allowed_at_least_one(self.hosts.len() as u32);
+            let n = self.hosts.values().filter(|h| h.in_flight()).count() as u32;
+            debug_assert!(
+                n <= cap,
+                "rollout {}: {n} hosts in flight, cap {cap}",
+                self.id
+            );
+        }
+        for h in self.hosts.values() {
+            debug_assert!(
+                h.wave as usize <= self.current_wave || h.phase == HostPhase::Pending,
+                "rollout {}: host {} of wave {} is {:?} before its wave started",
+                self.id,
+                h.id,
+                h.wave,
+                h.phase
+            );
+        }
+        if matches!(
+            self.state,
+            RolloutState::RollingBack
+                | RolloutState::RolledBack
+                | RolloutState::Aborted
+                | RolloutState::Failed
+        ) {
+            for h in self.hosts.values() {
+                debug_assert!(
+                    !h.order
+                        .as_ref()
+                        .is_some_and(|o| o.kind == OrderKind::Activate && !o.done),
+                    "rollout {} is {}: host {} still has an activation to send",
+                    self.id,
+                    self.state,
+                    h.id
+                );
+            }
+        }
+        if matches!(
+            before,
+            RolloutState::RolledBack | RolloutState::Aborted | RolloutState::Failed
+        ) {
+            debug_assert_eq!(self.state, before, "rollout {}: final state left", self.id);
+        }
     }
 
     // ----------------------------------------------------------------------------------------
@@ -965,7 +1024,10 @@ impl Rollout {
         }
         // Re-send the order the host should be working on (same id, same seq: the agent
         // deduplicates it and replays its result).
-        if h.order.as_ref().is_some_and(|o| !o.done && o.seq.is_some()) {
+        if let Some(o) = h.order.as_mut().filter(|o| !o.done && o.seq.is_some()) {
+            // Its answer is awaited from now (the rollback timeout counts from the re-send,
+            // not from a send the host may never have seen).
+            o.sent_ms = Some(now);
             self.sends.push(s.host_id.clone());
         }
         match was {
@@ -1287,6 +1349,11 @@ impl Rollout {
                     h.phase = HostPhase::RolledBack;
                 }
             }
+            // A refusal or failure of an order that already has its final result (e.g. a stale
+            // refusal arriving after the agent rolled back) changes nothing.
+            (OrderPhase::Failed | OrderPhase::Rejected, _) if is_current && order.done => {
+                changed = false;
+            }
             (OrderPhase::Failed, OrderKind::Activate) if is_current => {
                 if out.code == ResultCode::Busy && h.attempts < max_attempts {
                     h.attempts += 1;
@@ -1607,9 +1674,23 @@ impl Rollout {
                 continue;
             };
             h.retry_at_ms = None;
-            let Some(kind) = h.order.as_ref().map(|o| o.kind) else {
+            let Some(kind) = h.order.as_ref().filter(|o| !o.done).map(|o| o.kind) else {
                 continue;
             };
+            // An activation is only retried while the host may still take the release.
+            if kind == OrderKind::Activate
+                && (h.failure.is_some()
+                    || h.phase != HostPhase::Dispatched
+                    || matches!(
+                        self.state,
+                        RolloutState::RollingBack
+                            | RolloutState::RolledBack
+                            | RolloutState::Aborted
+                            | RolloutState::Failed
+                    ))
+            {
+                continue;
+            }
             let attempts = h.attempts;
             self.issue(now, &id, kind);
             if let Some(h) = self.hosts.get_mut(&id) {
@@ -2323,15 +2404,29 @@ impl Rollout {
         true
     }
 
-    /// After success: bring hosts that joined late to the release, and confirm them once healthy.
+    /// After success: bring hosts that joined late or were accepted while unreachable to the
+    /// release, and confirm them once healthy.
     fn converge(&mut self, now: u64) -> bool {
         let mut changed = false;
+        let total = self.hosts.len() as u32;
+        let max_in_flight = self
+            .spec
+            .max_in_flight
+            .map_or(u32::MAX, |l| l.allowed_at_least_one(total));
+        let mut in_flight = self.hosts.values().filter(|h| h.in_flight()).count() as u32;
         let ids: Vec<HostId> = self.hosts.keys().cloned().collect();
         for id in ids {
             let Some(h) = self.hosts.get(&id) else {
                 continue;
             };
-            if h.phase == HostPhase::Pending && h.reachable() && h.failure.is_none() && h.joined {
+            // Hosts that joined late, and hosts of a wave that was promoted while they were
+            // unreachable (accepted by an operator), get the release once they are back, within
+            // the in-flight budget.
+            if h.phase == HostPhase::Pending && h.reachable() && h.failure.is_none() {
+                if in_flight >= max_in_flight {
+                    continue;
+                }
+                in_flight += 1;
                 self.activate(now, &id);
                 changed = true;
             } else if h.phase == HostPhase::Healthy

@@ -30,6 +30,8 @@ mod findings_tests;
 #[cfg(test)]
 mod manager_tests;
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod scenarios;
 #[cfg(test)]
 pub(crate) mod testing;
