@@ -266,7 +266,7 @@ pub(crate) mod testing {
         async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
             Err(Status::not_found(format!("no rollout {id}")))
         }
-        fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
+        fn watch(&self, id: &str) -> Result<watch::Receiver<crate::rollout::RolloutView>, Status> {
             Err(Status::not_found(format!("no rollout {id}")))
         }
         async fn list(&self, _: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {

@@ -49,7 +49,6 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serin_proto::wire::{self, OrderPhase, ResultCode};
 use serin_proto::{HostId, Order, OrderAction, Release, ReleaseId};
 
 use super::analysis::{self, Comparison, Samples, Verdict, Window};
@@ -57,7 +56,8 @@ use super::plan::{self, Plan};
 use super::record::{EventRecord, HeaderRecord, HostRecord, RECORD_VERSION, RecordError, ids};
 use super::settings::EngineSettings;
 use super::spec::{OnFailure, RolloutSpec};
-use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome};
+use super::view::{HostView, RolloutView, ShownPhase, WaveView};
+use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome, OrderPhase, ResultCode};
 use crate::store::ReleaseRecord;
 
 /// The actor of decisions the engine takes by itself.
@@ -378,19 +378,6 @@ pub struct Decision {
     pub actor: String,
 }
 
-impl Decision {
-    fn to_wire(&self) -> wire::Decision {
-        wire::Decision {
-            at_unix_ms: self.at_ms,
-            wave: self.wave,
-            kind: self.kind.clone(),
-            reason: self.reason.clone(),
-            evidence: self.evidence.clone().into_iter().collect(),
-            actor: self.actor.clone(),
-        }
-    }
-}
-
 /// An operator's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OperatorAction {
@@ -681,16 +668,10 @@ impl Rollout {
             what: format!("{}/header", header.id),
             problem,
         };
-        let spec = RolloutSpec::try_from(wire::RolloutSpec::from(header.spec.clone()))
-            .map_err(|e| invalid(e.to_string()))?;
-        let release = Release::try_from(wire::Release {
-            service: header.release.service.clone(),
-            id: header.release.id.clone(),
-            sha256: header.release.sha256.clone(),
-            size: header.release.size,
-            url: header.release.url.clone(),
-        })
-        .map_err(|e| invalid(e.to_string()))?;
+        let spec =
+            RolloutSpec::try_from(header.spec.clone()).map_err(|e| invalid(e.to_string()))?;
+        let release =
+            super::record::release_of(&header.release).map_err(|e| invalid(e.to_string()))?;
         let mut map = BTreeMap::new();
         for h in hosts {
             let mut e = h.host;
@@ -835,7 +816,7 @@ impl Rollout {
         HeaderRecord {
             version: RECORD_VERSION,
             id: self.id.clone(),
-            spec: self.spec.to_wire().into(),
+            spec: self.spec.to_raw(),
             release: ReleaseRecord {
                 service: self.release.service.to_string(),
                 id: self.release.id.to_string(),
@@ -2647,21 +2628,21 @@ impl Rollout {
     }
 
     /// The rollout as operators see it.
-    pub fn status(&self) -> wire::RolloutStatus {
+    pub fn status(&self) -> RolloutView {
         let waves = (0..self.waves.len())
             .map(|i| {
                 let w = &self.waves[i];
                 let c = self.counts(i);
-                wire::WaveStatus {
+                WaveView {
                     index: w.index,
                     size: c.size,
-                    state: w.state.as_str().into(),
+                    state: w.state,
                     succeeded: c.healthy,
                     failed: c.failed,
                     unreachable: c.unreachable,
                     in_progress: c.in_progress,
-                    started_unix_ms: w.started_ms.unwrap_or(0),
-                    bake_ends_unix_ms: w.bake_ends_ms.unwrap_or(0),
+                    started_ms: w.started_ms,
+                    bake_ends_ms: w.bake_ends_ms,
                 }
             })
             .collect();
@@ -2680,17 +2661,14 @@ impl Rollout {
                 // An unknown host (just after a restart) keeps its last known phase; the detail
                 // says that it has not been heard from yet.
                 let phase = if h.reach == Reach::Unreachable && !final_phase {
-                    "unreachable"
+                    ShownPhase::Unreachable
                 } else {
-                    h.phase.as_str()
+                    ShownPhase::Phase(h.phase)
                 };
                 let target = if matches!(h.phase, HostPhase::RollingBack | HostPhase::RolledBack) {
-                    h.baseline
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default()
+                    h.baseline.clone()
                 } else {
-                    self.spec.release.to_string()
+                    Some(self.spec.release.clone())
                 };
                 let mut detail = match (&h.rollback_failed, &h.failure) {
                     (Some(r), _) => r.clone(),
@@ -2700,41 +2678,32 @@ impl Rollout {
                 if h.unknown() && !final_phase {
                     detail = format!("not heard from since the coordinator restarted; {detail}");
                 }
-                wire::HostProgress {
-                    host_id: h.id.to_string(),
+                HostView {
+                    id: h.id.clone(),
                     hostname: h.hostname.clone(),
                     wave: h.wave,
-                    phase: phase.into(),
-                    baseline_release: h
-                        .baseline
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                    target_release: target,
-                    current_release: h
-                        .current
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
+                    phase,
+                    baseline: h.baseline.clone(),
+                    target,
+                    current: h.current.clone(),
                     healthy: h.healthy.unwrap_or(false),
                     detail,
-                    labels: h.labels.clone().into_iter().collect(),
+                    labels: h.labels.clone(),
                 }
             })
             .collect();
-        wire::RolloutStatus {
-            rollout_id: self.id.clone(),
-            spec: Some(self.spec.to_wire()),
-            state: self.state.as_str().into(),
+        RolloutView {
+            id: self.id.clone(),
+            spec: self.spec.clone(),
+            state: self.state,
             reason: self.reason.clone(),
             current_wave: self.current_wave as u32,
             waves,
             hosts,
-            comparison: self.comparison.as_ref().map(Comparison::to_wire),
-            decisions: self.decisions.iter().map(Decision::to_wire).collect(),
-            created_unix_ms: self.created_ms,
-            updated_unix_ms: self.updated_ms,
-            finished: self.state.is_finished(),
+            comparison: self.comparison.clone(),
+            decisions: self.decisions.clone(),
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
         }
     }
 }

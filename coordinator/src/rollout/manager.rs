@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serin_proto::{Release, ServiceName, ValidationError, wire};
+use serin_proto::{Release, ServiceName, ValidationError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ use super::record::{self, RecordError};
 use super::settings::EngineSettings;
 use super::spec::RolloutSpec;
 use super::task::{self, Clock, ControlMsg, Driver, FirstStep, TaskError};
+use super::view::{Explanation, RolloutView};
 use crate::fleet::{Fleet, FleetEvent};
 use crate::store::{Store, StoreError};
 
@@ -106,7 +107,7 @@ impl From<TaskError> for RolloutError {
 struct Running {
     id: String,
     control: mpsc::Sender<ControlMsg>,
-    status: watch::Receiver<wire::RolloutStatus>,
+    status: watch::Receiver<RolloutView>,
     cancel: CancellationToken,
     join: JoinHandle<()>,
 }
@@ -138,7 +139,7 @@ struct Inner {
     slots: Mutex<BTreeMap<ServiceName, SlotLock>>,
     /// Status of every rollout whose task was started, by id (read-only views for status and
     /// watch; a task that stopped leaves its final status).
-    views: Mutex<BTreeMap<String, watch::Receiver<wire::RolloutStatus>>>,
+    views: Mutex<BTreeMap<String, watch::Receiver<RolloutView>>>,
 }
 
 /// Starts, runs and controls rollouts.
@@ -288,14 +289,7 @@ impl RolloutManager {
                 service: spec.service.to_string(),
                 release: spec.release.to_string(),
             })?;
-        Release::try_from(wire::Release {
-            service: rec.service,
-            id: rec.id,
-            sha256: rec.sha256,
-            size: rec.size,
-            url: rec.url,
-        })
-        .map_err(|e| RolloutError::BadRelease {
+        record::release_of(&rec).map_err(|e| RolloutError::BadRelease {
             release: spec.release.to_string(),
             problem: e.to_string(),
         })
@@ -310,20 +304,17 @@ impl RolloutManager {
     }
 
     /// Starts a rollout: plans, persists and dispatches the canary before returning.
-    pub async fn start_rollout(
-        &self,
-        spec: RolloutSpec,
-    ) -> Result<wire::RolloutStatus, RolloutError> {
+    pub async fn start_rollout(&self, spec: RolloutSpec) -> Result<RolloutView, RolloutError> {
         let release = self.release_of(&spec)?;
         let slot = self.slot(&spec.service);
         let mut slot = slot.lock().await;
         if let Some(r) = &slot.running {
             let st = r.status.borrow();
-            if !st.finished && !r.join.is_finished() {
+            if !st.finished() && !r.join.is_finished() {
                 return Err(RolloutError::ServiceBusy {
                     service: spec.service.to_string(),
                     rollout: r.id.clone(),
-                    state: st.state.clone(),
+                    state: st.state.to_string(),
                 });
             }
         }
@@ -397,13 +388,13 @@ impl RolloutManager {
         }
     }
 
-    fn view(&self, id: &str) -> Option<watch::Receiver<wire::RolloutStatus>> {
+    fn view(&self, id: &str) -> Option<watch::Receiver<RolloutView>> {
         let views = self.inner.views.lock().unwrap_or_else(|p| p.into_inner());
         views.get(id).cloned()
     }
 
     /// The status of a rollout, running or stored.
-    pub async fn status(&self, id: &str) -> Result<wire::RolloutStatus, RolloutError> {
+    pub async fn status(&self, id: &str) -> Result<RolloutView, RolloutError> {
         if let Some(v) = self.view(id) {
             return Ok(v.borrow().clone());
         }
@@ -412,7 +403,7 @@ impl RolloutManager {
 
     /// The rollout's status now and after every change. For a finished rollout that is not
     /// running, the receiver holds the final status and reports the sender gone.
-    pub fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, RolloutError> {
+    pub fn watch(&self, id: &str) -> Result<watch::Receiver<RolloutView>, RolloutError> {
         if let Some(v) = self.view(id) {
             return Ok(v);
         }
@@ -425,7 +416,7 @@ impl RolloutManager {
     pub async fn list(
         &self,
         service: Option<&ServiceName>,
-    ) -> Result<Vec<wire::RolloutStatus>, RolloutError> {
+    ) -> Result<Vec<RolloutView>, RolloutError> {
         let ids = self.inner.store.rollout_ids()?;
         let mut out = Vec::new();
         for id in ids {
@@ -439,12 +430,7 @@ impl RolloutManager {
                     }
                 },
             };
-            let svc = st
-                .spec
-                .as_ref()
-                .map(|s| s.service.as_str())
-                .unwrap_or_default();
-            if service.is_none_or(|s| s.as_str() == svc) {
+            if service.is_none_or(|s| *s == st.spec.service) {
                 out.push(st);
             }
         }
@@ -459,15 +445,8 @@ impl RolloutManager {
         action: OperatorAction,
         actor: &str,
         reason: &str,
-    ) -> Result<wire::RolloutStatus, RolloutError> {
-        let service = match self.view(id) {
-            Some(v) => v
-                .borrow()
-                .spec
-                .as_ref()
-                .and_then(|s| ServiceName::new(&s.service).ok()),
-            None => None,
-        };
+    ) -> Result<RolloutView, RolloutError> {
+        let service = self.view(id).map(|v| v.borrow().spec.service.clone());
         let service = match service {
             Some(s) => s,
             None => self.stored(id)?.spec().service.clone(),
@@ -528,7 +507,7 @@ impl RolloutManager {
     }
 
     /// The status, every decision with its evidence, and the event log.
-    pub async fn explain(&self, id: &str) -> Result<wire::Explanation, RolloutError> {
+    pub async fn explain(&self, id: &str) -> Result<Explanation, RolloutError> {
         let status = self.status(id).await?;
         let stored = self
             .inner
@@ -542,11 +521,7 @@ impl RolloutManager {
                 Err(e) => events.push(format!("(unreadable event: {e})")),
             }
         }
-        Ok(wire::Explanation {
-            decisions: status.decisions.clone(),
-            status: Some(status),
-            events,
-        })
+        Ok(Explanation { status, events })
     }
 
     /// Waits for every rollout task to stop (after shutdown is cancelled).

@@ -24,15 +24,10 @@ pub mod settings;
 pub mod spec;
 pub mod task;
 pub mod threshold;
+pub mod view;
 
 #[cfg(test)]
-mod findings_tests;
-#[cfg(test)]
-mod manager_tests;
-#[cfg(test)]
 mod model_tests;
-#[cfg(test)]
-mod scenarios;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -41,3 +36,4 @@ pub use manager::{RolloutError, RolloutManager};
 pub use settings::EngineSettings;
 pub use spec::RolloutSpec;
 pub use threshold::Limit;
+pub use view::{Explanation, HostView, RolloutView, ShownPhase, WaveView};

@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
-use serin_proto::wire::{self, OrderPhase, ResultCode};
 use serin_proto::{HostId, Order, OrderAction, ReleaseId, ServiceName};
 
 use super::machine::{Command, HostPhase, Input, OperatorAction, Rollout, RolloutState, WaveState};
@@ -39,7 +38,7 @@ use super::record::{self, HeaderRecord, HostRecord};
 use super::settings::EngineSettings;
 use super::spec::RolloutSpec;
 use super::testing::{host, release};
-use crate::fleet::{HealthSample, OrderOutcome};
+use crate::fleet::{HealthSample, OrderOutcome, OrderPhase, ResultCode};
 
 /// What the agents and the world may do next.
 #[derive(Debug, Clone)]
@@ -218,11 +217,11 @@ impl World {
             .iter()
             .map(|h| host(h.as_str(), "eu-1", "web-1"))
             .collect();
-        let mut w = super::testing::wire_spec(c.waves);
+        let mut w = super::testing::raw_spec(c.waves);
         w.on_failure = if c.on_pause {
-            wire::OnFailure::Pause as i32
+            super::spec::ON_FAILURE_PAUSE
         } else {
-            wire::OnFailure::Rollback as i32
+            super::spec::ON_FAILURE_ROLLBACK
         };
         w.failure_threshold = c.failure_threshold.into();
         w.max_in_flight = c.max_in_flight.into();

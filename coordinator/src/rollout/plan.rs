@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 
-use serin_proto::wire;
 use serin_proto::{HostId, ReleaseId};
 
 use super::spec::RolloutSpec;
@@ -105,30 +104,6 @@ impl Plan {
     /// Every planned host, wave by wave.
     pub fn hosts(&self) -> impl Iterator<Item = &PlannedHost> {
         self.waves.iter().flat_map(|w| w.hosts.iter())
-    }
-
-    /// The wire form shown by `serin rollout plan`.
-    pub fn to_wire(&self, spec: &RolloutSpec) -> wire::RolloutPlan {
-        wire::RolloutPlan {
-            spec: Some(spec.to_wire()),
-            waves: self
-                .waves
-                .iter()
-                .map(|w| wire::PlannedWave {
-                    index: w.index,
-                    host_ids: w.hosts.iter().map(|h| h.host_id.to_string()).collect(),
-                    size_expr: w.size_expr.clone(),
-                })
-                .collect(),
-            skipped: self
-                .skipped
-                .iter()
-                .map(|s| wire::SkippedHost {
-                    host_id: s.host_id.to_string(),
-                    reason: s.reason.clone(),
-                })
-                .collect(),
-        }
     }
 }
 

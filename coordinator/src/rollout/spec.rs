@@ -1,6 +1,7 @@
 //! The validated rollout spec: what an operator asked for, with defaults filled in.
 //!
-//! [`RolloutSpec`] is built from the wire type with `TryFrom`; every error names the spec field
+//! [`RolloutSpec`] is built from a [`RawSpec`] (which the control service fills from the wire)
+//! with `TryFrom`; every error names the spec field
 //! and the problem. Defaults (applied when a field is empty or zero):
 //!
 //! | field | default |
@@ -29,7 +30,6 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use serin_proto::wire;
 use serin_proto::{ReleaseId, ServiceName, ValidationError};
 
 use super::threshold::Limit;
@@ -45,6 +45,37 @@ pub enum OnFailure {
     /// Stop and wait for an operator.
     Pause,
 }
+
+/// A spec as an operator wrote it (the control API's `RolloutSpec` fields, converted at the
+/// wire edge) and as it is stored: text and milliseconds, every field optional (empty or 0 means
+/// the default). [`RolloutSpec`] is its validated form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RawSpec {
+    pub service: String,
+    pub release: String,
+    pub selector: String,
+    pub waves: Vec<String>,
+    pub bake_ms: u64,
+    pub canary_bake_ms: u64,
+    pub min_healthy_ms: u64,
+    pub healthy_deadline_ms: u64,
+    pub progress_deadline_ms: u64,
+    pub max_unavailable: String,
+    pub max_in_flight: String,
+    pub failure_threshold: String,
+    pub cumulative_failure_threshold: String,
+    /// [`ON_FAILURE_ROLLBACK`], [`ON_FAILURE_PAUSE`], or 0 for the default (rollback); the
+    /// numbers of the wire enum `OnFailure`, so stored specs stay readable.
+    pub on_failure: i32,
+    pub spread_label: String,
+    pub max_domains_in_flight: u32,
+    pub unreachable_threshold: String,
+}
+
+/// `RawSpec::on_failure` for "roll back" (as on the wire).
+pub const ON_FAILURE_ROLLBACK: i32 = 1;
+/// `RawSpec::on_failure` for "pause" (as on the wire).
+pub const ON_FAILURE_PAUSE: i32 = 2;
 
 /// A validated rollout spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,10 +141,10 @@ pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
     serin_proto::grammar::parse_waves(texts)
 }
 
-impl TryFrom<wire::RolloutSpec> for RolloutSpec {
+impl TryFrom<RawSpec> for RolloutSpec {
     type Error = ValidationError;
 
-    fn try_from(w: wire::RolloutSpec) -> Result<Self, Self::Error> {
+    fn try_from(w: RawSpec) -> Result<Self, Self::Error> {
         let service = ServiceName::new(w.service.trim())?;
         let release = ReleaseId::new(w.release.trim())
             .map_err(|e| ValidationError::new("release", e.problem))?;
@@ -175,10 +206,10 @@ impl TryFrom<wire::RolloutSpec> for RolloutSpec {
         let unreachable_threshold =
             optional_limit("unreachable_threshold", &w.unreachable_threshold)?
                 .unwrap_or(Limit::Count(0));
-        let on_failure = match wire::OnFailure::try_from(w.on_failure) {
-            Ok(wire::OnFailure::Unspecified | wire::OnFailure::Rollback) => OnFailure::Rollback,
-            Ok(wire::OnFailure::Pause) => OnFailure::Pause,
-            Err(_) => {
+        let on_failure = match w.on_failure {
+            0 | ON_FAILURE_ROLLBACK => OnFailure::Rollback,
+            ON_FAILURE_PAUSE => OnFailure::Pause,
+            _ => {
                 return Err(ValidationError::new(
                     "on_failure",
                     format!("{} is not a known action (rollback or pause)", w.on_failure),
@@ -217,10 +248,10 @@ impl TryFrom<wire::RolloutSpec> for RolloutSpec {
 
 impl RolloutSpec {
     /// The spec with every default spelled out, as shown to operators and stored.
-    pub fn to_wire(&self) -> wire::RolloutSpec {
+    pub fn to_raw(&self) -> RawSpec {
         let ms = |d: Duration| d.as_millis() as u64;
         let lim = |l: Option<Limit>| l.map(|l| l.to_string()).unwrap_or_default();
-        wire::RolloutSpec {
+        RawSpec {
             service: self.service.to_string(),
             release: self.release.to_string(),
             selector: self.selector.to_string(),
@@ -235,8 +266,8 @@ impl RolloutSpec {
             failure_threshold: self.failure_threshold.to_string(),
             cumulative_failure_threshold: lim(self.cumulative_failure_threshold),
             on_failure: match self.on_failure {
-                OnFailure::Rollback => wire::OnFailure::Rollback as i32,
-                OnFailure::Pause => wire::OnFailure::Pause as i32,
+                OnFailure::Rollback => ON_FAILURE_ROLLBACK,
+                OnFailure::Pause => ON_FAILURE_PAUSE,
             },
             spread_label: self.spread_label.clone().unwrap_or_default(),
             max_domains_in_flight: self.max_domains_in_flight.map_or(0, NonZeroU32::get),
@@ -258,8 +289,8 @@ impl RolloutSpec {
 mod tests {
     use super::*;
 
-    pub(crate) fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
-        wire::RolloutSpec {
+    pub(crate) fn wire_spec(waves: &[&str]) -> RawSpec {
+        RawSpec {
             service: "web".into(),
             release: "web-2".into(),
             waves: waves.iter().map(|s| s.to_string()).collect(),
@@ -267,7 +298,7 @@ mod tests {
         }
     }
 
-    fn err(w: wire::RolloutSpec) -> ValidationError {
+    fn err(w: RawSpec) -> ValidationError {
         RolloutSpec::try_from(w).unwrap_err()
     }
 
@@ -294,7 +325,7 @@ mod tests {
         assert_eq!(s.on_failure, OnFailure::Rollback);
         assert!(s.default_waves);
         // The wire form round-trips (spelling the default waves out).
-        let back = RolloutSpec::try_from(s.to_wire()).unwrap();
+        let back = RolloutSpec::try_from(s.to_raw()).unwrap();
         assert!(!back.default_waves);
         assert_eq!(
             RolloutSpec {

@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serin_proto::{HostId, ServiceName, wire};
+use serin_proto::{HostId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,7 @@ use super::machine::{
     Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState,
 };
 use super::record;
+use super::view::RolloutView;
 use crate::fleet::{Fleet, FleetEvent};
 use crate::store::{Store, StoreError};
 
@@ -80,7 +81,7 @@ pub struct ControlMsg {
     pub action: OperatorAction,
     pub actor: String,
     pub reason: String,
-    pub reply: oneshot::Sender<Result<wire::RolloutStatus, TaskError>>,
+    pub reply: oneshot::Sender<Result<RolloutView, TaskError>>,
 }
 
 /// Why a rollout task could not do what it was asked.
@@ -105,7 +106,7 @@ pub enum TaskError {
 pub enum FirstStep {
     /// A new rollout: save it and dispatch the canary, then answer `reply` with its status (or
     /// with [`TaskError::NotStarted`], after which the task ends).
-    New(oneshot::Sender<Result<wire::RolloutStatus, TaskError>>),
+    New(oneshot::Sender<Result<RolloutView, TaskError>>),
     /// A rollout rebuilt from the store: resynchronise with the fleet as it is now.
     Resume,
 }
@@ -378,7 +379,7 @@ pub async fn run(
     mut driver: Driver,
     events: broadcast::Receiver<FleetEvent>,
     control: mpsc::Receiver<ControlMsg>,
-    status: watch::Sender<wire::RolloutStatus>,
+    status: watch::Sender<RolloutView>,
     tick: Duration,
     first: FirstStep,
     cancel: CancellationToken,

@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use serin_proto::wire::ServiceState;
-use serin_proto::{HostId, Order, ReleaseId, ServiceName, wire};
+use serin_proto::{HostId, Order, ReleaseId, ServiceName};
 
-use super::spec::RolloutSpec;
-use crate::fleet::{Fleet, FleetEvent, HostSnapshot, OrderOutcome, ServiceSnapshot};
+use super::spec::{RawSpec, RolloutSpec};
+use crate::fleet::{
+    Fleet, FleetEvent, HostSnapshot, OrderOutcome, OrderPhase, ResultCode, ServiceSnapshot,
+    ServiceState,
+};
 use crate::store::{MemoryStore, ReleaseRecord, Store, StoreError, StoredRollout};
 
 /// A host in zone `zone` with role=web, connected, running `release` of service web, healthy.
@@ -38,9 +40,9 @@ pub fn host(id: &str, zone: &str, release: &str) -> HostSnapshot {
     }
 }
 
-/// A wire spec for service web, release web-2, role=web, with the given waves.
-pub fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
-    wire::RolloutSpec {
+/// A raw spec for service web, release web-2, role=web, with the given waves.
+pub fn raw_spec(waves: &[&str]) -> RawSpec {
+    RawSpec {
         service: "web".into(),
         release: "web-2".into(),
         selector: "role=web".into(),
@@ -53,9 +55,9 @@ pub fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
     }
 }
 
-/// The validated form of [`wire_spec`].
+/// The validated form of [`raw_spec`].
 pub fn spec(waves: &[&str]) -> RolloutSpec {
-    RolloutSpec::try_from(wire_spec(waves)).unwrap()
+    RolloutSpec::try_from(raw_spec(waves)).unwrap()
 }
 
 /// The release record of web-2.
@@ -72,15 +74,7 @@ pub fn release_record() -> ReleaseRecord {
 
 /// The release web-2.
 pub fn release() -> serin_proto::Release {
-    let r = release_record();
-    serin_proto::Release::try_from(wire::Release {
-        service: r.service,
-        id: r.id,
-        sha256: r.sha256,
-        size: r.size,
-        url: r.url,
-    })
-    .unwrap()
+    super::record::release_of(&release_record()).unwrap()
 }
 
 /// A scripted [`Fleet`]: hosts are set by the test, sent orders are recorded, events are
@@ -169,7 +163,7 @@ impl Fleet for FakeFleet {
 }
 
 /// Builds the result an agent would send for `order`.
-pub fn outcome(order: &Order, phase: wire::OrderPhase, code: wire::ResultCode) -> OrderOutcome {
+pub fn outcome(order: &Order, phase: OrderPhase, code: ResultCode) -> OrderOutcome {
     OrderOutcome {
         order_id: order.order_id.clone(),
         rollout_id: order.rollout_id.clone(),

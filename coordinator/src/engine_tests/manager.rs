@@ -7,17 +7,18 @@ use serin_proto::wire::{OrderPhase, ResultCode};
 use serin_proto::{OrderAction, ServiceName, wire};
 use tokio_util::sync::CancellationToken;
 
-use super::manager::RolloutManager;
 use crate::control_service::RolloutApi;
+use crate::rollout::manager::RolloutManager;
 
 /// The engine as the control service calls it (wire types in and out).
 fn api(m: &RolloutManager) -> &dyn RolloutApi {
     m
 }
-use super::settings::EngineSettings;
-use super::task::Clock;
-use super::testing::{FakeFleet, host, release_record, wire_spec};
+use super::wire_spec;
 use crate::fleet::{FleetEvent, OrderOutcome};
+use crate::rollout::settings::EngineSettings;
+use crate::rollout::task::Clock;
+use crate::rollout::testing::{FakeFleet, host, release_record};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 
@@ -79,10 +80,7 @@ fn agents(fleet: &FakeFleet, answered: &mut usize) {
     *answered = sent.len();
 }
 
-async fn wait_for(
-    rx: &mut tokio::sync::watch::Receiver<wire::RolloutStatus>,
-    f: impl Fn(&wire::RolloutStatus) -> bool,
-) {
+async fn wait_for(rx: &mut super::WireWatch, f: impl Fn(&wire::RolloutStatus) -> bool) {
     tokio::time::timeout(Duration::from_secs(3600), async {
         loop {
             if f(&rx.borrow_and_update()) {
@@ -128,7 +126,7 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         "{}",
         e.message()
     );
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     let mut answered = 0;
     for _ in 0..50 {
         agents(&fleet, &mut answered);
@@ -189,7 +187,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         .unwrap();
     let mut answered = 0;
     agents(&fleet, &mut answered);
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_for(&mut rx, |s| s.waves[0].state == "baking").await;
     // Coordinator "crash".
     shutdown.cancel();
@@ -198,7 +196,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
     let before = fleet.sent().len();
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     assert_eq!(
         rx.borrow().waves[0].state,
         "baking",
@@ -261,7 +259,7 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         .start_rollout(wire_spec(&["2", "100%"]))
         .await
         .unwrap();
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     // h2 disappears before answering; h1 becomes healthy.
     let mut down = host("h2", "eu-1", "web-1");
     down.connected = false;

@@ -9,17 +9,18 @@ use serin_proto::wire::{OrderPhase, ResultCode};
 use serin_proto::{HostId, OrderAction, wire};
 use tokio_util::sync::CancellationToken;
 
-use super::manager::RolloutManager;
 use crate::control_service::RolloutApi;
+use crate::rollout::manager::RolloutManager;
 
 /// The engine as the control service calls it (wire types in and out).
 fn api(m: &RolloutManager) -> &dyn RolloutApi {
     m
 }
-use super::settings::EngineSettings;
-use super::task::Clock;
-use super::testing::{FakeFleet, TestStore, host, outcome, wire_spec};
+use super::wire_spec;
 use crate::fleet::FleetEvent;
+use crate::rollout::settings::EngineSettings;
+use crate::rollout::task::Clock;
+use crate::rollout::testing::{FakeFleet, TestStore, host, outcome};
 use crate::store::Store;
 
 fn fleet(n: usize) -> Arc<FakeFleet> {
@@ -47,7 +48,7 @@ async fn manager(
 }
 
 /// A responder that answers every order as a healthy agent does.
-fn healthy_agent() -> super::testing::Responder {
+fn healthy_agent() -> crate::rollout::testing::Responder {
     Box::new(|h: &HostId, o: &serin_proto::Order| {
         let phases: &[OrderPhase] = match &o.action {
             OrderAction::Activate { .. } => &[OrderPhase::Activated, OrderPhase::Healthy],
@@ -66,7 +67,7 @@ fn healthy_agent() -> super::testing::Responder {
 }
 
 async fn wait_status(
-    rx: &mut tokio::sync::watch::Receiver<wire::RolloutStatus>,
+    rx: &mut super::WireWatch,
     what: &str,
     f: impl Fn(&wire::RolloutStatus) -> bool,
 ) {
@@ -113,7 +114,7 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap();
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     assert_eq!(
@@ -132,8 +133,8 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
     );
     // Everything the machine decided reached the store.
     let stored = store.load_rollout(&st.rollout_id).unwrap().unwrap();
-    let header = super::record::decode_header(&st.rollout_id, &stored.header).unwrap();
-    assert_eq!(header.state, super::RolloutState::Succeeded);
+    let header = crate::rollout::record::decode_header(&st.rollout_id, &stored.header).unwrap();
+    assert_eq!(header.state, crate::rollout::RolloutState::Succeeded);
     shutdown.cancel();
     mgr.join().await;
 }
@@ -159,7 +160,7 @@ async fn a_refusal_arriving_before_start_returns_is_seen() {
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap();
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     let h1 = s.hosts.iter().find(|h| h.host_id == "h1").unwrap();
@@ -188,7 +189,7 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
     let a = api(&mgr).start_rollout(wire_spec(&["100%"])).await.unwrap();
-    let mut rx = api(&mgr).watch(&a.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&a.rollout_id).unwrap());
     // Answer what went out before start returned, then answer as it goes.
     let agent = healthy_agent();
     for (h, o) in fleet.sent() {
@@ -283,7 +284,7 @@ async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap();
-    let mut rx = api(&mgr).watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     assert_eq!(s.state, "succeeded", "{:?}", failed_hosts(&s));
