@@ -16,6 +16,7 @@
 //! that decision causes.
 
 pub mod analysis;
+pub mod intent;
 pub mod machine;
 pub mod manager;
 pub mod plan;

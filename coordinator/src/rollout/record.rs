@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::machine::{Decision, HostEntry, RolloutState, Wave};
+use super::intent::{Decision, HostEntry, RolloutState, Wave};
 use crate::store::ReleaseRecord;
 
 /// Version of the records written by this coordinator.

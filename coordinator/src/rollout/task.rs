@@ -401,15 +401,17 @@ pub async fn run(
                 }
                 follow = retry.after(&ex, driver.clock.now_ms(), &id);
             }
-            status.send_if_modified(|s| {
-                let new = m.status();
-                if *s == new {
-                    false
-                } else {
-                    *s = new;
-                    true
-                }
-            });
+            if m.take_status_changed() {
+                status.send_if_modified(|s| {
+                    let new = m.status();
+                    if *s == new {
+                        false
+                    } else {
+                        *s = new;
+                        true
+                    }
+                });
+            }
             (refused, not_saved)
         }};
     }
