@@ -180,7 +180,7 @@ fn decision_to_wire(d: &Decision) -> wire::Decision {
     wire::Decision {
         at_unix_ms: d.at_ms,
         wave: d.wave,
-        kind: d.kind.clone(),
+        kind: d.kind.as_str().to_string(),
         reason: d.reason.clone(),
         evidence: d.evidence.clone().into_iter().collect(),
         actor: d.actor.clone(),

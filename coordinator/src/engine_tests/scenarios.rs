@@ -233,7 +233,11 @@ impl Sim {
     }
 
     fn decision_kinds(&self) -> Vec<String> {
-        self.m.decisions().iter().map(|d| d.kind.clone()).collect()
+        self.m
+            .decisions()
+            .iter()
+            .map(|d| d.kind.as_str().to_string())
+            .collect()
     }
 
     /// A coordinator crash and restart now: the machine is rebuilt from what was persisted and
@@ -431,7 +435,7 @@ fn crash_at_start_canary_rolls_back_only_canary_hosts() {
     let d =
         s.m.decisions()
             .iter()
-            .find(|d| d.kind == "rollback")
+            .find(|d| d.kind.as_str() == "rollback")
             .unwrap();
     assert_eq!(d.evidence["failed"], "1");
     assert_eq!(d.evidence["failures_allowed"], "0");
@@ -534,7 +538,7 @@ fn cumulative_threshold_counts_across_waves() {
     let d =
         s.m.decisions()
             .iter()
-            .find(|d| d.kind == "rollback")
+            .find(|d| d.kind.as_str() == "rollback")
             .unwrap();
     assert!(d.reason.contains("cumulative"), "{}", d.reason);
 }
@@ -554,7 +558,7 @@ fn unreachable_host_makes_the_wave_wait_and_it_resumes_when_the_host_returns() {
     );
     assert_eq!(s.m.waves()[0].state, WaveState::Waiting);
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "wait");
+    assert_eq!(d.kind.as_str(), "wait");
     assert_eq!(d.evidence["unreachable"], "1");
     assert_eq!(d.evidence["failed"], "0");
     assert_eq!(wire_status(&s.m).waves[0].unreachable, 1);
@@ -680,7 +684,7 @@ fn resume_after_a_failure_pause_waives_those_failures() {
     assert_eq!(s.m.state(), RolloutState::Paused);
     s.operator(OperatorAction::Resume).unwrap();
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "resume");
+    assert_eq!(d.kind.as_str(), "resume");
     assert_eq!(d.evidence["waived_failures"], "h02");
     s.advance(10_000);
     assert_eq!(s.m.current_wave(), 1);
@@ -1071,7 +1075,7 @@ fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back()
     );
     assert!(!reason.contains("rollback failed"), "{reason}");
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "rollback_finished");
+    assert_eq!(d.kind.as_str(), "rollback_finished");
     assert_eq!(d.evidence["no_baseline_hosts"], "h01,h03");
     assert_eq!(d.evidence["left_on_release"], "web-2");
     assert!(

@@ -376,13 +376,71 @@ pub enum Reach {
     Unreachable,
 }
 
+/// What a decision decided (`Decision.kind`; stored and shown in snake case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// A wave's gate passed (by the engine after its bake, or by an operator's promote).
+    Promote,
+    /// Too many hosts of the wave are unreachable: the rollout waits for them.
+    Wait,
+    /// The rollout stops for an operator (a failed gate with `on_failure = pause`, an operator,
+    /// or a store that refused a save).
+    Pause,
+    /// The rollout continues (an operator, hosts back, or the store writing again).
+    Resume,
+    /// A gate failed: every touched host goes back to its baseline.
+    Rollback,
+    /// An operator aborted: every touched host goes back to its baseline.
+    Abort,
+    /// An operator retried the failed hosts of the wave.
+    Retry,
+    /// Every wave passed.
+    Complete,
+    /// An operator rolled a succeeded rollout back.
+    ManualRollback,
+    /// Every reachable touched host answered its rollback.
+    RollbackFinished,
+}
+
+impl DecisionKind {
+    /// The kind as shown to operators and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::Promote => "promote",
+            DecisionKind::Wait => "wait",
+            DecisionKind::Pause => "pause",
+            DecisionKind::Resume => "resume",
+            DecisionKind::Rollback => "rollback",
+            DecisionKind::Abort => "abort",
+            DecisionKind::Retry => "retry",
+            DecisionKind::Complete => "complete",
+            DecisionKind::ManualRollback => "manual_rollback",
+            DecisionKind::RollbackFinished => "rollback_finished",
+        }
+    }
+
+    /// Whether this decision sends touched hosts back to their baselines.
+    pub fn rolls_back(self) -> bool {
+        matches!(
+            self,
+            DecisionKind::Rollback | DecisionKind::Abort | DecisionKind::ManualRollback
+        )
+    }
+}
+
+impl fmt::Display for DecisionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A recorded decision, with its evidence and actor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub at_ms: u64,
     pub wave: u32,
-    /// promote, wait, pause, rollback, resume, abort, retry, complete, manual_rollback, fail.
-    pub kind: String,
+    pub kind: DecisionKind,
     pub reason: String,
     pub evidence: BTreeMap<String, String>,
     /// `engine` or the operator's name.

@@ -393,10 +393,7 @@ impl World {
             )));
         }
         let header = self.store.header().expect("a header before any order");
-        let rollback_decided = header
-            .decisions
-            .iter()
-            .any(|d| matches!(d.kind.as_str(), "rollback" | "abort" | "manual_rollback"));
+        let rollback_decided = header.decisions.iter().any(|d| d.kind.rolls_back());
         if header.decisions.len() != self.m.decisions().len() {
             return Err(fail(format!(
                 "{host}: order sent with {} decisions in memory but {} persisted",
@@ -498,7 +495,10 @@ impl World {
                     || (matches!(
                         now,
                         RolloutState::RollingBack | RolloutState::RolledBack | RolloutState::Failed
-                    ) && m.decisions().iter().any(|d| d.kind == "manual_rollback"))
+                    ) && m
+                        .decisions()
+                        .iter()
+                        .any(|d| d.kind == super::intent::DecisionKind::ManualRollback))
             }
             _ => true,
         };

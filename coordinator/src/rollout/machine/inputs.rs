@@ -78,7 +78,7 @@ impl Rollout {
         self.decide(
             now,
             idx,
-            "pause",
+            DecisionKind::Pause,
             format!("the store refused a save: {error}"),
             e,
             ENGINE,
@@ -101,7 +101,7 @@ impl Rollout {
         self.decide(
             now,
             idx,
-            "resume",
+            DecisionKind::Resume,
             "the store accepts writes again".into(),
             BTreeMap::new(),
             ENGINE,
@@ -493,7 +493,7 @@ impl Rollout {
                 self.decide(
                     now,
                     idx,
-                    "pause",
+                    DecisionKind::Pause,
                     why("operator pause"),
                     BTreeMap::new(),
                     actor,
@@ -526,7 +526,14 @@ impl Rollout {
                     evidence.insert("accepted_unreachable".into(), "true".into());
                 }
                 self.resume_wave(now);
-                self.decide(now, idx, "resume", why("operator resume"), evidence, actor);
+                self.decide(
+                    now,
+                    idx,
+                    DecisionKind::Resume,
+                    why("operator resume"),
+                    evidence,
+                    actor,
+                );
             }
             OperatorAction::Promote => {
                 if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) {
@@ -564,7 +571,14 @@ impl Rollout {
                     w.state = WaveState::Failed;
                 }
                 let evidence = self.touched_evidence();
-                self.decide(now, idx, "abort", why("operator abort"), evidence, actor);
+                self.decide(
+                    now,
+                    idx,
+                    DecisionKind::Abort,
+                    why("operator abort"),
+                    evidence,
+                    actor,
+                );
                 self.begin_rollback(now, RolloutState::Aborted, r);
             }
             OperatorAction::Retry => {
@@ -602,7 +616,14 @@ impl Rollout {
                 let mut evidence = BTreeMap::new();
                 evidence.insert("hosts".into(), join_ids(&retry));
                 self.resume_wave(now);
-                self.decide(now, wave, "retry", why("operator retry"), evidence, actor);
+                self.decide(
+                    now,
+                    wave,
+                    DecisionKind::Retry,
+                    why("operator retry"),
+                    evidence,
+                    actor,
+                );
             }
             OperatorAction::Rollback => {
                 if self.state != RolloutState::Succeeded {
@@ -613,7 +634,7 @@ impl Rollout {
                 self.decide(
                     now,
                     idx,
-                    "manual_rollback",
+                    DecisionKind::ManualRollback,
                     why("operator rollback"),
                     evidence,
                     actor,

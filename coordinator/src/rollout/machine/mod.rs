@@ -64,8 +64,8 @@ use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome, OrderPhase, ResultC
 use crate::store::ReleaseRecord;
 
 pub use super::intent::{
-    Decision, ENGINE, HostEntry, HostOrder, HostPhase, OrderKind, Reach, RolloutState, Wave,
-    WaveState,
+    Decision, DecisionKind, ENGINE, HostEntry, HostOrder, HostPhase, OrderKind, Reach,
+    RolloutState, Wave, WaveState,
 };
 
 /// An operator's request.
@@ -735,7 +735,7 @@ impl Rollout {
         &mut self,
         now: u64,
         wave: u32,
-        kind: &str,
+        kind: DecisionKind,
         reason: String,
         evidence: BTreeMap<String, String>,
         actor: &str,
@@ -747,7 +747,7 @@ impl Rollout {
         self.decisions.push(Decision {
             at_ms: now,
             wave,
-            kind: kind.to_string(),
+            kind,
             reason,
             evidence,
             actor: actor.to_string(),

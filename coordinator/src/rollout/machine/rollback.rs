@@ -179,7 +179,7 @@ impl Rollout {
         self.state = final_state;
         let reason = self.reason.clone();
         let idx = self.current_wave as u32;
-        self.decide(now, idx, "rollback_finished", reason, e, ENGINE);
+        self.decide(now, idx, DecisionKind::RollbackFinished, reason, e, ENGINE);
         true
     }
 }

@@ -470,7 +470,14 @@ impl Rollout {
             w.promote_by = None;
             self.state = RolloutState::Waiting;
             self.reason = reason.clone();
-            self.decide(now, idx as u32, "wait", reason, evidence, ENGINE);
+            self.decide(
+                now,
+                idx as u32,
+                DecisionKind::Wait,
+                reason,
+                evidence,
+                ENGINE,
+            );
             return;
         }
         if comparison.verdict == Verdict::CanaryWorse && self.settings.analysis_gates {
@@ -507,7 +514,14 @@ impl Rollout {
             }
         );
         let actor = promoted_by.unwrap_or_else(|| ENGINE.to_string());
-        self.decide(now, idx as u32, "promote", reason, evidence, &actor);
+        self.decide(
+            now,
+            idx as u32,
+            DecisionKind::Promote,
+            reason,
+            evidence,
+            &actor,
+        );
         let w = &mut self.waves[idx];
         w.state = WaveState::Passed;
         w.promote_by = None;
@@ -534,7 +548,14 @@ impl Rollout {
         e.insert("failed".into(), failed.to_string());
         e.insert("waves".into(), self.waves.len().to_string());
         let reason = self.reason.clone();
-        self.decide(now, self.current_wave as u32, "complete", reason, e, ENGINE);
+        self.decide(
+            now,
+            self.current_wave as u32,
+            DecisionKind::Complete,
+            reason,
+            e,
+            ENGINE,
+        );
     }
 
     pub(super) fn gate_failed(
@@ -550,7 +571,7 @@ impl Rollout {
                 self.decide(
                     now,
                     idx as u32,
-                    "rollback",
+                    DecisionKind::Rollback,
                     reason.clone(),
                     evidence,
                     ENGINE,
@@ -565,7 +586,14 @@ impl Rollout {
                 self.state = RolloutState::Paused;
                 self.paused_by_failure = true;
                 self.reason = format!("{reason}; paused for an operator (on_failure = pause)");
-                self.decide(now, idx as u32, "pause", reason, evidence, ENGINE);
+                self.decide(
+                    now,
+                    idx as u32,
+                    DecisionKind::Pause,
+                    reason,
+                    evidence,
+                    ENGINE,
+                );
             }
         }
     }
@@ -601,7 +629,7 @@ impl Rollout {
         self.decide(
             now,
             idx as u32,
-            "resume",
+            DecisionKind::Resume,
             format!(
                 "wave {idx}: enough hosts are reachable again ({} unreachable)",
                 c.unreachable
