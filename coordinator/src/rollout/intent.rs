@@ -365,7 +365,7 @@ impl HostEntry {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Reach {
     /// Nothing heard since the coordinator restarted: the host is neither reachable nor
-    /// unreachable until it says hello or [`EngineSettings::resume_grace`] passes. Gates and the
+    /// unreachable until it says hello or [`EngineSettings::resume_grace`](super::settings::EngineSettings::resume_grace) passes. Gates and the
     /// end of a rollback wait for unknown hosts instead of counting them as missing.
     #[default]
     Unknown,
