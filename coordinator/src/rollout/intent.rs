@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serin_proto::{HostId, ReleaseId};
 
+use super::observed::{Observed, Reach};
 use super::record::ids;
 
 /// The actor of decisions the engine takes by itself.
@@ -267,7 +268,7 @@ pub struct HostOrder {
     pub sent_ms: Option<u64>,
 }
 
-/// One host of the rollout: persisted intent plus (skipped in records) what was observed.
+/// One host of the rollout, as decided (what it is observed doing is in [`super::observed`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostEntry {
     #[serde(with = "ids::host")]
@@ -307,37 +308,18 @@ pub struct HostEntry {
     pub healthy_ms: Option<u64>,
     /// Joined while the rollout was under way.
     pub joined: bool,
-    /// Observed: whether the agent is connected (unknown after a restart until it says hello).
-    #[serde(skip)]
-    pub reach: Reach,
-    /// Observed: the release the host serves.
-    #[serde(skip)]
-    pub current: Option<ReleaseId>,
-    /// Observed: latest health verdict.
-    #[serde(skip)]
-    pub healthy: Option<bool>,
 }
 
 impl HostEntry {
-    /// Observed connected.
-    pub fn reachable(&self) -> bool {
-        self.reach == Reach::Reachable
-    }
-
-    /// Not heard from since the coordinator restarted, and the resume grace has not passed.
-    pub fn unknown(&self) -> bool {
-        self.reach == Reach::Unknown
-    }
-
     /// Counts as failed against thresholds.
     pub(crate) fn counts_failed(&self) -> bool {
         self.failure.is_some() && !self.waived
     }
 
-    /// Nothing more to wait for in its wave before baking.
-    pub(crate) fn settled(&self) -> bool {
+    /// Nothing more to wait for in its wave before baking, given what is observed of it.
+    pub(crate) fn settled(&self, seen: &Observed) -> bool {
         self.failure.is_some()
-            || self.reach == Reach::Unreachable
+            || seen.reach == Reach::Unreachable
             || matches!(
                 self.phase,
                 HostPhase::Healthy
@@ -349,8 +331,8 @@ impl HostEntry {
 
     /// Missing data: disconnected and neither failed nor done (an unknown host is not missing
     /// yet: it is waited for).
-    pub(crate) fn counts_unreachable(&self) -> bool {
-        self.reach == Reach::Unreachable
+    pub(crate) fn counts_unreachable(&self, seen: &Observed) -> bool {
+        seen.reach == Reach::Unreachable
             && self.failure.is_none()
             && self.phase != HostPhase::Confirmed
     }
@@ -359,21 +341,6 @@ impl HostEntry {
     pub(crate) fn in_flight(&self) -> bool {
         self.failure.is_none() && matches!(self.phase, HostPhase::Dispatched | HostPhase::Activated)
     }
-}
-
-/// What the coordinator knows about a host's connection (observed, never persisted).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Reach {
-    /// Nothing heard since the coordinator restarted: the host is neither reachable nor
-    /// unreachable until it says hello or [`EngineSettings::resume_grace`](super::settings::EngineSettings::resume_grace) passes. Gates and the
-    /// end of a rollback wait for unknown hosts instead of counting them as missing.
-    #[default]
-    Unknown,
-    /// The agent is connected.
-    Reachable,
-    /// The agent's stream closed, its heartbeats stopped, or it did not come back within the
-    /// resume grace.
-    Unreachable,
 }
 
 /// What a decision decided (`Decision.kind`; stored and shown in snake case).

@@ -7,6 +7,7 @@
 //! | [`plan`] | deterministic cohort planning from a fleet snapshot |
 //! | [`intent`] | the persisted intent model: states, phases (with their transitions), waves, hosts, decisions |
 //! | [`machine`] | the pure state machine: `step(now, Input) -> Vec<Command>`, split into input handlers, wave policy, the rollback sub-machine and output projections |
+//! | [`observed`] | what hosts are seen doing (connection, release, health), never persisted |
 //! | [`view`] | what operators see (domain types; the control service converts them) |
 //! | [`analysis`] | canary vs baseline comparison and its small-sample judge |
 //! | [`record`] | the versioned records the machine persists |
@@ -25,6 +26,7 @@ pub mod analysis;
 pub mod intent;
 pub mod machine;
 pub mod manager;
+pub mod observed;
 pub mod plan;
 pub mod record;
 pub mod settings;

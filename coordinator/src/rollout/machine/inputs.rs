@@ -13,8 +13,9 @@ impl Rollout {
         let Some(h) = self.hosts.get_mut(&s.host_id) else {
             return;
         };
-        let was = h.reach;
-        h.reach = match (s.connected, was) {
+        let seen = self.seen.entry(&s.host_id);
+        let was = seen.reach;
+        seen.reach = match (s.connected, was) {
             (true, _) => Reach::Reachable,
             // A disconnected host in a snapshot right after a restart says nothing new: it
             // stays unknown until it says hello or the resume grace passes.
@@ -22,8 +23,8 @@ impl Rollout {
             (false, _) => Reach::Unreachable,
         };
         if let Some(svc) = svc {
-            h.current = svc.current_release.clone();
-            h.healthy = svc.healthy;
+            seen.current = svc.current_release.clone();
+            seen.healthy = svc.healthy;
             if svc.last_seq > h.last_seq {
                 h.last_seq = svc.last_seq;
                 self.dirty_hosts.insert(s.host_id.clone());
@@ -123,19 +124,16 @@ impl Rollout {
             .cloned()
             .collect();
         for h in gone {
-            if let Some(e) = self.hosts.get_mut(&h)
-                && e.reach == Reach::Reachable
-            {
-                e.reach = Reach::Unreachable;
+            let seen = self.seen.entry(&h);
+            if seen.reach == Reach::Reachable {
+                seen.reach = Reach::Unreachable;
             }
         }
     }
 
     pub(super) fn on_host_down(&mut self, now: u64, id: &HostId) {
-        if let Some(h) = self.hosts.get_mut(id)
-            && h.reach != Reach::Unreachable
-        {
-            h.reach = Reach::Unreachable;
+        if self.hosts.contains_key(id) && self.seen.reach(id) != Reach::Unreachable {
+            self.seen.entry(id).reach = Reach::Unreachable;
             self.event(now, format!("host {id} is unreachable"));
         }
     }
@@ -181,11 +179,11 @@ impl Rollout {
             activated_ms: None,
             healthy_ms: None,
             joined: true,
-            reach: Reach::Reachable,
-            current: p.baseline,
-            healthy: None,
         };
         self.hosts.insert(p.host_id.clone(), entry);
+        let seen = self.seen.entry(&p.host_id);
+        seen.reach = Reach::Reachable;
+        seen.current = p.baseline.clone();
         self.waves[last].hosts.push(p.host_id.clone());
         self.dirty_hosts.insert(p.host_id.clone());
         self.dirty_header = true;
@@ -204,13 +202,14 @@ impl Rollout {
             // Not in the rollout, but could serve as baseline: only rollout hosts are compared.
             return;
         };
-        let seen = (h.healthy, h.current.clone());
-        h.healthy = Some(sample.healthy);
+        let seen = self.seen.entry(id);
+        let before = (seen.healthy, seen.current.clone());
+        seen.healthy = Some(sample.healthy);
         if sample.release.is_some() {
-            h.current = sample.release.clone();
+            seen.current = sample.release.clone();
         }
         // Most reports repeat what is known: only a change is worth a new status.
-        if (h.healthy, &h.current) != (seen.0, &seen.1) {
+        if (seen.healthy, &seen.current) != (before.0, &before.1) {
             self.status_changed = true;
         }
         let turned_bad = !sample.healthy
@@ -253,7 +252,7 @@ impl Rollout {
                 h.last_seq = h.last_seq.max(*seq);
                 self.requested.remove(&o.order_id);
                 self.dirty_hosts.insert(id.clone());
-                if h.reachable() {
+                if self.seen.reachable(&id) {
                     self.sends.push(id.clone());
                 }
             }
@@ -271,7 +270,7 @@ impl Rollout {
             return;
         };
         if out.current_release.is_some() {
-            h.current = out.current_release.clone();
+            self.seen.entry(id).current = out.current_release.clone();
         }
         if h.left_without_baseline {
             // Its orders were withdrawn when the rollout rolled back; late results change nothing.
@@ -322,7 +321,7 @@ impl Rollout {
                 h.phase = h.phase.on_healthy();
                 h.activated_ms.get_or_insert(now);
                 h.healthy_ms = Some(now);
-                h.healthy = Some(true);
+                self.seen.entry(id).healthy = Some(true);
                 h.detail = format!("healthy on {target}");
                 if let Some(o) = h.order.as_mut().filter(|_| is_current) {
                     o.done = true;

@@ -64,9 +64,10 @@ use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome, OrderPhase, ResultC
 use crate::store::ReleaseRecord;
 
 pub use super::intent::{
-    Decision, DecisionKind, ENGINE, HostEntry, HostOrder, HostPhase, OrderKind, Reach,
-    RolloutState, Wave, WaveState,
+    Decision, DecisionKind, ENGINE, HostEntry, HostOrder, HostPhase, OrderKind, RolloutState, Wave,
+    WaveState,
 };
+pub use super::observed::{Observed, ObservedHosts, Reach};
 
 /// An operator's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +220,8 @@ pub struct Rollout {
     paused_by_store: bool,
     rollback_final: Option<RolloutState>,
     // Observed, in memory only.
+    /// What each host is seen doing.
+    seen: ObservedHosts,
     /// After a restore: hosts not heard from by then stop being unknown and count as unreachable.
     resume_grace_until: Option<u64>,
     samples: Samples,
@@ -281,9 +284,6 @@ impl Rollout {
                         activated_ms: None,
                         healthy_ms: None,
                         joined: false,
-                        reach: Reach::Reachable,
-                        current: h.baseline.clone(),
-                        healthy: None,
                     },
                 );
             }
@@ -318,6 +318,7 @@ impl Rollout {
             paused_by_store: false,
             rollback_final: None,
             resume_grace_until: None,
+            seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
             dirty_header: true,
@@ -329,6 +330,12 @@ impl Rollout {
             status_changed: true,
         };
         r.dirty_hosts = r.hosts.keys().cloned().collect();
+        // Planned from a snapshot in which every host was connected and on its baseline.
+        for h in plan.hosts() {
+            let o = r.seen.entry(&h.host_id);
+            o.reach = Reach::Reachable;
+            o.current = h.baseline.clone();
+        }
         let skipped = plan.skipped.len();
         r.event(
             now_ms,
@@ -367,11 +374,7 @@ impl Rollout {
             super::record::release_of(&header.release).map_err(|e| invalid(e.to_string()))?;
         let mut map = BTreeMap::new();
         for h in hosts {
-            let mut e = h.host;
-            e.reach = Reach::Unknown;
-            e.current = None;
-            e.healthy = None;
-            map.insert(e.id.clone(), e);
+            map.insert(h.host.id.clone(), h.host);
         }
         for w in &header.waves {
             for h in &w.hosts {
@@ -409,6 +412,7 @@ impl Rollout {
             paused_by_store: header.paused_by_store,
             rollback_final: header.rollback_final,
             resume_grace_until: Some(grace_until),
+            seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
             dirty_header: false,
@@ -449,6 +453,11 @@ impl Rollout {
     /// Every host of the rollout.
     pub fn hosts(&self) -> impl Iterator<Item = &HostEntry> {
         self.hosts.values()
+    }
+
+    /// What is observed of a host.
+    pub fn observed(&self, id: &HostId) -> &Observed {
+        self.seen.get(id)
     }
 
     /// One host's entry.
@@ -549,15 +558,16 @@ impl Rollout {
                 best = Some(best.map_or(t, |b| b.min(t)));
             }
         };
-        if self.hosts.values().any(HostEntry::unknown) {
+        if self.hosts.keys().any(|id| self.seen.unknown(id)) {
             consider(self.resume_grace_until);
         }
         for h in self.hosts.values() {
             consider(h.retry_at_ms);
-            if h.reachable() && h.failure.is_none() && h.phase == HostPhase::Activated {
+            let reachable = self.seen.reachable(&h.id);
+            if reachable && h.failure.is_none() && h.phase == HostPhase::Activated {
                 consider(h.activated_ms.map(|t| t + ms(self.spec.healthy_deadline)));
             }
-            if h.reachable() && h.phase == HostPhase::RollingBack {
+            if reachable && h.phase == HostPhase::RollingBack {
                 consider(
                     h.order
                         .as_ref()

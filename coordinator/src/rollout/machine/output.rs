@@ -144,7 +144,8 @@ impl Rollout {
                 );
                 // An unknown host (just after a restart) keeps its last known phase; the detail
                 // says that it has not been heard from yet.
-                let phase = if h.reach == Reach::Unreachable && !final_phase {
+                let seen = self.seen.get(&h.id);
+                let phase = if seen.reach == Reach::Unreachable && !final_phase {
                     ShownPhase::Unreachable
                 } else {
                     ShownPhase::Phase(h.phase)
@@ -159,7 +160,7 @@ impl Rollout {
                     (None, Some(f)) if h.detail != *f => format!("{f}; {}", h.detail),
                     _ => h.detail.clone(),
                 };
-                if h.unknown() && !final_phase {
+                if seen.reach == Reach::Unknown && !final_phase {
                     detail = format!("not heard from since the coordinator restarted; {detail}");
                 }
                 HostView {
@@ -169,8 +170,8 @@ impl Rollout {
                     phase,
                     baseline: h.baseline.clone(),
                     target,
-                    current: h.current.clone(),
-                    healthy: h.healthy.unwrap_or(false),
+                    current: seen.current.clone(),
+                    healthy: seen.healthy.unwrap_or(false),
                     detail,
                     labels: h.labels.clone(),
                 }

@@ -89,7 +89,7 @@ impl Rollout {
     pub(super) fn check_rollback_timeouts(&mut self, now: u64) {
         let limit = ms(self.settings.rollback_timeout);
         for h in self.hosts.values_mut() {
-            if h.reachable()
+            if self.seen.reachable(&h.id)
                 && h.phase == HostPhase::RollingBack
                 && h.order
                     .as_ref()
@@ -113,10 +113,10 @@ impl Rollout {
 
     pub(super) fn advance_rollback(&mut self, now: u64) -> bool {
         self.check_rollback_timeouts(now);
-        let outstanding = self
-            .hosts
-            .values()
-            .any(|h| h.phase == HostPhase::RollingBack && (h.reachable() || h.unknown()));
+        let outstanding = self.hosts.values().any(|h| {
+            h.phase == HostPhase::RollingBack
+                && (self.seen.reachable(&h.id) || self.seen.unknown(&h.id))
+        });
         if outstanding {
             return false;
         }

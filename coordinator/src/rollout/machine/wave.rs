@@ -33,13 +33,13 @@ impl Rollout {
         self.resume_grace_until = None;
         let silent: Vec<HostId> = self
             .hosts
-            .values_mut()
-            .filter(|h| h.unknown())
-            .map(|h| {
-                h.reach = Reach::Unreachable;
-                h.id.clone()
-            })
+            .keys()
+            .filter(|id| self.seen.unknown(id))
+            .cloned()
             .collect();
+        for id in &silent {
+            self.seen.entry(id).reach = Reach::Unreachable;
+        }
         if !silent.is_empty() {
             self.event(
                 now,
@@ -147,7 +147,7 @@ impl Rollout {
         let hd = ms(self.spec.healthy_deadline);
         for id in &ids {
             let late = self.hosts.get(id).is_some_and(|h| {
-                h.reachable()
+                self.seen.reachable(id)
                     && h.failure.is_none()
                     && h.phase == HostPhase::Activated
                     && h.activated_ms.is_some_and(|t| t + hd <= now)
@@ -172,7 +172,7 @@ impl Rollout {
                 let late = self
                     .hosts
                     .get(id)
-                    .is_some_and(|h| h.reachable() && !h.settled());
+                    .is_some_and(|h| self.seen.reachable(id) && !h.settled(self.seen.get(id)));
                 if late {
                     self.fail_host(
                         now,
@@ -190,9 +190,11 @@ impl Rollout {
             return true;
         }
         self.dispatch(now, idx);
-        let settled = ids
-            .iter()
-            .all(|id| self.hosts.get(id).is_some_and(HostEntry::settled));
+        let settled = ids.iter().all(|id| {
+            self.hosts
+                .get(id)
+                .is_some_and(|h| h.settled(self.seen.get(id)))
+        });
         if !settled {
             return false;
         }
@@ -213,7 +215,7 @@ impl Rollout {
                 // nor as unreachable: the gate waits for them (at most the resume grace).
                 let unknown = ids
                     .iter()
-                    .any(|id| self.hosts.get(id).is_some_and(HostEntry::unknown));
+                    .any(|id| self.hosts.contains_key(id) && self.seen.unknown(id));
                 if unknown {
                     return false;
                 }
@@ -255,7 +257,7 @@ impl Rollout {
             let Some(h) = self.hosts.get(&id) else {
                 continue;
             };
-            if h.phase != HostPhase::Pending || !h.reachable() || h.failure.is_some() {
+            if h.phase != HostPhase::Pending || !self.seen.reachable(&id) || h.failure.is_some() {
                 continue;
             }
             if let (Some(k), Some(d)) = (max_domains, &h.domain)
@@ -293,7 +295,7 @@ impl Rollout {
             c.size += 1;
             if h.counts_failed() {
                 c.failed += 1;
-            } else if h.counts_unreachable() {
+            } else if h.counts_unreachable(self.seen.get(id)) {
                 c.unreachable += 1;
             } else if matches!(h.phase, HostPhase::Healthy | HostPhase::Confirmed) {
                 c.healthy += 1;
@@ -388,7 +390,7 @@ impl Rollout {
             .filter(|id| {
                 self.hosts
                     .get(*id)
-                    .is_some_and(HostEntry::counts_unreachable)
+                    .is_some_and(|h| h.counts_unreachable(self.seen.get(id)))
             })
             .cloned()
             .collect();
@@ -427,7 +429,7 @@ impl Rollout {
         let baseline: Vec<Window> = self
             .hosts
             .values()
-            .filter(|h| h.phase == HostPhase::Pending && h.reachable())
+            .filter(|h| h.phase == HostPhase::Pending && self.seen.reachable(&h.id))
             .map(|h| Window {
                 host: h.id.clone(),
                 since_ms: since,
@@ -612,7 +614,7 @@ impl Rollout {
         if self.waves[idx]
             .hosts
             .iter()
-            .any(|id| self.hosts.get(id).is_some_and(HostEntry::unknown))
+            .any(|id| self.hosts.contains_key(id) && self.seen.unknown(id))
         {
             return false;
         }
@@ -658,7 +660,7 @@ impl Rollout {
             // Hosts that joined late, and hosts of a wave that was promoted while they were
             // unreachable (accepted by an operator), get the release once they are back, within
             // the in-flight budget.
-            if h.phase == HostPhase::Pending && h.reachable() && h.failure.is_none() {
+            if h.phase == HostPhase::Pending && self.seen.reachable(&id) && h.failure.is_none() {
                 if in_flight >= max_in_flight {
                     continue;
                 }
@@ -673,7 +675,7 @@ impl Rollout {
             {
                 self.issue(now, &id, OrderKind::Confirm);
                 changed = true;
-            } else if h.reachable()
+            } else if self.seen.reachable(&id)
                 && h.failure.is_none()
                 && h.phase == HostPhase::Activated
                 && h.activated_ms
