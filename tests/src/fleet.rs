@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serin_proto::wire::{self, control_service_client::ControlServiceClient};
 use tonic::transport::Channel;
 
-use crate::agent_proc::{self, AgentOptions, AgentProc, SERVICE};
+use crate::agent_proc::{AgentOptions, AgentProc, SERVICE};
 use crate::demo_release::{self, Behaviour, DemoRelease};
 use crate::{binaries, http, wait};
 
@@ -149,12 +149,35 @@ pub fn healthy(id: &str) -> DemoRelease {
 /// systemd would after a crash.
 pub struct CoordinatorProc {
     dir: tempfile::TempDir,
+    ip: std::net::Ipv4Addr,
     port: u16,
     state_dir: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     starts: AtomicU32,
+}
+
+/// A loopback address of this coordinator's own and a free port on it. A port released on
+/// 127.0.0.1 can be taken by any process on the machine before the coordinator binds it (seen:
+/// "Address already in use" while several suites ran at once); on an address of its own, taken
+/// from 127.0.0.0/8 by process id and a counter, only this coordinator listens, also across its
+/// restarts.
+fn own_address() -> (std::net::Ipv4Addr, u16) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        100 + (pid % 150) as u8,
+        ((pid / 150) % 250) as u8 + 1,
+        (n % 250) as u8 + 1,
+    );
+    let port = std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port on a loopback address of its own");
+    (ip, port)
 }
 
 impl CoordinatorProc {
@@ -166,13 +189,13 @@ impl CoordinatorProc {
             .tempdir()
             .expect("creating the coordinator's tempdir");
         let root = dir.path().canonicalize().expect("canonical tempdir path");
-        let port = agent_proc::free_port();
+        let (ip, port) = own_address();
         let state_dir = root.join("state");
         let config_path = root.join("coordinator.toml");
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n",
+                "listen = \"{ip}:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n",
                 state_dir.display()
             ),
         )
@@ -180,6 +203,7 @@ impl CoordinatorProc {
         let c = Self {
             log_path: root.join("coordinator.log"),
             dir,
+            ip,
             port,
             state_dir,
             config_path,
@@ -192,7 +216,7 @@ impl CoordinatorProc {
 
     /// The URL agents and the CLI dial.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     /// The coordinator's state directory (store.redb, artifacts/).
