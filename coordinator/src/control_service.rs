@@ -180,7 +180,7 @@ fn decision_to_wire(d: &Decision) -> wire::Decision {
     wire::Decision {
         at_unix_ms: d.at_ms,
         wave: d.wave,
-        kind: d.kind.as_str().to_string(),
+        kind: wire::DecisionKind::from_word(d.kind.as_str()).unwrap_or_default() as i32,
         reason: d.reason.clone(),
         evidence: d.evidence.clone().into_iter().collect(),
         actor: d.actor.clone(),
@@ -196,7 +196,8 @@ pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
     wire::RolloutStatus {
         rollout_id: v.id.clone(),
         spec: Some(spec_to_wire(&v.spec)),
-        state: v.state.as_str().into(),
+        // The domain's words are the wire enums' (checked by serin-proto's tests).
+        state: wire::RolloutState::from_word(v.state.as_str()).unwrap_or_default() as i32,
         reason: v.reason.clone(),
         current_wave: v.current_wave,
         waves: v
@@ -205,7 +206,7 @@ pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
             .map(|w| wire::WaveStatus {
                 index: w.index,
                 size: w.size,
-                state: w.state.as_str().into(),
+                state: wire::WaveState::from_word(w.state.as_str()).unwrap_or_default() as i32,
                 succeeded: w.succeeded,
                 failed: w.failed,
                 unreachable: w.unreachable,
@@ -221,7 +222,7 @@ pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
                 host_id: h.id.to_string(),
                 hostname: h.hostname.clone(),
                 wave: h.wave,
-                phase: h.phase.as_str().into(),
+                phase: wire::HostPhase::from_word(h.phase.as_str()).unwrap_or_default() as i32,
                 baseline_release: opt_id(&h.baseline),
                 target_release: opt_id(&h.target),
                 current_release: opt_id(&h.current),
@@ -910,9 +911,15 @@ mod tests {
         };
         let (tx, rx) = watch::channel(status(RolloutState::Running));
         let mut stream = watch_stream(rx, CancellationToken::new());
-        assert_eq!(stream.next().await.unwrap().unwrap().state, "running");
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().state().as_str(),
+            "running"
+        );
         tx.send(status(RolloutState::Paused)).unwrap();
-        assert_eq!(stream.next().await.unwrap().unwrap().state, "paused");
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().state().as_str(),
+            "paused"
+        );
         tx.send(status(RolloutState::Succeeded)).unwrap();
         let last = stream.next().await.unwrap().unwrap();
         assert!(last.finished);

@@ -287,6 +287,80 @@ pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+// The words operators see for the rollout enums of the control API (the CLI's text and JSON):
+// the proto names without their prefix, in lower case. A test checks every one.
+macro_rules! words {
+    ($ty:ty, $prefix:literal, { $($variant:ident => $word:literal),* $(,)? }) => {
+        impl $ty {
+            /// The state as operators read it (`"rolling_back"`), `"unspecified"` for 0.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(<$ty>::$variant => $word,)*
+                }
+            }
+
+            /// The value with this word, if any.
+            pub fn from_word(w: &str) -> Option<Self> {
+                match w {
+                    $($word => Some(<$ty>::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+words!(crate::wire::RolloutState, "ROLLOUT_STATE_", {
+    Unspecified => "unspecified",
+    Running => "running",
+    Paused => "paused",
+    Waiting => "waiting",
+    Succeeded => "succeeded",
+    RollingBack => "rolling_back",
+    RolledBack => "rolled_back",
+    Aborted => "aborted",
+    Failed => "failed",
+});
+
+words!(crate::wire::WaveState, "WAVE_STATE_", {
+    Unspecified => "unspecified",
+    Pending => "pending",
+    Dispatching => "dispatching",
+    Baking => "baking",
+    Passed => "passed",
+    Failed => "failed",
+    Paused => "paused",
+    Waiting => "waiting",
+});
+
+words!(crate::wire::HostPhase, "HOST_PHASE_", {
+    Unspecified => "unspecified",
+    Pending => "pending",
+    Dispatched => "dispatched",
+    Activated => "activated",
+    Healthy => "healthy",
+    Confirmed => "confirmed",
+    Failed => "failed",
+    RollingBack => "rolling_back",
+    RolledBack => "rolled_back",
+    Skipped => "skipped",
+    Unreachable => "unreachable",
+});
+
+words!(crate::wire::DecisionKind, "DECISION_KIND_", {
+    Unspecified => "unspecified",
+    Promote => "promote",
+    Wait => "wait",
+    Pause => "pause",
+    Resume => "resume",
+    Rollback => "rollback",
+    Abort => "abort",
+    Retry => "retry",
+    Complete => "complete",
+    ManualRollback => "manual_rollback",
+    RollbackFinished => "rollback_finished",
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +427,33 @@ mod tests {
         }
         assert_eq!(Limit::Percent(25).to_string(), "25%");
         assert_eq!(Limit::Count(2).to_string(), "2");
+    }
+
+    #[test]
+    fn enum_words_are_the_proto_names_in_lower_case() {
+        use crate::wire::{DecisionKind, HostPhase, RolloutState, WaveState};
+        fn check(name: &str, prefix: &str, word: &str) {
+            assert_eq!(
+                name.strip_prefix(prefix).unwrap().to_lowercase(),
+                word,
+                "{name}"
+            );
+        }
+        for v in 0..20 {
+            if let Ok(e) = RolloutState::try_from(v) {
+                check(e.as_str_name(), "ROLLOUT_STATE_", e.as_str());
+                assert_eq!(RolloutState::from_word(e.as_str()), Some(e));
+            }
+            if let Ok(e) = WaveState::try_from(v) {
+                check(e.as_str_name(), "WAVE_STATE_", e.as_str());
+            }
+            if let Ok(e) = HostPhase::try_from(v) {
+                check(e.as_str_name(), "HOST_PHASE_", e.as_str());
+            }
+            if let Ok(e) = DecisionKind::try_from(v) {
+                check(e.as_str_name(), "DECISION_KIND_", e.as_str());
+            }
+        }
     }
 
     #[test]

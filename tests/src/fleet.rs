@@ -753,10 +753,10 @@ impl Fleet {
         let id = self.start_rollout(BASELINE, &["--waves", "100%"], &timings);
         let s = self.wait_finished(&id, TIMEOUT);
         assert_eq!(
-            s.state,
+            s.state().as_str(),
             "succeeded",
             "bootstrap rollout of {BASELINE} ended {}: {}\n{}",
-            s.state,
+            s.state().as_str(),
             s.reason,
             self.dump()
         );
@@ -1041,7 +1041,9 @@ impl Fleet {
 
     /// Waits until the rollout's state is `state`.
     pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> wire::RolloutStatus {
-        self.wait_rollout(id, &format!("state {state}"), timeout, |s| s.state == state)
+        self.wait_rollout(id, &format!("state {state}"), timeout, |s| {
+            s.state().as_str() == state
+        })
     }
 
     /// Waits until host `i` serves `version` on `GET /version` and `current` names it.
@@ -1140,7 +1142,11 @@ impl Fleet {
 pub fn describe_status(s: &wire::RolloutStatus) -> String {
     let mut out = format!(
         "rollout {} state {} reason {:?} current_wave {} finished {}\n",
-        s.rollout_id, s.state, s.reason, s.current_wave, s.finished
+        s.rollout_id,
+        s.state().as_str(),
+        s.reason,
+        s.current_wave,
+        s.finished
     );
     for w in &s.waves {
         let _ = writeln!(
@@ -1148,7 +1154,7 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
             "  wave {} size {} state {} ok {} failed {} unreachable {} in_progress {} started {} bake_ends {}",
             w.index,
             w.size,
-            w.state,
+            w.state().as_str(),
             w.succeeded,
             w.failed,
             w.unreachable,
@@ -1163,7 +1169,7 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
             "  host {} wave {} phase {} baseline {:?} target {:?} current {:?} detail {:?}",
             h.host_id,
             h.wave,
-            h.phase,
+            h.phase().as_str(),
             h.baseline_release,
             h.target_release,
             h.current_release,
@@ -1174,7 +1180,12 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
         let _ = writeln!(
             out,
             "  decision {} wave {} {} by {:?}: {} {:?}",
-            d.at_unix_ms, d.wave, d.kind, d.actor, d.reason, d.evidence
+            d.at_unix_ms,
+            d.wave,
+            d.kind().as_str(),
+            d.actor,
+            d.reason,
+            d.evidence
         );
     }
     out
@@ -1198,7 +1209,7 @@ pub fn decision<'a>(
 ) -> Option<&'a wire::Decision> {
     s.decisions
         .iter()
-        .find(|d| d.kind == kind && d.wave == wave)
+        .find(|d| d.kind().as_str() == kind && d.wave == wave)
 }
 
 impl Fleet {
@@ -1214,7 +1225,7 @@ impl Fleet {
         baseline: &str,
     ) {
         assert_eq!(
-            s.state,
+            s.state().as_str(),
             state,
             "rollout of {release} should end {state}\n{}\n{}",
             describe_status(s),
@@ -1267,7 +1278,7 @@ impl Fleet {
             .hosts
             .iter()
             .filter(|h| allowed.contains(&self.index_of(&h.host_id)))
-            .filter(|h| !matches!(h.phase.as_str(), "pending" | "skipped"))
+            .filter(|h| !matches!(h.phase().as_str(), "pending" | "skipped"))
             .map(|h| h.host_id.clone())
             .collect();
         let late = self.wait_rollout(
@@ -1278,16 +1289,16 @@ impl Fleet {
                 l.hosts
                     .iter()
                     .filter(|h| touched.contains(&h.host_id))
-                    .all(|h| h.phase == "rolled_back")
+                    .all(|h| h.phase().as_str() == "rolled_back")
             },
         );
         for h in &late.hosts {
             if allowed.contains(&self.index_of(&h.host_id)) && !h.target_release.is_empty() {
                 assert!(
-                    matches!(h.phase.as_str(), "rolled_back" | "pending" | "skipped"),
+                    matches!(h.phase().as_str(), "rolled_back" | "pending" | "skipped"),
                     "host {} of a {state} rollout ends in phase {} (expected rolled_back)\n{}",
                     h.host_id,
-                    h.phase,
+                    h.phase().as_str(),
                     describe_status(s)
                 );
             }

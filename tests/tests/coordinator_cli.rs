@@ -69,7 +69,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
 
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -96,7 +96,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
     // After the first rollout ended, the second one is accepted.
     let id3 = f.start_rollout("v3", &["--waves", "100%"], &t);
     let s = f.wait_finished(&id3, LONG);
-    assert_eq!(s.state, "succeeded", "{}", describe_status(&s));
+    assert_eq!(s.state().as_str(), "succeeded", "{}", describe_status(&s));
 }
 
 /// Bad flags, bad specs and unknown names: exit 2, a message naming the problem, and nothing
@@ -241,7 +241,7 @@ fn bad_input_fails_with_exit_2_and_changes_nothing() {
     let id = f.start_rollout(BASELINE, &["--waves", "100%"], &t);
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),

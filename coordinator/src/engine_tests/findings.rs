@@ -92,7 +92,7 @@ async fn wait_status(
 fn failed_hosts(s: &wire::RolloutStatus) -> Vec<String> {
     s.hosts
         .iter()
-        .filter(|h| h.phase == "failed" || h.detail.contains("failed"))
+        .filter(|h| h.phase().as_str() == "failed" || h.detail.contains("failed"))
         .map(|h| format!("{}: {}", h.host_id, h.detail))
         .collect()
 }
@@ -118,7 +118,7 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "reason: {}; failed: {:?}",
         s.reason,
@@ -168,7 +168,11 @@ async fn a_refusal_arriving_before_start_returns_is_seen() {
         h1.detail.contains("insufficient_space"),
         "the canary failed for the reason its agent gave: {h1:?}"
     );
-    let decision = s.decisions.iter().find(|d| d.kind == "rollback").unwrap();
+    let decision = s
+        .decisions
+        .iter()
+        .find(|d| d.kind().as_str() == "rollback")
+        .unwrap();
     assert!(
         decision.at_unix_ms < s.created_unix_ms + 10_000,
         "the refusal was acted on at once, not at the progress deadline: {decision:?}"
@@ -198,7 +202,10 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
         }
     }
     fleet.respond_with(agent);
-    wait_status(&mut rx, "rollout A succeeds", |s| s.state == "succeeded").await;
+    wait_status(&mut rx, "rollout A succeeds", |s| {
+        s.state().as_str() == "succeeded"
+    })
+    .await;
 
     // Hold every save but A's: the start of B stops in the middle.
     store.close_gate(&a.rollout_id);
@@ -249,7 +256,7 @@ async fn a_rollback_racing_a_start_cannot_make_two_live_rollouts() {
         .unwrap()
         .into_iter()
         .filter(|s| !s.finished)
-        .map(|s| (s.rollout_id, s.state))
+        .map(|s| (s.state().as_str(), s.rollout_id))
         .collect();
     assert!(unfinished.len() <= 1, "live rollouts: {unfinished:?}");
     shutdown.cancel();
@@ -287,7 +294,7 @@ async fn stale_order_refusals_catch_up_with_the_agents_sequence() {
     let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
     let s = rx.borrow().clone();
-    assert_eq!(s.state, "succeeded", "{:?}", failed_hosts(&s));
+    assert_eq!(s.state().as_str(), "succeeded", "{:?}", failed_hosts(&s));
     let activates: Vec<(String, u64)> = fleet
         .sent()
         .iter()

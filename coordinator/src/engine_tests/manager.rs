@@ -108,7 +108,7 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap();
-    assert_eq!(st.state, "running");
+    assert_eq!(st.state().as_str(), "running");
     assert_eq!(
         fleet.sent().len(),
         1,
@@ -135,9 +135,9 @@ async fn a_rollout_runs_to_success_through_the_manager() {
             break;
         }
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
     let ex = api(&mgr).explain(&st.rollout_id).await.unwrap();
-    assert!(ex.decisions.iter().any(|d| d.kind == "complete"));
+    assert!(ex.decisions.iter().any(|d| d.kind().as_str() == "complete"));
     assert!(
         ex.events.iter().any(|e| e.contains("wave 1 started")),
         "{:?}",
@@ -188,7 +188,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let mut answered = 0;
     agents(&fleet, &mut answered);
     let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
-    wait_for(&mut rx, |s| s.waves[0].state == "baking").await;
+    wait_for(&mut rx, |s| s.waves[0].state().as_str() == "baking").await;
     // Coordinator "crash".
     shutdown.cancel();
     mgr.join().await;
@@ -198,7 +198,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let before = fleet.sent().len();
     let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     assert_eq!(
-        rx.borrow().waves[0].state,
+        rx.borrow().waves[0].state().as_str(),
         "baking",
         "resumed in the same wave"
     );
@@ -206,7 +206,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         agents(&fleet, &mut answered);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
     let activates: Vec<_> = fleet
         .sent()
         .iter()
@@ -243,9 +243,9 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         })
         .await
         .unwrap();
-    assert_eq!(st2.state, "rolling_back");
+    assert_eq!(st2.state().as_str(), "rolling_back");
     agents(&fleet, &mut answered);
-    wait_for(&mut rx, |s| s.state == "rolled_back").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "rolled_back").await;
     shutdown.cancel();
     mgr.join().await;
 }
@@ -267,7 +267,7 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     wait_for(&mut rx, |s| {
         s.hosts
             .iter()
-            .any(|h| h.host_id == "h2" && h.phase == "unreachable")
+            .any(|h| h.host_id == "h2" && h.phase().as_str() == "unreachable")
     })
     .await;
     let first: Vec<_> = fleet
@@ -276,10 +276,10 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         .filter(|(h, _)| h.as_str() == "h1")
         .collect();
     answer(&fleet, &first);
-    wait_for(&mut rx, |s| s.state == "waiting").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "waiting").await;
     // h2 returns: the very same order is re-sent and the rollout resumes by itself.
     fleet.set_host(host("h2", "eu-1", "web-1"));
-    wait_for(&mut rx, |s| s.state == "running").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "running").await;
     let to_h2: Vec<_> = fleet
         .sent()
         .into_iter()
@@ -292,12 +292,12 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         agents(&fleet, &mut answered);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
     let d: Vec<_> = rx
         .borrow()
         .decisions
         .iter()
-        .map(|d| d.kind.clone())
+        .map(|d| d.kind().as_str().to_string())
         .collect();
     assert_eq!(d, vec!["wait", "resume", "promote", "promote", "complete"]);
     shutdown.cancel();

@@ -343,7 +343,7 @@ fn healthy_rollout_passes_every_wave_and_no_wave_starts_before_the_previous_gate
         vec!["promote", "promote", "promote", "complete"]
     );
     for h in wire_status(&s.m).hosts {
-        assert_eq!(h.phase, "confirmed", "{h:?}");
+        assert_eq!(h.phase().as_str(), "confirmed", "{h:?}");
     }
     // Activates went out wave by wave, exactly the planned cohorts.
     let planned: Vec<String> = p.hosts().map(|h| h.host_id.to_string()).collect();
@@ -907,7 +907,7 @@ fn after_a_restart_a_rollback_waits_for_unknown_hosts_until_the_resume_grace() {
         wire_status(&s.m).reason
     );
     let p = s.status_of("h01");
-    assert_eq!(p.phase, "rolling_back", "{p:?}");
+    assert_eq!(p.phase().as_str(), "rolling_back", "{p:?}");
     assert!(
         p.detail
             .contains("not heard from since the coordinator restarted"),
@@ -939,7 +939,7 @@ fn after_a_restart_a_rollback_waits_for_unknown_hosts_until_the_resume_grace() {
         "{}",
         wire_status(&s.m).reason
     );
-    assert_eq!(s.status_of("h03").phase, "unreachable");
+    assert_eq!(s.status_of("h03").phase().as_str(), "unreachable");
     assert!(
         s.events
             .iter()
@@ -1062,7 +1062,7 @@ fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back()
     assert_eq!(s.finished, vec![RolloutState::RolledBack]);
     for h in ["h01", "h03"] {
         let p = s.status_of(h);
-        assert_eq!(p.phase, "skipped", "{p:?}");
+        assert_eq!(p.phase().as_str(), "skipped", "{p:?}");
         assert_eq!(p.detail, "no baseline release to restore; left on web-2");
         assert_eq!(p.target_release, "web-2");
     }
