@@ -5,6 +5,15 @@
 //! state_dir = "/var/lib/serin"      # store.redb + artifacts/
 //! heartbeat_interval = "2s"         # sent to agents in Welcome
 //! unreachable_after = "6s"          # no message for this long: host unreachable
+//!
+//! [engine]                          # rollout engine settings (every key optional)
+//! rollback_timeout = "2m"           # a reachable host's answer to a rollback order
+//! confirm_grace = "1m"              # added to the confirm deadline agents get
+//! order_retry_delay = "2s"          # before re-sending an order refused as busy
+//! max_order_attempts = 5            # busy/stale refusals before the host counts as failed
+//! analysis_gates = true             # a confident "canary worse" verdict fails the gate
+//! analysis_min_checks = 20          # fewer check results per side: "insufficient data"
+//! analysis_alpha = 0.01             # significance level of the canary judge
 //! ```
 //!
 //! The file is parsed into a raw serde struct where every key is optional, then validated into
@@ -48,7 +57,7 @@ impl ConfigError {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
     /// Address agents and operators connect to.
     pub listen: SocketAddr,
@@ -58,6 +67,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// No message from an agent for this long: the host is unreachable.
     pub unreachable_after: Duration,
+    /// The rollout engine's settings (`[engine]`).
+    pub engine: EngineConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -67,6 +78,119 @@ impl Default for CoordinatorConfig {
             state_dir: PathBuf::from("/var/lib/serin"),
             heartbeat_interval: Duration::from_secs(2),
             unreachable_after: Duration::from_secs(6),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// The `[engine]` section: rollout engine settings that are not part of a rollout's spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// How long a reachable host may take to answer a rollback order before its rollback
+    /// counts as failed (default 2 min).
+    pub rollback_timeout: Duration,
+    /// Added to the confirm deadline an agent gets with an activation, so its dead-man switch
+    /// only fires when the coordinator is really gone (default 1 min).
+    pub confirm_grace: Duration,
+    /// Delay before re-sending an order an agent refused as busy (default 2 s).
+    pub order_retry_delay: Duration,
+    /// Busy or stale refusals of one order before the host counts as failed (default 5).
+    pub max_order_attempts: u32,
+    /// Whether a confident "canary worse" verdict fails a gate (default true); when false the
+    /// comparison is evidence only.
+    pub analysis_gates: bool,
+    /// Fewer check results than this on either side: "insufficient data" (default 20).
+    pub analysis_min_checks: u64,
+    /// Significance level of the canary judge, in (0, 0.5] (default 0.01).
+    pub analysis_alpha: f64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let e = crate::rollout::EngineSettings::default();
+        Self {
+            rollback_timeout: e.rollback_timeout,
+            confirm_grace: e.confirm_grace,
+            order_retry_delay: e.order_retry_delay,
+            max_order_attempts: e.max_order_attempts,
+            analysis_gates: e.analysis_gates,
+            analysis_min_checks: e.analysis.min_checks,
+            analysis_alpha: e.analysis.alpha,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine settings these values make, with `resume_grace` (the server passes its
+    /// `unreachable_after`: after a restart, hosts are unknown for as long as a live agent can
+    /// take to be noticed as gone).
+    pub fn settings(&self, resume_grace: Duration) -> crate::rollout::EngineSettings {
+        let mut e = crate::rollout::EngineSettings {
+            rollback_timeout: self.rollback_timeout,
+            confirm_grace: self.confirm_grace,
+            order_retry_delay: self.order_retry_delay,
+            max_order_attempts: self.max_order_attempts,
+            analysis_gates: self.analysis_gates,
+            resume_grace,
+            ..Default::default()
+        };
+        e.analysis.min_checks = self.analysis_min_checks;
+        e.analysis.alpha = self.analysis_alpha;
+        e
+    }
+}
+
+/// The `[engine]` section as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawEngine {
+    rollback_timeout: Option<String>,
+    confirm_grace: Option<String>,
+    order_retry_delay: Option<String>,
+    max_order_attempts: Option<u32>,
+    analysis_gates: Option<bool>,
+    analysis_min_checks: Option<u64>,
+    analysis_alpha: Option<f64>,
+}
+
+impl RawEngine {
+    fn validate(self, p: &mut Problems) -> EngineConfig {
+        let d = EngineConfig::default();
+        let max_order_attempts = match self.max_order_attempts {
+            Some(0) => {
+                p.push("engine.max_order_attempts", "must be at least 1");
+                d.max_order_attempts
+            }
+            Some(n) => n,
+            None => d.max_order_attempts,
+        };
+        let analysis_alpha = match self.analysis_alpha {
+            Some(a) if !(a > 0.0 && a <= 0.5) => {
+                p.push(
+                    "engine.analysis_alpha",
+                    format!("{a} is not a significance level in (0, 0.5]"),
+                );
+                d.analysis_alpha
+            }
+            Some(a) => a,
+            None => d.analysis_alpha,
+        };
+        EngineConfig {
+            rollback_timeout: p.duration(
+                "engine.rollback_timeout",
+                self.rollback_timeout,
+                d.rollback_timeout,
+            ),
+            confirm_grace: p.duration("engine.confirm_grace", self.confirm_grace, d.confirm_grace),
+            order_retry_delay: p.duration(
+                "engine.order_retry_delay",
+                self.order_retry_delay,
+                d.order_retry_delay,
+            ),
+            max_order_attempts,
+            analysis_gates: self.analysis_gates.unwrap_or(d.analysis_gates),
+            analysis_min_checks: self.analysis_min_checks.unwrap_or(d.analysis_min_checks),
+            analysis_alpha,
         }
     }
 }
@@ -102,6 +226,7 @@ struct RawConfig {
     state_dir: Option<String>,
     heartbeat_interval: Option<String>,
     unreachable_after: Option<String>,
+    engine: RawEngine,
 }
 
 struct Problems(Vec<String>);
@@ -184,11 +309,13 @@ impl RawConfig {
             self.unreachable_after,
             defaults.unreachable_after,
         );
+        let engine = self.engine.validate(&mut p);
         let config = CoordinatorConfig {
             listen,
             state_dir,
             heartbeat_interval,
             unreachable_after,
+            engine,
         };
         p.0.extend(config.problems());
         if p.0.is_empty() {
@@ -371,5 +498,60 @@ mod tests {
         let r = check_config(&path);
         assert!(r.is_ok());
         assert_eq!(r.warnings, vec!["unknown key extra"]);
+    }
+
+    #[test]
+    fn engine_settings_have_defaults_and_are_typed() {
+        let l = CoordinatorConfig::parse("").unwrap();
+        assert_eq!(l.config.engine, EngineConfig::default());
+        let e = l.config.engine.settings(Duration::from_secs(6));
+        assert_eq!(e.rollback_timeout, Duration::from_secs(120));
+        assert_eq!(e.confirm_grace, Duration::from_secs(60));
+        assert!(e.analysis_gates);
+        assert_eq!(e.resume_grace, Duration::from_secs(6));
+        let l = CoordinatorConfig::parse(
+            r#"
+            [engine]
+            rollback_timeout = "30s"
+            confirm_grace = "5m"
+            analysis_gates = false
+            analysis_min_checks = 50
+            analysis_alpha = 0.05
+            max_order_attempts = 3
+            "#,
+        )
+        .unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let e = l.config.engine.settings(Duration::from_secs(6));
+        assert_eq!(e.rollback_timeout, Duration::from_secs(30));
+        assert_eq!(e.confirm_grace, Duration::from_secs(300));
+        assert!(!e.analysis_gates);
+        assert_eq!(e.analysis.min_checks, 50);
+        assert_eq!(e.analysis.alpha, 0.05);
+        assert_eq!(e.max_order_attempts, 3);
+    }
+
+    #[test]
+    fn bad_engine_settings_name_their_key() {
+        let e = CoordinatorConfig::parse(
+            r#"
+            [engine]
+            rollback_timeout = "soon"
+            analysis_alpha = 2.0
+            max_order_attempts = 0
+            colour = "blue"
+            "#,
+        )
+        .unwrap_err();
+        let p = e.problems();
+        for key in [
+            "engine.rollback_timeout",
+            "engine.analysis_alpha",
+            "engine.max_order_attempts",
+        ] {
+            assert!(p.iter().any(|x| x.starts_with(key)), "{key}: {p:?}");
+        }
+        let l = CoordinatorConfig::parse("[engine]\ncolour = \"blue\"\n").unwrap();
+        assert_eq!(l.warnings, vec!["unknown key engine.colour"]);
     }
 }

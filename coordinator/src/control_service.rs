@@ -17,6 +17,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::ArtifactStore;
 use crate::registry::{Registry, unix_ms_now};
+use crate::rollout::analysis::MetricSummary;
+use crate::rollout::machine::Decision;
+use crate::rollout::plan::Plan;
+use crate::rollout::spec::RawSpec;
+use crate::rollout::{
+    Explanation, OperatorAction, RolloutError, RolloutManager, RolloutSpec, RolloutView,
+};
 use crate::selector::Selector;
 use crate::store::{ReleaseRecord, Store, StoreError};
 
@@ -30,8 +37,8 @@ pub trait RolloutApi: Send + Sync + 'static {
     async fn start_rollout(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status>;
     /// A rollout's status now.
     async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status>;
-    /// A rollout's status now and after every change.
-    fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status>;
+    /// A rollout's status now and after every change (domain values; the stream converts each).
+    fn watch(&self, id: &str) -> Result<watch::Receiver<RolloutView>, Status>;
     /// Every rollout (of one service), oldest first.
     async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status>;
     /// Pause, resume, promote, abort, retry or roll back a rollout.
@@ -40,28 +47,256 @@ pub trait RolloutApi: Send + Sync + 'static {
     async fn explain(&self, id: &str) -> Result<wire::Explanation, Status>;
 }
 
+impl From<RolloutError> for Status {
+    fn from(e: RolloutError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RolloutError::InvalidSpec(_) => Status::invalid_argument(msg),
+            RolloutError::UnknownRelease { .. } | RolloutError::NotFound(_) => {
+                Status::not_found(msg)
+            }
+            RolloutError::NothingToDo(_)
+            | RolloutError::ServiceBusy { .. }
+            | RolloutError::Refused(_)
+            | RolloutError::NotLatest { .. } => Status::failed_precondition(msg),
+            RolloutError::NotSaved(_) | RolloutError::Stopped(_) => Status::unavailable(msg),
+            RolloutError::Store(_) | RolloutError::Record(_) | RolloutError::BadRelease { .. } => {
+                tracing::error!(error = %msg, "rollout engine failed");
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+/// The operator action of a wire control request.
+fn action_from_wire(action: i32) -> Result<OperatorAction, Status> {
+    match wire::ControlAction::try_from(action) {
+        Ok(wire::ControlAction::Pause) => Ok(OperatorAction::Pause),
+        Ok(wire::ControlAction::Resume) => Ok(OperatorAction::Resume),
+        Ok(wire::ControlAction::Promote) => Ok(OperatorAction::Promote),
+        Ok(wire::ControlAction::Abort) => Ok(OperatorAction::Abort),
+        Ok(wire::ControlAction::Retry) => Ok(OperatorAction::Retry),
+        Ok(wire::ControlAction::Rollback) => Ok(OperatorAction::Rollback),
+        _ => Err(Status::invalid_argument(format!(
+            "action: {action} is not one of pause, resume, promote, abort, retry, rollback"
+        ))),
+    }
+}
+
+/// The raw spec of a wire spec (field for field).
+pub fn raw_spec_from_wire(w: wire::RolloutSpec) -> RawSpec {
+    RawSpec {
+        service: w.service,
+        release: w.release,
+        selector: w.selector,
+        waves: w.waves,
+        bake_ms: w.bake_ms,
+        canary_bake_ms: w.canary_bake_ms,
+        min_healthy_ms: w.min_healthy_ms,
+        healthy_deadline_ms: w.healthy_deadline_ms,
+        progress_deadline_ms: w.progress_deadline_ms,
+        max_unavailable: w.max_unavailable,
+        max_in_flight: w.max_in_flight,
+        failure_threshold: w.failure_threshold,
+        cumulative_failure_threshold: w.cumulative_failure_threshold,
+        on_failure: w.on_failure,
+        spread_label: w.spread_label,
+        max_domains_in_flight: w.max_domains_in_flight,
+        unreachable_threshold: w.unreachable_threshold,
+    }
+}
+
+/// A validated spec from the wire.
+fn spec_from_wire(spec: wire::RolloutSpec) -> Result<RolloutSpec, Status> {
+    RolloutSpec::try_from(raw_spec_from_wire(spec)).map_err(|e| Status::from(RolloutError::from(e)))
+}
+
+/// The wire form of a raw spec (field for field).
+pub fn raw_spec_to_wire(r: RawSpec) -> wire::RolloutSpec {
+    wire::RolloutSpec {
+        service: r.service,
+        release: r.release,
+        selector: r.selector,
+        waves: r.waves,
+        bake_ms: r.bake_ms,
+        canary_bake_ms: r.canary_bake_ms,
+        min_healthy_ms: r.min_healthy_ms,
+        healthy_deadline_ms: r.healthy_deadline_ms,
+        progress_deadline_ms: r.progress_deadline_ms,
+        max_unavailable: r.max_unavailable,
+        max_in_flight: r.max_in_flight,
+        failure_threshold: r.failure_threshold,
+        cumulative_failure_threshold: r.cumulative_failure_threshold,
+        on_failure: r.on_failure,
+        spread_label: r.spread_label,
+        max_domains_in_flight: r.max_domains_in_flight,
+        unreachable_threshold: r.unreachable_threshold,
+    }
+}
+
+/// The wire form of a spec, every default spelled out.
+pub fn spec_to_wire(spec: &RolloutSpec) -> wire::RolloutSpec {
+    raw_spec_to_wire(spec.to_raw())
+}
+
+/// The wire form shown by `serin rollout plan`.
+pub fn plan_to_wire(p: &Plan, spec: &RolloutSpec) -> wire::RolloutPlan {
+    wire::RolloutPlan {
+        spec: Some(spec_to_wire(spec)),
+        waves: p
+            .waves
+            .iter()
+            .map(|w| wire::PlannedWave {
+                index: w.index,
+                host_ids: w.hosts.iter().map(|h| h.host_id.to_string()).collect(),
+                size_expr: w.size_expr.clone(),
+            })
+            .collect(),
+        skipped: p
+            .skipped
+            .iter()
+            .map(|s| wire::SkippedHost {
+                host_id: s.host_id.to_string(),
+                reason: s.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn summary_to_wire(m: &MetricSummary) -> wire::MetricSummary {
+    wire::MetricSummary {
+        hosts: m.hosts,
+        reports: m.reports,
+        check_pass_rate: m.check_pass_rate,
+        latency_p50_ms: m.latency_p50_ms,
+        latency_p99_ms: m.latency_p99_ms,
+        restarts: m.restarts,
+        cpu_percent: m.cpu_percent,
+        rss_bytes: m.rss_bytes,
+    }
+}
+
+fn decision_to_wire(d: &Decision) -> wire::Decision {
+    wire::Decision {
+        at_unix_ms: d.at_ms,
+        wave: d.wave,
+        kind: wire::DecisionKind::from_word(d.kind.as_str()).unwrap_or_default() as i32,
+        reason: d.reason.clone(),
+        evidence: d.evidence.clone().into_iter().collect(),
+        actor: d.actor.clone(),
+    }
+}
+
+fn opt_id(r: &Option<ReleaseId>) -> String {
+    r.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+/// The wire form of a rollout's status.
+pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
+    wire::RolloutStatus {
+        rollout_id: v.id.clone(),
+        spec: Some(spec_to_wire(&v.spec)),
+        // The domain's words are the wire enums' (checked by serin-proto's tests).
+        state: wire::RolloutState::from_word(v.state.as_str()).unwrap_or_default() as i32,
+        reason: v.reason.clone(),
+        current_wave: v.current_wave,
+        waves: v
+            .waves
+            .iter()
+            .map(|w| wire::WaveStatus {
+                index: w.index,
+                size: w.size,
+                state: wire::WaveState::from_word(w.state.as_str()).unwrap_or_default() as i32,
+                succeeded: w.succeeded,
+                failed: w.failed,
+                unreachable: w.unreachable,
+                in_progress: w.in_progress,
+                started_unix_ms: w.started_ms.unwrap_or(0),
+                bake_ends_unix_ms: w.bake_ends_ms.unwrap_or(0),
+            })
+            .collect(),
+        hosts: v
+            .hosts
+            .iter()
+            .map(|h| wire::HostProgress {
+                host_id: h.id.to_string(),
+                hostname: h.hostname.clone(),
+                wave: h.wave,
+                phase: wire::HostPhase::from_word(h.phase.as_str()).unwrap_or_default() as i32,
+                baseline_release: opt_id(&h.baseline),
+                target_release: opt_id(&h.target),
+                current_release: opt_id(&h.current),
+                healthy: h.healthy,
+                detail: h.detail.clone(),
+                labels: h.labels.clone().into_iter().collect(),
+            })
+            .collect(),
+        comparison: v.comparison.as_ref().map(|c| wire::Comparison {
+            canary: Some(summary_to_wire(&c.canary)),
+            baseline: Some(summary_to_wire(&c.baseline)),
+            verdict: c.verdict.as_str().to_string(),
+        }),
+        decisions: v.decisions.iter().map(decision_to_wire).collect(),
+        created_unix_ms: v.created_ms,
+        updated_unix_ms: v.updated_ms,
+        finished: v.finished(),
+    }
+}
+
+/// The wire form of an explanation.
+pub fn explanation_to_wire(e: &Explanation) -> wire::Explanation {
+    wire::Explanation {
+        status: Some(status_to_wire(&e.status)),
+        decisions: e.status.decisions.iter().map(decision_to_wire).collect(),
+        events: e.events.clone(),
+    }
+}
+
 #[tonic::async_trait]
-impl RolloutApi for crate::rollout::RolloutManager {
+impl RolloutApi for RolloutManager {
     async fn plan(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status> {
-        crate::rollout::RolloutManager::plan(self, spec).await
+        let spec = spec_from_wire(spec)?;
+        let p = RolloutManager::plan(self, &spec).await?;
+        Ok(plan_to_wire(&p, &spec))
     }
     async fn start_rollout(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::start_rollout(self, spec).await
+        let spec = spec_from_wire(spec)?;
+        Ok(status_to_wire(
+            &RolloutManager::start_rollout(self, spec).await?,
+        ))
     }
     async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::status(self, id).await
+        Ok(status_to_wire(&RolloutManager::status(self, id).await?))
     }
-    fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
-        crate::rollout::RolloutManager::watch(self, id)
+    fn watch(&self, id: &str) -> Result<watch::Receiver<RolloutView>, Status> {
+        Ok(RolloutManager::watch(self, id)?)
     }
     async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
-        crate::rollout::RolloutManager::list(self, service).await
+        let service = match service.map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => {
+                Some(ServiceName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
+        };
+        Ok(RolloutManager::list(self, service.as_ref())
+            .await?
+            .iter()
+            .map(status_to_wire)
+            .collect())
     }
     async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status> {
-        crate::rollout::RolloutManager::control(self, req).await
+        let action = action_from_wire(req.action)?;
+        if req.reason.len() > 1024 {
+            return Err(Status::invalid_argument("reason: at most 1024 bytes"));
+        }
+        let v =
+            RolloutManager::control(self, &req.rollout_id, action, "operator", &req.reason).await?;
+        Ok(status_to_wire(&v))
     }
     async fn explain(&self, id: &str) -> Result<wire::Explanation, Status> {
-        crate::rollout::RolloutManager::explain(self, id).await
+        Ok(explanation_to_wire(
+            &RolloutManager::explain(self, id).await?,
+        ))
     }
 }
 
@@ -160,12 +395,9 @@ type WatchStream =
 
 /// The watch channel's value now and after every change, until a finished status was sent, the
 /// engine drops the channel, or the coordinator shuts down.
-fn watch_stream(
-    rx: watch::Receiver<wire::RolloutStatus>,
-    shutdown: CancellationToken,
-) -> WatchStream {
+fn watch_stream(rx: watch::Receiver<RolloutView>, shutdown: CancellationToken) -> WatchStream {
     struct St {
-        rx: watch::Receiver<wire::RolloutStatus>,
+        rx: watch::Receiver<RolloutView>,
         first: bool,
         done: bool,
         shutdown: CancellationToken,
@@ -195,7 +427,7 @@ fn watch_stream(
             }
         }
         st.first = false;
-        let status = st.rx.borrow_and_update().clone();
+        let status = status_to_wire(&st.rx.borrow_and_update());
         st.done = status.finished;
         Some((Ok(status), st))
     }))
@@ -666,18 +898,29 @@ mod tests {
 
     #[tokio::test]
     async fn watch_streams_every_change_until_the_rollout_finishes() {
-        let status = |state: &str, finished: bool| wire::RolloutStatus {
-            rollout_id: "r-1".into(),
-            state: state.into(),
-            finished,
-            ..Default::default()
+        use crate::rollout::{Rollout, RolloutState, plan, testing};
+        let base = {
+            let spec = testing::spec(&["100%"]);
+            let hosts = vec![testing::host("h1", "a", "web-1")];
+            let p = plan::plan(&spec, &hosts);
+            Rollout::new("r-1", spec, testing::release(), &p, Default::default(), 1).status()
         };
-        let (tx, rx) = watch::channel(status("running", false));
+        let status = |state: RolloutState| RolloutView {
+            state,
+            ..base.clone()
+        };
+        let (tx, rx) = watch::channel(status(RolloutState::Running));
         let mut stream = watch_stream(rx, CancellationToken::new());
-        assert_eq!(stream.next().await.unwrap().unwrap().state, "running");
-        tx.send(status("paused", false)).unwrap();
-        assert_eq!(stream.next().await.unwrap().unwrap().state, "paused");
-        tx.send(status("succeeded", true)).unwrap();
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().state().as_str(),
+            "running"
+        );
+        tx.send(status(RolloutState::Paused)).unwrap();
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().state().as_str(),
+            "paused"
+        );
+        tx.send(status(RolloutState::Succeeded)).unwrap();
         let last = stream.next().await.unwrap().unwrap();
         assert!(last.finished);
         assert!(
@@ -686,7 +929,7 @@ mod tests {
         );
 
         // A shutdown ends a watch that would otherwise wait forever.
-        let (_tx, rx) = watch::channel(status("running", false));
+        let (_tx, rx) = watch::channel(status(RolloutState::Running));
         let shutdown = CancellationToken::new();
         let mut stream = watch_stream(rx, shutdown.clone());
         assert!(stream.next().await.unwrap().is_ok());

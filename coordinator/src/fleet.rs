@@ -2,10 +2,14 @@
 //!
 //! The registry (fed by agent streams) implements [`Fleet`]; rollout tasks read host snapshots,
 //! send orders and subscribe to [`FleetEvent`]s through it, never touching gRPC themselves.
+//!
+//! The three plain enums of results and inventory ([`OrderPhase`], [`ResultCode`],
+//! [`ServiceState`]) are re-exported from the protocol crate for now: the registry builds these
+//! types from validated messages and the engine reads them only through this module.
 
 use std::collections::BTreeMap;
 
-use serin_proto::wire::{OrderPhase, ResultCode, ServiceState};
+pub use serin_proto::wire::{OrderPhase, ResultCode, ServiceState};
 use serin_proto::{HostId, Order, ReleaseId, ServiceName};
 
 /// What the coordinator knows of one service on one host, from the agent's hello and results.
@@ -65,6 +69,9 @@ pub struct OrderOutcome {
     pub code: ResultCode,
     pub message: String,
     pub current_release: Option<ReleaseId>,
+    /// The highest sequence the agent has applied for this service (0 from agents that do not
+    /// report it). After a `STALE_ORDER` refusal the coordinator allocates past it.
+    pub last_seq: u64,
 }
 
 /// Something that happened in the fleet.

@@ -12,3 +12,6 @@ pub mod rollout;
 pub mod selector;
 pub mod server;
 pub mod store;
+
+#[cfg(test)]
+mod engine_tests;

@@ -662,6 +662,7 @@ pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationE
         code,
         message: truncate(r.message, 4096),
         current_release,
+        last_seq: r.last_seq,
     })
 }
 

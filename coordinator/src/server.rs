@@ -111,6 +111,7 @@ pub async fn run(
         store.clone(),
         registry.clone(),
         config.unreachable_after,
+        &config.engine,
         inner.clone(),
     )
     .await
@@ -223,15 +224,13 @@ async fn start_rollouts(
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     unreachable_after: std::time::Duration,
+    engine: &crate::config::EngineConfig,
     shutdown: CancellationToken,
 ) -> Result<Rollouts, ServerError> {
     let fleet: Arc<dyn Fleet> = registry;
     // After a restart, hosts are "unknown" (not unreachable) for as long as a live agent can take
     // to be noticed as gone.
-    let settings = crate::rollout::EngineSettings {
-        resume_grace: unreachable_after,
-        ..Default::default()
-    };
+    let settings = engine.settings(unreachable_after);
     let manager = crate::rollout::RolloutManager::start(store, fleet, settings, shutdown)
         .await
         .map_err(|e| ServerError::Rollouts(e.to_string()))?;
@@ -267,7 +266,7 @@ pub(crate) mod testing {
         async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
             Err(Status::not_found(format!("no rollout {id}")))
         }
-        fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
+        fn watch(&self, id: &str) -> Result<watch::Receiver<crate::rollout::RolloutView>, Status> {
             Err(Status::not_found(format!("no rollout {id}")))
         }
         async fn list(&self, _: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
@@ -505,6 +504,7 @@ mod tests {
                 state_dir: state_dir.to_path_buf(),
                 heartbeat_interval: Duration::from_millis(200),
                 unreachable_after: Duration::from_secs(2),
+                ..Default::default()
             };
             let shutdown = CancellationToken::new();
             let handle = tokio::spawn(run(config, listener, shutdown.clone()));
@@ -634,6 +634,7 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             heartbeat_interval: Duration::from_secs(10),
             unreachable_after: Duration::from_secs(5),
+            ..Default::default()
         };
         let e = run(config, listener, CancellationToken::new())
             .await

@@ -6,6 +6,7 @@
 //! conversion is a [`domain::ValidationError`] that names the field and the problem.
 
 pub mod domain;
+pub mod grammar;
 
 /// Generated code for the `serin.v1` protobuf package.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

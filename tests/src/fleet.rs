@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serin_proto::wire::{self, control_service_client::ControlServiceClient};
 use tonic::transport::Channel;
 
-use crate::agent_proc::{self, AgentOptions, AgentProc, SERVICE};
+use crate::agent_proc::{AgentOptions, AgentProc, SERVICE};
 use crate::demo_release::{self, Behaviour, DemoRelease};
 use crate::{binaries, http, wait};
 
@@ -149,12 +149,35 @@ pub fn healthy(id: &str) -> DemoRelease {
 /// systemd would after a crash.
 pub struct CoordinatorProc {
     dir: tempfile::TempDir,
+    ip: std::net::Ipv4Addr,
     port: u16,
     state_dir: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     starts: AtomicU32,
+}
+
+/// A loopback address of this coordinator's own and a free port on it. A port released on
+/// 127.0.0.1 can be taken by any process on the machine before the coordinator binds it (seen:
+/// "Address already in use" while several suites ran at once); on an address of its own, taken
+/// from 127.0.0.0/8 by process id and a counter, only this coordinator listens, also across its
+/// restarts.
+fn own_address() -> (std::net::Ipv4Addr, u16) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    let ip = std::net::Ipv4Addr::new(
+        127,
+        100 + (pid % 150) as u8,
+        ((pid / 150) % 250) as u8 + 1,
+        (n % 250) as u8 + 1,
+    );
+    let port = std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port on a loopback address of its own");
+    (ip, port)
 }
 
 impl CoordinatorProc {
@@ -166,13 +189,13 @@ impl CoordinatorProc {
             .tempdir()
             .expect("creating the coordinator's tempdir");
         let root = dir.path().canonicalize().expect("canonical tempdir path");
-        let port = agent_proc::free_port();
+        let (ip, port) = own_address();
         let state_dir = root.join("state");
         let config_path = root.join("coordinator.toml");
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n",
+                "listen = \"{ip}:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n",
                 state_dir.display()
             ),
         )
@@ -180,6 +203,7 @@ impl CoordinatorProc {
         let c = Self {
             log_path: root.join("coordinator.log"),
             dir,
+            ip,
             port,
             state_dir,
             config_path,
@@ -192,7 +216,7 @@ impl CoordinatorProc {
 
     /// The URL agents and the CLI dial.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     /// The coordinator's state directory (store.redb, artifacts/).
@@ -729,10 +753,10 @@ impl Fleet {
         let id = self.start_rollout(BASELINE, &["--waves", "100%"], &timings);
         let s = self.wait_finished(&id, TIMEOUT);
         assert_eq!(
-            s.state,
+            s.state().as_str(),
             "succeeded",
             "bootstrap rollout of {BASELINE} ended {}: {}\n{}",
-            s.state,
+            s.state().as_str(),
             s.reason,
             self.dump()
         );
@@ -1017,7 +1041,9 @@ impl Fleet {
 
     /// Waits until the rollout's state is `state`.
     pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> wire::RolloutStatus {
-        self.wait_rollout(id, &format!("state {state}"), timeout, |s| s.state == state)
+        self.wait_rollout(id, &format!("state {state}"), timeout, |s| {
+            s.state().as_str() == state
+        })
     }
 
     /// Waits until host `i` serves `version` on `GET /version` and `current` names it.
@@ -1116,7 +1142,11 @@ impl Fleet {
 pub fn describe_status(s: &wire::RolloutStatus) -> String {
     let mut out = format!(
         "rollout {} state {} reason {:?} current_wave {} finished {}\n",
-        s.rollout_id, s.state, s.reason, s.current_wave, s.finished
+        s.rollout_id,
+        s.state().as_str(),
+        s.reason,
+        s.current_wave,
+        s.finished
     );
     for w in &s.waves {
         let _ = writeln!(
@@ -1124,7 +1154,7 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
             "  wave {} size {} state {} ok {} failed {} unreachable {} in_progress {} started {} bake_ends {}",
             w.index,
             w.size,
-            w.state,
+            w.state().as_str(),
             w.succeeded,
             w.failed,
             w.unreachable,
@@ -1139,7 +1169,7 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
             "  host {} wave {} phase {} baseline {:?} target {:?} current {:?} detail {:?}",
             h.host_id,
             h.wave,
-            h.phase,
+            h.phase().as_str(),
             h.baseline_release,
             h.target_release,
             h.current_release,
@@ -1150,7 +1180,12 @@ pub fn describe_status(s: &wire::RolloutStatus) -> String {
         let _ = writeln!(
             out,
             "  decision {} wave {} {} by {:?}: {} {:?}",
-            d.at_unix_ms, d.wave, d.kind, d.actor, d.reason, d.evidence
+            d.at_unix_ms,
+            d.wave,
+            d.kind().as_str(),
+            d.actor,
+            d.reason,
+            d.evidence
         );
     }
     out
@@ -1174,7 +1209,7 @@ pub fn decision<'a>(
 ) -> Option<&'a wire::Decision> {
     s.decisions
         .iter()
-        .find(|d| d.kind == kind && d.wave == wave)
+        .find(|d| d.kind().as_str() == kind && d.wave == wave)
 }
 
 impl Fleet {
@@ -1190,7 +1225,7 @@ impl Fleet {
         baseline: &str,
     ) {
         assert_eq!(
-            s.state,
+            s.state().as_str(),
             state,
             "rollout of {release} should end {state}\n{}\n{}",
             describe_status(s),
@@ -1243,7 +1278,7 @@ impl Fleet {
             .hosts
             .iter()
             .filter(|h| allowed.contains(&self.index_of(&h.host_id)))
-            .filter(|h| !matches!(h.phase.as_str(), "pending" | "skipped"))
+            .filter(|h| !matches!(h.phase().as_str(), "pending" | "skipped"))
             .map(|h| h.host_id.clone())
             .collect();
         let late = self.wait_rollout(
@@ -1254,16 +1289,16 @@ impl Fleet {
                 l.hosts
                     .iter()
                     .filter(|h| touched.contains(&h.host_id))
-                    .all(|h| h.phase == "rolled_back")
+                    .all(|h| h.phase().as_str() == "rolled_back")
             },
         );
         for h in &late.hosts {
             if allowed.contains(&self.index_of(&h.host_id)) && !h.target_release.is_empty() {
                 assert!(
-                    matches!(h.phase.as_str(), "rolled_back" | "pending" | "skipped"),
+                    matches!(h.phase().as_str(), "rolled_back" | "pending" | "skipped"),
                     "host {} of a {state} rollout ends in phase {} (expected rolled_back)\n{}",
                     h.host_id,
-                    h.phase,
+                    h.phase().as_str(),
                     describe_status(s)
                 );
             }

@@ -69,7 +69,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
 
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -96,7 +96,7 @@ fn plan_matches_the_run_and_a_second_rollout_is_refused() {
     // After the first rollout ended, the second one is accepted.
     let id3 = f.start_rollout("v3", &["--waves", "100%"], &t);
     let s = f.wait_finished(&id3, LONG);
-    assert_eq!(s.state, "succeeded", "{}", describe_status(&s));
+    assert_eq!(s.state().as_str(), "succeeded", "{}", describe_status(&s));
 }
 
 /// Bad flags, bad specs and unknown names: exit 2, a message naming the problem, and nothing
@@ -112,6 +112,18 @@ fn bad_input_fails_with_exit_2_and_changes_nothing() {
         (vec!["--waves", "0%,100%"], BASELINE, "0%"),
         (vec!["--waves", "50%,10%,100%"], BASELINE, "grow"),
         (vec!["--waves", "1,abc"], BASELINE, "abc"),
+        // Issue 6 finding 5: lists that do not grow on this fleet of two are refused by the
+        // coordinator, naming the wave, instead of silently running fewer waves.
+        (
+            vec!["--waves", "1,40%,100%"],
+            BASELINE,
+            "waves[1]: \"40%\" is 1 host",
+        ),
+        (
+            vec!["--waves", "10,5%,100%"],
+            BASELINE,
+            "does not grow on this fleet",
+        ),
         (vec!["-l", "zone="], BASELINE, "selector"),
         (vec!["-l", "zone in (a"], BASELINE, "selector"),
         (vec!["--failure-threshold", "150%"], BASELINE, "150%"),
@@ -172,6 +184,23 @@ fn bad_input_fails_with_exit_2_and_changes_nothing() {
             ],
             "abc",
         ),
+        // Issue 6 finding 5: a duration a spec cannot carry is refused, not truncated to 0
+        // (which the coordinator would read as "default: bake 30 s").
+        (
+            vec![
+                "rollout",
+                "start",
+                "--service",
+                "demo",
+                "--release",
+                BASELINE,
+                "--bake",
+                "500us",
+                "--min-healthy",
+                "500us",
+            ],
+            "whole number of milliseconds",
+        ),
         (
             vec!["rollout", "start", "--service", "Bad!", "--release", "v1"],
             "service",
@@ -212,7 +241,7 @@ fn bad_input_fails_with_exit_2_and_changes_nothing() {
     let id = f.start_rollout(BASELINE, &["--waves", "100%"], &t);
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),

@@ -25,7 +25,7 @@ fn pause_resume_promote_and_rollback_of_a_finished_rollout() {
         s.hosts
             .iter()
             .filter(|h| h.wave == 0)
-            .all(|h| matches!(h.phase.as_str(), "healthy" | "confirmed"))
+            .all(|h| matches!(h.phase().as_str(), "healthy" | "confirmed"))
     });
     let rest = f.wave_hosts(&s, 1);
     // Longer than the canary's bake: without the pause, wave 1 would start.
@@ -35,8 +35,8 @@ fn pause_resume_promote_and_rollback_of_a_finished_rollout() {
         &|| f.dump(),
         || {
             let s = f.status(&id);
-            if s.state != "paused" {
-                return Err(format!("state {}", s.state));
+            if s.state().as_str() != "paused" {
+                return Err(format!("state {}", s.state().as_str()));
             }
             for i in &rest {
                 if f.hosts[*i].agent.current_release().as_deref() != Some(BASELINE) {
@@ -50,7 +50,7 @@ fn pause_resume_promote_and_rollback_of_a_finished_rollout() {
     assert_ne!(resumed["state"], "paused", "{resumed}");
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -69,13 +69,15 @@ fn pause_resume_promote_and_rollback_of_a_finished_rollout() {
     let id = f.start_rollout("v3", &["--waves", "1,100%"], &slow);
     for wave in 0..2usize {
         f.wait_rollout(&id, &format!("wave {wave} baking"), LONG, |s| {
-            s.waves.get(wave).is_some_and(|w| w.state == "baking")
+            s.waves
+                .get(wave)
+                .is_some_and(|w| w.state().as_str() == "baking")
         });
         f.control("promote", &id);
     }
     let s = f.wait_finished(&id, Duration::from_secs(20));
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -91,7 +93,7 @@ fn pause_resume_promote_and_rollback_of_a_finished_rollout() {
     );
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "rolled_back",
         "{}\n{}",
         describe_status(&s),
@@ -114,7 +116,9 @@ fn abort_restores_the_canary_and_touches_nobody_else() {
     };
     let id = f.start_rollout("v2", &["--waves", "1,100%"], &t);
     let s = f.wait_rollout(&id, "the canary baking", LONG, |s| {
-        s.waves.first().is_some_and(|w| w.state == "baking")
+        s.waves
+            .first()
+            .is_some_and(|w| w.state().as_str() == "baking")
     });
     let canary = f.wave_hosts(&s, 0);
     f.wait_serving(canary[0], "v2");
@@ -164,7 +168,7 @@ fn retry_after_a_paused_failure_completes_the_rollout() {
     assert_ne!(out["state"], "paused", "{out}");
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),

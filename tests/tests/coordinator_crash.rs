@@ -43,7 +43,7 @@ fn assert_one_target_per_host(f: &Fleet, s: &wire::RolloutStatus, release: &str)
             s.rollout_id,
             f.agent_results(i, &s.rollout_id)
         );
-        if h.phase == "confirmed" {
+        if h.phase().as_str() == "confirmed" {
             assert_eq!(
                 seqs.len(),
                 1,
@@ -70,22 +70,27 @@ fn coordinator_killed_while_dispatching_and_baking() {
 
     // Canary dispatched (the start answered; the canary is not healthy yet).
     let s = f.status(&id);
-    assert_eq!(s.state, "running", "{}", describe_status(&s));
+    assert_eq!(s.state().as_str(), "running", "{}", describe_status(&s));
     f.coord.restart();
 
     f.wait_rollout(&id, "the canary baking", LONG, |s| {
-        s.waves.first().is_some_and(|w| w.state == "baking")
+        s.waves
+            .first()
+            .is_some_and(|w| w.state().as_str() == "baking")
     });
     f.coord.restart();
 
     f.wait_rollout(&id, "wave 1 dispatching", LONG, |s| {
-        s.current_wave == 1 && s.waves.get(1).is_some_and(|w| w.state == "dispatching")
+        s.current_wave == 1
+            && s.waves
+                .get(1)
+                .is_some_and(|w| w.state().as_str() == "dispatching")
     });
     f.coord.restart();
 
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -93,7 +98,7 @@ fn coordinator_killed_while_dispatching_and_baking() {
     );
     f.assert_all_serving(0..4, "v2");
     let s = f.wait_rollout(&id, "every host confirmed", Duration::from_secs(15), |s| {
-        s.hosts.iter().all(|h| h.phase == "confirmed")
+        s.hosts.iter().all(|h| h.phase().as_str() == "confirmed")
     });
     assert_one_target_per_host(&f, &s, "v2");
     let hist = f.history();
@@ -105,12 +110,15 @@ fn coordinator_killed_while_dispatching_and_baking() {
         let n = s
             .decisions
             .iter()
-            .filter(|d| d.kind == "promote" && d.wave == w)
+            .filter(|d| d.kind().as_str() == "promote" && d.wave == w)
             .count();
         assert_eq!(n, 1, "wave {w} promoted {n} times\n{}", describe_status(&s));
     }
     assert_eq!(
-        s.decisions.iter().filter(|d| d.kind == "complete").count(),
+        s.decisions
+            .iter()
+            .filter(|d| d.kind().as_str() == "complete")
+            .count(),
         1,
         "{}",
         describe_status(&s)
@@ -141,10 +149,10 @@ fn coordinator_killed_while_rolling_back() {
     f.hosts[f.index_of(&second[0])].fail_release("v2");
     let id = f.start_rollout("v2", &["--waves", "1,100%"], &t);
     let s = f.wait_rollout(&id, "rolling back", LONG, |s| {
-        s.state == "rolling_back" || s.finished
+        s.state().as_str() == "rolling_back" || s.finished
     });
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "rolling_back",
         "caught the rollback in flight\n{}",
         describe_status(&s)
@@ -154,7 +162,10 @@ fn coordinator_killed_while_rolling_back() {
     f.assert_contained_and_restored(&s, "rolled_back", "v2", &[0, 1, 2, 3], BASELINE);
     assert_one_target_per_host(&f, &s, "v2");
     assert_eq!(
-        s.decisions.iter().filter(|d| d.kind == "rollback").count(),
+        s.decisions
+            .iter()
+            .filter(|d| d.kind().as_str() == "rollback")
+            .count(),
         1,
         "one rollback decision\n{}",
         describe_status(&s)

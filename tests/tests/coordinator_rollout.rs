@@ -24,7 +24,7 @@ fn healthy_release_reaches_every_host_wave_by_wave() {
     let id = f.start_rollout("v2", &extra, &t);
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),
@@ -98,7 +98,7 @@ fn healthy_release_reaches_every_host_wave_by_wave() {
     }
     // Every host ends confirmed, so no agent's dead-man switch reverts it later.
     f.wait_rollout(&id, "every host confirmed", Duration::from_secs(15), |s| {
-        s.hosts.iter().all(|h| h.phase == "confirmed")
+        s.hosts.iter().all(|h| h.phase().as_str() == "confirmed")
     });
     f.assert_all_serving(0..6, "v2");
 }
@@ -233,7 +233,7 @@ fn count_failure_threshold_is_exact() {
     let id = f.start_rollout("v3", &extra, &t);
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "1 failure with threshold 1 promotes\n{}\n{}",
         describe_status(&s),
@@ -266,7 +266,7 @@ fn percent_failure_threshold_is_exact() {
     let id = f.start_rollout("v3", &extra, &t);
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "2 failures of 5 with threshold 40% promote\n{}\n{}",
         describe_status(&s),
@@ -288,7 +288,9 @@ fn unreachable_host_makes_the_wave_wait_until_it_returns() {
     };
     let id = f.start_rollout("v2", &["--waves", "1,100%"], &t);
     let s = f.wait_rollout(&id, "the canary baking", LONG, |s| {
-        s.waves.first().is_some_and(|w| w.state == "baking")
+        s.waves
+            .first()
+            .is_some_and(|w| w.state().as_str() == "baking")
     });
     let gone = f.wave_hosts(&s, 1)[0];
     f.hosts[gone].kill();
@@ -303,7 +305,7 @@ fn unreachable_host_makes_the_wave_wait_until_it_returns() {
         &|| f.dump(),
         || {
             let s = f.status(&id);
-            if s.state == "waiting" && s.waves[1].failed == 0 {
+            if s.state().as_str() == "waiting" && s.waves[1].failed == 0 {
                 Ok(())
             } else {
                 Err(describe_status(&s))
@@ -314,7 +316,7 @@ fn unreachable_host_makes_the_wave_wait_until_it_returns() {
     f.hosts[gone].revive();
     let s = f.wait_finished(&id, LONG);
     assert_eq!(
-        s.state,
+        s.state().as_str(),
         "succeeded",
         "{}\n{}",
         describe_status(&s),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serin_proto::wire;
+use serin_proto::{grammar, wire};
 
 use super::exit::EXIT_CODES_HELP;
 
@@ -311,10 +311,7 @@ pub enum OnFailureArg {
 impl SpecArgs {
     /// The wire spec; unset options stay zero/empty so the coordinator's defaults apply.
     pub fn to_spec(&self) -> wire::RolloutSpec {
-        let ms = |d: Option<Duration>| {
-            d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0)
-        };
+        let ms = |d: Option<Duration>| d.map(grammar::millis).unwrap_or(0);
         let cp = |v: &Option<CountOrPercent>| v.as_ref().map(|c| c.0.clone()).unwrap_or_default();
         wire::RolloutSpec {
             service: self.service.clone(),
@@ -350,63 +347,35 @@ pub struct WaveList(pub Vec<String>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CountOrPercent(pub String);
 
-/// Parses a duration such as "30s", "2m", "1h 30m" or "500ms". Zero is refused: in a spec it
-/// would mean "the coordinator's default", which is not what "0s" says.
+/// Parses a duration such as "30s", "2m", "1h 30m" or "500ms" with the shared grammar
+/// (`serin_proto::grammar`): zero is refused (in a spec it would mean "the coordinator's
+/// default"), and so is anything that is not a whole number of milliseconds (the spec counts in
+/// milliseconds, so "500us" would silently become the default).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration (e.g. \"30s\", \"2m\", \"500ms\"): {e}"))?;
-    if d.is_zero() {
-        return Err(format!(
-            "{s:?}: must be longer than 0 (use a small value such as \"100ms\")"
-        ));
-    }
-    Ok(d)
+    grammar::parse_duration("duration", s).map_err(|e| e.problem)
 }
 
-/// Checks one count-or-percent element (whole numbers, as the coordinator accepts them);
-/// `allow_zero` is false for wave sizes.
-fn check_count_or_percent(s: &str, allow_zero: bool) -> Result<(), String> {
-    let expected = || "expected a count like \"1\" or a percent like \"10%\"".to_string();
-    if let Some(p) = s.strip_suffix('%') {
-        let v: u32 = p.parse().map_err(|_| expected())?;
-        if v > 100 {
-            return Err("a percent must be at most 100%".to_string());
-        }
-        if !allow_zero && v == 0 {
-            return Err("0% covers no host".to_string());
-        }
-        return Ok(());
-    }
-    let n: u32 = s.parse().map_err(|_| expected())?;
-    if !allow_zero && n == 0 {
-        return Err("a wave must have at least 1 host".to_string());
-    }
-    Ok(())
-}
-
-/// Parses a count ("3") or a percent ("25%").
+/// Parses a count ("3") or a percent ("25%", "25 %") with the shared grammar.
 pub fn parse_count_or_percent(s: &str) -> Result<CountOrPercent, String> {
-    let t = s.trim();
-    check_count_or_percent(t, true).map_err(|e| format!("{s:?}: {e}"))?;
-    Ok(CountOrPercent(t.to_string()))
+    let l = grammar::Limit::parse("value", s).map_err(|e| e.problem)?;
+    Ok(CountOrPercent(l.to_string()))
 }
 
-/// Parses a comma-separated wave list, naming the first bad element and its position.
+/// Parses a comma-separated wave list with the shared grammar, naming the first bad element
+/// and its position (counted from 1, as an operator reads the list).
 pub fn parse_wave_list(s: &str) -> Result<WaveList, String> {
-    let mut waves = Vec::new();
-    for (i, raw) in s.split(',').enumerate() {
-        let el = raw.trim();
-        if el.is_empty() {
-            return Err(format!(
-                "wave {} of {s:?} is empty: expected a count like \"1\" or a percent like \"10%\"",
-                i + 1
-            ));
+    let waves = grammar::parse_wave_list(s).map_err(|e| {
+        let position = e
+            .field
+            .strip_prefix("waves[")
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|i| i.parse::<usize>().ok());
+        match position.and_then(|i| s.split(',').nth(i).map(|el| (i, el.trim()))) {
+            Some((i, el)) => format!("wave {} of {s:?} is {el:?}: {}", i + 1, e.problem),
+            None => format!("{s:?}: {}", e.problem),
         }
-        check_count_or_percent(el, false)
-            .map_err(|e| format!("wave {} of {s:?} is {el:?}: {e}", i + 1))?;
-        waves.push(el.to_string());
-    }
-    Ok(WaveList(waves))
+    })?;
+    Ok(WaveList(waves.iter().map(ToString::to_string).collect()))
 }
 
 #[cfg(test)]
@@ -545,18 +514,58 @@ mod tests {
             ["1", "10%", "50%", "100%"]
         );
         for (bad, needle) in [
-            ("0", "at least 1 host"),
+            ("0", "covers no host"),
             ("1,,100%", "wave 2"),
-            ("150%", "at most 100%"),
+            ("150%", "more than 100%"),
             ("0%", "covers no host"),
-            ("12.5%", "expected a count"),
-            ("-1", "expected a count"),
+            ("12.5%", "not a host count"),
+            ("-1", "not a host count"),
             ("1,x%", "wave 2"),
             ("", "wave 1"),
+            (
+                "2,1,100%",
+                "wave 2 of \"2,1,100%\" is \"1\": 1 does not grow",
+            ),
+            ("1,50%", "last wave must be 100%"),
         ] {
             let e = parse_wave_list(bad).expect_err(bad);
             assert!(e.contains(needle), "{bad:?}: {e}");
         }
+        // The coordinator's grammar: spaces inside a percentage are fine.
+        assert_eq!(
+            parse_wave_list("1, 10 %,100%").expect("valid").0,
+            ["1", "10%", "100%"]
+        );
+    }
+
+    /// Issue 6 finding 5: `--bake 500us` used to be truncated to 0 ms, which the coordinator
+    /// reads as "unset", so the rollout baked 30 s. The CLI now refuses what a spec cannot carry.
+    #[test]
+    fn sub_millisecond_durations_are_refused_not_truncated() {
+        let err = parse(&[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2",
+            "--bake",
+            "500us",
+            "--min-healthy",
+            "500us",
+        ])
+        .expect_err("500us cannot be carried in milliseconds");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("whole number of milliseconds"),
+            "{err}"
+        );
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("1500us").is_err());
+        assert_eq!(
+            parse_count_or_percent("10 %").expect("a percent"),
+            CountOrPercent("10%".into())
+        );
     }
 
     #[test]

@@ -417,7 +417,7 @@ async fn control(
             format!(
                 "{verb}: rollout {} is now {}\n\n{}",
                 p.bold(&s.rollout_id),
-                p.state(&s.state),
+                p.state(s.state().as_str()),
                 render::status_text(&s, now, p)
             )
         },

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use serin_proto::wire;
 use tonic::Code;
 
 /// How the `serin` process ends. The discriminant is the process exit code.
@@ -34,12 +35,13 @@ impl Exit {
 
     /// The exit code for a rollout observed in `state`, or `None` while it is still moving
     /// (`running`, `waiting`, `rolling_back`, ...).
-    pub fn for_rollout_state(state: &str) -> Option<Exit> {
+    pub fn for_rollout_state(state: wire::RolloutState) -> Option<Exit> {
+        use wire::RolloutState as S;
         match state {
-            "succeeded" => Some(Exit::Success),
-            "rolled_back" | "aborted" | "failed" => Some(Exit::RolloutFailed),
-            "paused" => Some(Exit::Paused),
-            _ => None,
+            S::Succeeded => Some(Exit::Success),
+            S::RolledBack | S::Aborted | S::Failed => Some(Exit::RolloutFailed),
+            S::Paused => Some(Exit::Paused),
+            S::Running | S::Waiting | S::RollingBack | S::Unspecified => None,
         }
     }
 }
@@ -173,13 +175,14 @@ mod tests {
 
     #[test]
     fn rollout_states_map_to_documented_codes() {
-        assert_eq!(Exit::for_rollout_state("succeeded"), Some(Exit::Success));
-        for s in ["rolled_back", "aborted", "failed"] {
-            assert_eq!(Exit::for_rollout_state(s).map(Exit::code), Some(3), "{s}");
+        use wire::RolloutState as S;
+        assert_eq!(Exit::for_rollout_state(S::Succeeded), Some(Exit::Success));
+        for s in [S::RolledBack, S::Aborted, S::Failed] {
+            assert_eq!(Exit::for_rollout_state(s).map(Exit::code), Some(3), "{s:?}");
         }
-        assert_eq!(Exit::for_rollout_state("paused").map(Exit::code), Some(5));
-        for s in ["running", "waiting", "rolling_back", "pending"] {
-            assert_eq!(Exit::for_rollout_state(s), None, "{s}");
+        assert_eq!(Exit::for_rollout_state(S::Paused).map(Exit::code), Some(5));
+        for s in [S::Running, S::Waiting, S::RollingBack, S::Unspecified] {
+            assert_eq!(Exit::for_rollout_state(s), None, "{s:?}");
         }
     }
 

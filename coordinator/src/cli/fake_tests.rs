@@ -134,7 +134,7 @@ impl ControlService for Fake {
         }
         s.started.push(request.into_inner());
         let mut first = sample_status();
-        first.state = "running".into();
+        first.state = wire::RolloutState::from_word("running").unwrap() as i32;
         Ok(Response::new(first))
     }
 
@@ -194,7 +194,7 @@ impl ControlService for Fake {
     ) -> Result<Response<wire::RolloutStatus>, Status> {
         self.lock().controls.push(request.into_inner());
         let mut s = sample_status();
-        s.state = "paused".into();
+        s.state = wire::RolloutState::from_word("paused").unwrap() as i32;
         Ok(Response::new(s))
     }
 
@@ -265,9 +265,9 @@ async fn run(server: &Server, args: &[&str]) -> (Exit, String) {
 
 fn ending(state: &str) -> Vec<wire::RolloutStatus> {
     let mut running = sample_status();
-    running.state = "running".into();
+    running.state = wire::RolloutState::from_word("running").unwrap() as i32;
     let mut last = sample_status();
-    last.state = state.into();
+    last.state = wire::RolloutState::from_word(state).unwrap() as i32;
     last.finished = matches!(state, "succeeded" | "rolled_back" | "aborted" | "failed");
     vec![running.clone(), running, last]
 }

@@ -398,7 +398,7 @@ fn wave_json(w: &wire::WaveStatus) -> Value {
     json!({
         "index": w.index,
         "size": w.size,
-        "state": w.state,
+        "state": w.state().as_str(),
         "succeeded": w.succeeded,
         "failed": w.failed,
         "unreachable": w.unreachable,
@@ -413,7 +413,7 @@ fn host_progress_json(h: &wire::HostProgress) -> Value {
         "host_id": h.host_id,
         "hostname": h.hostname,
         "wave": h.wave,
-        "phase": h.phase,
+        "phase": h.phase().as_str(),
         "baseline_release": h.baseline_release,
         "target_release": h.target_release,
         "current_release": h.current_release,
@@ -441,7 +441,7 @@ pub fn decision_json(d: &wire::Decision) -> Value {
     json!({
         "at_unix_ms": d.at_unix_ms,
         "wave": d.wave,
-        "kind": d.kind,
+        "kind": d.kind().as_str(),
         "reason": d.reason,
         "evidence": map_json(&d.evidence),
         "actor": d.actor,
@@ -453,7 +453,7 @@ pub fn status_json(s: &wire::RolloutStatus) -> Value {
     json!({
         "rollout_id": s.rollout_id,
         "spec": s.spec.as_ref().map(spec_json),
-        "state": s.state,
+        "state": s.state().as_str(),
         "reason": s.reason,
         "current_wave": s.current_wave,
         "waves": s.waves.iter().map(wave_json).collect::<Vec<_>>(),
@@ -620,7 +620,7 @@ pub fn rollouts_text(rollouts: &[wire::RolloutStatus], p: &Palette) -> String {
                 cell(&r.rollout_id),
                 cell(&spec.service),
                 cell(&spec.release),
-                state_cell(&r.state),
+                state_cell(r.state().as_str()),
                 cell(wave),
                 cell(fmt_time(r.created_unix_ms)),
                 cell(&r.reason),
@@ -727,12 +727,12 @@ pub fn wave_line(w: &wire::WaveStatus, now_ms: u64, p: &Palette) -> String {
         "{:<16} {:<8} {:<11} {} {}/{}",
         wave_name(w.index),
         plural(w.size, "host", "hosts"),
-        w.state,
+        w.state().as_str(),
         ascii_bar(done, w.size, 20),
         done,
         w.size
     );
-    line = line.replacen(&w.state, &p.state(&w.state), 1);
+    line = line.replacen(w.state().as_str(), &p.state(w.state().as_str()), 1);
     let _ = write!(line, "  {}", wave_counts(w));
     if let Some(extra) = bake_note(w, now_ms) {
         let _ = write!(line, "  {}", p.dim(&extra));
@@ -754,7 +754,7 @@ pub fn wave_counts(w: &wire::WaveStatus) -> String {
 
 /// "bake ends in 3s" while a wave bakes.
 pub fn bake_note(w: &wire::WaveStatus, now_ms: u64) -> Option<String> {
-    if w.state == "baking" && w.bake_ends_unix_ms > 0 {
+    if w.state().as_str() == "baking" && w.bake_ends_unix_ms > 0 {
         let left = w.bake_ends_unix_ms.saturating_sub(now_ms);
         return Some(if left == 0 {
             "bake over, gate next".to_string()
@@ -785,7 +785,7 @@ fn hosts_progress_table(hosts: &[wire::HostProgress], p: &Palette) -> String {
             vec![
                 cell(&h.host_id),
                 cell(h.wave.to_string()),
-                state_cell(&h.phase),
+                state_cell(h.phase().as_str()),
                 cell(dash(&h.current_release)),
                 cell(dash(&h.baseline_release)),
                 state_cell(health),
@@ -880,7 +880,7 @@ pub fn decision_text(d: &wire::Decision, p: &Palette) -> String {
         "{}  wave {}  {}{}: {}\n",
         fmt_clock(d.at_unix_ms),
         d.wave,
-        p.paint(state_style(&d.kind).bold(), &d.kind),
+        p.paint(state_style(d.kind().as_str()).bold(), d.kind().as_str()),
         actor,
         d.reason
     );
@@ -898,7 +898,7 @@ pub fn status_text(s: &wire::RolloutStatus, now_ms: u64, p: &Palette) -> String 
         p.bold(&s.rollout_id),
         spec.service,
         p.bold(&spec.release),
-        p.paint(state_style(&s.state).bold(), &s.state),
+        p.paint(state_style(s.state().as_str()).bold(), s.state().as_str()),
     );
     if !s.reason.is_empty() {
         let _ = writeln!(out, "  reason: {}", s.reason);
@@ -964,7 +964,7 @@ pub fn explanation_text(e: &wire::Explanation, p: &Palette) -> String {
             p.bold(&s.rollout_id),
             spec.service,
             p.bold(&spec.release),
-            p.paint(state_style(&s.state).bold(), &s.state)
+            p.paint(state_style(s.state().as_str()).bold(), s.state().as_str())
         );
         if !s.reason.is_empty() {
             let _ = writeln!(out, "  reason: {}", s.reason);
@@ -973,7 +973,7 @@ pub fn explanation_text(e: &wire::Explanation, p: &Palette) -> String {
         let touched: Vec<&str> = s
             .hosts
             .iter()
-            .filter(|h| !matches!(h.phase.as_str(), "pending" | "skipped"))
+            .filter(|h| !matches!(h.phase().as_str(), "pending" | "skipped"))
             .map(|h| h.host_id.as_str())
             .collect();
         let _ = writeln!(
@@ -1026,7 +1026,7 @@ pub(crate) mod tests {
                 host_id: id.into(),
                 hostname: id.into(),
                 wave,
-                phase: phase.into(),
+                phase: wire::HostPhase::from_word(phase).unwrap() as i32,
                 baseline_release: "1.0.0".into(),
                 target_release: "2.0.0".into(),
                 current_release: current.into(),
@@ -1045,14 +1045,14 @@ pub(crate) mod tests {
                 on_failure: wire::OnFailure::Rollback as i32,
                 ..Default::default()
             }),
-            state: "running".into(),
+            state: wire::RolloutState::from_word("running").unwrap() as i32,
             reason: String::new(),
             current_wave: 1,
             waves: vec![
                 wire::WaveStatus {
                     index: 0,
                     size: 1,
-                    state: "passed".into(),
+                    state: wire::WaveState::from_word("passed").unwrap() as i32,
                     succeeded: 1,
                     started_unix_ms: 1_000_000,
                     ..Default::default()
@@ -1060,7 +1060,7 @@ pub(crate) mod tests {
                 wire::WaveStatus {
                     index: 1,
                     size: 1,
-                    state: "baking".into(),
+                    state: wire::WaveState::from_word("baking").unwrap() as i32,
                     succeeded: 1,
                     started_unix_ms: 1_010_000,
                     bake_ends_unix_ms: 1_013_000,
@@ -1069,7 +1069,7 @@ pub(crate) mod tests {
                 wire::WaveStatus {
                     index: 2,
                     size: 1,
-                    state: "pending".into(),
+                    state: wire::WaveState::from_word("pending").unwrap() as i32,
                     ..Default::default()
                 },
             ],
@@ -1104,7 +1104,7 @@ pub(crate) mod tests {
             decisions: vec![wire::Decision {
                 at_unix_ms: 1_009_000,
                 wave: 0,
-                kind: "promote".into(),
+                kind: wire::DecisionKind::from_word("promote").unwrap() as i32,
                 reason: "canary gate passed".into(),
                 evidence: HashMap::from([
                     ("failed".to_string(), "0".to_string()),
@@ -1294,7 +1294,7 @@ pub(crate) mod tests {
     #[test]
     fn explanation_lists_decisions_and_events() {
         let mut status = sample_status();
-        status.state = "rolled_back".into();
+        status.state = wire::RolloutState::from_word("rolled_back").unwrap() as i32;
         status.reason = "canary failed".into();
         let e = wire::Explanation {
             decisions: status.decisions.clone(),

@@ -44,7 +44,7 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
             next.rollout_id,
             spec.service,
             spec.release,
-            next.state,
+            next.state().as_str(),
             if next.reason.is_empty() {
                 String::new()
             } else {
@@ -52,23 +52,23 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
             }
         ));
         for w in &next.waves {
-            if w.state != "pending" {
+            if w.state().as_str() != "pending" {
                 out.push(format!(
                     "wave {}: {} ({})",
                     w.index,
-                    w.state,
+                    w.state().as_str(),
                     render::wave_counts(w)
                 ));
             }
         }
         return out;
     };
-    if prev.state != next.state {
+    if prev.state().as_str() != next.state().as_str() {
         out.push(format!(
             "rollout {}: {} → {}{}",
             next.rollout_id,
-            prev.state,
-            next.state,
+            prev.state().as_str(),
+            next.state().as_str(),
             if next.reason.is_empty() {
                 String::new()
             } else {
@@ -78,13 +78,13 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
     }
     for w in &next.waves {
         let before = prev.waves.iter().find(|p| p.index == w.index);
-        let old = before.map(|b| b.state.as_str()).unwrap_or("pending");
-        if old != w.state {
+        let old = before.map(|b| b.state().as_str()).unwrap_or("pending");
+        if old != w.state().as_str() {
             out.push(format!(
                 "wave {}: {} → {} ({} of {} hosts: {})",
                 w.index,
                 old,
-                w.state,
+                w.state().as_str(),
                 w.succeeded + w.failed,
                 w.size,
                 render::wave_counts(w)
@@ -93,11 +93,14 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
     }
     for h in &next.hosts {
         let before = prev.hosts.iter().find(|p| p.host_id == h.host_id);
-        let old = before.map(|b| b.phase.as_str()).unwrap_or("pending");
-        if old != h.phase {
+        let old = before.map(|b| b.phase().as_str()).unwrap_or("pending");
+        if old != h.phase().as_str() {
             let mut line = format!(
                 "host {} (wave {}): {} → {}",
-                h.host_id, h.wave, old, h.phase
+                h.host_id,
+                h.wave,
+                old,
+                h.phase().as_str()
             );
             if !h.current_release.is_empty() {
                 line.push_str(&format!(", serving {}", h.current_release));
@@ -118,7 +121,12 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
         out.push(format!("canary vs baseline: {}", verdict(next)));
     }
     for d in next.decisions.iter().skip(prev.decisions.len()) {
-        let mut line = format!("decision: wave {} {}: {}", d.wave, d.kind, d.reason);
+        let mut line = format!(
+            "decision: wave {} {}: {}",
+            d.wave,
+            d.kind().as_str(),
+            d.reason
+        );
         if !d.evidence.is_empty() {
             line.push_str(&format!(" [{}]", render::fmt_evidence(&d.evidence)));
         }
@@ -155,7 +163,7 @@ pub fn summary(s: &wire::RolloutStatus, exit: Exit) -> String {
         s.rollout_id,
         spec.service,
         spec.release,
-        s.state,
+        s.state().as_str(),
         exit.code()
     )
 }
@@ -214,7 +222,7 @@ impl LiveBars {
             p.bold(&s.rollout_id),
             spec.service,
             p.bold(&spec.release),
-            p.state(&s.state),
+            p.state(s.state().as_str()),
             (s.current_wave as usize + 1).min(total.max(1)),
             total
         ));
@@ -234,7 +242,11 @@ impl LiveBars {
         for (bar, w) in self.waves.iter().zip(&s.waves) {
             bar.set_length(u64::from(w.size));
             bar.set_position(u64::from(w.succeeded + w.failed));
-            let mut msg = format!("{}  {}", p.state(&w.state), render::wave_counts(w));
+            let mut msg = format!(
+                "{}  {}",
+                p.state(w.state().as_str()),
+                render::wave_counts(w)
+            );
             if let Some(note) = render::bake_note(w, now) {
                 msg.push_str(&format!("  {}", p.dim(&note)));
             }
@@ -312,7 +324,7 @@ impl View {
             anstream::println!(
                 "gave up waiting: rollout {} is still {} (exit {}); follow it with `serin rollout status {} --watch`",
                 last.rollout_id,
-                last.state,
+                last.state().as_str(),
                 exit.code(),
                 last.rollout_id
             );
@@ -415,7 +427,7 @@ pub async fn follow(
 
 /// The exit code if `s` ends the view: finished, or paused for an operator.
 fn final_exit(s: &wire::RolloutStatus) -> Option<Exit> {
-    match Exit::for_rollout_state(&s.state) {
+    match Exit::for_rollout_state(s.state()) {
         Some(e) => Some(e),
         None if s.finished => Some(Exit::RolloutFailed),
         None => None,
@@ -477,17 +489,17 @@ mod tests {
     fn changes_name_each_transition() {
         let before = sample_status();
         let mut after = before.clone();
-        after.state = "rolling_back".into();
+        after.state = wire::RolloutState::from_word("rolling_back").unwrap() as i32;
         after.reason = "wave 1 failed".into();
-        after.waves[1].state = "failed".into();
+        after.waves[1].state = wire::WaveState::from_word("failed").unwrap() as i32;
         after.waves[1].failed = 1;
         after.waves[1].succeeded = 0;
-        after.hosts[1].phase = "rolling_back".into();
+        after.hosts[1].phase = wire::HostPhase::from_word("rolling_back").unwrap() as i32;
         after.hosts[1].detail = "unhealthy: http check failing".into();
         after.decisions.push(wire::Decision {
             at_unix_ms: 1_012_000,
             wave: 1,
-            kind: "rollback".into(),
+            kind: wire::DecisionKind::from_word("rollback").unwrap() as i32,
             reason: "1 failed host, threshold 0".into(),
             evidence: [("failed".to_string(), "1".to_string())].into(),
             actor: "engine".into(),
@@ -517,14 +529,14 @@ mod tests {
     fn the_view_ends_on_final_and_paused_states_only() {
         let mut s = sample_status();
         assert_eq!(final_exit(&s), None);
-        s.state = "waiting".into();
+        s.state = wire::RolloutState::from_word("waiting").unwrap() as i32;
         assert_eq!(final_exit(&s), None);
-        s.state = "paused".into();
+        s.state = wire::RolloutState::from_word("paused").unwrap() as i32;
         assert_eq!(final_exit(&s), Some(Exit::Paused));
-        s.state = "rolled_back".into();
+        s.state = wire::RolloutState::from_word("rolled_back").unwrap() as i32;
         s.finished = true;
         assert_eq!(final_exit(&s), Some(Exit::RolloutFailed));
-        s.state = "succeeded".into();
+        s.state = wire::RolloutState::from_word("succeeded").unwrap() as i32;
         assert_eq!(final_exit(&s), Some(Exit::Success));
         let line = summary(&s, Exit::Success);
         assert!(

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serin_proto::{HostId, wire};
+use serin_proto::HostId;
 
 use crate::fleet::HealthSample;
 
@@ -101,11 +101,24 @@ pub struct Window {
     pub since_ms: u64,
 }
 
+/// What a group of hosts reported over a window (`MetricSummary` on the wire).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricSummary {
+    pub hosts: u32,
+    pub reports: u32,
+    pub check_pass_rate: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub restarts: u32,
+    pub cpu_percent: f64,
+    pub rss_bytes: u64,
+}
+
 /// The comparison at a gate: summaries, the verdict and the test's p-value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
-    pub canary: wire::MetricSummary,
-    pub baseline: wire::MetricSummary,
+    pub canary: MetricSummary,
+    pub baseline: MetricSummary,
     pub verdict: Verdict,
     /// One-sided p-value; `None` when the verdict is "insufficient data".
     pub p_value: Option<f64>,
@@ -114,15 +127,6 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    /// The wire form.
-    pub fn to_wire(&self) -> wire::Comparison {
-        wire::Comparison {
-            canary: Some(self.canary),
-            baseline: Some(self.baseline),
-            verdict: self.verdict.as_str().to_string(),
-        }
-    }
-
     /// Evidence entries for a decision.
     pub fn evidence(&self, out: &mut BTreeMap<String, String>) {
         out.insert("analysis".into(), self.verdict.as_str().into());
@@ -149,7 +153,7 @@ impl Comparison {
 }
 
 /// Summary of a group of hosts plus (failed checks, total checks).
-fn summarise(samples: &Samples, hosts: &[Window]) -> (wire::MetricSummary, (u64, u64)) {
+fn summarise(samples: &Samples, hosts: &[Window]) -> (MetricSummary, (u64, u64)) {
     let mut reports = 0u32;
     let (mut failed, mut total) = (0u64, 0u64);
     let mut latencies = Vec::new();
@@ -190,7 +194,7 @@ fn summarise(samples: &Samples, hosts: &[Window]) -> (wire::MetricSummary, (u64,
         let idx = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
         latencies[idx] as f64 / 1000.0
     };
-    let summary = wire::MetricSummary {
+    let summary = MetricSummary {
         hosts: hosts.len() as u32,
         reports,
         check_pass_rate: if total == 0 {

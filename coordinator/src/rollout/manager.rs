@@ -1,49 +1,132 @@
 //! [`RolloutManager`]: the rollout engine's front door, used by the control service.
 //!
-//! It validates specs, plans cohorts, starts one task per rollout (see [`super::task`]) and
-//! forwards operator requests to it. It holds only handles (a control channel, a status watch,
-//! a cancellation token per rollout); every rollout's state lives in its task.
+//! It validates specs against the store, plans cohorts, starts one task per rollout (see
+//! [`super::task`]) and forwards operator requests to it. It holds only handles; every
+//! rollout's state lives in its task, and only that task steps the machine and answers
+//! operator calls about it.
 //!
-//! * At most one active (unfinished) rollout per service; a second start is refused with
-//!   `failed_precondition`.
-//! * On start, every unfinished rollout in the store is rebuilt from its records and resumed,
-//!   and the latest succeeded rollout of each service is resumed too, so hosts that join or
-//!   reconnect later still converge to its release (until a newer rollout for the service starts).
-//! * Finished rollouts that are not running are read from the store for status, list and explain.
+//! * **One live rollout per service, by construction.** Each service has one *slot* that holds
+//!   at most one running rollout task. Every call that can change a service's rollouts (start,
+//!   and every operator action) holds the slot's lock for its whole duration, so a start and a
+//!   rollback of the previous rollout are serialised; a new rollout's task only exists after the
+//!   old task has stopped (cancelled and awaited).
+//! * A new rollout's task subscribes to fleet events before the plan is computed and takes the
+//!   first step itself, so no reply to the canary's orders can be missed.
+//! * On start, for each service the newest stored rollout is resumed when it is unfinished,
+//!   still delivering orders, or succeeded (so hosts that join or reconnect later still converge
+//!   to its release until a newer rollout of the service starts).
+//! * Finished rollouts that are not running are read from the store for status, list and
+//!   explain, and refuse operator actions with the state named (rollback of the newest
+//!   succeeded rollout restarts its task).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serin_proto::{ServiceName, wire};
-use tokio::sync::{mpsc, oneshot, watch};
+use serin_proto::{Release, ServiceName, ValidationError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Status;
 
-use super::machine::{Input, OperatorAction, Rollout, RolloutState};
+use super::machine::{ControlError, OperatorAction, Rollout, RolloutState};
 use super::plan;
 use super::record::{self, RecordError};
 use super::settings::EngineSettings;
 use super::spec::RolloutSpec;
-use super::task::{self, Clock, ControlMsg, Driver};
-use crate::fleet::Fleet;
+use super::task::{self, Clock, ControlMsg, Driver, FirstStep, TaskError};
+use super::view::{Explanation, RolloutView};
+use crate::fleet::{Fleet, FleetEvent};
 use crate::store::{Store, StoreError};
 
-/// The engine could not start.
+/// Why the engine could not do what was asked. Each variant says which gRPC status it is at the
+/// edge (see `control_service`).
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
-    #[error("reading rollouts from the store failed: {0}")]
+    /// The spec is invalid (invalid argument).
+    #[error(transparent)]
+    InvalidSpec(#[from] ValidationError),
+    /// The release is not registered (not found).
+    #[error(
+        "release {release} of service {service} is not registered (add it with `serin release add` or `serin artifact push`)"
+    )]
+    UnknownRelease { service: String, release: String },
+    /// No such rollout (not found).
+    #[error("no rollout {0}")]
+    NotFound(String),
+    /// Nothing to roll out to (failed precondition).
+    #[error("{0}")]
+    NothingToDo(String),
+    /// The service already has an unfinished rollout (failed precondition).
+    #[error(
+        "service {service} already has an active rollout {rollout} ({state}); pause, abort or wait for it first"
+    )]
+    ServiceBusy {
+        service: String,
+        rollout: String,
+        state: String,
+    },
+    /// The operator action does not apply now (failed precondition).
+    #[error(transparent)]
+    Refused(#[from] ControlError),
+    /// Only the newest rollout of a service may be rolled back (failed precondition).
+    #[error(
+        "rollout {rollout} is not the latest rollout of service {service} ({newer} is); roll back that one instead"
+    )]
+    NotLatest {
+        rollout: String,
+        service: String,
+        newer: String,
+    },
+    /// The store refused a save (unavailable): retry later.
+    #[error(transparent)]
+    NotSaved(TaskError),
+    /// The rollout's task stopped before answering (unavailable).
+    #[error("rollout {0} stopped before answering (the coordinator is shutting down)")]
+    Stopped(String),
+    /// Reading or writing the store failed (internal).
+    #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A stored record is unreadable (internal).
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// A stored release is invalid (internal).
+    #[error("stored release {release} is invalid: {problem}")]
+    BadRelease { release: String, problem: String },
 }
 
-struct Handle {
-    service: ServiceName,
-    control: mpsc::Sender<ControlMsg>,
-    status: watch::Receiver<wire::RolloutStatus>,
-    cancel: CancellationToken,
+impl From<TaskError> for RolloutError {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::Refused(e) => RolloutError::Refused(e),
+            e => RolloutError::NotSaved(e),
+        }
+    }
 }
+
+/// The running task of a service's rollout.
+struct Running {
+    id: String,
+    control: mpsc::Sender<ControlMsg>,
+    status: watch::Receiver<RolloutView>,
+    cancel: CancellationToken,
+    join: JoinHandle<()>,
+}
+
+impl Running {
+    /// Cancels the task and waits until it has stopped.
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.join.await;
+    }
+}
+
+/// One service's rollouts: at most one running task.
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+}
+
+type SlotLock = Arc<tokio::sync::Mutex<Slot>>;
 
 struct Inner {
     store: Arc<dyn Store>,
@@ -52,9 +135,11 @@ struct Inner {
     shutdown: CancellationToken,
     clock: Clock,
     tasks: TaskTracker,
-    live: Mutex<BTreeMap<String, Handle>>,
-    /// Serialises starts so "one active rollout per service" cannot race.
-    starting: tokio::sync::Mutex<()>,
+    /// The slot of every service that has had a rollout task.
+    slots: Mutex<BTreeMap<ServiceName, SlotLock>>,
+    /// Status of every rollout whose task was started, by id (read-only views for status and
+    /// watch; a task that stopped leaves its final status).
+    views: Mutex<BTreeMap<String, watch::Receiver<RolloutView>>>,
 }
 
 /// Starts, runs and controls rollouts.
@@ -67,14 +152,6 @@ impl std::fmt::Debug for RolloutManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RolloutManager").finish_non_exhaustive()
     }
-}
-
-fn store_status(e: StoreError) -> Status {
-    Status::internal(format!("store: {e}"))
-}
-
-fn record_status(e: RecordError) -> Status {
-    Status::internal(e.to_string())
 }
 
 impl RolloutManager {
@@ -104,44 +181,42 @@ impl RolloutManager {
                 shutdown,
                 clock,
                 tasks: TaskTracker::new(),
-                live: Mutex::new(BTreeMap::new()),
-                starting: tokio::sync::Mutex::new(()),
+                slots: Mutex::new(BTreeMap::new()),
+                views: Mutex::new(BTreeMap::new()),
             }),
         };
+        // Subscribed before anything is loaded: nothing the fleet says from here on is missed.
         let ids = mgr.inner.store.rollout_ids()?;
-        let mut latest_succeeded: BTreeMap<ServiceName, String> = BTreeMap::new();
-        let mut resume = Vec::new();
+        let mut newest: BTreeMap<ServiceName, Rollout> = BTreeMap::new();
         for id in &ids {
-            let m = mgr.load(id)?;
-            let Some(m) = m else { continue };
-            match m.state() {
-                RolloutState::Succeeded => {
-                    latest_succeeded.insert(m.spec().service.clone(), id.clone());
-                }
-                s if !s.is_finished() => resume.push(m),
-                // Finished and not succeeded: only needed if an order is still undelivered.
-                _ if !m.is_quiescent() => resume.push(m),
-                _ => {}
+            let Some(m) = mgr.load(id)? else { continue };
+            if let Some(older) = newest.insert(m.spec().service.clone(), m)
+                && !older.state().is_finished()
+            {
+                tracing::warn!(rollout = %older.id(), state = %older.state(), "an older unfinished rollout was superseded by a newer one of its service; not resumed");
             }
         }
-        // A succeeded rollout converges late hosts only while it is the service's newest.
-        for m in &resume {
-            if latest_succeeded.get(&m.spec().service).is_some_and(|s| {
-                ids.iter().position(|x| x == s) < ids.iter().position(|x| x == m.id())
-            }) {
-                latest_succeeded.remove(&m.spec().service);
+        for (service, m) in newest {
+            let resume = !m.state().is_finished()
+                || !m.is_quiescent()
+                || m.state() == RolloutState::Succeeded;
+            if !resume {
+                continue;
             }
-        }
-        for id in latest_succeeded.values() {
-            if let Some(m) = mgr.load(id)? {
-                resume.push(m);
-            }
-        }
-        for m in resume {
+            let events = mgr.inner.fleet.subscribe();
+            // Reload after subscribing, so the machine is not older than the subscription.
+            let Some(m) = mgr.load(m.id())? else { continue };
             tracing::info!(rollout = %m.id(), state = %m.state(), "resuming rollout from the store");
-            mgr.spawn(m, true).await;
+            let running = mgr.spawn(m, events, FirstStep::Resume);
+            let slot = mgr.slot(&service);
+            slot.lock().await.running = Some(running);
         }
         Ok(mgr)
+    }
+
+    fn slot(&self, service: &ServiceName) -> SlotLock {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(service.clone()).or_default().clone()
     }
 
     fn load(&self, id: &str) -> Result<Option<Rollout>, RolloutError> {
@@ -161,122 +236,99 @@ impl RolloutManager {
         )?))
     }
 
-    /// Starts the task of a machine. With `resync`, the machine first sees the fleet snapshot.
-    async fn spawn(&self, mut m: Rollout, resync: bool) -> watch::Receiver<wire::RolloutStatus> {
+    fn stored(&self, id: &str) -> Result<Rollout, RolloutError> {
+        self.load(id)?
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))
+    }
+
+    /// Starts the task of a machine; `events` was subscribed before the machine was built or
+    /// loaded.
+    fn spawn(
+        &self,
+        m: Rollout,
+        events: broadcast::Receiver<FleetEvent>,
+        first: FirstStep,
+    ) -> Running {
         let inner = &self.inner;
-        let events = inner.fleet.subscribe();
-        let mut driver = Driver::new(inner.store.clone(), inner.fleet.clone(), inner.clock);
-        if resync {
-            driver
-                .feed(&mut m, Input::Resync(inner.fleet.snapshot()))
-                .await;
-        }
+        let driver = Driver::new(inner.store.clone(), inner.fleet.clone(), inner.clock);
         let (status_tx, status_rx) = watch::channel(m.status());
         let (control_tx, control_rx) = mpsc::channel(inner.settings.control_queue.max(1));
         let cancel = inner.shutdown.child_token();
         let id = m.id().to_string();
-        let service = m.spec().service.clone();
-        let old = inner.live.lock().map(|mut l| {
-            l.insert(
-                id.clone(),
-                Handle {
-                    service,
-                    control: control_tx,
-                    status: status_rx.clone(),
-                    cancel: cancel.clone(),
-                },
-            )
-        });
-        if let Ok(Some(old)) = old {
-            old.cancel.cancel();
-        }
-        inner.tasks.spawn(task::run(
+        inner
+            .views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), status_rx.clone());
+        let join = inner.tasks.spawn(task::run(
             m,
             driver,
             events,
             control_rx,
             status_tx,
             inner.settings.tick,
-            cancel,
+            first,
+            cancel.clone(),
         ));
-        status_rx
+        Running {
+            id,
+            control: control_tx,
+            status: status_rx,
+            cancel,
+            join,
+        }
     }
 
-    /// Validates a spec and looks up its release.
-    fn validate(
-        &self,
-        spec: wire::RolloutSpec,
-    ) -> Result<(RolloutSpec, serin_proto::Release), Status> {
-        let spec = RolloutSpec::try_from(spec)?;
+    /// Looks up a spec's release.
+    fn release_of(&self, spec: &RolloutSpec) -> Result<Release, RolloutError> {
         let rec = self
             .inner
             .store
-            .release(&spec.service, &spec.release)
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "release {} of service {} is not registered (add it with `serin release add` or `serin artifact push`)",
-                    spec.release, spec.service
-                ))
+            .release(&spec.service, &spec.release)?
+            .ok_or_else(|| RolloutError::UnknownRelease {
+                service: spec.service.to_string(),
+                release: spec.release.to_string(),
             })?;
-        let release = serin_proto::Release::try_from(wire::Release {
-            service: rec.service,
-            id: rec.id,
-            sha256: rec.sha256,
-            size: rec.size,
-            url: rec.url,
+        record::release_of(&rec).map_err(|e| RolloutError::BadRelease {
+            release: spec.release.to_string(),
+            problem: e.to_string(),
         })
-        .map_err(|e| {
-            Status::internal(format!("stored release {} is invalid: {e}", spec.release))
-        })?;
-        Ok((spec, release))
     }
 
     /// Which host lands in which wave, exactly as [`RolloutManager::start_rollout`] would run it now.
-    pub async fn plan(&self, spec: wire::RolloutSpec) -> Result<wire::RolloutPlan, Status> {
-        let (spec, _) = self.validate(spec)?;
-        let p = plan::plan(&spec, &self.inner.fleet.snapshot());
-        Ok(p.to_wire(&spec))
+    pub async fn plan(&self, spec: &RolloutSpec) -> Result<plan::Plan, RolloutError> {
+        self.release_of(spec)?;
+        let p = plan::plan(spec, &self.inner.fleet.snapshot());
+        p.check(spec)?;
+        Ok(p)
     }
 
-    /// Starts a rollout: validates, plans, persists and dispatches the canary before returning.
-    pub async fn start_rollout(
-        &self,
-        spec: wire::RolloutSpec,
-    ) -> Result<wire::RolloutStatus, Status> {
-        let (spec, release) = self.validate(spec)?;
-        let _guard = self.inner.starting.lock().await;
-        let superseded = {
-            let live = self
-                .inner
-                .live
-                .lock()
-                .map_err(|_| Status::internal("rollout table poisoned"))?;
-            let mut superseded = Vec::new();
-            for (id, h) in live.iter() {
-                if h.service != spec.service {
-                    continue;
-                }
-                let st = h.status.borrow();
-                if !st.finished {
-                    return Err(Status::failed_precondition(format!(
-                        "service {} already has an active rollout {id} ({}); pause, abort or wait for it first",
-                        spec.service, st.state
-                    )));
-                }
-                superseded.push(h.cancel.clone());
+    /// Starts a rollout: plans, persists and dispatches the canary before returning.
+    pub async fn start_rollout(&self, spec: RolloutSpec) -> Result<RolloutView, RolloutError> {
+        let release = self.release_of(&spec)?;
+        let slot = self.slot(&spec.service);
+        let mut slot = slot.lock().await;
+        if let Some(r) = &slot.running {
+            let st = r.status.borrow();
+            if !st.finished() && !r.join.is_finished() {
+                return Err(RolloutError::ServiceBusy {
+                    service: spec.service.to_string(),
+                    rollout: r.id.clone(),
+                    state: st.state.to_string(),
+                });
             }
-            superseded
-        };
-        let snapshot = self.inner.fleet.snapshot();
-        let p = plan::plan(&spec, &snapshot);
+        }
+        // Subscribed before planning: the task sees every event after the snapshot.
+        let events = self.inner.fleet.subscribe();
+        let p = plan::plan(&spec, &self.inner.fleet.snapshot());
+        p.check(&spec)?;
         if p.waves.is_empty() {
             let skipped: Vec<String> = p
                 .skipped
                 .iter()
                 .map(|s| format!("{} ({})", s.host_id, s.reason))
                 .collect();
-            return Err(Status::failed_precondition(if skipped.is_empty() {
+            return Err(RolloutError::NothingToDo(if skipped.is_empty() {
                 format!(
                     "selector {:?} selects no host that manages service {}",
                     spec.selector.to_string(),
@@ -288,10 +340,13 @@ impl RolloutManager {
         }
         let now = self.inner.clock.now_ms();
         let id = self.new_id(&spec.service, now)?;
-        for c in superseded {
-            c.cancel();
+        // The previous (finished) rollout of the service stops before the new one exists.
+        if let Some(old) = slot.running.take() {
+            tracing::info!(rollout = %old.id, superseded_by = %id, "stopping the previous rollout of the service");
+            old.stop().await;
         }
-        let mut m = Rollout::new(
+        let service = spec.service.clone();
+        let m = Rollout::new(
             id.clone(),
             spec,
             release,
@@ -299,32 +354,30 @@ impl RolloutManager {
             self.inner.settings.clone(),
             now,
         );
-        let mut driver = Driver::new(
-            self.inner.store.clone(),
-            self.inner.fleet.clone(),
-            self.inner.clock,
-        );
-        // First step: persist the rollout and dispatch the canary.
-        driver.feed(&mut m, Input::Tick).await;
-        if self
-            .inner
-            .store
-            .load_rollout(&id)
-            .map_err(store_status)?
-            .is_none()
-        {
-            return Err(Status::unavailable(format!(
-                "rollout {id} could not be saved; nothing was changed"
-            )));
+        let waves = m.waves().len();
+        let (reply, answer) = oneshot::channel();
+        let running = self.spawn(m, events, FirstStep::New(reply));
+        match answer.await {
+            Ok(Ok(st)) => {
+                tracing::info!(rollout = %id, service = %service, waves, "rollout started");
+                slot.running = Some(running);
+                Ok(st)
+            }
+            Ok(Err(e)) => {
+                running.stop().await;
+                self.inner
+                    .views
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(e.into())
+            }
+            Err(_) => Err(RolloutError::Stopped(id)),
         }
-        tracing::info!(rollout = %id, service = %m.spec().service, release = %m.spec().release, waves = m.waves().len(), "rollout started");
-        let rx = self.spawn(m, false).await;
-        let st = rx.borrow().clone();
-        Ok(st)
     }
 
-    fn new_id(&self, service: &ServiceName, now_ms: u64) -> Result<String, Status> {
-        let ids = self.inner.store.rollout_ids().map_err(store_status)?;
+    fn new_id(&self, service: &ServiceName, now_ms: u64) -> Result<String, RolloutError> {
+        let ids = self.inner.store.rollout_ids()?;
         let mut t = now_ms;
         loop {
             let id = format!("r-{service}-{t}");
@@ -335,35 +388,24 @@ impl RolloutManager {
         }
     }
 
+    fn view(&self, id: &str) -> Option<watch::Receiver<RolloutView>> {
+        let views = self.inner.views.lock().unwrap_or_else(|p| p.into_inner());
+        views.get(id).cloned()
+    }
+
     /// The status of a rollout, running or stored.
-    pub async fn status(&self, id: &str) -> Result<wire::RolloutStatus, Status> {
-        if let Some(st) = self.live_status(id) {
-            return Ok(st);
+    pub async fn status(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        if let Some(v) = self.view(id) {
+            return Ok(v.borrow().clone());
         }
         Ok(self.stored(id)?.status())
     }
 
-    fn live_status(&self, id: &str) -> Option<wire::RolloutStatus> {
-        let live = self.inner.live.lock().ok()?;
-        live.get(id).map(|h| h.status.borrow().clone())
-    }
-
-    fn stored(&self, id: &str) -> Result<Rollout, Status> {
-        match self.load(id) {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err(Status::not_found(format!("no rollout {id}"))),
-            Err(RolloutError::Store(e)) => Err(store_status(e)),
-            Err(RolloutError::Record(e)) => Err(record_status(e)),
-        }
-    }
-
     /// The rollout's status now and after every change. For a finished rollout that is not
     /// running, the receiver holds the final status and reports the sender gone.
-    pub fn watch(&self, id: &str) -> Result<watch::Receiver<wire::RolloutStatus>, Status> {
-        if let Ok(live) = self.inner.live.lock()
-            && let Some(h) = live.get(id)
-        {
-            return Ok(h.status.clone());
+    pub fn watch(&self, id: &str) -> Result<watch::Receiver<RolloutView>, RolloutError> {
+        if let Some(v) = self.view(id) {
+            return Ok(v);
         }
         let st = self.stored(id)?.status();
         let (_tx, rx) = watch::channel(st);
@@ -371,107 +413,81 @@ impl RolloutManager {
     }
 
     /// Every rollout (oldest first), optionally for one service.
-    pub async fn list(&self, service: Option<&str>) -> Result<Vec<wire::RolloutStatus>, Status> {
-        let ids = self.inner.store.rollout_ids().map_err(store_status)?;
+    pub async fn list(
+        &self,
+        service: Option<&ServiceName>,
+    ) -> Result<Vec<RolloutView>, RolloutError> {
+        let ids = self.inner.store.rollout_ids()?;
         let mut out = Vec::new();
         for id in ids {
-            let st = match self.live_status(&id) {
-                Some(st) => st,
+            let st = match self.view(&id) {
+                Some(v) => v.borrow().clone(),
                 None => match self.stored(&id) {
                     Ok(m) => m.status(),
                     Err(e) => {
-                        tracing::warn!(rollout = %id, error = %e.message(), "skipping unreadable rollout");
+                        tracing::warn!(rollout = %id, error = %e, "skipping unreadable rollout");
                         continue;
                     }
                 },
             };
-            let svc = st
-                .spec
-                .as_ref()
-                .map(|s| s.service.as_str())
-                .unwrap_or_default();
-            if service.is_none_or(|s| s.is_empty() || s == svc) {
+            if service.is_none_or(|s| *s == st.spec.service) {
                 out.push(st);
             }
         }
         Ok(out)
     }
 
-    /// Pause, resume, promote, abort, retry or roll back a rollout.
-    pub async fn control(&self, req: wire::ControlRequest) -> Result<wire::RolloutStatus, Status> {
-        self.control_as(req, "operator").await
-    }
-
-    /// [`RolloutManager::control`] recording `actor` (e.g. an authenticated operator name).
-    pub async fn control_as(
+    /// Pause, resume, promote, abort, retry or roll back a rollout, recording `actor` (e.g. an
+    /// authenticated operator name). Holds the service's slot for the whole call.
+    pub async fn control(
         &self,
-        req: wire::ControlRequest,
+        id: &str,
+        action: OperatorAction,
         actor: &str,
-    ) -> Result<wire::RolloutStatus, Status> {
-        let action = match wire::ControlAction::try_from(req.action) {
-            Ok(wire::ControlAction::Pause) => OperatorAction::Pause,
-            Ok(wire::ControlAction::Resume) => OperatorAction::Resume,
-            Ok(wire::ControlAction::Promote) => OperatorAction::Promote,
-            Ok(wire::ControlAction::Abort) => OperatorAction::Abort,
-            Ok(wire::ControlAction::Retry) => OperatorAction::Retry,
-            Ok(wire::ControlAction::Rollback) => OperatorAction::Rollback,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "action: {} is not one of pause, resume, promote, abort, retry, rollback",
-                    req.action
-                )));
-            }
+        reason: &str,
+    ) -> Result<RolloutView, RolloutError> {
+        let service = self.view(id).map(|v| v.borrow().spec.service.clone());
+        let service = match service {
+            Some(s) => s,
+            None => self.stored(id)?.spec().service.clone(),
         };
-        if req.reason.len() > 1024 {
-            return Err(Status::invalid_argument("reason: at most 1024 bytes"));
-        }
-        let id = req.rollout_id.as_str();
-        let sender = self.live_sender(id);
-        let sender = match sender {
+        let slot = self.slot(&service);
+        let mut slot = slot.lock().await;
+        let live = slot
+            .running
+            .as_ref()
+            .filter(|r| r.id == id && !r.control.is_closed() && !r.join.is_finished())
+            .map(|r| r.control.clone());
+        let sender = match live {
             Some(s) => s,
             None => {
                 let m = self.stored(id)?;
-                if action == OperatorAction::Rollback && m.state() == RolloutState::Succeeded {
-                    // Only the newest rollout of a service may be rolled back.
-                    let newer = self
-                        .list(Some(m.spec().service.as_str()))
-                        .await?
-                        .into_iter()
-                        .rev()
-                        .find(|s| {
-                            s.rollout_id != id && s.created_unix_ms > m.status().created_unix_ms
-                        });
-                    if let Some(n) = newer {
-                        return Err(Status::failed_precondition(format!(
-                            "rollout {id} is not the latest rollout of service {} ({} is); roll back that one instead",
-                            m.spec().service,
-                            n.rollout_id
-                        )));
-                    }
-                    let _guard = self.inner.starting.lock().await;
-                    self.spawn(m, true).await;
-                    self.live_sender(id)
-                        .ok_or_else(|| Status::internal(format!("rollout {id} did not start")))?
-                } else {
-                    // The machine refuses with the right message.
-                    let mut m = m;
-                    let cmds = m.step(
-                        self.inner.clock.now_ms(),
-                        Input::Operator {
-                            action,
-                            actor: actor.to_string(),
-                            reason: req.reason.clone(),
-                        },
-                    );
-                    for c in cmds {
-                        if let super::machine::Command::Refused(e) = c {
-                            return Err(Status::failed_precondition(e.to_string()));
-                        }
-                    }
-                    return Err(Status::failed_precondition(format!(
-                        "rollout {id} is not running"
-                    )));
+                if action != OperatorAction::Rollback || m.state() != RolloutState::Succeeded {
+                    return Err(m.refusal(action).into());
                 }
+                // Only the newest rollout of a service may be rolled back.
+                let ids = self.inner.store.rollout_ids()?;
+                let pos = ids.iter().position(|x| x == id);
+                for newer in ids.iter().skip(pos.map_or(ids.len(), |p| p + 1)) {
+                    if let Some(n) = self.load(newer)?
+                        && n.spec().service == service
+                    {
+                        return Err(RolloutError::NotLatest {
+                            rollout: id.to_string(),
+                            service: service.to_string(),
+                            newer: newer.clone(),
+                        });
+                    }
+                }
+                if let Some(old) = slot.running.take() {
+                    old.stop().await;
+                }
+                let events = self.inner.fleet.subscribe();
+                let m = self.stored(id)?;
+                let running = self.spawn(m, events, FirstStep::Resume);
+                let s = running.control.clone();
+                slot.running = Some(running);
+                s
             }
         };
         let (tx, rx) = oneshot::channel();
@@ -479,36 +495,25 @@ impl RolloutManager {
             .send(ControlMsg {
                 action,
                 actor: actor.to_string(),
-                reason: req.reason,
+                reason: reason.to_string(),
                 reply: tx,
             })
             .await
-            .map_err(|_| Status::unavailable(format!("rollout {id} is shutting down")))?;
+            .map_err(|_| RolloutError::Stopped(id.to_string()))?;
         match rx.await {
-            Ok(Ok(st)) => Ok(st),
-            Ok(Err(e)) => Err(Status::failed_precondition(e.to_string())),
-            Err(_) => Err(Status::unavailable(format!(
-                "rollout {id} stopped before answering"
-            ))),
+            Ok(r) => r.map_err(RolloutError::from),
+            Err(_) => Err(RolloutError::Stopped(id.to_string())),
         }
     }
 
-    fn live_sender(&self, id: &str) -> Option<mpsc::Sender<ControlMsg>> {
-        let live = self.inner.live.lock().ok()?;
-        live.get(id)
-            .filter(|h| !h.control.is_closed())
-            .map(|h| h.control.clone())
-    }
-
     /// The status, every decision with its evidence, and the event log.
-    pub async fn explain(&self, id: &str) -> Result<wire::Explanation, Status> {
+    pub async fn explain(&self, id: &str) -> Result<Explanation, RolloutError> {
         let status = self.status(id).await?;
         let stored = self
             .inner
             .store
-            .load_rollout(id)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no rollout {id}")))?;
+            .load_rollout(id)?
+            .ok_or_else(|| RolloutError::NotFound(id.to_string()))?;
         let mut events = Vec::with_capacity(stored.events.len());
         for e in &stored.events {
             match record::decode_event(id, e) {
@@ -516,11 +521,7 @@ impl RolloutManager {
                 Err(e) => events.push(format!("(unreadable event: {e})")),
             }
         }
-        Ok(wire::Explanation {
-            decisions: status.decisions.clone(),
-            status: Some(status),
-            events,
-        })
+        Ok(Explanation { status, events })
     }
 
     /// Waits for every rollout task to stop (after shutdown is cancelled).

@@ -12,12 +12,14 @@
 //!    value (hosts without the label form the domain `""`), domains sorted by name, hosts inside a
 //!    domain by id, and then taken round-robin — one host from each domain in turn — so the canary
 //!    and every wave draw from as many failure domains as possible.
-//! 4. **Cut** the ordered list at each wave's cumulative target (see [`super::spec`]); waves that
-//!    add no host are dropped, and hosts beyond the last target form an extra final wave.
+//! 4. **Cut** the ordered list at each wave's cumulative target (see [`super::spec`]); hosts
+//!    beyond the last target form an extra final wave. A wave that adds no host (`1,5%,100%` on
+//!    a small fleet, `10,5%,100%`) is recorded in [`Plan::empty`]: [`Plan::check`] refuses an
+//!    operator's wave list that does not grow on this fleet, naming the wave; the default list
+//!    (`1,25%,100%`) adapts to small fleets silently.
 
 use std::collections::BTreeMap;
 
-use serin_proto::wire;
 use serin_proto::{HostId, ReleaseId};
 
 use super::spec::RolloutSpec;
@@ -59,36 +61,49 @@ pub struct Skipped {
 pub struct Plan {
     pub waves: Vec<PlannedWave>,
     pub skipped: Vec<Skipped>,
+    /// Spec waves that added no host on this fleet.
+    pub empty: Vec<EmptyWave>,
+    /// Eligible hosts the waves were cut from.
+    pub eligible: u32,
+}
+
+/// A spec wave whose cumulative target adds no host to the waves before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmptyWave {
+    /// Position in the spec's wave list.
+    pub position: usize,
+    pub expr: String,
+    /// Its cumulative target on this fleet.
+    pub target: u32,
+    /// Hosts the earlier waves already cover.
+    pub covered: u32,
 }
 
 impl Plan {
+    /// Refuses an operator's wave list that does not grow on this fleet (a wave that would add
+    /// no host), naming the wave, instead of silently running fewer waves than asked for.
+    pub fn check(&self, spec: &RolloutSpec) -> Result<(), serin_proto::ValidationError> {
+        if spec.default_waves || self.eligible == 0 {
+            return Ok(());
+        }
+        match self.empty.first() {
+            None => Ok(()),
+            Some(e) => Err(serin_proto::ValidationError::new(
+                format!("waves[{}]", e.position),
+                format!(
+                    "{:?} is {} of the {} eligible hosts in total, no more than the waves before it already cover ({}): the wave list does not grow on this fleet; make the wave larger or leave it out",
+                    e.expr,
+                    plural(e.target),
+                    self.eligible,
+                    e.covered
+                ),
+            )),
+        }
+    }
+
     /// Every planned host, wave by wave.
     pub fn hosts(&self) -> impl Iterator<Item = &PlannedHost> {
         self.waves.iter().flat_map(|w| w.hosts.iter())
-    }
-
-    /// The wire form shown by `serin rollout plan`.
-    pub fn to_wire(&self, spec: &RolloutSpec) -> wire::RolloutPlan {
-        wire::RolloutPlan {
-            spec: Some(spec.to_wire()),
-            waves: self
-                .waves
-                .iter()
-                .map(|w| wire::PlannedWave {
-                    index: w.index,
-                    host_ids: w.hosts.iter().map(|h| h.host_id.to_string()).collect(),
-                    size_expr: w.size_expr.clone(),
-                })
-                .collect(),
-            skipped: self
-                .skipped
-                .iter()
-                .map(|s| wire::SkippedHost {
-                    host_id: s.host_id.to_string(),
-                    reason: s.reason.clone(),
-                })
-                .collect(),
-        }
     }
 }
 
@@ -175,8 +190,18 @@ pub fn plan(spec: &RolloutSpec, fleet: &[HostSnapshot]) -> Plan {
     let mut waves = Vec::new();
     let mut covered = 0u32;
     let mut rest = ordered.into_iter();
-    for size in &spec.waves {
-        let target = size.target(n).max(covered);
+    let mut empty = Vec::new();
+    for (position, size) in spec.waves.iter().enumerate() {
+        let target = size.target(n);
+        if target <= covered {
+            empty.push(EmptyWave {
+                position,
+                expr: size.to_string(),
+                target,
+                covered,
+            });
+        }
+        let target = target.max(covered);
         if target > covered {
             let hosts: Vec<PlannedHost> = rest.by_ref().take((target - covered) as usize).collect();
             waves.push(PlannedWave {
@@ -195,7 +220,20 @@ pub fn plan(spec: &RolloutSpec, fleet: &[HostSnapshot]) -> Plan {
             hosts: remaining,
         });
     }
-    Plan { waves, skipped }
+    Plan {
+        waves,
+        skipped,
+        empty,
+        eligible: n,
+    }
+}
+
+fn plural(n: u32) -> String {
+    if n == 1 {
+        "1 host".into()
+    } else {
+        format!("{n} hosts")
+    }
 }
 
 #[cfg(test)]

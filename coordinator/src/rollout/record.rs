@@ -11,9 +11,8 @@
 //! fleet after a restart.
 
 use serde::{Deserialize, Serialize};
-use serin_proto::wire;
 
-use super::machine::{Decision, HostEntry, RolloutState, Wave};
+use super::intent::{Decision, HostEntry, RolloutState, Wave};
 use crate::store::ReleaseRecord;
 
 /// Version of the records written by this coordinator.
@@ -36,74 +35,26 @@ pub enum RecordError {
     Invalid { what: String, problem: String },
 }
 
-/// The spec as stored: the wire fields, with every default spelled out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpecRecord {
-    pub service: String,
-    pub release: String,
-    pub selector: String,
-    pub waves: Vec<String>,
-    pub bake_ms: u64,
-    pub canary_bake_ms: u64,
-    pub min_healthy_ms: u64,
-    pub healthy_deadline_ms: u64,
-    pub progress_deadline_ms: u64,
-    pub max_unavailable: String,
-    pub max_in_flight: String,
-    pub failure_threshold: String,
-    pub cumulative_failure_threshold: String,
-    pub on_failure: i32,
-    pub spread_label: String,
-    pub max_domains_in_flight: u32,
-    pub unreachable_threshold: String,
-}
+/// The spec as stored: the raw fields, with every default spelled out.
+pub use super::spec::RawSpec as SpecRecord;
 
-impl From<wire::RolloutSpec> for SpecRecord {
-    fn from(w: wire::RolloutSpec) -> Self {
-        Self {
-            service: w.service,
-            release: w.release,
-            selector: w.selector,
-            waves: w.waves,
-            bake_ms: w.bake_ms,
-            canary_bake_ms: w.canary_bake_ms,
-            min_healthy_ms: w.min_healthy_ms,
-            healthy_deadline_ms: w.healthy_deadline_ms,
-            progress_deadline_ms: w.progress_deadline_ms,
-            max_unavailable: w.max_unavailable,
-            max_in_flight: w.max_in_flight,
-            failure_threshold: w.failure_threshold,
-            cumulative_failure_threshold: w.cumulative_failure_threshold,
-            on_failure: w.on_failure,
-            spread_label: w.spread_label,
-            max_domains_in_flight: w.max_domains_in_flight,
-            unreachable_threshold: w.unreachable_threshold,
-        }
-    }
-}
-
-impl From<SpecRecord> for wire::RolloutSpec {
-    fn from(r: SpecRecord) -> Self {
-        Self {
-            service: r.service,
-            release: r.release,
-            selector: r.selector,
-            waves: r.waves,
-            bake_ms: r.bake_ms,
-            canary_bake_ms: r.canary_bake_ms,
-            min_healthy_ms: r.min_healthy_ms,
-            healthy_deadline_ms: r.healthy_deadline_ms,
-            progress_deadline_ms: r.progress_deadline_ms,
-            max_unavailable: r.max_unavailable,
-            max_in_flight: r.max_in_flight,
-            failure_threshold: r.failure_threshold,
-            cumulative_failure_threshold: r.cumulative_failure_threshold,
-            on_failure: r.on_failure,
-            spread_label: r.spread_label,
-            max_domains_in_flight: r.max_domains_in_flight,
-            unreachable_threshold: r.unreachable_threshold,
-        }
-    }
+/// The release of a stored record, validated.
+pub fn release_of(
+    rec: &ReleaseRecord,
+) -> Result<serin_proto::Release, serin_proto::ValidationError> {
+    use serin_proto::{ArtifactSource, Release, ReleaseId, ServiceName, Sha256};
+    let url = rec.url.trim();
+    Ok(Release {
+        service: ServiceName::new(&rec.service).map_err(|e| e.within("release"))?,
+        id: ReleaseId::new(&rec.id).map_err(|e| e.within("release"))?,
+        sha256: Sha256::from_hex("release.sha256", &rec.sha256)?,
+        size: rec.size,
+        source: if url.is_empty() {
+            ArtifactSource::Coordinator
+        } else {
+            ArtifactSource::Url(url.to_string())
+        },
+    })
 }
 
 /// The rollout-wide record.
@@ -122,6 +73,9 @@ pub struct HeaderRecord {
     pub updated_ms: u64,
     /// The rollout paused because a gate failed (not because an operator asked).
     pub paused_by_failure: bool,
+    /// Paused because the store refused a save (resumes by itself once a save succeeds).
+    #[serde(default)]
+    pub paused_by_store: bool,
     /// The state a rollback in progress ends in (rolled_back or aborted).
     pub rollback_final: Option<RolloutState>,
 }

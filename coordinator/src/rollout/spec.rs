@@ -1,6 +1,7 @@
 //! The validated rollout spec: what an operator asked for, with defaults filled in.
 //!
-//! [`RolloutSpec`] is built from the wire type with `TryFrom`; every error names the spec field
+//! [`RolloutSpec`] is built from a [`RawSpec`] (which the control service fills from the wire)
+//! with `TryFrom`; every error names the spec field
 //! and the problem. Defaults (applied when a field is empty or zero):
 //!
 //! | field | default |
@@ -29,74 +30,12 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use serin_proto::wire;
 use serin_proto::{ReleaseId, ServiceName, ValidationError};
 
 use super::threshold::Limit;
 use crate::selector::Selector;
 
-/// Most waves a spec may list.
-pub const MAX_WAVES: usize = 64;
-/// Longest bake, deadline or timing a spec may ask for: 12 hours.
-pub const MAX_TIMING: Duration = Duration::from_secs(12 * 3600);
-
-/// One wave's cumulative coverage target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaveSize {
-    /// This many hosts in total, including earlier waves.
-    Count(u32),
-    /// `ceil(P% of eligible hosts)` in total, including earlier waves.
-    Percent(u32),
-}
-
-impl WaveSize {
-    /// Parses `"N"` (N ≥ 1) or `"P%"` (1 ≤ P ≤ 100).
-    pub fn parse(field: &str, text: &str) -> Result<Self, ValidationError> {
-        let t = text.trim();
-        let garbage = || {
-            ValidationError::new(
-                field,
-                format!("{text:?} is not a host count like \"1\" or a percentage like \"10%\""),
-            )
-        };
-        if let Some(p) = t.strip_suffix('%') {
-            let p: u32 = p.trim().parse().map_err(|_| garbage())?;
-            if p == 0 {
-                return Err(ValidationError::new(field, "0% covers no host"));
-            }
-            if p > 100 {
-                return Err(ValidationError::new(
-                    field,
-                    format!("{text:?} is more than 100%"),
-                ));
-            }
-            Ok(WaveSize::Percent(p))
-        } else {
-            let n: u32 = t.parse().map_err(|_| garbage())?;
-            if n == 0 {
-                return Err(ValidationError::new(field, "0 covers no host"));
-            }
-            Ok(WaveSize::Count(n))
-        }
-    }
-
-    /// Hosts covered in total after this wave, out of `n` eligible hosts (at most `n`).
-    pub fn target(self, n: u32) -> u32 {
-        match self {
-            WaveSize::Count(c) => c.min(n),
-            WaveSize::Percent(p) => (u64::from(p) * u64::from(n)).div_ceil(100) as u32,
-        }
-    }
-}
-
-impl std::fmt::Display for WaveSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WaveSize::Count(c) => write!(f, "{c}"),
-            WaveSize::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
+pub use serin_proto::grammar::{MAX_TIMING, MAX_WAVES, WaveSize};
 
 /// What to do when a wave's gate fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -106,6 +45,37 @@ pub enum OnFailure {
     /// Stop and wait for an operator.
     Pause,
 }
+
+/// A spec as an operator wrote it (the control API's `RolloutSpec` fields, converted at the
+/// wire edge) and as it is stored: text and milliseconds, every field optional (empty or 0 means
+/// the default). [`RolloutSpec`] is its validated form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RawSpec {
+    pub service: String,
+    pub release: String,
+    pub selector: String,
+    pub waves: Vec<String>,
+    pub bake_ms: u64,
+    pub canary_bake_ms: u64,
+    pub min_healthy_ms: u64,
+    pub healthy_deadline_ms: u64,
+    pub progress_deadline_ms: u64,
+    pub max_unavailable: String,
+    pub max_in_flight: String,
+    pub failure_threshold: String,
+    pub cumulative_failure_threshold: String,
+    /// [`ON_FAILURE_ROLLBACK`], [`ON_FAILURE_PAUSE`], or 0 for the default (rollback); the
+    /// numbers of the wire enum `OnFailure`, so stored specs stay readable.
+    pub on_failure: i32,
+    pub spread_label: String,
+    pub max_domains_in_flight: u32,
+    pub unreachable_threshold: String,
+}
+
+/// `RawSpec::on_failure` for "roll back" (as on the wire).
+pub const ON_FAILURE_ROLLBACK: i32 = 1;
+/// `RawSpec::on_failure` for "pause" (as on the wire).
+pub const ON_FAILURE_PAUSE: i32 = 2;
 
 /// A validated rollout spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,24 +107,14 @@ pub struct RolloutSpec {
     pub spread_label: Option<String>,
     /// At most this many failure domains with hosts in flight at once.
     pub max_domains_in_flight: Option<NonZeroU32>,
+    /// The operator gave no wave list: the default adapts to small fleets (waves that add no
+    /// host are left out) instead of being refused. Only planning reads it; the wire form and
+    /// the stored spec spell the default waves out.
+    pub default_waves: bool,
 }
 
 fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
-    if ms == 0 {
-        return Ok(default);
-    }
-    let d = Duration::from_millis(ms);
-    if d > MAX_TIMING {
-        return Err(ValidationError::new(
-            field,
-            format!(
-                "{} is longer than the limit of {}",
-                fmt_ms(ms),
-                fmt_ms(MAX_TIMING.as_millis() as u64)
-            ),
-        ));
-    }
-    Ok(d)
+    serin_proto::grammar::timing_ms(field, ms, default)
 }
 
 fn fmt_ms(ms: u64) -> String {
@@ -169,7 +129,7 @@ fn optional_limit(field: &str, text: &str) -> Result<Option<Limit>, ValidationEr
     }
 }
 
-/// Parses and checks a wave list (see the module docs).
+/// Parses and checks a wave list (see the module docs); empty is the default `1,25%,100%`.
 pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
     if texts.is_empty() {
         return Ok(vec![
@@ -178,59 +138,13 @@ pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
             WaveSize::Percent(100),
         ]);
     }
-    if texts.len() > MAX_WAVES {
-        return Err(ValidationError::new(
-            "waves",
-            format!("{} waves listed, at most {MAX_WAVES} allowed", texts.len()),
-        ));
-    }
-    let mut waves = Vec::with_capacity(texts.len());
-    let mut last_count: Option<u32> = None;
-    let mut last_percent: Option<u32> = None;
-    for (i, t) in texts.iter().enumerate() {
-        let field = format!("waves[{i}]");
-        let w = WaveSize::parse(&field, t)?;
-        match w {
-            WaveSize::Count(c) => {
-                if let Some(prev) = last_count.filter(|p| c <= *p) {
-                    return Err(ValidationError::new(
-                        field,
-                        format!(
-                            "{c} does not grow: waves are cumulative and an earlier wave already covers {prev} hosts"
-                        ),
-                    ));
-                }
-                last_count = Some(c);
-            }
-            WaveSize::Percent(p) => {
-                if let Some(prev) = last_percent.filter(|q| p <= *q) {
-                    return Err(ValidationError::new(
-                        field,
-                        format!(
-                            "{p}% does not grow: waves are cumulative and an earlier wave already covers {prev}%"
-                        ),
-                    ));
-                }
-                last_percent = Some(p);
-            }
-        }
-        waves.push(w);
-    }
-    if let Some(WaveSize::Percent(p)) = waves.last().copied()
-        && p != 100
-    {
-        return Err(ValidationError::new(
-            format!("waves[{}]", waves.len() - 1),
-            format!("the last wave must be 100% or a host count, not {p}%"),
-        ));
-    }
-    Ok(waves)
+    serin_proto::grammar::parse_waves(texts)
 }
 
-impl TryFrom<wire::RolloutSpec> for RolloutSpec {
+impl TryFrom<RawSpec> for RolloutSpec {
     type Error = ValidationError;
 
-    fn try_from(w: wire::RolloutSpec) -> Result<Self, Self::Error> {
+    fn try_from(w: RawSpec) -> Result<Self, Self::Error> {
         let service = ServiceName::new(w.service.trim())?;
         let release = ReleaseId::new(w.release.trim())
             .map_err(|e| ValidationError::new("release", e.problem))?;
@@ -292,10 +206,10 @@ impl TryFrom<wire::RolloutSpec> for RolloutSpec {
         let unreachable_threshold =
             optional_limit("unreachable_threshold", &w.unreachable_threshold)?
                 .unwrap_or(Limit::Count(0));
-        let on_failure = match wire::OnFailure::try_from(w.on_failure) {
-            Ok(wire::OnFailure::Unspecified | wire::OnFailure::Rollback) => OnFailure::Rollback,
-            Ok(wire::OnFailure::Pause) => OnFailure::Pause,
-            Err(_) => {
+        let on_failure = match w.on_failure {
+            0 | ON_FAILURE_ROLLBACK => OnFailure::Rollback,
+            ON_FAILURE_PAUSE => OnFailure::Pause,
+            _ => {
                 return Err(ValidationError::new(
                     "on_failure",
                     format!("{} is not a known action (rollback or pause)", w.on_failure),
@@ -327,16 +241,17 @@ impl TryFrom<wire::RolloutSpec> for RolloutSpec {
             on_failure,
             spread_label,
             max_domains_in_flight: NonZeroU32::new(w.max_domains_in_flight),
+            default_waves: w.waves.is_empty(),
         })
     }
 }
 
 impl RolloutSpec {
     /// The spec with every default spelled out, as shown to operators and stored.
-    pub fn to_wire(&self) -> wire::RolloutSpec {
+    pub fn to_raw(&self) -> RawSpec {
         let ms = |d: Duration| d.as_millis() as u64;
         let lim = |l: Option<Limit>| l.map(|l| l.to_string()).unwrap_or_default();
-        wire::RolloutSpec {
+        RawSpec {
             service: self.service.to_string(),
             release: self.release.to_string(),
             selector: self.selector.to_string(),
@@ -351,8 +266,8 @@ impl RolloutSpec {
             failure_threshold: self.failure_threshold.to_string(),
             cumulative_failure_threshold: lim(self.cumulative_failure_threshold),
             on_failure: match self.on_failure {
-                OnFailure::Rollback => wire::OnFailure::Rollback as i32,
-                OnFailure::Pause => wire::OnFailure::Pause as i32,
+                OnFailure::Rollback => ON_FAILURE_ROLLBACK,
+                OnFailure::Pause => ON_FAILURE_PAUSE,
             },
             spread_label: self.spread_label.clone().unwrap_or_default(),
             max_domains_in_flight: self.max_domains_in_flight.map_or(0, NonZeroU32::get),
@@ -374,8 +289,8 @@ impl RolloutSpec {
 mod tests {
     use super::*;
 
-    pub(crate) fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
-        wire::RolloutSpec {
+    pub(crate) fn wire_spec(waves: &[&str]) -> RawSpec {
+        RawSpec {
             service: "web".into(),
             release: "web-2".into(),
             waves: waves.iter().map(|s| s.to_string()).collect(),
@@ -383,7 +298,7 @@ mod tests {
         }
     }
 
-    fn err(w: wire::RolloutSpec) -> ValidationError {
+    fn err(w: RawSpec) -> ValidationError {
         RolloutSpec::try_from(w).unwrap_err()
     }
 
@@ -408,8 +323,17 @@ mod tests {
         assert_eq!(s.cumulative_failure_threshold, None);
         assert_eq!(s.max_in_flight, None);
         assert_eq!(s.on_failure, OnFailure::Rollback);
-        // The wire form round-trips.
-        assert_eq!(RolloutSpec::try_from(s.to_wire()).unwrap(), s);
+        assert!(s.default_waves);
+        // The wire form round-trips (spelling the default waves out).
+        let back = RolloutSpec::try_from(s.to_raw()).unwrap();
+        assert!(!back.default_waves);
+        assert_eq!(
+            RolloutSpec {
+                default_waves: true,
+                ..back
+            },
+            s
+        );
     }
 
     #[test]

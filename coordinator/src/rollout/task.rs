@@ -1,16 +1,26 @@
 //! One tokio task per rollout: it owns the [`Rollout`] machine and is its only caller.
 //!
-//! A `select!` turns fleet events, a timer set at the machine's next deadline (or the safety
-//! tick), operator calls and cancellation into [`Input`]s. The [`Driver`] executes the resulting
-//! [`Command`]s in order: persist (and nothing else) until the store has the records, then
-//! allocate sequence numbers, then send orders. After every step the task publishes the rollout's
-//! status on a watch channel.
+//! The manager builds the machine, subscribes to fleet events *before* planning or loading, and
+//! hands both to [`run`], which takes the first step itself: a new rollout's first save and
+//! canary dispatch, or a resumed rollout's resynchronisation with the fleet. From then on a
+//! `select!` turns fleet events, a timer set at the machine's next deadline (or the safety
+//! tick), operator calls and cancellation into [`Input`]s; operator calls are answered by this
+//! task and nobody else. The [`Driver`] executes the resulting [`Command`]s in order: persist,
+//! then allocate sequence numbers, then send orders.
+//!
+//! A failed save is never ignored: the driver keeps the unsaved records and holds back every
+//! order that would have followed them (an order counts as sent only once it is handed to the
+//! fleet), the machine is told ([`Input::StoreFailed`]: it pauses, taking no decision it could
+//! not persist), and the task retries the save with backoff. When a save succeeds the held
+//! orders go out, as the machine's current view of each host's order, and the machine hears
+//! [`Input::StoreRecovered`] (it resumes by itself). After every step the task publishes the
+//! rollout's status on a watch channel.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serin_proto::{HostId, ServiceName, wire};
+use serin_proto::{HostId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +28,7 @@ use super::machine::{
     Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState,
 };
 use super::record;
+use super::view::RolloutView;
 use crate::fleet::{Fleet, FleetEvent};
 use crate::store::{Store, StoreError};
 
@@ -70,7 +81,34 @@ pub struct ControlMsg {
     pub action: OperatorAction,
     pub actor: String,
     pub reason: String,
-    pub reply: oneshot::Sender<Result<wire::RolloutStatus, ControlError>>,
+    pub reply: oneshot::Sender<Result<RolloutView, TaskError>>,
+}
+
+/// Why a rollout task could not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// The operator request does not apply in the rollout's state.
+    #[error(transparent)]
+    Refused(#[from] ControlError),
+    /// The request was applied in memory, but the store refused to save it; it is saved (and
+    /// its orders sent) once the store accepts writes again.
+    #[error(
+        "the store refused to save rollout {rollout}: {error}; the change is kept and saved when the store recovers"
+    )]
+    NotSaved { rollout: String, error: String },
+    /// A new rollout's first save failed: nothing was stored and nothing was sent.
+    #[error("rollout {rollout} could not be saved ({error}); nothing was changed")]
+    NotStarted { rollout: String, error: String },
+}
+
+/// How the task begins.
+#[derive(Debug)]
+pub enum FirstStep {
+    /// A new rollout: save it and dispatch the canary, then answer `reply` with its status (or
+    /// with [`TaskError::NotStarted`], after which the task ends).
+    New(oneshot::Sender<Result<RolloutView, TaskError>>),
+    /// A rollout rebuilt from the store: resynchronise with the fleet as it is now.
+    Resume,
 }
 
 /// Executes a machine's commands against the store and the fleet.
@@ -78,8 +116,31 @@ pub struct Driver {
     pub store: Arc<dyn Store>,
     pub fleet: Arc<dyn Fleet>,
     pub clock: Clock,
-    /// A save failed: the next save writes every record, not just the changed ones.
-    resave_all: bool,
+    /// Records of failed saves, merged, waiting for a save to succeed.
+    unsaved: Option<Unsaved>,
+    /// Hosts whose order was held back by a failed save.
+    held: BTreeSet<HostId>,
+    /// Some save of this rollout has succeeded.
+    saved_once: bool,
+}
+
+/// What failed saves left behind: the hosts whose records changed and the events to append.
+/// The header and host records themselves are taken fresh from the machine on the next save.
+#[derive(Debug, Default)]
+struct Unsaved {
+    hosts: BTreeSet<HostId>,
+    events: Vec<record::EventRecord>,
+}
+
+/// What one round of commands came to.
+#[derive(Debug, Default)]
+pub struct Executed {
+    /// The operator request was refused.
+    pub refused: Option<ControlError>,
+    /// A save failed; held-back orders wait for the next successful save.
+    pub store_error: Option<StoreError>,
+    /// A save succeeded after earlier ones had failed.
+    pub recovered: bool,
 }
 
 impl Driver {
@@ -89,38 +150,92 @@ impl Driver {
             store,
             fleet,
             clock,
-            resave_all: false,
+            unsaved: None,
+            held: BTreeSet::new(),
+            saved_once: false,
         }
     }
 
-    /// Steps the machine with `input` and executes everything that follows from it. Returns
-    /// the refusal of an operator request, if any.
-    pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Option<ControlError> {
+    /// Whether records of a failed save wait to be saved.
+    pub fn has_unsaved(&self) -> bool {
+        self.unsaved.is_some()
+    }
+
+    /// Steps the machine with `input` and executes everything that follows from it.
+    pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Executed {
         let cmds = m.step(self.clock.now_ms(), input);
         self.execute(m, cmds).await
     }
 
-    async fn save(&mut self, m: &Rollout, p: Persist) -> Result<(), StoreError> {
-        let (header, hosts) = if self.resave_all {
-            let (h, hosts) = m.records();
-            (h, hosts)
-        } else {
-            (p.header, p.hosts)
-        };
+    async fn save(&mut self, m: &Rollout, p: Persist) -> Result<bool, StoreError> {
+        let recovering = self.unsaved.is_some();
+        let mut u = self.unsaved.take().unwrap_or_default();
+        u.hosts.extend(p.hosts.iter().map(|h| h.host.id.clone()));
+        u.events.extend(p.events);
+        // A retry saves the machine as it is now, not the records of the failed attempt.
+        let header = if recovering { m.header() } else { p.header };
         let id = m.id().to_string();
         let header = record::encode(&header);
-        let hosts: Vec<(HostId, Vec<u8>)> = hosts
+        let hosts: Vec<(HostId, Vec<u8>)> = u
+            .hosts
             .iter()
-            .map(|h| (h.host.id.clone(), record::encode(h)))
+            .filter_map(|h| m.host_record(h))
+            .map(|r| (r.host.id.clone(), record::encode(&r)))
             .collect();
-        let events: Vec<Vec<u8>> = p.events.iter().map(record::encode).collect();
+        let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let store = self.store.clone();
         let res =
             tokio::task::spawn_blocking(move || store.save_rollout(&id, &header, &hosts, &events))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
-        self.resave_all = res.is_err();
-        res
+        match res {
+            Ok(()) => {
+                self.saved_once = true;
+                Ok(recovering)
+            }
+            Err(e) => {
+                self.unsaved = Some(u);
+                Err(e)
+            }
+        }
+    }
+
+    /// Retries the save of what failed before; on success sends the held orders.
+    pub async fn flush(&mut self, m: &Rollout) -> Executed {
+        let empty = Persist {
+            header: m.header(),
+            hosts: Vec::new(),
+            events: Vec::new(),
+        };
+        let mut out = Executed::default();
+        match self.save(m, empty).await {
+            Ok(_) => {
+                self.send_held(m);
+                out.recovered = true;
+            }
+            Err(e) => out.store_error = Some(e),
+        }
+        out
+    }
+
+    fn send_held(&mut self, m: &Rollout) {
+        for host in std::mem::take(&mut self.held) {
+            // The machine's current order for the host: one superseded while the store was
+            // failing is never sent.
+            if let Some(order) = m.order_to_send(&host) {
+                self.send(m, &host, order);
+            }
+        }
+    }
+
+    fn send(&self, m: &Rollout, host: &HostId, order: serin_proto::Order) {
+        let kind = order.action.kind();
+        let seq = order.seq;
+        if self.fleet.send(host, order) {
+            tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "order sent");
+        } else {
+            tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "host not connected; order goes out when it reconnects");
+        }
     }
 
     async fn allocate(
@@ -136,28 +251,37 @@ impl Driver {
             .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))))
     }
 
-    /// Executes commands in order; a failed save stops everything after it (nothing is sent
-    /// that is not on disk).
-    pub async fn execute(&mut self, m: &mut Rollout, cmds: Vec<Command>) -> Option<ControlError> {
+    /// Executes commands in order. A failed save holds back every order after it (nothing is
+    /// sent that is not on disk) and drops the allocations after it (the machine asks again).
+    pub async fn execute(&mut self, m: &mut Rollout, cmds: Vec<Command>) -> Executed {
         let mut queue: VecDeque<Command> = cmds.into();
-        let mut refused = None;
+        let mut out = Executed::default();
         // Each allocation round answers the previous one; a handful is plenty per input.
         let mut rounds = 0;
         while let Some(c) = queue.pop_front() {
             match c {
-                Command::Persist(p) => {
-                    if let Err(e) = self.save(m, p).await {
-                        tracing::error!(rollout = %m.id(), error = %e, "saving rollout failed; orders held back until a save succeeds");
-                        // Keep refusals and the finished notice; drop sends and allocations.
-                        refused = refused.or_else(|| {
-                            queue.iter().find_map(|c| match c {
-                                Command::Refused(e) => Some(e.clone()),
-                                _ => None,
-                            })
-                        });
-                        return refused;
+                Command::Persist(p) => match self.save(m, p).await {
+                    Ok(recovered) => {
+                        if recovered {
+                            self.send_held(m);
+                            out.recovered = true;
+                        }
                     }
-                }
+                    Err(e) => {
+                        tracing::error!(rollout = %m.id(), error = %e, "saving rollout failed; orders held back until a save succeeds");
+                        for c in queue.drain(..) {
+                            match c {
+                                Command::Send { host, .. } => {
+                                    self.held.insert(host);
+                                }
+                                Command::Refused(e) => out.refused = Some(e),
+                                _ => {}
+                            }
+                        }
+                        out.store_error = Some(e);
+                        return out;
+                    }
+                },
                 Command::AllocateSeqs(reqs) => {
                     rounds += 1;
                     let mut got = Vec::new();
@@ -175,21 +299,19 @@ impl Driver {
                     }
                 }
                 Command::Send { host, order } => {
-                    let kind = order.action.kind();
-                    let seq = order.seq;
-                    if self.fleet.send(&host, order) {
-                        tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "order sent");
+                    if self.unsaved.is_some() {
+                        self.held.insert(host);
                     } else {
-                        tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "host not connected; order goes out when it reconnects");
+                        self.send(m, &host, order);
                     }
                 }
-                Command::Refused(e) => refused = Some(e),
+                Command::Refused(e) => out.refused = Some(e),
                 Command::Finished(state) => {
                     tracing::info!(rollout = %m.id(), state = %state, "rollout finished");
                 }
             }
         }
-        refused
+        out
     }
 }
 
@@ -204,36 +326,125 @@ fn input_of(e: FleetEvent) -> Input {
 
 /// Whether a finished rollout's task should keep running: a succeeded rollout keeps converging
 /// hosts that join or reconnect until it is superseded (its token is cancelled); other finished
-/// rollouts stop once every order has been delivered.
-fn should_stop(m: &Rollout) -> bool {
-    m.is_quiescent() && m.state() != RolloutState::Succeeded
+/// rollouts stop once every order has been delivered and saved.
+fn should_stop(m: &Rollout, driver: &Driver) -> bool {
+    m.is_quiescent() && m.state() != RolloutState::Succeeded && !driver.has_unsaved()
+}
+
+/// The first and longest delays between retries of a failed save.
+const SAVE_RETRY_FIRST: Duration = Duration::from_millis(200);
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// The task's state of a failing store: when to retry the save next and how long to wait after.
+struct Retry {
+    at_ms: Option<u64>,
+    delay: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            at_ms: None,
+            delay: SAVE_RETRY_FIRST,
+        }
+    }
+
+    /// Takes note of one round's outcome; returns the inputs the machine must hear about it.
+    fn after(&mut self, ex: &Executed, now_ms: u64, id: &str) -> Option<Input> {
+        if let Some(e) = &ex.store_error {
+            let first = self.at_ms.is_none();
+            self.at_ms = Some(now_ms + self.delay.as_millis() as u64);
+            tracing::warn!(rollout = %id, error = %e, retry_in = ?self.delay, "rollout not saved; retrying");
+            self.delay = (self.delay * 2).min(SAVE_RETRY_MAX);
+            return first.then(|| Input::StoreFailed {
+                error: e.to_string(),
+            });
+        }
+        if ex.recovered {
+            *self = Self::new();
+            tracing::info!(rollout = %id, "the store accepts writes again");
+            return Some(Input::StoreRecovered);
+        }
+        None
+    }
 }
 
 /// Runs one rollout until it is finished and quiescent, or `cancel` fires.
 ///
-/// `events` must have been subscribed before the machine was last fed a snapshot, so nothing is
-/// missed between the two.
+/// `events` must have been subscribed before the machine was built (a new rollout) or loaded (a
+/// resumed one), so nothing the fleet says after that is missed.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut m: Rollout,
     mut driver: Driver,
     events: broadcast::Receiver<FleetEvent>,
     control: mpsc::Receiver<ControlMsg>,
-    status: watch::Sender<wire::RolloutStatus>,
+    status: watch::Sender<RolloutView>,
     tick: Duration,
+    first: FirstStep,
     cancel: CancellationToken,
 ) {
     let id = m.id().to_string();
-    let _ = status.send(m.status());
+    let mut retry = Retry::new();
+    // Feeds an input and everything the store's state adds to it (a failed save pauses, a
+    // recovered one resumes), then publishes the status.
+    macro_rules! step {
+        ($input:expr) => {{
+            let mut ex = driver.feed(&mut m, $input).await;
+            let refused = ex.refused.take();
+            let mut not_saved = ex.store_error.as_ref().map(|e| e.to_string());
+            let mut follow = retry.after(&ex, driver.clock.now_ms(), &id);
+            while let Some(i) = follow.take() {
+                let ex = driver.feed(&mut m, i).await;
+                if ex.store_error.is_none() && !driver.has_unsaved() {
+                    not_saved = None;
+                }
+                follow = retry.after(&ex, driver.clock.now_ms(), &id);
+            }
+            if m.take_status_changed() {
+                status.send_if_modified(|s| {
+                    let new = m.status();
+                    if *s == new {
+                        false
+                    } else {
+                        *s = new;
+                        true
+                    }
+                });
+            }
+            (refused, not_saved)
+        }};
+    }
+    match first {
+        FirstStep::New(reply) => {
+            let (_, not_saved) = step!(Input::Tick);
+            if !driver.saved_once {
+                let _ = reply.send(Err(TaskError::NotStarted {
+                    rollout: id.clone(),
+                    error: not_saved.unwrap_or_else(|| "no save happened".into()),
+                }));
+                return;
+            }
+            let _ = reply.send(Ok(m.status()));
+        }
+        FirstStep::Resume => {
+            let snapshot = driver.fleet.snapshot();
+            step!(Input::Resync(snapshot));
+        }
+    }
     let mut events = Some(events);
     let mut control = Some(control);
     loop {
-        if should_stop(&m) {
+        if should_stop(&m, &driver) {
             tracing::debug!(rollout = %id, "rollout task done");
             break;
         }
         let now = driver.clock.now_ms();
         let tick_at = now + tick.as_millis() as u64;
-        let wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
+        let mut wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
+        if let Some(t) = retry.at_ms {
+            wake = wake.min(t);
+        }
         let sleep = tokio::time::sleep_until(driver.clock.instant_of(wake));
         let input = tokio::select! {
             biased;
@@ -245,14 +456,11 @@ pub async fn run(
                 }
             } => match msg {
                 Some(msg) => {
-                    let refused = driver
-                        .feed(&mut m, Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason })
-                        .await;
-                    let st = m.status();
-                    let _ = status.send(st.clone());
-                    let _ = msg.reply.send(match refused {
-                        Some(e) => Err(e),
-                        None => Ok(st),
+                    let (refused, not_saved) = step!(Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason });
+                    let _ = msg.reply.send(match (refused, not_saved) {
+                        (Some(e), _) => Err(TaskError::Refused(e)),
+                        (None, Some(error)) => Err(TaskError::NotSaved { rollout: id.clone(), error }),
+                        (None, None) => Ok(m.status()),
                     });
                     continue;
                 }
@@ -279,17 +487,17 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = sleep => Input::Tick,
-        };
-        driver.feed(&mut m, input).await;
-        status.send_if_modified(|s| {
-            let new = m.status();
-            if *s == new {
-                false
-            } else {
-                *s = new;
-                true
+            _ = sleep => {
+                if retry.at_ms.is_some_and(|t| t <= driver.clock.now_ms()) && driver.has_unsaved() {
+                    let ex = driver.flush(&m).await;
+                    if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
+                        step!(i);
+                    }
+                    continue;
+                }
+                Input::Tick
             }
-        });
+        };
+        step!(input);
     }
 }

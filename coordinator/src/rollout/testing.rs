@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use serin_proto::wire::ServiceState;
-use serin_proto::{HostId, Order, ReleaseId, ServiceName, wire};
+use serin_proto::{HostId, Order, ReleaseId, ServiceName};
 
-use super::spec::RolloutSpec;
-use crate::fleet::{Fleet, FleetEvent, HostSnapshot, ServiceSnapshot};
-use crate::store::ReleaseRecord;
+use super::spec::{RawSpec, RolloutSpec};
+use crate::fleet::{
+    Fleet, FleetEvent, HostSnapshot, OrderOutcome, OrderPhase, ResultCode, ServiceSnapshot,
+    ServiceState,
+};
+use crate::store::{MemoryStore, ReleaseRecord, Store, StoreError, StoredRollout};
 
 /// A host in zone `zone` with role=web, connected, running `release` of service web, healthy.
 pub fn host(id: &str, zone: &str, release: &str) -> HostSnapshot {
@@ -38,9 +40,9 @@ pub fn host(id: &str, zone: &str, release: &str) -> HostSnapshot {
     }
 }
 
-/// A wire spec for service web, release web-2, role=web, with the given waves.
-pub fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
-    wire::RolloutSpec {
+/// A raw spec for service web, release web-2, role=web, with the given waves.
+pub fn raw_spec(waves: &[&str]) -> RawSpec {
+    RawSpec {
         service: "web".into(),
         release: "web-2".into(),
         selector: "role=web".into(),
@@ -53,9 +55,9 @@ pub fn wire_spec(waves: &[&str]) -> wire::RolloutSpec {
     }
 }
 
-/// The validated form of [`wire_spec`].
+/// The validated form of [`raw_spec`].
 pub fn spec(waves: &[&str]) -> RolloutSpec {
-    RolloutSpec::try_from(wire_spec(waves)).unwrap()
+    RolloutSpec::try_from(raw_spec(waves)).unwrap()
 }
 
 /// The release record of web-2.
@@ -72,15 +74,7 @@ pub fn release_record() -> ReleaseRecord {
 
 /// The release web-2.
 pub fn release() -> serin_proto::Release {
-    let r = release_record();
-    serin_proto::Release::try_from(wire::Release {
-        service: r.service,
-        id: r.id,
-        sha256: r.sha256,
-        size: r.size,
-        url: r.url,
-    })
-    .unwrap()
+    super::record::release_of(&release_record()).unwrap()
 }
 
 /// A scripted [`Fleet`]: hosts are set by the test, sent orders are recorded, events are
@@ -89,6 +83,7 @@ pub struct FakeFleet {
     hosts: Mutex<BTreeMap<HostId, HostSnapshot>>,
     sent: Mutex<Vec<(HostId, Order)>>,
     events: tokio::sync::broadcast::Sender<FleetEvent>,
+    responder: Mutex<Option<Responder>>,
 }
 
 impl FakeFleet {
@@ -99,6 +94,7 @@ impl FakeFleet {
             hosts: Mutex::new(hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect()),
             sent: Mutex::new(Vec::new()),
             events,
+            responder: Mutex::new(None),
         }
     }
 
@@ -143,12 +139,160 @@ impl Fleet for FakeFleet {
             .get(host)
             .is_some_and(|h| h.connected);
         if connected {
-            self.sent.lock().unwrap().push((host.clone(), order));
+            self.sent
+                .lock()
+                .unwrap()
+                .push((host.clone(), order.clone()));
+            let answer = self
+                .responder
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|r| r(host, &order))
+                .unwrap_or_default();
+            for e in answer {
+                self.emit(e);
+            }
         }
         connected
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent> {
         self.events.subscribe()
+    }
+}
+
+/// Builds the result an agent would send for `order`.
+pub fn outcome(order: &Order, phase: OrderPhase, code: ResultCode) -> OrderOutcome {
+    OrderOutcome {
+        order_id: order.order_id.clone(),
+        rollout_id: order.rollout_id.clone(),
+        seq: order.seq,
+        service: order.service.clone(),
+        release: None,
+        phase,
+        code,
+        message: String::new(),
+        current_release: None,
+        last_seq: order.seq,
+    }
+}
+
+/// What a [`FakeFleet`] responder answers to one sent order: events emitted at once, as a fast
+/// agent (or a connection dropping right away) would.
+pub type Responder = Box<dyn Fn(&HostId, &Order) -> Vec<FleetEvent> + Send + Sync>;
+
+impl FakeFleet {
+    /// Emits the responder's events for every order sent from now on, right as it is sent.
+    pub fn respond_with(&self, r: Responder) {
+        *self.responder.lock().unwrap() = Some(r);
+    }
+}
+
+/// A [`MemoryStore`] whose rollout saves can be made to fail, or to block until released.
+#[derive(Default)]
+pub struct TestStore {
+    pub inner: MemoryStore,
+    /// Saves that succeed before the failing ones start.
+    pass_saves: std::sync::atomic::AtomicUsize,
+    /// Saves left to fail (each failing save decrements it).
+    fail_saves: std::sync::atomic::AtomicUsize,
+    /// Saves of rollouts other than this one block until [`TestStore::open_gate`].
+    gate: Mutex<Option<String>>,
+    gate_cv: std::sync::Condvar,
+    /// Saves currently blocked at the gate.
+    blocked: std::sync::atomic::AtomicUsize,
+}
+
+impl TestStore {
+    /// A store with web-2 registered.
+    pub fn new() -> Self {
+        let s = Self::default();
+        s.inner.put_release(&release_record()).unwrap();
+        s
+    }
+
+    /// After `ok` more successful rollout saves, the next `n` fail with an i/o error.
+    pub fn fail_after_saves(&self, ok: usize, n: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pass_saves.store(ok, SeqCst);
+        self.fail_saves.store(n, SeqCst);
+    }
+
+    /// Saves of every rollout but `except` block until the gate opens.
+    pub fn close_gate(&self, except: &str) {
+        *self.gate.lock().unwrap() = Some(except.to_string());
+    }
+
+    /// Lets blocked saves through.
+    pub fn open_gate(&self) {
+        *self.gate.lock().unwrap() = None;
+        self.gate_cv.notify_all();
+    }
+
+    /// Saves waiting at the gate now.
+    pub fn blocked(&self) -> usize {
+        self.blocked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for TestStore {
+    fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
+        self.inner.put_release(rec)
+    }
+    fn release(
+        &self,
+        service: &ServiceName,
+        id: &ReleaseId,
+    ) -> Result<Option<ReleaseRecord>, StoreError> {
+        self.inner.release(service, id)
+    }
+    fn releases(&self, service: Option<&ServiceName>) -> Result<Vec<ReleaseRecord>, StoreError> {
+        self.inner.releases(service)
+    }
+    fn save_rollout(
+        &self,
+        rollout_id: &str,
+        header: &[u8],
+        hosts: &[(HostId, Vec<u8>)],
+        events: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        {
+            let mut g = self.gate.lock().unwrap();
+            if g.as_deref().is_some_and(|e| e != rollout_id) {
+                self.blocked.fetch_add(1, SeqCst);
+                while g.as_deref().is_some_and(|e| e != rollout_id) {
+                    g = self.gate_cv.wait(g).unwrap();
+                }
+                self.blocked.fetch_sub(1, SeqCst);
+            }
+        }
+        if self
+            .pass_saves
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+            && self
+                .fail_saves
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(StoreError::Io("injected save failure".into()));
+        }
+        self.inner.save_rollout(rollout_id, header, hosts, events)
+    }
+    fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
+        self.inner.load_rollout(rollout_id)
+    }
+    fn rollout_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.rollout_ids()
+    }
+    fn next_seq(
+        &self,
+        host: &HostId,
+        service: &ServiceName,
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        self.inner.next_seq(host, service, at_least)
     }
 }

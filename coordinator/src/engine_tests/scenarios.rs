@@ -5,15 +5,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use serin_proto::wire::{OrderPhase, ResultCode};
 use serin_proto::{HostId, Order, OrderAction, ReleaseId, ServiceName, wire};
 
-use super::machine::{
+use super::{wire_spec, wire_status};
+use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome};
+use crate::rollout::machine::{
     Command, ControlError, HostPhase, Input, OperatorAction, Rollout, RolloutState, WaveState,
 };
-use super::plan::{self, Plan};
-use super::record::{self, HostRecord};
-use super::settings::EngineSettings;
-use super::spec::RolloutSpec;
-use super::testing::{host, release, wire_spec};
-use crate::fleet::{HealthSample, HostSnapshot, OrderOutcome};
+use crate::rollout::plan::{self, Plan};
+use crate::rollout::record::{self, HostRecord};
+use crate::rollout::settings::EngineSettings;
+use crate::rollout::spec::RolloutSpec;
+use crate::rollout::testing::{host, release};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -39,7 +40,7 @@ struct Sim {
 
 impl Sim {
     fn new(fleet: Vec<HostSnapshot>, spec: wire::RolloutSpec) -> Self {
-        let spec = RolloutSpec::try_from(spec).unwrap();
+        let spec = RolloutSpec::try_from(crate::control_service::raw_spec_from_wire(spec)).unwrap();
         let p = plan::plan(&spec, &fleet);
         let m = Rollout::new("r-1", spec, release(), &p, EngineSettings::default(), T0);
         let mut s = Sim {
@@ -136,6 +137,7 @@ impl Sim {
             code,
             message: String::new(),
             current_release: Some(ReleaseId::new(current).unwrap()),
+            last_seq: 0,
         }
     }
 
@@ -231,7 +233,11 @@ impl Sim {
     }
 
     fn decision_kinds(&self) -> Vec<String> {
-        self.m.decisions().iter().map(|d| d.kind.clone()).collect()
+        self.m
+            .decisions()
+            .iter()
+            .map(|d| d.kind.as_str().to_string())
+            .collect()
     }
 
     /// A coordinator crash and restart now: the machine is rebuilt from what was persisted and
@@ -268,8 +274,7 @@ impl Sim {
     }
 
     fn status_of(&self, h: &str) -> wire::HostProgress {
-        self.m
-            .status()
+        wire_status(&self.m)
             .hosts
             .into_iter()
             .find(|p| p.host_id == h)
@@ -337,8 +342,8 @@ fn healthy_rollout_passes_every_wave_and_no_wave_starts_before_the_previous_gate
         s.decision_kinds(),
         vec!["promote", "promote", "promote", "complete"]
     );
-    for h in s.m.status().hosts {
-        assert_eq!(h.phase, "confirmed", "{h:?}");
+    for h in wire_status(&s.m).hosts {
+        assert_eq!(h.phase().as_str(), "confirmed", "{h:?}");
     }
     // Activates went out wave by wave, exactly the planned cohorts.
     let planned: Vec<String> = p.hosts().map(|h| h.host_id.to_string()).collect();
@@ -390,7 +395,7 @@ fn plan_is_exactly_what_runs_with_spread_and_domain_limits() {
     assert_eq!(a, b);
     assert_eq!(&sent[3..5], &["eu-1-h2", "eu-1-h3"]);
     // Wave membership in status matches the plan.
-    let st = s.m.status();
+    let st = wire_status(&s.m);
     for (wi, w) in p.waves.iter().enumerate() {
         for h in &w.hosts {
             let hp = st
@@ -430,15 +435,15 @@ fn crash_at_start_canary_rolls_back_only_canary_hosts() {
     let d =
         s.m.decisions()
             .iter()
-            .find(|d| d.kind == "rollback")
+            .find(|d| d.kind.as_str() == "rollback")
             .unwrap();
     assert_eq!(d.evidence["failed"], "1");
     assert_eq!(d.evidence["failures_allowed"], "0");
     assert_eq!(d.actor, "engine");
     assert!(
-        s.m.status().reason.contains("failure threshold"),
+        wire_status(&s.m).reason.contains("failure threshold"),
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
     // The rollback goes to the baseline release.
     let (_, _, o) = s
@@ -533,7 +538,7 @@ fn cumulative_threshold_counts_across_waves() {
     let d =
         s.m.decisions()
             .iter()
-            .find(|d| d.kind == "rollback")
+            .find(|d| d.kind.as_str() == "rollback")
             .unwrap();
     assert!(d.reason.contains("cumulative"), "{}", d.reason);
 }
@@ -553,11 +558,15 @@ fn unreachable_host_makes_the_wave_wait_and_it_resumes_when_the_host_returns() {
     );
     assert_eq!(s.m.waves()[0].state, WaveState::Waiting);
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "wait");
+    assert_eq!(d.kind.as_str(), "wait");
     assert_eq!(d.evidence["unreachable"], "1");
     assert_eq!(d.evidence["failed"], "0");
-    assert_eq!(s.m.status().waves[0].unreachable, 1);
-    assert_eq!(s.m.status().waves[0].failed, 0, "unreachable is not failed");
+    assert_eq!(wire_status(&s.m).waves[0].unreachable, 1);
+    assert_eq!(
+        wire_status(&s.m).waves[0].failed,
+        0,
+        "unreachable is not failed"
+    );
     // Still waiting later: no promotion by timeout.
     s.advance(600_000);
     assert_eq!(s.m.state(), RolloutState::Waiting);
@@ -675,7 +684,7 @@ fn resume_after_a_failure_pause_waives_those_failures() {
     assert_eq!(s.m.state(), RolloutState::Paused);
     s.operator(OperatorAction::Resume).unwrap();
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "resume");
+    assert_eq!(d.kind.as_str(), "resume");
     assert_eq!(d.evidence["waived_failures"], "h02");
     s.advance(10_000);
     assert_eq!(s.m.current_wave(), 1);
@@ -752,9 +761,9 @@ fn manual_rollback_of_a_succeeded_rollout() {
     );
     assert!(s.decision_kinds().contains(&"manual_rollback".to_string()));
     assert!(
-        s.m.status().reason.contains("rolled back by alice"),
+        wire_status(&s.m).reason.contains("rolled back by alice"),
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
 }
 
@@ -895,10 +904,10 @@ fn after_a_restart_a_rollback_waits_for_unknown_hosts_until_the_resume_grace() {
         s.m.state(),
         RolloutState::RollingBack,
         "hosts not heard from since the restart are unknown, not unreachable: {}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
     let p = s.status_of("h01");
-    assert_eq!(p.phase, "rolling_back", "{p:?}");
+    assert_eq!(p.phase().as_str(), "rolling_back", "{p:?}");
     assert!(
         p.detail
             .contains("not heard from since the coordinator restarted"),
@@ -924,13 +933,13 @@ fn after_a_restart_a_rollback_waits_for_unknown_hosts_until_the_resume_grace() {
     s.advance(1_000);
     assert_eq!(s.m.state(), RolloutState::RolledBack);
     assert!(
-        s.m.status()
+        wire_status(&s.m)
             .reason
             .contains("2 unreachable hosts are rolled back when they reconnect"),
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
-    assert_eq!(s.status_of("h03").phase, "unreachable");
+    assert_eq!(s.status_of("h03").phase().as_str(), "unreachable");
     assert!(
         s.events
             .iter()
@@ -954,7 +963,7 @@ fn after_a_restart_a_gate_does_not_wait_on_hosts_that_are_merely_unknown() {
         s.m.state(),
         RolloutState::Running,
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
     assert!(s.decision_kinds().is_empty(), "{:?}", s.decision_kinds());
 
@@ -1008,7 +1017,7 @@ fn a_retried_canary_is_judged_only_on_samples_since_it_became_healthy_again() {
         s.decision_kinds(),
         vec!["pause", "retry", "promote"],
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
     assert_eq!(s.m.current_wave(), 1);
     let d = s.m.decisions().last().unwrap();
@@ -1048,25 +1057,25 @@ fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back()
         s.m.state(),
         RolloutState::RolledBack,
         "{}",
-        s.m.status().reason
+        wire_status(&s.m).reason
     );
     assert_eq!(s.finished, vec![RolloutState::RolledBack]);
     for h in ["h01", "h03"] {
         let p = s.status_of(h);
-        assert_eq!(p.phase, "skipped", "{p:?}");
+        assert_eq!(p.phase().as_str(), "skipped", "{p:?}");
         assert_eq!(p.detail, "no baseline release to restore; left on web-2");
         assert_eq!(p.target_release, "web-2");
     }
     assert_eq!(s.phase("h02"), HostPhase::Failed);
     assert_eq!(s.phase("h04"), HostPhase::RolledBack);
-    let reason = s.m.status().reason;
+    let reason = wire_status(&s.m).reason;
     assert!(
         reason.contains("2 hosts had no baseline release to restore and were left on web-2"),
         "{reason}"
     );
     assert!(!reason.contains("rollback failed"), "{reason}");
     let d = s.m.decisions().last().unwrap();
-    assert_eq!(d.kind, "rollback_finished");
+    assert_eq!(d.kind.as_str(), "rollback_finished");
     assert_eq!(d.evidence["no_baseline_hosts"], "h01,h03");
     assert_eq!(d.evidence["left_on_release"], "web-2");
     assert!(

@@ -7,11 +7,18 @@ use serin_proto::wire::{OrderPhase, ResultCode};
 use serin_proto::{OrderAction, ServiceName, wire};
 use tokio_util::sync::CancellationToken;
 
-use super::manager::RolloutManager;
-use super::settings::EngineSettings;
-use super::task::Clock;
-use super::testing::{FakeFleet, host, release_record, wire_spec};
+use crate::control_service::RolloutApi;
+use crate::rollout::manager::RolloutManager;
+
+/// The engine as the control service calls it (wire types in and out).
+fn api(m: &RolloutManager) -> &dyn RolloutApi {
+    m
+}
+use super::wire_spec;
 use crate::fleet::{FleetEvent, OrderOutcome};
+use crate::rollout::settings::EngineSettings;
+use crate::rollout::task::Clock;
+use crate::rollout::testing::{FakeFleet, host, release_record};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 
@@ -65,6 +72,7 @@ fn agents(fleet: &FakeFleet, answered: &mut usize) {
                     code: ResultCode::Ok,
                     message: String::new(),
                     current_release: None,
+                    last_seq: 0,
                 },
             });
         }
@@ -72,10 +80,7 @@ fn agents(fleet: &FakeFleet, answered: &mut usize) {
     *answered = sent.len();
 }
 
-async fn wait_for(
-    rx: &mut tokio::sync::watch::Receiver<wire::RolloutStatus>,
-    f: impl Fn(&wire::RolloutStatus) -> bool,
-) {
+async fn wait_for(rx: &mut super::WireWatch, f: impl Fn(&wire::RolloutStatus) -> bool) {
     tokio::time::timeout(Duration::from_secs(3600), async {
         loop {
             if f(&rx.borrow_and_update()) {
@@ -96,18 +101,21 @@ async fn a_rollout_runs_to_success_through_the_manager() {
     let (store, fleet) = setup(4);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let plan = mgr.plan(wire_spec(&["1", "100%"])).await.unwrap();
+    let plan = api(&mgr).plan(wire_spec(&["1", "100%"])).await.unwrap();
     assert_eq!(plan.waves.len(), 2);
     assert_eq!(plan.waves[0].host_ids, vec!["h1"]);
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
-    assert_eq!(st.state, "running");
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    assert_eq!(st.state().as_str(), "running");
     assert_eq!(
         fleet.sent().len(),
         1,
         "the canary is dispatched before start returns"
     );
     // A second rollout for the same service is refused.
-    let e = mgr
+    let e = api(&mgr)
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
         .unwrap_err();
@@ -118,7 +126,7 @@ async fn a_rollout_runs_to_success_through_the_manager() {
         "{}",
         e.message()
     );
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     let mut answered = 0;
     for _ in 0..50 {
         agents(&fleet, &mut answered);
@@ -127,15 +135,15 @@ async fn a_rollout_runs_to_success_through_the_manager() {
             break;
         }
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
-    let ex = mgr.explain(&st.rollout_id).await.unwrap();
-    assert!(ex.decisions.iter().any(|d| d.kind == "complete"));
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
+    let ex = api(&mgr).explain(&st.rollout_id).await.unwrap();
+    assert!(ex.decisions.iter().any(|d| d.kind().as_str() == "complete"));
     assert!(
         ex.events.iter().any(|e| e.contains("wave 1 started")),
         "{:?}",
         ex.events
     );
-    let list = mgr.list(Some("web")).await.unwrap();
+    let list = api(&mgr).list(Some("web")).await.unwrap();
     assert_eq!(list.len(), 1);
     assert!(store.saves() > 4, "every step with a change is saved");
     shutdown.cancel();
@@ -147,18 +155,21 @@ async fn validation_and_unknown_things_map_to_the_right_codes() {
     let (store, fleet) = setup(2);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let e = mgr.plan(wire_spec(&["0%", "100%"])).await.unwrap_err();
+    let e = api(&mgr)
+        .plan(wire_spec(&["0%", "100%"]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("waves[0]"), "{}", e.message());
     let mut w = wire_spec(&[]);
     w.release = "web-9".into();
-    let e = mgr.start_rollout(w).await.unwrap_err();
+    let e = api(&mgr).start_rollout(w).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = mgr.status("r-nope").await.unwrap_err();
+    let e = api(&mgr).status("r-nope").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let mut w = wire_spec(&[]);
     w.selector = "role=db".into();
-    let e = mgr.start_rollout(w).await.unwrap_err();
+    let e = api(&mgr).start_rollout(w).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("selects no host"), "{}", e.message());
     shutdown.cancel();
@@ -170,11 +181,14 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let (store, fleet) = setup(3);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
     let mut answered = 0;
     agents(&fleet, &mut answered);
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
-    wait_for(&mut rx, |s| s.waves[0].state == "baking").await;
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
+    wait_for(&mut rx, |s| s.waves[0].state().as_str() == "baking").await;
     // Coordinator "crash".
     shutdown.cancel();
     mgr.join().await;
@@ -182,9 +196,9 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
     let before = fleet.sent().len();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     assert_eq!(
-        rx.borrow().waves[0].state,
+        rx.borrow().waves[0].state().as_str(),
         "baking",
         "resumed in the same wave"
     );
@@ -192,7 +206,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         agents(&fleet, &mut answered);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
     let activates: Vec<_> = fleet
         .sent()
         .iter()
@@ -206,7 +220,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     );
     assert!(fleet.sent().len() > before);
     // Controls on a finished rollout are refused with the state named.
-    let e = mgr
+    let e = api(&mgr)
         .control(wire::ControlRequest {
             rollout_id: st.rollout_id.clone(),
             action: wire::ControlAction::Pause as i32,
@@ -221,7 +235,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         e.message()
     );
     // Manual rollback works through the manager.
-    let st2 = mgr
+    let st2 = api(&mgr)
         .control(wire::ControlRequest {
             rollout_id: st.rollout_id.clone(),
             action: wire::ControlAction::Rollback as i32,
@@ -229,9 +243,9 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         })
         .await
         .unwrap();
-    assert_eq!(st2.state, "rolling_back");
+    assert_eq!(st2.state().as_str(), "rolling_back");
     agents(&fleet, &mut answered);
-    wait_for(&mut rx, |s| s.state == "rolled_back").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "rolled_back").await;
     shutdown.cancel();
     mgr.join().await;
 }
@@ -241,8 +255,11 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     let (store, fleet) = setup(4);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = mgr.start_rollout(wire_spec(&["2", "100%"])).await.unwrap();
-    let mut rx = mgr.watch(&st.rollout_id).unwrap();
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["2", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     // h2 disappears before answering; h1 becomes healthy.
     let mut down = host("h2", "eu-1", "web-1");
     down.connected = false;
@@ -250,7 +267,7 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     wait_for(&mut rx, |s| {
         s.hosts
             .iter()
-            .any(|h| h.host_id == "h2" && h.phase == "unreachable")
+            .any(|h| h.host_id == "h2" && h.phase().as_str() == "unreachable")
     })
     .await;
     let first: Vec<_> = fleet
@@ -259,10 +276,10 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         .filter(|(h, _)| h.as_str() == "h1")
         .collect();
     answer(&fleet, &first);
-    wait_for(&mut rx, |s| s.state == "waiting").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "waiting").await;
     // h2 returns: the very same order is re-sent and the rollout resumes by itself.
     fleet.set_host(host("h2", "eu-1", "web-1"));
-    wait_for(&mut rx, |s| s.state == "running").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "running").await;
     let to_h2: Vec<_> = fleet
         .sent()
         .into_iter()
@@ -275,12 +292,12 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         agents(&fleet, &mut answered);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    wait_for(&mut rx, |s| s.state == "succeeded").await;
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
     let d: Vec<_> = rx
         .borrow()
         .decisions
         .iter()
-        .map(|d| d.kind.clone())
+        .map(|d| d.kind().as_str().to_string())
         .collect();
     assert_eq!(d, vec!["wait", "resume", "promote", "promote", "complete"]);
     shutdown.cancel();
@@ -303,6 +320,7 @@ fn answer(fleet: &FakeFleet, orders: &[(serin_proto::HostId, serin_proto::Order)
                     code: ResultCode::Ok,
                     message: String::new(),
                     current_release: None,
+                    last_seq: 0,
                 },
             });
         }

@@ -1,0 +1,194 @@
+//! Output projections: the orders to send, the commands of a step (persist, allocate, send),
+//! and the status operators see.
+
+use super::*;
+
+impl Rollout {
+    pub(super) fn order_for(&self, h: &HostEntry) -> Option<Order> {
+        let o = h.order.as_ref()?;
+        let seq = o.seq?;
+        let action = match o.kind {
+            OrderKind::Activate => OrderAction::Activate {
+                release: self.release.clone(),
+                healthy_deadline: self.spec.healthy_deadline,
+                min_healthy: self.spec.min_healthy,
+                confirm_deadline: Some(self.confirm_deadline(h.wave as usize)),
+            },
+            OrderKind::Confirm => OrderAction::Confirm {
+                release: self.spec.release.clone(),
+            },
+            OrderKind::Rollback => OrderAction::Rollback { to: o.to.clone() },
+        };
+        Some(Order {
+            order_id: o.order_id.clone(),
+            rollout_id: self.id.clone(),
+            seq,
+            service: self.spec.service.clone(),
+            action,
+        })
+    }
+
+    /// How long an agent waits for a confirm after activating: the time the coordinator may
+    /// legitimately need (becoming healthy, then the bake) plus [`EngineSettings::confirm_grace`].
+    /// When the wave is paced (in-flight, unavailability or domain budgets), early hosts also
+    /// wait for later ones, so the progress deadline bounds the first part instead.
+    pub fn confirm_deadline(&self, wave: usize) -> Duration {
+        let paced = self.spec.max_in_flight.is_some()
+            || self.spec.max_unavailable.is_some()
+            || self.spec.max_domains_in_flight.is_some();
+        let first = if paced {
+            self.spec.progress_deadline
+        } else {
+            self.spec.healthy_deadline
+        };
+        (first + self.spec.bake_for(wave) + self.settings.confirm_grace)
+            .min(serin_proto::MAX_ORDER_DEADLINE)
+    }
+
+    pub(super) fn drain(&mut self, now: u64, refused: Option<ControlError>) -> Vec<Command> {
+        let mut out = Vec::new();
+        if self.dirty_header || !self.dirty_hosts.is_empty() || !self.events.is_empty() {
+            self.status_changed = true;
+            self.updated_ms = now;
+            let hosts = std::mem::take(&mut self.dirty_hosts)
+                .into_iter()
+                .filter_map(|id| self.hosts.get(&id))
+                .map(|h| HostRecord {
+                    version: RECORD_VERSION,
+                    host: h.clone(),
+                })
+                .collect();
+            out.push(Command::Persist(Persist {
+                header: self.header_record(),
+                hosts,
+                events: std::mem::take(&mut self.events),
+            }));
+            self.dirty_header = false;
+        }
+        let mut alloc = Vec::new();
+        for h in self.hosts.values() {
+            if let Some(o) = &h.order
+                && o.seq.is_none()
+                && !o.done
+                && !self.requested.contains(&o.order_id)
+            {
+                alloc.push(SeqRequest {
+                    host: h.id.clone(),
+                    order_id: o.order_id.clone(),
+                    at_least: h.last_seq,
+                });
+            }
+        }
+        for r in &alloc {
+            self.requested.insert(r.order_id.clone());
+        }
+        if !alloc.is_empty() {
+            out.push(Command::AllocateSeqs(alloc));
+        }
+        let mut sent = BTreeSet::new();
+        for id in std::mem::take(&mut self.sends) {
+            if !sent.insert(id.clone()) {
+                continue;
+            }
+            if let Some(h) = self.hosts.get(&id)
+                && let Some(order) = self.order_for(h)
+            {
+                out.push(Command::Send { host: id, order });
+            }
+        }
+        for id in &sent {
+            if let Some(o) = self.hosts.get_mut(id).and_then(|h| h.order.as_mut()) {
+                o.sent_ms = Some(now);
+            }
+        }
+        if let Some(e) = refused {
+            out.push(Command::Refused(e));
+        }
+        if self.state.is_finished() && !self.finished_reported {
+            self.finished_reported = true;
+            out.push(Command::Finished(self.state));
+        }
+        out
+    }
+
+    /// The rollout as operators see it.
+    pub fn status(&self) -> RolloutView {
+        let waves = (0..self.waves.len())
+            .map(|i| {
+                let w = &self.waves[i];
+                let c = self.counts(i);
+                WaveView {
+                    index: w.index,
+                    size: c.size,
+                    state: w.state,
+                    succeeded: c.healthy,
+                    failed: c.failed,
+                    unreachable: c.unreachable,
+                    in_progress: c.in_progress,
+                    started_ms: w.started_ms,
+                    bake_ends_ms: w.bake_ends_ms,
+                }
+            })
+            .collect();
+        let mut hosts: Vec<&HostEntry> = self.hosts.values().collect();
+        hosts.sort_by(|a, b| (a.wave, &a.id).cmp(&(b.wave, &b.id)));
+        let hosts = hosts
+            .into_iter()
+            .map(|h| {
+                let final_phase = matches!(
+                    h.phase,
+                    HostPhase::Confirmed
+                        | HostPhase::Failed
+                        | HostPhase::RolledBack
+                        | HostPhase::Skipped
+                );
+                // An unknown host (just after a restart) keeps its last known phase; the detail
+                // says that it has not been heard from yet.
+                let seen = self.seen.get(&h.id);
+                let phase = if seen.reach == Reach::Unreachable && !final_phase {
+                    ShownPhase::Unreachable
+                } else {
+                    ShownPhase::Phase(h.phase)
+                };
+                let target = if matches!(h.phase, HostPhase::RollingBack | HostPhase::RolledBack) {
+                    h.baseline.clone()
+                } else {
+                    Some(self.spec.release.clone())
+                };
+                let mut detail = match (&h.rollback_failed, &h.failure) {
+                    (Some(r), _) => r.clone(),
+                    (None, Some(f)) if h.detail != *f => format!("{f}; {}", h.detail),
+                    _ => h.detail.clone(),
+                };
+                if seen.reach == Reach::Unknown && !final_phase {
+                    detail = format!("not heard from since the coordinator restarted; {detail}");
+                }
+                HostView {
+                    id: h.id.clone(),
+                    hostname: h.hostname.clone(),
+                    wave: h.wave,
+                    phase,
+                    baseline: h.baseline.clone(),
+                    target,
+                    current: seen.current.clone(),
+                    healthy: seen.healthy.unwrap_or(false),
+                    detail,
+                    labels: h.labels.clone(),
+                }
+            })
+            .collect();
+        RolloutView {
+            id: self.id.clone(),
+            spec: self.spec.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            current_wave: self.current_wave as u32,
+            waves,
+            hosts,
+            comparison: self.comparison.clone(),
+            decisions: self.decisions.clone(),
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        }
+    }
+}

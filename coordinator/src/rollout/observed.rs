@@ -1,0 +1,71 @@
+//! What the coordinator observes of each host of a rollout: whether its agent is connected, the
+//! release it serves, its latest health verdict. Never persisted: after a restart every host is
+//! [`Reach::Unknown`] until it says hello (or the resume grace passes), and the rest is rebuilt
+//! from agent reports (STYLE rule 17: intent and observation are different structs).
+
+use std::collections::BTreeMap;
+
+use serin_proto::{HostId, ReleaseId};
+
+/// What the coordinator knows about a host's connection (observed, never persisted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reach {
+    /// Nothing heard since the coordinator restarted: the host is neither reachable nor
+    /// unreachable until it says hello or [`EngineSettings::resume_grace`](super::settings::EngineSettings::resume_grace) passes. Gates and the
+    /// end of a rollback wait for unknown hosts instead of counting them as missing.
+    #[default]
+    Unknown,
+    /// The agent is connected.
+    Reachable,
+    /// The agent's stream closed, its heartbeats stopped, or it did not come back within the
+    /// resume grace.
+    Unreachable,
+}
+
+/// What is observed of one host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub reach: Reach,
+    /// The release the host serves, as last reported.
+    pub current: Option<ReleaseId>,
+    /// The latest health verdict; `None` before the first report.
+    pub healthy: Option<bool>,
+}
+
+/// A host nothing was heard from.
+static UNHEARD: Observed = Observed {
+    reach: Reach::Unknown,
+    current: None,
+    healthy: None,
+};
+
+/// What is observed of every host of a rollout (a host missing from it is unknown).
+#[derive(Debug, Clone, Default)]
+pub struct ObservedHosts(BTreeMap<HostId, Observed>);
+
+impl ObservedHosts {
+    /// What is observed of a host.
+    pub fn get(&self, id: &HostId) -> &Observed {
+        self.0.get(id).unwrap_or(&UNHEARD)
+    }
+
+    /// What is observed of a host, to update.
+    pub fn entry(&mut self, id: &HostId) -> &mut Observed {
+        self.0.entry(id.clone()).or_default()
+    }
+
+    /// Its connection state.
+    pub fn reach(&self, id: &HostId) -> Reach {
+        self.get(id).reach
+    }
+
+    /// Observed connected.
+    pub fn reachable(&self, id: &HostId) -> bool {
+        self.reach(id) == Reach::Reachable
+    }
+
+    /// Not heard from since the coordinator restarted, and the resume grace has not passed.
+    pub fn unknown(&self, id: &HostId) -> bool {
+        self.reach(id) == Reach::Unknown
+    }
+}
