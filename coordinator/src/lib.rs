@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod control_service;
 pub mod fleet;
+pub mod limits;
+pub mod listener;
 pub mod registry;
 pub mod rollout;
 pub mod selector;
