@@ -263,7 +263,7 @@ pub async fn connect(setup: &Setup, steady: Duration, burst: u32) -> anyhow::Res
     let snap = run.swarm.snapshot(false).await?;
     report.add(
         "reconnects",
-        "agent reconnects",
+        "agent attach retries (failed or lost)",
         snap.reconnects as f64,
         "",
         Some("0"),
@@ -328,6 +328,14 @@ async fn rollout_report(
     let ro = match result {
         Ok(ro) => ro,
         Err(e) => {
+            // Keep what was measured: a rollout that does not finish is a figure too.
+            report.add(
+                "orders",
+                "orders received by agents",
+                (after.orders - before.orders) as f64,
+                "",
+                None,
+            );
             report.add(
                 "duplicates",
                 "duplicate orders seen by agents",
@@ -335,10 +343,41 @@ async fn rollout_report(
                 "",
                 Some("0"),
             );
-            eprintln!("{}", report.table());
-            let tail = run.coordinator.log_tail(20);
+            report.add(
+                "confirm_timeouts",
+                "dead-man switches fired",
+                (after.confirm_timeouts - before.confirm_timeouts) as f64,
+                "",
+                Some("0"),
+            );
+            report.add(
+                "cpu_rollout_pct",
+                "coordinator CPU during the rollout",
+                b.cpu_percent_since(&a),
+                "% core",
+                None,
+            );
+            let warnings = run
+                .coordinator
+                .log_tail(100_000)
+                .lines()
+                .filter(|l| l.contains("WARN"))
+                .count();
+            report.add(
+                "coordinator_warnings",
+                "coordinator warnings logged",
+                warnings as f64,
+                "",
+                None,
+            );
+            report.notes.push(format!("{e:#}"));
+            report.notes.push(format!(
+                "coordinator log tail:\n{}",
+                run.coordinator.log_tail(5)
+            ));
+            report.params["rollout_state"] = serde_json::json!("unfinished");
             run.swarm.stop().await;
-            return Err(e.context(format!("coordinator log tail:\n{tail}")));
+            return Ok(report);
         }
     };
     report.add(
@@ -433,7 +472,7 @@ async fn rollout_report(
     );
     report.add(
         "reconnects",
-        "agent reconnects during the rollout",
+        "agent attach retries during the rollout",
         (after.reconnects - before.reconnects) as f64,
         "",
         Some("0"),
