@@ -186,12 +186,23 @@ async fn attach(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_raises_its_soft_open_files_limit_to_the_hard_one() {
     let c = Limited::start(256, 2048);
-    assert_eq!(soft_nofile(c.pid()), 2048, "{}", c.log());
+    // `serin serve` announces its address before `server::run` starts; wait for run's own line.
+    wait_until(
+        "the coordinator to log its open-files limit",
+        Duration::from_secs(10),
+        || c.log(),
+        || {
+            let log = c.log();
+            async move { log.contains("open-files limit") }
+        },
+    )
+    .await;
     assert!(
         c.log().contains("raised the open-files limit"),
         "{}",
         c.log()
     );
+    assert_eq!(soft_nofile(c.pid()), 2048, "{}", c.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
