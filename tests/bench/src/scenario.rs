@@ -457,6 +457,13 @@ async fn rollout_report(
         Some("0"),
     );
     report.add(
+        "fetched_bytes",
+        "artifact bytes downloaded by agents",
+        (after.fetched_bytes - before.fetched_bytes) as f64,
+        "B",
+        None,
+    );
+    report.add(
         "stale",
         "stale orders seen by agents",
         (after.stale - before.stale) as f64,

@@ -1,5 +1,6 @@
 //! The CI smoke of the simulator: a few hundred simulated agents in two processes and one
-//! rollout against a real (debug) `serin serve`, through the `serin-bench smoke` command itself.
+//! rollout (each host downloading the release over `FetchArtifact`) against a real (debug)
+//! `serin serve`, through the `serin-bench smoke` command itself.
 //! It proves the simulator still speaks the protocol and the rollout still finishes on every
 //! host; the timed scenarios are documented commands (BENCHMARKS.md), not tests.
 
@@ -16,6 +17,8 @@ fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
         .args(["smoke", "--profile", "dev", "--timeout-s", "60"])
         .arg(format!("--agents={agents}"))
         .arg("--per-process=100")
+        // Every host downloads the release over FetchArtifact and checks its sha256.
+        .arg("--fetch")
         .arg("--json")
         .arg(&json)
         .output()
@@ -51,6 +54,8 @@ fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
     // Every host got its activate and its confirm, and nothing was resent.
     assert_eq!(figure("orders") as u32, 2 * agents, "{stdout}");
     assert_eq!(figure("duplicates"), 0.0, "{stdout}");
+    // The smoke's release is 4 KiB; every host fetched it exactly once.
+    assert_eq!(figure("fetched_bytes") as u32, agents * 4096, "{stdout}");
     assert_eq!(figure("confirm_timeouts"), 0.0, "{stdout}");
     assert_eq!(figure("reconnects"), 0.0, "{stdout}");
     assert!(
