@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use serin_proto::Sha256;
 use serin_proto::wire::{self, agent_message::Body};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::ArtifactStore;
+use crate::listener::ConnInfo;
 use crate::registry::{Outbound, RecordError, Registry, unix_ms_now};
 
 /// How the agent service behaves.
@@ -35,6 +36,18 @@ pub struct AgentServiceSettings {
     pub hello_timeout: Duration,
 }
 
+/// Artifact chunks being read or sent at once, over all `FetchArtifact` calls.
+///
+/// A chunk read for a download stays in memory until HTTP/2 has sent it; without a bound, a
+/// hundred agents fetching at once cost a hundred chunks in flight and more (1.5 MiB each seen).
+/// Each call holds one permit from reading a chunk until it asks for the next one (by then the
+/// HTTP/2 layer has flushed the previous chunk), so the coordinator's memory for downloads stays
+/// near `FETCH_CHUNKS_IN_FLIGHT × 3 × 256 KiB` (~24 MiB) whatever the artifact size or the number
+/// of agents. 32 concurrent senders still fill a loopback or a 10 Gbit/s link. The price: a
+/// client that stops reading keeps its permit until its window opens or the connection's HTTP/2
+/// keepalive (20 s) drops it, so 32 stalled clients at once would stall other downloads that long.
+pub const FETCH_CHUNKS_IN_FLIGHT: usize = 32;
+
 /// Implements `serin.v1.AgentService`.
 pub struct AgentServiceImpl {
     settings: AgentServiceSettings,
@@ -42,6 +55,7 @@ pub struct AgentServiceImpl {
     artifacts: ArtifactStore,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    fetch_permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AgentServiceImpl {
@@ -68,6 +82,7 @@ impl AgentServiceImpl {
             artifacts,
             tasks,
             shutdown,
+            fetch_permits: Arc::new(Semaphore::new(FETCH_CHUNKS_IN_FLIGHT)),
         }
     }
 
@@ -95,6 +110,23 @@ impl AgentServiceImpl {
             )),
         }
     }
+}
+
+/// Takes a queued message out of its box for the encoder.
+fn unbox(m: Outbound) -> Result<wire::CoordinatorMessage, Status> {
+    m.map(|b| *b)
+}
+
+/// How long a refused over-cap connection stays open so the refusal reaches the agent.
+const OVER_CAP_CLOSE_AFTER: Duration = Duration::from_millis(200);
+
+/// The peer of a call, from the accept loop's connection info.
+fn peer<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.remote)
+        .or_else(|| request.remote_addr())
 }
 
 fn body_kind(b: &Body) -> &'static str {
@@ -161,9 +193,12 @@ type ArtifactStream = Pin<Box<dyn Stream<Item = Result<wire::ArtifactChunk, Stat
 
 #[tonic::async_trait]
 impl wire::agent_service_server::AgentService for AgentServiceImpl {
-    type AttachStream = ReceiverStream<Outbound>;
+    type AttachStream = futures::stream::Map<
+        ReceiverStream<Outbound>,
+        fn(Outbound) -> Result<wire::CoordinatorMessage, Status>,
+    >;
 
-    #[tracing::instrument(skip_all, fields(peer = ?request.remote_addr()))]
+    #[tracing::instrument(skip_all, fields(peer = ?peer(&request)))]
     async fn attach(
         &self,
         request: Request<Streaming<wire::AgentMessage>>,
@@ -171,18 +206,36 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable("coordinator is shutting down"));
         }
+        if let Some(conn) = request.extensions().get::<ConnInfo>()
+            && conn.over_cap()
+        {
+            // The accept loop already warned (rate-limited). Close the connection once the
+            // refusal had time to go out, so the agent's descriptor comes back to us.
+            tracing::debug!("refused an agent stream beyond the connection cap");
+            let (conn, shutdown) = (conn.clone(), self.shutdown.clone());
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(OVER_CAP_CLOSE_AFTER) => {}
+                }
+                conn.close();
+            });
+            return Err(Status::resource_exhausted(
+                "the coordinator is at its open-files limit and takes no more agents; retry later",
+            ));
+        }
         let mut inbound = request.into_inner();
         let hello = self.read_hello(&mut inbound).await.inspect_err(|e| {
             tracing::warn!(error = %e, "refused an agent stream");
         })?;
         let (tx, rx) = mpsc::channel(self.registry.settings().order_queue.max(2));
-        let welcome = wire::CoordinatorMessage {
+        let welcome = Box::new(wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Welcome(wire::Welcome {
                 coordinator_id: self.settings.coordinator_id.clone(),
                 heartbeat_interval_ms: u32::try_from(self.settings.heartbeat_interval.as_millis())
                     .unwrap_or(u32::MAX),
             })),
-        };
+        });
         // The welcome goes first, before the registry can queue any order behind it.
         tx.try_send(Ok(welcome))
             .map_err(|_| Status::internal("cannot queue the welcome"))?;
@@ -203,7 +256,9 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             attachment.kicked,
             self.shutdown.clone(),
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            ReceiverStream::new(rx).map(unbox as fn(_) -> _),
+        ))
     }
 
     type FetchArtifactStream = ArtifactStream;
@@ -227,8 +282,30 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 Err(Status::from(e))
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(bounded(
+            Box::pin(stream),
+            self.fetch_permits.clone(),
+        ))))
     }
+}
+
+/// `inner`, polled only while holding a permit of `permits`: the permit taken for an item is
+/// kept until the next item is asked for (see [`FETCH_CHUNKS_IN_FLIGHT`]).
+fn bounded<S>(inner: S, permits: Arc<Semaphore>) -> impl Stream<Item = S::Item> + Send + 'static
+where
+    S: Stream + Send + Unpin + 'static,
+    S::Item: Send,
+{
+    futures::stream::unfold(
+        (inner, permits, None::<OwnedSemaphorePermit>),
+        |(mut inner, permits, held)| async move {
+            drop(held);
+            // The semaphore is never closed.
+            let permit = permits.clone().acquire_owned().await.ok()?;
+            let item = inner.next().await?;
+            Some((item, (inner, permits, Some(permit))))
+        },
+    )
 }
 
 #[cfg(test)]
@@ -470,6 +547,35 @@ mod tests {
             chunks.push(c);
         }
         Ok(chunks)
+    }
+
+    #[tokio::test]
+    async fn fetch_streams_hold_one_permit_each_until_they_ask_for_more() {
+        let permits = Arc::new(Semaphore::new(1));
+        let mut a = Box::pin(bounded(futures::stream::iter(0..3), permits.clone()));
+        assert_eq!(a.next().await, Some(0));
+        // A's chunk is still in flight: B, polled on its own task as hyper does, may not read.
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let b = bounded(futures::stream::iter(10..13), permits.clone())
+            .inspect(move |i| {
+                let _ = seen_tx.send(*i);
+            })
+            .collect::<Vec<_>>();
+        let b = tokio::spawn(b);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            seen.try_recv().is_err(),
+            "a second stream read a chunk while the only permit was held"
+        );
+        assert_eq!(permits.available_permits(), 0);
+        // A going away lets B go, and B gets all its items.
+        drop(a);
+        let rest = tokio::time::timeout(WAIT, b)
+            .await
+            .expect("B finishes")
+            .unwrap();
+        assert_eq!(rest, vec![10, 11, 12]);
+        assert_eq!(permits.available_permits(), 1);
     }
 
     #[tokio::test]

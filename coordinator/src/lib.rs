@@ -7,6 +7,8 @@ pub mod config;
 pub mod control_service;
 pub mod fleet;
 pub mod haproxy;
+pub mod limits;
+pub mod listener;
 pub mod registry;
 pub mod rollout;
 pub mod selector;

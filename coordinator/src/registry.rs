@@ -28,7 +28,10 @@ use crate::fleet::{Fleet, FleetEvent, HealthSample, HostSnapshot, OrderOutcome, 
 use crate::selector::Selector;
 
 /// What goes down an agent's stream: a message, or the error that ends the stream.
-pub type Outbound = Result<wire::CoordinatorMessage, tonic::Status>;
+///
+/// Boxed: a queue's storage is allocated in blocks of 32 slots as soon as the stream opens, and
+/// an unboxed message is over 200 bytes; boxed, an idle agent's queue costs 512 bytes, not 6.5 KiB.
+pub type Outbound = Result<Box<wire::CoordinatorMessage>, tonic::Status>;
 
 /// How the registry behaves.
 #[derive(Debug, Clone)]
@@ -66,12 +69,100 @@ struct Connection {
     kick: CancellationToken,
 }
 
+/// What the registry keeps per host, compact: a registry holds tens of thousands of these.
+///
+/// Exact-size slices and vectors instead of maps (a `BTreeMap` allocates room for eleven
+/// entries for one service or two labels); [`HostEntry::snapshot`] builds the engine's
+/// [`HostSnapshot`] on demand. The host is connected iff `conn` is set.
 struct HostEntry {
-    snapshot: HostSnapshot,
-    /// Latest report per service, as received (for `serin hosts`).
-    health: BTreeMap<ServiceName, wire::HealthReport>,
+    host_id: HostId,
+    hostname: Box<str>,
+    /// The hello's labels, sorted by key.
+    labels: Box<[(Box<str>, Box<str>)]>,
+    agent_version: Box<str>,
+    last_seen_unix_ms: u64,
+    /// By service name, sorted.
+    services: Vec<(ServiceName, ServiceSnapshot)>,
+    /// Latest report per service, bounded (for `serin hosts`).
+    health: Vec<(ServiceName, wire::HealthReport)>,
     last_seen: Instant,
     conn: Option<Connection>,
+}
+
+impl HostEntry {
+    fn new(s: HostSnapshot, now: Instant) -> Self {
+        let mut e = Self {
+            host_id: s.host_id.clone(),
+            hostname: Box::default(),
+            labels: Box::default(),
+            agent_version: Box::default(),
+            last_seen_unix_ms: 0,
+            services: Vec::new(),
+            health: Vec::new(),
+            last_seen: now,
+            conn: None,
+        };
+        e.take_hello(s);
+        e
+    }
+
+    /// Replaces what the host said about itself with a new hello's content.
+    fn take_hello(&mut self, s: HostSnapshot) {
+        self.hostname = s.hostname.into_boxed_str();
+        self.labels = s
+            .labels
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        self.agent_version = s.agent_version.into_boxed_str();
+        self.last_seen_unix_ms = s.last_seen_unix_ms;
+        let mut services: Vec<_> = s.services.into_iter().collect();
+        services.shrink_to_fit();
+        self.services = services;
+        // Drop health of services the agent no longer manages.
+        let services = &self.services;
+        self.health
+            .retain(|(svc, _)| services.iter().any(|(name, _)| name == svc));
+        self.health.shrink_to_fit();
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn snapshot(&self) -> HostSnapshot {
+        HostSnapshot {
+            host_id: self.host_id.clone(),
+            hostname: self.hostname.to_string(),
+            labels: self.labels(),
+            connected: self.conn.is_some(),
+            last_seen_unix_ms: self.last_seen_unix_ms,
+            agent_version: self.agent_version.to_string(),
+            services: self.services.iter().cloned().collect(),
+        }
+    }
+
+    /// The service's snapshot, created empty when the host did not list it.
+    fn service_mut(&mut self, name: &ServiceName) -> &mut ServiceSnapshot {
+        let i = match self.services.binary_search_by(|(n, _)| n.cmp(name)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.services.insert(i, (name.clone(), empty_service()));
+                i
+            }
+        };
+        &mut self.services[i].1
+    }
+
+    fn set_health(&mut self, name: &ServiceName, report: wire::HealthReport) {
+        match self.health.binary_search_by(|(n, _)| n.cmp(name)) {
+            Ok(i) => self.health[i].1 = report,
+            Err(i) => self.health.insert(i, (name.clone(), report)),
+        }
+    }
 }
 
 /// An agent stream registered with the registry.
@@ -161,21 +252,14 @@ impl Registry {
         };
         {
             let mut hosts = self.lock();
-            let entry = hosts.entry(host.clone()).or_insert_with(|| HostEntry {
-                snapshot: snapshot.clone(),
-                health: BTreeMap::new(),
-                last_seen: now,
-                conn: None,
-            });
+            let entry = hosts
+                .entry(host.clone())
+                .or_insert_with(|| HostEntry::new(snapshot.clone(), now));
             if let Some(old) = entry.conn.take() {
                 tracing::info!(host = %host, old = old.id, new = conn_id, "agent reconnected; closing its previous stream");
                 old.kick.cancel();
             }
-            // Drop health of services the agent no longer manages.
-            entry
-                .health
-                .retain(|svc, _| snapshot.services.contains_key(svc));
-            entry.snapshot = snapshot.clone();
+            entry.take_hello(snapshot.clone());
             entry.last_seen = now;
             entry.conn = Some(conn);
             self.emit(FleetEvent::HostUp(snapshot));
@@ -208,7 +292,7 @@ impl Registry {
             }
         };
         entry.last_seen = now;
-        entry.snapshot.last_seen_unix_ms = now_ms;
+        entry.last_seen_unix_ms = now_ms;
         match body {
             Body::Hello(_) => {
                 return Err(ValidationError::new(
@@ -220,15 +304,8 @@ impl Registry {
             Body::Heartbeat(_) => {}
             Body::Health(report) => {
                 let sample = validate_health(&report, now_ms)?;
-                let svc = entry
-                    .snapshot
-                    .services
-                    .entry(sample.service.clone())
-                    .or_insert_with(empty_service);
-                svc.healthy = Some(sample.healthy);
-                entry
-                    .health
-                    .insert(sample.service.clone(), compact_report(report));
+                entry.service_mut(&sample.service).healthy = Some(sample.healthy);
+                entry.set_health(&sample.service, compact_report(report));
                 self.emit(FleetEvent::Health {
                     host: host.clone(),
                     sample,
@@ -236,12 +313,7 @@ impl Registry {
             }
             Body::Result(result) => {
                 let outcome = validate_result(result)?;
-                let svc = entry
-                    .snapshot
-                    .services
-                    .entry(outcome.service.clone())
-                    .or_insert_with(empty_service);
-                apply_outcome(svc, &outcome);
+                apply_outcome(entry.service_mut(&outcome.service), &outcome);
                 self.emit(FleetEvent::Result {
                     host: host.clone(),
                     outcome,
@@ -260,7 +332,6 @@ impl Registry {
         };
         if entry.conn.as_ref().is_some_and(|c| c.id == conn_id) {
             entry.conn = None;
-            entry.snapshot.connected = false;
             tracing::info!(host = %host, conn = conn_id, "agent disconnected");
             self.emit(FleetEvent::HostDown { host: host.clone() });
         }
@@ -278,7 +349,6 @@ impl Registry {
                 if let Some(conn) = entry.conn.take() {
                     conn.kick.cancel();
                 }
-                entry.snapshot.connected = false;
                 tracing::warn!(
                     host = %id,
                     silent_ms = now.saturating_duration_since(entry.last_seen).as_millis() as u64,
@@ -320,27 +390,25 @@ impl Registry {
     pub fn host_infos(&self, selector: &Selector) -> Vec<wire::HostInfo> {
         self.lock()
             .values()
-            .filter(|e| selector.matches(&e.snapshot.labels))
-            .map(|e| {
-                let s = &e.snapshot;
-                wire::HostInfo {
-                    host_id: s.host_id.to_string(),
-                    hostname: s.hostname.clone(),
-                    labels: s
-                        .labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect::<HashMap<_, _>>(),
-                    connected: s.connected,
-                    last_seen_unix_ms: s.last_seen_unix_ms,
-                    agent_version: s.agent_version.clone(),
-                    services: s
+            .filter_map(|e| {
+                let labels = e.labels();
+                if !selector.matches(&labels) {
+                    return None;
+                }
+                Some(wire::HostInfo {
+                    host_id: e.host_id.to_string(),
+                    hostname: e.hostname.to_string(),
+                    labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                    connected: e.conn.is_some(),
+                    last_seen_unix_ms: e.last_seen_unix_ms,
+                    agent_version: e.agent_version.to_string(),
+                    services: e
                         .services
                         .iter()
                         .map(|(name, svc)| inventory_of(name, svc))
                         .collect(),
-                    health: e.health.values().cloned().collect(),
-                }
+                    health: e.health.iter().map(|(_, h)| h.clone()).collect(),
+                })
             })
             .collect()
     }
@@ -348,11 +416,11 @@ impl Registry {
 
 impl Fleet for Registry {
     fn snapshot(&self) -> Vec<HostSnapshot> {
-        self.lock().values().map(|e| e.snapshot.clone()).collect()
+        self.lock().values().map(HostEntry::snapshot).collect()
     }
 
     fn host(&self, id: &HostId) -> Option<HostSnapshot> {
-        self.lock().get(id).map(|e| e.snapshot.clone())
+        self.lock().get(id).map(HostEntry::snapshot)
     }
 
     fn send(&self, host: &HostId, order: Order) -> bool {
@@ -364,9 +432,9 @@ impl Fleet for Registry {
             return false;
         };
         let (seq, kind, service) = (order.seq, order.action.kind(), order.service.clone());
-        let msg = wire::CoordinatorMessage {
+        let msg = Box::new(wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Order(order.into())),
-        };
+        });
         match conn.tx.try_send(Ok(msg)) {
             Ok(()) => {
                 tracing::debug!(host = %host, service = %service, seq, kind, "order queued");
@@ -379,7 +447,6 @@ impl Fleet for Registry {
                 if let Some(conn) = entry.conn.take() {
                     conn.kick.cancel();
                 }
-                entry.snapshot.connected = false;
                 self.emit(FleetEvent::HostDown { host: host.clone() });
                 false
             }
@@ -889,6 +956,51 @@ mod tests {
         let info = &reg.host_infos(&Selector::everything())[0];
         assert_eq!(info.health[0].checks.len(), MAX_KEPT_CHECKS);
         assert!(info.health[0].checks[0].detail.len() <= MAX_CHECK_DETAIL + 3);
+    }
+
+    #[test]
+    fn a_queued_message_costs_a_pointer() {
+        // The order queue of every stream allocates 32 slots up front: keep a slot small.
+        assert!(std::mem::size_of::<Outbound>() <= 16);
+    }
+
+    #[test]
+    fn one_health_report_is_kept_per_managed_service() {
+        let reg = registry(1000);
+        let (tx, _rx) = mpsc::channel(8);
+        let mut h = hello("h1", &[]);
+        let mut api = h.services[0].clone();
+        api.service = "api".into();
+        h.services.push(api);
+        let a = reg.attach(h, tx, Instant::now(), 0).unwrap();
+        for (svc, healthy) in [("web", true), ("api", true), ("web", false)] {
+            let report = wire::HealthReport {
+                service: svc.into(),
+                healthy,
+                ..Default::default()
+            };
+            reg.record(&a.host, a.conn_id, Body::Health(report), Instant::now(), 1)
+                .unwrap();
+        }
+        let info = &reg.host_infos(&Selector::everything())[0];
+        let kept: Vec<_> = info
+            .health
+            .iter()
+            .map(|r| (r.service.as_str(), r.healthy))
+            .collect();
+        assert_eq!(kept, vec![("api", true), ("web", false)]);
+        let snap = reg.host(&a.host).unwrap();
+        assert_eq!(
+            snap.services[&ServiceName::new("web").unwrap()].healthy,
+            Some(false)
+        );
+        // A new hello without `api` drops its report.
+        let (tx, _rx2) = mpsc::channel(8);
+        reg.attach(hello("h1", &[]), tx, Instant::now(), 2).unwrap();
+        let info = &reg.host_infos(&Selector::everything())[0];
+        assert_eq!(info.health.len(), 1);
+        assert_eq!(info.health[0].service, "web");
+        assert_eq!(info.services.len(), 1);
     }
 
     #[test]

@@ -600,7 +600,13 @@ fn disk_cases() -> Vec<Case> {
             wait::wait_for(
                 "2 MiB of the artifact in staging/",
                 Duration::from_secs(20),
-                &|| format!("largest file in staging/: {} bytes\n{}", part_len(), fx.dump()),
+                &|| {
+                    format!(
+                        "largest file in staging/: {} bytes\n{}",
+                        part_len(),
+                        fx.dump()
+                    )
+                },
                 || part_len() >= 2 << 20,
             );
             fs.fill();

@@ -1,0 +1,195 @@
+//! Operator calls the bench makes: push a release, list hosts, start and follow a rollout.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serin_proto::wire;
+use serin_proto::wire::control_service_client::ControlServiceClient;
+use sha2::Digest as _;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::connect::Connector;
+use crate::sim_agent::SERVICE;
+use crate::stats::unix_us;
+
+/// An operator's client.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    client: ControlServiceClient<Channel>,
+}
+
+/// How a rollout went, as the operator saw it.
+#[derive(Debug, Clone)]
+pub struct RolloutRun {
+    /// The final status.
+    pub status: wire::RolloutStatus,
+    /// Unix µs just before `StartRollout` was sent.
+    pub started_us: u64,
+    /// From `StartRollout` to a finished status on the watch.
+    pub wall: Duration,
+    /// Per wave: (hosts, wall time from its start to the next wave's start or the end).
+    pub waves: Vec<(u32, Duration)>,
+}
+
+impl Operator {
+    /// Connects an operator channel.
+    pub async fn connect(connector: &Connector) -> anyhow::Result<Self> {
+        let client = ControlServiceClient::new(connector.channel("operator").await?)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        Ok(Self { client })
+    }
+
+    /// Pushes `data` as release `id` of the simulated service, in 1 MiB chunks.
+    pub async fn push(&mut self, id: &str, data: Vec<u8>) -> anyhow::Result<wire::Release> {
+        let expected = hex::encode(sha2::Sha256::digest(&data));
+        let mut chunks: Vec<wire::PushArtifactChunk> = data
+            .chunks(1024 * 1024)
+            .map(|c| wire::PushArtifactChunk {
+                service: String::new(),
+                release_id: String::new(),
+                data: c.to_vec(),
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(wire::PushArtifactChunk::default());
+        }
+        chunks[0].service = SERVICE.into();
+        chunks[0].release_id = id.into();
+        let info = self
+            .client
+            .push_artifact(futures::stream::iter(chunks))
+            .await
+            .with_context(|| format!("pushing release {id}"))?
+            .into_inner();
+        let release = info.release.context("push answered without a release")?;
+        anyhow::ensure!(
+            release.sha256 == expected,
+            "the coordinator stored {} for {id}, expected {expected}",
+            release.sha256
+        );
+        Ok(release)
+    }
+
+    /// `ListHosts` for every host: (hosts, time the call took, response size in bytes).
+    pub async fn list_hosts(&mut self) -> anyhow::Result<(usize, Duration, usize)> {
+        let t = Instant::now();
+        let r = self
+            .client
+            .list_hosts(wire::ListHostsRequest::default())
+            .await?
+            .into_inner();
+        let elapsed = t.elapsed();
+        Ok((r.hosts.len(), elapsed, prost::Message::encoded_len(&r)))
+    }
+
+    /// Starts a rollout of `release` with `waves` and zero-ish bake, and follows it until it
+    /// finishes or `timeout` passes.
+    pub async fn rollout(
+        &mut self,
+        release: &str,
+        waves: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<RolloutRun> {
+        let spec = wire::RolloutSpec {
+            service: SERVICE.into(),
+            release: release.into(),
+            waves: waves.to_vec(),
+            // 0 means "the coordinator's default" (30 s, 5 s): 1 ms is the smallest explicit value.
+            bake_ms: 1,
+            canary_bake_ms: 1,
+            min_healthy_ms: 1,
+            healthy_deadline_ms: 60_000,
+            progress_deadline_ms: 600_000,
+            ..Default::default()
+        };
+        let started_us = unix_us();
+        let t0 = Instant::now();
+        let started = self
+            .client
+            .start_rollout(spec)
+            .await
+            .context("StartRollout")?
+            .into_inner();
+        let id = started.rollout_id.clone();
+        let deadline = t0 + timeout;
+        let mut last = started;
+        while !last.finished {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "rollout {id} did not finish within {timeout:?}: {} wave {}",
+                last.state().as_str(),
+                last.current_wave
+            );
+            let mut watch = match self
+                .client
+                .watch_rollout(wire::RolloutRef {
+                    rollout_id: id.clone(),
+                })
+                .await
+            {
+                Ok(w) => w.into_inner(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch failed; polling");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    last = self
+                        .client
+                        .get_rollout(wire::RolloutRef {
+                            rollout_id: id.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    continue;
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let followed = tokio::time::timeout(left, async {
+                while let Some(s) = watch.next().await {
+                    match s {
+                        Ok(s) => {
+                            let done = s.finished;
+                            last = s;
+                            if done {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watch broke");
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+            if followed.is_err() {
+                anyhow::bail!(
+                    "rollout {id} did not finish within {timeout:?}: {} wave {}",
+                    last.state().as_str(),
+                    last.current_wave
+                );
+            }
+        }
+        let wall = t0.elapsed();
+        let end_ms = started_us / 1000 + u64::try_from(wall.as_millis()).unwrap_or(u64::MAX);
+        let mut waves = Vec::new();
+        for (i, w) in last.waves.iter().enumerate() {
+            let next = last
+                .waves
+                .get(i + 1)
+                .map_or(end_ms, |n| n.started_unix_ms.max(w.started_unix_ms));
+            let took = if w.started_unix_ms == 0 {
+                0
+            } else {
+                next.saturating_sub(w.started_unix_ms)
+            };
+            waves.push((w.size, Duration::from_millis(took)));
+        }
+        Ok(RolloutRun {
+            status: last,
+            started_us,
+            wall,
+            waves,
+        })
+    }
+}

@@ -1,0 +1,65 @@
+//! The CI smoke of the simulator: a few hundred simulated agents in two processes and one
+//! rollout (each host downloading the release over `FetchArtifact`) against a real (debug)
+//! `serin serve`, through the `serin-bench smoke` command itself.
+//! It proves the simulator still speaks the protocol and the rollout still finishes on every
+//! host; the timed scenarios are documented commands (BENCHMARKS.md), not tests.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("smoke.json");
+    let agents = 200;
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_serin-bench"))
+        .args(["smoke", "--profile", "dev", "--timeout-s", "60"])
+        .arg(format!("--agents={agents}"))
+        .arg("--per-process=100")
+        // Every host downloads the release over FetchArtifact and checks its sha256.
+        .arg("--fetch")
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("running serin-bench smoke");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "serin-bench smoke failed ({:?}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let figure = |key: &str| {
+        report["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .and_then(|f| f["value"].as_f64())
+            .unwrap_or_else(|| panic!("no figure {key} in\n{stdout}"))
+    };
+    assert_eq!(report["params"]["rollout_state"], "succeeded", "{stdout}");
+    assert_eq!(figure("agents") as u32, agents);
+    assert_eq!(
+        figure("processes") as u32,
+        2,
+        "the fleet was split over two processes"
+    );
+    assert_eq!(figure("hosts_done") as u32, agents, "{stdout}");
+    // Every host got its activate and its confirm, and nothing was resent.
+    assert_eq!(figure("orders") as u32, 2 * agents, "{stdout}");
+    assert_eq!(figure("duplicates"), 0.0, "{stdout}");
+    // The smoke's release is 4 KiB; every host fetched it exactly once.
+    assert_eq!(figure("fetched_bytes") as u32, agents * 4096, "{stdout}");
+    assert_eq!(figure("confirm_timeouts"), 0.0, "{stdout}");
+    assert_eq!(figure("reconnects"), 0.0, "{stdout}");
+    assert!(
+        took < Duration::from_secs(90),
+        "the smoke took {took:?} (it is meant to stay around 20 s)"
+    );
+}
