@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 pub use serin_proto::wire::{OrderPhase, ResultCode, ServiceState};
-use serin_proto::{HostId, Order, ReleaseId, ServiceName};
+use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName};
 
 /// What the coordinator knows of one service on one host, from the agent's hello and results.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +96,9 @@ pub trait Fleet: Send + Sync + 'static {
     /// Queue an order to a connected host. Returns false when the host is not connected (the
     /// order is not queued; the caller re-sends when the host comes back).
     fn send(&self, host: &HostId, order: Order) -> bool;
+    /// Queue a `HoldConfirm` to a connected host (unsequenced; nothing is re-sent later).
+    /// Returns false when the host is not connected.
+    fn hold(&self, host: &HostId, hold: HoldConfirm) -> bool;
     /// Every event from now on. A receiver that lags must resynchronise from [`Fleet::snapshot`].
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent>;
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serin_proto::wire::{self, CheckKind, OrderPhase, ServiceState};
-use serin_proto::{HostId, Order, ReleaseId, ServiceName, ValidationError};
+use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName, ValidationError};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -414,6 +414,40 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Queues one message on a connected host's stream. A full stream means the agent is not
+    /// reading it: the stream is closed, the agent reconnects and says hello with its inventory,
+    /// and the engine re-sends what is still wanted.
+    fn queue(
+        &self,
+        host: &HostId,
+        body: wire::coordinator_message::Body,
+        kind: &'static str,
+        seq: u64,
+    ) -> bool {
+        let mut hosts = self.lock();
+        let Some(entry) = hosts.get_mut(host) else {
+            return false;
+        };
+        let Some(conn) = &entry.conn else {
+            return false;
+        };
+        let msg = Box::new(wire::CoordinatorMessage { body: Some(body) });
+        match conn.tx.try_send(Ok(msg)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(host = %host, seq, kind, "agent stream is full; disconnecting the agent");
+                if let Some(conn) = entry.conn.take() {
+                    conn.kick.cancel();
+                }
+                self.emit(FleetEvent::HostDown { host: host.clone() });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 impl Fleet for Registry {
     fn snapshot(&self) -> Vec<HostSnapshot> {
         self.lock().values().map(HostEntry::snapshot).collect()
@@ -424,34 +458,31 @@ impl Fleet for Registry {
     }
 
     fn send(&self, host: &HostId, order: Order) -> bool {
-        let mut hosts = self.lock();
-        let Some(entry) = hosts.get_mut(host) else {
-            return false;
-        };
-        let Some(conn) = &entry.conn else {
-            return false;
-        };
         let (seq, kind, service) = (order.seq, order.action.kind(), order.service.clone());
-        let msg = Box::new(wire::CoordinatorMessage {
-            body: Some(wire::coordinator_message::Body::Order(order.into())),
-        });
-        match conn.tx.try_send(Ok(msg)) {
-            Ok(()) => {
-                tracing::debug!(host = %host, service = %service, seq, kind, "order queued");
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // The agent is not reading its stream. Close it: the agent reconnects, says
-                // hello with its inventory and the engine re-sends what is still wanted.
-                tracing::warn!(host = %host, seq, kind, "agent stream is full; disconnecting the agent");
-                if let Some(conn) = entry.conn.take() {
-                    conn.kick.cancel();
-                }
-                self.emit(FleetEvent::HostDown { host: host.clone() });
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let queued = self.queue(
+            host,
+            wire::coordinator_message::Body::Order(order.into()),
+            kind,
+            seq,
+        );
+        if queued {
+            tracing::debug!(host = %host, service = %service, seq, kind, "order queued");
         }
+        queued
+    }
+
+    fn hold(&self, host: &HostId, hold: HoldConfirm) -> bool {
+        let service = hold.service.clone();
+        let queued = self.queue(
+            host,
+            wire::coordinator_message::Body::Hold(hold.into()),
+            "hold",
+            0,
+        );
+        if queued {
+            tracing::debug!(host = %host, service = %service, "hold queued");
+        }
+        queued
     }
 
     fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
@@ -782,6 +813,27 @@ mod tests {
         assert_eq!(web.current_release.as_ref().unwrap().as_str(), "web-1");
         assert_eq!(web.last_seq, 4);
         assert!(matches!(events.try_recv().unwrap(), FleetEvent::HostUp(s) if s == snap));
+    }
+
+    #[test]
+    fn a_hold_goes_down_the_hosts_stream_and_not_to_an_unknown_host() {
+        let reg = registry(1000);
+        let (tx, mut rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 5).unwrap();
+        let hold = HoldConfirm {
+            service: ServiceName::new("web").unwrap(),
+            release: ReleaseId::new("web-2").unwrap(),
+            confirm_deadline: Duration::from_secs(90),
+        };
+        assert!(reg.hold(&a.host, hold.clone()));
+        let msg = rx.try_recv().unwrap().unwrap();
+        match msg.body {
+            Some(wire::coordinator_message::Body::Hold(h)) => {
+                assert_eq!(HoldConfirm::try_from(h).unwrap(), hold);
+            }
+            b => panic!("expected a hold, got {b:?}"),
+        }
+        assert!(!reg.hold(&HostId::new("h9").unwrap(), hold));
     }
 
     #[test]

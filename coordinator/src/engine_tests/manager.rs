@@ -277,6 +277,28 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
         .collect();
     answer(&fleet, &first);
     wait_for(&mut rx, |s| s.state().as_str() == "waiting").await;
+    // While it waits (five minutes of paused time, longer than the confirm deadline h1's
+    // activation carried), the task keeps h1's dead-man switch fed through the fleet; h2 is
+    // not connected, so nothing is sent to it.
+    let confirm = match &first[0].1.action {
+        OrderAction::Activate {
+            confirm_deadline: Some(c),
+            ..
+        } => *c,
+        a => panic!("unexpected {a:?}"),
+    };
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let holds = fleet.holds();
+    assert!(
+        holds.len() as u64 >= 300 / (confirm.as_secs() / 3),
+        "{} holds in 300 s with a confirm deadline of {confirm:?}",
+        holds.len()
+    );
+    for (h, hold) in &holds {
+        assert_eq!(h.as_str(), "h1");
+        assert_eq!(hold.release.as_str(), "web-2");
+        assert_eq!(hold.confirm_deadline, confirm);
+    }
     // h2 returns: the very same order is re-sent and the rollout resumes by itself.
     fleet.set_host(host("h2", "eu-1", "web-1"));
     wait_for(&mut rx, |s| s.state().as_str() == "running").await;

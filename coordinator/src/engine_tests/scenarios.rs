@@ -32,6 +32,7 @@ struct Sim {
     hosts: BTreeMap<HostId, Vec<u8>>,
     events: Vec<String>,
     sent: Vec<(u64, HostId, Order)>,
+    holds: Vec<(u64, HostId, serin_proto::HoldConfirm)>,
     answered: BTreeSet<String>,
     finished: Vec<RolloutState>,
     refused: Option<ControlError>,
@@ -51,6 +52,7 @@ impl Sim {
             hosts: BTreeMap::new(),
             events: Vec::new(),
             sent: Vec::new(),
+            holds: Vec::new(),
             answered: BTreeSet::new(),
             finished: Vec::new(),
             refused: None,
@@ -100,6 +102,7 @@ impl Sim {
                     assert_eq!(o.seq, Some(order.seq));
                     self.sent.push((self.now, host, order));
                 }
+                Command::Hold { host, hold } => self.holds.push((self.now, host, hold)),
                 Command::Refused(e) => self.refused = Some(e),
                 Command::Finished(s) => self.finished.push(s),
             }
@@ -1088,3 +1091,5 @@ fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back()
     assert_eq!(s.sent.len(), sent_before);
     assert_eq!(s.phase("h01"), HostPhase::Skipped);
 }
+
+mod verdicts;

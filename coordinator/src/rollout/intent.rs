@@ -173,6 +173,17 @@ impl HostPhase {
         HostPhase::Pending
     }
 
+    /// The agent's dead-man switch reverted the host because no confirm or hold reached it (the
+    /// coordinator's silence, not the release): it waits for dispatch again while the rollout
+    /// goes on (`redispatch`), else it is simply back on its baseline.
+    pub fn on_unheld_revert(self, redispatch: bool) -> HostPhase {
+        if redispatch {
+            HostPhase::Pending
+        } else {
+            HostPhase::RolledBack
+        }
+    }
+
     /// Whether the host may be running the new release.
     pub(crate) fn touched_new(self) -> bool {
         matches!(

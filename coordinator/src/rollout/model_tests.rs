@@ -191,6 +191,7 @@ struct World {
 enum Step {
     Input(u64, Input),
     Send(HostId, String, u64),
+    Hold(HostId),
     Restart(u64),
 }
 
@@ -199,6 +200,7 @@ impl Step {
         match self {
             Step::Input(t, i) => format!("{t} {i:?}"),
             Step::Send(h, id, seq) => format!("  send {h} {id} seq {seq}"),
+            Step::Hold(h) => format!("  hold {h}"),
             Step::Restart(t) => format!("{t} restart"),
         }
     }
@@ -356,10 +358,16 @@ impl World {
                         self.deliver(host, order)?;
                     }
                 }
+                Command::Hold { host, .. } => self.hold(&host),
                 Command::Refused(_) | Command::Finished(_) => {}
             }
         }
         Ok(())
+    }
+
+    /// A `HoldConfirm` reached the host's agent (if it is up).
+    fn hold(&mut self, host: &HostId) {
+        self.log(Step::Hold(host.clone()));
     }
 
     /// Saves the machine's full records (a superset of what the driver saves).

@@ -30,6 +30,9 @@ pub struct Observed {
     pub current: Option<ReleaseId>,
     /// The latest health verdict; `None` before the first report.
     pub healthy: Option<bool>,
+    /// When the coordinator last sent the host a `HoldConfirm` (unix ms); `None` since it
+    /// (re)connected.
+    pub held_ms: Option<u64>,
 }
 
 /// A host nothing was heard from.
@@ -37,6 +40,7 @@ static UNHEARD: Observed = Observed {
     reach: Reach::Unknown,
     current: None,
     healthy: None,
+    held_ms: None,
 };
 
 /// What is observed of every host of a rollout (a host missing from it is unknown).

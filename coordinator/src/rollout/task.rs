@@ -305,6 +305,13 @@ impl Driver {
                         self.send(m, &host, order);
                     }
                 }
+                Command::Hold { host, hold } => {
+                    // Not an order: nothing to persist first, and a lost hold is followed by the
+                    // next one.
+                    if self.fleet.hold(&host, hold) {
+                        tracing::debug!(rollout = %m.id(), host = %host, "hold sent");
+                    }
+                }
                 Command::Refused(e) => out.refused = Some(e),
                 Command::Finished(state) => {
                     tracing::info!(rollout = %m.id(), state = %state, "rollout finished");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use serin_proto::{HostId, Order, ReleaseId, ServiceName};
+use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName};
 
 use super::spec::{RawSpec, RolloutSpec};
 use crate::fleet::{
@@ -82,6 +82,7 @@ pub fn release() -> serin_proto::Release {
 pub struct FakeFleet {
     hosts: Mutex<BTreeMap<HostId, HostSnapshot>>,
     sent: Mutex<Vec<(HostId, Order)>>,
+    holds: Mutex<Vec<(HostId, HoldConfirm)>>,
     events: tokio::sync::broadcast::Sender<FleetEvent>,
     responder: Mutex<Option<Responder>>,
 }
@@ -93,6 +94,7 @@ impl FakeFleet {
         Self {
             hosts: Mutex::new(hosts.into_iter().map(|h| (h.host_id.clone(), h)).collect()),
             sent: Mutex::new(Vec::new()),
+            holds: Mutex::new(Vec::new()),
             events,
             responder: Mutex::new(None),
         }
@@ -119,6 +121,11 @@ impl FakeFleet {
     /// Every order sent so far.
     pub fn sent(&self) -> Vec<(HostId, Order)> {
         self.sent.lock().unwrap().clone()
+    }
+
+    /// Every hold sent so far.
+    pub fn holds(&self) -> Vec<(HostId, HoldConfirm)> {
+        self.holds.lock().unwrap().clone()
     }
 }
 
@@ -153,6 +160,19 @@ impl Fleet for FakeFleet {
             for e in answer {
                 self.emit(e);
             }
+        }
+        connected
+    }
+
+    fn hold(&self, host: &HostId, hold: HoldConfirm) -> bool {
+        let connected = self
+            .hosts
+            .lock()
+            .unwrap()
+            .get(host)
+            .is_some_and(|h| h.connected);
+        if connected {
+            self.holds.lock().unwrap().push((host.clone(), hold));
         }
         connected
     }

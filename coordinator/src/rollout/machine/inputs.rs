@@ -15,6 +15,10 @@ impl Rollout {
         };
         let seen = self.seen.entry(&s.host_id);
         let was = seen.reach;
+        if s.connected && was != Reach::Reachable {
+            // Holds sent while it was away were lost: hold it again now if it is armed.
+            seen.held_ms = None;
+        }
         seen.reach = match (s.connected, was) {
             (true, _) => Reach::Reachable,
             // A disconnected host in a snapshot right after a restart says nothing new: it
@@ -40,6 +44,13 @@ impl Rollout {
             // not from a send the host may never have seen).
             o.sent_ms = Some(now);
             self.sends.push(s.host_id.clone());
+            // Likewise the healthy deadline of an activated host that was away: its agent
+            // replays what happened meanwhile (e.g. a dead-man revert nobody could prevent),
+            // which must not be pre-empted by a deadline that ran out while it was unreachable.
+            if was != Reach::Reachable && h.phase == HostPhase::Activated {
+                h.activated_ms = Some(now);
+                self.dirty_hosts.insert(s.host_id.clone());
+            }
         }
         match was {
             Reach::Reachable => {}
@@ -348,6 +359,33 @@ impl Rollout {
                     if let Some(o) = h.order.as_mut().filter(|o| o.kind == OrderKind::Rollback) {
                         o.done = true;
                     }
+                } else if h.failure.is_none() && out.code == ResultCode::ConfirmTimeout {
+                    // The agent's dead-man switch fired because no confirm or hold reached it:
+                    // the coordinator's silence (a partition, a restart), not the release. Never
+                    // a failure; the host takes the release again while the rollout goes on.
+                    if let Some(o) = h.order.as_mut() {
+                        o.done = true;
+                    }
+                    h.activated_ms = None;
+                    h.healthy_ms = None;
+                    let redispatch = matches!(
+                        self.state,
+                        RolloutState::Running
+                            | RolloutState::Waiting
+                            | RolloutState::Paused
+                            | RolloutState::Succeeded
+                    );
+                    let why = "reverted by its dead-man switch (confirm_timeout) while the coordinator could not hold it; not a release failure";
+                    h.phase = h.phase.on_unheld_revert(redispatch);
+                    h.detail = if redispatch {
+                        format!("{why}; dispatched again")
+                    } else {
+                        why.to_string()
+                    };
+                    let msg = format!("host {id} {}", h.detail);
+                    self.dirty_hosts.insert(id.clone());
+                    self.event(now, msg);
+                    return;
                 } else if h.failure.is_none() {
                     h.phase = h.phase.on_rolled_back();
                     if let Some(o) = h.order.as_mut() {

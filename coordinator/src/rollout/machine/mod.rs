@@ -52,7 +52,7 @@ mod wave;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use serin_proto::{HostId, Order, OrderAction, Release, ReleaseId};
+use serin_proto::{HoldConfirm, HostId, Order, OrderAction, Release, ReleaseId};
 
 use super::analysis::{self, Comparison, Samples, Verdict, Window};
 use super::plan::{self, Plan};
@@ -183,6 +183,9 @@ pub enum Command {
     AllocateSeqs(Vec<SeqRequest>),
     /// Send an order to a host (if it is not connected, it is re-sent when it comes back).
     Send { host: HostId, order: Order },
+    /// Keep an activated, unconfirmed host's dead-man switch fed: the coordinator is alive and
+    /// still deciding. Unsequenced and not persisted (a lost hold is followed by the next one).
+    Hold { host: HostId, hold: HoldConfirm },
     /// The operator request was refused.
     Refused(ControlError),
     /// The rollout reached a final state.
@@ -567,6 +570,7 @@ impl Rollout {
             if reachable && h.failure.is_none() && h.phase == HostPhase::Activated {
                 consider(h.activated_ms.map(|t| t + ms(self.spec.healthy_deadline)));
             }
+            consider(self.hold_due(h));
             if reachable && h.phase == HostPhase::RollingBack {
                 consider(
                     h.order

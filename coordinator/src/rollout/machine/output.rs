@@ -45,6 +45,60 @@ impl Rollout {
             .min(serin_proto::MAX_ORDER_DEADLINE)
     }
 
+    /// How often an activated, unconfirmed host is held: a third of its confirm deadline, so
+    /// one or two lost holds still leave the agent's switch fed.
+    fn hold_interval(&self, h: &HostEntry) -> u64 {
+        (ms(self.confirm_deadline(h.wave as usize)) / 3).max(1)
+    }
+
+    /// When `h` needs its next `HoldConfirm`, if it needs one: it may be running the release
+    /// unconfirmed (dispatched, activated or healthy, not failed), it is reachable, and the
+    /// rollout is alive and still deciding (running, waiting, paused, or converging after
+    /// success). The first hold is due a third of the confirm deadline after the dispatch, well
+    /// before the agent's switch (armed at the start, later than the dispatch) can fire.
+    pub(super) fn hold_due(&self, h: &HostEntry) -> Option<u64> {
+        let alive = matches!(
+            self.state,
+            RolloutState::Running
+                | RolloutState::Waiting
+                | RolloutState::Paused
+                | RolloutState::Succeeded
+        );
+        let armed = h.failure.is_none()
+            && matches!(
+                h.phase,
+                HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
+            );
+        if !alive || !armed || !self.seen.reachable(&h.id) {
+            return None;
+        }
+        let base = self.seen.get(&h.id).held_ms.or(h.dispatched_ms)?;
+        Some(base + self.hold_interval(h))
+    }
+
+    /// The holds due at `now`; each host's next one is due an interval later.
+    fn holds(&mut self, now: u64) -> Vec<Command> {
+        let due: Vec<(HostId, usize)> = self
+            .hosts
+            .values()
+            .filter(|h| self.hold_due(h).is_some_and(|t| t <= now))
+            .map(|h| (h.id.clone(), h.wave as usize))
+            .collect();
+        due.into_iter()
+            .map(|(host, wave)| {
+                self.seen.entry(&host).held_ms = Some(now);
+                Command::Hold {
+                    hold: HoldConfirm {
+                        service: self.spec.service.clone(),
+                        release: self.spec.release.clone(),
+                        confirm_deadline: self.confirm_deadline(wave),
+                    },
+                    host,
+                }
+            })
+            .collect()
+    }
+
     pub(super) fn drain(&mut self, now: u64, refused: Option<ControlError>) -> Vec<Command> {
         let mut out = Vec::new();
         if self.dirty_header || !self.dirty_hosts.is_empty() || !self.events.is_empty() {
@@ -101,6 +155,7 @@ impl Rollout {
                 o.sent_ms = Some(now);
             }
         }
+        out.extend(self.holds(now));
         if let Some(e) = refused {
             out.push(Command::Refused(e));
         }
