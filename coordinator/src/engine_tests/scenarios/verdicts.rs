@@ -127,3 +127,79 @@ fn no_hold_once_confirmed_failed_or_rolling_back() {
         s.holds
     );
 }
+
+/// The rollback timeout of the default engine settings.
+const ROLLBACK_MS: u64 = 120_000;
+
+/// A rollout with h01 and h02 activated and healthy, then aborted: both get a rollback order.
+fn aborted() -> Sim {
+    let mut s = Sim::new(fleet(4), wire_spec(&["2", "100%"]));
+    s.agents(&[], false);
+    s.operator(OperatorAction::Abort).unwrap();
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    assert_eq!(s.sent_kinds("rollback"), vec!["h01", "h02"]);
+    s
+}
+
+/// h02 answers its rollback; h01 never does and its agent opens a new stream every 50 s (a new
+/// stream replaces the old one without the host ever counting as down; each hello re-sends the
+/// order, which used to restart its timeout, forever).
+fn h02_restored_h01_flapping(s: &mut Sim, for_ms: u64) {
+    for (h, o) in s.pending() {
+        if h.as_str() == "h02" {
+            s.answered.insert(o.order_id.clone());
+            s.reply(&h, &o, OrderPhase::RolledBack, ResultCode::Ok, "web-1");
+        }
+    }
+    let end = s.now + for_ms;
+    while s.now < end && s.m.state() == RolloutState::RollingBack {
+        s.feed(Input::HostUp(host("h01", "eu-1", "web-2")));
+        s.advance(50_000);
+    }
+}
+
+fn assert_failed_naming_h01(s: &Sim) {
+    assert_eq!(s.m.state(), RolloutState::Failed, "{}", s.m.status().reason);
+    let reason = s.m.status().reason;
+    assert!(reason.contains("h01"), "{reason}");
+    assert!(!reason.contains("h02"), "{reason}");
+    let d = s.m.decisions().last().unwrap();
+    assert_eq!(d.kind.as_str(), "rollback_finished");
+    assert_eq!(d.evidence["rollback_failed"], "h01");
+    assert_eq!(s.phase("h02"), HostPhase::RolledBack);
+    let detail = s.status_of("h01").detail;
+    assert!(detail.contains("rollback timeout"), "{detail}");
+}
+
+#[test]
+fn a_rollback_that_cannot_finish_ends_failed_naming_the_host_it_could_not_restore() {
+    let mut s = aborted();
+    let aborted_at = s.now;
+    h02_restored_h01_flapping(&mut s, 10 * ROLLBACK_MS);
+    assert_failed_naming_h01(&s);
+    assert!(s.now - aborted_at <= ROLLBACK_MS + 50_000, "ended late");
+    // Finished: the service is free (the manager only refuses a new rollout while one is not
+    // finished), and the task may stop once nothing is left to deliver.
+    assert!(s.m.state().is_finished());
+    assert!(s.m.is_quiescent());
+}
+
+#[test]
+fn a_rollback_resumed_after_a_coordinator_restart_still_ends() {
+    let mut s = aborted();
+    h02_restored_h01_flapping(&mut s, 60_000);
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    // The coordinator restarts long after the rollback timeout passed.
+    s.now += 10 * ROLLBACK_MS;
+    s.restart();
+    s.feed(Input::Resync(s.fleet.clone()));
+    let restarted = s.now;
+    assert_eq!(
+        s.m.state(),
+        RolloutState::RollingBack,
+        "h01 gets its chance"
+    );
+    h02_restored_h01_flapping(&mut s, 10 * ROLLBACK_MS);
+    assert_failed_naming_h01(&s);
+    assert!(s.now - restarted <= ROLLBACK_MS + 50_000, "ended late");
+}

@@ -227,6 +227,9 @@ pub struct Rollout {
     seen: ObservedHosts,
     /// After a restore: hosts not heard from by then stop being unknown and count as unreachable.
     resume_grace_until: Option<u64>,
+    /// When this machine was restored from the records, if it was: a rollback resumed then gets
+    /// a full rollback timeout from the restart.
+    restored_ms: Option<u64>,
     samples: Samples,
     comparison: Option<Comparison>,
     // Per-step scratch.
@@ -321,6 +324,7 @@ impl Rollout {
             paused_by_store: false,
             rollback_final: None,
             resume_grace_until: None,
+            restored_ms: None,
             seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
@@ -415,6 +419,7 @@ impl Rollout {
             paused_by_store: header.paused_by_store,
             rollback_final: header.rollback_final,
             resume_grace_until: Some(grace_until),
+            restored_ms: Some(now_ms),
             seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
@@ -579,6 +584,9 @@ impl Rollout {
                         .map(|t| t + ms(self.settings.rollback_timeout)),
                 );
             }
+        }
+        if self.state == RolloutState::RollingBack {
+            consider(self.rollback_deadline());
         }
         if self.state == RolloutState::Running
             && let Some(w) = self.waves.get(self.current_wave)

@@ -111,8 +111,50 @@ impl Rollout {
         }
     }
 
+    /// When the rollout's rollback must be over: the rollback timeout after it was decided (or
+    /// after the coordinator restarted into it). Hosts a rollback reaches but that are not back
+    /// by then count as not restored, so a rollback always ends (a host that keeps reconnecting,
+    /// an order that never got a sequence, an agent that never answers).
+    pub(super) fn rollback_deadline(&self) -> Option<u64> {
+        let decided = self
+            .decisions
+            .iter()
+            .rev()
+            .find(|d| d.kind.rolls_back())
+            .map(|d| d.at_ms)?;
+        Some(decided.max(self.restored_ms.unwrap_or(0)) + ms(self.settings.rollback_timeout))
+    }
+
+    /// At the rollback deadline, every reachable host still rolling back is not restored.
+    fn end_overdue_rollbacks(&mut self, now: u64) {
+        if self.rollback_deadline().is_none_or(|t| now < t) {
+            return;
+        }
+        let reason = format!(
+            "not back on its baseline within the rollback timeout ({})",
+            fmt_dur(self.settings.rollback_timeout)
+        );
+        for h in self.hosts.values_mut() {
+            if h.phase == HostPhase::RollingBack && self.seen.reachable(&h.id) {
+                h.phase = h.phase.on_failed();
+                h.rollback_failed = Some(reason.clone());
+                h.detail = reason.clone();
+                h.retry_at_ms = None;
+                if let Some(o) = h.order.as_mut() {
+                    match o.seq {
+                        // Never sent: withdrawn.
+                        None => h.order = None,
+                        Some(_) => o.done = true,
+                    }
+                }
+                self.dirty_hosts.insert(h.id.clone());
+            }
+        }
+    }
+
     pub(super) fn advance_rollback(&mut self, now: u64) -> bool {
         self.check_rollback_timeouts(now);
+        self.end_overdue_rollbacks(now);
         let outstanding = self.hosts.values().any(|h| {
             h.phase == HostPhase::RollingBack
                 && (self.seen.reachable(&h.id) || self.seen.unknown(&h.id))
