@@ -638,6 +638,10 @@ fn healthy_host_turning_unhealthy_during_bake_fails() {
         },
     });
     assert_eq!(s.m.state(), RolloutState::RollingBack);
+    // Its agent, still armed, reverts by itself for the same verdict: the rollback order waits
+    // the self-revert grace for that, and goes out when the agent says nothing.
+    assert!(s.sent_kinds("rollback").is_empty());
+    s.advance(EngineSettings::default().self_revert_grace.as_millis() as u64);
     assert_eq!(s.sent_kinds("rollback"), vec!["h01"]);
 }
 

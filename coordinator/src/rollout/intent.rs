@@ -312,6 +312,10 @@ pub struct HostEntry {
     pub attempts: u32,
     /// Re-issue the current order kind at this time (after a busy/stale refusal).
     pub retry_at_ms: Option<u64>,
+    /// The host was judged unhealthy while its agent's switch was armed: a rollback order is
+    /// issued then unless the agent reports its own rollback first.
+    #[serde(default)]
+    pub rollback_at_ms: Option<u64>,
     /// Highest sequence known to be used for this host's service.
     pub last_seq: u64,
     pub dispatched_ms: Option<u64>,

@@ -15,6 +15,11 @@ pub struct EngineSettings {
     /// How long a reachable host may take to answer a rollback order before the rollback of
     /// that host counts as failed.
     pub rollback_timeout: Duration,
+    /// When the coordinator judges an armed, unconfirmed host unhealthy (its healthy deadline
+    /// passed, or it turned unhealthy), its agent reverts by itself for the same reason: the
+    /// rollback order waits this long for the agent's own ROLLED_BACK, so a host that already
+    /// rolled back is never ordered (and restarted) again.
+    pub self_revert_grace: Duration,
     /// How long to wait before re-sending an order the agent refused as busy or stale.
     pub order_retry_delay: Duration,
     /// Orders re-sent after busy/stale refusals before the host counts as failed.
@@ -37,6 +42,7 @@ impl Default for EngineSettings {
             tick: Duration::from_secs(1),
             confirm_grace: Duration::from_secs(60),
             rollback_timeout: Duration::from_secs(120),
+            self_revert_grace: Duration::from_secs(5),
             order_retry_delay: Duration::from_secs(2),
             max_order_attempts: 5,
             analysis: AnalysisSettings::default(),

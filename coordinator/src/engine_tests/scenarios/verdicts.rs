@@ -203,3 +203,67 @@ fn a_rollback_resumed_after_a_coordinator_restart_still_ends() {
     assert_failed_naming_h01(&s);
     assert!(s.now - restarted <= ROLLBACK_MS + 50_000, "ended late");
 }
+
+/// h01 activates but never becomes healthy; h02 is healthy. Returns at h01's healthy deadline.
+fn h01_never_healthy() -> (Sim, Order) {
+    let mut s = Sim::new(fleet(4), wire_spec(&["2", "100%"]));
+    let (_, o1) = s
+        .pending()
+        .into_iter()
+        .find(|(h, _)| h.as_str() == "h01")
+        .unwrap();
+    s.answered.insert(o1.order_id.clone());
+    s.reply(
+        &hid("h01"),
+        &o1,
+        OrderPhase::Activated,
+        ResultCode::Ok,
+        "web-2",
+    );
+    s.agents(&[], false);
+    assert_eq!(s.phase("h02"), HostPhase::Healthy);
+    // The healthy deadline (20 s) passes on the coordinator.
+    s.advance(20_000);
+    assert!(s.m.host(&hid("h01")).unwrap().failure.is_some());
+    assert_eq!(s.m.state(), RolloutState::RollingBack);
+    (s, o1)
+}
+
+#[test]
+fn no_rollback_order_to_a_host_that_rolled_back_by_itself() {
+    let (mut s, o1) = h01_never_healthy();
+    // h01's agent hit the same deadline and reverted by itself; its result is 80 ms behind.
+    s.advance(80);
+    s.reply(
+        &hid("h01"),
+        &o1,
+        OrderPhase::RolledBack,
+        ResultCode::Unhealthy,
+        "web-1",
+    );
+    for _ in 0..10 {
+        s.agents(&[], false);
+        s.advance(10_000);
+    }
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+    assert_eq!(
+        s.sent_kinds("rollback"),
+        vec!["h02"],
+        "h01 already rolled back: no order restarts its baseline"
+    );
+    assert_eq!(s.phase("h01"), HostPhase::RolledBack);
+    let h = s.status_of("h01");
+    assert!(h.detail.contains("rolled back to web-1"), "{}", h.detail);
+    assert!(h.detail.contains("healthy deadline"), "{}", h.detail);
+}
+
+#[test]
+fn a_host_whose_agent_does_not_roll_back_by_itself_is_ordered_after_the_grace() {
+    let (mut s, _) = h01_never_healthy();
+    assert_eq!(s.sent_kinds("rollback"), vec!["h02"]);
+    s.advance(EngineSettings::default().self_revert_grace.as_millis() as u64);
+    assert_eq!(s.sent_kinds("rollback"), vec!["h02", "h01"]);
+    s.agents(&[], false);
+    assert_eq!(s.m.state(), RolloutState::RolledBack);
+    assert_eq!(s.phase("h01"), HostPhase::RolledBack);
+}

@@ -185,6 +185,7 @@ impl Rollout {
             orders_issued: 0,
             attempts: 0,
             retry_at_ms: None,
+            rollback_at_ms: None,
             last_seq: p.last_seq,
             dispatched_ms: None,
             activated_ms: None,
@@ -238,7 +239,7 @@ impl Rollout {
         );
         self.samples.push(id, sample, window);
         if turned_bad {
-            self.fail_host(
+            self.fail_armed_host(
                 now,
                 id,
                 format!("turned unhealthy after becoming healthy ({checks})"),
@@ -349,6 +350,9 @@ impl Rollout {
             }
             (OrderPhase::RolledBack, _) => {
                 if h.phase == HostPhase::RollingBack || kind == OrderKind::Rollback {
+                    // Also the agent's own rollback while its rollback order waited for it:
+                    // the host is recorded as rolled back and never ordered again.
+                    h.rollback_at_ms = None;
                     h.phase = h.phase.on_rolled_back();
                     h.detail = format!(
                         "rolled back to {}",

@@ -285,6 +285,7 @@ impl Rollout {
                         orders_issued: 0,
                         attempts: 0,
                         retry_at_ms: None,
+                        rollback_at_ms: None,
                         last_seq: h.last_seq,
                         dispatched_ms: None,
                         activated_ms: None,
@@ -478,14 +479,14 @@ impl Rollout {
         &self.decisions
     }
 
-    /// True when the rollout is finished and no host has an order that still needs delivering,
-    /// so its task may stop.
+    /// True when the rollout is finished and no host has an order that still needs delivering
+    /// (or a rollback order still to issue), so its task may stop.
     pub fn is_quiescent(&self) -> bool {
         self.state.is_finished()
             && self
                 .hosts
                 .values()
-                .all(|h| h.order.as_ref().is_none_or(|o| o.done))
+                .all(|h| h.order.as_ref().is_none_or(|o| o.done) && h.rollback_at_ms.is_none())
     }
 
     /// Whether anything operators see changed since the last call (then [`Rollout::status`]
@@ -571,6 +572,7 @@ impl Rollout {
         }
         for h in self.hosts.values() {
             consider(h.retry_at_ms);
+            consider(h.rollback_at_ms);
             let reachable = self.seen.reachable(&h.id);
             if reachable && h.failure.is_none() && h.phase == HostPhase::Activated {
                 consider(h.activated_ms.map(|t| t + ms(self.spec.healthy_deadline)));
@@ -580,6 +582,7 @@ impl Rollout {
                 consider(
                     h.order
                         .as_ref()
+                        .filter(|o| o.kind == OrderKind::Rollback)
                         .and_then(|o| o.sent_ms)
                         .map(|t| t + ms(self.settings.rollback_timeout)),
                 );
@@ -718,6 +721,67 @@ impl Rollout {
         self.event(now, format!("host {id} failed: {reason}"));
         if roll_back {
             self.start_host_rollback(now, id);
+        }
+    }
+
+    /// Marks a host failed for a health verdict its agent also enforces (the healthy deadline,
+    /// turning unhealthy). While the agent's switch is armed (activated or healthy, not
+    /// confirmed) it reverts by itself for the same reason, so the rollback order waits
+    /// [`EngineSettings::self_revert_grace`] for the agent's own ROLLED_BACK: a host that already
+    /// rolled back is recorded as such and never ordered (and restarted) again.
+    fn fail_armed_host(&mut self, now: u64, id: &HostId, reason: String) {
+        let grace = self.settings.self_revert_grace;
+        let reachable = self.seen.reachable(id);
+        let Some(h) = self.hosts.get_mut(id) else {
+            return;
+        };
+        let armed = reachable
+            && h.failure.is_none()
+            && h.baseline.is_some()
+            && matches!(h.phase, HostPhase::Activated | HostPhase::Healthy);
+        if !armed || grace.is_zero() {
+            self.fail_host(now, id, reason);
+            return;
+        }
+        h.failure = Some(reason.clone());
+        h.phase = h.phase.on_rollback_ordered();
+        h.rollback_at_ms = Some(now + ms(grace));
+        h.retry_at_ms = None;
+        // The activation is over either way: it is never re-sent.
+        if let Some(o) = h.order.as_mut() {
+            o.done = true;
+        }
+        h.detail = format!(
+            "{reason}; waiting {} for its agent to roll back by itself",
+            fmt_dur(grace)
+        );
+        self.dirty_hosts.insert(id.clone());
+        self.event(now, format!("host {id} failed: {reason}"));
+    }
+
+    /// Issues the rollback orders whose agents did not report their own rollback in time.
+    fn issue_due_rollbacks(&mut self, now: u64) {
+        let due: Vec<HostId> = self
+            .hosts
+            .values()
+            .filter(|h| h.rollback_at_ms.is_some_and(|t| t <= now))
+            .map(|h| h.id.clone())
+            .collect();
+        for id in due {
+            let Some(h) = self.hosts.get_mut(&id) else {
+                continue;
+            };
+            h.rollback_at_ms = None;
+            self.dirty_hosts.insert(id.clone());
+            if h.phase == HostPhase::RollingBack {
+                h.detail = format!(
+                    "rolling back to {}",
+                    h.baseline
+                        .as_ref()
+                        .map_or("the previous release", ReleaseId::as_str)
+                );
+                self.issue(now, &id, OrderKind::Rollback);
+            }
         }
     }
 

@@ -93,6 +93,7 @@ impl Rollout {
                 && h.phase == HostPhase::RollingBack
                 && h.order
                     .as_ref()
+                    .filter(|o| o.kind == OrderKind::Rollback)
                     .and_then(|o| o.sent_ms)
                     .is_some_and(|t| t + limit <= now)
             {

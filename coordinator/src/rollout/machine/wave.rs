@@ -7,6 +7,7 @@ impl Rollout {
     pub(super) fn advance(&mut self, now: u64) {
         self.end_resume_grace(now);
         self.retry_orders(now);
+        self.issue_due_rollbacks(now);
         // Each iteration makes at least one transition; a rollout has a bounded number of them.
         for _ in 0..(4 * self.waves.len() + 8) {
             let progressed = match self.state {
@@ -153,7 +154,7 @@ impl Rollout {
                     && h.activated_ms.is_some_and(|t| t + hd <= now)
             });
             if late {
-                self.fail_host(
+                self.fail_armed_host(
                     now,
                     id,
                     format!(
@@ -681,7 +682,7 @@ impl Rollout {
                 && h.activated_ms
                     .is_some_and(|t| t + ms(self.spec.healthy_deadline) <= now)
             {
-                self.fail_host(now, &id, "not healthy within the healthy deadline".into());
+                self.fail_armed_host(now, &id, "not healthy within the healthy deadline".into());
                 changed = true;
             }
         }
