@@ -267,3 +267,47 @@ fn a_host_whose_agent_does_not_roll_back_by_itself_is_ordered_after_the_grace() 
     assert_eq!(s.m.state(), RolloutState::RolledBack);
     assert_eq!(s.phase("h01"), HostPhase::RolledBack);
 }
+
+#[test]
+fn a_host_that_joins_on_the_baseline_is_added_on_its_first_passing_health_verdict() {
+    let mut s = Sim::new(fleet(3), wire_spec(&["1", "100%"]));
+    // An agent restarted with labels that now match: its hello carries the baseline and no
+    // passing verdict yet, so it cannot join on the hello.
+    let mut h9 = host("h09", "eu-1", "web-1");
+    h9.services
+        .get_mut(&ServiceName::new("web").unwrap())
+        .unwrap()
+        .healthy = Some(false);
+    s.feed(Input::HostUp(h9));
+    assert!(s.m.host(&hid("h09")).is_none(), "not healthy yet");
+    // A failing verdict changes nothing; the first passing one adds it to the last wave.
+    s.health("h09", "web-1", false);
+    assert!(s.m.host(&hid("h09")).is_none());
+    s.health("h09", "web-1", true);
+    let h =
+        s.m.host(&hid("h09"))
+            .expect("joined on its passing verdict");
+    assert_eq!(h.wave, 1);
+    assert_eq!(h.baseline.as_ref().unwrap().as_str(), "web-1");
+    assert!(s.events.iter().any(|e| e.contains("host h09 joined")));
+    for _ in 0..10 {
+        s.agents(&[], false);
+        s.advance(30_000);
+    }
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    assert_eq!(s.phase("h09"), HostPhase::Confirmed);
+}
+
+#[test]
+fn a_host_that_went_away_before_its_verdict_does_not_join() {
+    let mut s = Sim::new(fleet(3), wire_spec(&["1", "100%"]));
+    let mut h9 = host("h09", "eu-1", "web-1");
+    h9.services
+        .get_mut(&ServiceName::new("web").unwrap())
+        .unwrap()
+        .healthy = Some(false);
+    s.feed(Input::HostUp(h9));
+    s.feed(Input::HostDown(hid("h09")));
+    s.health("h09", "web-1", true);
+    assert!(s.m.host(&hid("h09")).is_none());
+}

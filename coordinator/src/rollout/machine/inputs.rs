@@ -126,6 +126,8 @@ impl Rollout {
             seen.insert(s.host_id.clone());
             if s.connected || self.hosts.contains_key(&s.host_id) {
                 self.on_host_up(now, s);
+            } else {
+                self.candidates.remove(&s.host_id);
             }
         }
         let gone: Vec<HostId> = self
@@ -143,6 +145,7 @@ impl Rollout {
     }
 
     pub(super) fn on_host_down(&mut self, now: u64, id: &HostId) {
+        self.candidates.remove(id);
         if self.hosts.contains_key(id) && self.seen.reach(id) != Reach::Unreachable {
             self.seen.entry(id).reach = Reach::Unreachable;
             self.event(now, format!("host {id} is unreachable"));
@@ -157,10 +160,13 @@ impl Rollout {
                 | RolloutState::Paused
                 | RolloutState::Succeeded
         );
+        self.candidates.remove(&s.host_id);
         if !joinable || !s.connected || self.waves.is_empty() || !plan::selected(&self.spec, s) {
             return;
         }
         if plan::skip_reason(&self.spec, s).is_some() {
+            // Not now (e.g. no passing health verdict yet): its health reports bring it back.
+            self.candidates.insert(s.host_id.clone(), s.clone());
             return;
         }
         let p = plan::planned_host(&self.spec, s);
@@ -211,7 +217,17 @@ impl Rollout {
         }
         let window = self.settings.analysis.window;
         let Some(h) = self.hosts.get_mut(id) else {
-            // Not in the rollout, but could serve as baseline: only rollout hosts are compared.
+            // Not in the rollout: a selected host whose hello came before its first passing
+            // verdict joins now (only rollout hosts are compared by the analysis).
+            if let Some(mut snap) = self.candidates.get(id).cloned() {
+                if let Some(svc) = snap.services.get_mut(&self.spec.service) {
+                    svc.healthy = Some(sample.healthy);
+                    if sample.release.is_some() {
+                        svc.current_release = sample.release.clone();
+                    }
+                }
+                self.maybe_join(now, &snap);
+            }
             return;
         };
         let seen = self.seen.entry(id);

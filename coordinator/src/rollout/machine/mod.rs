@@ -232,6 +232,9 @@ pub struct Rollout {
     restored_ms: Option<u64>,
     samples: Samples,
     comparison: Option<Comparison>,
+    /// Connected hosts the selector matches that could not join yet (e.g. their hello came
+    /// before their first passing health verdict): reconsidered on their health reports.
+    candidates: BTreeMap<HostId, HostSnapshot>,
     // Per-step scratch.
     dirty_header: bool,
     dirty_hosts: BTreeSet<HostId>,
@@ -329,6 +332,7 @@ impl Rollout {
             seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
+            candidates: BTreeMap::new(),
             dirty_header: true,
             dirty_hosts: BTreeSet::new(),
             events: Vec::new(),
@@ -424,6 +428,7 @@ impl Rollout {
             seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
+            candidates: BTreeMap::new(),
             dirty_header: false,
             dirty_hosts: BTreeSet::new(),
             events: Vec::new(),
