@@ -311,3 +311,67 @@ fn a_host_that_went_away_before_its_verdict_does_not_join() {
     s.health("h09", "web-1", true);
     assert!(s.m.host(&hid("h09")).is_none());
 }
+
+#[test]
+fn a_host_still_staging_gets_the_rollback_at_once_and_it_preempts_the_stage() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["2", "100%"]));
+    // h02 is still downloading (a trickling source); h01 is healthy.
+    let (_, o2) = s
+        .pending()
+        .into_iter()
+        .find(|(h, _)| h.as_str() == "h02")
+        .unwrap();
+    s.answered.insert(o2.order_id.clone());
+    s.reply(
+        &hid("h02"),
+        &o2,
+        OrderPhase::Progress,
+        ResultCode::Ok,
+        "web-1",
+    );
+    s.agents(&[], false);
+    s.operator(OperatorAction::Abort).unwrap();
+    // The staging host is not skipped: its rollback goes out with h01's, in the same step.
+    assert_eq!(s.sent_kinds("rollback"), vec!["h01", "h02"]);
+    // Its agent preempts the stage and answers that the baseline is current and running.
+    s.agents(&[], false);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::Aborted,
+        "{}",
+        s.m.status().reason
+    );
+    assert_eq!(s.phase("h02"), HostPhase::RolledBack);
+    assert!(s.m.host(&hid("h02")).unwrap().rollback_failed.is_none());
+}
+
+#[test]
+fn a_host_waiting_to_retry_a_busy_activation_gets_one_rollback_order() {
+    let mut s = Sim::new(fleet(4), wire_spec(&["2", "100%"]));
+    let (_, o2) = s
+        .pending()
+        .into_iter()
+        .find(|(h, _)| h.as_str() == "h02")
+        .unwrap();
+    s.answered.insert(o2.order_id.clone());
+    s.reply(
+        &hid("h02"),
+        &o2,
+        OrderPhase::Rejected,
+        ResultCode::Busy,
+        "web-1",
+    );
+    s.agents(&[], false);
+    s.operator(OperatorAction::Abort).unwrap();
+    assert_eq!(s.sent_kinds("rollback"), vec!["h01", "h02"]);
+    // The activation's busy retry is not carried over to the rollback: no second order.
+    s.advance(10_000);
+    assert_eq!(s.sent_kinds("rollback"), vec!["h01", "h02"]);
+    s.agents(&[], false);
+    assert_eq!(
+        s.m.state(),
+        RolloutState::Aborted,
+        "{}",
+        s.m.status().reason
+    );
+}

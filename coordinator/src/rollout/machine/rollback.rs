@@ -76,6 +76,11 @@ impl Rollout {
         }
         h.phase = h.phase.on_rollback_ordered();
         h.attempts = 0;
+        // A retry pending for the activation (a busy refusal) is not the rollback's: it would
+        // re-issue the rollback as a second order. A host still staging is not skipped either:
+        // the rollback preempts its stage on the agent.
+        h.retry_at_ms = None;
+        h.rollback_at_ms = None;
         h.detail = format!(
             "rolling back to {}",
             h.baseline
