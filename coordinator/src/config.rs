@@ -9,6 +9,7 @@
 //! [engine]                          # rollout engine settings (every key optional)
 //! rollback_timeout = "2m"           # a reachable host's answer to a rollback order
 //! confirm_grace = "1m"              # added to the confirm deadline agents get
+//! self_revert_grace = "5s"          # an armed host judged unhealthy: wait for its own rollback
 //! order_retry_delay = "2s"          # before re-sending an order refused as busy
 //! max_order_attempts = 5            # busy/stale refusals before the host counts as failed
 //! analysis_gates = true             # a confident "canary worse" verdict fails the gate
@@ -92,6 +93,9 @@ pub struct EngineConfig {
     /// Added to the confirm deadline an agent gets with an activation, so its dead-man switch
     /// only fires when the coordinator is really gone (default 1 min).
     pub confirm_grace: Duration,
+    /// How long the rollback order of an armed host judged unhealthy waits for the agent's own
+    /// rollback (default 5 s; 0 orders it at once).
+    pub self_revert_grace: Duration,
     /// Delay before re-sending an order an agent refused as busy (default 2 s).
     pub order_retry_delay: Duration,
     /// Busy or stale refusals of one order before the host counts as failed (default 5).
@@ -111,6 +115,7 @@ impl Default for EngineConfig {
         Self {
             rollback_timeout: e.rollback_timeout,
             confirm_grace: e.confirm_grace,
+            self_revert_grace: e.self_revert_grace,
             order_retry_delay: e.order_retry_delay,
             max_order_attempts: e.max_order_attempts,
             analysis_gates: e.analysis_gates,
@@ -128,6 +133,7 @@ impl EngineConfig {
         let mut e = crate::rollout::EngineSettings {
             rollback_timeout: self.rollback_timeout,
             confirm_grace: self.confirm_grace,
+            self_revert_grace: self.self_revert_grace,
             order_retry_delay: self.order_retry_delay,
             max_order_attempts: self.max_order_attempts,
             analysis_gates: self.analysis_gates,
@@ -146,6 +152,7 @@ impl EngineConfig {
 struct RawEngine {
     rollback_timeout: Option<String>,
     confirm_grace: Option<String>,
+    self_revert_grace: Option<String>,
     order_retry_delay: Option<String>,
     max_order_attempts: Option<u32>,
     analysis_gates: Option<bool>,
@@ -182,6 +189,11 @@ impl RawEngine {
                 d.rollback_timeout,
             ),
             confirm_grace: p.duration("engine.confirm_grace", self.confirm_grace, d.confirm_grace),
+            self_revert_grace: p.duration(
+                "engine.self_revert_grace",
+                self.self_revert_grace,
+                d.self_revert_grace,
+            ),
             order_retry_delay: p.duration(
                 "engine.order_retry_delay",
                 self.order_retry_delay,
@@ -514,6 +526,7 @@ mod tests {
             [engine]
             rollback_timeout = "30s"
             confirm_grace = "5m"
+            self_revert_grace = "1s"
             analysis_gates = false
             analysis_min_checks = 50
             analysis_alpha = 0.05
@@ -525,6 +538,7 @@ mod tests {
         let e = l.config.engine.settings(Duration::from_secs(6));
         assert_eq!(e.rollback_timeout, Duration::from_secs(30));
         assert_eq!(e.confirm_grace, Duration::from_secs(300));
+        assert_eq!(e.self_revert_grace, Duration::from_secs(1));
         assert!(!e.analysis_gates);
         assert_eq!(e.analysis.min_checks, 50);
         assert_eq!(e.analysis.alpha, 0.05);
