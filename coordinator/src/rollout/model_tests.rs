@@ -20,7 +20,10 @@
 //!    back, on the new release, or its rollback failed and says so;
 //! 6. each host gets one target per rollout (activations of the release, rollbacks to its
 //!    baseline), and one order id always carries one sequence, increasing per host;
-//! 7. every decision, and the order itself, is persisted before an order is sent.
+//! 7. every decision, and the order itself, is persisted before an order is sent;
+//! 8. an agent's dead-man switch never fires while the agent is up and the coordinator runs the
+//!    rollout and reaches it (it is held in time), and a CONFIRM_TIMEOUT self-revert never
+//!    makes a host count as failed.
 //!
 //! CI runs `SERIN_MODEL_CASES` cases (default 10,000) with a random seed, printing both; set
 //! `SERIN_MODEL_SEED` to replay a seed, and e.g. `SERIN_MODEL_CASES=1000000` for the long mode.
@@ -166,6 +169,9 @@ struct Agent {
     last_seq: u64,
     /// Every order delivered, oldest first, with the results it got.
     orders: Vec<(Order, Vec<OrderOutcome>)>,
+    /// The dead-man switch of an activation it applied and nobody confirmed: it reverts by
+    /// itself (CONFIRM_TIMEOUT) at this time unless a confirm or a hold comes first.
+    armed_until: Option<u64>,
 }
 
 struct World {
@@ -241,6 +247,7 @@ impl World {
                         current: "web-1".into(),
                         last_seq: 3,
                         orders: Vec::new(),
+                        armed_until: None,
                     },
                 )
             })
@@ -307,10 +314,19 @@ impl World {
                     if self.store.fail > 0 {
                         self.store.fail -= 1;
                         self.unsaved = true;
+                        let mut holds = Vec::new();
                         for c in queue.drain(..) {
-                            if let Command::Send { host, .. } = c {
-                                self.held.insert(host);
+                            match c {
+                                Command::Send { host, .. } => {
+                                    self.held.insert(host);
+                                }
+                                // Holds need no save: the driver sends them anyway.
+                                Command::Hold { host, hold } => holds.push((host, hold)),
+                                _ => {}
                             }
+                        }
+                        for (host, hold) in holds {
+                            self.hold(&host, hold.confirm_deadline);
                         }
                         if depth < 3 {
                             let more = self.m.step(
@@ -358,16 +374,98 @@ impl World {
                         self.deliver(host, order)?;
                     }
                 }
-                Command::Hold { host, .. } => self.hold(&host),
+                Command::Hold { host, hold } => self.hold(&host, hold.confirm_deadline),
                 Command::Refused(_) | Command::Finished(_) => {}
             }
         }
         Ok(())
     }
 
-    /// A `HoldConfirm` reached the host's agent (if it is up).
-    fn hold(&mut self, host: &HostId) {
+    /// A `HoldConfirm` reached the host's agent (if it is up): an armed switch moves to at
+    /// least `confirm_deadline` from now.
+    fn hold(&mut self, host: &HostId, confirm_deadline: Duration) {
         self.log(Step::Hold(host.clone()));
+        let now = self.now;
+        if let Some(a) = self.agents.get_mut(host).filter(|a| a.up)
+            && let Some(t) = a.armed_until.as_mut()
+        {
+            *t = (*t).max(now + confirm_deadline.as_millis() as u64);
+        }
+    }
+
+    /// Promise 8: the agents' dead-man switches that fire by `t`. One that fires while its agent
+    /// is up and the coordinator should be holding it (the rollout runs and the host may run
+    /// the release unconfirmed) is a violation. Otherwise the agent reverts by itself and says
+    /// CONFIRM_TIMEOUT (now if it is up, as a replay later if not), which must never make the
+    /// host count as failed.
+    fn switches(&mut self, t: u64) -> Result<(), TestCaseError> {
+        for id in self.ids() {
+            let a = &self.agents[&id];
+            let Some(until) = a.armed_until.filter(|u| *u <= t) else {
+                continue;
+            };
+            let Some((order, results)) = a.orders.last().cloned() else {
+                continue;
+            };
+            if !matches!(order.action, OrderAction::Activate { .. }) {
+                // A newer order is on its way in; the model agent applies it first.
+                continue;
+            }
+            let up = a.up;
+            let alive = matches!(
+                self.m.state(),
+                RolloutState::Running
+                    | RolloutState::Waiting
+                    | RolloutState::Paused
+                    | RolloutState::Succeeded
+            );
+            let held = self.m.host(&id).is_some_and(|h| {
+                h.failure.is_none()
+                    && matches!(
+                        h.phase,
+                        HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
+                    )
+            });
+            let reached = self.m.observed(&id).reach == super::machine::Reach::Reachable;
+            if up && alive && held && reached {
+                return Err(fail(format!(
+                    "{id}: its dead-man switch fired at {} while the coordinator ran the rollout and reached it",
+                    until - T0
+                )));
+            }
+            let base = self.baseline[&id].clone();
+            let outcome = OrderOutcome {
+                order_id: order.order_id.clone(),
+                rollout_id: order.rollout_id.clone(),
+                seq: order.seq,
+                service: order.service.clone(),
+                release: None,
+                phase: OrderPhase::RolledBack,
+                code: ResultCode::ConfirmTimeout,
+                message: String::new(),
+                current_release: Some(ReleaseId::new(&base).unwrap()),
+                last_seq: order.seq,
+            };
+            let ag = self.agents.get_mut(&id).unwrap();
+            ag.armed_until = None;
+            ag.current = base;
+            if let Some(last) = ag.orders.last_mut() {
+                last.1.push(outcome.clone());
+            }
+            let failed_before = self.m.host(&id).is_some_and(|h| h.failure.is_some());
+            if up && !results.iter().any(|r| r.phase == OrderPhase::RolledBack) {
+                self.feed(Input::OrderResult {
+                    host: id.clone(),
+                    outcome,
+                })?;
+                if !failed_before && self.m.host(&id).is_some_and(|h| h.failure.is_some()) {
+                    return Err(fail(format!(
+                        "{id}: a CONFIRM_TIMEOUT self-revert counted as a failure"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Saves the machine's full records (a superset of what the driver saves).
@@ -631,16 +729,36 @@ impl World {
                 if let Some(c) = &o.current_release {
                     ag.current = c.to_string();
                 }
+                match (o.phase, &order.action) {
+                    (
+                        OrderPhase::Activated,
+                        OrderAction::Activate {
+                            confirm_deadline: Some(cd),
+                            ..
+                        },
+                    ) => ag.armed_until = Some(self.now + cd.as_millis() as u64),
+                    (OrderPhase::Confirmed | OrderPhase::RolledBack, _) => ag.armed_until = None,
+                    _ => {}
+                }
             }
             if let Some(last) = ag.orders.last_mut() {
                 last.1.extend(outs.iter().cloned());
             }
         }
         for o in outs {
+            let self_revert = o.code == ResultCode::ConfirmTimeout;
+            let failed_before = self.m.host(id).is_some_and(|h| h.failure.is_some());
             self.feed(Input::OrderResult {
                 host: id.clone(),
                 outcome: o,
             })?;
+            // 8: a CONFIRM_TIMEOUT self-revert (replayed) never makes a host count as failed.
+            if self_revert && !failed_before && self.m.host(id).is_some_and(|h| h.failure.is_some())
+            {
+                return Err(fail(format!(
+                    "{id}: a replayed CONFIRM_TIMEOUT self-revert counted as a failure"
+                )));
+            }
         }
         Ok(())
     }
@@ -703,7 +821,22 @@ impl World {
                 })?;
             }
             Action::Advance(ms) => {
-                self.now += u64::from(*ms);
+                // As the task does: wake at every deadline of the machine on the way.
+                let end = self.now + u64::from(*ms);
+                for _ in 0..64 {
+                    let Some(d) = self
+                        .m
+                        .next_deadline()
+                        .filter(|d| *d > self.now && *d <= end)
+                    else {
+                        break;
+                    };
+                    self.switches(d)?;
+                    self.now = d;
+                    self.feed(Input::Tick)?;
+                }
+                self.switches(end)?;
+                self.now = end;
                 self.feed(Input::Tick)?;
             }
         }

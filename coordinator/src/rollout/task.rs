@@ -274,6 +274,10 @@ impl Driver {
                                 Command::Send { host, .. } => {
                                     self.held.insert(host);
                                 }
+                                // Not an order: it needs no save.
+                                Command::Hold { host, hold } => {
+                                    self.fleet.hold(&host, hold);
+                                }
                                 Command::Refused(e) => out.refused = Some(e),
                                 _ => {}
                             }

@@ -100,7 +100,8 @@ impl Rollout {
     }
 
     pub(super) fn drain(&mut self, now: u64, refused: Option<ControlError>) -> Vec<Command> {
-        let mut out = Vec::new();
+        // Holds first: they need no save, so a save that fails must not keep them back.
+        let mut out = self.holds(now);
         if self.dirty_header || !self.dirty_hosts.is_empty() || !self.events.is_empty() {
             self.status_changed = true;
             self.updated_ms = now;
@@ -155,7 +156,6 @@ impl Rollout {
                 o.sent_ms = Some(now);
             }
         }
-        out.extend(self.holds(now));
         if let Some(e) = refused {
             out.push(Command::Refused(e));
         }
