@@ -320,7 +320,8 @@ impl RolloutManager {
         }
         // Subscribed before planning: the task sees every event after the snapshot.
         let events = self.inner.fleet.subscribe();
-        let p = plan::plan(&spec, &self.inner.fleet.snapshot());
+        let fleet = self.inner.fleet.snapshot();
+        let p = plan::plan(&spec, &fleet);
         p.check(&spec)?;
         if p.waves.is_empty() {
             let skipped: Vec<String> = p
@@ -346,7 +347,7 @@ impl RolloutManager {
             old.stop().await;
         }
         let service = spec.service.clone();
-        let m = Rollout::new(
+        let mut m = Rollout::new(
             id.clone(),
             spec,
             release,
@@ -354,6 +355,9 @@ impl RolloutManager {
             self.inner.settings.clone(),
             now,
         );
+        // Hosts skipped for now (e.g. a verdict about a process that is gone) join once a
+        // passing verdict arrives.
+        m.watch_skipped(&fleet);
         let waves = m.waves().len();
         let (reply, answer) = oneshot::channel();
         let running = self.spawn(m, events, FirstStep::New(reply));

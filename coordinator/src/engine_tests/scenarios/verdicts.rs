@@ -375,3 +375,25 @@ fn a_host_waiting_to_retry_a_busy_activation_gets_one_rollback_order() {
         s.m.status().reason
     );
 }
+
+#[test]
+fn a_host_skipped_at_the_start_on_a_stale_failing_verdict_joins_on_its_passing_one() {
+    // h03 just rolled back to web-1; the registry still holds the failing verdict about the
+    // release it left, so the plan skips it as unhealthy.
+    let mut f = fleet(3);
+    f[2].services
+        .get_mut(&ServiceName::new("web").unwrap())
+        .unwrap()
+        .healthy = Some(false);
+    let mut s = Sim::new(f.clone(), wire_spec(&["100%"]));
+    assert!(s.m.host(&hid("h03")).is_none());
+    s.m.watch_skipped(&f);
+    s.health("h03", "web-1", true);
+    assert_eq!(s.m.host(&hid("h03")).map(|h| h.wave), Some(0));
+    for _ in 0..5 {
+        s.agents(&[], false);
+        s.advance(30_000);
+    }
+    assert_eq!(s.m.state(), RolloutState::Succeeded);
+    assert_eq!(s.phase("h03"), HostPhase::Confirmed);
+}

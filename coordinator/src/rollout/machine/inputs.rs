@@ -152,6 +152,20 @@ impl Rollout {
         }
     }
 
+    /// Remembers the connected, selected hosts of `fleet` the plan skipped (unhealthy, say, on a
+    /// verdict about a process that is gone): their health reports reconsider them for joining.
+    pub fn watch_skipped(&mut self, fleet: &[HostSnapshot]) {
+        for s in fleet {
+            if s.connected
+                && !self.hosts.contains_key(&s.host_id)
+                && plan::selected(&self.spec, s)
+                && plan::skip_reason(&self.spec, s).is_some()
+            {
+                self.candidates.insert(s.host_id.clone(), s.clone());
+            }
+        }
+    }
+
     pub(super) fn maybe_join(&mut self, now: u64, s: &HostSnapshot) {
         let joinable = matches!(
             self.state,
