@@ -133,6 +133,18 @@ pub enum Verdict {
     Failing,
 }
 
+impl Verdict {
+    /// The verdict as the protocol carries it (`Unknown` is `PENDING`: no verdict yet).
+    pub fn to_wire(self) -> serin_proto::wire::HealthVerdict {
+        use serin_proto::wire::HealthVerdict;
+        match self {
+            Verdict::Unknown => HealthVerdict::Pending,
+            Verdict::Passing => HealthVerdict::Passing,
+            Verdict::Failing => HealthVerdict::Failing,
+        }
+    }
+}
+
 /// A health observation of the service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {

@@ -304,7 +304,11 @@ impl Registry {
             Body::Heartbeat(_) => {}
             Body::Health(report) => {
                 let sample = validate_health(&report, now_ms)?;
-                entry.service_mut(&sample.service).healthy = Some(sample.healthy);
+                let svc = entry.service_mut(&sample.service);
+                // A late report about a release the service no longer runs says nothing of it.
+                if svc.current_release.is_none() || svc.current_release == sample.release {
+                    svc.healthy = verdict(report.verdict(), report.healthy);
+                }
                 entry.set_health(&sample.service, compact_report(report));
                 self.emit(FleetEvent::Health {
                     host: host.clone(),
@@ -513,6 +517,11 @@ fn apply_outcome(svc: &mut ServiceSnapshot, o: &OrderOutcome) {
         }
         svc.current_release = o.current_release.clone();
     }
+    if swapped {
+        // The service was restarted on another release: no verdict about the process before it
+        // speaks for this one (issue 8 #9). Pending until the agent reports on the new process.
+        svc.healthy = None;
+    }
     if let Some(r) = &o.release
         && matches!(o.phase, OrderPhase::Staged | OrderPhase::Activated)
         && !svc.kept_releases.contains(r)
@@ -543,6 +552,11 @@ fn inventory_of(name: &ServiceName, s: &ServiceSnapshot) -> wire::ServiceInvento
             .map(ToString::to_string)
             .unwrap_or_default(),
         last_seq: s.last_seq,
+        verdict: match s.healthy {
+            Some(true) => wire::HealthVerdict::Passing,
+            Some(false) => wire::HealthVerdict::Failing,
+            None => wire::HealthVerdict::Pending,
+        } as i32,
     }
 }
 
@@ -667,7 +681,7 @@ pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, Valid
             )?,
             kept_releases,
             state,
-            healthy: Some(inv.healthy),
+            healthy: verdict(inv.verdict(), inv.healthy),
             last_seq: inv.last_seq,
         };
         if services.insert(name.clone(), snap).is_some() {
@@ -691,6 +705,18 @@ pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, Valid
         agent_version: h.agent_version,
         services,
     })
+}
+
+/// A service's health as the engine reads it: `None` while the agent has no verdict yet (its checks
+/// have not all reported since the process started), so a host that has just restarted its release
+/// is never taken for unhealthy. An older agent sends no verdict: its `healthy` flag stands.
+fn verdict(verdict: wire::HealthVerdict, healthy: bool) -> Option<bool> {
+    match verdict {
+        wire::HealthVerdict::Passing => Some(true),
+        wire::HealthVerdict::Failing => Some(false),
+        wire::HealthVerdict::Pending => None,
+        wire::HealthVerdict::Unspecified => Some(healthy),
+    }
 }
 
 /// Validates a health report into a [`HealthSample`]; a report without a time gets `now_ms`.
@@ -786,6 +812,7 @@ mod tests {
                 healthy: true,
                 previous_release: String::new(),
                 last_seq: 4,
+                ..Default::default()
             }],
         }
     }
@@ -1028,6 +1055,7 @@ mod tests {
         for (svc, healthy) in [("web", true), ("api", true), ("web", false)] {
             let report = wire::HealthReport {
                 service: svc.into(),
+                release: "web-1".into(),
                 healthy,
                 ..Default::default()
             };
@@ -1053,6 +1081,125 @@ mod tests {
         assert_eq!(info.health.len(), 1);
         assert_eq!(info.health[0].service, "web");
         assert_eq!(info.services.len(), 1);
+    }
+
+    /// The flake of issue 8 #9: right after a rollback the agent's checks have not reported on the
+    /// restarted release yet; that is no verdict, and must not read as "unhealthy" (which made the
+    /// next rollout skip the host).
+    #[test]
+    fn a_pending_verdict_is_neither_healthy_nor_unhealthy() {
+        let reg = registry(1000);
+        let (tx, _rx) = mpsc::channel(8);
+        let mut h = hello("h1", &[]);
+        h.services[0].healthy = false;
+        h.services[0].verdict = wire::HealthVerdict::Pending as i32;
+        let a = reg.attach(h, tx, Instant::now(), 0).unwrap();
+        let web = ServiceName::new("web").unwrap();
+        assert_eq!(reg.host(&a.host).unwrap().services[&web].healthy, None);
+        for (verdict, healthy, expect) in [
+            (wire::HealthVerdict::Failing, false, Some(false)),
+            (wire::HealthVerdict::Pending, false, None),
+            (wire::HealthVerdict::Passing, true, Some(true)),
+            // An older agent sends no verdict: its flag stands.
+            (wire::HealthVerdict::Unspecified, false, Some(false)),
+        ] {
+            let report = wire::HealthReport {
+                service: "web".into(),
+                release: "web-1".into(),
+                healthy,
+                verdict: verdict as i32,
+                ..Default::default()
+            };
+            reg.record(&a.host, a.conn_id, Body::Health(report), Instant::now(), 1)
+                .unwrap();
+            assert_eq!(
+                reg.host(&a.host).unwrap().services[&web].healthy,
+                expect,
+                "{verdict:?}"
+            );
+        }
+    }
+
+    /// Issue 8 #9 on the coordinator's side: a host that rolled back still carried the failing
+    /// verdict of the release it left, so the next rollout skipped it as unhealthy.
+    #[test]
+    fn a_swap_forgets_the_verdict_and_late_reports_of_another_release_are_ignored() {
+        let reg = registry(1000);
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
+        let web = ServiceName::new("web").unwrap();
+        let health = |release: &str, verdict: wire::HealthVerdict| wire::HealthReport {
+            service: "web".into(),
+            release: release.into(),
+            healthy: verdict == wire::HealthVerdict::Passing,
+            verdict: verdict as i32,
+            ..Default::default()
+        };
+        let result = |seq: u64, phase: OrderPhase, current: &str| wire::OrderResult {
+            order_id: format!("o{seq}"),
+            rollout_id: "r1".into(),
+            seq,
+            service: "web".into(),
+            release: "web-2".into(),
+            phase: phase as i32,
+            code: wire::ResultCode::Ok as i32,
+            current_release: current.into(),
+            ..Default::default()
+        };
+        let healthy = || reg.host(&a.host).unwrap().services[&web].healthy;
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Result(result(5, OrderPhase::Activated, "web-2")),
+            Instant::now(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(healthy(), None, "a new process has no verdict yet");
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Health(health("web-2", wire::HealthVerdict::Failing)),
+            Instant::now(),
+            2,
+        )
+        .unwrap();
+        assert_eq!(healthy(), Some(false));
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Result(result(5, OrderPhase::RolledBack, "web-1")),
+            Instant::now(),
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            healthy(),
+            None,
+            "web-2's failing verdict must not speak for web-1"
+        );
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Health(health("web-2", wire::HealthVerdict::Failing)),
+            Instant::now(),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            healthy(),
+            None,
+            "a late report about web-2 says nothing of web-1"
+        );
+        reg.record(
+            &a.host,
+            a.conn_id,
+            Body::Health(health("web-1", wire::HealthVerdict::Passing)),
+            Instant::now(),
+            5,
+        )
+        .unwrap();
+        assert_eq!(healthy(), Some(true));
     }
 
     #[test]

@@ -486,6 +486,7 @@ pub(crate) mod testing {
                 healthy: true,
                 previous_release: String::new(),
                 last_seq: 0,
+                ..Default::default()
             }],
         }
     }

@@ -164,6 +164,15 @@ fn retry_after_a_paused_failure_completes_the_rollout() {
     for h in &f.hosts {
         h.heal_release("v2");
     }
+    // A retry re-dispatches failed hosts that are back on their baseline: the rollout pauses as
+    // soon as the canary fails, a moment before its agent's own rollback is reported. Wait for it
+    // as an operator would see it in `status`, or the retry is refused (and says so).
+    f.wait_rollout(&id, "the failed canary back on its baseline", LONG, |s| {
+        s.hosts
+            .iter()
+            .filter(|h| h.wave == 0)
+            .all(|h| h.current_release == BASELINE)
+    });
     let out = f.control("retry", &id);
     assert_ne!(out["state"], "paused", "{out}");
     let s = f.wait_finished(&id, LONG);

@@ -33,6 +33,7 @@ impl ServiceTask {
             kept_releases: kept,
             state: state as i32,
             healthy: self.monitor.verdict() == activation::Verdict::Passing,
+            verdict: self.monitor.verdict().to_wire() as i32,
             previous_release: previous.unwrap_or_default(),
             last_seq: self.state.last_seq,
         };

@@ -258,6 +258,7 @@ impl ServiceTask {
             service: self.name().to_string(),
             release: self.store.current().unwrap_or_default(),
             healthy: self.monitor.verdict() == activation::Verdict::Passing,
+            verdict: self.monitor.verdict().to_wire() as i32,
             checks: self.monitor.checks.iter().map(|c| c.to_wire()).collect(),
             process: Some(self.ctx.metrics.process(pid, restarts)),
             host: Some(self.ctx.metrics.host()),

@@ -204,6 +204,7 @@ impl SimAgent {
                 healthy: true,
                 previous_release: self.svc.previous.clone().unwrap_or_default(),
                 last_seq: self.svc.last_seq,
+                verdict: wire::HealthVerdict::Passing as i32,
             }],
         }
     }
@@ -382,6 +383,7 @@ impl SimAgent {
             service: SERVICE.into(),
             release: self.svc.current.clone().unwrap_or_default(),
             healthy: true,
+            verdict: wire::HealthVerdict::Passing as i32,
             checks: vec![wire::CheckResult {
                 name: "http".into(),
                 kind: wire::CheckKind::Http as i32,
