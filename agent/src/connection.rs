@@ -236,10 +236,9 @@ fn route_hold(h: wire::HoldConfirm, services: &HashMap<String, ServiceHandle>) {
     };
     match services.get(hold.service.as_str()) {
         Some(handle) => {
-            // A full queue drops it: the coordinator sends holds again while it waits.
-            if handle.tx.try_send(Input::Hold(hold)).is_err() {
-                tracing::warn!(service = %raw_service, "service queue full; hold dropped");
-            }
+            // The latest hold per service, outside the service's input queue: a queue full of
+            // probe results (a task busy with a slow fsync, say) cannot drop it.
+            handle.hold.send_replace(Some(hold));
         }
         None => {
             tracing::warn!(service = %raw_service, "hold for a service this agent does not manage")
@@ -296,5 +295,41 @@ fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wi
             ResultCode::Busy,
             format!("service {} cannot take orders right now", raw.service),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service task busy for a while (a slow fsync, prune or `systemctl show`) lets its queue
+    /// fill with probe results: a hold arriving then must still reach it, and a later hold
+    /// replaces an earlier one rather than queueing behind it.
+    #[tokio::test]
+    async fn a_hold_reaches_a_service_whose_queue_is_full() {
+        let (tx, _rx) = mpsc::channel(4);
+        let (_inv_tx, inventory) = tokio::sync::watch::channel(wire::ServiceInventory::default());
+        let (hold, mut holds) = tokio::sync::watch::channel(None);
+        let handle = ServiceHandle {
+            tx,
+            inventory,
+            hold,
+        };
+        while handle.tx.try_send(Input::ReportNow).is_ok() {}
+        let services = HashMap::from([("web".to_string(), handle)]);
+        for ms in [90_000, 120_000] {
+            route_hold(
+                wire::HoldConfirm {
+                    service: "web".into(),
+                    release: "web-2".into(),
+                    confirm_deadline_ms: ms,
+                },
+                &services,
+            );
+        }
+        assert!(holds.has_changed().unwrap(), "the hold was dropped");
+        let got = holds.borrow_and_update().clone().expect("a hold");
+        assert_eq!(got.release.as_str(), "web-2");
+        assert_eq!(got.confirm_deadline, Duration::from_millis(120_000));
     }
 }

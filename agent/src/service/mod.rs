@@ -68,9 +68,6 @@ pub enum Input {
     },
     /// Send a full health report now (e.g. after a reconnect).
     ReportNow,
-    /// The coordinator holds this service's armed activation of a release (it is alive and
-    /// still deciding): keep its dead-man switch from firing for lack of a confirm.
-    Hold(serin_proto::HoldConfirm),
 }
 
 /// Handle to a running service task.
@@ -80,6 +77,11 @@ pub struct ServiceHandle {
     pub tx: mpsc::Sender<Input>,
     /// The latest inventory of the service, for Hello messages.
     pub inventory: watch::Receiver<wire::ServiceInventory>,
+    /// The latest `HoldConfirm` for the service: the coordinator holds its armed activation of
+    /// a release (it is alive and still deciding), so its dead-man switch must not fire for
+    /// lack of a confirm. A level, not a queued input: a newer hold replaces an older one, and
+    /// a queue full of probe results cannot drop it (holds never compete with orders).
+    pub hold: watch::Sender<Option<serin_proto::HoldConfirm>>,
 }
 
 /// What the service task needs from the agent.
@@ -173,6 +175,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(256);
     let monitor = HealthMonitor::new(&cfg.checks);
     let (inventory, inventory_rx) = watch::channel(wire::ServiceInventory::default());
+    let (hold, hold_rx) = watch::channel(None);
     let mut task = ServiceTask {
         cfg,
         ctx,
@@ -195,10 +198,11 @@ pub fn spawn(
     };
     task.publish_inventory();
     let probes = task.spawn_probes(tracker, &tx, shutdown.clone());
-    tracker.spawn(task.run(rx, shutdown, probes));
+    tracker.spawn(task.run(rx, hold_rx, shutdown, probes));
     Ok(ServiceHandle {
         tx,
         inventory: inventory_rx,
+        hold,
     })
 }
 
@@ -220,6 +224,7 @@ impl ServiceTask {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
+        mut holds: watch::Receiver<Option<serin_proto::HoldConfirm>>,
         shutdown: CancellationToken,
         probes: CancellationToken,
     ) {
@@ -233,8 +238,18 @@ impl ServiceTask {
                 .activation
                 .as_ref()
                 .and_then(Activation::next_deadline);
+            // A hold that arrived is applied before anything else can tick the activation
+            // (every input may fire its confirm deadline).
+            self.take_hold(&mut holds).await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                // `changed` marks the value seen: apply it here.
+                Ok(()) = holds.changed() => {
+                    let hold = holds.borrow_and_update().clone();
+                    if let Some(hold) = hold {
+                        self.hold(hold).await;
+                    }
+                }
                 input = rx.recv() => match input {
                     None => break,
                     Some(Input::Order(order)) => self.handle_order(order, &mut jobs).await,
@@ -256,12 +271,13 @@ impl ServiceTask {
                         self.after_health().await;
                     }
                     Some(Input::ReportNow) => self.send_health(),
-                    Some(Input::Hold(hold)) => self.hold(hold).await,
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => {
                     self.stage_done(flatten_stage(done), None).await;
                 }
                 _ = sleep_until_unix_ms(deadline), if deadline.is_some() => {
+                    // A hold that came in while this deadline was due goes first.
+                    self.take_hold(&mut holds).await;
                     self.feed(activation::Input::Tick { now_ms: unix_ms() }).await;
                 }
                 _ = report.tick() => self.send_health(),
@@ -276,6 +292,17 @@ impl ServiceTask {
             service = self.name(),
             "service task stopped; the service keeps running"
         );
+    }
+
+    /// Applies the latest hold if one arrived since the last look.
+    async fn take_hold(&mut self, holds: &mut watch::Receiver<Option<serin_proto::HoldConfirm>>) {
+        if !holds.has_changed().unwrap_or(false) {
+            return;
+        }
+        let hold = holds.borrow_and_update().clone();
+        if let Some(hold) = hold {
+            self.hold(hold).await;
+        }
     }
 
     async fn replay(&mut self) {
