@@ -563,7 +563,13 @@ fn unreachable_host_makes_the_wave_wait_and_it_resumes_when_the_host_returns() {
     let d = s.m.decisions().last().unwrap();
     assert_eq!(d.kind.as_str(), "wait");
     assert_eq!(d.evidence["unreachable"], "1");
+    assert_eq!(d.evidence["unreachable_hosts"], "h02");
     assert_eq!(d.evidence["failed"], "0");
+    let reason = wire_status(&s.m).reason;
+    assert!(
+        reason.ends_with("waiting for them to return: h02"),
+        "the reason names the host waited for: {reason}"
+    );
     assert_eq!(wire_status(&s.m).waves[0].unreachable, 1);
     assert_eq!(
         wire_status(&s.m).waves[0].failed,

@@ -22,8 +22,9 @@
 //!    baseline), and one order id always carries one sequence, increasing per host;
 //! 7. every decision, and the order itself, is persisted before an order is sent;
 //! 8. an agent's dead-man switch never fires while the agent is up and the coordinator runs the
-//!    rollout and reaches it (it is held in time), and a CONFIRM_TIMEOUT self-revert never
-//!    makes a host count as failed.
+//!    rollout (running, waiting, paused; after success, for the hosts it still converges) and
+//!    reaches it, whatever phase the host is in (failed, rolling back, re-dispatched): it is
+//!    held in time; and a CONFIRM_TIMEOUT self-revert never makes a host count as failed.
 //!
 //! CI runs `SERIN_MODEL_CASES` cases (default 10,000) with a random seed, printing both; set
 //! `SERIN_MODEL_SEED` to replay a seed, and e.g. `SERIN_MODEL_CASES=1000000` for the long mode.
@@ -412,22 +413,23 @@ impl World {
                 continue;
             }
             let up = a.up;
-            let alive = matches!(
-                self.m.state(),
-                RolloutState::Running
-                    | RolloutState::Waiting
-                    | RolloutState::Paused
-                    | RolloutState::Succeeded
-            );
-            let held = self.m.host(&id).is_some_and(|h| {
-                h.failure.is_none()
-                    && matches!(
-                        h.phase,
-                        HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
-                    )
-            });
+            // The agent is armed for this rollout (the model agent arms only on its
+            // activations): whatever phase the coordinator gives the host — failed, rolling
+            // back, re-dispatched — it must be held while the rollout is live. After success
+            // only the hosts still to be confirmed are: a failed one is left to its switch.
+            let live = match self.m.state() {
+                RolloutState::Running | RolloutState::Waiting | RolloutState::Paused => true,
+                RolloutState::Succeeded => self.m.host(&id).is_some_and(|h| {
+                    h.failure.is_none()
+                        && matches!(
+                            h.phase,
+                            HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
+                        )
+                }),
+                _ => false,
+            };
             let reached = self.m.observed(&id).reach == super::machine::Reach::Reachable;
-            if up && alive && held && reached {
+            if up && live && reached {
                 return Err(fail(format!(
                     "{id}: its dead-man switch fired at {} while the coordinator ran the rollout and reached it",
                     until - T0

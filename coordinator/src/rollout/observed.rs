@@ -33,6 +33,11 @@ pub struct Observed {
     /// When the coordinator last sent the host a `HoldConfirm` (unix ms); `None` since it
     /// (re)connected.
     pub held_ms: Option<u64>,
+    /// Since when the host's agent may hold an armed dead-man switch for this rollout's release
+    /// (unix ms): from its first activate order that no result has shown disarmed since (a
+    /// confirm, any rollback, an activation that failed without arming). A re-dispatch keeps
+    /// the earlier time: the switch of the first activation may still be running.
+    pub armed_since: Option<u64>,
 }
 
 /// A host nothing was heard from.
@@ -41,6 +46,7 @@ static UNHEARD: Observed = Observed {
     current: None,
     healthy: None,
     held_ms: None,
+    armed_since: None,
 };
 
 /// What is observed of every host of a rollout (a host missing from it is unknown).
@@ -66,6 +72,14 @@ impl ObservedHosts {
     /// Observed connected.
     pub fn reachable(&self, id: &HostId) -> bool {
         self.reach(id) == Reach::Reachable
+    }
+
+    /// The host's agent is known not to be armed for this rollout any more (confirmed, rolled
+    /// back, or its activation failed without arming): no more holds.
+    pub fn disarmed(&mut self, id: &HostId) {
+        let o = self.entry(id);
+        o.armed_since = None;
+        o.held_ms = None;
     }
 
     /// Not heard from since the coordinator restarted, and the resume grace has not passed.

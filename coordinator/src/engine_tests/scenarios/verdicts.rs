@@ -397,3 +397,83 @@ fn a_host_skipped_at_the_start_on_a_stale_failing_verdict_joins_on_its_passing_o
     assert_eq!(s.m.state(), RolloutState::Succeeded);
     assert_eq!(s.phase("h03"), HostPhase::Confirmed);
 }
+
+/// The gaps between consecutive holds of `h`, from `since`, must stay within half the confirm
+/// deadline (the machine holds every third of it), up to `until`.
+fn assert_held_throughout(s: &Sim, h: &str, since: u64, until: u64) {
+    let times: Vec<u64> = s
+        .holds
+        .iter()
+        .filter(|(t, host, _)| host.as_str() == h && *t >= since && *t <= until)
+        .map(|(t, _, _)| *t)
+        .collect();
+    let mut last = since;
+    for t in times.iter().copied().chain([until]) {
+        assert!(
+            t - last <= CONFIRM_MS / 2,
+            "{h} went {} ms without a hold (at {}): holds {:?}",
+            t - last,
+            last - T0,
+            times.iter().map(|t| t - T0).collect::<Vec<_>>()
+        );
+        last = t;
+    }
+}
+
+/// The model test's seed 1795788725345680586: a host whose ordered rollback failed (IO_ERROR)
+/// still runs the release with its agent's switch armed; the rollout pauses (on_failure = pause)
+/// and an operator retries it much later. Its switch must not fire meanwhile, nor after the
+/// retry (a re-dispatch must not restart the hold schedule).
+#[test]
+fn a_host_whose_rollback_failed_is_held_while_paused_and_after_its_retry() {
+    let mut w = wire_spec(&["2", "100%"]);
+    w.on_failure = wire::OnFailure::Pause as i32;
+    let mut s = Sim::new(fleet(4), w);
+    let dispatched = s.now;
+    s.agents(&[], false);
+    assert_eq!(s.phase("h01"), HostPhase::Healthy);
+    // h01 turns unhealthy during the bake: failed, its rollback waits for the grace, and the
+    // gate pauses the rollout.
+    s.health("h01", "web-2", false);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    s.advance(EngineSettings::default().self_revert_grace.as_millis() as u64);
+    let (_, rb) = s
+        .pending()
+        .into_iter()
+        .find(|(h, o)| h.as_str() == "h01" && o.action.kind() == "rollback")
+        .expect("h01's rollback order");
+    s.answered.insert(rb.order_id.clone());
+    s.reply(
+        &hid("h01"),
+        &rb,
+        OrderPhase::Failed,
+        ResultCode::IoError,
+        "web-2",
+    );
+    assert_eq!(s.phase("h01"), HostPhase::Failed);
+    assert!(s.m.host(&hid("h01")).unwrap().rollback_failed.is_some());
+    // Ten minutes paused: h01's agent is still armed on web-2, and so is h02's.
+    s.advance(600_000);
+    assert_eq!(s.m.state(), RolloutState::Paused);
+    assert_held_throughout(&s, "h01", dispatched, s.now);
+    assert_held_throughout(&s, "h02", dispatched, s.now);
+    // The operator retries h01; it is re-dispatched and its agent stays held until the end.
+    s.operator(OperatorAction::Retry).unwrap();
+    assert_eq!(s.phase("h01"), HostPhase::Dispatched);
+    s.advance(CONFIRM_MS / 3);
+    assert_held_throughout(&s, "h01", dispatched, s.now);
+    for _ in 0..10 {
+        s.agents(&[], false);
+        s.advance(30_000);
+    }
+    assert_eq!(
+        s.m.state(),
+        RolloutState::Succeeded,
+        "{}",
+        s.m.status().reason
+    );
+    // Once confirmed, nothing is held any more.
+    s.holds.clear();
+    s.advance(CONFIRM_MS * 3);
+    assert!(s.holds.is_empty(), "{:?}", s.holds);
+}

@@ -370,6 +370,7 @@ impl Rollout {
                 }
             }
             (OrderPhase::Confirmed, OrderKind::Confirm) => {
+                self.seen.disarmed(id);
                 if h.failure.is_none() {
                     h.phase = h.phase.on_confirmed();
                     h.detail = format!("confirmed on {target}");
@@ -379,6 +380,8 @@ impl Rollout {
                 }
             }
             (OrderPhase::RolledBack, _) => {
+                // Back on its baseline, whoever decided it: nothing armed any more.
+                self.seen.disarmed(id);
                 if h.phase == HostPhase::RollingBack || kind == OrderKind::Rollback {
                     // Also the agent's own rollback while its rollback order waited for it:
                     // the host is recorded as rolled back and never ordered again.
@@ -446,6 +449,11 @@ impl Rollout {
                     h.retry_at_ms = Some(now + retry_delay);
                     h.detail = "agent busy; retrying".into();
                 } else if h.failure.is_none() {
+                    // The agent refuses an activation (busy) while an earlier one is armed;
+                    // any other failure means nothing was armed by it.
+                    if out.code != ResultCode::Busy {
+                        self.seen.disarmed(id);
+                    }
                     h.phase = h.phase.on_failed();
                     if let Some(o) = h.order.as_mut() {
                         o.done = true;

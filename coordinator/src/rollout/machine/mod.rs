@@ -406,6 +406,19 @@ impl Rollout {
         }
         let finished = header.state.is_finished();
         let grace_until = now_ms + ms(settings.resume_grace);
+        // Which agents may still be armed is observation, lost with the restart: assume every
+        // host that was ever dispatched may be, unless it is known done (confirmed, rolled back,
+        // left out). An extra hold is ignored by an agent with nothing armed for the release.
+        let mut seen = ObservedHosts::default();
+        for h in map.values() {
+            if !matches!(
+                h.phase,
+                HostPhase::Confirmed | HostPhase::RolledBack | HostPhase::Skipped
+            ) && let Some(t) = h.dispatched_ms
+            {
+                seen.entry(&h.id).armed_since = Some(t);
+            }
+        }
         Ok(Self {
             id: header.id,
             spec,
@@ -425,7 +438,7 @@ impl Rollout {
             rollback_final: header.rollback_final,
             resume_grace_until: Some(grace_until),
             restored_ms: Some(now_ms),
-            seen: ObservedHosts::default(),
+            seen,
             samples: Samples::default(),
             comparison: None,
             candidates: BTreeMap::new(),
@@ -867,6 +880,17 @@ fn order_kind_str(k: OrderKind) -> &'static str {
         OrderKind::Confirm => "confirm",
         OrderKind::Rollback => "rollback",
     }
+}
+
+/// At most the first ten of a comma-separated id list (the evidence keeps them all), for a
+/// reason an operator reads.
+fn some_ids(ids: &str) -> String {
+    const SHOWN: usize = 10;
+    let all: Vec<&str> = ids.split(',').filter(|s| !s.is_empty()).collect();
+    if all.len() <= SHOWN {
+        return all.join(",");
+    }
+    format!("{} and {} more", all[..SHOWN].join(","), all.len() - SHOWN)
 }
 
 fn join_ids(ids: &[HostId]) -> String {

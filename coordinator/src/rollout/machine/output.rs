@@ -51,29 +51,33 @@ impl Rollout {
         (ms(self.confirm_deadline(h.wave as usize)) / 3).max(1)
     }
 
-    /// When `h` needs its next `HoldConfirm`, if it needs one: it may be running the release
-    /// unconfirmed (dispatched, activated or healthy, not failed), it is reachable, and the
-    /// rollout is alive and still deciding (running, waiting, paused, or converging after
-    /// success). The first hold is due a third of the confirm deadline after the dispatch, well
-    /// before the agent's switch (armed at the start, later than the dispatch) can fire.
+    /// When `h` needs its next `HoldConfirm`, if it needs one: its agent may be armed for this
+    /// rollout ([`Observed::armed_since`]: dispatched and not seen confirmed, rolled back or
+    /// failed without arming — failed, paused, rolling back and re-dispatched hosts included),
+    /// it is reachable, and the rollout is live: running, waiting or paused (the coordinator is
+    /// still deciding what the host runs), or converging after success (then only the hosts it
+    /// still means to confirm; a failed host is left to its switch, which reverts it, the way
+    /// the rollout wanted it to go). A rollout rolling back or finished holds nothing. The first
+    /// hold is due a third of the confirm deadline after the first dispatch, well before the
+    /// agent's switch (armed later than that) can fire, and again at once on a reconnect.
     pub(super) fn hold_due(&self, h: &HostEntry) -> Option<u64> {
-        let alive = matches!(
-            self.state,
-            RolloutState::Running
-                | RolloutState::Waiting
-                | RolloutState::Paused
-                | RolloutState::Succeeded
-        );
-        let armed = h.failure.is_none()
-            && matches!(
-                h.phase,
-                HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
-            );
-        if !alive || !armed || !self.seen.reachable(&h.id) {
+        let live = match self.state {
+            RolloutState::Running | RolloutState::Waiting | RolloutState::Paused => true,
+            RolloutState::Succeeded => {
+                h.failure.is_none()
+                    && matches!(
+                        h.phase,
+                        HostPhase::Dispatched | HostPhase::Activated | HostPhase::Healthy
+                    )
+            }
+            _ => false,
+        };
+        let seen = self.seen.get(&h.id);
+        if !live || seen.reach != Reach::Reachable {
             return None;
         }
-        let base = self.seen.get(&h.id).held_ms.or(h.dispatched_ms)?;
-        Some(base + self.hold_interval(h))
+        let armed_since = seen.armed_since?;
+        Some(seen.held_ms.unwrap_or(armed_since) + self.hold_interval(h))
     }
 
     /// The holds due at `now`; each host's next one is due an interval later.

@@ -277,6 +277,9 @@ impl Rollout {
     }
 
     pub(super) fn activate(&mut self, now: u64, id: &HostId) {
+        // From now on its agent may be armed (a re-dispatch keeps the earlier time: the switch
+        // of an earlier activation may still be running).
+        self.seen.entry(id).armed_since.get_or_insert(now);
         if let Some(h) = self.hosts.get_mut(id) {
             h.phase = h.phase.on_dispatch();
             h.dispatched_ms = Some(now);
@@ -462,11 +465,12 @@ impl Rollout {
         let unreachable_limit = self.spec.unreachable_threshold;
         if unreachable_limit.exceeded(c.unreachable, c.size) && !w.accept_unreachable {
             let reason = format!(
-                "wave {idx}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return",
+                "wave {idx}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return: {}",
                 c.unreachable,
                 c.size,
                 unreachable_limit,
-                unreachable_limit.allowed(c.size)
+                unreachable_limit.allowed(c.size),
+                some_ids(evidence.get("unreachable_hosts").map_or("", String::as_str))
             );
             let w = &mut self.waves[idx];
             w.state = WaveState::Waiting;
