@@ -34,7 +34,7 @@ log "serin $VERSION"
 # selecting just these packages keeps dev-only crates out of feature unification.
 log "building stripped release binaries"
 CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --quiet \
-  -p serin-agent -p serin-coordinator --bins
+  -p serin-agent -p serin-cli --bins
 for needle in SERIN_AGENT_CRASH_AT SERIN_AGENT_WEDGE_FILE; do
   if grep -q "$needle" target/release/serin-agent; then
     echo "packaging/build.sh: target/release/serin-agent contains the test hook $needle" >&2
@@ -52,7 +52,7 @@ target/release/serin completions fish > "$GEN/serin.fish"
 log "building the .deb packages"
 rm -f "$OUT"/*.deb "$OUT"/*.rpm
 cargo deb --quiet --no-build --no-strip -p serin-agent -o "$OUT/serin-agent_${VERSION}_amd64.deb"
-cargo deb --quiet --no-build --no-strip -p serin-coordinator -o "$OUT/serin_${VERSION}_amd64.deb"
+cargo deb --quiet --no-build --no-strip -p serin-cli -o "$OUT/serin_${VERSION}_amd64.deb"
 
 log "building the .rpm packages"
 rpmbuild -bb --quiet \

@@ -2,7 +2,7 @@
 //! operator CLI (every other subcommand, a client of a running coordinator).
 //!
 //! This file binds sockets, reads files and installs signal handlers; everything else lives in
-//! the library: [`serin_coordinator::server::run`] serves, [`serin_coordinator::cli`] is the CLI.
+//! the libraries: [`serin_coordinator::server::run`] serves, [`serin_cli`] is the CLI.
 //!
 //! Under systemd (`Type=notify`), `serin serve` reports ready once it answers a call on its own
 //! listener (the server only serves after its store is open and its rollouts resumed) and feeds
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use serin_coordinator::cli::{self, Cli, Command, Exit, args::ServeArgs, commands};
+use serin_cli::{self as cli, Cli, Command, Exit, args::ServeArgs, commands};
 use serin_coordinator::config::{self, CoordinatorConfig};
 use serin_coordinator::server;
 use tokio_util::sync::CancellationToken;

@@ -483,7 +483,7 @@ fn retry_or_fail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::render::tests::sample_status;
+    use crate::render::tests::sample_status;
 
     #[test]
     fn changes_name_each_transition() {
