@@ -34,7 +34,18 @@ fn main() -> ExitCode {
             commands::completions(shell, &mut buf);
             return write_stdout(&buf);
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            return match commands::man_pages_to(&dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    Exit::Success.into()
+                }
+                Err(e) => fail(&e.to_string(), e.exit()),
+            };
+        }
+        Command::Man { dir: None } => {
             let mut buf = Vec::new();
             return match commands::man_page(&mut buf) {
                 Ok(()) => write_stdout(&buf),
