@@ -13,6 +13,7 @@ const CLI_ONLY: &[&str] = &[
     "indicatif",
     "anstream",
     "anstyle",
+    "console",
 ];
 
 fn cli_dir() -> &'static Path {
