@@ -286,11 +286,7 @@ impl Rollout {
         };
         let is_current = order.order_id == out.order_id;
         let detail_of = |out: &OrderOutcome| {
-            let code = out
-                .code
-                .as_str_name()
-                .trim_start_matches("RESULT_CODE_")
-                .to_lowercase();
+            let code = out.code.as_str().to_string();
             if out.message.is_empty() {
                 code
             } else {
