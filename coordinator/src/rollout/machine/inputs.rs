@@ -189,7 +189,7 @@ impl Rollout {
         self.dirty_header = true;
         self.event(
             now,
-            format!("host {} joined; added to wave {last}", p.host_id),
+            format!("host {} joined; added to wave {}", p.host_id, last + 1),
         );
     }
 
@@ -549,7 +549,8 @@ impl Rollout {
                 self.event(
                     now,
                     format!(
-                        "{actor} asked to promote wave {idx} now: {}",
+                        "{actor} asked to promote wave {} now: {}",
+                        idx + 1,
                         why("no reason given")
                     ),
                 );
@@ -594,7 +595,10 @@ impl Rollout {
                 if retry.is_empty() {
                     return Err(refuse(
                         self,
-                        format!("; wave {wave} has no failed host that is back on its baseline"),
+                        format!(
+                            "; wave {} has no failed host that is back on its baseline",
+                            wave + 1
+                        ),
                     ));
                 }
                 for id in &retry {

@@ -124,7 +124,8 @@ impl Rollout {
                 self.event(
                     now,
                     format!(
-                        "wave {idx} started: {n} hosts{}",
+                        "wave {} started: {n} hosts{}",
+                        idx + 1,
                         if idx == 0 { " (canary)" } else { "" }
                     ),
                 );
@@ -205,7 +206,10 @@ impl Rollout {
                 let bake = self.spec.bake_for(idx);
                 w.bake_ends_ms = Some(now + ms(bake));
                 self.dirty_header = true;
-                self.event(now, format!("wave {idx} baking for {}", fmt_dur(bake)));
+                self.event(
+                    now,
+                    format!("wave {} baking for {}", idx + 1, fmt_dur(bake)),
+                );
                 true
             }
             WaveState::Baking
@@ -320,7 +324,8 @@ impl Rollout {
         if wave_limit.exceeded(c.failed, c.size) {
             return Some((
                 format!(
-                    "wave {idx}: {} of {} hosts failed, more than the failure threshold {} allows ({})",
+                    "wave {}: {} of {} hosts failed, more than the failure threshold {} allows ({})",
+                    idx + 1,
                     c.failed,
                     c.size,
                     wave_limit,
@@ -461,7 +466,8 @@ impl Rollout {
         let unreachable_limit = self.spec.unreachable_threshold;
         if unreachable_limit.exceeded(c.unreachable, c.size) && !w.accept_unreachable {
             let reason = format!(
-                "wave {idx}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return",
+                "wave {}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return",
+                idx + 1,
                 c.unreachable,
                 c.size,
                 unreachable_limit,
@@ -484,7 +490,8 @@ impl Rollout {
         }
         if comparison.verdict == Verdict::CanaryWorse && self.settings.analysis_gates {
             let reason = format!(
-                "wave {idx}: canary analysis says the new release fails health checks significantly more often than the baseline (p = {:.4})",
+                "wave {}: canary analysis says the new release fails health checks significantly more often than the baseline (p = {:.4})",
+                idx + 1,
                 comparison.p_value.unwrap_or(0.0)
             );
             self.gate_failed(now, idx, reason, evidence);
@@ -503,7 +510,8 @@ impl Rollout {
             .collect();
         let last = idx + 1 == self.waves.len();
         let reason = format!(
-            "wave {idx}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            idx + 1,
             c.healthy,
             c.size,
             c.failed,
@@ -633,7 +641,8 @@ impl Rollout {
             idx as u32,
             DecisionKind::Resume,
             format!(
-                "wave {idx}: enough hosts are reachable again ({} unreachable)",
+                "wave {}: enough hosts are reachable again ({} unreachable)",
+                idx + 1,
                 c.unreachable
             ),
             evidence,
