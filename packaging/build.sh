@@ -4,7 +4,7 @@
 # One command, from this repository alone: it installs what it needs (cargo-deb with
 # `cargo install --locked`, rpmbuild from Debian's `rpm` package), builds stripped release
 # binaries without any test-only feature, checks that they carry no fault hooks, generates the
-# man page and shell completions, then packages. Set SERIN_PACKAGES_LINT=1 to run lintian and
+# man pages and shell completions, then packages. Set SERIN_PACKAGES_LINT=1 to run lintian and
 # rpmlint on the results (installed with apt-get when missing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,7 +34,7 @@ log "serin $VERSION"
 # selecting just these packages keeps dev-only crates out of feature unification.
 log "building stripped release binaries"
 CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --quiet \
-  -p serin-agent -p serin-coordinator --bins
+  -p serin-agent -p serin-cli --bins
 for needle in SERIN_AGENT_CRASH_AT SERIN_AGENT_WEDGE_FILE; do
   if grep -q "$needle" target/release/serin-agent; then
     echo "packaging/build.sh: target/release/serin-agent contains the test hook $needle" >&2
@@ -42,9 +42,13 @@ for needle in SERIN_AGENT_CRASH_AT SERIN_AGENT_WEDGE_FILE; do
   fi
 done
 
-log "generating the man page and completions"
+log "generating the man pages and completions"
 rm -rf "$GEN" && mkdir -p "$GEN" "$OUT"
-target/release/serin man | gzip -9n > "$GEN/serin.1.gz"
+# serin.1 and one page per subcommand (serin-rollout.1, serin-rollout-start.1, …): the pages
+# serin(1) refers to.
+mkdir -p "$GEN/man"
+target/release/serin man --dir "$GEN/man" >/dev/null
+gzip -9n "$GEN"/man/*.1
 target/release/serin completions bash > "$GEN/serin.bash"
 target/release/serin completions zsh > "$GEN/_serin"
 target/release/serin completions fish > "$GEN/serin.fish"
@@ -52,7 +56,7 @@ target/release/serin completions fish > "$GEN/serin.fish"
 log "building the .deb packages"
 rm -f "$OUT"/*.deb "$OUT"/*.rpm
 cargo deb --quiet --no-build --no-strip -p serin-agent -o "$OUT/serin-agent_${VERSION}_amd64.deb"
-cargo deb --quiet --no-build --no-strip -p serin-coordinator -o "$OUT/serin_${VERSION}_amd64.deb"
+cargo deb --quiet --no-build --no-strip -p serin-cli -o "$OUT/serin_${VERSION}_amd64.deb"
 
 log "building the .rpm packages"
 rpmbuild -bb --quiet \

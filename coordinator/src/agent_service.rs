@@ -388,7 +388,7 @@ mod tests {
             FleetEvent::Result { host: h, outcome } => {
                 assert_eq!(h, host);
                 assert_eq!(outcome.seq, 7);
-                assert_eq!(outcome.phase, wire::OrderPhase::Cancelled);
+                assert_eq!(outcome.phase, crate::fleet::OrderPhase::Cancelled);
             }
             e => panic!("expected Result, got {e:?}"),
         }

@@ -3,14 +3,110 @@
 //! The registry (fed by agent streams) implements [`Fleet`]; rollout tasks read host snapshots,
 //! send orders and subscribe to [`FleetEvent`]s through it, never touching gRPC themselves.
 //!
-//! The three plain enums of results and inventory ([`OrderPhase`], [`ResultCode`],
-//! [`ServiceState`]) are re-exported from the protocol crate for now: the registry builds these
-//! types from validated messages and the engine reads them only through this module.
+//! Everything here is a domain type: the registry converts the agents' wire messages into them
+//! (`registry.rs`, the edge) and the engine reads only these. The plain enums of results and
+//! inventory ([`OrderPhase`], [`ResultCode`], [`ServiceState`]) mirror the protocol's enums
+//! without its "unspecified" zero where a value is required; no generated type crosses this seam
+//! (the engine's tidy test checks both this file and `rollout/`).
 
 use std::collections::BTreeMap;
 
-pub use serin_proto::wire::{OrderPhase, ResultCode, ServiceState};
 use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName};
+
+/// Where an order stands, as its agent reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrderPhase {
+    /// Work is under way (a download, say).
+    Progress,
+    /// Stage order done: the release is on disk and verified.
+    Staged,
+    /// Activate order done: `current` points at the release and the service was restarted.
+    Activated,
+    /// The activated release passed its checks for the minimum healthy time.
+    Healthy,
+    /// Confirm order done: the dead-man switch is disarmed.
+    Confirmed,
+    /// The service was restored to an earlier release (ordered, or by the dead-man switch).
+    RolledBack,
+    /// Cancel order done.
+    Cancelled,
+    /// The order failed; the current release keeps serving. The [`ResultCode`] says why.
+    Failed,
+    /// The order was not applied: stale or duplicate sequence, busy, or invalid.
+    Rejected,
+}
+
+/// Why an order ended as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResultCode {
+    /// No code given (progress reports).
+    Unspecified,
+    Ok,
+    HashMismatch,
+    SizeMismatch,
+    InsufficientSpace,
+    DownloadFailed,
+    UnknownService,
+    /// A rollback named a release that is not on disk.
+    UnknownRelease,
+    ServiceFailedToStart,
+    /// The dead-man switch restored the previous release: the new one failed its checks.
+    Unhealthy,
+    /// The dead-man switch restored the previous release: no confirm before the deadline.
+    ConfirmTimeout,
+    /// The order's sequence is lower than one the agent already applied.
+    StaleOrder,
+    InvalidOrder,
+    IoError,
+    /// Another order for the service is in progress.
+    Busy,
+    Cancelled,
+}
+
+impl ResultCode {
+    /// The code as operators read it in host details: `busy`, `stale_order`, `unhealthy`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultCode::Unspecified => "unspecified",
+            ResultCode::Ok => "ok",
+            ResultCode::HashMismatch => "hash_mismatch",
+            ResultCode::SizeMismatch => "size_mismatch",
+            ResultCode::InsufficientSpace => "insufficient_space",
+            ResultCode::DownloadFailed => "download_failed",
+            ResultCode::UnknownService => "unknown_service",
+            ResultCode::UnknownRelease => "unknown_release",
+            ResultCode::ServiceFailedToStart => "service_failed_to_start",
+            ResultCode::Unhealthy => "unhealthy",
+            ResultCode::ConfirmTimeout => "confirm_timeout",
+            ResultCode::StaleOrder => "stale_order",
+            ResultCode::InvalidOrder => "invalid_order",
+            ResultCode::IoError => "io_error",
+            ResultCode::Busy => "busy",
+            ResultCode::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a service on a host is doing, from the agent's inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceState {
+    /// Not reported (a service the coordinator only learnt of from an order result).
+    Unknown,
+    /// No release installed yet.
+    Empty,
+    /// The current release is running (and confirmed, if it was activated recently).
+    Running,
+    /// The current release is not running.
+    Stopped,
+    /// A release is being staged.
+    Staging,
+    /// A release is being swapped in.
+    Activating,
+    /// A release was activated and waits for a confirm order.
+    AwaitingConfirm,
+    /// The agent is restoring an earlier release.
+    RollingBack,
+}
 
 /// What the coordinator knows of one service on one host, from the agent's hello and results.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +117,7 @@ pub struct ServiceSnapshot {
     pub previous_release: Option<ReleaseId>,
     /// Complete, verified releases on disk.
     pub kept_releases: Vec<ReleaseId>,
+    /// What the service is doing, as last reported.
     pub state: ServiceState,
     /// Latest health verdict; `None` when no report arrived yet.
     pub healthy: Option<bool>,

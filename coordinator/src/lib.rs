@@ -1,8 +1,8 @@
-//! serin's coordinator: the control-plane daemon and the operator CLI.
+//! serin's coordinator: the control-plane daemon. The operator CLI and the `serin` binary live in
+//! the `serin-cli` crate (`coordinator/cli/`), which calls [`server::run`] for `serin serve`.
 
 pub mod agent_service;
 pub mod artifacts;
-pub mod cli;
 pub mod config;
 pub mod control_service;
 pub mod fleet;

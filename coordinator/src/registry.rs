@@ -19,12 +19,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serin_proto::wire::{self, CheckKind, OrderPhase, ServiceState};
+use serin_proto::wire::{self, CheckKind};
 use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName, ValidationError};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, FleetEvent, HealthSample, HostSnapshot, OrderOutcome, ServiceSnapshot};
+use crate::fleet::{
+    Fleet, FleetEvent, HealthSample, HostSnapshot, OrderOutcome, OrderPhase, ResultCode,
+    ServiceSnapshot, ServiceState,
+};
 use crate::selector::Selector;
 
 /// What goes down an agent's stream: a message, or the error that ends the stream.
@@ -499,7 +502,7 @@ fn empty_service() -> ServiceSnapshot {
         current_release: None,
         previous_release: None,
         kept_releases: Vec::new(),
-        state: ServiceState::Unspecified,
+        state: ServiceState::Unknown,
         healthy: None,
         last_seq: 0,
     }
@@ -544,7 +547,7 @@ fn inventory_of(name: &ServiceName, s: &ServiceSnapshot) -> wire::ServiceInvento
             .map(ToString::to_string)
             .unwrap_or_default(),
         kept_releases: s.kept_releases.iter().map(ToString::to_string).collect(),
-        state: s.state as i32,
+        state: service_state_to_wire(s.state) as i32,
         healthy: s.healthy.unwrap_or(false),
         previous_release: s
             .previous_release
@@ -653,12 +656,14 @@ pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, Valid
     for (i, inv) in h.services.into_iter().enumerate() {
         let field = format!("hello.services[{i}]");
         let name = ServiceName::new(&inv.service).map_err(|e| e.within(&field))?;
-        let state = ServiceState::try_from(inv.state).map_err(|_| {
-            ValidationError::new(
-                format!("{field}.state"),
-                format!("unknown state {}", inv.state),
-            )
-        })?;
+        let state = wire::ServiceState::try_from(inv.state)
+            .map(service_state_from_wire)
+            .map_err(|_| {
+                ValidationError::new(
+                    format!("{field}.state"),
+                    format!("unknown state {}", inv.state),
+                )
+            })?;
         if inv.kept_releases.len() > MAX_KEPT_RELEASES {
             return Err(ValidationError::new(
                 format!("{field}.kept_releases"),
@@ -769,12 +774,12 @@ pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationE
     let service = ServiceName::new(&r.service).map_err(|e| e.within("result"))?;
     let release = opt_release("result.release", &r.release)?;
     let current_release = opt_release("result.current_release", &r.current_release)?;
-    let phase = OrderPhase::try_from(r.phase)
+    let phase = wire::OrderPhase::try_from(r.phase)
         .map_err(|_| ValidationError::new("result.phase", format!("unknown phase {}", r.phase)))?;
-    if phase == OrderPhase::Unspecified {
-        return Err(ValidationError::new("result.phase", "must be set"));
-    }
+    let phase = order_phase_from_wire(phase)
+        .ok_or_else(|| ValidationError::new("result.phase", "must be set"))?;
     let code = wire::ResultCode::try_from(r.code)
+        .map(result_code_from_wire)
         .map_err(|_| ValidationError::new("result.code", format!("unknown code {}", r.code)))?;
     Ok(OrderOutcome {
         order_id: r.order_id,
@@ -788,6 +793,72 @@ pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationE
         current_release,
         last_seq: r.last_seq,
     })
+}
+
+/// The engine's [`OrderPhase`] for a wire phase; `None` for "unspecified" (refused).
+fn order_phase_from_wire(p: wire::OrderPhase) -> Option<OrderPhase> {
+    Some(match p {
+        wire::OrderPhase::Unspecified => return None,
+        wire::OrderPhase::Progress => OrderPhase::Progress,
+        wire::OrderPhase::Staged => OrderPhase::Staged,
+        wire::OrderPhase::Activated => OrderPhase::Activated,
+        wire::OrderPhase::Healthy => OrderPhase::Healthy,
+        wire::OrderPhase::Confirmed => OrderPhase::Confirmed,
+        wire::OrderPhase::RolledBack => OrderPhase::RolledBack,
+        wire::OrderPhase::Cancelled => OrderPhase::Cancelled,
+        wire::OrderPhase::Failed => OrderPhase::Failed,
+        wire::OrderPhase::Rejected => OrderPhase::Rejected,
+    })
+}
+
+/// The engine's [`ResultCode`] for a wire code.
+fn result_code_from_wire(c: wire::ResultCode) -> ResultCode {
+    match c {
+        wire::ResultCode::Unspecified => ResultCode::Unspecified,
+        wire::ResultCode::Ok => ResultCode::Ok,
+        wire::ResultCode::HashMismatch => ResultCode::HashMismatch,
+        wire::ResultCode::SizeMismatch => ResultCode::SizeMismatch,
+        wire::ResultCode::InsufficientSpace => ResultCode::InsufficientSpace,
+        wire::ResultCode::DownloadFailed => ResultCode::DownloadFailed,
+        wire::ResultCode::UnknownService => ResultCode::UnknownService,
+        wire::ResultCode::UnknownRelease => ResultCode::UnknownRelease,
+        wire::ResultCode::ServiceFailedToStart => ResultCode::ServiceFailedToStart,
+        wire::ResultCode::Unhealthy => ResultCode::Unhealthy,
+        wire::ResultCode::ConfirmTimeout => ResultCode::ConfirmTimeout,
+        wire::ResultCode::StaleOrder => ResultCode::StaleOrder,
+        wire::ResultCode::InvalidOrder => ResultCode::InvalidOrder,
+        wire::ResultCode::IoError => ResultCode::IoError,
+        wire::ResultCode::Busy => ResultCode::Busy,
+        wire::ResultCode::Cancelled => ResultCode::Cancelled,
+    }
+}
+
+/// The fleet's [`ServiceState`] for a wire state ("unspecified" is [`ServiceState::Unknown`]).
+fn service_state_from_wire(s: wire::ServiceState) -> ServiceState {
+    match s {
+        wire::ServiceState::Unspecified => ServiceState::Unknown,
+        wire::ServiceState::Empty => ServiceState::Empty,
+        wire::ServiceState::Running => ServiceState::Running,
+        wire::ServiceState::Stopped => ServiceState::Stopped,
+        wire::ServiceState::Staging => ServiceState::Staging,
+        wire::ServiceState::Activating => ServiceState::Activating,
+        wire::ServiceState::AwaitingConfirm => ServiceState::AwaitingConfirm,
+        wire::ServiceState::RollingBack => ServiceState::RollingBack,
+    }
+}
+
+/// The wire state of a fleet [`ServiceState`] (for `ListHosts`).
+fn service_state_to_wire(s: ServiceState) -> wire::ServiceState {
+    match s {
+        ServiceState::Unknown => wire::ServiceState::Unspecified,
+        ServiceState::Empty => wire::ServiceState::Empty,
+        ServiceState::Running => wire::ServiceState::Running,
+        ServiceState::Stopped => wire::ServiceState::Stopped,
+        ServiceState::Staging => wire::ServiceState::Staging,
+        ServiceState::Activating => wire::ServiceState::Activating,
+        ServiceState::AwaitingConfirm => wire::ServiceState::AwaitingConfirm,
+        ServiceState::RollingBack => wire::ServiceState::RollingBack,
+    }
 }
 
 #[cfg(test)]
@@ -808,7 +879,7 @@ mod tests {
                 service: "web".into(),
                 current_release: "web-1".into(),
                 kept_releases: vec!["web-1".into()],
-                state: ServiceState::Running as i32,
+                state: wire::ServiceState::Running as i32,
                 healthy: true,
                 previous_release: String::new(),
                 last_seq: 4,
@@ -894,7 +965,7 @@ mod tests {
             seq: 7,
             service: "web".into(),
             release: "web-2".into(),
-            phase: OrderPhase::Activated as i32,
+            phase: wire::OrderPhase::Activated as i32,
             code: wire::ResultCode::Ok as i32,
             message: String::new(),
             current_release: "web-2".into(),
@@ -1135,7 +1206,7 @@ mod tests {
             verdict: verdict as i32,
             ..Default::default()
         };
-        let result = |seq: u64, phase: OrderPhase, current: &str| wire::OrderResult {
+        let result = |seq: u64, phase: wire::OrderPhase, current: &str| wire::OrderResult {
             order_id: format!("o{seq}"),
             rollout_id: "r1".into(),
             seq,
@@ -1150,7 +1221,7 @@ mod tests {
         reg.record(
             &a.host,
             a.conn_id,
-            Body::Result(result(5, OrderPhase::Activated, "web-2")),
+            Body::Result(result(5, wire::OrderPhase::Activated, "web-2")),
             Instant::now(),
             1,
         )
@@ -1168,7 +1239,7 @@ mod tests {
         reg.record(
             &a.host,
             a.conn_id,
-            Body::Result(result(5, OrderPhase::RolledBack, "web-1")),
+            Body::Result(result(5, wire::OrderPhase::RolledBack, "web-1")),
             Instant::now(),
             3,
         )

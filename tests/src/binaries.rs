@@ -56,7 +56,7 @@ enum Scope {
     /// `-p serin-agent --features fault-injection` in `<target>/fault-injection/`: the test
     /// build of the agent.
     FaultAgent,
-    /// `--workspace`: everything, the coordinator's `serin` included.
+    /// `--workspace`: everything, `serin` (crate serin-cli) included.
     Workspace,
 }
 

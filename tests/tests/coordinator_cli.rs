@@ -248,3 +248,63 @@ fn bad_input_fails_with_exit_2_and_changes_nothing() {
         f.dump()
     );
 }
+
+/// The live view as an operator reads it, piped, against a real coordinator and agents: waves
+/// count from 1 (the canary is wave 1), a successful rollout ends with every host confirmed (not
+/// "healthy": the view waits for the last wave's confirmations), and after a rollback the canary
+/// that had passed says it was rolled back instead of "passed … ok 0".
+#[test]
+fn the_live_view_counts_waves_from_one_and_says_what_happened() {
+    let f = Fleet::start("cli-live-view", &["a", "b", "b"]);
+    f.push(&fleet::healthy("v2"));
+    f.push(&fleet::healthy("v3"));
+    let t = Timings::default();
+    let extra = ["--waves", "1,100%", "--spread-by", "zone"];
+    let start = |release: &str| {
+        let mut args: Vec<String> = vec!["rollout".into(), "start".into()];
+        args.extend(f.spec_args(release, &extra, &t));
+        args.extend(["--wait".into(), "--timeout".into(), "60s".into()]);
+        f.cli(&args)
+    };
+    // The final status the view ends with: from its last "waves" heading on.
+    let final_status = |out: &str| -> String {
+        out.rsplit_once("\nwaves\n")
+            .map(|(_, tail)| tail.to_string())
+            .unwrap_or_else(|| panic!("no final status in:\n{out}"))
+    };
+
+    let ok = start("v2");
+    assert_eq!(ok.code, 0, "{ok}\n{}", f.dump());
+    assert!(!ok.stdout.contains("wave 0"), "{ok}");
+    assert!(ok.stdout.contains("wave 1 (canary)"), "{ok}");
+    let end = final_status(&ok.stdout);
+    for h in &f.hosts {
+        let row = end
+            .lines()
+            .find(|l| l.trim_start().starts_with(h.id()))
+            .unwrap_or_else(|| panic!("no row for {} in:\n{end}", h.id()));
+        assert!(row.contains("confirmed"), "{row}\n{ok}");
+    }
+
+    // v3 fails on the zone-b hosts: the zone-a canary passes, wave 2 fails, all roll back.
+    for h in f.hosts.iter().filter(|h| h.zone == "b") {
+        h.fail_release("v3");
+    }
+    let bad = start("v3");
+    assert_eq!(bad.code, 3, "rolled back: {bad}\n{}", f.dump());
+    let end = final_status(&bad.stdout);
+    let canary = end
+        .lines()
+        .find(|l| l.trim_start().starts_with("wave 1 (canary)"))
+        .unwrap_or_else(|| panic!("no canary line in:\n{end}"));
+    assert!(
+        canary.contains("rolled_back") && canary.contains("rolled back 1"),
+        "{canary}\n{bad}"
+    );
+    assert!(!canary.contains("passed"), "{canary}\n{bad}");
+    let second = end
+        .lines()
+        .find(|l| l.trim_start().starts_with("wave 2 "))
+        .unwrap_or_else(|| panic!("no wave 2 line in:\n{end}"));
+    assert!(second.contains("failed"), "{second}\n{bad}");
+}

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serin_proto::wire::{OrderPhase, ResultCode};
+use crate::fleet::{OrderPhase, ResultCode};
 use serin_proto::{OrderAction, ServiceName, wire};
 use tokio_util::sync::CancellationToken;
 

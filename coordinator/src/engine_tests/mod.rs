@@ -49,8 +49,9 @@ impl WireWatch {
 }
 
 /// Tidy: the engine never sees the wire. No file under `coordinator/src/rollout/` names tonic or
-/// the generated protocol types; the control service converts at the edge. And every module of
-/// the engine has its line in ARCHITECTURE.md's code map.
+/// the generated protocol types, and `fleet.rs` (its seam to the registry) neither names nor
+/// re-exports them; the control service and the registry convert at the edge. And every module
+/// of the engine has its line in ARCHITECTURE.md's code map.
 #[test]
 fn the_rollout_engine_has_no_wire_types_and_every_module_is_mapped() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/rollout");
@@ -97,6 +98,23 @@ fn the_rollout_engine_has_no_wire_types_and_every_module_is_mapped() {
             problems.push(format!(
                 "rollout/{name} is missing from ARCHITECTURE.md's code map"
             ));
+        }
+    }
+    // The seam the engine reads the fleet through: domain types only (the registry converts),
+    // so no generated enum (`OrderPhase`, `ResultCode`, `ServiceState`) reaches `rollout/`
+    // through a re-export.
+    let fleet = dir.with_file_name("fleet.rs");
+    let text = std::fs::read_to_string(&fleet).expect("coordinator/src/fleet.rs");
+    for needle in [
+        "tonic",
+        "serin_proto::wire",
+        "wire::",
+        "pub use serin_proto",
+    ] {
+        for (n, line) in text.lines().enumerate() {
+            if line.contains(needle) && !line.trim_start().starts_with("//") {
+                problems.push(format!("fleet.rs:{}: {needle:?} in {line:?}", n + 1));
+            }
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

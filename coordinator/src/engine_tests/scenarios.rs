@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serin_proto::wire::{OrderPhase, ResultCode};
+use crate::fleet::{OrderPhase, ResultCode};
 use serin_proto::{HostId, Order, OrderAction, ReleaseId, ServiceName, wire};
 
 use super::{wire_spec, wire_status};

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-/// Finds or builds the `serin` binary: `explicit` if given, else `cargo build -p
-/// serin-coordinator --bin serin` in `profile` (`release` or `dev`) and the result under the
+/// Finds or builds the `serin` binary: `explicit` if given, else `cargo build -p serin-cli
+/// --bin serin` in `profile` (`release` or `dev`) and the result under the
 /// target directory.
 pub fn serin_binary(explicit: Option<PathBuf>, profile: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
@@ -32,7 +32,7 @@ pub fn serin_binary(explicit: Option<PathBuf>, profile: &str) -> anyhow::Result<
             "build",
             "--quiet",
             "-p",
-            "serin-coordinator",
+            "serin-cli",
             "--bin",
             "serin",
             "--profile",

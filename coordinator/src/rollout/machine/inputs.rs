@@ -221,7 +221,7 @@ impl Rollout {
         self.dirty_header = true;
         self.event(
             now,
-            format!("host {} joined; added to wave {last}", p.host_id),
+            format!("host {} joined; added to wave {}", p.host_id, last + 1),
         );
     }
 
@@ -328,11 +328,7 @@ impl Rollout {
         };
         let is_current = order.order_id == out.order_id;
         let detail_of = |out: &OrderOutcome| {
-            let code = out
-                .code
-                .as_str_name()
-                .trim_start_matches("RESULT_CODE_")
-                .to_lowercase();
+            let code = out.code.as_str().to_string();
             if out.message.is_empty() {
                 code
             } else {
@@ -633,7 +629,8 @@ impl Rollout {
                 self.event(
                     now,
                     format!(
-                        "{actor} asked to promote wave {idx} now: {}",
+                        "{actor} asked to promote wave {} now: {}",
+                        idx + 1,
                         why("no reason given")
                     ),
                 );
@@ -678,7 +675,10 @@ impl Rollout {
                 if retry.is_empty() {
                     return Err(refuse(
                         self,
-                        format!("; wave {wave} has no failed host that is back on its baseline"),
+                        format!(
+                            "; wave {} has no failed host that is back on its baseline",
+                            wave + 1
+                        ),
                     ));
                 }
                 for id in &retry {

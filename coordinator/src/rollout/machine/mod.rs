@@ -846,7 +846,7 @@ impl Rollout {
     ) {
         self.event(
             now,
-            format!("decision {kind} by {actor} (wave {wave}): {reason}"),
+            format!("decision {kind} by {actor} (wave {}): {reason}", wave + 1),
         );
         self.decisions.push(Decision {
             at_ms: now,

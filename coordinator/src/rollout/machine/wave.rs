@@ -125,7 +125,8 @@ impl Rollout {
                 self.event(
                     now,
                     format!(
-                        "wave {idx} started: {n} hosts{}",
+                        "wave {} started: {n} hosts{}",
+                        idx + 1,
                         if idx == 0 { " (canary)" } else { "" }
                     ),
                 );
@@ -206,7 +207,10 @@ impl Rollout {
                 let bake = self.spec.bake_for(idx);
                 w.bake_ends_ms = Some(now + ms(bake));
                 self.dirty_header = true;
-                self.event(now, format!("wave {idx} baking for {}", fmt_dur(bake)));
+                self.event(
+                    now,
+                    format!("wave {} baking for {}", idx + 1, fmt_dur(bake)),
+                );
                 true
             }
             WaveState::Baking
@@ -324,7 +328,8 @@ impl Rollout {
         if wave_limit.exceeded(c.failed, c.size) {
             return Some((
                 format!(
-                    "wave {idx}: {} of {} hosts failed, more than the failure threshold {} allows ({})",
+                    "wave {}: {} of {} hosts failed, more than the failure threshold {} allows ({})",
+                    idx + 1,
                     c.failed,
                     c.size,
                     wave_limit,
@@ -465,7 +470,8 @@ impl Rollout {
         let unreachable_limit = self.spec.unreachable_threshold;
         if unreachable_limit.exceeded(c.unreachable, c.size) && !w.accept_unreachable {
             let reason = format!(
-                "wave {idx}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return: {}",
+                "wave {}: {} of {} hosts unreachable, more than the unreachable threshold {} allows ({}); waiting for them to return: {}",
+                idx + 1,
                 c.unreachable,
                 c.size,
                 unreachable_limit,
@@ -489,7 +495,8 @@ impl Rollout {
         }
         if comparison.verdict == Verdict::CanaryWorse && self.settings.analysis_gates {
             let reason = format!(
-                "wave {idx}: canary analysis says the new release fails health checks significantly more often than the baseline (p = {:.4})",
+                "wave {}: canary analysis says the new release fails health checks significantly more often than the baseline (p = {:.4})",
+                idx + 1,
                 comparison.p_value.unwrap_or(0.0)
             );
             self.gate_failed(now, idx, reason, evidence);
@@ -508,7 +515,8 @@ impl Rollout {
             .collect();
         let last = idx + 1 == self.waves.len();
         let reason = format!(
-            "wave {idx}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            idx + 1,
             c.healthy,
             c.size,
             c.failed,
@@ -638,7 +646,8 @@ impl Rollout {
             idx as u32,
             DecisionKind::Resume,
             format!(
-                "wave {idx}: enough hosts are reachable again ({} unreachable)",
+                "wave {}: enough hosts are reachable again ({} unreachable)",
+                idx + 1,
                 c.unreachable
             ),
             evidence,

@@ -2,7 +2,7 @@
 //! operator CLI (every other subcommand, a client of a running coordinator).
 //!
 //! This file binds sockets, reads files and installs signal handlers; everything else lives in
-//! the library: [`serin_coordinator::server::run`] serves, [`serin_coordinator::cli`] is the CLI.
+//! the libraries: [`serin_coordinator::server::run`] serves, [`serin_cli`] is the CLI.
 //!
 //! Under systemd (`Type=notify`), `serin serve` reports ready once it answers a call on its own
 //! listener (the server only serves after its store is open and its rollouts resumed) and feeds
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use serin_coordinator::cli::{self, Cli, Command, Exit, args::ServeArgs, commands};
+use serin_cli::{self as cli, Cli, Command, Exit, args::ServeArgs, commands};
 use serin_coordinator::config::{self, CoordinatorConfig};
 use serin_coordinator::server;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,18 @@ fn main() -> ExitCode {
             commands::completions(shell, &mut buf);
             return write_stdout(&buf);
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            return match commands::man_pages_to(&dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    Exit::Success.into()
+                }
+                Err(e) => fail(&e.to_string(), e.exit()),
+            };
+        }
+        Command::Man { dir: None } => {
             let mut buf = Vec::new();
             return match commands::man_page(&mut buf) {
                 Ok(()) => write_stdout(&buf),

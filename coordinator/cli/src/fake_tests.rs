@@ -34,6 +34,9 @@ struct Script {
     started: Vec<wire::RolloutSpec>,
     /// Control requests received.
     controls: Vec<wire::ControlRequest>,
+    /// What `GetRollout` answers (else the last watched status), and how often it was asked.
+    get: Option<wire::RolloutStatus>,
+    gets: usize,
 }
 
 #[derive(Clone, Default)]
@@ -146,10 +149,10 @@ impl ControlService for Fake {
         if id != "r-42" {
             return Err(Status::not_found(format!("no rollout {id}")));
         }
-        let s = self.lock();
-        Ok(Response::new(
-            s.watch.last().cloned().unwrap_or_else(sample_status),
-        ))
+        let mut s = self.lock();
+        s.gets += 1;
+        let answer = s.get.clone().or_else(|| s.watch.last().cloned());
+        Ok(Response::new(answer.unwrap_or_else(sample_status)))
     }
 
     type WatchRolloutStream = std::pin::Pin<
@@ -269,7 +272,83 @@ fn ending(state: &str) -> Vec<wire::RolloutStatus> {
     let mut last = sample_status();
     last.state = wire::RolloutState::from_word(state).unwrap() as i32;
     last.finished = matches!(state, "succeeded" | "rolled_back" | "aborted" | "failed");
+    if state == "succeeded" {
+        confirm_all(&mut last);
+    }
     vec![running.clone(), running, last]
+}
+
+/// Every host of `s` on the new release and confirmed.
+fn confirm_all(s: &mut wire::RolloutStatus) {
+    for h in &mut s.hosts {
+        h.phase = wire::HostPhase::from_word("confirmed").unwrap() as i32;
+        h.current_release = "2.0.0".into();
+    }
+}
+
+/// The watch stream ends at the first finished status, while the last wave's confirmations are
+/// still on their way: the view asks again and ends on "confirmed", not "healthy".
+#[tokio::test]
+async fn a_succeeded_rollout_ends_on_its_hosts_confirmations() {
+    let mut running = sample_status();
+    running.state = wire::RolloutState::from_word("running").unwrap() as i32;
+    let mut succeeded = running.clone();
+    succeeded.state = wire::RolloutState::from_word("succeeded").unwrap() as i32;
+    succeeded.finished = true;
+    succeeded.current_wave = 2;
+    for w in &mut succeeded.waves {
+        w.state = wire::WaveState::from_word("passed").unwrap() as i32;
+        w.succeeded = 1;
+    }
+    succeeded.hosts[2].phase = wire::HostPhase::from_word("healthy").unwrap() as i32;
+    succeeded.hosts[2].current_release = "2.0.0".into();
+    let mut confirmed = succeeded.clone();
+    confirm_all(&mut confirmed);
+    let server = serve(Script {
+        watch: vec![running, succeeded],
+        get: Some(confirmed),
+        ..Default::default()
+    })
+    .await;
+    let mut control = super::client::Control::connect(&server.url)
+        .await
+        .expect("connect to the fake coordinator");
+    let sink = super::watch::Captured::default();
+    let exit = super::watch::follow_captured(
+        &mut control,
+        "r-42",
+        None,
+        Some(Duration::from_secs(20)),
+        sink.clone(),
+    )
+    .await
+    .expect("the watch ends");
+    assert_eq!(exit, Exit::Success);
+    let text = String::from_utf8(sink.lock().unwrap().clone()).expect("utf-8");
+    assert!(
+        server.fake.lock().gets >= 1,
+        "the view never asked again:\n{text}"
+    );
+    assert!(
+        text.contains("host web-03 (wave 3): healthy → confirmed"),
+        "{text}"
+    );
+    // The final hosts table: every host's phase is confirmed.
+    let final_status = text
+        .rsplit_once("\nhosts\n")
+        .map(|(_, t)| t)
+        .expect("a hosts table at the end");
+    for host in ["web-01", "web-02", "web-03"] {
+        let row = final_status
+            .lines()
+            .find(|l| l.trim_start().starts_with(host))
+            .unwrap_or_else(|| panic!("no row for {host}:\n{text}"));
+        assert!(row.contains("confirmed"), "{row}");
+    }
+    assert!(
+        text.contains("rollout r-42 of web 2.0.0 succeeded"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

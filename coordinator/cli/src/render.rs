@@ -164,6 +164,24 @@ pub fn fmt_evidence(evidence: &HashMap<String, String>) -> String {
         .join(" ")
 }
 
+/// `line` fitted to `width` terminal columns (escape codes take none): unchanged when it fits,
+/// else cut with "…" and followed by `hint` (where to read the full text, e.g. " (full text:
+/// serin rollout explain r-1)") when there is room for it. Never wider than `width`.
+pub fn fit_width(line: &str, width: usize, hint: &str) -> String {
+    if console::measure_text_width(line) <= width {
+        return line.to_string();
+    }
+    let hint_width = console::measure_text_width(hint);
+    if width >= hint_width + 24 {
+        format!(
+            "{}{hint}",
+            console::truncate_str(line, width - hint_width, "…")
+        )
+    } else {
+        console::truncate_str(line, width, "…").into_owned()
+    }
+}
+
 fn plural(n: u32, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -614,7 +632,7 @@ pub fn rollouts_text(rollouts: &[wire::RolloutStatus], p: &Palette) -> String {
             let wave = if r.finished || waves == 0 {
                 "-".to_string()
             } else {
-                format!("{}/{}", r.current_wave + 1, waves)
+                format!("{}/{}", wave_number(r.current_wave), waves)
             };
             vec![
                 cell(&r.rollout_id),
@@ -668,11 +686,73 @@ fn spec_line(s: &wire::RolloutSpec) -> String {
     parts.join("  ")
 }
 
-fn wave_name(index: u32) -> String {
+/// The number operators read for the wave at `index` on the wire: waves count from 1 (the
+/// canary is wave 1) in every text the CLI prints, the header's "wave 2/3" included. `-o json`
+/// carries the coordinator's 0-based `index` / `wave` fields unchanged.
+pub fn wave_number(index: u32) -> u32 {
+    index.saturating_add(1)
+}
+
+/// "wave 1 (canary)", "wave 2", … for the wave at wire `index`.
+pub fn wave_name(index: u32) -> String {
     if index == 0 {
-        "wave 0 (canary)".to_string()
+        "wave 1 (canary)".to_string()
     } else {
-        format!("wave {index}")
+        format!("wave {}", wave_number(index))
+    }
+}
+
+/// How a wave reads to an operator, from its wire status and the hosts of the same status
+/// message. The wire state says how far the wave's gate got (a canary that passed stays
+/// `passed`); once every host the wave touched is back on its baseline, what happened to it is
+/// "rolled_back" (or "rolling_back" while some are still on their way). A wave whose gate failed
+/// stays "failed". The counts say how many hosts were rolled back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaveShown {
+    /// The state word: the wire state, or `rolling_back` / `rolled_back`.
+    pub state: String,
+    /// Hosts done, for the progress bar: answered (ok + failed), or rolled back.
+    pub done: u32,
+    /// "ok 1  failed 0 …", with "rolled back N" / "rolling back N" when there are any.
+    pub counts: String,
+}
+
+/// See [`WaveShown`].
+pub fn wave_shown(w: &wire::WaveStatus, hosts: &[wire::HostProgress]) -> WaveShown {
+    let mut rolled_back = 0u32;
+    let mut rolling_back = 0u32;
+    let mut on_new = 0u32;
+    for h in hosts.iter().filter(|h| h.wave == w.index) {
+        match h.phase().as_str() {
+            "rolled_back" => rolled_back += 1,
+            "rolling_back" => rolling_back += 1,
+            "dispatched" | "activated" | "healthy" | "confirmed" => on_new += 1,
+            _ => {}
+        }
+    }
+    let mut counts = wave_counts(w);
+    if rolled_back > 0 {
+        let _ = write!(counts, "  rolled back {rolled_back}");
+    }
+    if rolling_back > 0 {
+        let _ = write!(counts, "  rolling back {rolling_back}");
+    }
+    // A failed wave keeps "failed" (why it was rolled back; its counts say the rest).
+    let reverted = rolled_back + rolling_back > 0 && on_new == 0;
+    let state = match w.state().as_str() {
+        "failed" | "pending" => w.state().as_str(),
+        _ if reverted && rolling_back > 0 => "rolling_back",
+        _ if reverted => "rolled_back",
+        other => other,
+    };
+    WaveShown {
+        state: state.to_string(),
+        done: if reverted {
+            rolled_back
+        } else {
+            w.succeeded + w.failed
+        },
+        counts,
     }
 }
 
@@ -720,20 +800,26 @@ pub fn plan_text(plan: &wire::RolloutPlan, p: &Palette) -> String {
     out
 }
 
-/// One line describing a wave: "wave 1  2 hosts  baking  [####....] 1/2  failed 0 ...".
-pub fn wave_line(w: &wire::WaveStatus, now_ms: u64, p: &Palette) -> String {
-    let done = w.succeeded + w.failed;
+/// One line describing a wave: "wave 2  2 hosts  baking  [####....] 1/2  ok 1  failed 0 ...";
+/// `hosts` are the status's hosts (see [`wave_shown`]).
+pub fn wave_line(
+    w: &wire::WaveStatus,
+    hosts: &[wire::HostProgress],
+    now_ms: u64,
+    p: &Palette,
+) -> String {
+    let shown = wave_shown(w, hosts);
     let mut line = format!(
-        "{:<16} {:<8} {:<11} {} {}/{}",
+        "{:<16} {:<8} {:<12} {} {}/{}",
         wave_name(w.index),
         plural(w.size, "host", "hosts"),
-        w.state().as_str(),
-        ascii_bar(done, w.size, 20),
-        done,
+        shown.state,
+        ascii_bar(shown.done, w.size, 20),
+        shown.done,
         w.size
     );
-    line = line.replacen(w.state().as_str(), &p.state(w.state().as_str()), 1);
-    let _ = write!(line, "  {}", wave_counts(w));
+    line = line.replacen(&shown.state, &p.state(&shown.state), 1);
+    let _ = write!(line, "  {}", shown.counts);
     if let Some(extra) = bake_note(w, now_ms) {
         let _ = write!(line, "  {}", p.dim(&extra));
     }
@@ -784,7 +870,7 @@ fn hosts_progress_table(hosts: &[wire::HostProgress], p: &Palette) -> String {
             let health = if h.healthy { "healthy" } else { "-" };
             vec![
                 cell(&h.host_id),
-                cell(h.wave.to_string()),
+                cell(wave_number(h.wave).to_string()),
                 state_cell(h.phase().as_str()),
                 cell(dash(&h.current_release)),
                 cell(dash(&h.baseline_release)),
@@ -879,7 +965,7 @@ pub fn decision_text(d: &wire::Decision, p: &Palette) -> String {
     let mut out = format!(
         "{}  wave {}  {}{}: {}\n",
         fmt_clock(d.at_unix_ms),
-        d.wave,
+        wave_number(d.wave),
         p.paint(state_style(d.kind().as_str()).bold(), d.kind().as_str()),
         actor,
         d.reason
@@ -928,7 +1014,7 @@ pub fn status_text(s: &wire::RolloutStatus, now_ms: u64, p: &Palette) -> String 
             } else {
                 "  "
             };
-            let _ = writeln!(out, "{marker}{}", wave_line(w, now_ms, p));
+            let _ = writeln!(out, "{marker}{}", wave_line(w, &s.hosts, now_ms, p));
         }
     }
     if !s.hosts.is_empty() {
@@ -1130,7 +1216,7 @@ pub(crate) mod tests {
             "waves 1,50%,100%",
             "bake 3s (canary 5s)",
             "on failure rollback",
-            "wave 0 (canary)",
+            "wave 1 (canary)",
             "passed",
             "baking",
             "bake ends in 2s",
@@ -1160,7 +1246,7 @@ pub(crate) mod tests {
             .expect("pass rate row");
         assert!(pass.contains("100.0%") && pass.contains("97.5%"), "{pass}");
         // The wave marker points at the current wave.
-        assert!(text.lines().any(|l| l.starts_with("▶ wave 1")), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("▶ wave 2")), "{text}");
     }
 
     #[test]
@@ -1229,8 +1315,8 @@ pub(crate) mod tests {
             }],
         };
         let text = plan_text(&plan, &Palette::plain());
-        assert!(text.contains("wave 0 (canary) [1]: 1 host"), "{text}");
-        assert!(text.contains("wave 1 [100%]: 2 hosts"), "{text}");
+        assert!(text.contains("wave 1 (canary) [1]: 1 host"), "{text}");
+        assert!(text.contains("wave 2 [100%]: 2 hosts"), "{text}");
         assert!(text.contains("skipped: 1 host"), "{text}");
         assert!(text.contains("web-04  unreachable"), "{text}");
         let v = plan_json(&plan);
@@ -1333,5 +1419,126 @@ pub(crate) mod tests {
         assert_eq!(ascii_bar(0, 0, 4), "[####]");
         assert_eq!(fmt_time(0), "-");
         assert_eq!(fmt_clock(3_723_000), "01:02:03");
+    }
+
+    /// The sample after a failed wave 2 and the automatic rollback: the canary had passed.
+    pub(crate) fn rolled_back_status() -> wire::RolloutStatus {
+        let mut s = sample_status();
+        s.state = wire::RolloutState::from_word("rolled_back").unwrap() as i32;
+        s.finished = true;
+        s.reason = "wave 2 failed; every touched host is back on its baseline".into();
+        // The engine counts healthy hosts: after the rollback the passed canary has none.
+        s.waves[0].succeeded = 0;
+        s.waves[1].state = wire::WaveState::from_word("failed").unwrap() as i32;
+        s.waves[1].succeeded = 0;
+        s.waves[1].failed = 1;
+        for h in &mut s.hosts[..2] {
+            h.phase = wire::HostPhase::from_word("rolled_back").unwrap() as i32;
+            h.current_release = "1.0.0".into();
+        }
+        s
+    }
+
+    #[test]
+    fn waves_count_from_one_wherever_operators_read() {
+        let s = sample_status();
+        let p = Palette::plain();
+        let text = status_text(&s, 1_011_000, &p);
+        assert!(!text.contains("wave 0"), "a wave 0 is shown:\n{text}");
+        for needle in ["wave 1 (canary)", "▶ wave 2", "  wave 3 "] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        // The hosts table: web-01 is the canary (wave 1), web-03 in wave 3.
+        let wave_of = |host: &str| {
+            let row = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(host))
+                .unwrap_or_else(|| panic!("no row for {host} in:\n{text}"));
+            row.split_whitespace().nth(1).unwrap().to_string()
+        };
+        assert_eq!(wave_of("web-01"), "1");
+        assert_eq!(wave_of("web-03"), "3");
+        // The canary's decision.
+        assert!(text.contains("wave 1  promote by engine"), "{text}");
+        // `rollout list` and the live view's header say the same as the wave marker: 2 of 3.
+        let list = rollouts_text(std::slice::from_ref(&s), &p);
+        assert!(list.contains("2/3"), "{list}");
+        let header = crate::watch::header_text(&s, &p);
+        assert!(header.ends_with("wave 2/3"), "{header}");
+        // JSON keeps the coordinator's 0-based fields unchanged.
+        let json = status_json(&s);
+        assert_eq!(json["current_wave"], 1);
+        assert_eq!(json["waves"][0]["index"], 0);
+    }
+
+    #[test]
+    fn a_rolled_back_canary_says_it_was_rolled_back() {
+        let s = rolled_back_status();
+        let text = status_text(&s, 1_020_000, &Palette::plain());
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("no {name:?} line in:\n{text}"))
+                .to_string()
+        };
+        let canary = line("wave 1 (canary)");
+        assert!(
+            canary.contains("rolled_back") && canary.contains("rolled back 1"),
+            "{canary}"
+        );
+        assert!(!canary.contains("passed"), "{canary}");
+        assert!(
+            canary.contains("1/1"),
+            "the bar counts the rolled back host: {canary}"
+        );
+        // The wave whose gate failed keeps saying so, and that its host went back.
+        let failed = line("wave 2 ");
+        assert!(
+            failed.contains("failed") && failed.contains("rolled back 1"),
+            "{failed}"
+        );
+        // The untouched wave is still pending.
+        assert!(line("wave 3 ").contains("pending"), "{text}");
+        // While the rollback runs the canary reads rolling_back.
+        let mut during = s.clone();
+        during.hosts[0].phase = wire::HostPhase::from_word("rolling_back").unwrap() as i32;
+        let shown = wave_shown(&during.waves[0], &during.hosts);
+        assert_eq!(shown.state, "rolling_back");
+        assert!(shown.counts.contains("rolling back 1"), "{}", shown.counts);
+        // One host of a healthy wave rolled back alone does not make the wave "rolled back".
+        let mut one = sample_status();
+        one.waves[1].size = 2;
+        let mut extra = one.hosts[1].clone();
+        extra.host_id = "web-09".into();
+        extra.phase = wire::HostPhase::from_word("rolled_back").unwrap() as i32;
+        one.hosts.push(extra);
+        let shown = wave_shown(&one.waves[1], &one.hosts);
+        assert_eq!(shown.state, "baking");
+        assert!(shown.counts.contains("rolled back 1"), "{}", shown.counts);
+    }
+
+    #[test]
+    fn long_lines_are_fitted_to_the_terminal_width() {
+        let hint = " (full text: serin rollout explain r-42)";
+        let evidence: String = (0..40)
+            .map(|i| format!("canary_metric_{i}=0.{i:04}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let line = format!("decision: wave 1 rollback: canary worse than baseline [{evidence}]");
+        assert!(line.len() > 3 * 160);
+        let fitted = fit_width(&line, 160, hint);
+        assert_eq!(console::measure_text_width(&fitted), 160, "{fitted}");
+        assert!(
+            fitted.starts_with("decision: wave 1 rollback: canary worse"),
+            "{fitted}"
+        );
+        assert!(fitted.ends_with(&format!("…{hint}")), "{fitted}");
+        // Narrow terminals: no room for the hint, still cut to the width.
+        let narrow = fit_width(&line, 40, hint);
+        assert_eq!(console::measure_text_width(&narrow), 40, "{narrow}");
+        // A line that fits is unchanged; escape codes take no columns.
+        let coloured = Palette { enabled: true }.state("rolled_back");
+        assert_eq!(fit_width(&coloured, 11, hint), coloured);
+        assert_eq!(fit_width("short", 160, hint), "short");
     }
 }

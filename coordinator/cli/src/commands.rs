@@ -443,7 +443,7 @@ pub async fn run_operator(
         | Command::Keygen(_)
         | Command::CheckConfig(_)
         | Command::Completions { .. }
-        | Command::Man => Err(CliError::Other(
+        | Command::Man { .. } => Err(CliError::Other(
             "internal error: not an operator command".to_string(),
         )),
     }
@@ -455,12 +455,53 @@ pub fn completions(shell: clap_complete::Shell, out: &mut dyn Write) {
     clap_complete::generate(shell, &mut cmd, "serin", out);
 }
 
-/// Writes the man page (roff) to `out`.
+/// The command tree the man pages are made from: built (so every subcommand knows its full
+/// name, `serin-rollout-start`) and without clap's `help` subcommand, which has no page.
+fn man_command() -> clap::Command {
+    let mut cmd =
+        <super::args::Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    cmd
+}
+
+/// Writes the man page serin(1) (roff) to `out`. Its SUBCOMMANDS section refers to
+/// `serin-<sub>(1)`, the pages [`man_pages_to`] writes.
 pub fn man_page(out: &mut dyn Write) -> Result<(), CliError> {
-    let cmd = <super::args::Cli as clap::CommandFactory>::command();
-    clap_mangen::Man::new(cmd)
+    clap_mangen::Man::new(man_command())
         .render(out)
         .map_err(|e| CliError::Other(format!("cannot write the man page: {}", error_chain(&e))))
+}
+
+/// Writes `serin.1` and one page per subcommand, nested ones included (`serin-rollout.1`,
+/// `serin-rollout-start.1`, …), into `dir`, which must exist. Returns the files written.
+pub fn man_pages_to(dir: &Path) -> Result<Vec<std::path::PathBuf>, CliError> {
+    if !dir.is_dir() {
+        return Err(CliError::Usage(format!(
+            "cannot write the man pages into {}: not a directory",
+            dir.display()
+        )));
+    }
+    fn walk(
+        cmd: clap::Command,
+        dir: &Path,
+        written: &mut Vec<std::path::PathBuf>,
+    ) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            walk(sub, dir, written)?;
+        }
+        written.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
+        Ok(())
+    }
+    let mut written = Vec::new();
+    walk(man_command(), dir, &mut written).map_err(|e| {
+        CliError::Other(format!(
+            "cannot write the man pages into {}: {}",
+            dir.display(),
+            error_chain(&e)
+        ))
+    })?;
+    written.sort();
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -484,6 +525,77 @@ mod tests {
             man.contains("Exit codes"),
             "the man page documents the exit codes"
         );
+    }
+
+    /// The `name(1)` pages a roff page refers to (roff escapes the hyphens: `serin\-rollout(1)`).
+    fn referenced_pages(roff: &str) -> Vec<String> {
+        let text = roff.replace("\\-", "-");
+        let mut refs = Vec::new();
+        for (at, _) in text.match_indices("(1)") {
+            let name: String = text[..at]
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if name.starts_with("serin") {
+                refs.push(name);
+            }
+        }
+        refs
+    }
+
+    #[test]
+    fn every_page_the_man_pages_refer_to_is_generated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let written = man_pages_to(dir.path()).expect("man pages");
+        let names: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        for page in [
+            "serin.1",
+            "serin-rollout.1",
+            "serin-rollout-start.1",
+            "serin-hosts.1",
+        ] {
+            assert!(
+                names.iter().any(|n| n == page),
+                "{page} missing from {names:?}"
+            );
+        }
+        assert!(
+            !names.iter().any(|n| n.contains("help")),
+            "clap's help subcommand has no page: {names:?}"
+        );
+        let mut checked = 0;
+        for path in &written {
+            let roff = std::fs::read_to_string(path).expect("a written page");
+            for r in referenced_pages(&roff) {
+                checked += 1;
+                assert!(
+                    dir.path().join(format!("{r}.1")).is_file(),
+                    "{} refers to {r}(1), which is not generated",
+                    path.display()
+                );
+            }
+        }
+        // serin(1) alone refers to every top-level subcommand.
+        assert!(checked >= 10, "only {checked} references found");
+        // `serin man` prints the same serin(1) as the one written.
+        let mut printed = Vec::new();
+        man_page(&mut printed).expect("man page");
+        let written_serin = std::fs::read(dir.path().join("serin.1")).expect("serin.1");
+        assert_eq!(printed, written_serin);
+        assert!(
+            referenced_pages(&String::from_utf8(printed).unwrap())
+                .contains(&"serin-rollout".to_string())
+        );
+        let err = man_pages_to(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(err.exit(), Exit::Usage);
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

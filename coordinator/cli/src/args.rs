@@ -73,8 +73,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout.
-    Man,
+    /// Print the man page serin(1) (roff) to stdout; with --dir, write every page instead.
+    Man {
+        /// Write serin.1 and one page per subcommand (serin-rollout.1, serin-rollout-start.1,
+        /// …, the pages serin(1) refers to) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// List the hosts the coordinator knows, with their labels, services and health.
     Hosts(HostsArgs),
     /// Upload artifacts to the coordinator's content-addressed store.

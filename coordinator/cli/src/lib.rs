@@ -12,7 +12,7 @@
 //!   config file).
 //!
 //! The daemon half of the binary (`serin serve`, `serin check-config`) lives in `main.rs`, which
-//! binds the listener and hands it to [`crate::server::run`].
+//! binds the listener and hands it to `serin_coordinator::server::run`.
 
 pub mod args;
 pub mod client;

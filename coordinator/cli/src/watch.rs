@@ -8,8 +8,15 @@
 //!
 //! A broken stream (the coordinator restarting) is re-opened with a short backoff; the rollout
 //! itself lives in the coordinator, so nothing is lost.
+//!
+//! What operators read: waves count from 1 (the canary is wave 1), as everywhere the CLI prints
+//! text; a wave whose hosts all went back to their baseline reads `rolled_back`; a host that
+//! joins mid-rollout is announced ("host h7 joined wave 3"); in a terminal every line is fitted
+//! to its width (the full text is in `serin rollout explain` and `-o json`); and a rollout that
+//! succeeded is shown once its last hosts confirmed (for up to [`SETTLE_FOR`]).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -23,6 +30,35 @@ use super::render::{self, Palette};
 
 /// How long the view keeps trying to re-open a broken watch stream before it gives up.
 const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// How long a view that saw the rollout succeed waits for its last hosts' confirmations (the
+/// coordinator confirms a wave's hosts when its gate passes, so the last wave's are sent as the
+/// rollout succeeds and are answered within moments).
+pub const SETTLE_FOR: Duration = Duration::from_secs(5);
+
+/// True while a succeeded rollout still has hosts on the new release that have not confirmed
+/// (the watch stream ends at the first finished status, before their answers).
+pub fn awaiting_confirmation(s: &wire::RolloutStatus) -> bool {
+    s.state().as_str() == "succeeded"
+        && s.hosts
+            .iter()
+            .any(|h| matches!(h.phase().as_str(), "dispatched" | "activated" | "healthy"))
+}
+
+/// The header of the terminal view: "rollout r-1  web → 2.0.0  running  wave 2/3" (waves count
+/// from 1, as in every other line).
+pub fn header_text(s: &wire::RolloutStatus, p: &Palette) -> String {
+    let spec = s.spec.clone().unwrap_or_default();
+    let total = s.waves.len().max(spec.waves.len());
+    let current = (render::wave_number(s.current_wave) as usize).min(total.max(1));
+    format!(
+        "rollout {}  {} → {}  {}  wave {current}/{total}",
+        p.bold(&s.rollout_id),
+        spec.service,
+        p.bold(&spec.release),
+        p.state(s.state().as_str()),
+    )
+}
 
 /// Milliseconds since the unix epoch.
 pub fn now_ms() -> u64 {
@@ -53,11 +89,12 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
         ));
         for w in &next.waves {
             if w.state().as_str() != "pending" {
+                let shown = render::wave_shown(w, &next.hosts);
                 out.push(format!(
-                    "wave {}: {} ({})",
-                    w.index,
-                    w.state().as_str(),
-                    render::wave_counts(w)
+                    "{}: {} ({})",
+                    render::wave_name(w.index),
+                    shown.state,
+                    shown.counts
                 ));
             }
         }
@@ -78,27 +115,47 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
     }
     for w in &next.waves {
         let before = prev.waves.iter().find(|p| p.index == w.index);
-        let old = before.map(|b| b.state().as_str()).unwrap_or("pending");
-        if old != w.state().as_str() {
+        let old = before.map_or_else(
+            || "pending".to_string(),
+            |b| render::wave_shown(b, &prev.hosts).state,
+        );
+        let shown = render::wave_shown(w, &next.hosts);
+        if old != shown.state {
             out.push(format!(
-                "wave {}: {} → {} ({} of {} hosts: {})",
-                w.index,
+                "{}: {} → {} ({} of {} hosts: {})",
+                render::wave_name(w.index),
                 old,
-                w.state().as_str(),
-                w.succeeded + w.failed,
+                shown.state,
+                shown.done,
                 w.size,
-                render::wave_counts(w)
+                shown.counts
             ));
         }
     }
     for h in &next.hosts {
         let before = prev.hosts.iter().find(|p| p.host_id == h.host_id);
+        if before.is_none() {
+            // A host that joined the fleet mid-rollout: its wave grew.
+            let mut line = format!(
+                "host {} joined wave {}",
+                h.host_id,
+                render::wave_number(h.wave)
+            );
+            if h.phase().as_str() != "pending" {
+                line.push_str(&format!(": {}", h.phase().as_str()));
+            }
+            if !h.current_release.is_empty() {
+                line.push_str(&format!(", serving {}", h.current_release));
+            }
+            out.push(line);
+            continue;
+        }
         let old = before.map(|b| b.phase().as_str()).unwrap_or("pending");
         if old != h.phase().as_str() {
             let mut line = format!(
                 "host {} (wave {}): {} → {}",
                 h.host_id,
-                h.wave,
+                render::wave_number(h.wave),
                 old,
                 h.phase().as_str()
             );
@@ -123,7 +180,7 @@ pub fn changes(prev: Option<&wire::RolloutStatus>, next: &wire::RolloutStatus) -
     for d in next.decisions.iter().skip(prev.decisions.len()) {
         let mut line = format!(
             "decision: wave {} {}: {}",
-            d.wave,
+            render::wave_number(d.wave),
             d.kind().as_str(),
             d.reason
         );
@@ -168,13 +225,20 @@ pub fn summary(s: &wire::RolloutStatus, exit: Exit) -> String {
     )
 }
 
+/// A shared in-memory sink for the plain-line view (tests read what an operator would see).
+pub type Captured = Arc<Mutex<Vec<u8>>>;
+
 /// Where the live view writes.
 enum View {
     /// NDJSON: every status message as one line.
     Json,
-    /// One plain line per change, prefixed with the elapsed time.
-    Lines { started: Instant, palette: Palette },
-    /// indicatif bars redrawn in place, transitions printed above them.
+    /// One plain line per change, prefixed with the elapsed time; full lines (logs keep them).
+    Lines {
+        started: Instant,
+        palette: Palette,
+        out: Box<dyn Write + Send>,
+    },
+    /// indicatif bars redrawn in place, transitions printed above them, fitted to the width.
     Live(Box<LiveBars>),
 }
 
@@ -185,6 +249,8 @@ struct LiveBars {
     waves: Vec<ProgressBar>,
     palette: Palette,
     wave_style: ProgressStyle,
+    /// The terminal's width in columns; lines are fitted to it.
+    width: usize,
 }
 
 impl LiveBars {
@@ -204,49 +270,36 @@ impl LiveBars {
         let wave_style = ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
+        let width = console::Term::stdout()
+            .size_checked()
+            .map_or(usize::MAX, |(_rows, cols)| usize::from(cols));
         LiveBars {
             multi,
             header,
             waves: Vec::new(),
             palette,
             wave_style,
+            width,
         }
     }
 
     fn update(&mut self, s: &wire::RolloutStatus, now: u64) {
         let p = &self.palette;
-        let spec = s.spec.clone().unwrap_or_default();
-        let total = s.waves.len().max(spec.waves.len());
-        self.header.set_message(format!(
-            "rollout {}  {} → {}  {}  wave {}/{}",
-            p.bold(&s.rollout_id),
-            spec.service,
-            p.bold(&spec.release),
-            p.state(s.state().as_str()),
-            (s.current_wave as usize + 1).min(total.max(1)),
-            total
-        ));
+        self.header.set_message(header_text(s, p));
         for w in s.waves.iter().skip(self.waves.len()) {
             // Built with its length and prefix before it is added, so it never draws as 0/0.
             let bar = ProgressBar::hidden()
                 .with_style(self.wave_style.clone())
-                .with_prefix(if w.index == 0 {
-                    "wave 0 (canary)".to_string()
-                } else {
-                    format!("wave {}", w.index)
-                });
+                .with_prefix(render::wave_name(w.index));
             bar.set_length(u64::from(w.size));
-            bar.set_position(u64::from(w.succeeded + w.failed));
+            bar.set_position(u64::from(render::wave_shown(w, &s.hosts).done));
             self.waves.push(self.multi.add(bar));
         }
         for (bar, w) in self.waves.iter().zip(&s.waves) {
+            let shown = render::wave_shown(w, &s.hosts);
             bar.set_length(u64::from(w.size));
-            bar.set_position(u64::from(w.succeeded + w.failed));
-            let mut msg = format!(
-                "{}  {}",
-                p.state(w.state().as_str()),
-                render::wave_counts(w)
-            );
+            bar.set_position(u64::from(shown.done));
+            let mut msg = format!("{}  {}", p.state(&shown.state), shown.counts);
             if let Some(note) = render::bake_note(w, now) {
                 msg.push_str(&format!("  {}", p.dim(&note)));
             }
@@ -267,6 +320,11 @@ impl LiveBars {
     }
 }
 
+/// Where the full text of a cut line is: `serin rollout explain ID` (and `-o json`).
+fn full_text_hint(id: &str) -> String {
+    format!(" (full text: serin rollout explain {id})")
+}
+
 impl View {
     fn new(output: OutputFormat) -> Self {
         match output {
@@ -277,7 +335,30 @@ impl View {
             OutputFormat::Text => View::Lines {
                 started: Instant::now(),
                 palette: Palette::plain(),
+                out: Box::new(anstream::stdout()),
             },
+        }
+    }
+
+    /// The plain-line view writing into `sink` instead of stdout.
+    fn captured(sink: Captured) -> Self {
+        struct Sink(Captured);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        View::Lines {
+            started: Instant::now(),
+            palette: Palette::plain(),
+            out: Box::new(Sink(sink)),
         }
     }
 
@@ -286,15 +367,25 @@ impl View {
             View::Json => {
                 anstream::println!("{}", render::status_json(next));
             }
-            View::Lines { started, palette } => {
+            View::Lines {
+                started,
+                palette,
+                out,
+            } => {
                 let elapsed = started.elapsed().as_secs_f64();
                 for line in changes(prev, next) {
-                    anstream::println!("{} {}", palette.dim(&format!("[{elapsed:6.1}s]")), line);
+                    let _ = writeln!(
+                        out,
+                        "{} {}",
+                        palette.dim(&format!("[{elapsed:6.1}s]")),
+                        line
+                    );
                 }
             }
             View::Live(bars) => {
+                let hint = full_text_hint(&next.rollout_id);
                 for line in changes(prev, next) {
-                    bars.println(&line);
+                    bars.println(&render::fit_width(&line, bars.width, &hint));
                 }
                 bars.update(next, now_ms());
             }
@@ -309,6 +400,7 @@ impl View {
 
     /// Ends the view with the full status (text) and the summary line.
     fn end(&mut self, last: &wire::RolloutStatus, exit: Exit, timed_out: bool) {
+        let mut text = String::new();
         let palette = match self {
             View::Json => return,
             View::Lines { palette, .. } => *palette,
@@ -317,19 +409,38 @@ impl View {
                 bars.palette
             }
         };
-        anstream::println!();
-        anstream::print!("{}", render::status_text(last, now_ms(), &palette));
-        anstream::println!();
+        let status = render::status_text(last, now_ms(), &palette);
+        let status = match self {
+            View::Live(bars) => {
+                let hint = full_text_hint(&last.rollout_id);
+                status
+                    .lines()
+                    .map(|l| render::fit_width(l, bars.width, &hint) + "\n")
+                    .collect()
+            }
+            _ => status,
+        };
+        text.push('\n');
+        text.push_str(&status);
+        text.push('\n');
         if timed_out {
-            anstream::println!(
-                "gave up waiting: rollout {} is still {} (exit {}); follow it with `serin rollout status {} --watch`",
+            text.push_str(&format!(
+                "gave up waiting: rollout {} is still {} (exit {}); follow it with `serin rollout status {} --watch`\n",
                 last.rollout_id,
                 last.state().as_str(),
                 exit.code(),
                 last.rollout_id
-            );
+            ));
         } else {
-            anstream::println!("{}", palette.bold(&summary(last, exit)));
+            text.push_str(&palette.bold(&summary(last, exit)));
+            text.push('\n');
+        }
+        match self {
+            View::Lines { out, .. } => {
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+            _ => anstream::print!("{text}"),
         }
     }
 }
@@ -343,14 +454,66 @@ pub async fn follow(
     output: OutputFormat,
     timeout: Option<Duration>,
 ) -> Result<Exit, CliError> {
-    let mut view = View::new(output);
+    follow_in(control, id, first, View::new(output), timeout).await
+}
+
+/// [`follow`] with the plain-line view written into `sink` (what a pipe would receive).
+pub async fn follow_captured(
+    control: &mut Control,
+    id: &str,
+    first: Option<wire::RolloutStatus>,
+    timeout: Option<Duration>,
+    sink: Captured,
+) -> Result<Exit, CliError> {
+    follow_in(control, id, first, View::captured(sink), timeout).await
+}
+
+/// Shows `s`, the first status that ends the view, and ends it: a succeeded rollout whose last
+/// hosts have not confirmed yet is asked for again (every 100 ms, for up to [`SETTLE_FOR`] and
+/// never past the deadline) so the view ends on what the hosts did, not on a moment before.
+async fn finish(
+    control: &mut Control,
+    view: &mut View,
+    mut s: wire::RolloutStatus,
+    exit: Exit,
+    deadline: Option<tokio::time::Instant>,
+) -> Exit {
+    let settle_by = tokio::time::Instant::now() + SETTLE_FOR;
+    let settle_by = deadline.map_or(settle_by, |d| d.min(settle_by));
+    while awaiting_confirmation(&s) && tokio::time::Instant::now() < settle_by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let request = wire::RolloutRef {
+            rollout_id: s.rollout_id.clone(),
+        };
+        match control.client.get_rollout(request).await {
+            Ok(resp) => {
+                let next = resp.into_inner();
+                view.show(Some(&s), &next);
+                s = next;
+            }
+            Err(status) => {
+                tracing::debug!(error = %status, "cannot read the succeeded rollout again");
+                break;
+            }
+        }
+    }
+    view.end(&s, exit, false);
+    exit
+}
+
+async fn follow_in(
+    control: &mut Control,
+    id: &str,
+    first: Option<wire::RolloutStatus>,
+    mut view: View,
+    timeout: Option<Duration>,
+) -> Result<Exit, CliError> {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut last: Option<wire::RolloutStatus> = None;
     if let Some(s) = first {
         view.show(None, &s);
         if let Some(exit) = final_exit(&s) {
-            view.end(&s, exit, false);
-            return Ok(exit);
+            return Ok(finish(control, &mut view, s, exit, deadline).await);
         }
         last = Some(s);
     }
@@ -385,8 +548,7 @@ pub async fn follow(
                     Some(Ok(s)) => {
                         view.show(last.as_ref(), &s);
                         if let Some(exit) = final_exit(&s) {
-                            view.end(&s, exit, false);
-                            return Ok(exit);
+                            return Ok(finish(control, &mut view, s, exit, deadline).await);
                         }
                         last = Some(s);
                     }
@@ -401,8 +563,7 @@ pub async fn follow(
                                 let s = resp.into_inner();
                                 view.show(last.as_ref(), &s);
                                 if let Some(exit) = final_exit(&s) {
-                                    view.end(&s, exit, false);
-                                    return Ok(exit);
+                                    return Ok(finish(control, &mut view, s, exit, deadline).await);
                                 }
                                 last = Some(s);
                             }
@@ -483,7 +644,7 @@ fn retry_or_fail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::render::tests::sample_status;
+    use crate::render::tests::sample_status;
 
     #[test]
     fn changes_name_each_transition() {
@@ -508,9 +669,9 @@ mod tests {
         let all = lines.join("\n");
         for needle in [
             "rollout r-42: running → rolling_back (wave 1 failed)",
-            "wave 1: baking → failed",
-            "host web-02 (wave 1): healthy → rolling_back, serving 2.0.0 (unhealthy: http check failing)",
-            "decision: wave 1 rollback: 1 failed host, threshold 0 [failed=1]",
+            "wave 2: baking → failed",
+            "host web-02 (wave 2): healthy → rolling_back, serving 2.0.0 (unhealthy: http check failing)",
+            "decision: wave 2 rollback: 1 failed host, threshold 0 [failed=1]",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
@@ -522,7 +683,7 @@ mod tests {
     fn the_first_status_is_described_from_scratch() {
         let lines = changes(None, &sample_status());
         assert!(lines[0].starts_with("rollout r-42 of web 2.0.0: running"));
-        assert!(lines.iter().any(|l| l.starts_with("wave 1: baking")));
+        assert!(lines.iter().any(|l| l.starts_with("wave 2: baking")));
     }
 
     #[test]
@@ -543,5 +704,71 @@ mod tests {
             line.contains("rollout r-42 of web 2.0.0 succeeded after 11s"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_host_that_joins_mid_rollout_is_announced() {
+        let before = sample_status();
+        let mut after = before.clone();
+        after.waves[2].size = 2;
+        let mut h7 = after.hosts[2].clone();
+        h7.host_id = "h7".into();
+        h7.hostname = "h7".into();
+        after.hosts.push(h7);
+        let lines = changes(Some(&before), &after);
+        assert_eq!(lines, ["host h7 joined wave 3, serving 1.0.0"], "{lines:?}");
+        // Once it is part of the status, its phase changes read like any other host's.
+        let mut later = after.clone();
+        later.hosts[3].phase = wire::HostPhase::from_word("dispatched").unwrap() as i32;
+        let lines = changes(Some(&after), &later);
+        assert_eq!(
+            lines,
+            ["host h7 (wave 3): pending → dispatched, serving 1.0.0"]
+        );
+    }
+
+    #[test]
+    fn the_rollback_of_a_passed_canary_is_a_wave_transition() {
+        let before = sample_status();
+        let after = crate::render::tests::rolled_back_status();
+        let all = changes(Some(&before), &after).join("\n");
+        for needle in [
+            "wave 1 (canary): passed → rolled_back (1 of 1 hosts: ok 0  failed 0  rolled back 1)",
+            "wave 2: baking → failed",
+            "host web-01 (wave 1): confirmed → rolled_back, serving 1.0.0",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn the_header_counts_waves_like_the_wave_lines() {
+        let mut s = sample_status();
+        let p = Palette::plain();
+        assert!(header_text(&s, &p).ends_with("wave 2/3"));
+        s.current_wave = 0;
+        assert!(header_text(&s, &p).ends_with("wave 1/3"));
+        let lines = changes(None, &s).join("\n");
+        assert!(lines.contains("wave 1 (canary): passed"), "{lines}");
+        s.current_wave = 2;
+        assert!(header_text(&s, &p).ends_with("wave 3/3"));
+    }
+
+    #[test]
+    fn a_succeeded_rollout_waits_for_its_last_confirmations_only() {
+        let mut s = sample_status();
+        s.state = wire::RolloutState::from_word("succeeded").unwrap() as i32;
+        s.finished = true;
+        assert!(
+            awaiting_confirmation(&s),
+            "web-02 is healthy, not confirmed"
+        );
+        for h in &mut s.hosts {
+            h.phase = wire::HostPhase::from_word("confirmed").unwrap() as i32;
+        }
+        assert!(!awaiting_confirmation(&s));
+        s.hosts[1].phase = wire::HostPhase::from_word("healthy").unwrap() as i32;
+        s.state = wire::RolloutState::from_word("paused").unwrap() as i32;
+        assert!(!awaiting_confirmation(&s), "only a success waits");
     }
 }
