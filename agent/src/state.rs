@@ -72,6 +72,7 @@ impl From<&StoredResult> for wire::OrderResult {
             current_release: r.current_release.clone(),
             bytes_done: 0,
             last_seq: 0,
+            last_epoch: 0,
         }
     }
 }
@@ -83,6 +84,15 @@ pub struct ServiceState {
     pub version: u32,
     /// Highest order sequence applied.
     pub last_seq: u64,
+    /// Highest coordinator epoch an order was accepted from; an order of a lower epoch is a
+    /// replay (`REPLAYED_ORDER`). Absent in files of older agents: 0.
+    #[serde(default)]
+    pub last_epoch: u64,
+    /// The release-counter floor of the service: a signed release whose counter is below it is
+    /// refused (`BELOW_FLOOR`), also as a rollback target. Raised by a confirmed activation of a
+    /// manifest that carries a higher `floor`; never lowered. Absent in older files: 0.
+    #[serde(default)]
+    pub floor: u64,
     /// Recent results, oldest first.
     #[serde(default)]
     pub results: Vec<StoredResult>,
@@ -102,6 +112,8 @@ impl Default for ServiceState {
         ServiceState {
             version: STATE_VERSION,
             last_seq: 0,
+            last_epoch: 0,
+            floor: 0,
             results: Vec::new(),
             previous: None,
             confirmed: None,

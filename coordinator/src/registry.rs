@@ -194,6 +194,8 @@ pub struct Registry {
     hosts: Mutex<BTreeMap<HostId, HostEntry>>,
     events: broadcast::Sender<FleetEvent>,
     next_conn: AtomicU64,
+    /// This coordinator run's epoch, stamped on every order sent (0 until set).
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -213,7 +215,13 @@ impl Registry {
             hosts: Mutex::new(BTreeMap::new()),
             events,
             next_conn: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the epoch stamped on every order from now on.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
     }
 
     /// The settings in force.
@@ -437,7 +445,10 @@ impl Fleet for Registry {
         };
         let (seq, kind, service) = (order.seq, order.action.kind(), order.service.clone());
         let msg = Box::new(wire::CoordinatorMessage {
-            body: Some(wire::coordinator_message::Body::Order(order.into())),
+            body: Some(wire::coordinator_message::Body::Order(wire::Order {
+                epoch: self.epoch.load(Ordering::SeqCst),
+                ..order.into()
+            })),
         });
         match conn.tx.try_send(Ok(msg)) {
             Ok(()) => {
@@ -521,6 +532,7 @@ fn inventory_of(name: &ServiceName, s: &ServiceSnapshot) -> wire::ServiceInvento
             .map(ToString::to_string)
             .unwrap_or_default(),
         last_seq: s.last_seq,
+        last_epoch: 0,
         verdict: match s.healthy {
             Some(true) => wire::HealthVerdict::Passing,
             Some(false) => wire::HealthVerdict::Failing,
@@ -837,6 +849,7 @@ mod tests {
         let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
         let mut events = reg.subscribe();
         let result = wire::OrderResult {
+            last_epoch: 0,
             order_id: "o1".into(),
             rollout_id: "r1".into(),
             seq: 7,
@@ -936,6 +949,7 @@ mod tests {
         assert!(events.try_recv().is_err());
         // Orders go to the new stream.
         let order = Order {
+            epoch: 0,
             order_id: "o".into(),
             rollout_id: String::new(),
             seq: 1,

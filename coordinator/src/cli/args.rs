@@ -137,6 +137,9 @@ pub enum ArtifactCommand {
         /// Release id, e.g. 1.4.2.
         #[arg(long, short = 'r')]
         release: String,
+        /// The release's signed manifest (`serin release sign`), stored and sent with it.
+        #[arg(long, value_name = "MANIFEST")]
+        manifest: Option<PathBuf>,
     },
 }
 
@@ -160,6 +163,9 @@ pub enum ReleaseCommand {
         /// Exact size of the artifact in bytes.
         #[arg(long)]
         size: u64,
+        /// The release's signed manifest (`serin release sign`), stored and sent with it.
+        #[arg(long, value_name = "MANIFEST")]
+        manifest: Option<PathBuf>,
     },
     /// List the registered releases.
     List {
