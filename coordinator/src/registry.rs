@@ -157,6 +157,13 @@ impl HostEntry {
         &mut self.services[i].1
     }
 
+    /// Whether the host's hello listed `name`.
+    fn lists(&self, name: &ServiceName) -> bool {
+        self.services
+            .binary_search_by(|(n, _)| n.cmp(name))
+            .is_ok()
+    }
+
     fn set_health(&mut self, name: &ServiceName, report: wire::HealthReport) {
         match self.health.binary_search_by(|(n, _)| n.cmp(name)) {
             Ok(i) => self.health[i].1 = report,
@@ -312,6 +319,12 @@ impl Registry {
             Body::Heartbeat(_) => {}
             Body::Health(report) => {
                 let sample = validate_health(&report, now_ms)?;
+                if !entry.lists(&sample.service) {
+                    // Only the services of the hello are kept (hostile input: a stream naming
+                    // endless new services must not grow the registry).
+                    tracing::debug!(host = %host, service = %sample.service, "health report for a service not in the hello; dropped");
+                    return Ok(());
+                }
                 let svc = entry.service_mut(&sample.service);
                 // A late report about a release the service no longer runs says nothing of it.
                 if svc.current_release.is_none() || svc.current_release == sample.release {
@@ -325,7 +338,11 @@ impl Registry {
             }
             Body::Result(result) => {
                 let outcome = validate_result(result)?;
-                apply_outcome(entry.service_mut(&outcome.service), &outcome);
+                // A result about a service the hello did not list (e.g. UNKNOWN_SERVICE) still
+                // reaches the engine, but creates no service entry.
+                if entry.lists(&outcome.service) {
+                    apply_outcome(entry.service_mut(&outcome.service), &outcome);
+                }
                 self.emit(FleetEvent::Result {
                     host: host.clone(),
                     outcome,
@@ -663,7 +680,7 @@ pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, Valid
             kept_releases,
             state,
             healthy: verdict(inv.verdict(), inv.healthy),
-            last_seq: inv.last_seq,
+            last_seq: bounded_seq(&format!("{field}.last_seq"), inv.last_seq)?,
         };
         if services.insert(name.clone(), snap).is_some() {
             return Err(ValidationError::new(
@@ -767,8 +784,23 @@ pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationE
         code,
         message: truncate(r.message, 4096),
         current_release,
-        last_seq: r.last_seq,
+        last_seq: bounded_seq("result.last_seq", r.last_seq)?,
     })
+}
+
+/// A sequence reported by an agent: at most [`serin_proto::MAX_ORDER_SEQ`]. A value near the
+/// type's end would push the host's order counter where no later order fits (issue 7).
+fn bounded_seq(field: &str, seq: u64) -> Result<u64, ValidationError> {
+    if seq > serin_proto::MAX_ORDER_SEQ {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{seq} exceeds the limit of {}",
+                serin_proto::MAX_ORDER_SEQ
+            ),
+        ));
+    }
+    Ok(seq)
 }
 
 #[cfg(test)]
