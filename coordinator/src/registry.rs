@@ -159,9 +159,7 @@ impl HostEntry {
 
     /// Whether the host's hello listed `name`.
     fn lists(&self, name: &ServiceName) -> bool {
-        self.services
-            .binary_search_by(|(n, _)| n.cmp(name))
-            .is_ok()
+        self.services.binary_search_by(|(n, _)| n.cmp(name)).is_ok()
     }
 
     fn set_health(&mut self, name: &ServiceName, report: wire::HealthReport) {
@@ -794,10 +792,7 @@ fn bounded_seq(field: &str, seq: u64) -> Result<u64, ValidationError> {
     if seq > serin_proto::MAX_ORDER_SEQ {
         return Err(ValidationError::new(
             field,
-            format!(
-                "{seq} exceeds the limit of {}",
-                serin_proto::MAX_ORDER_SEQ
-            ),
+            format!("{seq} exceeds the limit of {}", serin_proto::MAX_ORDER_SEQ),
         ));
     }
     Ok(seq)

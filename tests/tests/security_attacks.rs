@@ -68,7 +68,9 @@ fn a_hello_with_last_seq_at_the_end_of_the_type_is_refused_and_registers_nothing
     runtime().block_on(async {
         let mut client = AgentServiceClient::connect(url.clone()).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(hello("poisoner", &["web"], u64::MAX)).await.unwrap();
+        tx.send(hello("poisoner", &["web"], u64::MAX))
+            .await
+            .unwrap();
         let outcome = match client
             .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -234,7 +236,12 @@ fn a_url_outside_the_allowed_prefixes_is_refused_before_any_connection() {
         server.requests(),
         ctx()
     );
-    assert_eq!(fx.agent.current_release().as_deref(), Some("demo-1.0"), "{}", ctx());
+    assert_eq!(
+        fx.agent.current_release().as_deref(),
+        Some("demo-1.0"),
+        "{}",
+        ctx()
+    );
 }
 
 #[test]
@@ -267,12 +274,21 @@ fn a_mismatching_url_download_never_describes_the_foreign_content() {
             .filter(|r| r.seq == seq && r.phase() != OrderPhase::Progress)
             .map(|r| r.message.clone())
             .collect();
-        assert!(!everything.contains(&secret_sha), "the foreign sha256 was reported: {}", ctx());
+        assert!(
+            !everything.contains(&secret_sha),
+            "the foreign sha256 was reported: {}",
+            ctx()
+        );
         assert!(
             !everything.contains(&format!("{secret_len} ")),
             "the foreign size was reported: {}",
             ctx()
         );
     }
-    assert_eq!(fx.agent.version().ok().as_deref(), Some("demo-1.0"), "{}", fx.dump());
+    assert_eq!(
+        fx.agent.version().ok().as_deref(),
+        Some("demo-1.0"),
+        "{}",
+        fx.dump()
+    );
 }
