@@ -189,6 +189,27 @@ pub enum StateError {
     },
 }
 
+/// Parses the bytes of a state file (no I/O): refuses what is not JSON of a known version, migrates
+/// forward, and repairs a poisoned `last_seq` (returned, so the caller can persist the repair).
+/// Fuzzed by `fuzz/fuzz_targets/agent_state.rs`.
+pub fn parse(bytes: &[u8]) -> Result<(ServiceState, Option<SeqRepair>), String> {
+    let state: ServiceState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if state.version > STATE_VERSION {
+        return Err(format!(
+            "version {} was written by a newer agent (this one knows up to {STATE_VERSION})",
+            state.version
+        ));
+    }
+    // Version 1 is the first; later versions migrate forward here. Fields added to version 1
+    // later (`last_epoch`, `floor`) read as 0 from older files.
+    let mut state = ServiceState {
+        version: STATE_VERSION,
+        ..state
+    };
+    let repair = state.repair_last_seq();
+    Ok((state, repair))
+}
+
 /// The state file of one service.
 #[derive(Debug, Clone)]
 pub struct StateFile {
@@ -215,26 +236,11 @@ impl StateFile {
                 });
             }
         };
-        let state: ServiceState =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: self.path.clone(),
-                problem: e.to_string(),
-            })?;
-        if state.version > STATE_VERSION {
-            return Err(StateError::Corrupt {
-                path: self.path.clone(),
-                problem: format!(
-                    "version {} was written by a newer agent (this one knows up to {STATE_VERSION})",
-                    state.version
-                ),
-            });
-        }
-        // Version 1 is the first; later versions migrate forward here.
-        let mut state = ServiceState {
-            version: STATE_VERSION,
-            ..state
-        };
-        if let Some(repaired) = state.repair_last_seq() {
+        let (state, repair) = parse(&bytes).map_err(|problem| StateError::Corrupt {
+            path: self.path.clone(),
+            problem,
+        })?;
+        if let Some(repaired) = repair {
             tracing::warn!(
                 path = %self.path.display(),
                 poisoned = repaired.poisoned,
