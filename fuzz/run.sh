@@ -15,7 +15,7 @@ seconds="${1:-30}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(manifest wire_to_domain peer_identity)
+  targets=(manifest wire_to_domain peer_identity agent_state)
 fi
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1

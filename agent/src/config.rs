@@ -40,6 +40,10 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Limits on artifact downloads (`[download]`).
     pub download: DownloadLimits,
+    /// `[download] allowed_url_prefixes`: URL releases are fetched only from URLs that start
+    /// with one of these; others are refused (`URL_NOT_ALLOWED`) before any connection. `None`
+    /// (key absent): any URL, with a warning at start; `Some(vec![])`: no URL releases at all.
+    pub allowed_url_prefixes: Option<Vec<String>>,
     /// The managed services.
     pub services: Vec<ServiceConfig>,
 }
@@ -85,6 +89,10 @@ pub struct ServiceConfig {
     /// Load balancer, swap mode and lifecycle hooks (`[service.traffic]`, `[service.swap]`,
     /// `[service.hooks]`).
     pub traffic: TrafficConfig,
+    /// `signing_keys` (inline key lines) and `signing_keys_file` (a file of key lines): the
+    /// release-signing public keys pinned for this service. Empty: releases are not verified
+    /// (logged once at start).
+    pub signing_keys: Vec<serin_security::manifest::PublicKey>,
 }
 
 /// How a service is run.
@@ -368,6 +376,8 @@ struct RawDownload {
     rate_window: String,
     #[serde(default = "default_download_deadline")]
     deadline: String,
+    #[serde(default)]
+    allowed_url_prefixes: Option<Vec<String>>,
 }
 
 impl Default for RawDownload {
@@ -376,6 +386,7 @@ impl Default for RawDownload {
             min_bytes_per_sec: default_min_bytes_per_sec(),
             rate_window: default_rate_window(),
             deadline: default_download_deadline(),
+            allowed_url_prefixes: None,
         }
     }
 }
@@ -408,6 +419,10 @@ struct RawService {
     swap: RawSwapSection,
     #[serde(default)]
     hooks: RawHooksSection,
+    // Signed releases (issue 7).
+    #[serde(default)]
+    signing_keys: Vec<String>,
+    signing_keys_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -644,6 +659,12 @@ impl RawConfig {
             rate_window: p.duration("download.rate_window", &self.download.rate_window),
             deadline: p.duration("download.deadline", &self.download.deadline),
         };
+        let allowed_url_prefixes = self.download.allowed_url_prefixes;
+        for (i, prefix) in allowed_url_prefixes.iter().flatten().enumerate() {
+            if let Err(problem) = check_url_prefix(prefix) {
+                p.push(format!("download.allowed_url_prefixes[{i}]"), problem);
+            }
+        }
         let mut services = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.service.into_iter().enumerate() {
@@ -671,6 +692,7 @@ impl RawConfig {
             reconnect_max,
             labels: self.labels,
             download,
+            allowed_url_prefixes,
             services,
         })
     }
@@ -701,6 +723,7 @@ impl RawService {
                     || b == "."
                     || b == ".."
                     || b == "release.json"
+                    || b == "release.manifest"
                     || b.contains('/')
                     || b.contains('\0')
                 {
@@ -791,6 +814,7 @@ impl RawService {
             hooks: self.hooks,
         }
         .validate(at, matches!(run, Some(RunConfig::Process { .. })), p);
+        let signing_keys = signing_keys(at, self.signing_keys, self.signing_keys_file, p);
         Some(ServiceConfig {
             name: name?,
             binary,
@@ -799,9 +823,81 @@ impl RawService {
             run: run?,
             checks,
             traffic,
+            signing_keys,
         })
     }
 }
+
+// --- signed releases and URL sources (issue 7) ---
+
+/// A URL prefix must be a whole `http(s)://authority/` (ending in `/`), so that
+/// `https://example.com` cannot be extended to `https://example.com.evil.test/`.
+fn check_url_prefix(prefix: &str) -> Result<(), String> {
+    let rest = prefix
+        .strip_prefix("https://")
+        .or_else(|| prefix.strip_prefix("http://"))
+        .ok_or_else(|| format!("{prefix:?} must start with http:// or https://"))?;
+    match rest.find('/') {
+        Some(i) if i > 0 && !prefix.contains(char::is_whitespace) => Ok(()),
+        _ => Err(format!(
+            "{prefix:?} must name a host and end its authority with '/' (e.g. \
+             \"https://artifacts.example.com/releases/\")"
+        )),
+    }
+}
+
+/// The pinned keys of a service: the inline `signing_keys` lines, then the lines of
+/// `signing_keys_file` (blank lines and `#` comments skipped). Every problem is pushed naming its key.
+fn signing_keys(
+    at: &str,
+    inline: Vec<String>,
+    file: Option<String>,
+    p: &mut Problems,
+) -> Vec<serin_security::manifest::PublicKey> {
+    let mut keys =
+        match serin_security::manifest::parse_pinned_keys(&format!("{at}.signing_keys"), &inline) {
+            Ok(k) => k,
+            Err(e) => {
+                p.0.push(e);
+                return Vec::new();
+            }
+        };
+    if let Some(path) = file {
+        let field = format!("{at}.signing_keys_file");
+        match std::fs::read_to_string(&path) {
+            Err(e) => p.push(field, format!("cannot read {path:?}: {e}")),
+            Ok(text) => {
+                let lines: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned)
+                    .collect();
+                match serin_security::manifest::parse_pinned_keys(
+                    &format!("{field} {path:?} line"),
+                    &lines,
+                ) {
+                    Ok(more) => {
+                        for k in more {
+                            if keys.iter().any(|have| have.id() == k.id()) {
+                                p.push(
+                                    field.clone(),
+                                    format!("key {} is also listed in signing_keys", k.id()),
+                                );
+                            } else {
+                                keys.push(k);
+                            }
+                        }
+                    }
+                    Err(e) => p.0.push(e),
+                }
+            }
+        }
+    }
+    keys
+}
+
+// --- end of signed releases ---
 
 /// Splits an `http://host:port/path` URL into authority and path.
 fn split_http_url(url: &str) -> Option<(String, String)> {
@@ -951,6 +1047,82 @@ name = "port"
 kind = "tcp"
 address = "127.0.0.1:18080"
 "#;
+
+    #[test]
+    fn signing_keys_inline_and_from_a_file_are_pinned_and_bad_ones_named() {
+        let k1 = serin_security::manifest::SecretKey::generate()
+            .unwrap()
+            .public();
+        let k2 = serin_security::manifest::SecretKey::generate()
+            .unwrap()
+            .public();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.pub");
+        std::fs::write(&file, format!("# release keys\n\n{}\n", k2.to_line("2027"))).unwrap();
+        let with =
+            |keys: &str| GOOD.replace("keep_releases = 3", &format!("keep_releases = 3\n{keys}"));
+        let c = Config::parse(&with(&format!(
+            "signing_keys = [\"{}\"]\nsigning_keys_file = \"{}\"",
+            k1.to_line("ci"),
+            file.display()
+        )))
+        .unwrap()
+        .config;
+        let ids: Vec<_> = c.services[0].signing_keys.iter().map(|k| k.id()).collect();
+        assert_eq!(ids, vec![k1.id(), k2.id()]);
+        assert!(
+            Config::parse(GOOD).unwrap().config.services[0]
+                .signing_keys
+                .is_empty()
+        );
+
+        let e = Config::parse(&with("signing_keys = [\"serin-ed25519 zz\"]")).unwrap_err();
+        assert!(e.to_string().contains("service[0].signing_keys[0]"), "{e}");
+        let e = Config::parse(&with("signing_keys_file = \"/nonexistent/web.pub\"")).unwrap_err();
+        assert!(
+            e.to_string().contains("service[0].signing_keys_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn url_prefixes_must_name_a_whole_authority() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "[labels]",
+                &format!("[download]\nallowed_url_prefixes = {v}\n\n[labels]"),
+            )
+        };
+        let c = Config::parse(&with("[\"https://artifacts.example.com/releases/\"]"))
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.allowed_url_prefixes,
+            Some(vec!["https://artifacts.example.com/releases/".to_owned()])
+        );
+        assert_eq!(
+            Config::parse(&with("[]"))
+                .unwrap()
+                .config
+                .allowed_url_prefixes,
+            Some(vec![])
+        );
+        assert_eq!(
+            Config::parse(GOOD).unwrap().config.allowed_url_prefixes,
+            None
+        );
+        for bad in [
+            "\"https://example.com\"",
+            "\"ftp://example.com/\"",
+            "\"https:///x/\"",
+        ] {
+            let e = Config::parse(&with(&format!("[{bad}]"))).unwrap_err();
+            assert!(
+                e.to_string().contains("download.allowed_url_prefixes[0]"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn good_config_validates_into_typed_values() {

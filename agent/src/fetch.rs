@@ -13,6 +13,8 @@ pub struct Fetcher {
     /// The client for URL releases, or why there is none (e.g. a host without a CA bundle):
     /// that fails URL releases with the reason, never the agent's start.
     http: Result<reqwest::Client, String>,
+    /// `[download] allowed_url_prefixes`; `None`: any URL.
+    allowed_url_prefixes: Option<std::sync::Arc<Vec<String>>>,
 }
 
 /// A download in progress.
@@ -65,7 +67,43 @@ impl Fetcher {
         Ok(Fetcher {
             coordinator: AgentServiceClient::new(channel).max_decoding_message_size(16 << 20),
             http,
+            allowed_url_prefixes: None,
         })
+    }
+
+    /// Restricts URL releases to URLs under `prefixes` (`None`: any URL, with a warning).
+    pub fn with_allowed_url_prefixes(mut self, prefixes: Option<Vec<String>>) -> Self {
+        if prefixes.is_none() {
+            tracing::warn!(
+                "[download] allowed_url_prefixes is not set: URL releases are fetched from any url the coordinator names"
+            );
+        }
+        self.allowed_url_prefixes = prefixes.map(std::sync::Arc::new);
+        self
+    }
+
+    /// Whether `release` may be downloaded: a URL release only from an allowed prefix. Checked
+    /// before any connection; the error names the URL (truncated) and no more.
+    pub fn check_source(&self, release: &Release) -> Result<(), String> {
+        let (ArtifactSource::Url(url), Some(allowed)) =
+            (&release.source, &self.allowed_url_prefixes)
+        else {
+            return Ok(());
+        };
+        if allowed.iter().any(|p| url.starts_with(p.as_str())) {
+            return Ok(());
+        }
+        Err(format!(
+            "release {} comes from url {:?}, which is not under a prefix in [download] allowed_url_prefixes; nothing was fetched",
+            release.id,
+            serin_proto::truncated(url)
+        ))
+    }
+
+    /// Whether downloads of `release` come from a URL (whose content must never be described
+    /// back to the coordinator).
+    pub fn is_foreign(release: &Release) -> bool {
+        matches!(release.source, ArtifactSource::Url(_))
     }
 
     /// Starts downloading `release` from byte `offset`.
@@ -91,6 +129,7 @@ impl Fetcher {
                 Ok(Download::Coordinator { stream, offset })
             }
             ArtifactSource::Url(url) => {
+                self.check_source(release)?;
                 let mut req = self.http.as_ref().map_err(Clone::clone)?.get(url);
                 if offset > 0 {
                     req = req.header("Range", format!("bytes={offset}-"));

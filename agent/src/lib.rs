@@ -147,11 +147,12 @@ pub async fn run_with(
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect_lazy();
-    let fetcher =
-        fetch::Fetcher::new(channel.clone()).map_err(|problem| AgentError::Coordinator {
+    let fetcher = fetch::Fetcher::new(channel.clone())
+        .map_err(|problem| AgentError::Coordinator {
             address: config.coordinator.clone(),
             problem,
-        })?;
+        })?
+        .with_allowed_url_prefixes(config.allowed_url_prefixes.clone());
     let metrics = metrics::Metrics::new(config.state_dir.clone());
     let (up_tx, up_rx) = tokio::sync::mpsc::channel(1024);
     let tracker = TaskTracker::new();

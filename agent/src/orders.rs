@@ -1,6 +1,8 @@
 //! Order admission: each sequence number is applied at most once per service.
 //!
-//! A repeated sequence gets the results stored for it again, a lower one is rejected as stale,
+//! An order of an older coordinator epoch than one already accepted is a replay and rejected
+//! (`REPLAYED_ORDER`), whatever its sequence. Within that,
+//! a repeated sequence gets the results stored for it again, a lower one is rejected as stale,
 //! and a newer one is applied even while a stage is in progress (the service task lets it
 //! preempt the stage).
 
@@ -21,11 +23,21 @@ pub enum Admission {
         /// The last applied sequence.
         last_seq: u64,
     },
+    /// The order comes from an older coordinator epoch than one already accepted: a replay.
+    Replayed {
+        /// The highest epoch accepted.
+        last_epoch: u64,
+    },
 }
 
 /// Decides what to do with `order` given the durable state. A stage in progress does not make
 /// a newer order wait: the service task lets it preempt the stage.
 pub fn admit(state: &ServiceState, order: &Order) -> Admission {
+    if order.epoch < state.last_epoch {
+        return Admission::Replayed {
+            last_epoch: state.last_epoch,
+        };
+    }
     if order.seq == state.last_seq {
         return Admission::Duplicate(state.results_for(order.seq));
     }
@@ -69,6 +81,7 @@ pub fn result(
         current_release: current.unwrap_or_default().to_string(),
         bytes_done: 0,
         last_seq: 0,
+        last_epoch: 0,
     }
 }
 
@@ -82,9 +95,27 @@ mod tests {
             order_id: format!("o{seq}"),
             rollout_id: "r".into(),
             seq,
+            epoch: 0,
             service: ServiceName::new("web").unwrap(),
             action,
         }
+    }
+
+    #[test]
+    fn an_order_of_an_older_epoch_is_a_replay_whatever_its_sequence() {
+        let s = ServiceState {
+            last_seq: 5,
+            last_epoch: 3,
+            ..Default::default()
+        };
+        let mut o = order(9, OrderAction::Cancel);
+        o.epoch = 2;
+        assert_eq!(admit(&s, &o), Admission::Replayed { last_epoch: 3 });
+        o.epoch = 3;
+        assert_eq!(admit(&s, &o), Admission::Apply);
+        o.epoch = 4;
+        o.seq = 4;
+        assert_eq!(admit(&s, &o), Admission::Stale { last_seq: 5 });
     }
 
     #[test]

@@ -24,6 +24,9 @@ use crate::durable;
 use crate::fault;
 use crate::fetch::{Download, Fetcher};
 
+/// The file in `releases/<id>/` that keeps the release's signed manifest, when it came with one.
+pub const RELEASE_MANIFEST: &str = "release.manifest";
+
 /// Extra free space required beyond the declared artifact size.
 const SPACE_MARGIN: u64 = 16 << 20;
 /// How many times a short or broken download is resumed before giving up.
@@ -482,6 +485,9 @@ impl ReleaseStore {
             limits,
         } = policy;
         let id = release.id.as_str();
+        // What a URL returned is never described back (size, hash): the coordinator could use
+        // the agent as an oracle for addresses only the hosts reach.
+        let foreign = matches!(release.source, serin_proto::ArtifactSource::Url(_));
         let part_name = part_path.display().to_string();
         let mut file = fs::OpenOptions::new()
             .read(true)
@@ -519,7 +525,11 @@ impl ReleaseStore {
                         StageError::SizeMismatch {
                             release: id.into(),
                             expected: release.size,
-                            got: format!("the source ended after {offset} bytes"),
+                            got: if foreign {
+                                "the source ended early".to_owned()
+                            } else {
+                                format!("the source ended after {offset} bytes")
+                            },
                         }
                     } else {
                         StageError::Download {
@@ -577,10 +587,11 @@ impl ReleaseStore {
                         }
                         Ok(None) => {
                             short = offset < release.size;
-                            last_problem = format!(
-                                "the source ended after {offset} of {} bytes",
-                                release.size
-                            );
+                            last_problem = if foreign {
+                                "the source ended early".to_owned()
+                            } else {
+                                format!("the source ended after {offset} of {} bytes", release.size)
+                            };
                             break;
                         }
                         Err(e) => {
@@ -614,19 +625,24 @@ impl ReleaseStore {
             return Err(StageError::HashMismatch {
                 release: id.into(),
                 expected,
-                got,
+                got: if foreign {
+                    "other content (not described for a URL source)".to_owned()
+                } else {
+                    got
+                },
             });
         }
         fault::point("stage-verified");
 
-        let (store, id_owned, size, part) = (
+        let (store, id_owned, size, part, manifest) = (
             self.clone(),
             id.to_string(),
             release.size,
             part_path.to_path_buf(),
+            release.manifest.clone(),
         );
         blocking(&part_name, move || {
-            store.install(&id_owned, expected, size, &part)
+            store.install(&id_owned, expected, size, &part, manifest.as_deref())
         })
         .await?;
         fault::point("stage-installed");
@@ -641,6 +657,7 @@ impl ReleaseStore {
         sha256: String,
         size: u64,
         part_path: &Path,
+        manifest: Option<&str>,
     ) -> Result<(), StageError> {
         let part_name = part_path.display().to_string();
         let tmp = self.releases_dir().join(format!(".install-{id}"));
@@ -665,6 +682,13 @@ impl ReleaseStore {
         })?;
         durable::write_atomic(&tmp.join("release.json"), &json)
             .map_err(io_err(format!("cannot write release.json in {tmp_name}")))?;
+        if let Some(m) = manifest {
+            // Kept with the release for the checks before its swap and any rollback to it; it
+            // is verified there, like any manifest.
+            durable::write_atomic(&tmp.join(RELEASE_MANIFEST), m.as_bytes()).map_err(io_err(
+                format!("cannot write {RELEASE_MANIFEST} in {tmp_name}"),
+            ))?;
+        }
         durable::fsync_dir(&tmp).map_err(io_err(format!("cannot fsync {tmp_name}")))?;
         fault::point("stage-install-prepared");
         let final_dir = self.release_dir(id);
@@ -737,6 +761,7 @@ pub(crate) mod tests {
             sha256: serin_proto::Sha256::from_bytes(Sha256::digest(data).into()),
             size,
             source: ArtifactSource::Coordinator,
+            manifest: None,
         }
     }
 

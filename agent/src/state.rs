@@ -72,6 +72,7 @@ impl From<&StoredResult> for wire::OrderResult {
             current_release: r.current_release.clone(),
             bytes_done: 0,
             last_seq: 0,
+            last_epoch: 0,
         }
     }
 }
@@ -83,6 +84,15 @@ pub struct ServiceState {
     pub version: u32,
     /// Highest order sequence applied.
     pub last_seq: u64,
+    /// Highest coordinator epoch an order was accepted from; an order of a lower epoch is a
+    /// replay (`REPLAYED_ORDER`). Absent in files of older agents: 0.
+    #[serde(default)]
+    pub last_epoch: u64,
+    /// The release-counter floor of the service: a signed release whose counter is below it is
+    /// refused (`BELOW_FLOOR`), also as a rollback target. Raised by a confirmed activation of a
+    /// manifest that carries a higher `floor`; never lowered. Absent in older files: 0.
+    #[serde(default)]
+    pub floor: u64,
     /// Recent results, oldest first.
     #[serde(default)]
     pub results: Vec<StoredResult>,
@@ -102,6 +112,8 @@ impl Default for ServiceState {
         ServiceState {
             version: STATE_VERSION,
             last_seq: 0,
+            last_epoch: 0,
+            floor: 0,
             results: Vec::new(),
             previous: None,
             confirmed: None,
@@ -177,6 +189,27 @@ pub enum StateError {
     },
 }
 
+/// Parses the bytes of a state file (no I/O): refuses what is not JSON of a known version, migrates
+/// forward, and repairs a poisoned `last_seq` (returned, so the caller can persist the repair).
+/// Fuzzed by `fuzz/fuzz_targets/agent_state.rs`.
+pub fn parse(bytes: &[u8]) -> Result<(ServiceState, Option<SeqRepair>), String> {
+    let state: ServiceState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if state.version > STATE_VERSION {
+        return Err(format!(
+            "version {} was written by a newer agent (this one knows up to {STATE_VERSION})",
+            state.version
+        ));
+    }
+    // Version 1 is the first; later versions migrate forward here. Fields added to version 1
+    // later (`last_epoch`, `floor`) read as 0 from older files.
+    let mut state = ServiceState {
+        version: STATE_VERSION,
+        ..state
+    };
+    let repair = state.repair_last_seq();
+    Ok((state, repair))
+}
+
 /// The state file of one service.
 #[derive(Debug, Clone)]
 pub struct StateFile {
@@ -203,26 +236,11 @@ impl StateFile {
                 });
             }
         };
-        let state: ServiceState =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: self.path.clone(),
-                problem: e.to_string(),
-            })?;
-        if state.version > STATE_VERSION {
-            return Err(StateError::Corrupt {
-                path: self.path.clone(),
-                problem: format!(
-                    "version {} was written by a newer agent (this one knows up to {STATE_VERSION})",
-                    state.version
-                ),
-            });
-        }
-        // Version 1 is the first; later versions migrate forward here.
-        let mut state = ServiceState {
-            version: STATE_VERSION,
-            ..state
-        };
-        if let Some(repaired) = state.repair_last_seq() {
+        let (state, repair) = parse(&bytes).map_err(|problem| StateError::Corrupt {
+            path: self.path.clone(),
+            problem,
+        })?;
+        if let Some(repaired) = repair {
             tracing::warn!(
                 path = %self.path.display(),
                 poisoned = repaired.poisoned,

@@ -104,6 +104,7 @@ impl FakeCoordinator {
             sha256: sha.clone(),
             size: data.len() as u64,
             url: String::new(),
+            manifest: String::new(),
         };
         self.0.lock().unwrap().artifacts.insert(sha, data);
         r
@@ -119,6 +120,7 @@ impl FakeCoordinator {
             .expect("agent not attached");
         tx.send(Ok(wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Order(wire::Order {
+                epoch: 0,
                 order_id: format!("o{seq}"),
                 rollout_id: "r1".into(),
                 seq,

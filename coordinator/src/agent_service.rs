@@ -333,6 +333,7 @@ mod tests {
 
     fn cancel_order(seq: u64) -> Order {
         Order {
+            epoch: 0,
             order_id: format!("o-{seq}"),
             rollout_id: "r-1".into(),
             seq,

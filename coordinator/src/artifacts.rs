@@ -69,6 +69,74 @@ impl From<ArtifactError> for tonic::Status {
     }
 }
 
+/// A manifest offered with a release (`artifact push` / `release add`) that is not for it.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestMismatch {
+    /// It does not parse as a serin release manifest.
+    #[error("the manifest of release {release} is not a valid serin release manifest: {problem}")]
+    Malformed { release: String, problem: String },
+    /// It names another service, release, sha256 or size than the release.
+    #[error("the manifest signs {field} {signed}, but release {release} has {field} {actual}")]
+    Differs {
+        release: String,
+        field: &'static str,
+        signed: String,
+        actual: String,
+    },
+}
+
+impl From<ManifestMismatch> for tonic::Status {
+    fn from(e: ManifestMismatch) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+/// Checks that `manifest` (non-empty) is a well-formed manifest naming this very release. The
+/// coordinator holds no signing key and does not verify the signature: that is the agents' job,
+/// with the keys they pin. This only turns an operator's mix-up into a clear error at push time.
+pub fn check_manifest(
+    manifest: &str,
+    service: &serin_proto::ServiceName,
+    release: &serin_proto::ReleaseId,
+    sha256: &Sha256,
+    size: u64,
+) -> Result<(), ManifestMismatch> {
+    let m = serin_security::manifest::parse(manifest.as_bytes()).map_err(|e| {
+        ManifestMismatch::Malformed {
+            release: release.to_string(),
+            problem: e.to_string(),
+        }
+    })?;
+    let b = &m.body;
+    let differs = |field, signed: String, actual: String| ManifestMismatch::Differs {
+        release: release.to_string(),
+        field,
+        signed,
+        actual,
+    };
+    if &b.service != service {
+        return Err(differs(
+            "service",
+            b.service.to_string(),
+            service.to_string(),
+        ));
+    }
+    if &b.release != release {
+        return Err(differs(
+            "release",
+            b.release.to_string(),
+            release.to_string(),
+        ));
+    }
+    if &b.sha256 != sha256 {
+        return Err(differs("sha256", b.sha256.to_hex(), sha256.to_hex()));
+    }
+    if b.size != size {
+        return Err(differs("size", b.size.to_string(), size.to_string()));
+    }
+    Ok(())
+}
+
 /// Blobs on disk, named by their sha256.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {

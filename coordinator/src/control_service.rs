@@ -343,6 +343,7 @@ fn release_info(rec: &ReleaseRecord, deduplicated: bool) -> wire::ReleaseInfo {
             sha256: rec.sha256.clone(),
             size: rec.size,
             url: rec.url.clone(),
+            manifest: rec.manifest.clone(),
         }),
         created_unix_ms: rec.created_unix_ms,
         deduplicated,
@@ -387,6 +388,21 @@ impl ControlServiceImpl {
 
     async fn put(&self, rec: ReleaseRecord) -> Result<(), Status> {
         blocking(&self.store, move |s| s.put_release(&rec)).await
+    }
+
+    /// A release pushed or added again with a (checked) manifest keeps the new manifest: that is
+    /// how a release is re-signed, e.g. with a new key. Without one, the stored one stays.
+    async fn attach_manifest(
+        &self,
+        mut existing: ReleaseRecord,
+        manifest: String,
+    ) -> Result<ReleaseRecord, Status> {
+        if !manifest.is_empty() && manifest != existing.manifest {
+            existing.manifest = manifest;
+            self.put(existing.clone()).await?;
+            tracing::info!(service = %existing.service, release = %existing.id, "release manifest replaced");
+        }
+        Ok(existing)
     }
 }
 
@@ -467,6 +483,12 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
             .ok_or_else(|| Status::invalid_argument("the upload ended before its first chunk"))?;
         let service = ServiceName::new(&first.service).map_err(|e| e.within("push"))?;
         let id = ReleaseId::new(&first.release_id).map_err(|e| e.within("push"))?;
+        let manifest = first.manifest.clone();
+        if manifest.len() > serin_proto::MAX_MANIFEST_BYTES {
+            return Err(
+                ValidationError::new("push.manifest", "longer than a manifest can be").into(),
+            );
+        }
         tracing::info!(service = %service, release = %id, "artifact upload started");
 
         let mut upload = self.artifacts.upload().await?;
@@ -493,6 +515,15 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
         }
         let staged = upload.finish().await?;
         let sha = staged.sha256().to_hex();
+        if !manifest.is_empty() {
+            crate::artifacts::check_manifest(
+                &manifest,
+                &service,
+                &id,
+                &staged.sha256(),
+                staged.size(),
+            )?;
+        }
 
         let _guard = self.release_lock.lock().await;
         if let Some(existing) = self.existing(&service, &id).await? {
@@ -501,6 +532,7 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
                 return Err(immutable(&existing, &sha));
             }
             staged.commit().await?;
+            let existing = self.attach_manifest(existing, manifest).await?;
             return Ok(Response::new(release_info(&existing, true)));
         }
         let size = staged.size();
@@ -512,6 +544,7 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
             size,
             url: String::new(),
             created_unix_ms: unix_ms_now(),
+            manifest,
         };
         self.put(rec.clone()).await?;
         tracing::info!(service = %service, release = %id, sha256 = %rec.sha256, size, deduplicated, "release stored");
@@ -533,6 +566,16 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
             .into());
         };
         let sha = release.sha256.to_hex();
+        let manifest = release.manifest.clone().unwrap_or_default();
+        if !manifest.is_empty() {
+            crate::artifacts::check_manifest(
+                &manifest,
+                &release.service,
+                &release.id,
+                &release.sha256,
+                release.size,
+            )?;
+        }
         let _guard = self.release_lock.lock().await;
         if let Some(existing) = self.existing(&release.service, &release.id).await? {
             if existing.sha256 != sha {
@@ -544,6 +587,7 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
                     existing.id, existing.service, existing.size, release.size
                 )));
             }
+            let existing = self.attach_manifest(existing, manifest).await?;
             return Ok(Response::new(release_info(&existing, true)));
         }
         let rec = ReleaseRecord {
@@ -553,6 +597,7 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
             size: release.size,
             url: url.clone(),
             created_unix_ms: unix_ms_now(),
+            manifest,
         };
         self.put(rec.clone()).await?;
         tracing::info!(sha256 = %rec.sha256, url = %rec.url, "release registered");
@@ -756,6 +801,7 @@ mod tests {
         assert!(e.message().contains("push.release id"), "{e}");
         let e = client
             .push_artifact(futures::stream::iter(vec![wire::PushArtifactChunk {
+                manifest: String::new(),
                 service: "web".into(),
                 release_id: "web-1".into(),
                 data: Vec::new(),
@@ -773,6 +819,7 @@ mod tests {
         let server = TestServer::start(LONG).await;
         let mut client = server.control_client().await;
         let rel = wire::Release {
+            manifest: String::new(),
             service: "web".into(),
             id: "web-9".into(),
             sha256: "ab".repeat(32),

@@ -61,6 +61,30 @@ pub enum ResultCode {
     /// Another order for the service is in progress.
     Busy,
     Cancelled,
+    /// Signed releases: the release is not signed by a key this host pins (no manifest).
+    Unsigned,
+    /// Signed releases: the release's manifest does not parse.
+    MalformedManifest,
+    /// Signed releases: the manifest is signed by a key this host does not pin for the service.
+    UnknownKey,
+    /// Signed releases: the manifest's signature does not verify.
+    BadSignature,
+    /// Signed releases: the manifest is for another service.
+    OtherService,
+    /// Signed releases: the manifest is for another release.
+    OtherRelease,
+    /// Signed releases: the artifact's sha256 differs from the manifest's.
+    SignedHashMismatch,
+    /// Signed releases: the artifact's size differs from the manifest's.
+    SignedSizeMismatch,
+    /// Signed releases: the manifest has expired.
+    Expired,
+    /// Signed releases: the manifest's release counter is below the host's floor for the service.
+    BelowFloor,
+    /// The order's coordinator epoch is older than one the host already accepted.
+    ReplayedOrder,
+    /// The release's URL is not under a prefix the agent allows.
+    UrlNotAllowed,
 }
 
 impl ResultCode {
@@ -83,6 +107,18 @@ impl ResultCode {
             ResultCode::IoError => "io_error",
             ResultCode::Busy => "busy",
             ResultCode::Cancelled => "cancelled",
+            ResultCode::Unsigned => "unsigned",
+            ResultCode::MalformedManifest => "malformed_manifest",
+            ResultCode::UnknownKey => "unknown_key",
+            ResultCode::BadSignature => "bad_signature",
+            ResultCode::OtherService => "other_service",
+            ResultCode::OtherRelease => "other_release",
+            ResultCode::SignedHashMismatch => "signed_hash_mismatch",
+            ResultCode::SignedSizeMismatch => "signed_size_mismatch",
+            ResultCode::Expired => "expired",
+            ResultCode::BelowFloor => "below_floor",
+            ResultCode::ReplayedOrder => "replayed_order",
+            ResultCode::UrlNotAllowed => "url_not_allowed",
         }
     }
 }

@@ -160,6 +160,11 @@ impl HostEntry {
         &mut self.services[i].1
     }
 
+    /// Whether the host's hello listed `name`.
+    fn lists(&self, name: &ServiceName) -> bool {
+        self.services.binary_search_by(|(n, _)| n.cmp(name)).is_ok()
+    }
+
     fn set_health(&mut self, name: &ServiceName, report: wire::HealthReport) {
         match self.health.binary_search_by(|(n, _)| n.cmp(name)) {
             Ok(i) => self.health[i].1 = report,
@@ -197,6 +202,8 @@ pub struct Registry {
     hosts: Mutex<BTreeMap<HostId, HostEntry>>,
     events: broadcast::Sender<FleetEvent>,
     next_conn: AtomicU64,
+    /// This coordinator run's epoch, stamped on every order sent (0 until set).
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -216,7 +223,13 @@ impl Registry {
             hosts: Mutex::new(BTreeMap::new()),
             events,
             next_conn: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the epoch stamped on every order from now on.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
     }
 
     /// The settings in force.
@@ -307,6 +320,12 @@ impl Registry {
             Body::Heartbeat(_) => {}
             Body::Health(report) => {
                 let sample = validate_health(&report, now_ms)?;
+                if !entry.lists(&sample.service) {
+                    // Only the services of the hello are kept (hostile input: a stream naming
+                    // endless new services must not grow the registry).
+                    tracing::debug!(host = %host, service = %sample.service, "health report for a service not in the hello; dropped");
+                    return Ok(());
+                }
                 let svc = entry.service_mut(&sample.service);
                 // A late report about a release the service no longer runs says nothing of it.
                 if svc.current_release.is_none() || svc.current_release == sample.release {
@@ -320,7 +339,11 @@ impl Registry {
             }
             Body::Result(result) => {
                 let outcome = validate_result(result)?;
-                apply_outcome(entry.service_mut(&outcome.service), &outcome);
+                // A result about a service the hello did not list (e.g. UNKNOWN_SERVICE) still
+                // reaches the engine, but creates no service entry.
+                if entry.lists(&outcome.service) {
+                    apply_outcome(entry.service_mut(&outcome.service), &outcome);
+                }
                 self.emit(FleetEvent::Result {
                     host: host.clone(),
                     outcome,
@@ -468,7 +491,10 @@ impl Fleet for Registry {
         let (seq, kind, service) = (order.seq, order.action.kind(), order.service.clone());
         let queued = self.queue(
             host,
-            wire::coordinator_message::Body::Order(order.into()),
+            wire::coordinator_message::Body::Order(wire::Order {
+                epoch: self.epoch.load(Ordering::SeqCst),
+                ..order.into()
+            }),
             kind,
             seq,
         );
@@ -555,6 +581,7 @@ fn inventory_of(name: &ServiceName, s: &ServiceSnapshot) -> wire::ServiceInvento
             .map(ToString::to_string)
             .unwrap_or_default(),
         last_seq: s.last_seq,
+        last_epoch: 0,
         verdict: match s.healthy {
             Some(true) => wire::HealthVerdict::Passing,
             Some(false) => wire::HealthVerdict::Failing,
@@ -687,7 +714,7 @@ pub fn validate_hello(h: wire::Hello, now_ms: u64) -> Result<HostSnapshot, Valid
             kept_releases,
             state,
             healthy: verdict(inv.verdict(), inv.healthy),
-            last_seq: inv.last_seq,
+            last_seq: bounded_seq(&format!("{field}.last_seq"), inv.last_seq)?,
         };
         if services.insert(name.clone(), snap).is_some() {
             return Err(ValidationError::new(
@@ -791,7 +818,7 @@ pub fn validate_result(r: wire::OrderResult) -> Result<OrderOutcome, ValidationE
         code,
         message: truncate(r.message, 4096),
         current_release,
-        last_seq: r.last_seq,
+        last_seq: bounded_seq("result.last_seq", r.last_seq)?,
     })
 }
 
@@ -830,6 +857,18 @@ fn result_code_from_wire(c: wire::ResultCode) -> ResultCode {
         wire::ResultCode::IoError => ResultCode::IoError,
         wire::ResultCode::Busy => ResultCode::Busy,
         wire::ResultCode::Cancelled => ResultCode::Cancelled,
+        wire::ResultCode::Unsigned => ResultCode::Unsigned,
+        wire::ResultCode::MalformedManifest => ResultCode::MalformedManifest,
+        wire::ResultCode::UnknownKey => ResultCode::UnknownKey,
+        wire::ResultCode::BadSignature => ResultCode::BadSignature,
+        wire::ResultCode::OtherService => ResultCode::OtherService,
+        wire::ResultCode::OtherRelease => ResultCode::OtherRelease,
+        wire::ResultCode::SignedHashMismatch => ResultCode::SignedHashMismatch,
+        wire::ResultCode::SignedSizeMismatch => ResultCode::SignedSizeMismatch,
+        wire::ResultCode::Expired => ResultCode::Expired,
+        wire::ResultCode::BelowFloor => ResultCode::BelowFloor,
+        wire::ResultCode::ReplayedOrder => ResultCode::ReplayedOrder,
+        wire::ResultCode::UrlNotAllowed => ResultCode::UrlNotAllowed,
     }
 }
 
@@ -859,6 +898,18 @@ fn service_state_to_wire(s: ServiceState) -> wire::ServiceState {
         ServiceState::AwaitingConfirm => wire::ServiceState::AwaitingConfirm,
         ServiceState::RollingBack => wire::ServiceState::RollingBack,
     }
+}
+
+/// A sequence reported by an agent: at most [`serin_proto::MAX_ORDER_SEQ`]. A value near the
+/// type's end would push the host's order counter where no later order fits (issue 7).
+fn bounded_seq(field: &str, seq: u64) -> Result<u64, ValidationError> {
+    if seq > serin_proto::MAX_ORDER_SEQ {
+        return Err(ValidationError::new(
+            field,
+            format!("{seq} exceeds the limit of {}", serin_proto::MAX_ORDER_SEQ),
+        ));
+    }
+    Ok(seq)
 }
 
 #[cfg(test)]
@@ -960,6 +1011,7 @@ mod tests {
         let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
         let mut events = reg.subscribe();
         let result = wire::OrderResult {
+            last_epoch: 0,
             order_id: "o1".into(),
             rollout_id: "r1".into(),
             seq: 7,
@@ -1059,6 +1111,7 @@ mod tests {
         assert!(events.try_recv().is_err());
         // Orders go to the new stream.
         let order = Order {
+            epoch: 0,
             order_id: "o".into(),
             rollout_id: String::new(),
             seq: 1,

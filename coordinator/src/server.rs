@@ -97,6 +97,8 @@ pub async fn run(
         unreachable_after: config.unreachable_after,
         ..RegistrySettings::default()
     }));
+    // A new epoch for this run: every order carries it; agents refuse an older one as a replay.
+    registry.set_epoch(crate::store::start_epoch(store.clone()).await?);
 
     // Everything this function starts stops on `inner`; it is cancelled by `shutdown`, and also
     // on our own way out when serving fails.
@@ -632,6 +634,7 @@ mod tests {
             .unwrap();
         let info = ctl
             .push_artifact(futures::stream::iter(vec![wire::PushArtifactChunk {
+                manifest: String::new(),
                 service: "web".into(),
                 release_id: "web-2".into(),
                 data: b"new binary".to_vec(),
@@ -712,6 +715,7 @@ mod tests {
             let (mut agent, _) =
                 testing::FakeAgent::attach(&server, testing::hello(&id, &[])).await;
             let order = Order {
+                epoch: 0,
                 order_id: format!("o{i}"),
                 rollout_id: String::new(),
                 seq: 1,

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
                     "sequence {} accepted",
                     order.seq
                 );
+                assert!(order.epoch <= MAX_ORDER_SEQ, "epoch {} accepted", order.epoch);
                 let back = Order::try_from(wire::Order::from(order.clone()));
                 assert_eq!(back.as_ref(), Ok(&order), "order round trip");
             }

@@ -242,10 +242,16 @@ pub struct Release {
     pub sha256: Sha256,
     pub size: u64,
     pub source: ArtifactSource,
+    /// The signed manifest, verbatim (`None`: unsigned). Not parsed here: the agent verifies it
+    /// with the keys it pins, and nothing in it is believed before that.
+    pub manifest: Option<String>,
 }
 
 /// Largest artifact a release may declare: 64 GiB.
 pub const MAX_ARTIFACT_SIZE: u64 = 64 << 30;
+
+/// Longest manifest a release may carry (the manifest format's own limit).
+pub const MAX_MANIFEST_BYTES: usize = 4096;
 
 impl TryFrom<wire::Release> for Release {
     type Error = ValidationError;
@@ -279,15 +285,25 @@ impl TryFrom<wire::Release> for Release {
         } else {
             return Err(ValidationError::new(
                 "release.url",
-                format!("{:?} is not an http:// or https:// URL", r.url),
+                format!("{:?} is not an http:// or https:// URL", truncated(&r.url)),
             ));
         };
+        if r.manifest.len() > MAX_MANIFEST_BYTES {
+            return Err(ValidationError::new(
+                "release.manifest",
+                format!(
+                    "is {} bytes long, at most {MAX_MANIFEST_BYTES} allowed",
+                    r.manifest.len()
+                ),
+            ));
+        }
         Ok(Self {
             service,
             id,
             sha256,
             size: r.size,
             source,
+            manifest: (!r.manifest.is_empty()).then_some(r.manifest),
         })
     }
 }
@@ -303,8 +319,25 @@ impl From<Release> for wire::Release {
                 ArtifactSource::Coordinator => String::new(),
                 ArtifactSource::Url(u) => u,
             },
+            manifest: r.manifest.unwrap_or_default(),
         }
     }
+}
+
+/// Longest excerpt of a received value that an error message echoes back.
+pub const MAX_ECHOED_BYTES: usize = 64;
+
+/// `value` cut to at most [`MAX_ECHOED_BYTES`] (on a character boundary), with `…` when cut, so
+/// an error about a hostile value never carries the value back in full.
+pub fn truncated(value: &str) -> String {
+    if value.len() <= MAX_ECHOED_BYTES {
+        return value.to_owned();
+    }
+    let mut end = MAX_ECHOED_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &value[..end])
 }
 
 /// What an order asks the agent to do.
@@ -350,6 +383,8 @@ pub struct Order {
     pub rollout_id: String,
     /// Monotonic per host and service.
     pub seq: u64,
+    /// The coordinator's epoch (0: a coordinator without epochs); with `seq`, ordered as a pair.
+    pub epoch: u64,
     pub service: ServiceName,
     pub action: OrderAction,
 }
@@ -402,6 +437,12 @@ impl TryFrom<wire::Order> for Order {
             return Err(ValidationError::new(
                 "order.seq",
                 format!("{} exceeds the limit of {MAX_ORDER_SEQ}", o.seq),
+            ));
+        }
+        if o.epoch > MAX_ORDER_SEQ {
+            return Err(ValidationError::new(
+                "order.epoch",
+                format!("{} exceeds the limit of {MAX_ORDER_SEQ}", o.epoch),
             ));
         }
         let service = ServiceName::new(o.service).map_err(|e| e.within("order"))?;
@@ -474,6 +515,7 @@ impl TryFrom<wire::Order> for Order {
             order_id,
             rollout_id,
             seq: o.seq,
+            epoch: o.epoch,
             service,
             action,
         })
@@ -510,6 +552,7 @@ impl From<Order> for wire::Order {
             order_id: o.order_id,
             rollout_id: o.rollout_id,
             seq: o.seq,
+            epoch: o.epoch,
             service: o.service.into_string(),
             action: Some(action),
         }
@@ -593,6 +636,7 @@ mod tests {
             sha256: "ab".repeat(32),
             size: 10,
             url: String::new(),
+            manifest: String::new(),
         }
     }
 
@@ -643,6 +687,7 @@ mod tests {
             order_id: "o1".into(),
             rollout_id: "r1".into(),
             seq: 3,
+            epoch: 2,
             service: ServiceName::new("web").unwrap(),
             action: OrderAction::Activate {
                 release: release("web", "web-2").try_into().unwrap(),
@@ -665,6 +710,7 @@ mod tests {
             order_id: "o1".into(),
             rollout_id: "r1".into(),
             seq: MAX_ORDER_SEQ,
+            epoch: 0,
             service: ServiceName::new("web").unwrap(),
             action: OrderAction::Cancel,
         };

@@ -236,6 +236,7 @@ impl DemoRelease {
     /// The wire release for `service`, served by the coordinator (`url` empty) or from `url`.
     pub fn wire(&self, service: &str, url: &str) -> serin_proto::wire::Release {
         serin_proto::wire::Release {
+            manifest: String::new(),
             service: service.to_owned(),
             id: self.id.clone(),
             sha256: self.sha256.clone(),

@@ -44,6 +44,7 @@ impl Deadlines {
 
 fn order(kind: &str, seq: u64, service: &str, action: Action) -> wire::Order {
     wire::Order {
+        epoch: 0,
         order_id: format!("{kind}-{seq}"),
         rollout_id: ROLLOUT.to_owned(),
         seq,

@@ -67,10 +67,34 @@ impl ServiceTask {
                 self.send(r, false).await;
                 return;
             }
+            Admission::Replayed { last_epoch } => {
+                tracing::warn!(
+                    service = self.name(),
+                    seq = order.seq,
+                    epoch = order.epoch,
+                    last_epoch,
+                    "order of an older coordinator epoch refused as a replay"
+                );
+                let current = self.store.current();
+                let r = orders::result(
+                    &order,
+                    OrderPhase::Rejected,
+                    ResultCode::ReplayedOrder,
+                    format!(
+                        "order seq {} of coordinator epoch {} is a replay: this host already \
+                         accepted orders of epoch {last_epoch}",
+                        order.seq, order.epoch
+                    ),
+                    current.as_deref(),
+                );
+                self.send(r, false).await;
+                return;
+            }
             Admission::Apply => {}
         }
         // Persist the sequence before acting: a crash now must not apply it twice.
         self.state.last_seq = order.seq;
+        self.state.last_epoch = self.state.last_epoch.max(order.epoch);
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist order sequence");
             let current = self.store.current();
@@ -101,6 +125,14 @@ impl ServiceTask {
                 | OrderAction::Cancel
         ) {
             self.preempt_stage(&order, jobs).await;
+        }
+        if let OrderAction::Stage { release } | OrderAction::Activate { release, .. } =
+            &order.action
+            && let Err(refusal) = self.admit_release(release)
+        {
+            self.reply(&order, OrderPhase::Failed, refusal.code, refusal.message)
+                .await;
+            return;
         }
         match order.action.clone() {
             OrderAction::Stage { release } => self.start_stage(order, release, None, jobs),
@@ -182,6 +214,13 @@ impl ServiceTask {
                     .await;
                 return;
             }
+        }
+        if current.as_deref() != Some(target.as_str())
+            && let Err(refusal) = self.check_installed(&target, None)
+        {
+            self.reply(&order, OrderPhase::Failed, refusal.code, refusal.message)
+                .await;
+            return;
         }
         if let Some(a) = self.state.activation.take() {
             tracing::info!(service = self.name(), release = %a.to, "rollback order supersedes the activation in progress");

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 
 use serin_proto::wire::{self, OrderPhase, ResultCode};
-use serin_proto::{Order, Release};
+use serin_proto::{Order, OrderAction, Release};
 use tokio::task::JoinSet;
 
 use crate::activation::{self, Activation, Command, Deadlines, OrderRef, Outcome, Phase};
@@ -68,6 +68,15 @@ impl ServiceTask {
         to: String,
         deadlines: Deadlines,
     ) {
+        let offered = match &order.action {
+            OrderAction::Activate { release, .. } => release.manifest.as_deref(),
+            _ => None,
+        };
+        if let Err(refusal) = self.check_installed(&to, offered) {
+            self.reply(order, OrderPhase::Failed, refusal.code, refusal.message)
+                .await;
+            return;
+        }
         let from = self.store.current();
         if self.staged.as_deref() == Some(to.as_str()) {
             // From now on the journal protects it.
@@ -290,6 +299,7 @@ impl ServiceTask {
             current_release: current.unwrap_or_default(),
             bytes_done: 0,
             last_seq: 0,
+            last_epoch: 0,
         };
         self.send(r, true).await;
     }
@@ -300,6 +310,7 @@ impl ServiceTask {
         self.state.activation = None;
         match outcome {
             Outcome::Kept => {
+                self.raise_floor(&to);
                 if from.as_deref() != Some(to.as_str()) {
                     self.state.previous = from;
                 }

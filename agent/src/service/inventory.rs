@@ -36,6 +36,7 @@ impl ServiceTask {
             verdict: self.monitor.verdict().to_wire() as i32,
             previous_release: previous.unwrap_or_default(),
             last_seq: self.state.last_seq,
+            last_epoch: self.state.last_epoch,
         };
         self.inventory.send_if_modified(|old| {
             if *old == inv {

@@ -124,6 +124,7 @@ mod admission;
 mod driver;
 mod inventory;
 mod probes;
+mod signing;
 mod staging;
 
 use probes::ProbeEpoch;
@@ -172,6 +173,19 @@ pub fn spawn(
     let state = state_file
         .load()
         .map_err(|source| ServiceInitError::State { service, source })?;
+    if cfg.signing_keys.is_empty() {
+        tracing::warn!(
+            service = cfg.name.as_str(),
+            "no signing keys pinned for this service: its releases are not verified"
+        );
+    } else {
+        tracing::info!(
+            service = cfg.name.as_str(),
+            keys = cfg.signing_keys.len(),
+            floor = state.floor,
+            "releases of this service must be signed by a pinned key"
+        );
+    }
     let (tx, rx) = mpsc::channel(256);
     let monitor = HealthMonitor::new(&cfg.checks);
     let (inventory, inventory_rx) = watch::channel(wire::ServiceInventory::default());
@@ -352,6 +366,7 @@ impl ServiceTask {
         // Every result says how far this agent's sequence is, so a coordinator whose counter
         // is behind can move past it.
         result.last_seq = self.state.last_seq;
+        result.last_epoch = self.state.last_epoch;
         if record {
             self.state.record(&result);
             if let Err(e) = self.state_file.save(&self.state) {

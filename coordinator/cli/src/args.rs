@@ -142,6 +142,9 @@ pub enum ArtifactCommand {
         /// Release id, e.g. 1.4.2.
         #[arg(long, short = 'r')]
         release: String,
+        /// The release's signed manifest (`serin release sign`), stored and sent with it.
+        #[arg(long, value_name = "MANIFEST")]
+        manifest: Option<PathBuf>,
     },
 }
 
@@ -165,6 +168,9 @@ pub enum ReleaseCommand {
         /// Exact size of the artifact in bytes.
         #[arg(long)]
         size: u64,
+        /// The release's signed manifest (`serin release sign`), stored and sent with it.
+        #[arg(long, value_name = "MANIFEST")]
+        manifest: Option<PathBuf>,
     },
     /// List the registered releases.
     List {

@@ -82,8 +82,32 @@ pub async fn artifact(
             file,
             service,
             release,
-        } => push(c, output, &file, &service, &release).await,
+            manifest,
+        } => {
+            let manifest = read_manifest(manifest.as_deref()).await?;
+            push(c, output, &file, &service, &release, manifest).await
+        }
     }
+}
+
+/// The text of the manifest file given with `--manifest`, empty without one.
+async fn read_manifest(path: Option<&Path>) -> Result<String, CliError> {
+    let Some(path) = path else {
+        return Ok(String::new());
+    };
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
+    if bytes.len() > serin_proto::MAX_MANIFEST_BYTES {
+        return Err(CliError::Usage(format!(
+            "manifest {} is {} bytes long; a manifest has at most {} bytes",
+            path.display(),
+            bytes.len(),
+            serin_proto::MAX_MANIFEST_BYTES
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::Usage(format!("manifest {} is not UTF-8 text", path.display())))
 }
 
 /// Streams `file` in [`PUSH_CHUNK`] chunks, then checks the coordinator's sha256 and size
@@ -94,6 +118,7 @@ async fn push(
     file: &Path,
     service: &str,
     release: &str,
+    manifest: String,
 ) -> Result<Exit, CliError> {
     check_names(service, release)?;
     let mut f = tokio::fs::File::open(file)
@@ -112,6 +137,7 @@ async fn push(
     let (tx, rx) = tokio::sync::mpsc::channel::<wire::PushArtifactChunk>(4);
     let display = file.display().to_string();
     let (service_s, release_s) = (service.to_string(), release.to_string());
+    let mut manifest = Some(manifest);
     // Reads the file and feeds the request stream; yields the hash and size it read.
     let reader = async move {
         let mut hasher = Sha256::new();
@@ -147,6 +173,7 @@ async fn push(
                         String::new()
                     },
                     data: buf,
+                    manifest: manifest.take().unwrap_or_default(),
                 };
                 first = false;
                 if tx.send(chunk).await.is_err() {
@@ -200,8 +227,10 @@ pub async fn release(
             url,
             sha256,
             size,
+            manifest,
         } => {
             check_names(&service, &release)?;
+            let manifest = read_manifest(manifest.as_deref()).await?;
             serin_proto::Sha256::from_hex("--sha256", &sha256)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -217,6 +246,7 @@ pub async fn release(
                     sha256,
                     size,
                     url,
+                    manifest,
                 })
                 .await
                 .map_err(|s| c.err("register release", s))?

@@ -88,6 +88,7 @@ impl ControlService for Fake {
         self.lock().pushed_names = Some((service.clone(), id.clone()));
         Ok(Response::new(wire::ReleaseInfo {
             release: Some(wire::Release {
+                manifest: String::new(),
                 service,
                 id,
                 sha256: sha,

@@ -54,6 +54,7 @@ pub fn release_of(
         } else {
             ArtifactSource::Url(url.to_string())
         },
+        manifest: (!rec.manifest.is_empty()).then(|| rec.manifest.clone()),
     })
 }
 

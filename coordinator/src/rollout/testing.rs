@@ -69,6 +69,7 @@ pub fn release_record() -> ReleaseRecord {
         size: 100,
         url: String::new(),
         created_unix_ms: 1,
+        manifest: String::new(),
     }
 }
 

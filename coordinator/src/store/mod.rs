@@ -23,6 +23,10 @@ pub struct ReleaseRecord {
     /// Empty: served from the coordinator's artifact store.
     pub url: String,
     pub created_unix_ms: u64,
+    /// The release's signed manifest, verbatim; empty when unsigned. Records written before
+    /// manifests existed read as unsigned.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest: String,
 }
 
 /// Everything stored for one rollout.
@@ -75,6 +79,28 @@ pub trait Store: Send + Sync + 'static {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError>;
+
+    /// Starts a new coordinator epoch (orders carry it; agents refuse orders of an older one as
+    /// replays): strictly greater than every epoch returned before by this store, and at least
+    /// `at_least`. The caller passes the wall clock in seconds, so that a store restored from a
+    /// backup still starts an epoch newer than any the agents saw. A store that keeps nothing
+    /// across restarts returns `at_least` (at least 1).
+    fn bump_epoch(&self, at_least: u64) -> Result<u64, StoreError> {
+        Ok(at_least.max(1))
+    }
+}
+
+/// Starts this coordinator run's epoch ([`Store::bump_epoch`], at least the wall clock in seconds)
+/// on a blocking thread, and logs it.
+pub async fn start_epoch(store: std::sync::Arc<dyn Store>) -> Result<u64, StoreError> {
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let epoch = tokio::task::spawn_blocking(move || store.bump_epoch(now_secs))
+        .await
+        .map_err(|e| StoreError::Io(format!("epoch task failed: {e}")))??;
+    tracing::info!(epoch, "coordinator epoch started");
+    Ok(epoch)
 }
 
 /// Behaviour every [`Store`] implementation must show; run by each implementation's tests.
@@ -97,6 +123,7 @@ pub(crate) mod conformance {
             sha256: "ab".repeat(32),
             size: 42,
             url: String::new(),
+            manifest: String::new(),
             created_unix_ms: 1_700_000_000_000,
         }
     }

@@ -12,6 +12,7 @@
 //! | table            | key                      | value                          |
 //! |------------------|--------------------------|--------------------------------|
 //! | `meta`           | `"schema_version"`       | u64                            |
+//! | `meta`           | `"epoch"`                | u64, the coordinator epoch (absent: 0) |
 //! | `releases`       | (service, release id)    | JSON [`ReleaseRecord`]         |
 //! | `rollouts`       | rollout id               | opaque header blob             |
 //! | `rollout_hosts`  | (rollout id, host id)    | opaque host record blob        |
@@ -37,6 +38,8 @@ use super::{ReleaseRecord, Store, StoreError, StoredRollout};
 pub const SCHEMA_VERSION: u32 = 1;
 
 const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// `meta` key of the coordinator epoch ([`Store::bump_epoch`]).
+const EPOCH_KEY: &str = "epoch";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RELEASES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("releases");
@@ -371,6 +374,25 @@ impl Store for RedbStore {
         self.commit(txn, "committing an order sequence")?;
         Ok(next)
     }
+
+    fn bump_epoch(&self, at_least: u64) -> Result<u64, StoreError> {
+        let txn = self.begin_write("starting bump_epoch")?;
+        let next = {
+            let mut t = txn
+                .open_table(META)
+                .map_err(|e| self.io("opening table meta", e))?;
+            let last = t
+                .get(EPOCH_KEY)
+                .map_err(|e| self.io("reading the epoch", e))?
+                .map_or(0, |g| g.value());
+            let next = last.saturating_add(1).max(at_least);
+            t.insert(EPOCH_KEY, next)
+                .map_err(|e| self.io("writing the epoch", e))?;
+            next
+        };
+        self.commit(txn, "committing the epoch")?;
+        Ok(next)
+    }
 }
 
 fn decode_release(blob: &[u8]) -> Result<ReleaseRecord, StoreError> {
@@ -419,6 +441,23 @@ mod tests {
         // An agent that reports a higher applied sequence than we remember pushes us past it.
         assert_eq!(store.next_seq(&host, &web, 40).unwrap(), 41);
         assert_eq!(store.next_seq(&host, &web, 5).unwrap(), 42);
+    }
+
+    #[test]
+    fn the_epoch_grows_on_every_bump_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let first = {
+            let store = RedbStore::open(&path).unwrap();
+            assert_eq!(store.bump_epoch(0).unwrap(), 1);
+            store.bump_epoch(0).unwrap()
+        };
+        assert_eq!(first, 2);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.bump_epoch(0).unwrap(), 3);
+        // The wall clock (what the coordinator passes) moves it ahead, a stale clock never back.
+        assert_eq!(store.bump_epoch(1_000).unwrap(), 1_000);
+        assert_eq!(store.bump_epoch(5).unwrap(), 1_001);
     }
 
     #[test]

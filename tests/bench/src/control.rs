@@ -50,6 +50,7 @@ impl Operator {
                 service: String::new(),
                 release_id: String::new(),
                 data: c.to_vec(),
+                manifest: String::new(),
             })
             .collect();
         if chunks.is_empty() {

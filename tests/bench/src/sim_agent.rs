@@ -204,6 +204,7 @@ impl SimAgent {
                 healthy: true,
                 previous_release: self.svc.previous.clone().unwrap_or_default(),
                 last_seq: self.svc.last_seq,
+                last_epoch: 0,
                 verdict: wire::HealthVerdict::Passing as i32,
             }],
         }
@@ -438,6 +439,7 @@ impl SimAgent {
             current_release: self.svc.current.clone().unwrap_or_default(),
             bytes_done: 0,
             last_seq: self.svc.last_seq,
+            last_epoch: 0,
         }
     }
 

@@ -563,6 +563,7 @@ impl Rollout {
                     serin_proto::ArtifactSource::Url(u) => u.clone(),
                 },
                 created_unix_ms: self.release_created_ms,
+                manifest: self.release.manifest.clone().unwrap_or_default(),
             },
             state: self.state,
             reason: self.reason.clone(),

@@ -23,6 +23,8 @@ impl Rollout {
             order_id: o.order_id.clone(),
             rollout_id: self.id.clone(),
             seq,
+            // Stamped by the registry when the order is sent: the epoch of this coordinator run.
+            epoch: 0,
             service: self.spec.service.clone(),
             action,
         })
