@@ -5,7 +5,7 @@
 //! host; the timed scenarios are documented commands (BENCHMARKS.md), not tests.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[test]
 fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
@@ -65,8 +65,7 @@ fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
     assert_eq!(figure("fetched_bytes") as u32, agents * 4096, "{stdout}");
     assert_eq!(figure("confirm_timeouts"), 0.0, "{stdout}");
     assert_eq!(figure("reconnects"), 0.0, "{stdout}");
-    assert!(
-        took < Duration::from_secs(90),
-        "the smoke took {took:?} (it is meant to stay around 20 s)"
-    );
+    // The rollout itself is bounded by `--timeout-s`; the wall time (which includes building
+    // the coordinator when it is stale) is printed, not asserted: speed is the benchmarks' job.
+    println!("smoke: {agents} simulated hosts in {took:.1?}");
 }
