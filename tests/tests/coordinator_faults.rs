@@ -343,11 +343,11 @@ fn fill(dir: &Path, name: &str) {
     let _ = file.sync_all();
 }
 
-/// 4 hosts, waves `1,100%`, the coordinator's state directory a 24 MiB tmpfs. Once the canary
-/// bakes, the disk is filled: the next save fails, the rollout pauses with a reason naming the
-/// store and the disk, and no host is failed or reverted. The coordinator is then SIGKILLed and
-/// restarted with the disk still full: the store opens (or the start is refused naming the disk),
-/// and once space is freed the rollout goes on by itself and succeeds.
+/// 4 hosts, waves `1,100%`, the coordinator's state directory a 24 MiB tmpfs. While the canary
+/// bakes, the disk is filled and an operator pauses and resumes until a save fails: the rollout
+/// pauses with a reason naming the store and the disk, and no host is failed or reverted. The
+/// coordinator is then SIGKILLed and restarted with the disk still full: the store opens. Once
+/// space is freed the rollout goes on (resumed by itself or by the operator) and succeeds.
 fn state_dir_full_during_a_commit() {
     let f = Fleet::start("disk-full", &["a", "b", "c", "a"]);
     let state = f.coord.state_dir().to_path_buf();
@@ -387,7 +387,7 @@ fn state_dir_full_during_a_commit() {
     f.push(&fleet::healthy("v2"));
     let t = Timings {
         bake: "1s",
-        canary_bake: Some("60s"),
+        canary_bake: Some("300s"),
         ..Timings::default()
     };
     let id = f.start_rollout("v2", &["--waves", "1,100%"], &t);
@@ -396,9 +396,32 @@ fn state_dir_full_during_a_commit() {
     });
     let canary = f.wave_hosts(&s, 0)[0];
     fill(&state, "filler");
-    // End the bake now: the promote decision cannot be saved.
-    let _ = f.cli(&["rollout", "promote", &id, "--reason", "disk test"]);
-    let s = f.wait_state(&id, "paused", LONG);
+    // redb reuses the pages earlier commits freed, so a small commit can still succeed on a full
+    // disk; the record only grows (decisions, events). An operator pauses and resumes until a
+    // commit needs a page the disk no longer has: the rollout then pauses on the store.
+    let paused_by_store = |s: &wire::RolloutStatus| {
+        s.state().as_str() == "paused" && s.reason.contains("saving the rollout failed")
+    };
+    let mut cycles = 0;
+    let s = loop {
+        let s = f.status(&id);
+        if paused_by_store(&s) {
+            break s;
+        }
+        cycles += 1;
+        assert!(
+            cycles <= 300,
+            "no save failed after {cycles} pause/resume cycles on a full disk\n{}",
+            describe_status(&s)
+        );
+        let action = if s.state().as_str() == "paused" {
+            "resume"
+        } else {
+            "pause"
+        };
+        let _ = f.cli(&["rollout", action, &id, "--reason", "disk test"]);
+    };
+    eprintln!("disk case: the store refused a save after {cycles} operator calls on a full disk");
     let reason = s.reason.to_lowercase();
     assert!(
         reason.contains("sav") && reason.contains("store"),
@@ -426,17 +449,22 @@ fn state_dir_full_during_a_commit() {
         "{}",
         describe_status(&s)
     );
-    // Space comes back: the rollout goes on by itself (or after an operator resume).
+    // Space comes back: the rollout goes on (the canary's bake is ended by a promote).
     std::fs::remove_file(state.join("filler")).expect("freeing space");
     let s = f.wait_rollout(&id, "finished or still paused", LONG, |s| {
         s.finished || s.state().as_str() == "paused"
     });
-    let s = if s.finished {
-        s
-    } else {
-        f.control("resume", &id);
-        f.wait_finished(&id, LONG)
-    };
+    if !s.finished {
+        // (It may resume by itself meanwhile: a refusal then is fine.)
+        let _ = f.cli(&["rollout", "resume", &id, "--reason", "disk test"]);
+    }
+    let s = f.wait_rollout(&id, "running again", LONG, |s| {
+        s.finished || s.state().as_str() == "running"
+    });
+    if !s.finished {
+        let _ = f.cli(&["rollout", "promote", &id, "--reason", "disk test"]);
+    }
+    let s = f.wait_finished(&id, LONG);
     assert_eq!(
         s.state().as_str(),
         "succeeded",
