@@ -36,6 +36,7 @@ use tonic::transport::Channel;
 
 use crate::agent_proc::{AgentOptions, AgentProc, SERVICE};
 use crate::demo_release::{self, Behaviour, DemoRelease};
+use crate::proxy::Link;
 use crate::{binaries, http, wait};
 
 /// How often the monitor samples every host.
@@ -214,6 +215,11 @@ impl CoordinatorProc {
         c
     }
 
+    /// The address it listens on (the same across restarts).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        (self.ip, self.port).into()
+    }
+
     /// The URL agents and the CLI dial.
     pub fn url(&self) -> String {
         format!("http://{}:{}", self.ip, self.port)
@@ -366,6 +372,9 @@ pub struct FleetHost {
     /// Its `zone` label.
     pub zone: String,
     fail_dir: PathBuf,
+    /// The link the agent reaches the coordinator through, in a fleet started with
+    /// [`Fleet::start_linked`] (dropped after the agent: field order).
+    link: Option<Link>,
 }
 
 /// The `[[service.check]]` every fleet host has besides the HTTP check: a command that fails
@@ -382,10 +391,12 @@ success_threshold = 1
 "#;
 
 impl FleetHost {
-    fn start(coordinator_url: &str, test: &str, zone: &str) -> Self {
+    fn start(coordinator: &CoordinatorProc, linked: bool, test: &str, zone: &str) -> Self {
         let mut opts = AgentOptions::new(test);
         opts.checks_toml.push_str(RELEASE_GATE_CHECK);
-        let agent = AgentProc::configure(coordinator_url, &opts);
+        let link = linked.then(|| Link::start(coordinator.addr()));
+        let url = link.as_ref().map_or_else(|| coordinator.url(), Link::url);
+        let agent = AgentProc::configure(&url, &opts);
         let root = agent.root().canonicalize().expect("canonical agent root");
         let fail_dir = root.join("fail-releases");
         std::fs::create_dir_all(&fail_dir).expect("creating the fail-releases directory");
@@ -413,7 +424,16 @@ impl FleetHost {
             agent,
             zone: zone.to_owned(),
             fail_dir,
+            link,
         }
+    }
+
+    /// The link between this host's agent and the coordinator (a fleet started with
+    /// [`Fleet::start_linked`]): cut it to partition the host, heal it to end the partition.
+    pub fn link(&self) -> &Link {
+        self.link
+            .as_ref()
+            .expect("a host of a fleet started with Fleet::start_linked")
     }
 
     /// The host id.
@@ -706,13 +726,24 @@ impl Fleet {
         f
     }
 
+    /// Like [`start`](Self::start), with each agent reaching the coordinator through a link of
+    /// its own ([`crate::proxy::Link`], [`FleetHost::link`]) that the test can cut and heal.
+    pub fn start_linked(name: &str, zones: &[&str]) -> Self {
+        let f = Self::start_with(name, zones, true);
+        f.bootstrap();
+        f
+    }
+
     /// Like [`start`](Self::start) without installing anything: no host has a release.
     pub fn start_bare(name: &str, zones: &[&str]) -> Self {
+        Self::start_with(name, zones, false)
+    }
+
+    fn start_with(name: &str, zones: &[&str], linked: bool) -> Self {
         let coord = CoordinatorProc::start();
-        let url = coord.url();
         let hosts: Vec<FleetHost> = zones
             .iter()
-            .map(|z| FleetHost::start(&url, name, z))
+            .map(|z| FleetHost::start(&coord, linked, name, z))
             .collect();
         let monitor = Monitor::start(
             hosts
@@ -771,6 +802,17 @@ impl Fleet {
         out.push_str(&self.coord.dump());
         for (i, h) in self.hosts.iter().enumerate() {
             let _ = writeln!(out, "--- host #{i} zone={} ---", h.zone);
+            if let Some(l) = &h.link {
+                let _ = writeln!(
+                    out,
+                    "link {}: cut {}, {} connections forwarded, {} severed, {} refused",
+                    l.url(),
+                    l.is_cut(),
+                    l.forwarded(),
+                    l.severed(),
+                    l.refused()
+                );
+            }
             out.push_str(&h.agent.dump());
         }
         if let Some(m) = &self.monitor {

@@ -139,6 +139,44 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
     mgr.join().await;
 }
 
+/// Issue 8 (found by the coordinator's disk fault case): a sequence allocation the store
+/// refuses (a full disk) left the order unsent while the rollout ran on, and the hosts "failed"
+/// their progress deadline: a store error blamed on the release. It now pauses the rollout like
+/// a failed save, and it resumes by itself once allocations work again.
+#[tokio::test(start_paused = true)]
+async fn a_failed_sequence_allocation_pauses_and_never_fails_a_host() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    fleet.respond_with(healthy_agent());
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    store.fail_seqs.store(true, SeqCst);
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
+    wait_status(&mut rx, "the rollout pauses on the store", |s| {
+        s.state().as_str() == "paused"
+    })
+    .await;
+    let s = rx.borrow().clone();
+    assert!(s.reason.contains("store"), "{}", s.reason);
+    // Far past the progress deadline: still paused, nobody failed.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let s = rx.borrow().clone();
+    assert_eq!(s.state().as_str(), "paused", "{}", s.reason);
+    assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
+    store.fail_seqs.store(false, SeqCst);
+    wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
+    let s = rx.borrow().clone();
+    assert_eq!(s.state().as_str(), "succeeded", "{}", s.reason);
+    assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
+    shutdown.cancel();
+    mgr.join().await;
+}
+
 /// Finding 2: a refusal that arrives as fast as the order goes out is not lost. Before the fix
 /// the task subscribed to fleet events after the canary was dispatched, the refusal was
 /// missed and the canary "failed" its progress deadline a minute later instead.

@@ -122,6 +122,8 @@ pub struct Driver {
     held: BTreeSet<HostId>,
     /// Some save of this rollout has succeeded.
     saved_once: bool,
+    /// The last sequence allocation failed: the next one that works is a recovery.
+    alloc_failed: bool,
 }
 
 /// What failed saves left behind: the hosts whose records changed and the events to append.
@@ -153,6 +155,7 @@ impl Driver {
             unsaved: None,
             held: BTreeSet::new(),
             saved_once: false,
+            alloc_failed: false,
         }
     }
 
@@ -289,13 +292,24 @@ impl Driver {
                 Command::AllocateSeqs(reqs) => {
                     rounds += 1;
                     let mut got = Vec::new();
+                    let mut failed = false;
                     for r in reqs {
                         match self.allocate(&m.spec().service, &r.host, r.at_least).await {
                             Ok(seq) => got.push((r.order_id, seq)),
                             Err(e) => {
                                 tracing::error!(rollout = %m.id(), host = %r.host, error = %e, "allocating an order sequence failed");
+                                // A store error, like a failed save: the rollout pauses (no
+                                // progress deadline runs out on an order that cannot go out)
+                                // and the allocation is asked for again.
+                                failed = true;
+                                out.store_error.get_or_insert(e);
                             }
                         }
+                    }
+                    if failed {
+                        self.alloc_failed = true;
+                    } else if std::mem::take(&mut self.alloc_failed) && self.unsaved.is_none() {
+                        out.recovered = true;
                     }
                     if rounds <= 8 {
                         let more = m.step(self.clock.now_ms(), Input::SeqsAllocated(got));

@@ -223,6 +223,8 @@ pub struct TestStore {
     gate_cv: std::sync::Condvar,
     /// Saves currently blocked at the gate.
     blocked: std::sync::atomic::AtomicUsize,
+    /// Sequence allocations fail while this is set.
+    pub fail_seqs: std::sync::atomic::AtomicBool,
 }
 
 impl TestStore {
@@ -314,6 +316,11 @@ impl Store for TestStore {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError> {
+        if self.fail_seqs.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io(
+                "injected sequence allocation failure".into(),
+            ));
+        }
         self.inner.next_seq(host, service, at_least)
     }
 }

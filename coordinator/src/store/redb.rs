@@ -26,6 +26,8 @@
 //! version.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use ::redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -50,8 +52,16 @@ const ROLLOUT_ORDER: TableDefinition<u64, &str> = TableDefinition::new("rollout_
 const ORDER_SEQS: TableDefinition<(&str, &str), u64> = TableDefinition::new("order_seqs");
 
 /// The coordinator's durable state in a redb file.
+///
+/// redb latches an I/O error (a full disk during a commit, say): every later operation on that
+/// handle fails with `PreviousIo` until the file is closed and opened again. So a failed
+/// operation marks the handle failed, and the next operation closes it and opens the file again
+/// (redb repairs it from its last durable commit); while that fails (the disk still full) each
+/// operation fails with the reason, and a later one tries again.
 pub struct RedbStore {
-    db: Database,
+    /// `None` once a failed handle was closed and opening the file again did not work yet.
+    db: RwLock<Option<Database>>,
+    failed: AtomicBool,
     path: PathBuf,
 }
 
@@ -74,7 +84,11 @@ impl RedbStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let db = Database::create(&path).map_err(|e| io(&path, "opening the store", e))?;
-        let store = Self { db, path };
+        let store = Self {
+            db: RwLock::new(Some(db)),
+            failed: AtomicBool::new(false),
+            path,
+        };
         store.upgrade()?;
         Ok(store)
     }
@@ -131,8 +145,36 @@ impl RedbStore {
         io(&self.path, what, e)
     }
 
+    /// `e` happened on the database: the handle may be latched, reopen it before the next use.
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        self.failed.store(true, Ordering::SeqCst);
+        self.io(what, e)
+    }
+
+    /// The database handle, reopened first if an earlier operation failed.
+    fn handle(&self, what: &str) -> Result<RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+            if self.failed.load(Ordering::SeqCst) {
+                // Close the latched handle first: it holds the file's lock.
+                *db = None;
+                let reopened = Database::create(&self.path).map_err(|e| {
+                    self.io(&format!("{what}: reopening the store after an error"), e)
+                })?;
+                *db = Some(reopened);
+                self.failed.store(false, Ordering::SeqCst);
+                tracing::info!(path = %self.path.display(), "store reopened after an error");
+            }
+        }
+        Ok(self.db.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn begin_write(&self, what: &str) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.io(what, e))?;
+        let db = self.handle(what)?;
+        let db = db
+            .as_ref()
+            .ok_or_else(|| self.failed(what, "the store is closed"))?;
+        let mut txn = db.begin_write().map_err(|e| self.failed(what, e))?;
         // The default, made explicit: commit() returns only once the data is fsync'd.
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.io(what, e))?;
@@ -140,11 +182,15 @@ impl RedbStore {
     }
 
     fn commit(&self, txn: WriteTransaction, what: &str) -> Result<(), StoreError> {
-        txn.commit().map_err(|e| self.io(what, e))
+        txn.commit().map_err(|e| self.failed(what, e))
     }
 
     fn read_txn(&self, what: &str) -> Result<::redb::ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(|e| self.io(what, e))
+        let db = self.handle(what)?;
+        let db = db
+            .as_ref()
+            .ok_or_else(|| self.failed(what, "the store is closed"))?;
+        db.begin_read().map_err(|e| self.failed(what, e))
     }
 }
 
