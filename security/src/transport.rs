@@ -146,6 +146,57 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Runs the server side of one TLS handshake on an accepted `tcp` connection, bounded by `limit`:
+/// a plaintext client is recognised by its first byte; the verified peer comes back with the
+/// stream. Used by [`TlsIncoming`] and by the coordinator's own accept loop.
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    limit: Duration,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerInfo), Refusal> {
+    let refuse = move |reason| Refusal {
+        remote_addr,
+        reason,
+    };
+    let run = async move {
+        let _ = tcp.set_nodelay(true);
+        let local_addr = tcp.local_addr().ok();
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first).await {
+            Ok(0) | Err(_) => return Err(RefusalReason::Closed),
+            Ok(_) if first[0] != 0x16 => return Err(RefusalReason::NotTls(first[0])),
+            Ok(_) => {}
+        }
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| RefusalReason::Handshake("no client certificate".to_string()))?;
+        // The verifier already parsed this identity; parsing again cannot fail, but is
+        // handled rather than assumed.
+        let identity = PeerIdentity::from_certificate(leaf)
+            .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
+        let serial = crate::tls::certificate_serial(leaf).unwrap_or_default();
+        let info = PeerInfo {
+            remote_addr,
+            local_addr,
+            identity,
+            serial,
+        };
+        Ok((tls, info))
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(result) => result.map_err(refuse),
+        Err(_) => Err(refuse(RefusalReason::Timeout(limit))),
+    }
+}
+
 /// Accepted and verified TLS connections from a listener, for tonic's `serve_with_incoming*`.
 ///
 /// All work happens inside `poll_next` (no spawned task), so dropping the stream, as tonic does at
@@ -195,51 +246,11 @@ impl TlsIncoming {
     fn start_handshake(&self, tcp: TcpStream, remote_addr: SocketAddr) {
         let acceptor = self.acceptor.clone();
         let limit = self.handshake_timeout;
-        let refuse = move |reason| Refusal {
-            remote_addr,
-            reason,
-        };
         let handshake = async move {
-            let _ = tcp.set_nodelay(true);
-            let local_addr = tcp.local_addr().ok();
-            let mut first = [0u8; 1];
-            match tcp.peek(&mut first).await {
-                Ok(0) | Err(_) => return Err(RefusalReason::Closed),
-                Ok(_) if first[0] != 0x16 => return Err(RefusalReason::NotTls(first[0])),
-                Ok(_) => {}
-            }
-            let tls = acceptor
-                .accept(tcp)
-                .await
-                .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
-            let leaf = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| RefusalReason::Handshake("no client certificate".to_string()))?;
-            // The verifier already parsed this identity; parsing again cannot fail, but is
-            // handled rather than assumed.
-            let identity = PeerIdentity::from_certificate(leaf)
-                .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
-            let serial = crate::tls::certificate_serial(leaf).unwrap_or_default();
-            Ok(TlsConn {
-                inner: tls,
-                info: PeerInfo {
-                    remote_addr,
-                    local_addr,
-                    identity,
-                    serial,
-                },
-            })
+            let (inner, info) = handshake(&acceptor, tcp, remote_addr, limit).await?;
+            Ok(TlsConn { inner, info })
         };
-        let bounded = async move {
-            match tokio::time::timeout(limit, handshake).await {
-                Ok(result) => result.map_err(refuse),
-                Err(_) => Err(refuse(RefusalReason::Timeout(limit))),
-            }
-        };
-        self.pending.push(bounded.boxed());
+        self.pending.push(handshake.boxed());
     }
 
     fn report(&self, refusal: Refusal) {
@@ -413,6 +424,8 @@ pub fn authorize(path: &str, identity: &PeerIdentity) -> Result<(), String> {
         .ok_or_else(|| format!("{path} is not in serin's access policy (default deny)"))?;
     match (access, identity) {
         (Access::AnyPeer, _) => Ok(()),
+        // The coordinator's own certificate: its readiness/watchdog self-probe reads, nothing more.
+        (Access::Operator(Role::Viewer), PeerIdentity::Coordinator) => Ok(()),
         (Access::Agent, PeerIdentity::Agent { .. }) => Ok(()),
         (Access::Agent, other) => Err(format!(
             "{path} is the agent API; {other} is {} certificate, not an agent's",

@@ -15,6 +15,7 @@
 //! - [`fleet`]: a real coordinator (`serin serve`) and N agents for end-to-end rollout tests.
 //! - [`haproxy`]: Debian's HAProxy on loopback with a test config and its runtime API.
 //! - [`load`]: a bounded HTTP load generator counting failures by kind.
+//! - [`tls`]: the throwaway PKI every coordinator, agent and CLI of the harness uses (mutual TLS).
 
 pub mod agent_fixture;
 pub mod agent_proc;
@@ -26,4 +27,5 @@ pub mod haproxy;
 pub mod http;
 pub mod load;
 pub mod orders;
+pub mod tls;
 pub mod wait;

@@ -42,6 +42,17 @@ pub struct Cli {
     )]
     pub coordinator: String,
 
+    /// The serin CA certificate to verify the coordinator with (else $SERIN_CA, else
+    /// ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate (else $SERIN_CERT, else ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub cert: Option<PathBuf>,
+    /// Your operator private key (else $SERIN_KEY, else ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+
     /// Output format: text for humans, json for machines (one JSON document per response message).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -105,6 +116,10 @@ pub struct ServeArgs {
     /// Directory for the store and the artifacts (overrides the file).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: serve plaintext gRPC without TLS or identities (as `[tls]
+    /// insecure_plaintext = true`); anyone reaching the port can deploy.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 /// `serin check-config`.

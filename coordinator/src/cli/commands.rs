@@ -431,8 +431,18 @@ pub async fn run_operator(
     output: OutputFormat,
     command: super::args::Command,
 ) -> Result<Exit, CliError> {
+    run_operator_with(url, &Default::default(), output, command).await
+}
+
+/// [`run_operator`] with the TLS flags of the command line.
+pub async fn run_operator_with(
+    url: &str,
+    tls: &super::credentials::TlsFlags,
+    output: OutputFormat,
+    command: super::args::Command,
+) -> Result<Exit, CliError> {
     use super::args::Command;
-    let mut c = Control::connect(url).await?;
+    let mut c = Control::connect_with(url, tls).await?;
     match command {
         Command::Hosts(h) => hosts(&mut c, output, h.selector).await,
         Command::Artifact(a) => artifact(&mut c, output, a).await,
