@@ -35,6 +35,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::identity::{PeerIdentity, Role};
 
+/// How long a client waits, after its handshake, for the coordinator's first bytes (which prove
+/// that the coordinator accepted its certificate).
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a client has to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -681,10 +685,18 @@ pub type ClientIo = hyper_util::rt::TokioIo<ClientStream>;
 /// A client connection, TLS or (development) plaintext.
 #[derive(Debug)]
 pub enum ClientStream {
-    /// Mutual TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Mutual TLS, with the first bytes the coordinator sent already read (see
+    /// [`Connector`]: they prove it accepted our certificate), handed out first.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, Prefetched),
     /// Cleartext.
     Plain(TcpStream),
+}
+
+/// Bytes read from a connection before its user asked for them.
+#[derive(Debug, Default)]
+pub struct Prefetched {
+    bytes: Vec<u8>,
+    at: usize,
 }
 
 impl AsyncRead for ClientStream {
@@ -694,7 +706,15 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Tls(s, pre) => {
+                if pre.at < pre.bytes.len() {
+                    let n = buf.remaining().min(pre.bytes.len() - pre.at);
+                    buf.put_slice(&pre.bytes[pre.at..pre.at + n]);
+                    pre.at += n;
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(s.as_mut()).poll_read(cx, buf)
+            }
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -707,21 +727,21 @@ impl AsyncWrite for ClientStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -748,7 +768,39 @@ impl tower::Service<Uri> for Connector {
             let stream = match this.tls {
                 None => ClientStream::Plain(tcp),
                 Some((connector, name)) => {
-                    ClientStream::Tls(Box::new(connector.connect(name, tcp).await?))
+                    let mut tls = connector.connect(name, tcp).await?;
+                    // Under TLS 1.3 our side of the handshake completes before the coordinator
+                    // has verified our certificate; its refusal (an alert) only arrives with the
+                    // next read, and would surface as a bare "connection closed" in whichever
+                    // call comes first. The coordinator speaks first (its HTTP/2 settings), so
+                    // wait for those bytes here: a refusal becomes this connection's error, with
+                    // the alert's name (e.g. CertificateExpired) for the caller to explain.
+                    let mut first = vec![0u8; 4096];
+                    let n = tokio::time::timeout(
+                        PROOF_TIMEOUT,
+                        tokio::io::AsyncReadExt::read(&mut tls, &mut first),
+                    )
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the coordinator sent nothing after the TLS handshake",
+                        )
+                    })??;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the coordinator closed the connection after the TLS handshake",
+                        ));
+                    }
+                    first.truncate(n);
+                    ClientStream::Tls(
+                        Box::new(tls),
+                        Prefetched {
+                            bytes: first,
+                            at: 0,
+                        },
+                    )
                 }
             };
             Ok(hyper_util::rt::TokioIo::new(stream))
