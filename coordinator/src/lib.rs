@@ -2,6 +2,7 @@
 
 pub mod agent_service;
 pub mod artifacts;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod control_service;

@@ -358,10 +358,16 @@ pub const HANDSHAKE_TIMEOUT: Duration = serin_security::transport::DEFAULT_HANDS
 /// connection into every request, and with TLS enforces the access policy
 /// ([`AuthorizeLayer`]: an agent only on the agent API, an operator only on the control API
 /// and only as its role allows, default deny) before any handler runs.
-#[derive(Debug, Clone, Copy)]
+///
+/// It also refuses every call from a certificate revoked since its connection was accepted,
+/// and closes that connection, so the peer's next try needs a new handshake, which the
+/// revocation hook refuses (`serin hosts revoke` takes effect on connections already open).
+#[derive(Debug, Clone)]
 pub struct PeerLayer {
     /// False only in plaintext development mode (no identities to check).
     pub enforce: bool,
+    /// The revoked identities and certificates.
+    pub revoked: Arc<dyn serin_security::tls::Revocation>,
 }
 
 impl<S: Clone> tower::Layer<S> for PeerLayer {
@@ -371,16 +377,27 @@ impl<S: Clone> tower::Layer<S> for PeerLayer {
             authorized: tower::Layer::layer(&AuthorizeLayer, inner.clone()),
             plain: inner,
             enforce: self.enforce,
+            revoked: self.revoked.clone(),
         }
     }
 }
 
 /// The service made by [`PeerLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerService<S> {
     authorized: Authorize<S>,
     plain: S,
     enforce: bool,
+    revoked: Arc<dyn serin_security::tls::Revocation>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for PeerService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerService")
+            .field("plain", &self.plain)
+            .field("enforce", &self.enforce)
+            .finish()
+    }
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for PeerService<S>
@@ -392,8 +409,11 @@ where
     type Response = http::Response<RB>;
     type Error = S::Error;
     type Future = futures::future::Either<
-        <Authorize<S> as tower::Service<http::Request<B>>>::Future,
-        S::Future,
+        futures::future::Ready<Result<http::Response<RB>, S::Error>>,
+        futures::future::Either<
+            <Authorize<S> as tower::Service<http::Request<B>>>::Future,
+            S::Future,
+        >,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -405,17 +425,25 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(peer) = req
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|c| c.peer.clone())
+        use futures::future::Either;
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        if let Some(conn) = conn
+            && let Some(peer) = conn.peer.clone()
         {
+            if let Err(reason) = self.revoked.check(&peer.identity, &peer.serial) {
+                tracing::warn!(peer = %peer.remote_addr, identity = %peer.identity, %reason, "call on a revoked certificate's connection refused; closing it");
+                conn.close();
+                let status = tonic::Status::permission_denied(format!(
+                    "this certificate has been revoked: {reason}"
+                ));
+                return Either::Left(futures::future::ready(Ok(status.into_http())));
+            }
             req.extensions_mut().insert(peer);
         }
         if self.enforce {
-            futures::future::Either::Left(self.authorized.call(req))
+            Either::Right(Either::Left(self.authorized.call(req)))
         } else {
-            futures::future::Either::Right(self.plain.call(req))
+            Either::Right(Either::Right(self.plain.call(req)))
         }
     }
 }

@@ -98,6 +98,10 @@ pub async fn run(
             .await
             .map_err(|e| ServerError::Task(e.to_string()))??,
     );
+    let revocations = crate::audit::load_revocations(store.as_ref(), &revoked)?;
+    if revocations > 0 {
+        tracing::info!(revocations, "revoked hosts refused at the handshake");
+    }
     let artifacts = ArtifactStore::open(&config.state_dir)?;
     let registry = Arc::new(Registry::new(RegistrySettings {
         unreachable_after: config.unreachable_after,
@@ -139,6 +143,7 @@ pub async fn run(
         rollouts: rollouts.api(),
         connection_cap,
         security,
+        revoked,
         agent: AgentServiceSettings {
             coordinator_id: coordinator_id(addr),
             heartbeat_interval: config.heartbeat_interval,
@@ -233,6 +238,8 @@ pub(crate) struct Parts {
     pub connection_cap: usize,
     /// Mutual TLS, or plaintext for development.
     pub security: listener::Security,
+    /// Hosts refused at the handshake (filled from the store, extended by `RevokeHost`).
+    pub revoked: Arc<serin_security::tls::RevokedSet>,
     pub agent: AgentServiceSettings,
 }
 
@@ -264,6 +271,10 @@ pub(crate) async fn serve(
     let cap = parts.connection_cap;
     let security = parts.security.clone();
     let enforce = matches!(security, listener::Security::Tls(_));
+    let peer_layer = listener::PeerLayer {
+        enforce,
+        revoked: parts.revoked.clone(),
+    };
     let agent = AgentServiceImpl::new(
         parts.agent,
         parts.registry.clone(),
@@ -271,12 +282,17 @@ pub(crate) async fn serve(
         tasks,
         inner.clone(),
     );
-    let control = ControlServiceImpl::new(
-        parts.registry,
+    let control = crate::audit::AuditedControl::new(
+        ControlServiceImpl::new(
+            parts.registry.clone(),
+            parts.store.clone(),
+            parts.artifacts,
+            parts.rollouts,
+            inner.clone(),
+        ),
         parts.store,
-        parts.artifacts,
-        parts.rollouts,
-        inner.clone(),
+        parts.registry,
+        parts.revoked,
     );
     tracing::info!(addr = ?addr, tls = enforce, "coordinator serving");
     tonic::transport::Server::builder()
@@ -293,7 +309,7 @@ pub(crate) async fn serve(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // Identity into every request; with TLS, the access policy before any handler.
-        .layer(listener::PeerLayer { enforce })
+        .layer(peer_layer)
         .add_service(
             AgentServiceServer::new(agent)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -441,6 +457,7 @@ pub(crate) mod testing {
                 rollouts,
                 connection_cap: usize::MAX,
                 security: crate::listener::Security::InsecurePlaintext,
+                revoked: Arc::default(),
                 agent: AgentServiceSettings {
                     coordinator_id: "test-coordinator".into(),
                     heartbeat_interval: Duration::from_millis(100),

@@ -415,6 +415,8 @@ pub fn required_access(path: &str) -> Option<Access> {
             "PushArtifact" | "RegisterRelease" | "StartRollout" | "ControlRollout" => {
                 Some(Access::Operator(Role::Deployer))
             }
+            "ListAudit" => Some(Access::Operator(Role::Viewer)),
+            "RevokeHost" => Some(Access::Operator(Role::Admin)),
             _ => None,
         },
         "grpc.health.v1.Health" => Some(Access::AnyPeer),

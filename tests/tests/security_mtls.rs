@@ -481,6 +481,17 @@ fn call(url: &str, transport: &ClientTransport, method: &str) -> Result<(), toni
                 .await
                 .map(drop),
             "ExplainRollout" => c.explain_rollout(r).await.map(drop),
+            "RevokeHost" => c
+                .revoke_host(wire::RevokeHostRequest {
+                    host_id: "role-matrix-host".into(),
+                    reason: "role matrix".into(),
+                })
+                .await
+                .map(drop),
+            "ListAudit" => c
+                .list_audit(wire::ListAuditRequest::default())
+                .await
+                .map(drop),
             other => panic!("no call for {other}"),
         }
     })
@@ -528,5 +539,139 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
         }
     }
     eprintln!("{table}");
-    let _ = TIMEOUT;
+
+    // Every mutating call that passed the policy is in the audit log with its caller; the
+    // calls the policy refused never reached a handler and are not.
+    let entries = rt().block_on(async {
+        let ch = transport::connect(
+            &coord.url(),
+            &own_operator(Role::Viewer),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        ControlServiceClient::new(ch)
+            .list_audit(wire::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    });
+    let mutating = [
+        "PushArtifact",
+        "RegisterRelease",
+        "StartRollout",
+        "ControlRollout",
+        "RevokeHost",
+    ];
+    for role in Role::ALL {
+        let who = format!("serin://operator/{role}/op-{role}");
+        for m in mutating {
+            let allowed = transport::authorize(
+                &format!("/serin.v1.ControlService/{m}"),
+                &PeerIdentity::Operator {
+                    name: OperatorName::new("x").unwrap(),
+                    role,
+                },
+            )
+            .is_ok();
+            let n = entries
+                .iter()
+                .filter(|e| e.who == who && e.what == m)
+                .count();
+            assert_eq!(
+                n,
+                usize::from(allowed),
+                "{who} {m}: {n} audit entries, policy allows: {allowed}\n{entries:#?}"
+            );
+        }
+    }
+    for e in &entries {
+        assert!(
+            mutating.contains(&e.what.as_str()),
+            "a read call audited: {e:?}"
+        );
+        assert!(e.at_unix_ms > 0 && !e.result.is_empty(), "{e:?}");
+    }
+    let revoke = entries
+        .iter()
+        .find(|e| e.what == "RevokeHost")
+        .expect("the admin's revocation");
+    assert_eq!(revoke.result, "ok");
+    assert!(
+        revoke.arguments.contains("host=role-matrix-host"),
+        "{revoke:?}"
+    );
+    let start = entries
+        .iter()
+        .find(|e| e.what == "StartRollout")
+        .expect("a deployer's start");
+    assert!(start.result.starts_with("NotFound"), "{start:?}");
+}
+
+#[test]
+fn a_revoked_host_is_disconnected_and_refused_from_then_on() {
+    let f = Fleet::start_bare("mtls-revoke", &["a", "b"]);
+    let (a, b) = (f.hosts[0].id().to_owned(), f.hosts[1].id().to_owned());
+
+    // A deployer may not revoke; nothing changes.
+    let deployer = pki().operator("revoke-deployer", Role::Deployer);
+    let out = std::process::Command::new(binaries::serin())
+        .args(["--coordinator", &f.coord.url(), "hosts", "revoke", &a])
+        .envs(operator_env(&deployer))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("needs the admin role"), "{err}");
+    f.wait_host_connected(0, true);
+
+    // The admin revokes A: its stream ends at once and its reconnects are refused.
+    let v = f.cli_json(&["hosts", "revoke", &a, "--reason", "key leaked"]);
+    assert_eq!(v["disconnected"], true, "{v}");
+    f.wait_host_connected(0, false);
+    wait::wait_for(
+        "agent A's reconnects to be refused as revoked",
+        TIMEOUT,
+        &|| format!("{}{}", f.coord.dump(), f.hosts[0].agent.dump()),
+        || {
+            f.coord.log().contains("revoked certificate refused")
+                && f.hosts[0]
+                    .agent
+                    .log()
+                    .contains("this certificate has been revoked by the coordinator")
+        },
+    );
+    f.wait_host_connected(1, true);
+
+    // Persisted: after a coordinator restart B comes back, A stays out.
+    f.coord.restart();
+    f.wait_host_connected(1, true);
+    wait::wait_for(
+        "a refusal of A after the restart",
+        TIMEOUT,
+        &|| f.coord.dump(),
+        || {
+            let log = f.coord.log();
+            let after = log.rsplit("start #2 of serin serve").next().unwrap_or("");
+            after.contains("revoked certificate refused")
+        },
+    );
+    let hosts = f.list_hosts().unwrap();
+    assert!(
+        hosts.iter().all(|h| h.host_id != a),
+        "A is back after the restart: {hosts:?}"
+    );
+    assert!(hosts.iter().any(|h| h.host_id == b && h.connected));
+
+    // The revocation is in the audit log, with who did it.
+    let audit = f.cli_json(&["audit", "--since", "1h"]);
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["what"] == "RevokeHost"
+            && e["who"] == "serin://operator/admin/harness"
+            && e["result"] == "ok"
+            && e["arguments"].as_str().unwrap().contains("key leaked")),
+        "{audit}"
+    );
 }

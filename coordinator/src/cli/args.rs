@@ -86,8 +86,10 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout.
     Man,
-    /// List the hosts the coordinator knows, with their labels, services and health.
+    /// List the hosts the coordinator knows, with their labels, services and health; revoke one.
     Hosts(HostsArgs),
+    /// The audit log: every mutating call, who made it, its arguments and its result.
+    Audit(AuditArgs),
     /// Upload artifacts to the coordinator's content-addressed store.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -136,6 +138,31 @@ pub struct HostsArgs {
     /// Label selector, e.g. "role=web,zone=eu-1". Default: every host.
     #[arg(short = 'l', long, value_name = "SELECTOR")]
     pub selector: Option<String>,
+    /// What to do with a host (default: list the hosts).
+    #[command(subcommand)]
+    pub action: Option<HostsAction>,
+}
+
+/// `serin hosts ACTION`.
+#[derive(Debug, Subcommand)]
+pub enum HostsAction {
+    /// Admin: end HOST's stream and refuse its certificate from now on (persisted).
+    Revoke {
+        /// The host id.
+        #[arg(value_name = "HOST")]
+        host: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// `serin audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only entries since then: a duration ago ("1h", "30m") or a time ("2026-11-27T15:00:00Z").
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
 }
 
 /// `serin artifact ...`.
