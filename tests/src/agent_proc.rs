@@ -130,8 +130,17 @@ success_threshold = 1
 /// for `https://` (the default of every coordinator and fake the harness starts), explicit
 /// development plaintext for `http://` (a test that puts a byte-level proxy in front).
 pub fn agent_tls_toml(coordinator_url: &str, host_id: &str) -> String {
+    agent_tls_toml_with(crate::tls::pki(), coordinator_url, host_id)
+}
+
+/// [`agent_tls_toml`] with the certificates of `pki`.
+pub fn agent_tls_toml_with(
+    pki: &crate::tls::TestPki,
+    coordinator_url: &str,
+    host_id: &str,
+) -> String {
     if coordinator_url.starts_with("https://") {
-        let f = crate::tls::pki().agent(host_id);
+        let f = pki.agent(host_id);
         format!(
             "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
             f.ca.display(),
