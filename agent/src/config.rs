@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serin_proto::{HostId, ServiceName};
+use serin_security::tls::{TlsSection, TransportSecurity};
 
 /// Where the agent looks for its config file by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/serin/agent.toml";
@@ -46,6 +47,9 @@ pub struct Config {
     pub allowed_url_prefixes: Option<Vec<String>>,
     /// The managed services.
     pub services: Vec<ServiceConfig>,
+    /// `[tls]`: mutual TLS to the coordinator (its CA pinned, this host's certificate), or
+    /// explicitly asked-for plaintext for development. The URL scheme matches it.
+    pub tls: TransportSecurity,
 }
 
 /// How slow or long an artifact download may be before it is abandoned (`[download]`).
@@ -229,6 +233,8 @@ struct RawConfig {
     download: RawDownload,
     #[serde(default)]
     service: Vec<RawService>,
+    #[serde(default)]
+    tls: TlsSection,
 }
 
 // --- traffic, swap modes and hooks (issue 11): one block, validated by `RawTrafficKeys` ---
@@ -678,10 +684,38 @@ impl RawConfig {
                 services.push(svc);
             }
         }
+        let tls = match self.tls.validate() {
+            Ok(tls) => {
+                // The scheme says what the operator expects; a mismatch is an error, never a
+                // silent downgrade (or a surprise upgrade).
+                match (&tls, coordinator.split("://").next()) {
+                    (TransportSecurity::InsecurePlaintext, Some("https")) => p.push(
+                        "coordinator",
+                        format!(
+                            "{coordinator:?} asks for https:// but [tls] has insecure_plaintext = \
+                             true; configure tls.ca, tls.cert and tls.key (refusing to talk cleartext)"
+                        ),
+                    ),
+                    (TransportSecurity::Tls(_), Some("http")) => p.push(
+                        "coordinator",
+                        format!(
+                            "{coordinator:?} is plaintext http:// but [tls] configures TLS; use https://"
+                        ),
+                    ),
+                    _ => {}
+                }
+                tls
+            }
+            Err(problems) => {
+                p.0.extend(problems);
+                TransportSecurity::InsecurePlaintext
+            }
+        };
         if !p.0.is_empty() {
             return Err(ConfigError::Invalid(p.0));
         }
         Ok(Config {
+            tls,
             coordinator,
             state_dir: PathBuf::from(self.state_dir),
             host_id,
@@ -1020,6 +1054,7 @@ mod tests {
 
     const GOOD: &str = r#"
 coordinator = "http://127.0.0.1:7700"
+tls = { insecure_plaintext = true }
 state_dir = "/tmp/serin"
 heartbeat_interval = "2s"
 
@@ -1226,6 +1261,7 @@ failure_threshold = 0
             "service[0].check[0].interval: \"soon\" is not a duration (e.g. \"5s\")",
             "service[0].check[1].failure_threshold:",
             "service[0].check[1].address: \"nowhere\" is not an address",
+            "tls: no ca, cert and key configured",
         ];
         for e in expect {
             assert!(
@@ -1234,6 +1270,44 @@ failure_threshold = 0
             );
         }
         assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn the_url_scheme_must_match_the_tls_section() {
+        let files = "tls = { ca = \"/p/ca.crt\", cert = \"/p/a.crt\", key = \"/p/a.key\" }\n";
+        let plain = "tls = { insecure_plaintext = true }\n";
+        let config = |url: &str, tls: &str| {
+            Config::parse(&format!("coordinator = \"{url}\"\n{tls}"))
+                .map(|l| l.config.tls)
+                .map_err(|e| e.problems())
+        };
+        let https_plain = config("https://c:7700", plain).unwrap_err();
+        assert!(
+            https_plain[0].contains("asks for https:// but [tls] has insecure_plaintext"),
+            "{https_plain:?}"
+        );
+        let http_tls = config("http://c:7700", files).unwrap_err();
+        assert!(
+            http_tls[0].contains("is plaintext http:// but [tls] configures TLS"),
+            "{http_tls:?}"
+        );
+        assert!(matches!(
+            config("https://c:7700", files),
+            Ok(TransportSecurity::Tls(_))
+        ));
+        assert_eq!(
+            config("http://c:7700", plain),
+            Ok(TransportSecurity::InsecurePlaintext)
+        );
+        let nothing = Config::parse("coordinator = \"https://c:7700\"\n")
+            .unwrap_err()
+            .problems();
+        assert!(
+            nothing
+                .iter()
+                .any(|p| p.starts_with("tls: no ca, cert and key")),
+            "{nothing:?}"
+        );
     }
 
     #[test]
@@ -1255,6 +1329,7 @@ failure_threshold = 0
     fn systemd_needs_a_unit_and_checks_need_their_fields() {
         let text = r#"
 coordinator = "http://c:1"
+tls = { insecure_plaintext = true }
 [[service]]
 name = "db"
 binary = "db"
@@ -1300,7 +1375,7 @@ mod traffic_tests {
 
     fn service(run: &str, extra: &str) -> String {
         format!(
-            "coordinator = \"http://127.0.0.1:7700\"\n\n[[service]]\nname = \"web\"\nbinary = \"web\"\n\n[service.run]\n{run}\n\n{extra}\n"
+            "coordinator = \"http://127.0.0.1:7700\"\ntls = {{ insecure_plaintext = true }}\n\n[[service]]\nname = \"web\"\nbinary = \"web\"\n\n[service.run]\n{run}\n\n{extra}\n"
         )
     }
 

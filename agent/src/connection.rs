@@ -5,6 +5,11 @@
 //! heartbeats, health reports and order results; orders coming down are validated and routed to
 //! their service's task. Order results produced while disconnected are queued (bounded) and sent
 //! after the reconnect; health reports are not queued (fresh ones go up on reconnect).
+//!
+//! [`channel`] builds the transport from the `[tls]` section: mutual TLS with the serin CA
+//! pinned, the coordinator's name verified against the URL's host and this host's certificate
+//! presented (checked at start to carry this host id), or plaintext only when explicitly asked
+//! for, with a loud warning. A refusal by the coordinator is logged with its reason.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -43,6 +48,43 @@ pub struct Settings {
     pub reconnect_max: Duration,
     /// Beaten every [`Liveness::PERIOD`] by this loop, whatever it waits for (systemd's watchdog).
     pub liveness: Liveness,
+}
+
+/// The channel to the coordinator, lazily connected, over the transport `config.tls` asks for.
+/// The error names the problem: a missing or malformed file, a certificate for another host, a
+/// URL scheme that does not match the transport.
+pub fn channel(config: &crate::config::Config, host_id: &HostId) -> Result<Channel, String> {
+    use serin_security::tls::{TlsMaterial, TransportSecurity, agent_client_config};
+    use serin_security::transport::{ClientTransport, endpoint};
+    let transport = match &config.tls {
+        TransportSecurity::Tls(files) => {
+            let material = TlsMaterial::load(files).map_err(|e| format!("tls: {e}"))?;
+            let config =
+                agent_client_config(&material, host_id).map_err(|e| format!("tls: {e}"))?;
+            ClientTransport::Tls {
+                config,
+                server_name: None,
+            }
+        }
+        TransportSecurity::InsecurePlaintext => {
+            tracing::warn!(
+                coordinator = %config.coordinator,
+                "INSECURE: talking to the coordinator in plaintext without TLS \
+                 (tls.insecure_plaintext): anyone on the network can impersonate it; \
+                 development only"
+            );
+            ClientTransport::Plaintext
+        }
+    };
+    let (endpoint, connector) =
+        endpoint(&config.coordinator, &transport).map_err(|e| e.to_string())?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_with_connector_lazy(connector))
 }
 
 /// Runs the connection until `shutdown`.
@@ -105,7 +147,15 @@ pub async fn run(
                 }
             }
             Err(status) => {
-                tracing::warn!(code = ?status.code(), error = %status.message(), retry_in = ?backoff, "cannot attach to coordinator");
+                let chain = status_chain(&status);
+                match serin_security::transport::explain_failure(&chain) {
+                    Some(hint) => {
+                        tracing::warn!(code = ?status.code(), error = %chain, reason = hint, retry_in = ?backoff, "cannot attach to coordinator")
+                    }
+                    None => {
+                        tracing::warn!(code = ?status.code(), error = %chain, retry_in = ?backoff, "cannot attach to coordinator")
+                    }
+                }
             }
         }
         // Full jitter: wait a random time up to the current backoff.
@@ -122,6 +172,21 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(settings.reconnect_max);
     }
+}
+
+/// A status's message and its source chain (where a TLS refusal is named).
+fn status_chain(status: &tonic::Status) -> String {
+    let mut out = status.message().to_string();
+    let mut cur = std::error::Error::source(status);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 enum Ended {

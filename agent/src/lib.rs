@@ -136,19 +136,13 @@ pub async fn run_with(
             .ok()
             .unwrap_or_else(|| host_id.to_string())
     });
-    let endpoint = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| AgentError::Coordinator {
+    let channel =
+        connection::channel(&config, &host_id).map_err(|problem| AgentError::Coordinator {
             address: config.coordinator.clone(),
-            problem: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    let channel = endpoint.connect_lazy();
-    let fetcher = fetch::Fetcher::new(channel.clone())
-        .map_err(|problem| AgentError::Coordinator {
+            problem,
+        })?;
+    let fetcher =
+        fetch::Fetcher::new(channel.clone()).map_err(|problem| AgentError::Coordinator {
             address: config.coordinator.clone(),
             problem,
         })?

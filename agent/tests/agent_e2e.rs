@@ -191,6 +191,7 @@ fn config_keeping(addr: std::net::SocketAddr, state: &Path, keep: usize) -> seri
     let text = format!(
         r#"
 coordinator = "http://{addr}"
+tls = {{ insecure_plaintext = true }}
 state_dir = "{}"
 host_id = "host-1"
 heartbeat_interval = "1s"

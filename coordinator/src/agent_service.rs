@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::artifacts::ArtifactStore;
 use crate::listener::ConnInfo;
 use crate::registry::{Outbound, RecordError, Registry, unix_ms_now};
+use serin_security::PeerIdentity;
+use serin_security::transport::{PeerInfo, check_claimed_host};
 
 /// How the agent service behaves.
 #[derive(Debug, Clone)]
@@ -224,10 +226,32 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 "the coordinator is at its open-files limit and takes no more agents; retry later",
             ));
         }
+        // With TLS the host id is the certificate's (the policy layer already refused any other
+        // identity on this API); in plaintext development mode there is none to check.
+        let certified = match request.extensions().get::<PeerInfo>() {
+            Some(peer) => match &peer.identity {
+                PeerIdentity::Agent { host_id } => Some(host_id.clone()),
+                other => {
+                    return Err(Status::permission_denied(format!(
+                        "the agent API needs an agent certificate; {other} is not one"
+                    )));
+                }
+            },
+            None => None,
+        };
         let mut inbound = request.into_inner();
         let hello = self.read_hello(&mut inbound).await.inspect_err(|e| {
             tracing::warn!(error = %e, "refused an agent stream");
         })?;
+        if let Some(certified) = &certified {
+            // A hello claiming another host is refused before it reaches the registry: it can
+            // neither replace that host's stream nor appear as a host of its own.
+            let claimed = serin_proto::HostId::new(hello.host_id.clone())
+                .map_err(|e| Status::invalid_argument(format!("hello.host id: {}", e.problem)))?;
+            check_claimed_host(certified, &claimed).inspect_err(|e| {
+                tracing::warn!(certified = %certified, claimed = %claimed, error = %e.message(), "refused a hello claiming another host");
+            })?;
+        }
         let (tx, rx) = mpsc::channel(self.registry.settings().order_queue.max(2));
         let welcome = Box::new(wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Welcome(wire::Welcome {

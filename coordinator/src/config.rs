@@ -15,6 +15,12 @@
 //! analysis_gates = true             # a confident "canary worse" verdict fails the gate
 //! analysis_min_checks = 20          # fewer check results per side: "insufficient data"
 //! analysis_alpha = 0.01             # significance level of the canary judge
+//!
+//! [tls]                             # required: mutual TLS (files made by `serin ca`) ...
+//! ca = "/etc/serin/pki/ca.crt"
+//! cert = "/etc/serin/pki/coordinator.crt"
+//! key = "/etc/serin/pki/coordinator.key"
+//! # insecure_plaintext = true       # ... or, for development only, no TLS at all
 //! ```
 //!
 //! The file is parsed into a raw serde struct where every key is optional, then validated into
@@ -25,6 +31,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serin_security::tls::{TlsSection, TransportSecurity};
 
 /// Default path of the config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/serin/coordinator.toml";
@@ -70,6 +78,8 @@ pub struct CoordinatorConfig {
     pub unreachable_after: Duration,
     /// The rollout engine's settings (`[engine]`).
     pub engine: EngineConfig,
+    /// `[tls]`: mutual TLS with these files, or explicitly asked-for plaintext.
+    pub tls: TransportSecurity,
 }
 
 impl Default for CoordinatorConfig {
@@ -80,6 +90,9 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(2),
             unreachable_after: Duration::from_secs(6),
             engine: EngineConfig::default(),
+            // The library default for in-process tests; a config file must say what it wants
+            // (`[tls]` is required there).
+            tls: TransportSecurity::InsecurePlaintext,
         }
     }
 }
@@ -239,6 +252,7 @@ struct RawConfig {
     heartbeat_interval: Option<String>,
     unreachable_after: Option<String>,
     engine: RawEngine,
+    tls: TlsSection,
 }
 
 struct Problems(Vec<String>);
@@ -322,12 +336,20 @@ impl RawConfig {
             defaults.unreachable_after,
         );
         let engine = self.engine.validate(&mut p);
+        let tls = match self.tls.validate() {
+            Ok(t) => t,
+            Err(problems) => {
+                p.0.extend(problems);
+                defaults.tls
+            }
+        };
         let config = CoordinatorConfig {
             listen,
             state_dir,
             heartbeat_interval,
             unreachable_after,
             engine,
+            tls,
         };
         p.0.extend(config.problems());
         if p.0.is_empty() {
@@ -350,21 +372,32 @@ impl CoordinatorConfig {
 
     /// Reads and validates the file at `path`, returning the warnings too.
     pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigError> {
+        Self::load_with(path, false)
+    }
+
+    /// [`Self::load_with_warnings`], with `serin serve --insecure-plaintext`: plaintext as if the
+    /// file said `[tls] insecure_plaintext = true` (a file that configures TLS files conflicts).
+    pub fn load_with(path: &Path, insecure_plaintext: bool) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text)
+        Self::parse_with(&text, insecure_plaintext)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
+        Self::parse_with(text, false)
+    }
+
+    fn parse_with(text: &str, insecure_plaintext: bool) -> Result<Loaded, ConfigError> {
         let mut warnings = Vec::new();
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+        let mut raw: RawConfig = serde_ignored::deserialize(de, |path| {
             warnings.push(format!("unknown key {}", key_path(&path)));
         })
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        raw.tls.insecure_plaintext |= insecure_plaintext;
         let config = raw.validate()?;
         Ok(Loaded { config, warnings })
     }
@@ -418,9 +451,31 @@ pub fn check_config(path: &Path) -> CheckReport {
 mod tests {
     use super::*;
 
+    /// The development switch, for tests about other keys.
+    const PLAIN: &str = "tls = { insecure_plaintext = true }\n";
+
+    #[test]
+    fn tls_is_required_files_or_explicit_plaintext() {
+        let e = CoordinatorConfig::parse("").unwrap_err();
+        assert!(
+            e.problems()[0].contains("or set tls.insecure_plaintext = true for development only"),
+            "{e}"
+        );
+        let l = CoordinatorConfig::parse(
+            "[tls]\nca = \"/p/ca.crt\"\ncert = \"/p/c.crt\"\nkey = \"/p/c.key\"\n",
+        )
+        .unwrap();
+        assert!(matches!(l.config.tls, TransportSecurity::Tls(_)));
+        // `serin serve --insecure-plaintext` stands for the switch, and conflicts with files.
+        let l = CoordinatorConfig::parse_with("", true).unwrap();
+        assert_eq!(l.config.tls, TransportSecurity::InsecurePlaintext);
+        let e = CoordinatorConfig::parse_with("[tls]\nca = \"/p/ca.crt\"\n", true).unwrap_err();
+        assert!(e.to_string().contains("conflicts with tls.ca"), "{e}");
+    }
+
     #[test]
     fn empty_file_gives_defaults() {
-        let l = CoordinatorConfig::parse("").unwrap();
+        let l = CoordinatorConfig::parse(PLAIN).unwrap();
         assert_eq!(l.config, CoordinatorConfig::default());
         assert!(l.warnings.is_empty());
     }
@@ -433,6 +488,7 @@ mod tests {
             state_dir = "/srv/serin"
             heartbeat_interval = "500ms"
             unreachable_after = "3s"
+            tls = { insecure_plaintext = true }
             "#,
         )
         .unwrap();
@@ -453,7 +509,7 @@ mod tests {
         )
         .unwrap_err();
         let p = e.problems();
-        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p.len(), 4, "{p:?}");
         assert!(p[0].starts_with("listen: \"localhost\" is not"), "{p:?}");
         assert!(
             p[1].starts_with("heartbeat_interval: \"soon\" is not a duration"),
@@ -461,6 +517,10 @@ mod tests {
         );
         assert!(
             p[2].starts_with("unreachable_after: \"0s\" must be greater"),
+            "{p:?}"
+        );
+        assert!(
+            p[3].starts_with("tls: no ca, cert and key configured"),
             "{p:?}"
         );
     }
@@ -479,12 +539,12 @@ mod tests {
     #[test]
     fn unknown_keys_warn_and_bad_toml_fails() {
         let l = CoordinatorConfig::parse(
-            "listen = \"127.0.0.1:1\"\nfuture_knob = 3\n[tls]\ncert = \"x\"",
+            "listen = \"127.0.0.1:1\"\nfuture_knob = 3\n[tls]\ninsecure_plaintext = true\nfuture = 1",
         )
         .unwrap();
         assert_eq!(
             l.warnings,
-            vec!["unknown key future_knob", "unknown key tls"]
+            vec!["unknown key future_knob", "unknown key tls.future"]
         );
         assert!(matches!(
             CoordinatorConfig::parse("listen = "),
@@ -506,7 +566,7 @@ mod tests {
         assert!(r.problems[0].starts_with("listen:"), "{r:?}");
         let r = check_config(&dir.path().join("missing.toml"));
         assert!(r.problems[0].contains("missing.toml"), "{r:?}");
-        std::fs::write(&path, "extra = 1\n").unwrap();
+        std::fs::write(&path, format!("extra = 1\n{PLAIN}")).unwrap();
         let r = check_config(&path);
         assert!(r.is_ok());
         assert_eq!(r.warnings, vec!["unknown key extra"]);
@@ -514,7 +574,7 @@ mod tests {
 
     #[test]
     fn engine_settings_have_defaults_and_are_typed() {
-        let l = CoordinatorConfig::parse("").unwrap();
+        let l = CoordinatorConfig::parse(PLAIN).unwrap();
         assert_eq!(l.config.engine, EngineConfig::default());
         let e = l.config.engine.settings(Duration::from_secs(6));
         assert_eq!(e.rollback_timeout, Duration::from_secs(120));
@@ -523,6 +583,7 @@ mod tests {
         assert_eq!(e.resume_grace, Duration::from_secs(6));
         let l = CoordinatorConfig::parse(
             r#"
+            tls = { insecure_plaintext = true }
             [engine]
             rollback_timeout = "30s"
             confirm_grace = "5m"
@@ -565,7 +626,7 @@ mod tests {
         ] {
             assert!(p.iter().any(|x| x.starts_with(key)), "{key}: {p:?}");
         }
-        let l = CoordinatorConfig::parse("[engine]\ncolour = \"blue\"\n").unwrap();
+        let l = CoordinatorConfig::parse(&format!("{PLAIN}[engine]\ncolour = \"blue\"\n")).unwrap();
         assert_eq!(l.warnings, vec!["unknown key engine.colour"]);
     }
 }

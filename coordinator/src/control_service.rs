@@ -692,6 +692,22 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
             self.rollouts.explain(&request.get_ref().rollout_id).await?,
         ))
     }
+
+    /// Answered by [`crate::audit::AuditedControl`], which the server serves around this one.
+    async fn revoke_host(
+        &self,
+        _: Request<wire::RevokeHostRequest>,
+    ) -> Result<Response<wire::RevokeHostResponse>, Status> {
+        Err(Status::unimplemented("served by audit::AuditedControl"))
+    }
+
+    /// Answered by [`crate::audit::AuditedControl`], which the server serves around this one.
+    async fn list_audit(
+        &self,
+        _: Request<wire::ListAuditRequest>,
+    ) -> Result<Response<wire::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("served by audit::AuditedControl"))
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 pub mod agent_service;
 pub mod artifacts;
+pub mod audit;
 pub mod config;
 pub mod control_service;
 pub mod fleet;

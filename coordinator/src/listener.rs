@@ -14,7 +14,14 @@
 //! - a connection cap ([`crate::limits::connection_cap`]): connections accepted beyond it are
 //!   marked [`ConnInfo::over_cap`]; the agent service refuses their `Attach` with
 //!   `resource_exhausted` and closes them ([`ConnInfo::close`]), so agents cannot take the
-//!   descriptors kept in reserve and operators can still connect.
+//!   descriptors kept in reserve and operators can still connect;
+//! - mutual TLS ([`Security::Tls`]): every accepted socket runs its handshake concurrently with
+//!   the others (bounded in time and number, `serin_security::transport::handshake`); a refused
+//!   handshake is logged with its reason and never reaches tonic. The verified peer rides in
+//!   [`ConnInfo::peer`], and [`PeerLayer`] puts it into every request and enforces the access
+//!   policy (`serin_security::transport::authorize`, default deny) before any handler runs.
+//!   Plaintext ([`Security::InsecurePlaintext`]) exists for development only and has no
+//!   identities, hence no policy.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,8 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
 use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt as _};
+use serin_security::transport::{Authorize, AuthorizeLayer, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -51,11 +59,31 @@ struct Closer {
     waker: AtomicWaker,
 }
 
+/// How the coordinator's listener secures its connections.
+#[derive(Clone)]
+pub enum Security {
+    /// Mutual TLS with this configuration (`serin_security::tls::server_config`).
+    Tls(Arc<rustls::ServerConfig>),
+    /// Cleartext, no identities: development only, explicitly asked for.
+    InsecurePlaintext,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Tls(_) => f.write_str("Tls"),
+            Security::InsecurePlaintext => f.write_str("InsecurePlaintext"),
+        }
+    }
+}
+
 /// What the services learn about the connection a call came on (`request.extensions()`).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The peer.
     pub remote: Option<SocketAddr>,
+    /// The verified peer of a TLS connection; `None` in plaintext development mode.
+    pub peer: Option<PeerInfo>,
     over_cap: bool,
     closer: Arc<Closer>,
 }
@@ -73,18 +101,29 @@ impl ConnInfo {
     }
 }
 
-/// An accepted TCP connection, counted while it is open.
+/// Counts one open connection until dropped.
 #[derive(Debug)]
-pub struct Accepted {
-    stream: TcpStream,
-    info: ConnInfo,
-    count: Arc<ConnectionCount>,
+struct Counted(Arc<ConnectionCount>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
-impl Drop for Accepted {
-    fn drop(&mut self) {
-        self.count.live.fetch_sub(1, Ordering::Relaxed);
-    }
+/// The byte stream of a connection.
+#[derive(Debug)]
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// An accepted connection (TLS handshake done, when TLS is on), counted while it is open.
+#[derive(Debug)]
+pub struct Accepted {
+    stream: Conn,
+    info: ConnInfo,
+    _counted: Counted,
 }
 
 impl tonic::transport::server::Connected for Accepted {
@@ -108,7 +147,10 @@ impl AsyncRead for Accepted {
                 "connection closed by the coordinator",
             )));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        match &mut self.stream {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -118,7 +160,10 @@ impl AsyncWrite for Accepted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.stream {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -126,26 +171,41 @@ impl AsyncWrite for Accepted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match &mut self.stream {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.stream {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.stream {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
 impl Accepted {
     /// The socket (for tests: its options).
     pub fn socket(&self) -> &TcpStream {
-        &self.stream
+        match &self.stream {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref().0,
+        }
     }
 }
 
@@ -171,7 +231,7 @@ fn due(last: Option<Instant>) -> bool {
 }
 
 impl AcceptLoop {
-    async fn next(&mut self) -> Accepted {
+    async fn next(&mut self) -> (TcpStream, ConnInfo, Counted) {
         loop {
             match self.listener.accept().await {
                 Ok((stream, remote)) => {
@@ -194,15 +254,13 @@ impl AcceptLoop {
                             self.over_cap_since_warn = 0;
                         }
                     }
-                    return Accepted {
-                        stream,
-                        info: ConnInfo {
-                            remote: Some(remote),
-                            over_cap,
-                            closer: Arc::default(),
-                        },
-                        count: self.count.clone(),
+                    let info = ConnInfo {
+                        remote: Some(remote),
+                        peer: None,
+                        over_cap,
+                        closer: Arc::default(),
                     };
+                    return (stream, info, Counted(self.count.clone()));
                 }
                 Err(e) if is_exhaustion(&e) => {
                     self.exhausted_since_warn += 1;
@@ -235,6 +293,7 @@ pub fn incoming(
     listener: TcpListener,
     cap: usize,
     count: Arc<ConnectionCount>,
+    security: Security,
 ) -> impl Stream<Item = Result<Accepted, io::Error>> + Send + 'static {
     let state = AcceptLoop {
         listener,
@@ -246,10 +305,147 @@ pub fn incoming(
         last_cap_warn: None,
         over_cap_since_warn: 0,
     };
-    futures::stream::unfold(state, |mut s| async move {
+    let tcp = futures::stream::unfold(state, |mut s| async move {
         let accepted = s.next().await;
-        Some((Ok(accepted), s))
+        Some((accepted, s))
+    });
+    let acceptor = match security {
+        Security::Tls(config) => Some(tokio_rustls::TlsAcceptor::from(config)),
+        Security::InsecurePlaintext => None,
+    };
+    tcp.map(move |(stream, mut info, counted)| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Some(acceptor) = acceptor else {
+                return Some(Ok(Accepted {
+                    stream: Conn::Plain(stream),
+                    info,
+                    _counted: counted,
+                }));
+            };
+            let remote = info
+                .remote
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            match serin_security::transport::handshake(&acceptor, stream, remote, HANDSHAKE_TIMEOUT)
+                .await
+            {
+                Ok((tls, peer)) => {
+                    tracing::debug!(peer = %remote, identity = %peer.identity, "tls connection accepted");
+                    info.peer = Some(peer);
+                    Some(Ok(Accepted {
+                        stream: Conn::Tls(Box::new(tls)),
+                        info,
+                        _counted: counted,
+                    }))
+                }
+                Err(refusal) => {
+                    tracing::warn!(peer = %refusal.remote_addr, reason = %refusal.reason, "connection refused");
+                    None
+                }
+            }
+        }
     })
+    // Handshakes run concurrently; a slow or silent client holds one slot for at most
+    // HANDSHAKE_TIMEOUT, and beyond MAX_PENDING_HANDSHAKES new sockets wait in the backlog.
+    .buffer_unordered(serin_security::transport::MAX_PENDING_HANDSHAKES)
+    .filter_map(futures::future::ready)
+}
+
+/// How long a client has to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = serin_security::transport::DEFAULT_HANDSHAKE_TIMEOUT;
+
+/// A tower layer for the coordinator's gRPC server: puts the verified [`PeerInfo`] of the
+/// connection into every request, and with TLS enforces the access policy
+/// ([`AuthorizeLayer`]: an agent only on the agent API, an operator only on the control API
+/// and only as its role allows, default deny) before any handler runs.
+///
+/// It also refuses every call from a certificate revoked since its connection was accepted,
+/// and closes that connection, so the peer's next try needs a new handshake, which the
+/// revocation hook refuses (`serin hosts revoke` takes effect on connections already open).
+#[derive(Debug, Clone)]
+pub struct PeerLayer {
+    /// False only in plaintext development mode (no identities to check).
+    pub enforce: bool,
+    /// The revoked identities and certificates.
+    pub revoked: Arc<dyn serin_security::tls::Revocation>,
+}
+
+impl<S: Clone> tower::Layer<S> for PeerLayer {
+    type Service = PeerService<S>;
+    fn layer(&self, inner: S) -> PeerService<S> {
+        PeerService {
+            authorized: tower::Layer::layer(&AuthorizeLayer, inner.clone()),
+            plain: inner,
+            enforce: self.enforce,
+            revoked: self.revoked.clone(),
+        }
+    }
+}
+
+/// The service made by [`PeerLayer`].
+#[derive(Clone)]
+pub struct PeerService<S> {
+    authorized: Authorize<S>,
+    plain: S,
+    enforce: bool,
+    revoked: Arc<dyn serin_security::tls::Revocation>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for PeerService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerService")
+            .field("plain", &self.plain)
+            .field("enforce", &self.enforce)
+            .finish()
+    }
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for PeerService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        futures::future::Ready<Result<http::Response<RB>, S::Error>>,
+        futures::future::Either<
+            <Authorize<S> as tower::Service<http::Request<B>>>::Future,
+            S::Future,
+        >,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.enforce {
+            self.authorized.poll_ready(cx)
+        } else {
+            self.plain.poll_ready(cx)
+        }
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        use futures::future::Either;
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        if let Some(conn) = conn
+            && let Some(peer) = conn.peer.clone()
+        {
+            if let Err(reason) = self.revoked.check(&peer.identity, &peer.serial) {
+                tracing::warn!(peer = %peer.remote_addr, identity = %peer.identity, %reason, "call on a revoked certificate's connection refused; closing it");
+                conn.close();
+                let status = tonic::Status::permission_denied(format!(
+                    "this certificate has been revoked: {reason}"
+                ));
+                return Either::Left(futures::future::ready(Ok(status.into_http())));
+            }
+            req.extensions_mut().insert(peer);
+        }
+        if self.enforce {
+            Either::Right(Either::Left(self.authorized.call(req)))
+        } else {
+            Either::Right(Either::Right(self.plain.call(req)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -263,7 +459,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let count = Arc::new(ConnectionCount::default());
-        let mut incoming = Box::pin(incoming(listener, 1, count.clone()));
+        let mut incoming = Box::pin(incoming(
+            listener,
+            1,
+            count.clone(),
+            Security::InsecurePlaintext,
+        ));
         let _c1 = TcpStream::connect(addr).await.unwrap();
         let a1 = incoming.next().await.unwrap().unwrap();
         // Read back from the kernel: the option is on the accepted socket itself.
@@ -289,7 +490,12 @@ mod tests {
         use tokio::io::AsyncReadExt as _;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = Box::pin(incoming(listener, 10, Arc::default()));
+        let mut incoming = Box::pin(incoming(
+            listener,
+            10,
+            Arc::default(),
+            Security::InsecurePlaintext,
+        ));
         let _client = TcpStream::connect(addr).await.unwrap();
         let mut a = incoming.next().await.unwrap().unwrap();
         let info = a.info.clone();

@@ -407,6 +407,17 @@ impl Registry {
         }
     }
 
+    /// Closes `host`'s stream, if it has one (revocation); true when one was closed.
+    pub fn kick(&self, host: &HostId) -> bool {
+        match self.lock().get(host).and_then(|e| e.conn.as_ref()) {
+            Some(c) => {
+                c.kick.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Closes every open stream (at shutdown).
     pub fn kick_all(&self) {
         for entry in self.lock().values() {

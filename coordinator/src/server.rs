@@ -24,6 +24,7 @@ use crate::fleet::Fleet;
 use crate::registry::{Registry, RegistrySettings};
 use crate::store::{RedbStore, Store, StoreError};
 use crate::{limits, listener};
+use serin_security::tls::TransportSecurity;
 
 /// Largest gRPC message accepted or sent. Artifact chunks are 1 MiB from the CLI and 256 KiB to
 /// agents; a large fleet's host list or a long rollout's status is the biggest other message.
@@ -57,6 +58,9 @@ pub enum ServerError {
     /// A startup task panicked or was cancelled.
     #[error("startup task failed: {0}")]
     Task(String),
+    /// The TLS files are missing, malformed or of the wrong kind.
+    #[error("tls: {0}")]
+    Tls(#[from] serin_security::tls::TlsError),
 }
 
 /// A name for this coordinator in welcomes and logs: `<hostname>:<port>`.
@@ -77,6 +81,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    let revoked = Arc::new(serin_security::tls::RevokedSet::default());
+    let security = security(&config.tls, revoked.clone())?;
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Task(e.to_string()))?;
@@ -92,6 +98,10 @@ pub async fn run(
             .await
             .map_err(|e| ServerError::Task(e.to_string()))??,
     );
+    let revocations = crate::audit::load_revocations(store.as_ref(), &revoked)?;
+    if revocations > 0 {
+        tracing::info!(revocations, "revoked hosts refused at the handshake");
+    }
     let artifacts = ArtifactStore::open(&config.state_dir)?;
     let registry = Arc::new(Registry::new(RegistrySettings {
         unreachable_after: config.unreachable_after,
@@ -134,6 +144,8 @@ pub async fn run(
         artifacts,
         rollouts: rollouts.api(),
         connection_cap,
+        security,
+        revoked,
         agent: AgentServiceSettings {
             coordinator_id: coordinator_id(addr),
             heartbeat_interval: config.heartbeat_interval,
@@ -153,6 +165,31 @@ pub async fn run(
         tracing::error!(error = %e, "gRPC server failed");
         ServerError::Transport(e)
     })
+}
+
+/// The listener's security from the `[tls]` configuration: the coordinator's certificate and
+/// key loaded and checked (a client certificate, another CA's key, a missing file: an error
+/// naming the file), or a loud warning for plaintext.
+fn security(
+    tls: &TransportSecurity,
+    revocation: Arc<dyn serin_security::tls::Revocation>,
+) -> Result<listener::Security, ServerError> {
+    match tls {
+        TransportSecurity::Tls(files) => {
+            let material = serin_security::tls::TlsMaterial::load(files)?;
+            let config = serin_security::tls::server_config(&material, revocation)?;
+            tracing::info!(ca = %files.ca.display(), cert = %files.cert.display(), "serving mutual TLS (client certificates required)");
+            Ok(listener::Security::Tls(config))
+        }
+        TransportSecurity::InsecurePlaintext => {
+            tracing::warn!(
+                "INSECURE: serving plaintext gRPC without TLS (insecure_plaintext): anyone who \
+                 reaches this port can list hosts, push releases and start rollouts; for \
+                 development only"
+            );
+            Ok(listener::Security::InsecurePlaintext)
+        }
+    }
 }
 
 /// Raises the soft open-files limit to the hard one and returns the connection cap it allows
@@ -201,6 +238,10 @@ pub(crate) struct Parts {
     pub rollouts: Arc<dyn RolloutApi>,
     /// Connections beyond this are served for operators only (see [`crate::listener`]).
     pub connection_cap: usize,
+    /// Mutual TLS, or plaintext for development.
+    pub security: listener::Security,
+    /// Hosts refused at the handshake (filled from the store, extended by `RevokeHost`).
+    pub revoked: Arc<serin_security::tls::RevokedSet>,
     pub agent: AgentServiceSettings,
 }
 
@@ -230,6 +271,12 @@ pub(crate) async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let addr = listener.local_addr().ok();
     let cap = parts.connection_cap;
+    let security = parts.security.clone();
+    let enforce = matches!(security, listener::Security::Tls(_));
+    let peer_layer = listener::PeerLayer {
+        enforce,
+        revoked: parts.revoked.clone(),
+    };
     let agent = AgentServiceImpl::new(
         parts.agent,
         parts.registry.clone(),
@@ -237,14 +284,19 @@ pub(crate) async fn serve(
         tasks,
         inner.clone(),
     );
-    let control = ControlServiceImpl::new(
-        parts.registry,
+    let control = crate::audit::AuditedControl::new(
+        ControlServiceImpl::new(
+            parts.registry.clone(),
+            parts.store.clone(),
+            parts.artifacts,
+            parts.rollouts,
+            inner.clone(),
+        ),
         parts.store,
-        parts.artifacts,
-        parts.rollouts,
-        inner.clone(),
+        parts.registry,
+        parts.revoked,
     );
-    tracing::info!(addr = ?addr, "coordinator serving");
+    tracing::info!(addr = ?addr, tls = enforce, "coordinator serving");
     tonic::transport::Server::builder()
         // TCP_NODELAY is set by our own accept loop: tonic's setting only reaches listeners
         // tonic binds itself, not `serve_with_incoming*`.
@@ -258,6 +310,8 @@ pub(crate) async fn serve(
         // agents, a third of the coordinator's steady-state CPU.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Identity into every request; with TLS, the access policy before any handler.
+        .layer(peer_layer)
         .add_service(
             AgentServiceServer::new(agent)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -269,7 +323,7 @@ pub(crate) async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, cap, Arc::default()),
+            listener::incoming(listener, cap, Arc::default(), security),
             async move { inner.cancelled().await },
         )
         .await
@@ -404,6 +458,8 @@ pub(crate) mod testing {
                 artifacts: artifacts.clone(),
                 rollouts,
                 connection_cap: usize::MAX,
+                security: crate::listener::Security::InsecurePlaintext,
+                revoked: Arc::default(),
                 agent: AgentServiceSettings {
                     coordinator_id: "test-coordinator".into(),
                     heartbeat_interval: Duration::from_millis(100),

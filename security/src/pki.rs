@@ -254,7 +254,12 @@ impl Ca {
                 for ip in ips {
                     params.subject_alt_names.push(SanType::IpAddress(*ip));
                 }
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                // ClientAuth too: the coordinator calls its own listener (readiness and watchdog
+                // self-probe), read calls only (see `transport::authorize`).
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
             }
             Subject::Client(PeerIdentity::Coordinator) => {
                 return Err(PkiError::CoordinatorAsClient);

@@ -344,6 +344,48 @@ pub fn operator_client_config(material: &TlsMaterial) -> Result<Arc<ClientConfig
     client_config(material)
 }
 
+/// The coordinator's client configuration for calling its own listener (the systemd readiness
+/// and watchdog self-probe): it presents the coordinator's own certificate, which the policy
+/// lets make read calls only. Returns the name to verify: the first DNS name or address of the
+/// certificate, whatever address the probe dials.
+pub fn coordinator_self_client_config(
+    material: &TlsMaterial,
+) -> Result<(Arc<ClientConfig>, String), TlsError> {
+    let leaf = material.cert_chain.first().ok_or(TlsError::NoCertificate)?;
+    match material.own_identity()? {
+        PeerIdentity::Coordinator => {}
+        other => {
+            return Err(TlsError::WrongOwnIdentity {
+                expected: "the coordinator (serin://coordinator)".to_string(),
+                found: other,
+            });
+        }
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TlsError::Config(format!("the coordinator certificate: {e}")))?;
+    let name = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                    16 => <[u8; 16]>::try_from(*b)
+                        .ok()
+                        .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                    _ => None,
+                },
+                _ => None,
+            })
+        })
+        .ok_or_else(|| {
+            TlsError::Config("the coordinator certificate names no DNS name or address".into())
+        })?;
+    Ok((client_config(material)?, name))
+}
+
 /// A client configuration trusting only the CA in `material` and presenting its certificate.
 /// Public for tests that need to present a deliberately wrong certificate; programs use
 /// [`agent_client_config`] or [`operator_client_config`].
@@ -413,11 +455,8 @@ impl ClientCertVerifier for IdentityVerifier {
         };
         let identity =
             PeerIdentity::from_certificate(end_entity).map_err(|e| other(e.to_string()))?;
-        if identity == PeerIdentity::Coordinator {
-            return Err(other(
-                "a coordinator certificate cannot be used as a client".to_string(),
-            ));
-        }
+        // The coordinator's own certificate is accepted as a client for its self-probe; the
+        // policy (`transport::authorize`) lets it make read calls only.
         let serial = certificate_serial(end_entity).unwrap_or_default();
         if let Err(reason) = self.revocation.check(&identity, &serial) {
             tracing::warn!(peer = %identity, %reason, "revoked certificate refused");

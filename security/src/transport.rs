@@ -35,6 +35,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::identity::{PeerIdentity, Role};
 
+/// How long a client waits, after its handshake, for the coordinator's first bytes (which prove
+/// that the coordinator accepted its certificate).
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a client has to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,6 +150,57 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Runs the server side of one TLS handshake on an accepted `tcp` connection, bounded by `limit`:
+/// a plaintext client is recognised by its first byte; the verified peer comes back with the
+/// stream. Used by [`TlsIncoming`] and by the coordinator's own accept loop.
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    limit: Duration,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerInfo), Refusal> {
+    let refuse = move |reason| Refusal {
+        remote_addr,
+        reason,
+    };
+    let run = async move {
+        let _ = tcp.set_nodelay(true);
+        let local_addr = tcp.local_addr().ok();
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first).await {
+            Ok(0) | Err(_) => return Err(RefusalReason::Closed),
+            Ok(_) if first[0] != 0x16 => return Err(RefusalReason::NotTls(first[0])),
+            Ok(_) => {}
+        }
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| RefusalReason::Handshake("no client certificate".to_string()))?;
+        // The verifier already parsed this identity; parsing again cannot fail, but is
+        // handled rather than assumed.
+        let identity = PeerIdentity::from_certificate(leaf)
+            .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
+        let serial = crate::tls::certificate_serial(leaf).unwrap_or_default();
+        let info = PeerInfo {
+            remote_addr,
+            local_addr,
+            identity,
+            serial,
+        };
+        Ok((tls, info))
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(result) => result.map_err(refuse),
+        Err(_) => Err(refuse(RefusalReason::Timeout(limit))),
+    }
+}
+
 /// Accepted and verified TLS connections from a listener, for tonic's `serve_with_incoming*`.
 ///
 /// All work happens inside `poll_next` (no spawned task), so dropping the stream, as tonic does at
@@ -195,51 +250,11 @@ impl TlsIncoming {
     fn start_handshake(&self, tcp: TcpStream, remote_addr: SocketAddr) {
         let acceptor = self.acceptor.clone();
         let limit = self.handshake_timeout;
-        let refuse = move |reason| Refusal {
-            remote_addr,
-            reason,
-        };
         let handshake = async move {
-            let _ = tcp.set_nodelay(true);
-            let local_addr = tcp.local_addr().ok();
-            let mut first = [0u8; 1];
-            match tcp.peek(&mut first).await {
-                Ok(0) | Err(_) => return Err(RefusalReason::Closed),
-                Ok(_) if first[0] != 0x16 => return Err(RefusalReason::NotTls(first[0])),
-                Ok(_) => {}
-            }
-            let tls = acceptor
-                .accept(tcp)
-                .await
-                .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
-            let leaf = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| RefusalReason::Handshake("no client certificate".to_string()))?;
-            // The verifier already parsed this identity; parsing again cannot fail, but is
-            // handled rather than assumed.
-            let identity = PeerIdentity::from_certificate(leaf)
-                .map_err(|e| RefusalReason::Handshake(e.to_string()))?;
-            let serial = crate::tls::certificate_serial(leaf).unwrap_or_default();
-            Ok(TlsConn {
-                inner: tls,
-                info: PeerInfo {
-                    remote_addr,
-                    local_addr,
-                    identity,
-                    serial,
-                },
-            })
+            let (inner, info) = handshake(&acceptor, tcp, remote_addr, limit).await?;
+            Ok(TlsConn { inner, info })
         };
-        let bounded = async move {
-            match tokio::time::timeout(limit, handshake).await {
-                Ok(result) => result.map_err(refuse),
-                Err(_) => Err(refuse(RefusalReason::Timeout(limit))),
-            }
-        };
-        self.pending.push(bounded.boxed());
+        self.pending.push(handshake.boxed());
     }
 
     fn report(&self, refusal: Refusal) {
@@ -400,6 +415,8 @@ pub fn required_access(path: &str) -> Option<Access> {
             "PushArtifact" | "RegisterRelease" | "StartRollout" | "ControlRollout" => {
                 Some(Access::Operator(Role::Deployer))
             }
+            "ListAudit" => Some(Access::Operator(Role::Viewer)),
+            "RevokeHost" => Some(Access::Operator(Role::Admin)),
             _ => None,
         },
         "grpc.health.v1.Health" => Some(Access::AnyPeer),
@@ -413,6 +430,8 @@ pub fn authorize(path: &str, identity: &PeerIdentity) -> Result<(), String> {
         .ok_or_else(|| format!("{path} is not in serin's access policy (default deny)"))?;
     match (access, identity) {
         (Access::AnyPeer, _) => Ok(()),
+        // The coordinator's own certificate: its readiness/watchdog self-probe reads, nothing more.
+        (Access::Operator(Role::Viewer), PeerIdentity::Coordinator) => Ok(()),
         (Access::Agent, PeerIdentity::Agent { .. }) => Ok(()),
         (Access::Agent, other) => Err(format!(
             "{path} is the agent API; {other} is {} certificate, not an agent's",
@@ -668,10 +687,18 @@ pub type ClientIo = hyper_util::rt::TokioIo<ClientStream>;
 /// A client connection, TLS or (development) plaintext.
 #[derive(Debug)]
 pub enum ClientStream {
-    /// Mutual TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Mutual TLS, with the first bytes the coordinator sent already read (see
+    /// [`Connector`]: they prove it accepted our certificate), handed out first.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, Prefetched),
     /// Cleartext.
     Plain(TcpStream),
+}
+
+/// Bytes read from a connection before its user asked for them.
+#[derive(Debug, Default)]
+pub struct Prefetched {
+    bytes: Vec<u8>,
+    at: usize,
 }
 
 impl AsyncRead for ClientStream {
@@ -681,7 +708,15 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Tls(s, pre) => {
+                if pre.at < pre.bytes.len() {
+                    let n = buf.remaining().min(pre.bytes.len() - pre.at);
+                    buf.put_slice(&pre.bytes[pre.at..pre.at + n]);
+                    pre.at += n;
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(s.as_mut()).poll_read(cx, buf)
+            }
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -694,21 +729,21 @@ impl AsyncWrite for ClientStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -735,7 +770,39 @@ impl tower::Service<Uri> for Connector {
             let stream = match this.tls {
                 None => ClientStream::Plain(tcp),
                 Some((connector, name)) => {
-                    ClientStream::Tls(Box::new(connector.connect(name, tcp).await?))
+                    let mut tls = connector.connect(name, tcp).await?;
+                    // Under TLS 1.3 our side of the handshake completes before the coordinator
+                    // has verified our certificate; its refusal (an alert) only arrives with the
+                    // next read, and would surface as a bare "connection closed" in whichever
+                    // call comes first. The coordinator speaks first (its HTTP/2 settings), so
+                    // wait for those bytes here: a refusal becomes this connection's error, with
+                    // the alert's name (e.g. CertificateExpired) for the caller to explain.
+                    let mut first = vec![0u8; 4096];
+                    let n = tokio::time::timeout(
+                        PROOF_TIMEOUT,
+                        tokio::io::AsyncReadExt::read(&mut tls, &mut first),
+                    )
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the coordinator sent nothing after the TLS handshake",
+                        )
+                    })??;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the coordinator closed the connection after the TLS handshake",
+                        ));
+                    }
+                    first.truncate(n);
+                    ClientStream::Tls(
+                        Box::new(tls),
+                        Prefetched {
+                            bytes: first,
+                            at: 0,
+                        },
+                    )
                 }
             };
             Ok(hyper_util::rt::TokioIo::new(stream))

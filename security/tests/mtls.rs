@@ -158,6 +158,20 @@ impl ControlService for Probe {
     ) -> Result<Response<wire::Explanation>, Status> {
         unused()
     }
+
+    async fn revoke_host(
+        &self,
+        _: Request<wire::RevokeHostRequest>,
+    ) -> Result<Response<wire::RevokeHostResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_audit(
+        &self,
+        _: Request<wire::ListAuditRequest>,
+    ) -> Result<Response<wire::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
 }
 
 /// A CA and the certificates the cases need.

@@ -126,7 +126,34 @@ success_threshold = 1
     }
 }
 
-/// The agent's config file for `opts`.
+/// The agent's `tls` key for `coordinator_url`: this host's certificate from the harness PKI
+/// for `https://` (the default of every coordinator and fake the harness starts), explicit
+/// development plaintext for `http://` (a test that puts a byte-level proxy in front).
+pub fn agent_tls_toml(coordinator_url: &str, host_id: &str) -> String {
+    agent_tls_toml_with(crate::tls::pki(), coordinator_url, host_id)
+}
+
+/// [`agent_tls_toml`] with the certificates of `pki`.
+pub fn agent_tls_toml_with(
+    pki: &crate::tls::TestPki,
+    coordinator_url: &str,
+    host_id: &str,
+) -> String {
+    if coordinator_url.starts_with("https://") {
+        let f = pki.agent(host_id);
+        format!(
+            "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display()
+        )
+    } else {
+        "tls = { insecure_plaintext = true }".to_owned()
+    }
+}
+
+/// The agent's config file for `opts`; its `tls` key follows the URL's scheme
+/// ([`agent_tls_toml`]).
 pub fn config_toml(
     opts: &AgentOptions,
     coordinator_url: &str,
@@ -136,6 +163,7 @@ pub fn config_toml(
 ) -> String {
     format!(
         r#"coordinator = "{coordinator_url}"
+{tls}
 state_dir = "{state}"
 host_id = "{host_id}"
 hostname = "{host_id}"
@@ -157,6 +185,7 @@ stop_timeout = "2s"
 kind = "process"
 args = ["--port", "{port}"]
 {checks}"#,
+        tls = agent_tls_toml(coordinator_url, host_id),
         state = state_dir.display(),
         extra = opts.extra_top_toml,
         name = opts.name,

@@ -8,6 +8,12 @@
 //! The server runs on its own tokio runtime, so the API is blocking and tests are plain `#[test]`
 //! functions. [`FakeCoordinator::stop`] drops that runtime, closing every connection at once (the
 //! coordinator is gone); [`FakeCoordinator::restart`] listens again on the same port.
+//!
+//! It serves mutual TLS with a certificate from the harness PKI ([`crate::tls`]), and its
+//! [`FakeCoordinator::url`] is `https://`, so agents under test run their TLS code path. It also
+//! answers plaintext on the same port (told apart by the first byte), so a test can put a
+//! byte-level proxy in front and configure the agent with an `http://` URL and explicit
+//! development plaintext.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -127,9 +133,9 @@ impl FakeCoordinator {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, for the agent's `coordinator` key.
+    /// `https://127.0.0.1:PORT`, for the agent's `coordinator` key (mutual TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
     /// Sets the heartbeat interval sent in later `Welcome`s.
@@ -479,7 +485,7 @@ fn serve(addr: SocketAddr, shared: Arc<Shared>) -> (tokio::runtime::Runtime, Soc
     runtime.spawn(async move {
         let listener =
             tokio::net::TcpListener::from_std(std_listener).expect("tokio listener from std");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = incoming(listener, tls_config());
         let service = agent_service_server::AgentServiceServer::new(Service { shared });
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)
@@ -490,6 +496,120 @@ fn serve(addr: SocketAddr, shared: Arc<Shared>) -> (tokio::runtime::Runtime, Soc
         }
     });
     (runtime, local)
+}
+
+/// The fake's TLS configuration: the harness PKI's coordinator certificate for 127.0.0.1.
+fn tls_config() -> Arc<rustls::ServerConfig> {
+    let files = crate::tls::pki().coordinator(std::net::Ipv4Addr::LOCALHOST.into());
+    let material = serin_security::tls::TlsMaterial::load(&files).expect("the fake's TLS files");
+    serin_security::tls::server_config(&material, Arc::new(serin_security::tls::NoRevocation))
+        .expect("the fake's TLS configuration")
+}
+
+/// A connection to the fake: TLS, or plaintext when the client's first byte is not a TLS
+/// handshake record.
+enum FakeConn {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for FakeConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for FakeConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            FakeConn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            FakeConn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for FakeConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            FakeConn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            FakeConn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            FakeConn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            FakeConn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            FakeConn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            FakeConn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepted connections, TLS handshakes run concurrently; a refused handshake is printed and
+/// dropped.
+fn incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> impl tokio_stream::Stream<Item = Result<FakeConn, std::io::Error>> {
+    use futures::StreamExt as _;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .filter_map(|r| futures::future::ready(r.ok()))
+        .map(move |tcp| {
+            let acceptor = acceptor.clone();
+            let accept = async move {
+                let _ = tcp.set_nodelay(true);
+                let mut first = [0u8; 1];
+                match tcp.peek(&mut first).await {
+                    Ok(1) if first[0] != 0x16 => return Some(Ok(FakeConn::Plain(tcp))),
+                    Ok(1) => {}
+                    _ => return None,
+                }
+                let remote = tcp.peer_addr().ok()?;
+                match serin_security::transport::handshake(
+                    &acceptor,
+                    tcp,
+                    remote,
+                    Duration::from_secs(10),
+                )
+                .await
+                {
+                    Ok((tls, _peer)) => Some(Ok(FakeConn::Tls(Box::new(tls)))),
+                    Err(refusal) => {
+                        eprintln!("fake coordinator refused a connection: {}", refusal.reason);
+                        None
+                    }
+                }
+            };
+            // A client that never sends its first byte gives its slot back.
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), accept)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(futures::future::ready)
 }
 
 struct Service {

@@ -141,6 +141,17 @@ pub fn healthy(id: &str) -> DemoRelease {
     release(Behaviour::healthy(id))
 }
 
+/// The environment that gives the `serin` CLI an operator certificate (`SERIN_CA`, `SERIN_CERT`,
+/// `SERIN_KEY`), with the per-user config file out of the way.
+pub fn operator_env(files: &serin_security::tls::TlsFiles) -> Vec<(String, String)> {
+    vec![
+        ("SERIN_CA".into(), files.ca.display().to_string()),
+        ("SERIN_CERT".into(), files.cert.display().to_string()),
+        ("SERIN_KEY".into(), files.key.display().to_string()),
+        ("XDG_CONFIG_HOME".into(), "/nonexistent-serin-test".into()),
+    ]
+}
+
 // ---------------------------------------------------------------------------------------------
 // The coordinator process
 
@@ -196,8 +207,9 @@ impl CoordinatorProc {
         std::fs::write(
             &config_path,
             format!(
-                "listen = \"{ip}:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n",
-                state_dir.display()
+                "listen = \"{ip}:{port}\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{HEARTBEAT}\"\nunreachable_after = \"{UNREACHABLE_AFTER}\"\n{}",
+                state_dir.display(),
+                crate::tls::tls_toml(&crate::tls::pki().coordinator(ip.into()))
             ),
         )
         .expect("writing the coordinator config");
@@ -220,9 +232,14 @@ impl CoordinatorProc {
         (self.ip, self.port).into()
     }
 
-    /// The URL agents and the CLI dial.
+    /// The URL agents and the CLI dial (mutual TLS).
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.ip, self.port)
+        format!("https://{}:{}", self.ip, self.port)
+    }
+
+    /// The config file `serin serve` runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
     }
 
     /// The coordinator's state directory (store.redb, artifacts/).
@@ -297,12 +314,10 @@ impl CoordinatorProc {
             .build()
             .expect("a tokio runtime");
         let url = self.url();
+        let transport =
+            crate::tls::TestPki::client_transport(&crate::tls::pki().harness_operator());
         rt.block_on(async move {
-            let Ok(ch) = tonic::transport::Endpoint::from_shared(url)
-                .expect("a valid URL")
-                .connect_timeout(Duration::from_millis(500))
-                .connect()
-                .await
+            let Ok(ch) = crate::tls::channel(&url, &transport, Duration::from_millis(500)).await
             else {
                 return false;
             };
@@ -857,6 +872,7 @@ impl Fleet {
             .args(&args)
             .env("NO_COLOR", "1")
             .env_remove("SERIN_COORDINATOR")
+            .envs(operator_env(&crate::tls::pki().harness_operator()))
             .stdin(Stdio::null())
             .output()
             .expect("running serin");
@@ -968,12 +984,15 @@ impl Fleet {
         f: impl AsyncFnOnce(ControlServiceClient<Channel>) -> Result<T, tonic::Status>,
     ) -> Result<T, tonic::Status> {
         let url = self.coord.url();
+        let transport =
+            crate::tls::TestPki::client_transport(&crate::tls::pki().harness_operator());
         self.rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .map_err(|e| tonic::Status::internal(e.to_string()))?
+            let (endpoint, connector) = serin_security::transport::endpoint(&url, &transport)
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            let ch = endpoint
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(10))
-                .connect()
+                .connect_with_connector(connector)
                 .await
                 .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
             f(ControlServiceClient::new(ch)).await

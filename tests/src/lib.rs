@@ -16,6 +16,7 @@
 //! - [`haproxy`]: Debian's HAProxy on loopback with a test config and its runtime API.
 //! - [`load`]: a bounded HTTP load generator counting failures by kind.
 //! - [`proxy`]: a TCP link between an agent and the coordinator that a test can cut and heal.
+//! - [`tls`]: the throwaway PKI every coordinator, agent and CLI of the harness uses (mutual TLS).
 
 pub mod agent_fixture;
 pub mod agent_proc;
@@ -28,4 +29,5 @@ pub mod http;
 pub mod load;
 pub mod orders;
 pub mod proxy;
+pub mod tls;
 pub mod wait;

@@ -36,7 +36,7 @@ BRIDGE=sersys0
 NET=10.79.0
 PREFIX=sersys          # netns, machine and cgroup names
 COORD_IP="$NET.10"
-COORD_URL="http://$COORD_IP:7700"
+COORD_URL="https://$COORD_IP:7700"   # mutual TLS, certificates made below with `serin ca`
 AGENTS=(h1 h2 h3 h4)   # h4 gets the agent from the .rpm
 ALL_HOSTS=(c "${AGENTS[@]}")
 START=$(date +%s)
@@ -127,6 +127,22 @@ DEMO_BIN="$ROOT/target/debug/serin-demo-service"
 FAULT_AGENT="$ROOT/target/fault-injection/debug/serin-agent"
 SERIN="$ROOT/target/release/serin"
 export SERIN_COORDINATOR="$COORD_URL" NO_COLOR=1
+
+# A CA and every identity, made on the build host with `serin ca` (as an operator would on an
+# admin machine), then copied to the hosts: the coordinator's certificate for its address, one
+# agent certificate per host id, and an admin operator certificate for this script's CLI.
+PKI="$WORK/pki"
+rm -rf "$PKI"
+"$SERIN" ca init --pki-dir "$PKI" >/dev/null || die "serin ca init failed"
+"$SERIN" ca issue coordinator --pki-dir "$PKI" --ip "$COORD_IP" >/dev/null ||
+  die "issuing the coordinator certificate failed"
+for h in "${AGENTS[@]}"; do
+  "$SERIN" ca issue agent --pki-dir "$PKI" --host-id "sys-$h" >/dev/null ||
+    die "issuing the agent certificate of $h failed"
+done
+"$SERIN" ca issue operator --pki-dir "$PKI" --name system-test --role admin >/dev/null ||
+  die "issuing the operator certificate failed"
+export SERIN_CA="$PKI/ca.crt" SERIN_CERT="$PKI/operator-system-test.crt" SERIN_KEY="$PKI/operator-system-test.key"
 
 mkdir -p "$WORK/releases"
 make_release() { # version [flags...]
@@ -242,11 +258,21 @@ dump() {
 log "installing serin (coordinator) on c"
 hexec c dpkg -i /root/pkgs/"serin_${VERSION}_amd64.deb" >"$WORK/logs/c.install.log" 2>&1 ||
   die "dpkg -i serin failed: $(cat "$WORK/logs/c.install.log")"
+mkdir -p "$WORK/c/root/etc/serin/pki"
+cp "$PKI/ca.crt" "$PKI/coordinator.crt" "$PKI/coordinator.key" "$WORK/c/root/etc/serin/pki/"
+# The coordinator runs as the unprivileged user `serin`: its key is readable by it only.
+hexec c chown serin:serin /etc/serin/pki/coordinator.key
+hexec c chmod 0600 /etc/serin/pki/coordinator.key
 cat >"$WORK/c/root/etc/serin/coordinator.toml" <<EOF
 listen = "0.0.0.0:7700"
 state_dir = "/var/lib/serin"
 heartbeat_interval = "1s"
 unreachable_after = "3s"
+
+[tls]
+ca = "/etc/serin/pki/ca.crt"
+cert = "/etc/serin/pki/coordinator.crt"
+key = "/etc/serin/pki/coordinator.key"
 EOF
 hexec c systemctl restart serin-coordinator || die "the coordinator did not start"
 wait_until "the coordinator to be active" 30 hexec c systemctl is-active serin-coordinator
@@ -275,6 +301,11 @@ heartbeat_interval = "1s"
 report_interval = "1s"
 reconnect_initial = "200ms"
 reconnect_max = "1s"
+
+[tls]
+ca = "/etc/serin/pki/ca.crt"
+cert = "/etc/serin/pki/agent-sys-$1.crt"
+key = "/etc/serin/pki/agent-sys-$1.key"
 
 [labels]
 role = "demo"
@@ -312,6 +343,8 @@ for h in "${AGENTS[@]}"; do
   state="$(hexec "$h" systemctl show -p ActiveState --value serin-agent)"
   [[ "$state" == inactive ]] || die "unconfigured serin-agent on $h is $state, expected inactive"
   demo_unit >"$WORK/$h/root/etc/systemd/system/demo.service"
+  mkdir -p "$WORK/$h/root/etc/serin/pki"
+  cp "$PKI/ca.crt" "$PKI/agent-sys-$h.crt" "$PKI/agent-sys-$h.key" "$WORK/$h/root/etc/serin/pki/"
   agent_config "$h" >"$WORK/$h/root/etc/serin/agent.toml"
   # Every packaged agent gets every crash point: a shipped binary must ignore them.
   mkdir -p "$WORK/$h/root/etc/systemd/system/serin-agent.service.d"

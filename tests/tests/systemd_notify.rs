@@ -173,11 +173,15 @@ fn coordinator_is_ready_once_it_answers_and_feeds_the_watchdog() {
     let notify = Notify::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("serin.log");
+    // Mutual TLS: the self-probe presents the coordinator's own certificate.
+    let config = dir.path().join("coordinator.toml");
+    let tls = serin_tests::tls::pki().coordinator(std::net::Ipv4Addr::LOCALHOST.into());
+    std::fs::write(&config, serin_tests::tls::tls_toml(&tls)).expect("writing the config");
     let child = Command::new(binaries::serin())
         .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.path().join("state"))
         .arg("--config")
-        .arg(dir.path().join("absent.toml"))
+        .arg(&config)
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "1000000")
         .env_remove("WATCHDOG_PID")

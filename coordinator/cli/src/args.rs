@@ -42,6 +42,17 @@ pub struct Cli {
     )]
     pub coordinator: String,
 
+    /// The serin CA certificate to verify the coordinator with (else $SERIN_CA, else
+    /// ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate (else $SERIN_CERT, else ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub cert: Option<PathBuf>,
+    /// Your operator private key (else $SERIN_KEY, else ~/.config/serin/config.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+
     /// Output format: text for humans, json for machines (one JSON document per response message).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -80,8 +91,10 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
-    /// List the hosts the coordinator knows, with their labels, services and health.
+    /// List the hosts the coordinator knows, with their labels, services and health; revoke one.
     Hosts(HostsArgs),
+    /// The audit log: every mutating call, who made it, its arguments and its result.
+    Audit(AuditArgs),
     /// Upload artifacts to the coordinator's content-addressed store.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -110,6 +123,10 @@ pub struct ServeArgs {
     /// Directory for the store and the artifacts (overrides the file).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: serve plaintext gRPC without TLS or identities (as `[tls]
+    /// insecure_plaintext = true`); anyone reaching the port can deploy.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 /// `serin check-config`.
@@ -126,6 +143,31 @@ pub struct HostsArgs {
     /// Label selector, e.g. "role=web,zone=eu-1". Default: every host.
     #[arg(short = 'l', long, value_name = "SELECTOR")]
     pub selector: Option<String>,
+    /// What to do with a host (default: list the hosts).
+    #[command(subcommand)]
+    pub action: Option<HostsAction>,
+}
+
+/// `serin hosts ACTION`.
+#[derive(Debug, Subcommand)]
+pub enum HostsAction {
+    /// Admin: end HOST's stream and refuse its certificate from now on (persisted).
+    Revoke {
+        /// The host id.
+        #[arg(value_name = "HOST")]
+        host: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// `serin audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only entries since then: a duration ago ("1h", "30m") or a time ("2026-11-27T15:00:00Z").
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
 }
 
 /// `serin artifact ...`.

@@ -19,7 +19,7 @@ use super::watch::{self, now_ms};
 pub const PUSH_CHUNK: usize = 1024 * 1024;
 
 /// Prints a JSON value (pretty) or a text block to stdout.
-fn emit(
+pub(crate) fn emit(
     output: OutputFormat,
     json: impl FnOnce() -> serde_json::Value,
     text: impl FnOnce(&Palette) -> String,
@@ -461,10 +461,24 @@ pub async fn run_operator(
     output: OutputFormat,
     command: super::args::Command,
 ) -> Result<Exit, CliError> {
+    run_operator_with(url, &Default::default(), output, command).await
+}
+
+/// [`run_operator`] with the TLS flags of the command line.
+pub async fn run_operator_with(
+    url: &str,
+    tls: &super::credentials::TlsFlags,
+    output: OutputFormat,
+    command: super::args::Command,
+) -> Result<Exit, CliError> {
     use super::args::Command;
-    let mut c = Control::connect(url).await?;
+    let mut c = Control::connect_with(url, tls).await?;
     match command {
-        Command::Hosts(h) => hosts(&mut c, output, h.selector).await,
+        Command::Hosts(h) => match h.action {
+            Some(action) => super::audit::hosts_action(&mut c, output, action).await,
+            None => hosts(&mut c, output, h.selector).await,
+        },
+        Command::Audit(a) => super::audit::audit(&mut c, output, a).await,
         Command::Artifact(a) => artifact(&mut c, output, a).await,
         Command::Release(r) => release(&mut c, output, r).await,
         Command::Rollout(r) => rollout(&mut c, output, r).await,

@@ -212,6 +212,20 @@ impl ControlService for Fake {
             events: vec!["created".into()],
         }))
     }
+
+    async fn revoke_host(
+        &self,
+        _: Request<wire::RevokeHostRequest>,
+    ) -> Result<Response<wire::RevokeHostResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_audit(
+        &self,
+        _: Request<wire::ListAuditRequest>,
+    ) -> Result<Response<wire::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
 }
 
 /// A fake coordinator on a loopback port; stops when dropped.

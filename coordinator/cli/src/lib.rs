@@ -8,6 +8,7 @@
 //! - [`exit`]: the documented exit codes and the error type that maps onto them;
 //! - [`offline`]: the commands that need no coordinator: [`pki`] (`serin ca …`) and [`signing`]
 //!   (`serin keygen`, `serin release sign|verify`);
+//! - [`audit`]: the security record: `serin audit` and `serin hosts revoke`;
 //! - [`credentials`]: where the CLI finds its operator certificate (flags, environment, per-user
 //!   config file).
 //!
@@ -15,6 +16,7 @@
 //! binds the listener and hands it to `serin_coordinator::server::run`.
 
 pub mod args;
+pub mod audit;
 pub mod client;
 pub mod commands;
 pub mod credentials;

@@ -84,7 +84,17 @@ fn main() -> ExitCode {
         },
         command => {
             init_tracing("warn");
-            match runtime.block_on(cli::run_operator(&cli.coordinator, cli.output, command)) {
+            let tls = cli::credentials::TlsFlags {
+                ca: cli.ca.clone(),
+                cert: cli.cert.clone(),
+                key: cli.key.clone(),
+            };
+            match runtime.block_on(commands::run_operator_with(
+                &cli.coordinator,
+                &tls,
+                cli.output,
+                command,
+            )) {
                 Ok(exit) => exit.into(),
                 Err(e) => fail(&e.to_string(), e.exit()),
             }
@@ -188,10 +198,16 @@ fn init_daemon_tracing(default: &str) {
 /// `READY=1`; with `WatchdogSec=` set, repeats the call every quarter period and sends
 /// `WATCHDOG=1` only when it was answered within that quarter. Outside systemd
 /// (`NOTIFY_SOCKET` unset) it still probes until ready, then ends.
-async fn notify_systemd(bound: std::net::SocketAddr, shutdown: CancellationToken) {
+async fn notify_systemd(
+    bound: std::net::SocketAddr,
+    tls: serin_security::tls::TransportSecurity,
+    shutdown: CancellationToken,
+) {
     use sd_notify::NotifyState;
     use serin_proto::wire::ListHostsRequest;
     use serin_proto::wire::control_service_client::ControlServiceClient;
+    use serin_security::tls::TransportSecurity;
+    use serin_security::transport::ClientTransport;
     use std::time::Duration;
 
     let mut target = bound;
@@ -203,14 +219,42 @@ async fn notify_systemd(bound: std::net::SocketAddr, shutdown: CancellationToken
     }
     let watchdog = sd_notify::watchdog_enabled();
     let timeout = watchdog.map_or(Duration::from_secs(2), |p| p / 4);
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{target}")) {
-        Ok(e) => e.connect_timeout(timeout).timeout(timeout),
+    // With TLS the probe presents the coordinator's own certificate (read calls only) and
+    // verifies the listener's certificate against the CA under the certificate's own name.
+    let transport = match &tls {
+        TransportSecurity::InsecurePlaintext => Ok((ClientTransport::Plaintext, "http")),
+        TransportSecurity::Tls(files) => serin_security::tls::TlsMaterial::load(files)
+            .and_then(|m| serin_security::tls::coordinator_self_client_config(&m))
+            .map(|(config, name)| {
+                (
+                    ClientTransport::Tls {
+                        config,
+                        server_name: Some(name),
+                    },
+                    "https",
+                )
+            }),
+    };
+    let channel = transport
+        .map_err(|e| e.to_string())
+        .and_then(|(transport, scheme)| {
+            serin_security::transport::endpoint(&format!("{scheme}://{target}"), &transport)
+                .map_err(|e| e.to_string())
+        })
+        .map(|(endpoint, connector)| {
+            endpoint
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .connect_with_connector_lazy(connector)
+        });
+    let channel = match channel {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, address = %target, "cannot probe the coordinator's own listener");
             return;
         }
     };
-    let client = ControlServiceClient::new(endpoint.connect_lazy());
+    let client = ControlServiceClient::new(channel);
     let probe = || {
         let mut client = client.clone();
         async move {
@@ -272,7 +316,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let notifier = tokio::spawn(notify_systemd(bound, shutdown.clone()));
+    let notifier = tokio::spawn(notify_systemd(bound, config.tls.clone(), shutdown.clone()));
     let result = server::run(config, listener, shutdown.clone())
         .await
         .context("the coordinator stopped with an error");
@@ -330,9 +374,17 @@ fn load_serve_config(args: &ServeArgs) -> anyhow::Result<CoordinatorConfig> {
     let overridden = args.listen.is_some() || args.state_dir.is_some();
     let mut config = if !args.config.exists() && overridden {
         tracing::info!(config = %args.config.display(), "no config file, using defaults and flags");
+        if !args.insecure_plaintext {
+            anyhow::bail!(
+                "no config file at {} to take the [tls] section from: write one with \
+                 [tls] ca, cert and key (made by `serin ca`), or pass --insecure-plaintext \
+                 for development only",
+                args.config.display()
+            );
+        }
         CoordinatorConfig::default()
     } else {
-        let loaded = CoordinatorConfig::load_with_warnings(&args.config)?;
+        let loaded = CoordinatorConfig::load_with(&args.config, args.insecure_plaintext)?;
         for w in &loaded.warnings {
             tracing::warn!(config = %args.config.display(), "{w}");
         }

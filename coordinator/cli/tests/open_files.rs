@@ -43,6 +43,8 @@ impl Limited {
             .arg("127.0.0.1:0")
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            // No config file: the explicit development switch (this test is about limits).
+            .arg("--insecure-plaintext")
             .env("SERIN_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

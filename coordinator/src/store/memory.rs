@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use serin_proto::{HostId, ReleaseId, ServiceName};
 
-use super::{ReleaseRecord, Store, StoreError, StoredRollout};
+use super::{AuditRecord, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout};
 
 #[derive(Default)]
 struct Inner {
@@ -17,6 +17,8 @@ struct Inner {
     order: Vec<String>,
     seqs: BTreeMap<(HostId, ServiceName), u64>,
     saves: usize,
+    audit: Vec<(u64, AuditRecord)>,
+    revoked: BTreeMap<String, RevocationRecord>,
 }
 
 /// A [`Store`] that lives in memory only.
@@ -50,6 +52,36 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn append_audit(&self, rec: &AuditRecord) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let seq = inner.audit.last().map_or(1, |(s, _)| s + 1);
+        inner.audit.push((seq, rec.clone()));
+        Ok(seq)
+    }
+
+    fn audit(&self, since_unix_ms: u64) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        Ok(self
+            .lock()
+            .audit
+            .iter()
+            .filter(|(_, r)| r.at_unix_ms >= since_unix_ms)
+            .cloned()
+            .collect())
+    }
+
+    fn revoke_host(&self, rec: &RevocationRecord) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.revoked.contains_key(&rec.host_id) {
+            return Ok(false);
+        }
+        inner.revoked.insert(rec.host_id.clone(), rec.clone());
+        Ok(true)
+    }
+
+    fn revoked_hosts(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        Ok(self.lock().revoked.values().cloned().collect())
+    }
+
     fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
         self.lock()
             .releases

@@ -4,6 +4,10 @@
 //! and an append-only event log, plus the per-host order sequence counters. It knows nothing of
 //! what the blobs mean, so the rollout engine's records can evolve without touching it, and a
 //! distributed store can replace the embedded one later.
+//!
+//! It also keeps the security record: the audit log of every mutating control call
+//! ([`AuditRecord`]) and the revoked hosts ([`RevocationRecord`]), whose certificates the
+//! coordinator refuses from then on.
 
 pub mod memory;
 pub mod redb;
@@ -35,6 +39,34 @@ pub struct StoredRollout {
     pub header: Vec<u8>,
     pub hosts: Vec<(HostId, Vec<u8>)>,
     pub events: Vec<Vec<u8>>,
+}
+
+/// One entry of the audit log: a mutating control call, who made it and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditRecord {
+    /// When the call was answered (unix ms).
+    pub at_unix_ms: u64,
+    /// The caller's certificate identity (`serin://operator/<role>/<name>`), or `plaintext`.
+    pub who: String,
+    /// The method, e.g. `StartRollout`.
+    pub what: String,
+    /// The call's arguments as `key=value` text.
+    pub arguments: String,
+    /// `ok`, or the status code and message of the refusal.
+    pub result: String,
+}
+
+/// A revoked host: every certificate carrying its host id is refused from then on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevocationRecord {
+    /// The host id.
+    pub host_id: String,
+    /// When (unix ms).
+    pub at_unix_ms: u64,
+    /// Who revoked it (certificate identity).
+    pub by: String,
+    /// Why, as given.
+    pub reason: String,
 }
 
 /// A store operation failed.
@@ -79,6 +111,27 @@ pub trait Store: Send + Sync + 'static {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError>;
+
+    /// Appends an entry to the audit log, durably; returns its sequence number (strictly
+    /// increasing). The default (stores written for tests of other modules) keeps none.
+    fn append_audit(&self, _rec: &AuditRecord) -> Result<u64, StoreError> {
+        Err(StoreError::Io("this store keeps no audit log".into()))
+    }
+
+    /// The audit log's entries at or after `since_unix_ms`, oldest first.
+    fn audit(&self, _since_unix_ms: u64) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Records a revoked host, durably; `false` when it was already revoked (nothing written).
+    fn revoke_host(&self, _rec: &RevocationRecord) -> Result<bool, StoreError> {
+        Err(StoreError::Io("this store keeps no revocations".into()))
+    }
+
+    /// Every revoked host.
+    fn revoked_hosts(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        Ok(Vec::new())
+    }
 
     /// Starts a new coordinator epoch (orders carry it; agents refuse orders of an older one as
     /// replays): strictly greater than every epoch returned before by this store, and at least

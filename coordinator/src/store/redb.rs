@@ -19,6 +19,8 @@
 //! | `rollout_events` | (rollout id, event no.)  | opaque event blob              |
 //! | `rollout_order`  | ordinal (creation order) | rollout id                     |
 //! | `order_seqs`     | (host id, service)       | highest order sequence handed out |
+//! | `audit`          | sequence number          | JSON [`AuditRecord`] (since v2)  |
+//! | `revoked_hosts`  | host id                  | JSON [`RevocationRecord`] (since v2) |
 //!
 //! A file written by a newer coordinator (higher schema version) is refused with
 //! [`StoreError::TooNew`] rather than misread; older versions are migrated forward by
@@ -34,10 +36,10 @@ use ::redb::{
 };
 use serin_proto::{HostId, ReleaseId, ServiceName};
 
-use super::{ReleaseRecord, Store, StoreError, StoredRollout};
+use super::{AuditRecord, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout};
 
 /// The schema version this coordinator writes and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// `meta` key of the coordinator epoch ([`Store::bump_epoch`]).
@@ -50,6 +52,8 @@ const ROLLOUT_HOSTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new
 const ROLLOUT_EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("rollout_events");
 const ROLLOUT_ORDER: TableDefinition<u64, &str> = TableDefinition::new("rollout_order");
 const ORDER_SEQS: TableDefinition<(&str, &str), u64> = TableDefinition::new("order_seqs");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const REVOKED_HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_hosts");
 
 /// The coordinator's durable state in a redb file.
 ///
@@ -213,6 +217,11 @@ pub fn migrate(txn: &WriteTransaction, from: u32) -> Result<(), ::redb::Error> {
                 txn.open_table(ROLLOUT_ORDER)?;
                 txn.open_table(ORDER_SEQS)?;
             }
+            // 1 -> 2: the security record (audit log, revoked hosts), new empty tables.
+            1 => {
+                txn.open_table(AUDIT)?;
+                txn.open_table(REVOKED_HOSTS)?;
+            }
             _ => unreachable!("no migration step from schema version {version}"),
         }
         version += 1;
@@ -221,6 +230,82 @@ pub fn migrate(txn: &WriteTransaction, from: u32) -> Result<(), ::redb::Error> {
 }
 
 impl Store for RedbStore {
+    fn append_audit(&self, rec: &AuditRecord) -> Result<u64, StoreError> {
+        let blob = serde_json::to_vec(rec)
+            .map_err(|e| StoreError::Corrupt(format!("encoding an audit entry: {e}")))?;
+        let txn = self.begin_write("starting append_audit")?;
+        let seq = {
+            let mut t = txn
+                .open_table(AUDIT)
+                .map_err(|e| self.io("opening table audit", e))?;
+            let last = t
+                .last()
+                .map_err(|e| self.io("reading the audit log's end", e))?
+                .map_or(0, |(k, _)| k.value());
+            let seq = last + 1;
+            t.insert(seq, blob.as_slice())
+                .map_err(|e| self.io("writing an audit entry", e))?;
+            seq
+        };
+        self.commit(txn, "committing an audit entry")?;
+        Ok(seq)
+    }
+
+    fn audit(&self, since_unix_ms: u64) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        let txn = self.read_txn("starting an audit read")?;
+        let t = txn
+            .open_table(AUDIT)
+            .map_err(|e| self.io("opening table audit", e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.io("reading the audit log", e))? {
+            let (k, v) = entry.map_err(|e| self.io("reading the audit log", e))?;
+            let rec: AuditRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("audit entry {}: {e}", k.value())))?;
+            if rec.at_unix_ms >= since_unix_ms {
+                out.push((k.value(), rec));
+            }
+        }
+        Ok(out)
+    }
+
+    fn revoke_host(&self, rec: &RevocationRecord) -> Result<bool, StoreError> {
+        let blob = serde_json::to_vec(rec)
+            .map_err(|e| StoreError::Corrupt(format!("encoding a revocation: {e}")))?;
+        let txn = self.begin_write("starting revoke_host")?;
+        {
+            let mut t = txn
+                .open_table(REVOKED_HOSTS)
+                .map_err(|e| self.io("opening table revoked_hosts", e))?;
+            if t.get(rec.host_id.as_str())
+                .map_err(|e| self.io("reading a revocation", e))?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            t.insert(rec.host_id.as_str(), blob.as_slice())
+                .map_err(|e| self.io("writing a revocation", e))?;
+        }
+        self.commit(txn, "committing a revocation")?;
+        Ok(true)
+    }
+
+    fn revoked_hosts(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        let txn = self.read_txn("starting a revocation read")?;
+        let t = txn
+            .open_table(REVOKED_HOSTS)
+            .map_err(|e| self.io("opening table revoked_hosts", e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.io("reading revocations", e))? {
+            let (k, v) = entry.map_err(|e| self.io("reading revocations", e))?;
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| {
+                    StoreError::Corrupt(format!("revocation of {}: {e}", k.value()))
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
     fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
         let blob = serde_json::to_vec(rec)
             .map_err(|e| StoreError::Corrupt(format!("encoding release {}: {e}", rec.id)))?;

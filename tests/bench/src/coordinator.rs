@@ -78,7 +78,9 @@ impl Coordinator {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{}ms\"\nunreachable_after = \"{}ms\"\n",
+                // The simulated agents speak plaintext: the explicit development switch (the
+                // figures in BENCHMARKS.md are without TLS).
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{}ms\"\nunreachable_after = \"{}ms\"\n[tls]\ninsecure_plaintext = true\n",
                 dir.path().join("state").display(),
                 settings.heartbeat_interval.as_millis(),
                 settings.unreachable_after.as_millis(),

@@ -14,6 +14,10 @@
 //! Every process it starts is killed when it ends, also on failure or Ctrl-C: the coordinator
 //! and agents by process group, the supervised services through each agent's `supervisor.json`.
 //! The binaries are found next to this one (`cargo build --workspace --bins` puts them there).
+//!
+//! Everything talks mutual TLS, as in production: the demo makes a throwaway CA in its directory
+//! (`pki/`), a coordinator certificate for 127.0.0.1, one certificate per agent host id and an
+//! admin operator certificate for its `serin` commands.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -177,6 +181,8 @@ struct Host {
 /// The running demo: its directory, its processes and the coordinator's URL.
 struct Demo {
     dir: PathBuf,
+    /// The demo's throwaway CA (`<dir>/pki`): every process talks mutual TLS.
+    pki: serin_tests::tls::TestPki,
     bins: Bins,
     url: String,
     hosts: Vec<Host>,
@@ -274,6 +280,9 @@ impl Demo {
             .arg(&self.url)
             .args(args)
             .env("NO_COLOR", "1")
+            .envs(serin_tests::fleet::operator_env(
+                &self.pki.operator("demo", serin_security::Role::Admin),
+            ))
             .output()
             .with_context(|| format!("cannot run serin {}", args.join(" ")))?;
         if !out.status.success() {
@@ -305,6 +314,9 @@ impl Demo {
             .arg("--coordinator")
             .arg(&self.url)
             .args(args)
+            .envs(serin_tests::fleet::operator_env(
+                &self.pki.operator("demo", serin_security::Role::Admin),
+            ))
             .spawn()
             .with_context(|| format!("cannot run serin {}", args.join(" ")))?;
         CLEANUP.lock().unwrap_or_else(|p| p.into_inner()).foreground = Some(child.id() as i32);
@@ -323,8 +335,11 @@ impl Demo {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nheartbeat_interval = \"500ms\"\nunreachable_after = \"3s\"\n",
-                state.display().to_string()
+                "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nheartbeat_interval = \"500ms\"\nunreachable_after = \"3s\"\n{}",
+                state.display().to_string(),
+                serin_tests::tls::tls_toml(
+                    &self.pki.coordinator(std::net::Ipv4Addr::LOCALHOST.into())
+                )
             ),
         )
         .with_context(|| format!("cannot write {}", config.display()))?;
@@ -362,7 +377,7 @@ impl Demo {
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             )
         })?;
-        self.url = format!("http://{addr}");
+        self.url = format!("https://{addr}");
         println!(
             "coordinator listening on {addr} (log: {})",
             log_path.display()
@@ -384,6 +399,7 @@ impl Demo {
                 &config,
                 format!(
                     r#"coordinator = "{url}"
+{tls}
 state_dir = {state:?}
 host_id = "{id}"
 hostname = "{id}"
@@ -416,6 +432,7 @@ failure_threshold = 2
 success_threshold = 1
 "#,
                     url = self.url,
+                    tls = serin_tests::agent_proc::agent_tls_toml_with(&self.pki, &self.url, &id),
                     state = state_dir.display().to_string(),
                     // 200-500 ms, different per host.
                     interval = 200 + (i * 300 / HOSTS.max(1)) as u64,
@@ -553,6 +570,7 @@ fn run(dir: &Path) -> anyhow::Result<String> {
     install_signal_handler()?;
     let mut demo = Demo {
         dir: dir.to_path_buf(),
+        pki: serin_tests::tls::TestPki::create(&dir.join("pki"), "serin demo CA (throwaway)")?,
         bins: Bins::find()?,
         url: String::new(),
         hosts: Vec::new(),
