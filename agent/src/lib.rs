@@ -141,8 +141,8 @@ pub async fn run_with(
             address: config.coordinator.clone(),
             problem,
         })?;
-    let fetcher =
-        fetch::Fetcher::new(channel.clone()).map_err(|problem| AgentError::Coordinator {
+    let fetcher = fetch::Fetcher::new(channel.clone())
+        .map_err(|problem| AgentError::Coordinator {
             address: config.coordinator.clone(),
             problem,
         })?
