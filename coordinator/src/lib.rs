@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod control_service;
+pub mod fault;
 pub mod fleet;
 pub mod haproxy;
 pub mod limits;

@@ -439,6 +439,19 @@ impl Fleet for Registry {
         let msg = Box::new(wire::CoordinatorMessage {
             body: Some(wire::coordinator_message::Body::Order(order.into())),
         });
+        if let Some(chaos) = crate::fault::chaos() {
+            // Test builds only: the order may be dropped, duplicated, delayed or reordered on
+            // its way, as a lossy network would; the engine must recover by itself.
+            let tx = conn.tx.clone();
+            chaos.deliver(
+                host.as_str(),
+                &format!("{kind} order seq {seq}"),
+                std::sync::Arc::new(move || {
+                    let _ = tx.try_send(Ok(msg.clone()));
+                }),
+            );
+            return true;
+        }
         match conn.tx.try_send(Ok(msg)) {
             Ok(()) => {
                 tracing::debug!(host = %host, service = %service, seq, kind, "order queued");
