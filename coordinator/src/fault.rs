@@ -4,7 +4,9 @@
 //! the `fault-injection` feature, `SERIN_COORDINATOR_CRASH_AT=<point>[:<nth>][,...]` makes the
 //! coordinator abort (`std::process::abort()`, no destructors, no flush: as a power cut would
 //! leave it, minus the page cache) the `nth` time (default: the first) it reaches the named
-//! point. Core dumps are switched off first so an abort leaves no file behind.
+//! point. Core dumps are switched off first so an abort leaves no file behind. With
+//! `SERIN_COORDINATOR_CRASH_ARMED=<file>` the points count only while that file exists, so a test
+//! can let the coordinator start (and resume what it was doing) before the count begins.
 //!
 //! [`chaos`] decides the fate of each order the coordinator sends: with
 //! `SERIN_CHAOS=drop:P,dup:P,reorder:P,delay:A-Bms` (any subset; probabilities in 0..=1) and
@@ -90,6 +92,11 @@ mod imp {
             };
             if pname != name {
                 continue;
+            }
+            if let Some(armed) = std::env::var_os("SERIN_COORDINATOR_CRASH_ARMED")
+                && !std::path::Path::new(&armed).exists()
+            {
+                return;
             }
             let hit = {
                 let mut hits = HITS

@@ -295,7 +295,7 @@ const TIMINGS: Timings = Timings {
     bake: "500ms",
     canary_bake: None,
     min_healthy: "300ms",
-    healthy_deadline: "20s",
+    healthy_deadline: "8s",
     progress_deadline: "60s",
 };
 
@@ -345,6 +345,7 @@ fn crashed_and_restarted(f: &Fleet, c: &Case, injected: &AtomicBool) {
     assert!(f.coord.log().contains(&marker), "{marker}\n{}", f.dump());
     injected.store(true, Ordering::SeqCst);
     f.coord.set_env("SERIN_COORDINATOR_CRASH_AT", None);
+    f.coord.set_env("SERIN_COORDINATOR_CRASH_ARMED", None);
     f.coord.set_binary(None);
     f.coord.spawn();
 }
@@ -374,20 +375,37 @@ fn crash_case(f: &Fleet, c: &Case, n: usize, injected: &AtomicBool) {
         );
     }
     let r = fleet::healthy(&release);
-    // The rollback cases: a host of the second wave fails the release.
-    let plan = f.plan(&release, SPEC, &TIMINGS);
-    let second = fleet::planned_waves(&plan["waves"])[1].clone();
-    let victim = f.index_of(second.iter().next().expect("a second wave"));
-    if c.via == Via::Bad {
-        f.hosts[victim].fail_release(&release);
-    }
 
     f.coord.set_binary(Some(binaries::fault_coordinator()));
     f.coord.set_env(
         "SERIN_COORDINATOR_CRASH_AT",
         Some(&format!("{}:{}", c.point, c.nth)),
     );
+    // The point counts from the push on, not while the restarted coordinator resumes the
+    // previous case's rollout (whose task saves each host's reconnection).
+    let armed = f.scratch().join(format!("armed-{n}"));
+    f.coord.set_env(
+        "SERIN_COORDINATOR_CRASH_ARMED",
+        Some(&armed.display().to_string()),
+    );
     f.coord.restart();
+    f.wait_connected(f.hosts.len());
+    // A resumed rollout records each host's reconnection (a save): let that happen first.
+    wait::wait_for(
+        "the resumed rollout to take note of every host",
+        Duration::from_secs(30),
+        &|| f.dump(),
+        || {
+            let log = f.coord.log();
+            let this_start = log.rsplit("===== harness: start #").next().unwrap_or("");
+            !this_start.contains("resuming rollout from the store")
+                || this_start
+                    .matches("reconnected after the coordinator restart")
+                    .count()
+                    >= f.hosts.len()
+        },
+    );
+    std::fs::write(&armed, b"").expect("arming the crash point");
     let sampler = Sampler::start(f.hosts.iter().map(|h| h.agent.port).collect());
     let mut crashed = false;
 
@@ -399,6 +417,14 @@ fn crash_case(f: &Fleet, c: &Case, n: usize, injected: &AtomicBool) {
         crashed = true;
         let (ok, said) = try_push(f, &r);
         assert!(ok, "the push retried after the crash: {said}\n{}", f.dump());
+    }
+
+    // The rollback cases: a host of the second wave fails the release.
+    let plan = f.plan(&release, SPEC, &TIMINGS);
+    let second = fleet::planned_waves(&plan["waves"])[1].clone();
+    let victim = f.index_of(second.iter().next().expect("a second wave"));
+    if c.via == Via::Bad {
+        f.hosts[victim].fail_release(&release);
     }
 
     // The start: after a crash the operator looks whether the rollout exists, and starts it

@@ -132,6 +132,8 @@ pub struct Driver {
     saved_once: bool,
     /// Per host, the order last handed to the fleet and when it was last sent or answered.
     outstanding: std::collections::BTreeMap<HostId, Outstanding>,
+    /// The commands being executed end the rollout (fault injection marks that save).
+    finishing: bool,
 }
 
 /// The first and the longest wait for an answer before a host's order is sent again.
@@ -179,6 +181,7 @@ impl Driver {
             held: BTreeSet::new(),
             saved_once: false,
             outstanding: std::collections::BTreeMap::new(),
+            finishing: false,
         }
     }
 
@@ -231,8 +234,9 @@ impl Driver {
             && let Some(o) = self.outstanding.get_mut(host)
             && o.order_id == outcome.order_id
         {
+            // Being worked on: wait again, without shortening the wait (a repeated order is
+            // answered with the results sent before, which must not make it repeat faster).
             o.last_ms = self.clock.now_ms();
-            o.wait = RESEND_FIRST;
         }
     }
 
@@ -266,7 +270,7 @@ impl Driver {
         let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let store = self.store.clone();
         // Fault injection (test builds): the save that records the rollout's end.
-        let finishing = m.state().is_finished();
+        let finishing = std::mem::take(&mut self.finishing);
         if finishing {
             crate::fault::point("finish-before-save");
         }
@@ -360,6 +364,7 @@ impl Driver {
     /// Executes commands in order. A failed save holds back every order after it (nothing is
     /// sent that is not on disk) and drops the allocations after it (the machine asks again).
     pub async fn execute(&mut self, m: &mut Rollout, cmds: Vec<Command>) -> Executed {
+        self.finishing = cmds.iter().any(|c| matches!(c, Command::Finished(_)));
         let mut queue: VecDeque<Command> = cmds.into();
         let mut out = Executed::default();
         // Each allocation round answers the previous one; a handful is plenty per input.
