@@ -388,23 +388,36 @@ fn crash_case(f: &Fleet, c: &Case, n: usize, injected: &AtomicBool) {
         "SERIN_COORDINATOR_CRASH_ARMED",
         Some(&armed.display().to_string()),
     );
+    // The previous rollout and how many reconnections its record holds.
+    let reconnections = |id: &str| {
+        let ex = f.cli_json(&["rollout", "explain", id]);
+        ex["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.contains("reconnected after the coordinator restart"))
+            })
+            .count()
+    };
+    let previous = f.list_rollouts().last().map(|(id, _, _)| id.clone());
+    let before = previous.as_deref().map_or(0, reconnections);
     f.coord.restart();
     f.wait_connected(f.hosts.len());
-    // A resumed rollout records each host's reconnection (a save): let that happen first.
-    wait::wait_for(
-        "the resumed rollout to take note of every host",
-        Duration::from_secs(30),
-        &|| f.dump(),
-        || {
-            let log = f.coord.log();
-            let this_start = log.rsplit("===== harness: start #").next().unwrap_or("");
-            !this_start.contains("resuming rollout from the store")
-                || this_start
-                    .matches("reconnected after the coordinator restart")
-                    .count()
-                    >= f.hosts.len()
-        },
-    );
+    // A resumed rollout saves each host's reconnection: let those saves be committed first.
+    if let Some(prev) = previous.as_deref() {
+        let log = f.coord.log();
+        let this_start = log.rsplit("===== harness: start #").next().unwrap_or("");
+        if this_start.contains(&format!("resuming rollout from the store rollout={prev}")) {
+            wait::wait_for(
+                "the resumed rollout's record to hold every host's reconnection",
+                Duration::from_secs(30),
+                &|| f.dump(),
+                || reconnections(prev) >= before + f.hosts.len(),
+            );
+        }
+    }
     std::fs::write(&armed, b"").expect("arming the crash point");
     let sampler = Sampler::start(f.hosts.iter().map(|h| h.agent.port).collect());
     let mut crashed = false;
