@@ -41,7 +41,7 @@ const TIMINGS: Timings = Timings {
     canary_bake: None,
     min_healthy: "300ms",
     // Lost results are recovered by re-sending the order (2 s, then 4 s, 8 s, ...): leave room.
-    healthy_deadline: "15s",
+    healthy_deadline: "30s",
     progress_deadline: "60s",
 };
 

@@ -138,7 +138,7 @@ pub struct Driver {
 
 /// The first and the longest wait for an answer before a host's order is sent again.
 pub const RESEND_FIRST: Duration = Duration::from_secs(2);
-pub const RESEND_MAX: Duration = Duration::from_secs(16);
+pub const RESEND_MAX: Duration = Duration::from_secs(8);
 
 /// An order handed to the fleet, waiting for its answer.
 #[derive(Debug)]
@@ -636,6 +636,7 @@ mod lost_message_tests {
     use crate::rollout::settings::EngineSettings;
     use crate::rollout::task::Clock;
     use crate::rollout::testing::{FakeFleet, host, release_record};
+    use crate::rollout::{RolloutState, RolloutView, ShownPhase, intent::HostPhase};
     use crate::store::{MemoryStore, Store};
 
     fn result(h: &HostId, o: &Order, phase: OrderPhase) -> FleetEvent {
@@ -671,7 +672,7 @@ mod lost_message_tests {
     /// time) and the orders sent.
     async fn run(
         lose: impl Fn(&HostId, &Order, u32, Option<OrderPhase>) -> bool + Send + Sync + 'static,
-    ) -> (serin_proto::wire::RolloutStatus, Vec<(HostId, Order)>) {
+    ) -> (RolloutView, Vec<(HostId, Order)>) {
         let store = Arc::new(MemoryStore::new());
         store.put_release(&release_record()).unwrap();
         let fleet = Arc::new(FakeFleet::new(
@@ -708,13 +709,21 @@ mod lost_message_tests {
         .await
         .unwrap();
         let api: &dyn RolloutApi = &mgr;
-        let st = api.start_rollout(wire_spec(&["1", "100%"])).await.unwrap();
-        let mut last = st.clone();
+        let id = api
+            .start_rollout(wire_spec(&["1", "100%"]))
+            .await
+            .unwrap()
+            .rollout_id;
+        let mut last = mgr.status(&id).await.unwrap();
         for _ in 0..600 {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            last = api.status(&st.rollout_id).await.unwrap();
-            let all_confirmed = last.hosts.iter().all(|h| h.phase().as_str() == "confirmed");
-            if last.finished && (last.state().as_str() != "succeeded" || all_confirmed) {
+            last = mgr.status(&id).await.unwrap();
+            let all_confirmed = last
+                .hosts
+                .iter()
+                .all(|h| h.phase == ShownPhase::Phase(HostPhase::Confirmed));
+            if last.state.is_finished() && (last.state != RolloutState::Succeeded || all_confirmed)
+            {
                 break;
             }
         }
@@ -723,20 +732,20 @@ mod lost_message_tests {
         (last, fleet.sent())
     }
 
-    fn assert_succeeded(s: &serin_proto::wire::RolloutStatus) {
+    fn assert_succeeded(s: &RolloutView) {
         assert_eq!(
-            s.state().as_str(),
-            "succeeded",
+            s.state,
+            RolloutState::Succeeded,
             "reason {:?}, decisions {:?}",
             s.reason,
             s.decisions
         );
         for h in &s.hosts {
             assert_eq!(
-                h.phase().as_str(),
-                "confirmed",
+                h.phase,
+                ShownPhase::Phase(HostPhase::Confirmed),
                 "host {}: {:?}",
-                h.host_id,
+                h.id,
                 h.detail
             );
         }
