@@ -434,6 +434,7 @@ impl StagedArtifact {
         let Some(temp) = self.temp.0.take() else {
             return Ok(true);
         };
+        crate::fault::point("artifact-before-rename");
         if let Err(e) = tokio::fs::rename(&temp, &dest).await {
             self.temp.0 = Some(temp);
             return Err(ArtifactError::io("renaming into", &dest)(e));
@@ -447,6 +448,7 @@ impl StagedArtifact {
                 source: std::io::Error::other(e),
             })?
             .map_err(ArtifactError::io("fsyncing", &self.store.dir))?;
+        crate::fault::point("artifact-committed");
         Ok(false)
     }
 }

@@ -473,7 +473,21 @@ impl Registry {
         let Some(conn) = &entry.conn else {
             return false;
         };
+        let is_order = matches!(body, wire::coordinator_message::Body::Order(_));
         let msg = Box::new(wire::CoordinatorMessage { body: Some(body) });
+        if is_order && let Some(chaos) = crate::fault::chaos() {
+            // Test builds only: the order may be dropped, duplicated, delayed or reordered on
+            // its way, as a lossy network would; the engine must recover by itself.
+            let tx = conn.tx.clone();
+            chaos.deliver(
+                host.as_str(),
+                &format!("{kind} order seq {seq}"),
+                std::sync::Arc::new(move || {
+                    let _ = tx.try_send(Ok(msg.clone()));
+                }),
+            );
+            return true;
+        }
         match conn.tx.try_send(Ok(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {

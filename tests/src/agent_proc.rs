@@ -206,6 +206,8 @@ pub struct AgentProc {
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     starts: AtomicU32,
+    /// Variables the next starts set (fault injection in a test build).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -253,6 +255,7 @@ impl AgentProc {
             dir,
             child: Mutex::new(None),
             starts: AtomicU32::new(0),
+            env: Mutex::new(Vec::new()),
         }
     }
 
@@ -303,6 +306,8 @@ impl AgentProc {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .env_remove("SERIN_AGENT_CRASH_AT")
+            .env_remove("SERIN_CHAOS")
+            .envs(lock(&self.env).iter().map(|(k, v)| (k, v)))
             // Plain log lines in the dumps.
             .env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() && std::env::var_os("SERIN_LOG").is_none() {
@@ -312,6 +317,16 @@ impl AgentProc {
             cmd.env("SERIN_AGENT_CRASH_AT", points);
         }
         *child = Some(cmd.spawn().expect("starting serin-agent"));
+    }
+
+    /// Makes the next starts set `key=value` (`None`: no longer set it), e.g. `SERIN_CHAOS` for
+    /// the test build of the agent.
+    pub fn set_env(&self, key: &str, value: Option<&str>) {
+        let mut env = lock(&self.env);
+        env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            env.push((key.to_owned(), v.to_owned()));
+        }
     }
 
     /// Runs `serin-agent check-config --config <this agent's config>`.

@@ -6,9 +6,12 @@
 //! process), so the binaries are never stale. These are the product binaries, exactly what
 //! `cargo build --workspace` and the packages ship: no test-only code.
 //!
-//! The one test variant is [`fault_agent`]: `serin-agent` built with its `fault-injection`
-//! feature (crash points driven by `SERIN_AGENT_CRASH_AT`, a wedge for the watchdog) in a target
-//! directory of its own, `<target>/fault-injection/`. No crate of the workspace enables that
+//! The test variants are [`fault_agent`]: `serin-agent` built with its `fault-injection`
+//! feature (crash points driven by `SERIN_AGENT_CRASH_AT`, a wedge for the watchdog, chaos on its
+//! results driven by `SERIN_CHAOS`), and [`fault_coordinator`]: `serin` built with the
+//! coordinator's `fault-injection` feature (crash points driven by `SERIN_COORDINATOR_CRASH_AT`,
+//! chaos on its orders driven by `SERIN_CHAOS`), both in a target directory of their own,
+//! `<target>/fault-injection/`. No crate of the workspace enables that
 //! feature, because cargo unifies features across a workspace build: a dependency with the feature
 //! here would put the hooks into every `cargo build --workspace` (and the demo, and the packages).
 //! The paths handed out are the build outputs in `deps/` (see `stable_path`), so a concurrent
@@ -56,6 +59,9 @@ enum Scope {
     /// `-p serin-agent --features fault-injection` in `<target>/fault-injection/`: the test
     /// build of the agent.
     FaultAgent,
+    /// `-p serin-cli --features fault-injection` in `<target>/fault-injection/`: the
+    /// test build of the coordinator.
+    FaultCoordinator,
     /// `--workspace`: everything, `serin` (crate serin-cli) included.
     Workspace,
 }
@@ -68,6 +74,7 @@ fn names(scope: Scope) -> &'static [&'static str] {
     match scope {
         Scope::Agent => &["serin-agent", "serin-demo-service"],
         Scope::FaultAgent => &["serin-agent"],
+        Scope::FaultCoordinator => &["serin"],
         Scope::Workspace => &["serin-agent", "serin-demo-service", "serin"],
     }
 }
@@ -77,10 +84,12 @@ fn names(scope: Scope) -> &'static [&'static str] {
 fn ensure_built(scope: Scope) -> &'static HashMap<&'static str, PathBuf> {
     static AGENT: OnceLock<Resolved> = OnceLock::new();
     static FAULT_AGENT: OnceLock<Resolved> = OnceLock::new();
+    static FAULT_COORDINATOR: OnceLock<Resolved> = OnceLock::new();
     static WORKSPACE: OnceLock<Resolved> = OnceLock::new();
     let cell = match scope {
         Scope::Agent => &AGENT,
         Scope::FaultAgent => &FAULT_AGENT,
+        Scope::FaultCoordinator => &FAULT_COORDINATOR,
         Scope::Workspace => &WORKSPACE,
     };
     let resolved = cell.get_or_init(|| {
@@ -120,7 +129,8 @@ fn stable_path(bin_dir: &Path, name: &str) -> PathBuf {
     found.map_or(uplifted, |e| e.path())
 }
 
-/// The target directory of the test build of the agent: `<target>/fault-injection`.
+/// The target directory of the test builds of the agent and the coordinator:
+/// `<target>/fault-injection`.
 fn fault_target_dir() -> PathBuf {
     let dir = bin_dir();
     dir.parent()
@@ -132,7 +142,7 @@ fn fault_target_dir() -> PathBuf {
 fn scope_bin_dir(scope: Scope) -> PathBuf {
     match scope {
         Scope::Agent | Scope::Workspace => bin_dir(),
-        Scope::FaultAgent => fault_target_dir().join(
+        Scope::FaultAgent | Scope::FaultCoordinator => fault_target_dir().join(
             bin_dir()
                 .file_name()
                 .expect("the profile directory has a name"),
@@ -153,6 +163,15 @@ fn build(scope: Scope) -> Result<(), String> {
             .args([
                 "-p",
                 "serin-agent",
+                "--features",
+                "fault-injection",
+                "--target-dir",
+            ])
+            .arg(fault_target_dir()),
+        Scope::FaultCoordinator => cmd
+            .args([
+                "-p",
+                "serin-cli",
                 "--features",
                 "fault-injection",
                 "--target-dir",
@@ -212,6 +231,13 @@ pub fn agent() -> PathBuf {
 /// `<target>/fault-injection/` so the feature never reaches a product build.
 pub fn fault_agent() -> PathBuf {
     binary_in(Scope::FaultAgent, "serin-agent")
+}
+
+/// The test build of the coordinator: `serin` with its `fault-injection` feature (crash points,
+/// chaos on orders), built in `<target>/fault-injection/` so the feature never reaches a product
+/// build.
+pub fn fault_coordinator() -> PathBuf {
+    binary_in(Scope::FaultCoordinator, "serin")
 }
 
 /// The coordinator and operator CLI binary, `serin`.

@@ -168,6 +168,10 @@ pub struct CoordinatorProc {
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     starts: AtomicU32,
+    /// The binary the next start runs instead of the product `serin` (a test build).
+    binary: Mutex<Option<PathBuf>>,
+    /// Variables the next starts set (fault injection in a test build).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 /// A loopback address of this coordinator's own and a free port on it. A port released on
@@ -222,6 +226,8 @@ impl CoordinatorProc {
             config_path,
             child: Mutex::new(None),
             starts: AtomicU32::new(0),
+            binary: Mutex::new(None),
+            env: Mutex::new(Vec::new()),
         };
         c.spawn();
         c
@@ -272,7 +278,11 @@ impl CoordinatorProc {
             let _ = writeln!(log, "===== harness: start #{n} of serin serve =====");
         }
         let err = log.try_clone().expect("cloning the coordinator log handle");
-        let mut cmd = Command::new(binaries::serin());
+        let binary = lock(&self.binary).clone().unwrap_or_else(binaries::serin);
+        let mut cmd = Command::new(binary);
+        cmd.env_remove("SERIN_COORDINATOR_CRASH_AT")
+            .env_remove("SERIN_CHAOS")
+            .envs(lock(&self.env).iter().map(|(k, v)| (k, v)));
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config_path)
@@ -325,6 +335,36 @@ impl CoordinatorProc {
                 .list_hosts(wire::ListHostsRequest::default())
                 .await
                 .is_ok()
+        })
+    }
+
+    /// Makes the next starts run `binary` (a test build, e.g. [`binaries::fault_coordinator`]);
+    /// `None` goes back to the product binary.
+    pub fn set_binary(&self, binary: Option<PathBuf>) {
+        *lock(&self.binary) = binary;
+    }
+
+    /// Makes the next starts set `key=value` (`None`: no longer set it).
+    pub fn set_env(&self, key: &str, value: Option<&str>) {
+        let mut env = lock(&self.env);
+        env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Waits until the process exits by itself (e.g. at a crash point) and reaps it; panics
+    /// after `timeout`, with `dump`.
+    pub fn wait_exit(
+        &self,
+        timeout: Duration,
+        dump: &dyn Fn() -> String,
+    ) -> std::process::ExitStatus {
+        wait::wait_for_value("the coordinator to exit", timeout, dump, || {
+            let mut child = lock(&self.child);
+            let status = child.as_mut()?.try_wait().ok().flatten()?;
+            child.take();
+            Some(status)
         })
     }
 

@@ -1,8 +1,9 @@
-//! Issue 6 finding 6: test-only code never ships. The product agent (what `cargo build
-//! --workspace`, `./demo.sh` and `packaging/build.sh` produce) has no fault hooks: it ignores
-//! `SERIN_AGENT_CRASH_AT` and does not even contain the hooks' variable names, while the test
-//! build of the agent (`binaries::fault_agent`, built in `target/fault-injection/`) honours them,
-//! so each check could fail.
+//! Issue 6 finding 6: test-only code never ships. The product agent and coordinator (what `cargo
+//! build --workspace`, `./demo.sh` and `packaging/build.sh` produce) have no fault hooks: they
+//! ignore `SERIN_AGENT_CRASH_AT` / `SERIN_COORDINATOR_CRASH_AT` and do not even contain the hooks'
+//! variable names (nor `SERIN_CHAOS`), while the test builds (`binaries::fault_agent`,
+//! `binaries::fault_coordinator`, built in `target/fault-injection/`) honour them, so each check
+//! could fail.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serin_proto::wire::OrderPhase;
 use serin_tests::agent_fixture::AgentFixture;
 use serin_tests::agent_proc::SERVICE;
 use serin_tests::demo_release::{Behaviour, DemoRelease};
+use serin_tests::fleet::CoordinatorProc;
 use serin_tests::orders::{self, Deadlines};
 
 /// The crash points of stage, activate and local rollback.
@@ -89,4 +91,120 @@ fn product_agent_binary_has_no_fault_hooks() {
             test_build.display()
         );
     }
+}
+
+/// Every crash point of the coordinator, as `SERIN_COORDINATOR_CRASH_AT` takes them.
+const COORDINATOR_POINTS: &str = "artifact-before-rename,artifact-committed,\
+store-release-before-commit,store-release-committed,store-rollout-before-commit,\
+store-rollout-committed,store-seq-before-commit,store-seq-committed,finish-before-save,\
+finish-saved,activate-before-send,activate-after-send,confirm-before-send,confirm-after-send,\
+rollback-before-send,rollback-after-send";
+
+/// Pushes a small artifact through the `serin` CLI; returns whether it succeeded and what it said.
+fn push_artifact(coord: &CoordinatorProc, dir: &std::path::Path, release: &str) -> (bool, String) {
+    let file = dir.join(format!("{release}.bin"));
+    std::fs::write(&file, format!("artifact of {release}")).expect("writing an artifact");
+    let out = std::process::Command::new(serin_tests::binaries::serin())
+        .args([
+            "--coordinator",
+            &coord.url(),
+            "-o",
+            "json",
+            "artifact",
+            "push",
+        ])
+        .arg(&file)
+        .args(["--service", SERVICE, "--release", release])
+        .output()
+        .expect("running serin artifact push");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// With `SERIN_COORDINATOR_CRASH_AT` naming every crash point, the product coordinator stores
+/// an artifact and its release (four of the points) without dying; the test build aborts at the
+/// first of them under the same conditions.
+#[test]
+fn product_coordinator_ignores_crash_points() {
+    let coord = CoordinatorProc::start();
+    let dir = tempfile::tempdir().expect("a tempdir");
+    coord.set_env("SERIN_COORDINATOR_CRASH_AT", Some(COORDINATOR_POINTS));
+    coord.restart();
+    let (ok, said) = push_artifact(&coord, dir.path(), "demo-1.0");
+    assert!(
+        ok,
+        "push to the product coordinator failed: {said}\n{}",
+        coord.dump()
+    );
+    assert!(
+        coord.is_running(),
+        "the product coordinator died with SERIN_COORDINATOR_CRASH_AT set\n{}",
+        coord.dump()
+    );
+
+    // The control: the test build honours the variable at the first point reached.
+    coord.set_binary(Some(serin_tests::binaries::fault_coordinator()));
+    coord.restart();
+    let (ok, said) = push_artifact(&coord, dir.path(), "demo-2.0");
+    assert!(
+        !ok,
+        "the push should have failed with the coordinator: {said}"
+    );
+    let status = coord.wait_exit(Duration::from_secs(20), &|| coord.dump());
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the test build should have aborted (SIGABRT), exited with {status}\n{}",
+        coord.dump()
+    );
+    assert!(
+        coord
+            .log()
+            .contains("aborting the coordinator at artifact-before-rename:1"),
+        "{}",
+        coord.dump()
+    );
+}
+
+/// The product coordinator does not even contain the hooks' variable names, while the test
+/// build does (so the check can fail); neither does the product agent contain the chaos hook's.
+#[test]
+fn product_coordinator_binary_has_no_fault_hooks() {
+    let contains = |path: &std::path::Path, needle: &[u8]| {
+        let bytes = std::fs::read(path).expect("reading a binary");
+        bytes.windows(needle.len()).any(|w| w == needle)
+    };
+    let product = serin_tests::binaries::serin();
+    let test_build = serin_tests::binaries::fault_coordinator();
+    for needle in [&b"SERIN_COORDINATOR_CRASH_AT"[..], &b"SERIN_CHAOS"[..]] {
+        let name = String::from_utf8_lossy(needle);
+        assert!(
+            !contains(&product, needle),
+            "the product coordinator {} contains {name}: a test-only hook ships",
+            product.display()
+        );
+        assert!(
+            contains(&test_build, needle),
+            "the test build {} lacks {name}: the check proves nothing",
+            test_build.display()
+        );
+    }
+    let (agent, fault_agent) = (
+        serin_tests::binaries::agent(),
+        serin_tests::binaries::fault_agent(),
+    );
+    assert!(
+        !contains(&agent, b"SERIN_CHAOS"),
+        "the product agent contains SERIN_CHAOS"
+    );
+    assert!(
+        contains(&fault_agent, b"SERIN_CHAOS"),
+        "the agent's test build lacks SERIN_CHAOS: the check proves nothing"
+    );
 }

@@ -382,7 +382,22 @@ impl ServiceTask {
             message = %result.message,
             "order result"
         );
-        let _ = self.ctx.upstream.send(Upstream::Result(result)).await;
+        match fault::chaos() {
+            // Test builds only: the result may be dropped, duplicated, delayed or reordered.
+            Some(chaos) => {
+                let what = format!("result seq {} phase {}", result.seq, result.phase);
+                let upstream = self.ctx.upstream.clone();
+                chaos.deliver(
+                    &what,
+                    Arc::new(move || {
+                        let _ = upstream.try_send(Upstream::Result(result.clone()));
+                    }),
+                );
+            }
+            None => {
+                let _ = self.ctx.upstream.send(Upstream::Result(result)).await;
+            }
+        }
         self.publish_inventory();
     }
 

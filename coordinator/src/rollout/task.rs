@@ -15,6 +15,13 @@
 //! orders go out, as the machine's current view of each host's order, and the machine hears
 //! [`Input::StoreRecovered`] (it resumes by itself). After every step the task publishes the
 //! rollout's status on a watch channel.
+//!
+//! An order or a result can be lost on the way without the stream breaking (a proxy, a bug, a
+//! full queue on the far side). The driver therefore sends a host's current order again, unchanged
+//! (same id, same sequence: the agent deduplicates it and answers with its results again), when
+//! neither a send nor an answer about it happened for a while ([`RESEND_FIRST`], doubling up to
+//! [`RESEND_MAX`]) and the host is reachable. The machine is not involved: what it decided is
+//! unchanged, only its delivery is repeated.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -27,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::machine::{
     Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState,
 };
+use super::observed::Reach;
 use super::record;
 use super::view::RolloutView;
 use crate::fleet::{Fleet, FleetEvent};
@@ -124,6 +132,25 @@ pub struct Driver {
     saved_once: bool,
     /// The last sequence allocation failed: the next one that works is a recovery.
     alloc_failed: bool,
+    /// Per host, the order last handed to the fleet and when it was last sent or answered.
+    outstanding: std::collections::BTreeMap<HostId, Outstanding>,
+    /// The commands being executed end the rollout (fault injection marks that save).
+    finishing: bool,
+}
+
+/// The first and the longest wait for an answer before a host's order is sent again.
+pub const RESEND_FIRST: Duration = Duration::from_secs(2);
+pub const RESEND_MAX: Duration = Duration::from_secs(8);
+
+/// An order handed to the fleet, waiting for its answer.
+#[derive(Debug)]
+struct Outstanding {
+    order_id: String,
+    seq: u64,
+    /// Last sent or last answered (unix ms).
+    last_ms: u64,
+    /// How long after `last_ms` to send it again.
+    wait: Duration,
 }
 
 /// What failed saves left behind: the hosts whose records changed and the events to append.
@@ -156,6 +183,63 @@ impl Driver {
             held: BTreeSet::new(),
             saved_once: false,
             alloc_failed: false,
+            outstanding: std::collections::BTreeMap::new(),
+            finishing: false,
+        }
+    }
+
+    /// Sends again each reachable host's current order that had neither a send nor an answer
+    /// within its wait (see the module docs); nothing while a failed save holds orders back.
+    pub fn resend_unanswered(&mut self, m: &Rollout) {
+        if self.unsaved.is_some() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let mut due = Vec::new();
+        self.outstanding.retain(|host, o| {
+            let current = m
+                .host(host)
+                .filter(|h| h.retry_at_ms.is_none())
+                .and_then(|_| m.order_to_send(host))
+                .filter(|order| order.order_id == o.order_id && order.seq == o.seq);
+            let Some(order) = current else {
+                // Answered for good, superseded, or to be re-issued by the machine.
+                return false;
+            };
+            if now >= o.last_ms + o.wait.as_millis() as u64 {
+                if m.observed(host).reach == Reach::Reachable {
+                    o.wait = (o.wait * 2).min(RESEND_MAX);
+                    due.push((host.clone(), order));
+                } else {
+                    // The engine sends it again when the host is back; look again later.
+                    o.last_ms = now;
+                }
+            }
+            true
+        });
+        for (host, order) in due {
+            tracing::info!(rollout = %m.id(), host = %host, order = order.action.kind(), seq = order.seq, "no answer to the order; sending it again");
+            self.send(m, &host, order);
+        }
+    }
+
+    /// When [`resend_unanswered`](Self::resend_unanswered) may next have work (unix ms).
+    pub fn next_resend_ms(&self) -> Option<u64> {
+        self.outstanding
+            .values()
+            .map(|o| o.last_ms + o.wait.as_millis() as u64)
+            .min()
+    }
+
+    /// Takes note of an answer about a host's outstanding order: it is being worked on.
+    fn heard(&mut self, input: &Input) {
+        if let Input::OrderResult { host, outcome } = input
+            && let Some(o) = self.outstanding.get_mut(host)
+            && o.order_id == outcome.order_id
+        {
+            // Being worked on: wait again, without shortening the wait (a repeated order is
+            // answered with the results sent before, which must not make it repeat faster).
+            o.last_ms = self.clock.now_ms();
         }
     }
 
@@ -166,6 +250,7 @@ impl Driver {
 
     /// Steps the machine with `input` and executes everything that follows from it.
     pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Executed {
+        self.heard(&input);
         let cmds = m.step(self.clock.now_ms(), input);
         self.execute(m, cmds).await
     }
@@ -187,10 +272,18 @@ impl Driver {
             .collect();
         let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let store = self.store.clone();
+        // Fault injection (test builds): the save that records the rollout's end.
+        let finishing = std::mem::take(&mut self.finishing);
+        if finishing {
+            crate::fault::point("finish-before-save");
+        }
         let res =
             tokio::task::spawn_blocking(move || store.save_rollout(&id, &header, &hosts, &events))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        if finishing && res.is_ok() {
+            crate::fault::point("finish-saved");
+        }
         match res {
             Ok(()) => {
                 self.saved_once = true;
@@ -231,10 +324,27 @@ impl Driver {
         }
     }
 
-    fn send(&self, m: &Rollout, host: &HostId, order: serin_proto::Order) {
+    fn send(&mut self, m: &Rollout, host: &HostId, order: serin_proto::Order) {
         let kind = order.action.kind();
         let seq = order.seq;
+        let now = self.clock.now_ms();
+        match self.outstanding.get_mut(host) {
+            Some(o) if o.order_id == order.order_id && o.seq == seq => o.last_ms = now,
+            _ => {
+                self.outstanding.insert(
+                    host.clone(),
+                    Outstanding {
+                        order_id: order.order_id.clone(),
+                        seq,
+                        last_ms: now,
+                        wait: RESEND_FIRST,
+                    },
+                );
+            }
+        }
+        crate::fault::order_point(kind, false);
         if self.fleet.send(host, order) {
+            crate::fault::order_point(kind, true);
             tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "order sent");
         } else {
             tracing::debug!(rollout = %m.id(), host = %host, order = kind, seq, "host not connected; order goes out when it reconnects");
@@ -257,6 +367,7 @@ impl Driver {
     /// Executes commands in order. A failed save holds back every order after it (nothing is
     /// sent that is not on disk) and drops the allocations after it (the machine asks again).
     pub async fn execute(&mut self, m: &mut Rollout, cmds: Vec<Command>) -> Executed {
+        self.finishing = cmds.iter().any(|c| matches!(c, Command::Finished(_)));
         let mut queue: VecDeque<Command> = cmds.into();
         let mut out = Executed::default();
         // Each allocation round answers the previous one; a handful is plenty per input.
@@ -464,9 +575,13 @@ pub async fn run(
             tracing::debug!(rollout = %id, "rollout task done");
             break;
         }
+        driver.resend_unanswered(&m);
         let now = driver.clock.now_ms();
         let tick_at = now + tick.as_millis() as u64;
         let mut wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
+        if let Some(t) = driver.next_resend_ms() {
+            wake = wake.min(t.max(now));
+        }
         if let Some(t) = retry.at_ms {
             wake = wake.min(t);
         }
@@ -524,5 +639,166 @@ pub async fn run(
             }
         };
         step!(input);
+    }
+}
+
+/// Lost messages (issue 8, message chaos): an order or a result lost on the way must not wedge or
+/// fail a rollout. The fleet here loses messages the way a lossy link would; the agent side
+/// answers a repeated order with its results again, as the real agent does.
+#[cfg(test)]
+mod lost_message_tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serin_proto::{HostId, Order, OrderAction, ServiceName};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::control_service::RolloutApi;
+    use crate::engine_tests::wire_spec;
+    use crate::fleet::{FleetEvent, OrderOutcome, OrderPhase, ResultCode};
+    use crate::rollout::manager::RolloutManager;
+    use crate::rollout::settings::EngineSettings;
+    use crate::rollout::task::Clock;
+    use crate::rollout::testing::{FakeFleet, host, release_record};
+    use crate::rollout::{RolloutState, RolloutView, ShownPhase, intent::HostPhase};
+    use crate::store::{MemoryStore, Store};
+
+    fn result(h: &HostId, o: &Order, phase: OrderPhase) -> FleetEvent {
+        FleetEvent::Result {
+            host: h.clone(),
+            outcome: OrderOutcome {
+                order_id: o.order_id.clone(),
+                rollout_id: o.rollout_id.clone(),
+                seq: o.seq,
+                service: ServiceName::new("web").unwrap(),
+                release: None,
+                phase,
+                code: ResultCode::Ok,
+                message: String::new(),
+                current_release: None,
+                last_seq: o.seq,
+            },
+        }
+    }
+
+    /// The results a healthy agent sends for an order.
+    fn answers(o: &Order) -> &'static [OrderPhase] {
+        match &o.action {
+            OrderAction::Activate { .. } => &[OrderPhase::Activated, OrderPhase::Healthy],
+            OrderAction::Confirm { .. } => &[OrderPhase::Confirmed],
+            OrderAction::Rollback { .. } => &[OrderPhase::RolledBack],
+            _ => &[],
+        }
+    }
+
+    /// Runs a 4-host rollout over a fleet where `lose(host, order, nth delivery, phase)` says
+    /// whether a message is lost; returns its final wire status (within 10 minutes of paused
+    /// time) and the orders sent.
+    async fn run(
+        lose: impl Fn(&HostId, &Order, u32, Option<OrderPhase>) -> bool + Send + Sync + 'static,
+    ) -> (RolloutView, Vec<(HostId, Order)>) {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let fleet = Arc::new(FakeFleet::new(
+            (1..=4)
+                .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
+                .collect(),
+        ));
+        // Deliveries per (host, seq): a repeated order is answered again (the agent replays).
+        let deliveries: Mutex<BTreeMap<(HostId, u64), u32>> = Mutex::default();
+        fleet.respond_with(Box::new(move |h, o| {
+            let n = {
+                let mut d = deliveries.lock().unwrap();
+                let n = d.entry((h.clone(), o.seq)).or_default();
+                *n += 1;
+                *n
+            };
+            if lose(h, o, n, None) {
+                return Vec::new();
+            }
+            answers(o)
+                .iter()
+                .filter(|p| !lose(h, o, n, Some(**p)))
+                .map(|p| result(h, o, *p))
+                .collect()
+        }));
+        let shutdown = CancellationToken::new();
+        let mgr = RolloutManager::start_with_clock(
+            store.clone(),
+            fleet.clone(),
+            EngineSettings::default(),
+            shutdown.clone(),
+            Clock::at(1_700_000_000_000),
+        )
+        .await
+        .unwrap();
+        let api: &dyn RolloutApi = &mgr;
+        let id = api
+            .start_rollout(wire_spec(&["1", "100%"]))
+            .await
+            .unwrap()
+            .rollout_id;
+        let mut last = mgr.status(&id).await.unwrap();
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            last = mgr.status(&id).await.unwrap();
+            let all_confirmed = last
+                .hosts
+                .iter()
+                .all(|h| h.phase == ShownPhase::Phase(HostPhase::Confirmed));
+            if last.state.is_finished() && (last.state != RolloutState::Succeeded || all_confirmed)
+            {
+                break;
+            }
+        }
+        shutdown.cancel();
+        mgr.join().await;
+        (last, fleet.sent())
+    }
+
+    fn assert_succeeded(s: &RolloutView) {
+        assert_eq!(
+            s.state,
+            RolloutState::Succeeded,
+            "reason {:?}, decisions {:?}",
+            s.reason,
+            s.decisions
+        );
+        for h in &s.hosts {
+            assert_eq!(
+                h.phase,
+                ShownPhase::Phase(HostPhase::Confirmed),
+                "host {}: {:?}",
+                h.id,
+                h.detail
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_delivery_of_every_order_lost_is_sent_again() {
+        let (s, sent) = run(|_, _, n, phase| n == 1 && phase.is_none()).await;
+        assert_succeeded(&s);
+        // Re-sent unchanged: same order id and sequence.
+        for (h, o) in &sent {
+            let same: Vec<_> = sent
+                .iter()
+                .filter(|(h2, o2)| h2 == h && o2.order_id == o.order_id)
+                .collect();
+            assert!(same.iter().all(|(_, o2)| o2.seq == o.seq), "{same:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_healthy_result_is_replayed_by_a_repeated_order() {
+        let (s, _) = run(|_, _, n, phase| n == 1 && phase == Some(OrderPhase::Healthy)).await;
+        assert_succeeded(&s);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_confirmation_is_replayed_by_a_repeated_confirm() {
+        let (s, _) = run(|_, _, n, phase| n == 1 && phase == Some(OrderPhase::Confirmed)).await;
+        assert_succeeded(&s);
     }
 }

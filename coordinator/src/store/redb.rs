@@ -317,7 +317,10 @@ impl Store for RedbStore {
             t.insert((rec.service.as_str(), rec.id.as_str()), blob.as_slice())
                 .map_err(|e| self.io("writing a release", e))?;
         }
-        self.commit(txn, "committing a release")
+        crate::fault::point("store-release-before-commit");
+        self.commit(txn, "committing a release")?;
+        crate::fault::point("store-release-committed");
+        Ok(())
     }
 
     fn release(
@@ -413,7 +416,10 @@ impl Store for RedbStore {
                 }
             }
         }
-        self.commit(txn, "committing a rollout")
+        crate::fault::point("store-rollout-before-commit");
+        self.commit(txn, "committing a rollout")?;
+        crate::fault::point("store-rollout-committed");
+        Ok(())
     }
 
     fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
@@ -502,7 +508,9 @@ impl Store for RedbStore {
                 .map_err(|e| self.io("writing an order sequence", e))?;
             next
         };
+        crate::fault::point("store-seq-before-commit");
         self.commit(txn, "committing an order sequence")?;
+        crate::fault::point("store-seq-committed");
         Ok(next)
     }
 
