@@ -450,7 +450,9 @@ impl FleetHost {
         let mut opts = AgentOptions::new(test);
         opts.checks_toml.push_str(RELEASE_GATE_CHECK);
         let link = linked.then(|| Link::start(coordinator.addr()));
-        let url = link.as_ref().map_or_else(|| coordinator.url(), Link::url);
+        let url = link
+            .as_ref()
+            .map_or_else(|| coordinator.url(), |l| l.url(&coordinator.url()));
         let agent = AgentProc::configure(&url, &opts);
         let root = agent.root().canonicalize().expect("canonical agent root");
         let fail_dir = root.join("fail-releases");
@@ -861,7 +863,7 @@ impl Fleet {
                 let _ = writeln!(
                     out,
                     "link {}: cut {}, {} connections forwarded, {} severed, {} refused",
-                    l.url(),
+                    l.addr(),
                     l.is_cut(),
                     l.forwarded(),
                     l.severed(),

@@ -66,9 +66,11 @@ pub struct Link {
 }
 
 impl Link {
-    /// Listens on a free port of 127.0.0.1 and forwards every connection to `target`.
+    /// Listens on a free port of the target's own address and forwards every connection to
+    /// `target`. Sharing the address keeps a TLS peer's name check true: the certificate the
+    /// target presents is for the address the peer dials.
     pub fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("binding the link's listener");
+        let listener = TcpListener::bind((target.ip(), 0)).expect("binding the link's listener");
         let addr = listener.local_addr().expect("the link's address");
         let inner = Arc::new(Inner {
             target,
@@ -91,9 +93,15 @@ impl Link {
         }
     }
 
-    /// The URL to dial instead of the target's.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// The address to dial instead of the target's.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL to dial instead of `target_url` (same scheme, the link's address).
+    pub fn url(&self, target_url: &str) -> String {
+        let scheme = target_url.split_once("://").map_or("http", |(s, _)| s);
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Partitions the link: shuts down every connection through it and refuses new ones.
@@ -255,7 +263,7 @@ mod tests {
     #[test]
     fn a_cut_closes_open_connections_and_refuses_new_ones_until_healed() {
         let link = Link::start(echo());
-        let addr: SocketAddr = link.url().trim_start_matches("http://").parse().unwrap();
+        let addr = link.addr();
         let mut open = TcpStream::connect(addr).unwrap();
         roundtrip(&mut open).unwrap();
         link.cut();
