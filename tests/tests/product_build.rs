@@ -115,6 +115,9 @@ fn push_artifact(coord: &CoordinatorProc, dir: &std::path::Path, release: &str) 
         ])
         .arg(&file)
         .args(["--service", SERVICE, "--release", release])
+        .envs(serin_tests::fleet::operator_env(
+            &serin_tests::tls::pki().harness_operator(),
+        ))
         .output()
         .expect("running serin artifact push");
     (
