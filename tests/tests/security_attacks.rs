@@ -21,6 +21,7 @@ use serin_tests::fake_coordinator::describe_result;
 use serin_tests::fleet::CoordinatorProc;
 use serin_tests::http::ArtifactServer;
 use serin_tests::orders;
+use serin_tests::tls::{TestPki, channel, pki};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -50,11 +51,21 @@ fn hello(host: &str, services: &[&str], last_seq: u64) -> wire::AgentMessage {
     }
 }
 
-async fn hosts(url: &str) -> Result<Vec<wire::HostInfo>, tonic::Status> {
-    let mut c = ControlServiceClient::connect(url.to_owned())
+/// An agent-API client presenting the certificate of `host_id` (mutual TLS, as a real agent).
+async fn agent_client(url: &str, host_id: &str) -> AgentServiceClient<tonic::transport::Channel> {
+    let transport = TestPki::client_transport(&pki().agent(host_id));
+    let ch = channel(url, &transport, Duration::from_secs(5))
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
-        .max_decoding_message_size(4 << 20);
+        .expect("an mTLS channel to the coordinator");
+    AgentServiceClient::new(ch)
+}
+
+async fn hosts(url: &str) -> Result<Vec<wire::HostInfo>, tonic::Status> {
+    let transport = TestPki::client_transport(&pki().harness_operator());
+    let ch = channel(url, &transport, Duration::from_secs(5))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut c = ControlServiceClient::new(ch).max_decoding_message_size(4 << 20);
     Ok(c.list_hosts(wire::ListHostsRequest::default())
         .await?
         .into_inner()
@@ -66,7 +77,7 @@ fn a_hello_with_last_seq_at_the_end_of_the_type_is_refused_and_registers_nothing
     let coord = CoordinatorProc::start();
     let url = coord.url();
     runtime().block_on(async {
-        let mut client = AgentServiceClient::connect(url.clone()).await.unwrap();
+        let mut client = agent_client(&url, "poisoner").await;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(hello("poisoner", &["web"], u64::MAX))
             .await
@@ -132,7 +143,7 @@ fn health_reports_naming_endless_new_services_do_not_grow_the_coordinator() {
     let url = coord.url();
     let config = coord.root().join("coordinator.toml");
     runtime().block_on(async {
-        let mut client = AgentServiceClient::connect(url.clone()).await.unwrap();
+        let mut client = agent_client(&url, "flooder").await;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tx.send(hello("flooder", &["web"], 0)).await.unwrap();
         let mut inbound = client
