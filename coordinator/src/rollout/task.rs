@@ -20,7 +20,8 @@
 //! full queue on the far side). The driver therefore sends a host's current order again, unchanged
 //! (same id, same sequence: the agent deduplicates it and answers with its results again), when
 //! neither a send nor an answer about it happened for a while ([`RESEND_FIRST`], doubling up to
-//! [`RESEND_MAX`]) and the host is reachable. The machine is not involved: what it decided is
+//! [`RESEND_MAX`]) and the host is reachable, and only when no fleet event waits to be read (an
+//! answer queued behind slow saves is still an answer). The machine is not involved: what it decided is
 //! unchanged, only its delivery is repeated.
 
 use std::collections::{BTreeSet, VecDeque};
@@ -575,7 +576,12 @@ pub async fn run(
             tracing::debug!(rollout = %id, "rollout task done");
             break;
         }
-        driver.resend_unanswered(&m);
+        // An answer still waiting in the queue is an answer: re-send only once every fleet event
+        // that has arrived has been read (under load, a wave's answers can wait behind its saves
+        // for longer than the re-send wait).
+        if events.as_ref().is_none_or(|e| e.is_empty()) {
+            driver.resend_unanswered(&m);
+        }
         let now = driver.clock.now_ms();
         let tick_at = now + tick.as_millis() as u64;
         let mut wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
@@ -794,6 +800,51 @@ mod lost_message_tests {
     async fn a_lost_healthy_result_is_replayed_by_a_repeated_order() {
         let (s, _) = run(|_, _, n, phase| n == 1 && phase == Some(OrderPhase::Healthy)).await;
         assert_succeeded(&s);
+    }
+
+    /// Seen in CI (bench smoke, 200 simulated agents): a wave's answers waited in the task's
+    /// queue behind slow saves for longer than the re-send wait, and the orders of hosts that had
+    /// answered were sent a second time. An answer still queued is an answer: nothing is re-sent
+    /// while fleet events wait to be read.
+    #[tokio::test(start_paused = true)]
+    async fn answers_waiting_in_the_queue_stop_a_resend() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let fleet = Arc::new(FakeFleet::new(
+            (1..=3)
+                .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
+                .collect(),
+        ));
+        let shutdown = CancellationToken::new();
+        let mgr = RolloutManager::start_with_clock(
+            store.clone(),
+            fleet.clone(),
+            EngineSettings::default(),
+            shutdown.clone(),
+            Clock::at(1_700_000_000_000),
+        )
+        .await
+        .unwrap();
+        let api: &dyn RolloutApi = &mgr;
+        api.start_rollout(wire_spec(&["3"])).await.unwrap();
+        let sent = fleet.sent();
+        assert_eq!(sent.len(), 3, "one activate per host: {sent:?}");
+        // All three answer at once, and the task gets to them only after the re-send wait.
+        for (h, o) in &sent {
+            fleet.emit(result(h, o, OrderPhase::Activated));
+        }
+        tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let again = fleet.sent();
+        shutdown.cancel();
+        mgr.join().await;
+        assert_eq!(
+            again.len(),
+            3,
+            "orders sent again although their answers were queued: {again:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
