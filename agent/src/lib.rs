@@ -15,6 +15,7 @@
 //! - [`hooks`]: lifecycle hooks (`validate`, `post-start`) of the incoming release.
 //! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
 //! - [`liveness`]: the main loop's beat, which feeds systemd's watchdog.
+//! - [`enrol`]: `serin-agent enroll`: a key made on the host, a join token, the issued certificate.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -24,6 +25,7 @@ pub mod activation;
 pub mod config;
 pub mod connection;
 pub mod durable;
+pub mod enrol;
 pub mod fault;
 pub mod fetch;
 pub mod health;
