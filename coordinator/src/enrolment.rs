@@ -212,7 +212,7 @@ impl Enrolment {
             host_id: host.clone(),
         });
         self.ca
-            .issue_for_request(&subject, csr_pem, Validity::starting(now, self.lifetime))
+            .issue_for_request(&subject, csr_pem, Validity::short_lived(now, self.lifetime))
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 

@@ -55,6 +55,15 @@ impl Validity {
             not_after: now + lifetime,
         }
     }
+
+    /// Like [`Validity::starting`], with the skew tolerance at most a tenth of `lifetime`: for
+    /// short-lived certificates that are renewed at two thirds of their window.
+    pub fn short_lived(now: SystemTime, lifetime: Duration) -> Self {
+        Self {
+            not_before: now - Duration::from_secs(300).min(lifetime / 10),
+            not_after: now + lifetime,
+        }
+    }
 }
 
 /// What a certificate is issued for.
@@ -347,6 +356,28 @@ pub fn agent_request_for_key(
         .map_err(rcgen_err("make the certificate request"))?
         .pem()
         .map_err(rcgen_err("encode the certificate request"))
+}
+
+/// The validity window (not before, not after) of the first certificate in `pem`.
+pub fn certificate_validity(pem: &str) -> Result<(SystemTime, SystemTime), String> {
+    let der = crate::tls::parse_certs(pem.as_bytes())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).map_err(|e| e.to_string())?;
+    let at = |t: i64| {
+        u64::try_from(t)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+            .map_err(|_| "a validity date before 1970".to_string())
+    };
+    Ok((
+        at(cert.validity().not_before.timestamp())?,
+        at(cert.validity().not_after.timestamp())?,
+    ))
+}
+
+/// When an agent renews a certificate valid over `(not_before, not_after)`: at two thirds of
+/// its lifetime, well before it expires.
+pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + lifetime * 2 / 3
 }
 
 /// The sha256 (hex, lowercase) of the first certificate in `pem`: the CA fingerprint an agent

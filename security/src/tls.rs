@@ -456,6 +456,71 @@ pub fn agent_client_config(
     client_config(material)
 }
 
+/// The client certificate an agent presents, replaceable while the agent runs: a renewed
+/// certificate is used from the next handshake on (see [`agent_client_config_reloadable`]).
+#[derive(Debug)]
+pub struct ReloadableClientCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ReloadableClientCert {
+    fn certified(material: &TlsMaterial) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(material.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("the client key: {e}")))?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            material.cert_chain.clone(),
+            key,
+        )))
+    }
+
+    /// Presents `material`'s certificate and key from the next handshake on.
+    pub fn replace(&self, material: &TlsMaterial) -> Result<(), TlsError> {
+        let certified = Self::certified(material)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = certified;
+        Ok(())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ReloadableClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// [`agent_client_config`] whose certificate can be replaced (after a renewal) without
+/// rebuilding the connection's configuration.
+pub fn agent_client_config_reloadable(
+    material: &TlsMaterial,
+    host_id: &HostId,
+) -> Result<(Arc<ClientConfig>, Arc<ReloadableClientCert>), TlsError> {
+    agent_client_config(material, host_id)?;
+    let resolver = Arc::new(ReloadableClientCert {
+        current: std::sync::RwLock::new(ReloadableClientCert::certified(material)?),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOLS)
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(material.roots()?)
+        .with_client_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), resolver))
+}
+
 /// The operator CLI's client configuration: the serin CA pinned, presenting an operator
 /// certificate.
 pub fn operator_client_config(material: &TlsMaterial) -> Result<Arc<ClientConfig>, TlsError> {

@@ -405,3 +405,81 @@ fn the_coordinator_renews_an_enrolled_agent_and_refuses_a_revoked_one() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_agent_renews_its_short_lived_certificate_over_mtls_without_leaving_the_fleet() {
+    // Certificates of 9 s: the agent renews at two thirds (about 5 s after issue).
+    let e = start("9s");
+    let (agent, files) = enrolling_agent(&e, "enrol-renewal", None);
+    let host = agent.host_id.clone();
+    let (token, _) = e.token(&host, "1h");
+    let out = e.enroll(&agent, &token);
+    let enrolled = SystemTime::now();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = std::fs::read_to_string(&files.cert).expect("the certificate");
+    let first_expiry = enrolled + Duration::from_secs(9);
+
+    agent.spawn(None);
+    wait::wait_for(
+        "the agent to connect",
+        TIMEOUT,
+        &|| agent.log_tail(30),
+        || connected(&e, &host),
+    );
+    // Renewed before the first certificate expires, and connected at every look meanwhile.
+    let mut looks = 0;
+    let mut disconnected = 0;
+    wait::wait_for(
+        "the certificate to be renewed",
+        TIMEOUT,
+        &|| agent.log_tail(30),
+        || {
+            looks += 1;
+            if !connected(&e, &host) {
+                disconnected += 1;
+            }
+            std::fs::read_to_string(&files.cert).is_ok_and(|c| c != first)
+        },
+    );
+    let renewed_at = SystemTime::now();
+    assert!(
+        renewed_at < first_expiry,
+        "renewed {:?} after the first certificate expired",
+        renewed_at.duration_since(first_expiry).unwrap_or_default()
+    );
+    assert_eq!(
+        disconnected, 0,
+        "disconnected at {disconnected} of {looks} looks"
+    );
+    assert!(
+        agent.log().contains("certificate renewed"),
+        "{}",
+        agent.log_tail(30)
+    );
+
+    // Past the first certificate's expiry: still in the fleet. A coordinator restart then
+    // forces a new handshake, which only the renewed certificate can pass.
+    wait::wait_for(
+        "the first certificate to expire",
+        TIMEOUT,
+        &String::new,
+        || SystemTime::now() > first_expiry + Duration::from_secs(1),
+    );
+    assert!(connected(&e, &host), "{}", agent.log_tail(30));
+    let killed = std::time::Instant::now();
+    e.coord.restart();
+    let restarted = std::time::Instant::now();
+    wait::wait_for(
+        "the agent to reconnect with its renewed certificate",
+        TIMEOUT,
+        &|| format!("{}\n{}", agent.log_tail(30), e.coord.log_tail(30)),
+        || connected(&e, &host),
+    );
+    println!(
+        "reconnected with the renewed certificate {:?} after the coordinator answered again \
+         ({:?} after it was killed)",
+        restarted.elapsed(),
+        killed.elapsed()
+    );
+    agent.kill();
+}
