@@ -540,6 +540,30 @@ mod tests {
     }
 
     #[test]
+    fn enrolment_needs_a_port_the_ca_key_and_tls() {
+        let tls = "[tls]\nca = \"/p/ca.crt\"\ncert = \"/p/c.crt\"\nkey = \"/p/c.key\"\n";
+        let l = CoordinatorConfig::parse(&format!(
+            "{tls}[enrolment]\nlisten = \"0.0.0.0:7701\"\nca_key = \"/p/ca.key\"\nagent_cert_lifetime = \"2d\"\n"
+        ))
+        .unwrap();
+        let e = l.config.enrolment.expect("enrolment configured");
+        assert_eq!(e.agent_cert_lifetime, Duration::from_secs(2 * 86_400));
+        assert_eq!(e.ca_key, PathBuf::from("/p/ca.key"));
+        let e = CoordinatorConfig::parse(&format!("{tls}[enrolment]\nlisten = \"nope\"\n"))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("enrolment.listen") && text.contains("enrolment.ca_key"),
+            "{text}"
+        );
+        let e = CoordinatorConfig::parse(&format!(
+            "{PLAIN}[enrolment]\nlisten = \"0.0.0.0:7701\"\nca_key = \"/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("needs [tls]"), "{e}");
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let l = CoordinatorConfig::parse(PLAIN).unwrap();
         assert_eq!(l.config, CoordinatorConfig::default());

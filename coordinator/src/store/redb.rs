@@ -685,6 +685,48 @@ mod tests {
     }
 
     #[test]
+    fn an_enrolment_entry_is_read_and_replaced_in_one_transaction_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store
+                .enrolment_update("token/a", &mut |cur| {
+                    assert_eq!(cur, None);
+                    EnrolmentWrite::Put(b"fresh".to_vec())
+                })
+                .unwrap();
+            store
+                .enrolment_update("key/h1", &mut |_| EnrolmentWrite::Put(b"k".to_vec()))
+                .unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        // Consumed once: the second reader sees the first one's write.
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            store
+                .enrolment_update("token/a", &mut |cur| {
+                    seen.push(cur.clone());
+                    match cur.as_deref() {
+                        Some(b"fresh") => EnrolmentWrite::Put(b"used".to_vec()),
+                        _ => EnrolmentWrite::Keep,
+                    }
+                })
+                .unwrap();
+        }
+        assert_eq!(seen, vec![Some(b"fresh".to_vec()), Some(b"used".to_vec())]);
+        assert_eq!(
+            store.enrolment_entries("token/").unwrap(),
+            vec![("token/a".to_string(), b"used".to_vec())]
+        );
+        store
+            .enrolment_update("token/a", &mut |_| EnrolmentWrite::Delete)
+            .unwrap();
+        assert!(store.enrolment_entries("token/").unwrap().is_empty());
+        assert_eq!(store.enrolment_entries("key/").unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_fresh_file_records_the_schema_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
