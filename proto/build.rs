@@ -2,7 +2,11 @@
 //! system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/serin/v1/agent.proto", "proto/serin/v1/control.proto"];
+    let files = [
+        "proto/serin/v1/agent.proto",
+        "proto/serin/v1/control.proto",
+        "proto/serin/v1/enrol.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -53,14 +53,22 @@ pub struct Settings {
 /// The channel to the coordinator, lazily connected, over the transport `config.tls` asks for.
 /// The error names the problem: a missing or malformed file, a certificate for another host, a
 /// URL scheme that does not match the transport.
-pub fn channel(config: &crate::config::Config, host_id: &HostId) -> Result<Channel, String> {
-    use serin_security::tls::{TlsMaterial, TransportSecurity, agent_client_config};
+pub fn channel(
+    config: &crate::config::Config,
+    host_id: &HostId,
+) -> Result<(Channel, Option<ReloadableCert>), String> {
+    use serin_security::tls::{TlsMaterial, TransportSecurity, agent_client_config_reloadable};
     use serin_security::transport::{ClientTransport, endpoint};
+    let mut reloadable = None;
     let transport = match &config.tls {
         TransportSecurity::Tls(files) => {
             let material = TlsMaterial::load(files).map_err(|e| format!("tls: {e}"))?;
-            let config =
-                agent_client_config(&material, host_id).map_err(|e| format!("tls: {e}"))?;
+            let (config, resolver) = agent_client_config_reloadable(&material, host_id)
+                .map_err(|e| format!("tls: {e}"))?;
+            reloadable = Some(ReloadableCert {
+                files: files.clone(),
+                resolver,
+            });
             ClientTransport::Tls {
                 config,
                 server_name: None,
@@ -78,13 +86,24 @@ pub fn channel(config: &crate::config::Config, host_id: &HostId) -> Result<Chann
     };
     let (endpoint, connector) =
         endpoint(&config.coordinator, &transport).map_err(|e| e.to_string())?;
-    Ok(endpoint
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
-        .connect_with_connector_lazy(connector))
+        .connect_with_connector_lazy(connector);
+    Ok((channel, reloadable))
+}
+
+/// The agent's TLS files and the certificate its connections present, replaced after a renewal
+/// ([`crate::renew`]).
+#[derive(Debug, Clone)]
+pub struct ReloadableCert {
+    /// Where the certificate and key live.
+    pub files: serin_security::tls::TlsFiles,
+    /// What the next handshake presents.
+    pub resolver: std::sync::Arc<serin_security::tls::ReloadableClientCert>,
 }
 
 /// Runs the connection until `shutdown`.

@@ -15,6 +15,8 @@
 //! - [`hooks`]: lifecycle hooks (`validate`, `post-start`) of the incoming release.
 //! - [`traffic`]: the HAProxy agent-check responder and the traffic state it answers from.
 //! - [`liveness`]: the main loop's beat, which feeds systemd's watchdog.
+//! - [`renew`]: renews the agent's certificate at two thirds of its lifetime over mTLS.
+//! - [`enrol`]: `serin-agent enroll`: a key made on the host, a join token, the issued certificate.
 //!
 //! Architecture invariant: the current release keeps serving through every failure — a failed
 //! stage never touches `current`, and an activation either completes or restores the previous
@@ -24,6 +26,7 @@ pub mod activation;
 pub mod config;
 pub mod connection;
 pub mod durable;
+pub mod enrol;
 pub mod fault;
 pub mod fetch;
 pub mod health;
@@ -33,6 +36,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod orders;
 pub mod release_store;
+pub mod renew;
 pub mod service;
 pub mod service_manager;
 pub mod state;
@@ -136,7 +140,7 @@ pub async fn run_with(
             .ok()
             .unwrap_or_else(|| host_id.to_string())
     });
-    let channel =
+    let (channel, reloadable) =
         connection::channel(&config, &host_id).map_err(|problem| AgentError::Coordinator {
             address: config.coordinator.clone(),
             problem,
@@ -253,6 +257,14 @@ pub async fn run_with(
         reconnect_max: config.reconnect_max,
         liveness: options.liveness.clone(),
     };
+    if let Some(cert) = reloadable {
+        tracker.spawn(renew::run(
+            cert,
+            settings.host_id.clone(),
+            channel.clone(),
+            tasks.clone(),
+        ));
+    }
     tracker.spawn(connection::run(
         settings,
         channel,

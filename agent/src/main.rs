@@ -48,6 +48,23 @@ enum Cmd {
     Run,
     /// Validate the config and exit.
     CheckConfig,
+    /// Join a fleet: make this host's key (it never leaves the host), trade a one-time join
+    /// token for a certificate on the coordinator's enrolment port, and write the certificate,
+    /// key (0600) and CA where the config's [tls] points.
+    Enroll {
+        /// The coordinator's enrolment URL, e.g. https://serin.example.com:7701.
+        #[arg(long, value_name = "URL")]
+        coordinator: String,
+        /// The join token of `serin token create`.
+        #[arg(long, value_name = "TOKEN", env = "SERIN_JOIN_TOKEN")]
+        token: String,
+        /// The CA's sha256 fingerprint (`serin ca fingerprint`), pinned on first contact.
+        #[arg(long, value_name = "SHA256")]
+        ca_fingerprint: String,
+        /// How long to wait for an admin's approval when the host id is known with another key.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
 }
 
 /// Colour escapes only for a person at a terminal: never into a file, a pipe or journald, and
@@ -176,12 +193,68 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `serin-agent enroll`.
+fn enroll(path: &std::path::Path, opts: &serin_agent::enrol::EnrolOptions) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(l) => l.config,
+        Err(e) => {
+            tracing::error!(config = %path.display(), "cannot load the config: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let host_id = match serin_agent::host_id::resolve(
+        config.host_id.as_ref(),
+        std::path::Path::new("/etc/machine-id"),
+        &config.state_dir,
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot find this host's id: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serin_agent::enrol::enroll(&config.tls, &host_id, opts)) {
+        Ok(cert) => {
+            println!("enrolled as host {host_id}: certificate {}", cert.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("enrolment failed: {e}");
+            eprintln!("serin-agent enroll: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Cmd::CheckConfig) = cli.command {
         return check_config(&cli.config);
     }
     init_tracing(cli.log_format);
+    if let Some(Cmd::Enroll {
+        coordinator,
+        token,
+        ca_fingerprint,
+        wait,
+    }) = cli.command
+    {
+        let opts = serin_agent::enrol::EnrolOptions {
+            url: coordinator,
+            token,
+            ca_fingerprint,
+            wait,
+            poll: Duration::from_secs(1),
+        };
+        return enroll(&cli.config, &opts);
+    }
     let loaded = match Config::load(&cli.config) {
         Ok(l) => l,
         Err(e) => {

@@ -21,6 +21,11 @@
 //! cert = "/etc/serin/pki/coordinator.crt"
 //! key = "/etc/serin/pki/coordinator.key"
 //! # insecure_plaintext = true       # ... or, for development only, no TLS at all
+//!
+//! [enrolment]                       # optional: agents join with tokens (needs [tls])
+//! listen = "0.0.0.0:7701"           # the enrolment port (server-authenticated TLS only)
+//! ca_key = "/etc/serin/pki/ca.key"  # the key of [tls].ca: the coordinator issues agent certs
+//! agent_cert_lifetime = "3d"        # agents renew at 2/3 of it
 //! ```
 //!
 //! The file is parsed into a raw serde struct where every key is optional, then validated into
@@ -80,6 +85,31 @@ pub struct CoordinatorConfig {
     pub engine: EngineConfig,
     /// `[tls]`: mutual TLS with these files, or explicitly asked-for plaintext.
     pub tls: TransportSecurity,
+    /// `[enrolment]`: join tokens, held enrolments and renewal; `None`: not offered.
+    pub enrolment: Option<EnrolmentConfig>,
+}
+
+/// The `[enrolment]` section, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolmentConfig {
+    /// The enrolment port (server-authenticated TLS; `EnrolService` only).
+    pub listen: SocketAddr,
+    /// The private key of the CA in `[tls] ca`: the coordinator issues agent certificates.
+    pub ca_key: PathBuf,
+    /// Lifetime of the agent certificates it issues (default 3 days).
+    pub agent_cert_lifetime: Duration,
+}
+
+/// Default lifetime of an enrolled agent's certificate.
+pub const DEFAULT_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(3 * 86_400);
+
+/// The `[enrolment]` section as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawEnrolment {
+    listen: Option<String>,
+    ca_key: Option<String>,
+    agent_cert_lifetime: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -93,6 +123,7 @@ impl Default for CoordinatorConfig {
             // The library default for in-process tests; a config file must say what it wants
             // (`[tls]` is required there).
             tls: TransportSecurity::InsecurePlaintext,
+            enrolment: None,
         }
     }
 }
@@ -253,6 +284,7 @@ struct RawConfig {
     unreachable_after: Option<String>,
     engine: RawEngine,
     tls: TlsSection,
+    enrolment: Option<RawEnrolment>,
 }
 
 struct Problems(Vec<String>);
@@ -343,6 +375,39 @@ impl RawConfig {
                 defaults.tls
             }
         };
+        let enrolment = self.enrolment.and_then(|e| {
+            let listen = match e.listen.as_deref().map(|s| s.trim().parse::<SocketAddr>()) {
+                Some(Ok(a)) => Some(a),
+                Some(Err(_)) => {
+                    p.push("enrolment.listen", "is not an IP address and port");
+                    None
+                }
+                None => {
+                    p.push("enrolment.listen", "missing (the enrolment port)");
+                    None
+                }
+            };
+            let ca_key = match e.ca_key {
+                Some(k) if !k.trim().is_empty() => Some(PathBuf::from(k)),
+                _ => {
+                    p.push("enrolment.ca_key", "missing (the key of the CA in tls.ca)");
+                    None
+                }
+            };
+            if matches!(tls, TransportSecurity::InsecurePlaintext) {
+                p.push("enrolment", "needs [tls] (enrolment issues certificates)");
+            }
+            let agent_cert_lifetime = p.duration(
+                "enrolment.agent_cert_lifetime",
+                e.agent_cert_lifetime,
+                DEFAULT_AGENT_CERT_LIFETIME,
+            );
+            Some(EnrolmentConfig {
+                listen: listen?,
+                ca_key: ca_key?,
+                agent_cert_lifetime,
+            })
+        });
         let config = CoordinatorConfig {
             listen,
             state_dir,
@@ -350,6 +415,7 @@ impl RawConfig {
             unreachable_after,
             engine,
             tls,
+            enrolment,
         };
         p.0.extend(config.problems());
         if p.0.is_empty() {
@@ -471,6 +537,30 @@ mod tests {
         assert_eq!(l.config.tls, TransportSecurity::InsecurePlaintext);
         let e = CoordinatorConfig::parse_with("[tls]\nca = \"/p/ca.crt\"\n", true).unwrap_err();
         assert!(e.to_string().contains("conflicts with tls.ca"), "{e}");
+    }
+
+    #[test]
+    fn enrolment_needs_a_port_the_ca_key_and_tls() {
+        let tls = "[tls]\nca = \"/p/ca.crt\"\ncert = \"/p/c.crt\"\nkey = \"/p/c.key\"\n";
+        let l = CoordinatorConfig::parse(&format!(
+            "{tls}[enrolment]\nlisten = \"0.0.0.0:7701\"\nca_key = \"/p/ca.key\"\nagent_cert_lifetime = \"2d\"\n"
+        ))
+        .unwrap();
+        let e = l.config.enrolment.expect("enrolment configured");
+        assert_eq!(e.agent_cert_lifetime, Duration::from_secs(2 * 86_400));
+        assert_eq!(e.ca_key, PathBuf::from("/p/ca.key"));
+        let e = CoordinatorConfig::parse(&format!("{tls}[enrolment]\nlisten = \"nope\"\n"))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("enrolment.listen") && text.contains("enrolment.ca_key"),
+            "{text}"
+        );
+        let e = CoordinatorConfig::parse(&format!(
+            "{PLAIN}[enrolment]\nlisten = \"0.0.0.0:7701\"\nca_key = \"/k\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("needs [tls]"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod audit;
 pub mod config;
 pub mod control_service;
+pub mod enrolment;
 pub mod fault;
 pub mod fleet;
 pub mod haproxy;

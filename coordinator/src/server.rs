@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serin_proto::wire::agent_service_server::AgentServiceServer;
 use serin_proto::wire::control_service_server::ControlServiceServer;
+use serin_proto::wire::enrol_admin_service_server::EnrolAdminServiceServer;
+use serin_proto::wire::enrol_service_server::EnrolServiceServer;
+use serin_proto::wire::renew_service_server::RenewServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -102,6 +105,10 @@ pub async fn run(
     if revocations > 0 {
         tracing::info!(revocations, "revoked hosts refused at the handshake");
     }
+    let enrolment = match &config.enrolment {
+        Some(e) => Some(start_enrolment(e, &config.tls, store.clone(), revoked.clone()).await?),
+        None => None,
+    };
     let artifacts = ArtifactStore::open(&config.state_dir)?;
     let registry = Arc::new(Registry::new(RegistrySettings {
         unreachable_after: config.unreachable_after,
@@ -119,6 +126,26 @@ pub async fn run(
         let inner = inner.clone();
         tasks.spawn(async move { registry.run_reaper(inner).await });
     }
+    let enrolment = match enrolment {
+        None => None,
+        Some((state, listener, tls)) => {
+            let service = EnrolServiceServer::new(crate::enrolment::Enroller(state.clone()))
+                .max_decoding_message_size(64 * 1024);
+            let incoming = serin_security::transport::AnonymousTlsIncoming::new(listener, tls);
+            let inner = inner.clone();
+            tasks.spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .concurrency_limit_per_connection(4)
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, inner.cancelled())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the enrolment port failed");
+                }
+            });
+            Some(state)
+        }
+    };
 
     let rollouts = match start_rollouts(
         store.clone(),
@@ -146,6 +173,7 @@ pub async fn run(
         connection_cap,
         security,
         revoked,
+        enrolment,
         agent: AgentServiceSettings {
             coordinator_id: coordinator_id(addr),
             heartbeat_interval: config.heartbeat_interval,
@@ -190,6 +218,53 @@ fn security(
             Ok(listener::Security::InsecurePlaintext)
         }
     }
+}
+
+/// What the enrolment port serves with: the shared state, its bound listener and its TLS.
+type EnrolmentParts = (
+    Arc<crate::enrolment::Enrolment>,
+    TcpListener,
+    Arc<rustls::ServerConfig>,
+);
+
+/// Loads the issuing CA (`[tls] ca` with `[enrolment] ca_key`) and binds the enrolment port.
+async fn start_enrolment(
+    e: &crate::config::EnrolmentConfig,
+    tls: &TransportSecurity,
+    store: Arc<dyn Store>,
+    revoked: Arc<serin_security::tls::RevokedSet>,
+) -> Result<EnrolmentParts, ServerError> {
+    let TransportSecurity::Tls(files) = tls else {
+        return Err(ServerError::Task(
+            "enrolment needs [tls] (it issues certificates)".to_string(),
+        ));
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|err| {
+            ServerError::Task(format!("enrolment: cannot read {}: {err}", p.display()))
+        })
+    };
+    let ca = serin_security::pki::Ca::from_pem(&read(&files.ca)?, &read(&e.ca_key)?).map_err(
+        |problem| {
+            ServerError::Task(format!(
+                "enrolment.ca_key {} with tls.ca {}: {problem}",
+                e.ca_key.display(),
+                files.ca.display()
+            ))
+        },
+    )?;
+    let material = serin_security::tls::TlsMaterial::load(files)?;
+    let tls = serin_security::tls::enrolment_server_config(&material)?;
+    let listener = TcpListener::bind(e.listen).await.map_err(|err| {
+        ServerError::Task(format!("enrolment.listen {}: cannot bind: {err}", e.listen))
+    })?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, lifetime = ?e.agent_cert_lifetime, "enrolment port serving (join tokens, no client certificate)");
+    Ok((
+        crate::enrolment::Enrolment::new(store, ca, e.agent_cert_lifetime, revoked),
+        listener,
+        tls,
+    ))
 }
 
 /// Raises the soft open-files limit to the hard one and returns the connection cap it allows
@@ -242,6 +317,8 @@ pub(crate) struct Parts {
     pub security: listener::Security,
     /// Hosts refused at the handshake (filled from the store, extended by `RevokeHost`).
     pub revoked: Arc<serin_security::tls::RevokedSet>,
+    /// Join tokens, approval and renewal (`[enrolment]`), when configured.
+    pub enrolment: Option<Arc<crate::enrolment::Enrolment>>,
     pub agent: AgentServiceSettings,
 }
 
@@ -277,6 +354,13 @@ pub(crate) async fn serve(
         enforce,
         revoked: parts.revoked.clone(),
     };
+    let enrol_admin = parts.enrolment.clone().map(|e| {
+        EnrolAdminServiceServer::new(crate::enrolment::EnrolAdmin(e))
+            .max_decoding_message_size(64 * 1024)
+    });
+    let renew = parts.enrolment.clone().map(|e| {
+        RenewServiceServer::new(crate::enrolment::Renewer(e)).max_decoding_message_size(64 * 1024)
+    });
     let agent = AgentServiceImpl::new(
         parts.agent,
         parts.registry.clone(),
@@ -322,6 +406,8 @@ pub(crate) async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
+        .add_optional_service(enrol_admin)
+        .add_optional_service(renew)
         .serve_with_incoming_shutdown(
             listener::incoming(listener, cap, Arc::default(), security),
             async move { inner.cancelled().await },
@@ -460,6 +546,7 @@ pub(crate) mod testing {
                 connection_cap: usize::MAX,
                 security: crate::listener::Security::InsecurePlaintext,
                 revoked: Arc::default(),
+                enrolment: None,
                 agent: AgentServiceSettings {
                     coordinator_id: "test-coordinator".into(),
                     heartbeat_interval: Duration::from_millis(100),

@@ -55,6 +55,15 @@ impl Validity {
             not_after: now + lifetime,
         }
     }
+
+    /// Like [`Validity::starting`], with the skew tolerance at most a tenth of `lifetime`: for
+    /// short-lived certificates that are renewed at two thirds of their window.
+    pub fn short_lived(now: SystemTime, lifetime: Duration) -> Self {
+        Self {
+            not_before: now - Duration::from_secs(300).min(lifetime / 10),
+            not_after: now + lifetime,
+        }
+    }
 }
 
 /// What a certificate is issued for.
@@ -224,8 +233,40 @@ impl Ca {
 
     /// Issues a certificate and a fresh key for `subject`.
     pub fn issue(&self, subject: &Subject, validity: Validity) -> Result<IssuedCert, PkiError> {
-        let identity = subject.identity();
         let key = KeyPair::generate().map_err(rcgen_err("generate a key"))?;
+        let params = Self::params(subject, validity)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_err("sign the certificate"))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate for `subject` over the public key of a certificate signing request
+    /// (PEM), whose signature is verified; every other field of the request (names, extensions)
+    /// is ignored: the CA decides what the certificate says. Returns the certificate (PEM) and
+    /// the sha256 (hex) of the public key it certifies.
+    pub fn issue_for_request(
+        &self,
+        subject: &Subject,
+        csr_pem: &str,
+        validity: Validity,
+    ) -> Result<(String, String), PkiError> {
+        use rcgen::PublicKeyData as _;
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadRequest(e.to_string()))?;
+        let params = Self::params(subject, validity)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(rcgen_err("sign the certificate"))?;
+        Ok((cert.pem(), key_fingerprint(csr.public_key.der_bytes())))
+    }
+
+    /// The parameters of a certificate for `subject` (everything but the key and the issuer).
+    fn params(subject: &Subject, validity: Validity) -> Result<CertificateParams, PkiError> {
+        let identity = subject.identity();
         let mut params = CertificateParams::default();
         let common_name = match &identity {
             PeerIdentity::Coordinator => "serin coordinator".to_string(),
@@ -273,14 +314,79 @@ impl Ca {
         params.not_before = validity.not_before.into();
         params.not_after = validity.not_after.into();
         params.serial_number = Some(random_serial()?);
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(rcgen_err("sign the certificate"))?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(params)
     }
+}
+
+/// The sha256 (hex) of a raw public key: how the coordinator remembers which key a host enrolled
+/// with.
+pub fn key_fingerprint(public_key: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(public_key))
+}
+
+/// A fresh private key (PKCS#8 PEM) and a certificate signing request (PEM) over it for the
+/// agent of `host_id`, made on the host by `serin-agent enroll`: the key never leaves it.
+pub fn agent_key_and_request(
+    host_id: &serin_proto::HostId,
+) -> Result<(zeroize::Zeroizing<String>, String), PkiError> {
+    let key = KeyPair::generate().map_err(rcgen_err("generate a key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(&format!("serin agent {host_id}"));
+    let csr = params
+        .serialize_request(&key)
+        .map_err(rcgen_err("make the certificate request"))?;
+    let csr_pem = csr
+        .pem()
+        .map_err(rcgen_err("encode the certificate request"))?;
+    Ok((zeroize::Zeroizing::new(key.serialize_pem()), csr_pem))
+}
+
+/// A certificate signing request (PEM) for the agent of `host_id` over the existing key
+/// `key_pem`: what an agent sends to renew its certificate (the key stays the enrolled one).
+pub fn agent_request_for_key(
+    host_id: &serin_proto::HostId,
+    key_pem: &str,
+) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(rcgen_err("read the key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(&format!("serin agent {host_id}"));
+    params
+        .serialize_request(&key)
+        .map_err(rcgen_err("make the certificate request"))?
+        .pem()
+        .map_err(rcgen_err("encode the certificate request"))
+}
+
+/// The validity window (not before, not after) of the first certificate in `pem`.
+pub fn certificate_validity(pem: &str) -> Result<(SystemTime, SystemTime), String> {
+    let der = crate::tls::parse_certs(pem.as_bytes())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).map_err(|e| e.to_string())?;
+    let at = |t: i64| {
+        u64::try_from(t)
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+            .map_err(|_| "a validity date before 1970".to_string())
+    };
+    Ok((
+        at(cert.validity().not_before.timestamp())?,
+        at(cert.validity().not_after.timestamp())?,
+    ))
+}
+
+/// When an agent renews a certificate valid over `(not_before, not_after)`: at two thirds of
+/// its lifetime, well before it expires.
+pub fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + lifetime * 2 / 3
+}
+
+/// The sha256 (hex, lowercase) of the first certificate in `pem`: the CA fingerprint an agent
+/// pins with `serin-agent enroll --ca-fingerprint`, printed by `serin ca fingerprint`.
+pub fn certificate_fingerprint(pem: &str) -> Result<String, String> {
+    use sha2::Digest as _;
+    let der = crate::tls::parse_certs(pem.as_bytes())?;
+    let first = der.first().ok_or("no certificate")?;
+    Ok(hex::encode(sha2::Sha256::digest(first.as_ref())))
 }
 
 /// A complete throwaway PKI in one directory, for the demo and the test harness: a CA, the
@@ -488,6 +594,9 @@ pub enum PkiError {
     /// The coordinator identity is only ever a server certificate.
     #[error("the coordinator identity can only be issued as a server certificate")]
     CoordinatorAsClient,
+    /// A certificate signing request that does not parse or whose signature is wrong.
+    #[error("bad certificate request: {0}")]
+    BadRequest(String),
     /// The system random number generator failed.
     #[error("the system random number generator failed")]
     Random,

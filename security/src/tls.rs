@@ -311,6 +311,133 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The enrolment port's server configuration: the coordinator's certificate, followed by the
+/// CA certificates (so an enrolling agent, which has no CA yet, can pin the CA by its sha256
+/// fingerprint), and **no client certificate** asked for: the one port that serves callers
+/// without one (it serves `EnrolService` only). TLS 1.3, no session resumption.
+pub fn enrolment_server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, TlsError> {
+    match material.own_identity()? {
+        PeerIdentity::Coordinator => {}
+        other => {
+            return Err(TlsError::WrongOwnIdentity {
+                expected: "the coordinator (serin://coordinator)".to_string(),
+                found: other,
+            });
+        }
+    }
+    let mut chain = material.cert_chain.clone();
+    chain.extend(material.ca.iter().cloned());
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOLS)
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, material.key.clone_key())
+        .map_err(|e| TlsError::Config(format!("the coordinator certificate or key: {e}")))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The enrolling agent's client configuration: no client certificate, and the coordinator's
+/// certificate must chain to a CA certificate **the server sent** whose sha256 (hex) is
+/// `ca_fingerprint` (trust on first use, pinned by the fingerprint the operator copied from
+/// `serin ca fingerprint`), and be valid for the name dialled.
+pub fn enrolment_client_config(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let trimmed = ca_fingerprint.trim().to_ascii_lowercase();
+    let fingerprint = trimmed
+        .strip_prefix("sha256:")
+        .unwrap_or(&trimmed)
+        .replace(':', "");
+    if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TlsError::Config(format!(
+            "the CA fingerprint {ca_fingerprint:?} is not a sha256 in hex (64 digits)"
+        )));
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOLS)
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { fingerprint }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verifies a server certificate against the CA, among the certificates the server sent, whose
+/// sha256 is the pinned fingerprint.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest as _;
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(sha2::Sha256::digest(c.as_ref())) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the coordinator sent no CA certificate with the pinned fingerprint {}",
+                    self.fingerprint
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("the pinned CA is unusable: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// The agent's client configuration: the serin CA pinned, presenting a certificate that must be
 /// this host's (`serin://host/<host_id>`).
 pub fn agent_client_config(
@@ -327,6 +454,71 @@ pub fn agent_client_config(
         }
     }
     client_config(material)
+}
+
+/// The client certificate an agent presents, replaceable while the agent runs: a renewed
+/// certificate is used from the next handshake on (see [`agent_client_config_reloadable`]).
+#[derive(Debug)]
+pub struct ReloadableClientCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ReloadableClientCert {
+    fn certified(material: &TlsMaterial) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(material.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("the client key: {e}")))?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            material.cert_chain.clone(),
+            key,
+        )))
+    }
+
+    /// Presents `material`'s certificate and key from the next handshake on.
+    pub fn replace(&self, material: &TlsMaterial) -> Result<(), TlsError> {
+        let certified = Self::certified(material)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = certified;
+        Ok(())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ReloadableClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// [`agent_client_config`] whose certificate can be replaced (after a renewal) without
+/// rebuilding the connection's configuration.
+pub fn agent_client_config_reloadable(
+    material: &TlsMaterial,
+    host_id: &HostId,
+) -> Result<(Arc<ClientConfig>, Arc<ReloadableClientCert>), TlsError> {
+    agent_client_config(material, host_id)?;
+    let resolver = Arc::new(ReloadableClientCert {
+        current: std::sync::RwLock::new(ReloadableClientCert::certified(material)?),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOLS)
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(material.roots()?)
+        .with_client_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), resolver))
 }
 
 /// The operator CLI's client configuration: the serin CA pinned, presenting an operator

@@ -297,6 +297,136 @@ impl Stream for TlsIncoming {
     }
 }
 
+/// A server-authenticated TLS connection without a client identity: the enrolment port.
+pub struct AnonymousTlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    remote_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for AnonymousTlsConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnonymousTlsConn")
+            .field("remote_addr", &self.remote_addr)
+            .finish()
+    }
+}
+
+impl Connected for AnonymousTlsConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.local_addr,
+            remote_addr: Some(self.remote_addr),
+        }
+    }
+}
+
+impl AsyncRead for AnonymousTlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AnonymousTlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepted server-authenticated TLS connections (no client certificate), for the enrolment
+/// port only ([`crate::tls::enrolment_server_config`]). Like [`TlsIncoming`]: handshakes run
+/// concurrently, bounded in number and time; a refused one is logged and dropped.
+pub struct AnonymousTlsIncoming {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    pending: FuturesUnordered<BoxFuture<'static, Result<AnonymousTlsConn, Refusal>>>,
+}
+
+impl std::fmt::Debug for AnonymousTlsIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnonymousTlsIncoming")
+            .field("listener", &self.listener)
+            .finish()
+    }
+}
+
+impl AnonymousTlsIncoming {
+    /// Serves TLS with `config` on `listener`.
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            pending: FuturesUnordered::new(),
+        }
+    }
+}
+
+impl Stream for AnonymousTlsIncoming {
+    type Item = Result<AnonymousTlsConn, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            while self.pending.len() < MAX_PENDING_HANDSHAKES {
+                match self.listener.poll_accept(cx) {
+                    Poll::Ready(Ok((tcp, remote_addr))) => {
+                        let acceptor = self.acceptor.clone();
+                        let run = async move {
+                            let _ = tcp.set_nodelay(true);
+                            let local_addr = tcp.local_addr().ok();
+                            let accept = acceptor.accept(tcp);
+                            match tokio::time::timeout(DEFAULT_HANDSHAKE_TIMEOUT, accept).await {
+                                Ok(Ok(inner)) => Ok(AnonymousTlsConn {
+                                    inner,
+                                    remote_addr,
+                                    local_addr,
+                                }),
+                                Ok(Err(e)) => Err(Refusal {
+                                    remote_addr,
+                                    reason: RefusalReason::Handshake(e.to_string()),
+                                }),
+                                Err(_) => Err(Refusal {
+                                    remote_addr,
+                                    reason: RefusalReason::Timeout(DEFAULT_HANDSHAKE_TIMEOUT),
+                                }),
+                            }
+                        };
+                        self.pending.push(run.boxed());
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match self.pending.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(conn))) => return Poll::Ready(Some(Ok(conn))),
+                Poll::Ready(Some(Err(refusal))) => {
+                    tracing::warn!(peer = %refusal.remote_addr, reason = %refusal.reason, "enrolment connection refused");
+                }
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 /// The verified identity behind a request served through [`TlsIncoming`];
 /// `unauthenticated` when the connection carries none (a plaintext development server).
 pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, tonic::Status> {
@@ -417,6 +547,17 @@ pub fn required_access(path: &str) -> Option<Access> {
             }
             "ListAudit" => Some(Access::Operator(Role::Viewer)),
             "RevokeHost" => Some(Access::Operator(Role::Admin)),
+            _ => None,
+        },
+        // Enrolment (issue 7): tokens and approval are admin calls; listing held enrolments
+        // is a read. `EnrolService` is served on the enrolment port only, never here.
+        "serin.v1.EnrolAdminService" => match method {
+            "CreateToken" | "ApproveHost" => Some(Access::Operator(Role::Admin)),
+            "ListPending" => Some(Access::Operator(Role::Viewer)),
+            _ => None,
+        },
+        "serin.v1.RenewService" => match method {
+            "Renew" => Some(Access::Agent),
             _ => None,
         },
         "grpc.health.v1.Health" => Some(Access::AnyPeer),
@@ -850,6 +991,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn every_enrolment_method_has_its_policy() {
+        let proto = include_str!("../../proto/proto/serin/v1/enrol.proto");
+        let mut service = "";
+        let mut seen = 0;
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().unwrap_or_default();
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                let method = rest.split('(').next().unwrap_or_default().trim();
+                let path = format!("/serin.v1.{service}/{method}");
+                seen += 1;
+                // The enrolment call is never served on the main port: it stays default-deny.
+                assert_eq!(
+                    required_access(&path).is_none(),
+                    service == "EnrolService",
+                    "{path}: add it to transport::required_access"
+                );
+            }
+        }
+        assert_eq!(seen, 5);
+        let create = "/serin.v1.EnrolAdminService/CreateToken";
+        assert!(authorize(create, &operator(Role::Deployer)).is_err());
+        assert!(authorize(create, &operator(Role::Admin)).is_ok());
     }
 
     #[test]

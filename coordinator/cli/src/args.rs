@@ -95,6 +95,9 @@ pub enum Command {
     Hosts(HostsArgs),
     /// The audit log: every mutating call, who made it, its arguments and its result.
     Audit(AuditArgs),
+    /// Admin: one-time join tokens for `serin-agent enroll`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Upload artifacts to the coordinator's content-addressed store.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -159,6 +162,28 @@ pub enum HostsAction {
         /// Why, for the audit log.
         #[arg(long, default_value = "")]
         reason: String,
+    },
+    /// Enrolments held for approval: a known host id that presented a new key.
+    Pending,
+    /// Admin: approve HOST's held enrolment (its new key replaces the old one).
+    Approve {
+        /// The host id.
+        #[arg(value_name = "HOST")]
+        host: String,
+    },
+}
+
+/// `serin token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a one-time join token (shown once; the coordinator keeps only its hash).
+    Create {
+        /// Only this host id may enrol with it (default: any host id).
+        #[arg(long, value_name = "HOST")]
+        host_id: Option<String>,
+        /// How long it is valid, e.g. "1h".
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "1h")]
+        expires: std::time::Duration,
     },
 }
 

@@ -18,6 +18,8 @@ pub async fn hosts_action(
     action: HostsAction,
 ) -> Result<Exit, CliError> {
     match action {
+        HostsAction::Pending => super::enrol::pending(c, output).await,
+        HostsAction::Approve { host } => super::enrol::approve(c, output, host).await,
         HostsAction::Revoke { host, reason } => {
             let resp = c
                 .client

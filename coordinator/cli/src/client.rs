@@ -25,6 +25,8 @@ pub struct Control {
     pub client: ControlServiceClient<Channel>,
     /// The coordinator URL, as given.
     pub addr: String,
+    /// The channel, for the other services on the same port (enrolment admin).
+    pub channel: Channel,
 }
 
 impl Control {
@@ -56,8 +58,10 @@ impl Control {
                 }
             })?;
         Ok(Control {
-            client: ControlServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            client: ControlServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 * 1024 * 1024),
             addr: url.to_string(),
+            channel,
         })
     }
 

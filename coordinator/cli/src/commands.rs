@@ -479,6 +479,7 @@ pub async fn run_operator_with(
             None => hosts(&mut c, output, h.selector).await,
         },
         Command::Audit(a) => super::audit::audit(&mut c, output, a).await,
+        Command::Token(t) => super::enrol::token(&mut c, output, t).await,
         Command::Artifact(a) => artifact(&mut c, output, a).await,
         Command::Release(r) => release(&mut c, output, r).await,
         Command::Rollout(r) => rollout(&mut c, output, r).await,

@@ -9,6 +9,7 @@
 //! - [`offline`]: the commands that need no coordinator: [`pki`] (`serin ca …`) and [`signing`]
 //!   (`serin keygen`, `serin release sign|verify`);
 //! - [`audit`]: the security record: `serin audit` and `serin hosts revoke`;
+//! - [`enrol`]: `serin token create`, `serin hosts pending`, `serin hosts approve`;
 //! - [`credentials`]: where the CLI finds its operator certificate (flags, environment, per-user
 //!   config file).
 //!
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod client;
 pub mod commands;
 pub mod credentials;
+pub mod enrol;
 pub mod exit;
 pub mod offline;
 pub mod pki;

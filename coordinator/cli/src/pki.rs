@@ -39,6 +39,12 @@ pub enum CaCommand {
     /// Issue a certificate and a fresh key, signed by the CA.
     #[command(subcommand)]
     Issue(IssueCommand),
+    /// Print the CA certificate's sha256 fingerprint (for `serin-agent enroll --ca-fingerprint`).
+    Fingerprint {
+        /// The PKI directory.
+        #[command(flatten)]
+        dir: PkiDir,
+    },
 }
 
 /// The PKI directory flag shared by the `ca` commands.
@@ -136,6 +142,14 @@ pub fn run(output: OutputFormat, cmd: CaCommand, now: SystemTime) -> Result<Exit
             let files = Ca::init(&dir.dir, &name, validity).map_err(other)?;
             let fingerprint = fingerprint(&files.cert)?;
             report(output, "CA", &files, validity, Some(&fingerprint));
+            Ok(Exit::Success)
+        }
+        CaCommand::Fingerprint { dir } => {
+            let fp = fingerprint(&dir.dir.join(pki::CA_CERT_FILE))?;
+            match output {
+                OutputFormat::Json => println!("{}", serde_json::json!({ "fingerprint": fp })),
+                _ => println!("{fp}"),
+            }
             Ok(Exit::Success)
         }
         CaCommand::Issue(issue) => {

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use serin_proto::{HostId, ReleaseId, ServiceName};
 
-use super::{AuditRecord, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout};
+use super::{
+    AuditRecord, EnrolmentWrite, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout,
+};
 
 #[derive(Default)]
 struct Inner {
@@ -19,6 +21,7 @@ struct Inner {
     saves: usize,
     audit: Vec<(u64, AuditRecord)>,
     revoked: BTreeMap<String, RevocationRecord>,
+    enrolment: BTreeMap<String, Vec<u8>>,
 }
 
 /// A [`Store`] that lives in memory only.
@@ -52,6 +55,34 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn enrolment_update(
+        &self,
+        key: &str,
+        update: &mut dyn FnMut(Option<Vec<u8>>) -> EnrolmentWrite,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match update(inner.enrolment.get(key).cloned()) {
+            EnrolmentWrite::Keep => {}
+            EnrolmentWrite::Put(v) => {
+                inner.enrolment.insert(key.to_string(), v);
+            }
+            EnrolmentWrite::Delete => {
+                inner.enrolment.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn enrolment_entries(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()
+            .enrolment
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn append_audit(&self, rec: &AuditRecord) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let seq = inner.audit.last().map_or(1, |(s, _)| s + 1);

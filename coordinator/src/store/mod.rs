@@ -8,6 +8,10 @@
 //! It also keeps the security record: the audit log of every mutating control call
 //! ([`AuditRecord`]) and the revoked hosts ([`RevocationRecord`]), whose certificates the
 //! coordinator refuses from then on.
+//!
+//! And the enrolment record ([`Store::enrolment_update`]): join tokens (hashed), the key each
+//! host enrolled with, and enrolments held for approval, as opaque entries the enrolment module
+//! encodes (`coordinator::enrolment`).
 
 pub mod memory;
 pub mod redb;
@@ -70,6 +74,17 @@ pub struct RevocationRecord {
 }
 
 /// A store operation failed.
+/// What [`Store::enrolment_update`] does with the entry it read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrolmentWrite {
+    /// Leave it as it is (nothing is written).
+    Keep,
+    /// Write this value.
+    Put(Vec<u8>),
+    /// Remove the entry.
+    Delete,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store i/o failed: {0}")]
@@ -138,6 +153,23 @@ pub trait Store: Send + Sync + 'static {
     /// `at_least`. The caller passes the wall clock in seconds, so that a store restored from a
     /// backup still starts an epoch newer than any the agents saw. A store that keeps nothing
     /// across restarts returns `at_least` (at least 1).
+    /// Reads the enrolment entry `key` and replaces it with what `update` decides, in one
+    /// durable transaction: a join token is consumed exactly once even under concurrent calls.
+    fn enrolment_update(
+        &self,
+        _key: &str,
+        _update: &mut dyn FnMut(Option<Vec<u8>>) -> EnrolmentWrite,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Io(
+            "this store keeps no enrolment record".into(),
+        ))
+    }
+
+    /// Every enrolment entry whose key starts with `prefix`, in key order.
+    fn enrolment_entries(&self, _prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     fn bump_epoch(&self, at_least: u64) -> Result<u64, StoreError> {
         Ok(at_least.max(1))
     }

@@ -21,6 +21,7 @@
 //! | `order_seqs`     | (host id, service)       | highest order sequence handed out |
 //! | `audit`          | sequence number          | JSON [`AuditRecord`] (since v2)  |
 //! | `revoked_hosts`  | host id                  | JSON [`RevocationRecord`] (since v2) |
+//! | `enrolment`      | `token/<sha256>`, `key/<host>`, `pending/<host>` | JSON (since v3, see `crate::enrolment`) |
 //!
 //! A file written by a newer coordinator (higher schema version) is refused with
 //! [`StoreError::TooNew`] rather than misread; older versions are migrated forward by
@@ -36,10 +37,12 @@ use ::redb::{
 };
 use serin_proto::{HostId, ReleaseId, ServiceName};
 
-use super::{AuditRecord, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout};
+use super::{
+    AuditRecord, EnrolmentWrite, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout,
+};
 
 /// The schema version this coordinator writes and understands.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// `meta` key of the coordinator epoch ([`Store::bump_epoch`]).
@@ -54,6 +57,7 @@ const ROLLOUT_ORDER: TableDefinition<u64, &str> = TableDefinition::new("rollout_
 const ORDER_SEQS: TableDefinition<(&str, &str), u64> = TableDefinition::new("order_seqs");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const REVOKED_HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_hosts");
+const ENROLMENT: TableDefinition<&str, &[u8]> = TableDefinition::new("enrolment");
 
 /// The coordinator's durable state in a redb file.
 ///
@@ -222,6 +226,10 @@ pub fn migrate(txn: &WriteTransaction, from: u32) -> Result<(), ::redb::Error> {
                 txn.open_table(AUDIT)?;
                 txn.open_table(REVOKED_HOSTS)?;
             }
+            // 2 -> 3: the enrolment record (tokens, enrolled keys, held enrolments).
+            2 => {
+                txn.open_table(ENROLMENT)?;
+            }
             _ => unreachable!("no migration step from schema version {version}"),
         }
         version += 1;
@@ -287,6 +295,60 @@ impl Store for RedbStore {
         }
         self.commit(txn, "committing a revocation")?;
         Ok(true)
+    }
+
+    fn enrolment_update(
+        &self,
+        key: &str,
+        update: &mut dyn FnMut(Option<Vec<u8>>) -> EnrolmentWrite,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write("starting an enrolment update")?;
+        let write = {
+            let t = txn
+                .open_table(ENROLMENT)
+                .map_err(|e| self.io("opening table enrolment", e))?;
+            let current = t
+                .get(key)
+                .map_err(|e| self.io("reading an enrolment entry", e))?
+                .map(|v| v.value().to_vec());
+            update(current)
+        };
+        {
+            let mut t = txn
+                .open_table(ENROLMENT)
+                .map_err(|e| self.io("opening table enrolment", e))?;
+            match &write {
+                EnrolmentWrite::Keep => return Ok(()),
+                EnrolmentWrite::Put(v) => {
+                    t.insert(key, v.as_slice())
+                        .map_err(|e| self.io("writing an enrolment entry", e))?;
+                }
+                EnrolmentWrite::Delete => {
+                    t.remove(key)
+                        .map_err(|e| self.io("removing an enrolment entry", e))?;
+                }
+            }
+        }
+        self.commit(txn, "committing an enrolment update")
+    }
+
+    fn enrolment_entries(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.read_txn("starting an enrolment read")?;
+        let t = txn
+            .open_table(ENROLMENT)
+            .map_err(|e| self.io("opening table enrolment", e))?;
+        let mut out = Vec::new();
+        for entry in t
+            .range(prefix..)
+            .map_err(|e| self.io("reading enrolment entries", e))?
+        {
+            let (k, v) = entry.map_err(|e| self.io("reading enrolment entries", e))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn revoked_hosts(&self) -> Result<Vec<RevocationRecord>, StoreError> {
@@ -620,6 +682,48 @@ mod tests {
             }
             other => panic!("expected TooNew, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_enrolment_entry_is_read_and_replaced_in_one_transaction_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store
+                .enrolment_update("token/a", &mut |cur| {
+                    assert_eq!(cur, None);
+                    EnrolmentWrite::Put(b"fresh".to_vec())
+                })
+                .unwrap();
+            store
+                .enrolment_update("key/h1", &mut |_| EnrolmentWrite::Put(b"k".to_vec()))
+                .unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        // Consumed once: the second reader sees the first one's write.
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            store
+                .enrolment_update("token/a", &mut |cur| {
+                    seen.push(cur.clone());
+                    match cur.as_deref() {
+                        Some(b"fresh") => EnrolmentWrite::Put(b"used".to_vec()),
+                        _ => EnrolmentWrite::Keep,
+                    }
+                })
+                .unwrap();
+        }
+        assert_eq!(seen, vec![Some(b"fresh".to_vec()), Some(b"used".to_vec())]);
+        assert_eq!(
+            store.enrolment_entries("token/").unwrap(),
+            vec![("token/a".to_string(), b"used".to_vec())]
+        );
+        store
+            .enrolment_update("token/a", &mut |_| EnrolmentWrite::Delete)
+            .unwrap();
+        assert!(store.enrolment_entries("token/").unwrap().is_empty());
+        assert_eq!(store.enrolment_entries("key/").unwrap().len(), 1);
     }
 
     #[test]
