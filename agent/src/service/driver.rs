@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::activation::{self, Activation, Command, Deadlines, OrderRef, Outcome, Phase};
 use crate::fault;
+use crate::hooks::SwapKind;
 use crate::release_store::{StageError, Staged, unix_ms};
 use crate::state::ServiceState;
 
@@ -82,8 +83,21 @@ impl ServiceTask {
             // From now on the journal protects it.
             self.staged = None;
         }
+        if let Err(evidence) = self.validate_hook(&to).await {
+            let msg =
+                format!("release {to} refused by its validate hook, nothing swapped: {evidence}");
+            tracing::warn!(service = self.name(), release = %to, %evidence, "validate hook failed");
+            self.reply(
+                order,
+                OrderPhase::Failed,
+                ResultCode::ServiceFailedToStart,
+                msg,
+            )
+            .await;
+            return;
+        }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
-        let step = Activation::begin(
+        let step = Activation::begin_with(
             OrderRef {
                 order_id: order.order_id.clone(),
                 rollout_id: order.rollout_id.clone(),
@@ -92,6 +106,7 @@ impl ServiceTask {
             from,
             to,
             deadlines,
+            self.cfg.traffic.behind_load_balancer(),
         );
         self.drive(step).await;
     }
@@ -224,6 +239,7 @@ impl ServiceTask {
                                 .await;
                             }
                             self.ensure_running().await;
+                            self.undrain_after_finish();
                             self.publish_inventory();
                             return;
                         }
@@ -241,13 +257,33 @@ impl ServiceTask {
                             } else {
                                 "rollback-restarted"
                             });
-                            Some(activation::Input::Started { now_ms: unix_ms() })
+                            // The incoming release's post-start hook, before health gating.
+                            let kind = if forward {
+                                SwapKind::Activate
+                            } else {
+                                SwapKind::Rollback
+                            };
+                            match self.post_start_hook(kind).await {
+                                Ok(()) => Some(activation::Input::Started { now_ms: unix_ms() }),
+                                Err(message) => {
+                                    tracing::warn!(service = self.name(), error = %message, "post-start hook failed");
+                                    Some(activation::Input::StartFailed { message })
+                                }
+                            }
                         }
                         Err(message) => {
                             tracing::warn!(service = self.name(), error = %message, "service failed to start");
                             Some(activation::Input::StartFailed { message })
                         }
                     }
+                }
+                Command::Drain => {
+                    self.drain().await;
+                    Some(activation::Input::Drained)
+                }
+                Command::Undrain => {
+                    self.undrain().await;
+                    None
                 }
                 Command::Report {
                     order,
@@ -257,6 +293,7 @@ impl ServiceTask {
                     message,
                     current,
                 } => {
+                    let message = self.with_evidence(message);
                     self.report_for(&order, &release, phase, code, message, current)
                         .await;
                     None
@@ -308,6 +345,8 @@ impl ServiceTask {
     pub(super) async fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
         tracing::info!(service = self.name(), release = %to, outcome = ?outcome, "activation finished");
         self.state.activation = None;
+        self.undrain_after_finish();
+        self.evidence.clear();
         match outcome {
             Outcome::Kept => {
                 self.raise_floor(&to);
