@@ -97,6 +97,7 @@ impl ServiceTask {
             return;
         }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
+        let from_running = from.is_some();
         let step = Activation::begin_with(
             OrderRef {
                 order_id: order.order_id.clone(),
@@ -106,7 +107,8 @@ impl ServiceTask {
             from,
             to,
             deadlines,
-            self.cfg.traffic.behind_load_balancer(),
+            // A first install has nothing serving to drain.
+            self.cfg.traffic.behind_load_balancer() && from_running,
         );
         self.drive(step).await;
     }
