@@ -428,3 +428,32 @@ fn a_failing_post_start_hook_rolls_back_and_the_outgoing_release_hook_never_runs
     let ran = std::fs::read_to_string(&log).unwrap();
     assert_eq!(ran, format!("{}\n{}\n", v2.id, v1.id), "{}", fx.dump());
 }
+
+#[test]
+fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
+    let mut opts = AgentOptions::new("wired-hook-timeout");
+    opts.checks_toml = format!("{}\n[service.hooks]\ntimeout = \"1s\"\n", opts.checks_toml);
+    let fx = AgentFixture::start_with(opts);
+    let v1 = DemoRelease::healthy("slowhook-1.0");
+    let v2 = DemoRelease::healthy("slowhook-2.0");
+    fx.install_first(1, &v1);
+    stage(&fx, 2, &v2);
+    write_hook(&fx, &v2.id, "validate", "#!/bin/sh\nexec sleep 600\n");
+    let sent = Instant::now();
+    fx.send(orders::activate(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(3);
+    let took = sent.elapsed();
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert!(
+        r.message
+            .contains("validate hook timed out after 1s and was killed"),
+        "{}",
+        r.message
+    );
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+}

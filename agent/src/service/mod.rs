@@ -337,6 +337,22 @@ impl ServiceTask {
     async fn replay(&mut self) {
         self.store.clean_staging();
         if let Some(a) = self.state.activation.take() {
+            // The responder of a restarted agent answers `ready`: an activation that was
+            // drained (anything short of reported healthy) goes out of rotation again first.
+            let undrained = matches!(
+                a.phase,
+                activation::Phase::Armed {
+                    reported_healthy: true,
+                    ..
+                }
+            );
+            if a.drain
+                && !undrained
+                && let Some(traffic) = &self.traffic
+            {
+                traffic.update(crate::traffic::TrafficState::drain);
+                self.drained_at = Some(std::time::Instant::now());
+            }
             let intact = self.store.installed(&a.to).is_some();
             tracing::info!(service = self.name(), to = %a.to, phase = ?a.phase, intact, "replaying activation journal");
             let step = a.resume(intact);
