@@ -132,6 +132,9 @@ pub struct Activation {
     /// healthy. Absent in journals written before the drain cycle existed.
     #[serde(default)]
     pub drain: bool,
+    /// The order's traffic weight for the new release, applied when it is undrained.
+    #[serde(default)]
+    pub weight: Option<u8>,
 }
 
 /// What health monitoring concluded at one moment.
@@ -234,7 +237,13 @@ pub enum Command {
     Drain,
     /// Put the server back into rotation (`ready` at the target weight, with the slow-start
     /// ramp if one is configured) once the service passes its checks.
-    Undrain,
+    Undrain {
+        /// The order's traffic weight for the new release (forward only); `None` on a rollback:
+        /// the weight from before the activation.
+        weight: Option<u8>,
+        /// Undrained after a rollback's restart rather than the new release's HEALTHY.
+        rollback: bool,
+    },
     /// Restart the service, then feed back [`Input::Started`] or [`Input::StartFailed`].
     Restart,
     /// Send an order result.
@@ -283,17 +292,19 @@ pub type Step = (Option<Activation>, Vec<Command>);
 impl Activation {
     /// Starts an activation: the journal must be persisted, then `current` swapped to `to`.
     pub fn begin(order: OrderRef, from: Option<String>, to: String, deadlines: Deadlines) -> Step {
-        Self::begin_with(order, from, to, deadlines, false)
+        Self::begin_with(order, from, to, deadlines, false, None)
     }
 
     /// Starts an activation; with `drain`, the service sits behind a load balancer and the swap
-    /// waits for a drain (journal, drain, then swap).
+    /// waits for a drain (journal, drain, then swap); `weight` is the order's traffic weight,
+    /// applied with the undrain.
     pub fn begin_with(
         order: OrderRef,
         from: Option<String>,
         to: String,
         deadlines: Deadlines,
         drain: bool,
+        weight: Option<u8>,
     ) -> Step {
         let a = Activation {
             order,
@@ -302,6 +313,7 @@ impl Activation {
             deadlines,
             phase: Phase::Journaled,
             drain,
+            weight,
         };
         let mut commands = vec![Command::Persist];
         commands.extend(a.swap_to(to));
@@ -319,9 +331,12 @@ impl Activation {
     }
 
     /// The [`Command::Undrain`] before `commands`, when behind a load balancer.
-    fn undrain_then(&self, commands: Vec<Command>) -> Vec<Command> {
+    fn undrain_then(&self, rollback: bool, commands: Vec<Command>) -> Vec<Command> {
         if self.drain {
-            std::iter::once(Command::Undrain).chain(commands).collect()
+            let weight = if rollback { None } else { self.weight };
+            std::iter::once(Command::Undrain { weight, rollback })
+                .chain(commands)
+                .collect()
         } else {
             commands
         }
@@ -515,7 +530,7 @@ impl Activation {
                     message: message.clone(),
                     current: self.from.clone(),
                 };
-                let cmds = self.undrain_then(vec![report, self.finish(Outcome::RolledBack)]);
+                let cmds = self.undrain_then(true, vec![report, self.finish(Outcome::RolledBack)]);
                 (None, cmds)
             }
             (Phase::RollbackSwapped { cause, message }, Input::StartFailed { message: why }) => {
@@ -664,10 +679,10 @@ impl Activation {
                     current: Some(self.to.clone()),
                 };
                 if confirm_by_unix_ms.is_none() {
-                    let cmds = self.undrain_then(vec![report, self.finish(Outcome::Kept)]);
+                    let cmds = self.undrain_then(false, vec![report, self.finish(Outcome::Kept)]);
                     return (None, cmds);
                 }
-                let report = self.undrain_then(vec![report]);
+                let report = self.undrain_then(false, vec![report]);
                 let mut a = self;
                 a.phase = Phase::Armed {
                     started_unix_ms,
@@ -1377,7 +1392,8 @@ mod tests {
             confirm_deadline_ms: None,
             ..D
         };
-        let (a, cmds) = Activation::begin_with(order(), Some("A".into()), "B".into(), d, true);
+        let (a, cmds) =
+            Activation::begin_with(order(), Some("A".into()), "B".into(), d, true, Some(10));
         assert_eq!(cmds, vec![Command::Persist, Command::Drain]);
         // The swap comes only once the drain is done.
         let (a, cmds) = a.unwrap().step(Input::Drained);
@@ -1387,21 +1403,42 @@ mod tests {
         let (a, _) = a.unwrap().step(Input::Started { now_ms: 1_000 });
         // Still drained while health gating runs; undrained with the HEALTHY report.
         let (a, cmds) = a.unwrap().step(healthy(1_500));
-        assert!(!cmds.contains(&Command::Undrain), "{cmds:?}");
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Undrain { .. })),
+            "{cmds:?}"
+        );
         let (a, cmds) = a.unwrap().step(healthy(3_500));
         assert!(a.is_none());
-        assert_eq!(cmds[0], Command::Undrain, "{cmds:?}");
+        assert_eq!(
+            cmds[0],
+            Command::Undrain {
+                weight: Some(10),
+                rollback: false
+            },
+            "the order's weight comes with the undrain: {cmds:?}"
+        );
         assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
         assert_eq!(finished(&cmds), Some(Outcome::Kept));
 
         // With a confirm: undrained at HEALTHY, not at the confirm.
-        let (a, _) = Activation::begin_with(order(), Some("A".into()), "B".into(), D, true);
+        let (a, _) =
+            Activation::begin_with(order(), Some("A".into()), "B".into(), D, true, Some(10));
         let (a, _) = a.unwrap().step(Input::Drained);
         let (a, _) = a.unwrap().step(Input::Swapped);
         let (a, _) = a.unwrap().step(Input::Started { now_ms: 1_000 });
         let (a, _) = a.unwrap().step(healthy(1_500));
         let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 3_500 });
-        assert_eq!(cmds[..2], [Command::Persist, Command::Undrain], "{cmds:?}");
+        assert_eq!(
+            cmds[..2],
+            [
+                Command::Persist,
+                Command::Undrain {
+                    weight: Some(10),
+                    rollback: false
+                }
+            ],
+            "{cmds:?}"
+        );
         // A confirm timeout after that drains again before swapping back.
         let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 31_000 });
         assert_eq!(cmds, vec![Command::Persist, Command::Drain]);
@@ -1417,7 +1454,14 @@ mod tests {
         let (a, _) = a.unwrap().step(Input::Swapped);
         let (a, cmds) = a.unwrap().step(Input::Started { now_ms: 31_500 });
         assert!(a.is_none());
-        assert_eq!(cmds[0], Command::Undrain, "{cmds:?}");
+        assert_eq!(
+            cmds[0],
+            Command::Undrain {
+                weight: None,
+                rollback: true
+            },
+            "a rollback undrains without the new release's weight: {cmds:?}"
+        );
         assert_eq!(
             reports(&cmds),
             vec![(OrderPhase::RolledBack, ResultCode::ConfirmTimeout)]
@@ -1431,7 +1475,7 @@ mod tests {
         json.as_object_mut().unwrap().remove("drain");
         let back: Activation = serde_json::from_value(json).unwrap();
         assert!(!back.drain);
-        let (j, _) = Activation::begin_with(order(), None, "B".into(), D, true);
+        let (j, _) = Activation::begin_with(order(), None, "B".into(), D, true, None);
         assert_eq!(j.unwrap().resume(true).1, vec![Command::Drain]);
     }
 }

@@ -457,3 +457,68 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
     assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
 }
+
+#[test]
+fn the_orders_traffic_weight_is_answered_once_healthy_and_a_weight_step_restarts_nothing() {
+    let check = free_port();
+    let fx = AgentFixture::start_with(behind_lb(
+        "wired-weight",
+        check,
+        "drain_timeout = \"300ms\"",
+    ));
+    let v1 = DemoRelease::healthy("weight-1.0");
+    let v2 = DemoRelease::healthy("weight-2.0");
+    let v3 = DemoRelease::build(Behaviour::healthy("weight-3.0").crashing_at_start());
+    fx.install_first(1, &v1);
+    assert_eq!(agent_check(check), "up ready 100%\n");
+
+    // A canary at 10 %: drained during its swap, answered at 10 % once healthy.
+    fx.publish(&v2);
+    fx.send(orders::activate_weighted(
+        2,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+        10,
+    ));
+    let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+    assert!(
+        healthy.message.contains("traffic weight 10% (was 100%)")
+            && healthy.message.contains("ready at 10%"),
+        "{}",
+        healthy.message
+    );
+    assert_eq!(agent_check(check), "up ready 10%\n");
+
+    // A ramp step: the same release at 50 %, nothing restarted.
+    let pid = fx.agent.service_pid().unwrap();
+    fx.send(orders::activate_weighted(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+        50,
+    ));
+    let r = fx.wait_phase(3, OrderPhase::Healthy);
+    assert!(r.message.contains("already current"), "{}", r.message);
+    assert_eq!(agent_check(check), "up ready 50%\n");
+    assert_eq!(
+        fx.agent.service_pid().unwrap(),
+        pid,
+        "a weight step restarted the service"
+    );
+
+    // A release that crashes at start with a weight of its own never gets it: rolled back at
+    // the weight from before.
+    fx.publish(&v3);
+    fx.send(orders::activate_weighted(
+        4,
+        v3.wire(SERVICE, ""),
+        Deadlines::quick(),
+        100,
+    ));
+    let r = fx.wait_result("the crashing release's rollback", |r| {
+        r.seq == 4 && matches!(r.phase(), OrderPhase::RolledBack | OrderPhase::Failed)
+    });
+    assert_eq!(r.phase(), OrderPhase::RolledBack, "{}", r.message);
+    fx.wait_serving(&v2.id);
+    assert_eq!(agent_check(check), "up ready 50%\n");
+}

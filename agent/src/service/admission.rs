@@ -141,6 +141,7 @@ impl ServiceTask {
                 healthy_deadline,
                 min_healthy,
                 confirm_deadline,
+                ..
             } => {
                 let deadlines = Deadlines {
                     healthy_deadline_ms: healthy_deadline.as_millis() as u64,

@@ -38,6 +38,15 @@ impl ServiceTask {
         }
         let id = release.id.to_string();
         if self.store.current().as_deref() == Some(id.as_str()) {
+            // A weight step for the release already current: applied at once, nothing swapped.
+            if let OrderAction::Activate {
+                traffic_weight: Some(w),
+                ..
+            } = &order.action
+            {
+                self.apply_weight(*w);
+                self.weight_before = None;
+            }
             self.reply(
                 &order,
                 OrderPhase::Activated,
@@ -98,6 +107,17 @@ impl ServiceTask {
         }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
         let from_running = from.is_some();
+        let drain = self.cfg.traffic.behind_load_balancer() && from_running;
+        let weight = match &order.action {
+            OrderAction::Activate { traffic_weight, .. } => *traffic_weight,
+            _ => None,
+        };
+        if let Some(w) = weight
+            && !drain
+        {
+            // Nothing to undrain (a first install, or no load balancer): the weight applies now.
+            self.apply_weight(w);
+        }
         let step = Activation::begin_with(
             OrderRef {
                 order_id: order.order_id.clone(),
@@ -108,7 +128,8 @@ impl ServiceTask {
             to,
             deadlines,
             // A first install has nothing serving to drain.
-            self.cfg.traffic.behind_load_balancer() && from_running,
+            drain,
+            weight,
         );
         self.drive(step).await;
     }
@@ -283,7 +304,12 @@ impl ServiceTask {
                     self.drain().await;
                     Some(activation::Input::Drained)
                 }
-                Command::Undrain => {
+                Command::Undrain { weight, rollback } => {
+                    match weight {
+                        Some(w) => self.apply_weight(w),
+                        None if rollback => self.restore_weight(),
+                        None => {}
+                    }
                     self.undrain().await;
                     None
                 }
@@ -349,6 +375,8 @@ impl ServiceTask {
         self.state.activation = None;
         self.undrain_after_finish();
         self.evidence.clear();
+        // The weight in force now is the one to keep; a later rollback does not go back past it.
+        self.weight_before = None;
         match outcome {
             Outcome::Kept => {
                 self.raise_floor(&to);

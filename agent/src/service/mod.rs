@@ -160,6 +160,8 @@ struct ServiceTask {
     drained_at: Option<std::time::Instant>,
     /// Evidence (drain timings, hook outcomes) for the next result sent.
     evidence: Vec<String>,
+    /// The target weight before an order's weight replaced it, restored by a rollback's undrain.
+    weight_before: Option<u8>,
 }
 
 /// Opens the service's store and state, and spawns its task (which first replays the journal).
@@ -224,6 +226,7 @@ pub fn spawn(
         traffic,
         drained_at: None,
         evidence: Vec::new(),
+        weight_before: None,
     };
     task.publish_inventory();
     let probes = task.spawn_probes(tracker, &tx, shutdown.clone());
@@ -470,6 +473,7 @@ mod test_support {
             },
             phase,
             drain: false,
+            weight: None,
         }
     }
 

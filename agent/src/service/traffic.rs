@@ -141,6 +141,34 @@ impl ServiceTask {
         }
     }
 
+    /// Sets the target weight from an order (remembering the one it replaces, for a rollback).
+    /// Without an agent-check port there is nothing to weigh: the evidence says so.
+    pub(super) fn apply_weight(&mut self, percent: u8) {
+        let Some(traffic) = &self.traffic else {
+            self.evidence.push(format!(
+                "traffic weight {percent}% ignored: the service has no traffic.agent_check"
+            ));
+            return;
+        };
+        let before = traffic.get().target_weight();
+        // In range: the order was validated at the edge.
+        if traffic.set_weight(u32::from(percent)).is_ok() {
+            self.weight_before = Some(before);
+            self.evidence
+                .push(format!("traffic weight {percent}% (was {before}%)"));
+        }
+    }
+
+    /// Restores the weight an order's weight replaced, after a rollback.
+    pub(super) fn restore_weight(&mut self) {
+        if let (Some(before), Some(traffic)) = (self.weight_before.take(), &self.traffic)
+            && traffic.set_weight(u32::from(before)).is_ok()
+        {
+            self.evidence
+                .push(format!("traffic weight restored to {before}%"));
+        }
+    }
+
     /// Runs the `validate` hook of release `to` (before anything is drained or swapped).
     /// `Err`: the hook failed, with its evidence.
     pub(super) async fn validate_hook(&mut self, to: &str) -> Result<(), String> {
