@@ -1537,4 +1537,65 @@ mod traffic_tests {
             vec!["service[0].swap.mode: \"hot\" is not one of \"restart\", \"socket\", \"reload\""]
         );
     }
+
+    #[test]
+    fn drain_keys_validate_and_bad_ones_are_named() {
+        let t = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nagent_check = \"127.0.0.1:9301\"\nhaproxy_socket = \"/run/haproxy/admin.sock\"\n\
+             haproxy_server = \"web/web-01\"\ndrain_timeout = \"5s\"",
+        ))
+        .unwrap()
+        .config
+        .services[0]
+        .traffic
+        .clone();
+        assert!(t.behind_load_balancer());
+        assert_eq!(t.drain_timeout, Duration::from_secs(5));
+        assert_eq!(
+            t.haproxy,
+            Some(crate::traffic::sessions::HaproxyServer {
+                socket: "/run/haproxy/admin.sock".into(),
+                backend: "web".into(),
+                server: "web-01".into(),
+            })
+        );
+        let t = Config::parse(&service(PROCESS, ""))
+            .unwrap()
+            .config
+            .services[0]
+            .traffic
+            .clone();
+        assert!(!t.behind_load_balancer());
+        assert_eq!(
+            (t.drain_timeout, t.haproxy),
+            (Duration::from_secs(30), None)
+        );
+
+        let problems = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nagent_check = \"127.0.0.1:9301\"\nhaproxy_socket = \"/s\"\nhaproxy_server = \"web01\"",
+        ))
+        .unwrap_err()
+        .problems();
+        assert_eq!(
+            problems,
+            vec!["service[0].traffic.haproxy_server: \"web01\" is not \"backend/server\""]
+        );
+        let problems = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nhaproxy_socket = \"/s\"\ndrain_timeout = \"1s\"",
+        ))
+        .unwrap_err()
+        .problems();
+        for expected in [
+            "service[0].traffic.haproxy_server: required with traffic.haproxy_socket (\"backend/server\")",
+            "service[0].traffic.agent_check: required with traffic.drain_timeout or traffic.haproxy_socket (a drain is answered on the agent-check port)",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected}\n{problems:#?}"
+            );
+        }
+    }
 }
