@@ -14,6 +14,14 @@
 //!                           v                   v
 //!                      RollingBack --Swapped--> RollbackSwapped --Started/StartFailed--> done
 //! ```
+//!
+//! A service behind a load balancer ([`Activation::drain`]) has every swap wrapped in the
+//! drain cycle: before each [`Command::Swap`] of an activation or a rollback the machine asks for
+//! a [`Command::Drain`] (the driver answers `drain` on the agent-check port and waits until the
+//! server is idle or the drain timeout passed, then feeds [`Input::Drained`]); once the new
+//! release is healthy (or the restored one restarted) it asks for a [`Command::Undrain`] (`ready`
+//! at the target weight, slow start from a low weight). So: drain → wait until idle → swap →
+//! healthy → undrain.
 
 use serde::{Deserialize, Serialize};
 use serin_proto::wire::{OrderPhase, ResultCode};
@@ -120,6 +128,13 @@ pub struct Activation {
     pub deadlines: Deadlines,
     /// Where the activation is.
     pub phase: Phase,
+    /// The service sits behind a load balancer: each swap is drained first and undrained once
+    /// healthy. Absent in journals written before the drain cycle existed.
+    #[serde(default)]
+    pub drain: bool,
+    /// The order's traffic weight for the new release, applied when it is undrained.
+    #[serde(default)]
+    pub weight: Option<u8>,
 }
 
 /// What health monitoring concluded at one moment.
@@ -205,6 +220,9 @@ pub enum Input {
         /// The confirm order (the CONFIRMED result answers it).
         order: OrderRef,
     },
+    /// The last [`Command::Drain`] is done: the server is idle, or the drain timeout passed
+    /// (the driver records which, with its timing, in the evidence).
+    Drained,
 }
 
 /// Something the driver must do, in order.
@@ -214,6 +232,18 @@ pub enum Command {
     Persist,
     /// Point `current` at this release atomically.
     Swap(String),
+    /// Take the server out of the load balancer's rotation (`drain`) and wait until it is idle
+    /// or the drain timeout passed, then feed back [`Input::Drained`].
+    Drain,
+    /// Put the server back into rotation (`ready` at the target weight, with the slow-start
+    /// ramp if one is configured) once the service passes its checks.
+    Undrain {
+        /// The order's traffic weight for the new release (forward only); `None` on a rollback:
+        /// the weight from before the activation.
+        weight: Option<u8>,
+        /// Undrained after a rollback's restart rather than the new release's HEALTHY.
+        rollback: bool,
+    },
     /// Restart the service, then feed back [`Input::Started`] or [`Input::StartFailed`].
     Restart,
     /// Send an order result.
@@ -262,14 +292,54 @@ pub type Step = (Option<Activation>, Vec<Command>);
 impl Activation {
     /// Starts an activation: the journal must be persisted, then `current` swapped to `to`.
     pub fn begin(order: OrderRef, from: Option<String>, to: String, deadlines: Deadlines) -> Step {
+        Self::begin_with(order, from, to, deadlines, false, None)
+    }
+
+    /// Starts an activation; with `drain`, the service sits behind a load balancer and the swap
+    /// waits for a drain (journal, drain, then swap); `weight` is the order's traffic weight,
+    /// applied with the undrain.
+    pub fn begin_with(
+        order: OrderRef,
+        from: Option<String>,
+        to: String,
+        deadlines: Deadlines,
+        drain: bool,
+        weight: Option<u8>,
+    ) -> Step {
         let a = Activation {
             order,
             from,
             to: to.clone(),
             deadlines,
             phase: Phase::Journaled,
+            drain,
+            weight,
         };
-        (Some(a), vec![Command::Persist, Command::Swap(to)])
+        let mut commands = vec![Command::Persist];
+        commands.extend(a.swap_to(to));
+        (Some(a), commands)
+    }
+
+    /// The commands that swap `current` to `release`: a drain first when behind a load
+    /// balancer (the swap follows [`Input::Drained`]), else the swap at once.
+    fn swap_to(&self, release: String) -> Vec<Command> {
+        if self.drain {
+            vec![Command::Drain]
+        } else {
+            vec![Command::Swap(release)]
+        }
+    }
+
+    /// The [`Command::Undrain`] before `commands`, when behind a load balancer.
+    fn undrain_then(&self, rollback: bool, commands: Vec<Command>) -> Vec<Command> {
+        if self.drain {
+            let weight = if rollback { None } else { self.weight };
+            std::iter::once(Command::Undrain { weight, rollback })
+                .chain(commands)
+                .collect()
+        } else {
+            commands
+        }
     }
 
     /// What the driver must do after an agent restart found this activation in the journal.
@@ -283,9 +353,11 @@ impl Activation {
                 );
                 self.roll_back(RollbackCause::FailedToStart, message)
             }
+            // A drain that was under way starts over: the restarted agent's responder
+            // answered `ready` again.
             Phase::Journaled => {
-                let to = self.to.clone();
-                (Some(self), vec![Command::Swap(to)])
+                let cmds = self.swap_to(self.to.clone());
+                (Some(self), cmds)
             }
             Phase::Swapped => (Some(self), vec![Command::Restart]),
             // The deadlines are absolute and still hold; the health history starts over.
@@ -303,7 +375,10 @@ impl Activation {
             Phase::RollingBack { .. } => {
                 let from = self.from.clone();
                 match from {
-                    Some(f) => (Some(self), vec![Command::Swap(f)]),
+                    Some(f) => {
+                        let cmds = self.swap_to(f);
+                        (Some(self), cmds)
+                    }
                     None => (Some(self), vec![]),
                 }
             }
@@ -354,6 +429,14 @@ impl Activation {
     /// Applies one input.
     pub fn step(self, input: Input) -> Step {
         match (&self.phase, input) {
+            (Phase::Journaled, Input::Drained) if self.drain => {
+                let to = self.to.clone();
+                (Some(self), vec![Command::Swap(to)])
+            }
+            (Phase::RollingBack { .. }, Input::Drained) if self.drain => match self.from.clone() {
+                Some(from) => (Some(self), vec![Command::Swap(from)]),
+                None => (Some(self), vec![]),
+            },
             (Phase::Journaled, Input::Swapped) => {
                 let mut a = self;
                 a.phase = Phase::Swapped;
@@ -447,7 +530,8 @@ impl Activation {
                     message: message.clone(),
                     current: self.from.clone(),
                 };
-                (None, vec![report, self.finish(Outcome::RolledBack)])
+                let cmds = self.undrain_then(true, vec![report, self.finish(Outcome::RolledBack)]);
+                (None, cmds)
             }
             (Phase::RollbackSwapped { cause, message }, Input::StartFailed { message: why }) => {
                 let from = self.from.clone().unwrap_or_default();
@@ -595,8 +679,10 @@ impl Activation {
                     current: Some(self.to.clone()),
                 };
                 if confirm_by_unix_ms.is_none() {
-                    return (None, vec![report, self.finish(Outcome::Kept)]);
+                    let cmds = self.undrain_then(false, vec![report, self.finish(Outcome::Kept)]);
+                    return (None, cmds);
                 }
+                let report = self.undrain_then(false, vec![report]);
                 let mut a = self;
                 a.phase = Phase::Armed {
                     started_unix_ms,
@@ -605,7 +691,9 @@ impl Activation {
                     healthy_since_unix_ms,
                     reported_healthy: true,
                 };
-                return a.tick_confirm(now_ms, vec![Command::Persist, report]);
+                let mut cmds = vec![Command::Persist];
+                cmds.extend(report);
+                return a.tick_confirm(now_ms, cmds);
             }
             if now_ms >= healthy_by_unix_ms {
                 let message = format!(
@@ -642,7 +730,9 @@ impl Activation {
             Some(from) => {
                 let mut a = self;
                 a.phase = Phase::RollingBack { cause, message };
-                (Some(a), vec![Command::Persist, Command::Swap(from)])
+                let mut cmds = vec![Command::Persist];
+                cmds.extend(a.swap_to(from));
+                (Some(a), cmds)
             }
             None => {
                 let report = Command::Report {
@@ -1294,5 +1384,98 @@ mod tests {
         let json = serde_json::to_string(&a).unwrap();
         let back: Activation = serde_json::from_str(&json).unwrap();
         assert_eq!(back, a);
+    }
+
+    #[test]
+    fn behind_a_load_balancer_each_swap_is_drained_first_and_undrained_once_healthy() {
+        let d = Deadlines {
+            confirm_deadline_ms: None,
+            ..D
+        };
+        let (a, cmds) =
+            Activation::begin_with(order(), Some("A".into()), "B".into(), d, true, Some(10));
+        assert_eq!(cmds, vec![Command::Persist, Command::Drain]);
+        // The swap comes only once the drain is done.
+        let (a, cmds) = a.unwrap().step(Input::Drained);
+        assert_eq!(cmds, vec![Command::Swap("B".into())]);
+        let (a, cmds) = a.unwrap().step(Input::Swapped);
+        assert_eq!(cmds, vec![Command::Persist, Command::Restart]);
+        let (a, _) = a.unwrap().step(Input::Started { now_ms: 1_000 });
+        // Still drained while health gating runs; undrained with the HEALTHY report.
+        let (a, cmds) = a.unwrap().step(healthy(1_500));
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Undrain { .. })),
+            "{cmds:?}"
+        );
+        let (a, cmds) = a.unwrap().step(healthy(3_500));
+        assert!(a.is_none());
+        assert_eq!(
+            cmds[0],
+            Command::Undrain {
+                weight: Some(10),
+                rollback: false
+            },
+            "the order's weight comes with the undrain: {cmds:?}"
+        );
+        assert_eq!(reports(&cmds), vec![(OrderPhase::Healthy, ResultCode::Ok)]);
+        assert_eq!(finished(&cmds), Some(Outcome::Kept));
+
+        // With a confirm: undrained at HEALTHY, not at the confirm.
+        let (a, _) =
+            Activation::begin_with(order(), Some("A".into()), "B".into(), D, true, Some(10));
+        let (a, _) = a.unwrap().step(Input::Drained);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let (a, _) = a.unwrap().step(Input::Started { now_ms: 1_000 });
+        let (a, _) = a.unwrap().step(healthy(1_500));
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 3_500 });
+        assert_eq!(
+            cmds[..2],
+            [
+                Command::Persist,
+                Command::Undrain {
+                    weight: Some(10),
+                    rollback: false
+                }
+            ],
+            "{cmds:?}"
+        );
+        // A confirm timeout after that drains again before swapping back.
+        let (a, cmds) = a.unwrap().step(Input::Tick { now_ms: 31_000 });
+        assert_eq!(cmds, vec![Command::Persist, Command::Drain]);
+        let a = a.unwrap();
+        assert!(matches!(a.phase, Phase::RollingBack { .. }));
+        assert_eq!(
+            a.clone().resume(true).1,
+            vec![Command::Drain],
+            "a restarted agent drains again before the rollback's swap"
+        );
+        let (a, cmds) = a.step(Input::Drained);
+        assert_eq!(cmds, vec![Command::Swap("A".into())]);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let (a, cmds) = a.unwrap().step(Input::Started { now_ms: 31_500 });
+        assert!(a.is_none());
+        assert_eq!(
+            cmds[0],
+            Command::Undrain {
+                weight: None,
+                rollback: true
+            },
+            "a rollback undrains without the new release's weight: {cmds:?}"
+        );
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::RolledBack, ResultCode::ConfirmTimeout)]
+        );
+    }
+
+    #[test]
+    fn journals_without_the_drain_flag_load_as_not_drained() {
+        let a = armed(D);
+        let mut json = serde_json::to_value(&a).unwrap();
+        json.as_object_mut().unwrap().remove("drain");
+        let back: Activation = serde_json::from_value(json).unwrap();
+        assert!(!back.drain);
+        let (j, _) = Activation::begin_with(order(), None, "B".into(), D, true, None);
+        assert_eq!(j.unwrap().resume(true).1, vec![Command::Drain]);
     }
 }

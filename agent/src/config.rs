@@ -251,6 +251,20 @@ pub struct TrafficConfig {
     pub swap: crate::service_manager::supervisor::SwapMode,
     /// `[service.hooks] timeout`: how long a lifecycle hook may run.
     pub hook_timeout: Duration,
+    /// `[service.traffic] drain_timeout`: how long a drain waits for the server to go idle
+    /// before the swap goes ahead anyway (and how long an undrain waits for the checks).
+    pub drain_timeout: Duration,
+    /// `[service.traffic] haproxy_socket` and `haproxy_server` (`backend/server`): where the
+    /// drain reads the server's open sessions; `None`: the drain waits its whole timeout.
+    pub haproxy: Option<crate::traffic::sessions::HaproxyServer>,
+}
+
+impl TrafficConfig {
+    /// The service sits behind a load balancer (it has an agent-check port): each swap is
+    /// drained and undrained.
+    pub fn behind_load_balancer(&self) -> bool {
+        self.agent_check.is_some()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +272,9 @@ struct RawTrafficSection {
     agent_check: Option<String>,
     slow_start: Option<String>,
     slow_start_from: Option<i64>,
+    drain_timeout: Option<String>,
+    haproxy_socket: Option<String>,
+    haproxy_server: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -363,11 +380,59 @@ impl RawTrafficKeys {
             &format!("{at}.hooks.timeout"),
             self.hooks.timeout.as_deref().unwrap_or("60s"),
         );
+        let drain_timeout = p.duration(
+            &format!("{at}.traffic.drain_timeout"),
+            self.traffic.drain_timeout.as_deref().unwrap_or("30s"),
+        );
+        let haproxy = match (&self.traffic.haproxy_socket, &self.traffic.haproxy_server) {
+            (None, None) => None,
+            (Some(socket), Some(server)) => match server.split_once('/') {
+                Some((backend, name)) if !backend.is_empty() && !name.is_empty() => {
+                    Some(crate::traffic::sessions::HaproxyServer {
+                        socket: socket.into(),
+                        backend: backend.to_owned(),
+                        server: name.to_owned(),
+                    })
+                }
+                _ => {
+                    p.push(
+                        format!("{at}.traffic.haproxy_server"),
+                        format!("{server:?} is not \"backend/server\""),
+                    );
+                    None
+                }
+            },
+            (Some(_), None) => {
+                p.push(
+                    format!("{at}.traffic.haproxy_server"),
+                    "required with traffic.haproxy_socket (\"backend/server\")",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                p.push(
+                    format!("{at}.traffic.haproxy_socket"),
+                    "required with traffic.haproxy_server (the stats socket's path)",
+                );
+                None
+            }
+        };
+        if agent_check.is_none()
+            && (self.traffic.drain_timeout.is_some() || self.traffic.haproxy_socket.is_some())
+        {
+            p.push(
+                format!("{at}.traffic.agent_check"),
+                "required with traffic.drain_timeout or traffic.haproxy_socket (a drain is \
+                 answered on the agent-check port)",
+            );
+        }
         TrafficConfig {
             agent_check,
             slow_start,
             swap,
             hook_timeout,
+            drain_timeout,
+            haproxy,
         }
     }
 }
@@ -1471,5 +1536,66 @@ mod traffic_tests {
             problems,
             vec!["service[0].swap.mode: \"hot\" is not one of \"restart\", \"socket\", \"reload\""]
         );
+    }
+
+    #[test]
+    fn drain_keys_validate_and_bad_ones_are_named() {
+        let t = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nagent_check = \"127.0.0.1:9301\"\nhaproxy_socket = \"/run/haproxy/admin.sock\"\n\
+             haproxy_server = \"web/web-01\"\ndrain_timeout = \"5s\"",
+        ))
+        .unwrap()
+        .config
+        .services[0]
+        .traffic
+        .clone();
+        assert!(t.behind_load_balancer());
+        assert_eq!(t.drain_timeout, Duration::from_secs(5));
+        assert_eq!(
+            t.haproxy,
+            Some(crate::traffic::sessions::HaproxyServer {
+                socket: "/run/haproxy/admin.sock".into(),
+                backend: "web".into(),
+                server: "web-01".into(),
+            })
+        );
+        let t = Config::parse(&service(PROCESS, ""))
+            .unwrap()
+            .config
+            .services[0]
+            .traffic
+            .clone();
+        assert!(!t.behind_load_balancer());
+        assert_eq!(
+            (t.drain_timeout, t.haproxy),
+            (Duration::from_secs(30), None)
+        );
+
+        let problems = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nagent_check = \"127.0.0.1:9301\"\nhaproxy_socket = \"/s\"\nhaproxy_server = \"web01\"",
+        ))
+        .unwrap_err()
+        .problems();
+        assert_eq!(
+            problems,
+            vec!["service[0].traffic.haproxy_server: \"web01\" is not \"backend/server\""]
+        );
+        let problems = Config::parse(&service(
+            PROCESS,
+            "[service.traffic]\nhaproxy_socket = \"/s\"\ndrain_timeout = \"1s\"",
+        ))
+        .unwrap_err()
+        .problems();
+        for expected in [
+            "service[0].traffic.haproxy_server: required with traffic.haproxy_socket (\"backend/server\")",
+            "service[0].traffic.agent_check: required with traffic.drain_timeout or traffic.haproxy_socket (a drain is answered on the agent-check port)",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected}\n{problems:#?}"
+            );
+        }
     }
 }

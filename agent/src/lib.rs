@@ -158,9 +158,6 @@ pub async fn run_with(
     tracing::info!(host = %host_id, hostname = %hostname, services = config.services.len(), coordinator = %config.coordinator, "agent starting");
 
     let mut services = HashMap::new();
-    // The agent-check responders' states; until the activation driver takes them over, each
-    // answers `up ready 100%` for as long as the agent runs.
-    let mut traffic_handles = Vec::new();
     for svc in &config.services {
         let service_dir = config.state_dir.join(svc.name.as_str());
         std::fs::create_dir_all(&service_dir).map_err(|source| AgentError::StateDir {
@@ -189,6 +186,8 @@ pub async fn run_with(
                 service_dir.join("releases"),
             )),
         };
+        // The agent-check responder's state is driven by the service task on each swap.
+        let mut traffic_handle = None;
         if let Some(address) = svc.traffic.agent_check {
             let listener = match tokio::net::TcpListener::bind(address).await {
                 Ok(l) => l,
@@ -217,7 +216,7 @@ pub async fn run_with(
                 address,
                 source,
             })?;
-            traffic_handles.push(handle);
+            traffic_handle = Some(handle);
         }
         let ctx = service::Context {
             fetcher: fetcher.clone(),
@@ -234,6 +233,7 @@ pub async fn run_with(
             &config.state_dir,
             manager,
             ctx,
+            traffic_handle,
             &tracker,
             tasks.clone(),
         ) {
@@ -274,7 +274,6 @@ pub async fn run_with(
     ));
     tracker.close();
     tasks.cancelled().await;
-    drop(traffic_handles);
     tracker.wait().await;
     tracing::info!("agent stopped; managed services keep running");
     Ok(())

@@ -225,6 +225,7 @@ fn activate(r: &wire::Release, confirm_ms: u64) -> wire::order::Action {
         healthy_deadline_ms: 5_000,
         min_healthy_ms: 200,
         confirm_deadline_ms: confirm_ms,
+        traffic_weight_percent: None,
     })
 }
 

@@ -354,6 +354,9 @@ pub enum OrderAction {
         min_healthy: Duration,
         /// A confirm must arrive within this time; `None`: confirmed once healthy.
         confirm_deadline: Option<Duration>,
+        /// The load-balancer weight for the release once healthy, in percent (0..=100) of the
+        /// server's configured weight; `None`: unchanged.
+        traffic_weight: Option<u8>,
     },
     /// Restore an earlier release still on disk; `None`: the previous one.
     Rollback { to: Option<ReleaseId> },
@@ -488,11 +491,22 @@ impl TryFrom<wire::Order> for Order {
                 let min_healthy = deadline("order.activate.min_healthy_ms", a.min_healthy_ms)?;
                 let confirm =
                     deadline("order.activate.confirm_deadline_ms", a.confirm_deadline_ms)?;
+                let traffic_weight = match a.traffic_weight_percent {
+                    None => None,
+                    Some(w) if w <= 100 => Some(w as u8),
+                    Some(w) => {
+                        return Err(ValidationError::new(
+                            "order.activate.traffic_weight_percent",
+                            format!("{w} is above 100"),
+                        ));
+                    }
+                };
                 OrderAction::Activate {
                     release,
                     healthy_deadline,
                     min_healthy,
                     confirm_deadline: (!confirm.is_zero()).then_some(confirm),
+                    traffic_weight,
                 }
             }
             Some(Action::Rollback(r)) => OrderAction::Rollback {
@@ -534,11 +548,13 @@ impl From<Order> for wire::Order {
                 healthy_deadline,
                 min_healthy,
                 confirm_deadline,
+                traffic_weight,
             } => Action::Activate(wire::ActivateOrder {
                 release: Some(release.into()),
                 healthy_deadline_ms: healthy_deadline.as_millis() as u64,
                 min_healthy_ms: min_healthy.as_millis() as u64,
                 confirm_deadline_ms: confirm_deadline.map_or(0, |d| d.as_millis() as u64),
+                traffic_weight_percent: traffic_weight.map(u32::from),
             }),
             OrderAction::Rollback { to } => Action::Rollback(wire::RollbackOrder {
                 to_release: to.map(ReleaseId::into_string).unwrap_or_default(),
@@ -694,10 +710,20 @@ mod tests {
                 healthy_deadline: Duration::from_secs(5),
                 min_healthy: Duration::from_secs(1),
                 confirm_deadline: Some(Duration::from_secs(30)),
+                traffic_weight: Some(10),
             },
         };
         let w: wire::Order = o.clone().into();
         assert_eq!(Order::try_from(w.clone()).unwrap(), o);
+        let mut heavy = w.clone();
+        if let Some(wire::order::Action::Activate(a)) = &mut heavy.action {
+            a.traffic_weight_percent = Some(101);
+        }
+        let e = Order::try_from(heavy).unwrap_err();
+        assert!(
+            e.to_string().contains("traffic_weight_percent") && e.to_string().contains("101"),
+            "{e}"
+        );
         let mut wrong = w;
         wrong.service = "db".into();
         let e = Order::try_from(wrong).unwrap_err();

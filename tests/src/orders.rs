@@ -78,8 +78,23 @@ pub fn activate(seq: u64, release: wire::Release, deadlines: Deadlines) -> wire:
             healthy_deadline_ms: deadlines.healthy_deadline_ms,
             min_healthy_ms: deadlines.min_healthy_ms,
             confirm_deadline_ms: deadlines.confirm_deadline_ms,
+            traffic_weight_percent: None,
         }),
     )
+}
+
+/// [`activate`] with a traffic weight for the release once healthy (percent).
+pub fn activate_weighted(
+    seq: u64,
+    release: wire::Release,
+    deadlines: Deadlines,
+    weight_percent: u32,
+) -> wire::Order {
+    let mut o = activate(seq, release, deadlines);
+    if let Some(Action::Activate(a)) = &mut o.action {
+        a.traffic_weight_percent = Some(weight_percent);
+    }
+    o
 }
 
 /// Roll `service` back to `to` (empty: the previous release).

@@ -17,7 +17,7 @@ fn activation_under_load(name: &str, swap_toml: &str) {
     let agent_check = free_port();
     let mut opts = AgentOptions::new(name);
     opts.checks_toml = format!(
-        "{}\n[service.swap]\n{swap_toml}\n\n[service.traffic]\nagent_check = \"127.0.0.1:{agent_check}\"\n",
+        "{}\n[service.swap]\n{swap_toml}\n\n[service.traffic]\nagent_check = \"127.0.0.1:{agent_check}\"\ndrain_timeout = \"300ms\"\n",
         opts.checks_toml
     );
     let fx = AgentFixture::start_with(opts);

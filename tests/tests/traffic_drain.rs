@@ -1,5 +1,5 @@
-//! The `drain` swap cycle, composed from the parts this crate has today (the activation driver does
-//! not run it yet): 4 real `serin-demo-service` processes, each under its own process supervisor in
+//! The `drain` swap cycle, composed by hand from its parts (the agent-driven cycle is
+//! `traffic_wired.rs`): 4 real `serin-demo-service` processes, each under its own process supervisor in
 //! plain restart mode, behind a real HAProxy that polls an agent-check responder per host. Under
 //! load through HAProxy, every host in turn is drained, waited on until idle
 //! ([`DrainWait`] over HAProxy's `scur`), swapped (a plain restart), checked, and put back with

@@ -141,6 +141,7 @@ impl ServiceTask {
                 healthy_deadline,
                 min_healthy,
                 confirm_deadline,
+                ..
             } => {
                 let deadlines = Deadlines {
                     healthy_deadline_ms: healthy_deadline.as_millis() as u64,
@@ -225,8 +226,11 @@ impl ServiceTask {
         if let Some(a) = self.state.activation.take() {
             tracing::info!(service = self.name(), release = %a.to, "rollback order supersedes the activation in progress");
         }
+        // Behind a load balancer the ordered rollback is drained like an activation.
+        self.drain().await;
         if current.as_deref() != Some(target.as_str()) {
             if let Err(e) = self.store.swap_current(&target) {
+                self.undrain_after_finish();
                 self.reply(
                     &order,
                     OrderPhase::Failed,
@@ -244,7 +248,14 @@ impl ServiceTask {
             tracing::warn!(service = self.name(), error = %e, "cannot persist the rolled-back release");
         }
         fault::point("ordered-rollback-saved");
-        match self.restart_service().await {
+        let restarted = self.restart_service().await;
+        if restarted.is_ok() {
+            // Only the restored release's own hook; its failure is evidence, never a stop.
+            let _ = self.post_start_hook(crate::hooks::SwapKind::Rollback).await;
+            self.undrain().await;
+        }
+        self.undrain_after_finish();
+        match restarted {
             Ok(()) => {
                 let msg = match current.as_deref() {
                     Some(c) if c == target => {

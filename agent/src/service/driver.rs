@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::activation::{self, Activation, Command, Deadlines, OrderRef, Outcome, Phase};
 use crate::fault;
+use crate::hooks::SwapKind;
 use crate::release_store::{StageError, Staged, unix_ms};
 use crate::state::ServiceState;
 
@@ -37,6 +38,15 @@ impl ServiceTask {
         }
         let id = release.id.to_string();
         if self.store.current().as_deref() == Some(id.as_str()) {
+            // A weight step for the release already current: applied at once, nothing swapped.
+            if let OrderAction::Activate {
+                traffic_weight: Some(w),
+                ..
+            } = &order.action
+            {
+                self.apply_weight(*w);
+                self.weight_before = None;
+            }
             self.reply(
                 &order,
                 OrderPhase::Activated,
@@ -82,8 +92,33 @@ impl ServiceTask {
             // From now on the journal protects it.
             self.staged = None;
         }
+        if let Err(evidence) = self.validate_hook(&to).await {
+            let msg =
+                format!("release {to} refused by its validate hook, nothing swapped: {evidence}");
+            tracing::warn!(service = self.name(), release = %to, %evidence, "validate hook failed");
+            self.reply(
+                order,
+                OrderPhase::Failed,
+                ResultCode::ServiceFailedToStart,
+                msg,
+            )
+            .await;
+            return;
+        }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
-        let step = Activation::begin(
+        let from_running = from.is_some();
+        let drain = self.cfg.traffic.behind_load_balancer() && from_running;
+        let weight = match &order.action {
+            OrderAction::Activate { traffic_weight, .. } => *traffic_weight,
+            _ => None,
+        };
+        if let Some(w) = weight
+            && !drain
+        {
+            // Nothing to undrain (a first install, or no load balancer): the weight applies now.
+            self.apply_weight(w);
+        }
+        let step = Activation::begin_with(
             OrderRef {
                 order_id: order.order_id.clone(),
                 rollout_id: order.rollout_id.clone(),
@@ -92,6 +127,9 @@ impl ServiceTask {
             from,
             to,
             deadlines,
+            // A first install has nothing serving to drain.
+            drain,
+            weight,
         );
         self.drive(step).await;
     }
@@ -224,6 +262,7 @@ impl ServiceTask {
                                 .await;
                             }
                             self.ensure_running().await;
+                            self.undrain_after_finish();
                             self.publish_inventory();
                             return;
                         }
@@ -241,13 +280,38 @@ impl ServiceTask {
                             } else {
                                 "rollback-restarted"
                             });
-                            Some(activation::Input::Started { now_ms: unix_ms() })
+                            // The incoming release's post-start hook, before health gating.
+                            let kind = if forward {
+                                SwapKind::Activate
+                            } else {
+                                SwapKind::Rollback
+                            };
+                            match self.post_start_hook(kind).await {
+                                Ok(()) => Some(activation::Input::Started { now_ms: unix_ms() }),
+                                Err(message) => {
+                                    tracing::warn!(service = self.name(), error = %message, "post-start hook failed");
+                                    Some(activation::Input::StartFailed { message })
+                                }
+                            }
                         }
                         Err(message) => {
                             tracing::warn!(service = self.name(), error = %message, "service failed to start");
                             Some(activation::Input::StartFailed { message })
                         }
                     }
+                }
+                Command::Drain => {
+                    self.drain().await;
+                    Some(activation::Input::Drained)
+                }
+                Command::Undrain { weight, rollback } => {
+                    match weight {
+                        Some(w) => self.apply_weight(w),
+                        None if rollback => self.restore_weight(),
+                        None => {}
+                    }
+                    self.undrain().await;
+                    None
                 }
                 Command::Report {
                     order,
@@ -257,6 +321,7 @@ impl ServiceTask {
                     message,
                     current,
                 } => {
+                    let message = self.with_evidence(message);
                     self.report_for(&order, &release, phase, code, message, current)
                         .await;
                     None
@@ -308,6 +373,10 @@ impl ServiceTask {
     pub(super) async fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
         tracing::info!(service = self.name(), release = %to, outcome = ?outcome, "activation finished");
         self.state.activation = None;
+        self.undrain_after_finish();
+        self.evidence.clear();
+        // The weight in force now is the one to keep; a later rollback does not go back past it.
+        self.weight_before = None;
         match outcome {
             Outcome::Kept => {
                 self.raise_floor(&to);

@@ -13,7 +13,9 @@
 //!   swap, restart, report, finish), restarts and pruning;
 //! - [`probes`]: health — probe tasks with process generations, the verdict and the dead-man
 //!   switch's observations, health reports;
-//! - [`inventory`]: what the Hello and `serin hosts` show about the service.
+//! - [`inventory`]: what the Hello and `serin hosts` show about the service;
+//! - [`traffic`]: the load balancer (drain, wait until idle, undrain through the agent-check
+//!   state) and the incoming release's lifecycle hooks, with their evidence.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +128,7 @@ mod inventory;
 mod probes;
 mod signing;
 mod staging;
+mod traffic;
 
 use probes::ProbeEpoch;
 use staging::{StageJob, flatten_stage};
@@ -151,14 +154,25 @@ struct ServiceTask {
     last_verdict: activation::Verdict,
     /// The probes' epoch: which process generation they observe, and whether they run at all.
     epoch: watch::Sender<ProbeEpoch>,
+    /// The agent-check state HAProxy polls; `None`: the service is not behind a load balancer.
+    traffic: Option<crate::traffic::TrafficHandle>,
+    /// When the server was last drained, for the time it spent out of rotation.
+    drained_at: Option<std::time::Instant>,
+    /// Evidence (drain timings, hook outcomes) for the next result sent.
+    evidence: Vec<String>,
+    /// The target weight before an order's weight replaced it, restored by a rollback's undrain.
+    weight_before: Option<u8>,
 }
 
 /// Opens the service's store and state, and spawns its task (which first replays the journal).
+/// `traffic`: the state of the service's agent-check responder, which the task drives on each
+/// swap (drain → wait until idle → swap → healthy → undrain).
 pub fn spawn(
     cfg: ServiceConfig,
     state_dir: &std::path::Path,
     manager: Arc<dyn ServiceManager>,
     ctx: Context,
+    traffic: Option<crate::traffic::TrafficHandle>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<ServiceHandle, ServiceInitError> {
@@ -209,6 +223,10 @@ pub fn spawn(
             generation: 0,
             active: true,
         }),
+        traffic,
+        drained_at: None,
+        evidence: Vec::new(),
+        weight_before: None,
     };
     task.publish_inventory();
     let probes = task.spawn_probes(tracker, &tx, shutdown.clone());
@@ -322,6 +340,22 @@ impl ServiceTask {
     async fn replay(&mut self) {
         self.store.clean_staging();
         if let Some(a) = self.state.activation.take() {
+            // The responder of a restarted agent answers `ready`: an activation that was
+            // drained (anything short of reported healthy) goes out of rotation again first.
+            let undrained = matches!(
+                a.phase,
+                activation::Phase::Armed {
+                    reported_healthy: true,
+                    ..
+                }
+            );
+            if a.drain
+                && !undrained
+                && let Some(traffic) = &self.traffic
+            {
+                traffic.update(crate::traffic::TrafficState::drain);
+                self.drained_at = Some(std::time::Instant::now());
+            }
             let intact = self.store.installed(&a.to).is_some();
             tracing::info!(service = self.name(), to = %a.to, phase = ?a.phase, intact, "replaying activation journal");
             let step = a.resume(intact);
@@ -409,6 +443,7 @@ impl ServiceTask {
         message: impl Into<String>,
     ) {
         let current = self.store.current();
+        let message = self.with_evidence(message.into());
         let r = orders::result(order, phase, code, message, current.as_deref());
         self.send(r, true).await;
     }
@@ -437,6 +472,8 @@ mod test_support {
                 confirm_deadline_ms: None,
             },
             phase,
+            drain: false,
+            weight: None,
         }
     }
 

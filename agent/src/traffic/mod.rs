@@ -5,6 +5,11 @@
 //!   idle ([`state::DrainWait`]: idle, or a timeout after which the swap proceeds); time is passed in.
 //! - [`responder`]: HAProxy's agent-check protocol on a TCP port of the service's own; each
 //!   connection gets one line computed from the current [`state::TrafficState`].
+//! - [`sessions`]: a server's open sessions from HAProxy's stats socket (`show stat`), for the
+//!   wait until idle, when configured.
+//!
+//! The service task drives the state on every activation and rollback of a service that has an
+//! agent-check port (`service/traffic.rs`): drain → wait until idle → swap → healthy → undrain.
 //!
 //! HAProxy polls the responder (`agent-check agent-port P agent-inter 500ms`), so the
 //! coordinator needs no load-balancer credentials and no reload. The agent cannot see the
@@ -12,6 +17,7 @@
 //! coordinator side, through HAProxy's runtime API (`serin_coordinator::haproxy`).
 
 pub mod responder;
+pub mod sessions;
 pub mod state;
 
 pub use responder::{AgentCheckResponder, TrafficHandle};

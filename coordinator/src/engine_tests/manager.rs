@@ -283,6 +283,7 @@ async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     let confirm = match &first[0].1.action {
         OrderAction::Activate {
             confirm_deadline: Some(c),
+            traffic_weight: None,
             ..
         } => *c,
         a => panic!("unexpected {a:?}"),

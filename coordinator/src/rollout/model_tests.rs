@@ -736,6 +736,7 @@ impl World {
                         OrderPhase::Activated,
                         OrderAction::Activate {
                             confirm_deadline: Some(cd),
+                            traffic_weight: None,
                             ..
                         },
                     ) => ag.armed_until = Some(self.now + cd.as_millis() as u64),

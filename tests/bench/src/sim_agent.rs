@@ -526,6 +526,7 @@ impl SimAgent {
                 healthy_deadline,
                 min_healthy,
                 confirm_deadline,
+                ..
             } => {
                 self.stats.activate_received_us.push(received);
                 let id = release.id.to_string();

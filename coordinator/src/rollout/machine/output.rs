@@ -13,6 +13,7 @@ impl Rollout {
                 healthy_deadline: self.spec.healthy_deadline,
                 min_healthy: self.spec.min_healthy,
                 confirm_deadline: Some(self.confirm_deadline(h.wave as usize)),
+                traffic_weight: None,
             },
             OrderKind::Confirm => OrderAction::Confirm {
                 release: self.spec.release.clone(),

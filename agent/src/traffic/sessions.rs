@@ -1,0 +1,144 @@
+//! A drained server's open sessions, from HAProxy's runtime API (`show stat` on its stats
+//! socket), for the wait until idle before a swap.
+//!
+//! Optional: configured with `[service.traffic] haproxy_socket` and `haproxy_server`. HAProxy's
+//! `scur` counts the sessions it has open to the server; the status column says whether HAProxy
+//! has already seen the drain (it polls the agent-check port, so a drain takes up to one
+//! `agent-inter` to reach it, and until then `scur` may read 0 between two requests).
+
+use std::path::PathBuf;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// One server of a backend on HAProxy's stats socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxyServer {
+    /// The admin (or operator) stats socket.
+    pub socket: PathBuf,
+    /// The backend's name (`pxname`).
+    pub backend: String,
+    /// The server's name in that backend (`svname`).
+    pub server: String,
+}
+
+/// What HAProxy says about the server right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSessions {
+    /// HAProxy's status column: `UP`, `DRAIN`, `MAINT`, `DOWN`, ….
+    pub status: String,
+    /// Sessions open to the server (`scur`).
+    pub scur: u64,
+}
+
+impl ServerSessions {
+    /// HAProxy no longer sends new sessions to the server (it saw the drain, or the server is
+    /// down or in maintenance): a `scur` of 0 then means idle.
+    pub fn out_of_rotation(&self) -> bool {
+        !self.status.starts_with("UP")
+    }
+}
+
+/// Why the session count could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionsError {
+    /// The stats socket could not be used.
+    #[error("haproxy stats socket {path}: {source}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `show stat` did not list the server, or not in the expected shape.
+    #[error("haproxy `show stat` has no usable row for {backend}/{server}: {why}")]
+    NoRow {
+        /// The backend.
+        backend: String,
+        /// The server.
+        server: String,
+        /// What was missing.
+        why: String,
+    },
+}
+
+impl HaproxyServer {
+    /// Reads the server's status and `scur` with one `show stat`.
+    pub async fn sessions(&self) -> Result<ServerSessions, SessionsError> {
+        let io = |source| SessionsError::Socket {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.socket).await.map_err(io)?;
+        s.write_all(b"show stat\n").await.map_err(io)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(io)?;
+        parse_show_stat(&out, &self.backend, &self.server).map_err(|why| SessionsError::NoRow {
+            backend: self.backend.clone(),
+            server: self.server.clone(),
+            why,
+        })
+    }
+}
+
+/// Finds `backend`/`server` in `show stat` CSV output (columns located by the header line).
+pub fn parse_show_stat(csv: &str, backend: &str, server: &str) -> Result<ServerSessions, String> {
+    let mut lines = csv.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| "no `# pxname,…` header line".to_owned())?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .ok_or_else(|| format!("no {name} column"))
+    };
+    let (px, sv, scur, status) = (col("pxname")?, col("svname")?, col("scur")?, col("status")?);
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.get(px) == Some(&backend) && f.get(sv) == Some(&server) {
+            let scur = f
+                .get(scur)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("scur {:?} is not a number", f.get(scur)))?;
+            return Ok(ServerSessions {
+                status: f.get(status).copied().unwrap_or_default().to_owned(),
+                scur,
+            });
+        }
+    }
+    Err("no such server row".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight\n\
+        fe,FRONTEND,,,3,9,4000,120,0,0,0,0,0,,,,,OPEN,\n\
+        be,h1,0,0,2,4,,60,0,0,,0,,0,0,0,0,DRAIN,100\n\
+        be,h2,0,0,0,4,,60,0,0,,0,,0,0,0,0,UP,100\n\
+        be,BACKEND,0,0,2,8,400,120,0,0,0,0,,0,0,0,0,UP,200\n";
+
+    #[test]
+    fn reads_status_and_sessions_of_the_named_server() {
+        let h1 = parse_show_stat(STAT, "be", "h1").unwrap();
+        assert_eq!(
+            h1,
+            ServerSessions {
+                status: "DRAIN".into(),
+                scur: 2
+            }
+        );
+        assert!(h1.out_of_rotation());
+        let h2 = parse_show_stat(STAT, "be", "h2").unwrap();
+        assert!(
+            !h2.out_of_rotation(),
+            "an UP server with 0 sessions is not idle"
+        );
+        let e = parse_show_stat(STAT, "be", "h9").unwrap_err();
+        assert_eq!(e, "no such server row");
+        assert!(parse_show_stat("garbage", "be", "h1").is_err());
+    }
+}

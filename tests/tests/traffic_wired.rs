@@ -1,0 +1,524 @@
+//! The drain cycle and the lifecycle hooks as the agent itself runs them (issue 11): real
+//! `serin-agent` processes whose service declares an agent-check port, behind a real HAProxy
+//! that polls it. Every activation and rollback is drain → wait until idle → swap → healthy →
+//! undrain, with its timings in the results; a release's `validate` and `post-start` hooks gate
+//! its activation.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serin_proto::wire::{OrderPhase, OrderResult, ResultCode};
+use serin_tests::agent_fixture::AgentFixture;
+use serin_tests::agent_proc::{AgentOptions, SERVICE, free_port};
+use serin_tests::demo_release::{Behaviour, DemoRelease};
+use serin_tests::haproxy::{BACKEND, Haproxy, Server};
+use serin_tests::load::LoadGen;
+use serin_tests::orders::{self, Deadlines};
+use serin_tests::wait::wait_for;
+
+const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+
+/// Options of an agent whose service sits behind a load balancer: its agent-check port, plus
+/// `traffic_toml` (more `[service.traffic]` keys).
+fn behind_lb(name: &str, agent_check: u16, traffic_toml: &str) -> AgentOptions {
+    let mut opts = AgentOptions::new(name);
+    opts.checks_toml = format!(
+        "{}\n[service.traffic]\nagent_check = \"127.0.0.1:{agent_check}\"\n{traffic_toml}\n",
+        opts.checks_toml
+    );
+    opts
+}
+
+/// `[service.traffic]` keys reading the sessions of server `name` on HAProxy's `socket`.
+fn haproxy_keys(socket: &Path, name: &str, drain_timeout: &str) -> String {
+    format!(
+        "haproxy_socket = \"{}\"\nhaproxy_server = \"{BACKEND}/{name}\"\ndrain_timeout = \"{drain_timeout}\"",
+        socket.display()
+    )
+}
+
+/// One answer of the agent-check port.
+fn agent_check(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+fn result_in(fx: &AgentFixture, seq: u64, phase: OrderPhase) -> OrderResult {
+    fx.results_for(seq)
+        .into_iter()
+        .find(|r| r.phase() == phase)
+        .unwrap_or_else(|| panic!("no {phase:?} result for seq {seq}\n{}", fx.dump()))
+}
+
+fn wait_in_rotation(haproxy: &Haproxy, name: &str, dump: &dyn Fn() -> String) {
+    wait_for(
+        &format!("{name} in rotation"),
+        Duration::from_secs(15),
+        dump,
+        || haproxy.server(name).is_ok_and(|s| s.serving()),
+    );
+}
+
+#[test]
+fn a_rollout_and_a_rollback_over_four_agents_behind_haproxy_fail_no_request() {
+    let v1 = DemoRelease::healthy("wired-1.0");
+    let v2 = DemoRelease::healthy("wired-2.0");
+    let v3 = DemoRelease::build(Behaviour::healthy("wired-3.0").crashing_at_start());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let mut fleet = Vec::new();
+    let mut servers = Vec::new();
+    for i in 1..=4 {
+        let name = format!("h{i}");
+        let check = free_port();
+        let fx = AgentFixture::start_with(behind_lb(
+            &format!("wired-{name}"),
+            check,
+            &haproxy_keys(&socket, &name, "10s"),
+        ));
+        // A first install has nothing serving: no drain.
+        fx.install_first(1, &v1);
+        servers.push(Server {
+            name: name.clone(),
+            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, check))),
+        });
+        fleet.push((name, fx));
+    }
+    let haproxy = Haproxy::start(dir.path(), &servers, Duration::from_millis(200)).unwrap();
+    let dump = || {
+        let hosts: Vec<String> = fleet.iter().map(|(_, fx)| fx.dump()).collect();
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            hosts.join("\n")
+        )
+    };
+    for (name, _) in &fleet {
+        wait_in_rotation(&haproxy, name, &dump);
+    }
+
+    let load = LoadGen::new(haproxy.frontend, "/version", 8).start();
+    let t0 = Instant::now();
+    let mut evidence = Vec::new();
+    // The rollout, one host after the other.
+    for (name, fx) in &fleet {
+        fx.activate(2, &v2, Deadlines::quick());
+        let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+        let activated = result_in(fx, 2, OrderPhase::Activated);
+        assert!(
+            activated.message.contains("drained: idle after"),
+            "{name}: the activation's evidence lacks the drain: {}",
+            activated.message
+        );
+        assert!(
+            healthy.message.contains("back in rotation after"),
+            "{name}: the healthy result lacks the undrain: {}",
+            healthy.message
+        );
+        evidence.push(format!(
+            "rollout {name}: {} | {}",
+            activated.message, healthy.message
+        ));
+        wait_in_rotation(&haproxy, name, &dump);
+    }
+    // A release that crashes at start, on h1: the dead-man switch rolls it back to v2, drained
+    // all along, back in rotation only once v2 serves again.
+    let (name, fx) = &fleet[0];
+    fx.activate(3, &v3, Deadlines::quick());
+    let r = fx.wait_outcome(3);
+    let r = if r.phase() == OrderPhase::Activated {
+        fx.wait_result("the crashing release's rollback", |r| {
+            r.seq == 3 && r.phase() == OrderPhase::RolledBack
+        })
+    } else {
+        r
+    };
+    assert_eq!(r.phase(), OrderPhase::RolledBack, "{name}: {}", r.message);
+    assert!(
+        r.message.contains("back in rotation"),
+        "{name}: the automatic rollback's evidence lacks the undrain: {}",
+        r.message
+    );
+    evidence.push(format!("dead-man rollback {name}: {}", r.message));
+    wait_in_rotation(&haproxy, name, &dump);
+    // The rollback, ordered by the coordinator, one host after the other.
+    for (name, fx) in &fleet {
+        fx.send(orders::rollback(4, SERVICE, &v1.id));
+        let r = fx.wait_outcome(4);
+        assert_eq!(r.phase(), OrderPhase::RolledBack, "{name}: {}", r.message);
+        assert!(
+            r.message.contains("drained: idle after") && r.message.contains("back in rotation"),
+            "{name}: the rollback's evidence lacks the drain cycle: {}",
+            r.message
+        );
+        evidence.push(format!("rollback {name}: {}", r.message));
+        wait_in_rotation(&haproxy, name, &dump);
+    }
+    let took = t0.elapsed();
+    let tally = load.stop();
+    eprintln!(
+        "agent-driven drain cycle over 4 hosts, rollout, a dead-man rollback and an ordered rollback (10 swaps) in {took:?}: {}\n{}",
+        tally.summary(),
+        evidence.join("\n")
+    );
+    assert_eq!(tally.failed(), 0, "{}\n{}", tally.summary(), dump());
+    assert!(
+        tally.ok_by_body.contains_key(&v1.id) && tally.ok_by_body.contains_key(&v2.id),
+        "{}",
+        tally.summary()
+    );
+    for (_, fx) in &fleet {
+        assert_eq!(fx.wait_consistent(), v1.id);
+    }
+}
+
+#[test]
+fn a_drain_held_open_by_a_client_times_out_and_the_activation_proceeds_saying_so() {
+    // v1 answers /healthz only after a minute: a client asking for it through HAProxy holds
+    // a session open. The agent's own check probes /version.
+    let v1 = DemoRelease::build(Behaviour::healthy("held-1.0").slow_health(60_000));
+    let v2 = DemoRelease::healthy("held-2.0");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let check = free_port();
+    let mut opts = behind_lb("wired-held", check, &haproxy_keys(&socket, "h1", "1500ms"));
+    opts.checks_toml = opts.checks_toml.replace("/healthz", "/version");
+    let fx = AgentFixture::start_with(opts);
+    fx.install_first(1, &v1);
+    let haproxy = Haproxy::start(
+        dir.path(),
+        &[Server {
+            name: "h1".into(),
+            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, check))),
+        }],
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    let dump = || {
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            fx.dump()
+        )
+    };
+    wait_in_rotation(&haproxy, "h1", &dump);
+
+    let mut held = TcpStream::connect(haproxy.frontend).unwrap();
+    held.write_all(b"GET /healthz HTTP/1.1\r\nhost: serin\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the held request to open a session to h1",
+        Duration::from_secs(10),
+        &dump,
+        || haproxy.server("h1").is_ok_and(|s| s.scur == 1),
+    );
+    let started = Instant::now();
+    fx.activate(2, &v2, Deadlines::quick());
+    let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+    let activated = result_in(&fx, 2, OrderPhase::Activated);
+    eprintln!(
+        "held drain: {} | {} (activation to healthy in {:?})",
+        activated.message,
+        healthy.message,
+        started.elapsed()
+    );
+    assert!(
+        activated.message.contains("drain timed out after")
+            && activated
+                .message
+                .contains("1 session(s) still open; swapping anyway"),
+        "the evidence does not say the drain timed out: {}",
+        activated.message
+    );
+    fx.wait_serving(&v2.id);
+    wait_in_rotation(&haproxy, "h1", &dump);
+    drop(held);
+}
+
+#[test]
+fn slow_start_raises_the_weight_from_a_low_value_to_full_after_the_swap() {
+    let check = free_port();
+    // No session count configured: the drain waits its (short) timeout and says so.
+    let fx = AgentFixture::start_with(behind_lb(
+        "wired-slow-start",
+        check,
+        "slow_start = \"3s\"\nslow_start_from = 10\ndrain_timeout = \"300ms\"",
+    ));
+    let v1 = DemoRelease::healthy("ramp-1.0");
+    let v2 = DemoRelease::healthy("ramp-2.0");
+    fx.install_first(1, &v1);
+    assert_eq!(
+        agent_check(check),
+        "up ready 100%\n",
+        "no ramp before a swap"
+    );
+    fx.activate(2, &v2, Deadlines::quick());
+    let activated = result_in(&fx, 2, OrderPhase::Activated);
+    assert!(
+        activated.message.contains("without a session count"),
+        "{}",
+        activated.message
+    );
+    let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+    assert!(
+        healthy.message.contains("slow start from 10% over 3s"),
+        "{}",
+        healthy.message
+    );
+    let weight = |answer: &str| -> u32 {
+        answer
+            .trim()
+            .strip_prefix("up ready ")
+            .and_then(|w| w.strip_suffix('%'))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("not a serving answer: {answer:?}"))
+    };
+    let first = weight(&agent_check(check));
+    let ramp_seen = Instant::now();
+    assert!(first < 60, "the ramp starts low, got {first}%");
+    let seen = std::cell::RefCell::new(vec![first]);
+    wait_for(
+        "the weight to reach 100%",
+        Duration::from_secs(10),
+        &|| format!("weights seen: {:?}", seen.borrow()),
+        || {
+            let w = weight(&agent_check(check));
+            seen.borrow_mut().push(w);
+            w == 100
+        },
+    );
+    let seen = seen.into_inner();
+    let took = ramp_seen.elapsed();
+    eprintln!("slow start: weights {seen:?} over {took:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the weight fell during the ramp: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|w| *w > first && *w < 100),
+        "no intermediate weight: {seen:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "the ramp was too fast for 3s: {took:?}"
+    );
+}
+
+/// Writes `script` as `hooks/<hook>` of release `id` on the agent's disk.
+fn write_hook(fx: &AgentFixture, id: &str, hook: &str, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fx
+        .agent
+        .service_dir()
+        .join("releases")
+        .join(id)
+        .join("hooks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(hook);
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Stages `release` with order `seq` (so its hooks can be put in place before activation).
+fn stage(fx: &AgentFixture, seq: u64, release: &DemoRelease) {
+    fx.publish(release);
+    fx.send(orders::stage(seq, release.wire(SERVICE, "")));
+    let r = fx.wait_outcome(seq);
+    assert_eq!(
+        r.phase(),
+        OrderPhase::Staged,
+        "{}\n{}",
+        r.message,
+        fx.dump()
+    );
+}
+
+#[test]
+fn a_failing_validate_hook_stops_the_activation_before_the_swap() {
+    let fx = AgentFixture::start("wired-validate");
+    let v1 = DemoRelease::healthy("validate-1.0");
+    let v2 = DemoRelease::healthy("validate-2.0");
+    fx.install_first(1, &v1);
+    let pid = fx.agent.service_pid().unwrap();
+    stage(&fx, 2, &v2);
+    write_hook(
+        &fx,
+        &v2.id,
+        "validate",
+        "#!/bin/sh\necho \"checking $SERIN_RELEASE\"\necho 'port 8443 is taken on this host' >&2\nexit 3\n",
+    );
+    fx.send(orders::activate(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(3);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::ServiceFailedToStart);
+    assert!(
+        r.message.contains("validate hook failed")
+            && r.message.contains("port 8443 is taken")
+            && r.message.contains("checking validate-2.0"),
+        "{}",
+        r.message
+    );
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+    assert_eq!(
+        fx.agent.service_pid().unwrap(),
+        pid,
+        "the service was restarted"
+    );
+    assert!(
+        fx.results_for(3)
+            .iter()
+            .all(|r| r.phase() != OrderPhase::Activated),
+        "{}",
+        fx.dump()
+    );
+}
+
+#[test]
+fn a_failing_post_start_hook_rolls_back_and_the_outgoing_release_hook_never_runs() {
+    let fx = AgentFixture::start("wired-post-start");
+    let v1 = DemoRelease::healthy("post-1.0");
+    let v2 = DemoRelease::healthy("post-2.0");
+    fx.install_first(1, &v1);
+    let log = fx.agent.root().join("hooks.log");
+    write_hook(
+        &fx,
+        &v1.id,
+        "post-start",
+        &format!("#!/bin/sh\necho \"$SERIN_RELEASE\" >> {}\n", log.display()),
+    );
+    stage(&fx, 2, &v2);
+    write_hook(
+        &fx,
+        &v2.id,
+        "post-start",
+        &format!(
+            "#!/bin/sh\necho \"$SERIN_RELEASE\" >> {}\necho 'cache warm-up failed'\nexit 1\n",
+            log.display()
+        ),
+    );
+    fx.send(orders::activate(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(3);
+    assert_eq!(r.phase(), OrderPhase::RolledBack, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::ServiceFailedToStart);
+    assert!(
+        r.message.contains("post-start hook failed") && r.message.contains("cache warm-up failed"),
+        "{}",
+        r.message
+    );
+    fx.wait_serving(&v1.id);
+    assert_eq!(fx.wait_consistent(), v1.id);
+    // v2's hook ran once, after its own start; the rollback ran only v1's (the incoming one).
+    let ran = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(ran, format!("{}\n{}\n", v2.id, v1.id), "{}", fx.dump());
+}
+
+#[test]
+fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
+    let mut opts = AgentOptions::new("wired-hook-timeout");
+    opts.checks_toml = format!("{}\n[service.hooks]\ntimeout = \"1s\"\n", opts.checks_toml);
+    let fx = AgentFixture::start_with(opts);
+    let v1 = DemoRelease::healthy("slowhook-1.0");
+    let v2 = DemoRelease::healthy("slowhook-2.0");
+    fx.install_first(1, &v1);
+    stage(&fx, 2, &v2);
+    write_hook(&fx, &v2.id, "validate", "#!/bin/sh\nexec sleep 600\n");
+    let sent = Instant::now();
+    fx.send(orders::activate(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(3);
+    let took = sent.elapsed();
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert!(
+        r.message
+            .contains("validate hook timed out after 1s and was killed"),
+        "{}",
+        r.message
+    );
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+}
+
+#[test]
+fn the_orders_traffic_weight_is_answered_once_healthy_and_a_weight_step_restarts_nothing() {
+    let check = free_port();
+    let fx = AgentFixture::start_with(behind_lb(
+        "wired-weight",
+        check,
+        "drain_timeout = \"300ms\"",
+    ));
+    let v1 = DemoRelease::healthy("weight-1.0");
+    let v2 = DemoRelease::healthy("weight-2.0");
+    let v3 = DemoRelease::build(Behaviour::healthy("weight-3.0").crashing_at_start());
+    fx.install_first(1, &v1);
+    assert_eq!(agent_check(check), "up ready 100%\n");
+
+    // A canary at 10 %: drained during its swap, answered at 10 % once healthy.
+    fx.publish(&v2);
+    fx.send(orders::activate_weighted(
+        2,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+        10,
+    ));
+    let healthy = fx.wait_phase(2, OrderPhase::Healthy);
+    assert!(
+        healthy.message.contains("traffic weight 10% (was 100%)")
+            && healthy.message.contains("ready at 10%"),
+        "{}",
+        healthy.message
+    );
+    assert_eq!(agent_check(check), "up ready 10%\n");
+
+    // A ramp step: the same release at 50 %, nothing restarted.
+    let pid = fx.agent.service_pid().unwrap();
+    fx.send(orders::activate_weighted(
+        3,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+        50,
+    ));
+    let r = fx.wait_phase(3, OrderPhase::Healthy);
+    assert!(r.message.contains("already current"), "{}", r.message);
+    assert_eq!(agent_check(check), "up ready 50%\n");
+    assert_eq!(
+        fx.agent.service_pid().unwrap(),
+        pid,
+        "a weight step restarted the service"
+    );
+
+    // A release that crashes at start with a weight of its own never gets it: rolled back at
+    // the weight from before.
+    fx.publish(&v3);
+    fx.send(orders::activate_weighted(
+        4,
+        v3.wire(SERVICE, ""),
+        Deadlines::quick(),
+        100,
+    ));
+    let r = fx.wait_result("the crashing release's rollback", |r| {
+        r.seq == 4 && matches!(r.phase(), OrderPhase::RolledBack | OrderPhase::Failed)
+    });
+    assert_eq!(r.phase(), OrderPhase::RolledBack, "{}", r.message);
+    fx.wait_serving(&v2.id);
+    assert_eq!(agent_check(check), "up ready 50%\n");
+}
