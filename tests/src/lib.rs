@@ -12,6 +12,7 @@
 //! - [`agent_proc`]: a `serin-agent` process with its config, state directory and log.
 //! - [`agent_fixture`]: one agent attached to one fake coordinator, with the shared test steps.
 //! - [`http`]: a blocking HTTP client for the demo service and an artifact server for URL releases.
+//! - [`fault_report`]: the outcome table and verdict every fault suite ends with.
 //! - [`fleet`]: a real coordinator (`serin serve`) and N agents for end-to-end rollout tests.
 //! - [`haproxy`]: Debian's HAProxy on loopback with a test config and its runtime API.
 //! - [`load`]: a bounded HTTP load generator counting failures by kind.
@@ -23,6 +24,7 @@ pub mod agent_proc;
 pub mod binaries;
 pub mod demo_release;
 pub mod fake_coordinator;
+pub mod fault_report;
 pub mod fleet;
 pub mod haproxy;
 pub mod http;

@@ -29,9 +29,7 @@
 //! `SERIN_FAULT_JOBS` sets how many cases run at once (default 2), and `SERIN_FAULT_ONLY=TEXT`
 //! keeps only the cases whose kind and name contain TEXT.
 
-use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -41,6 +39,7 @@ use serin_tests::agent_fixture::AgentFixture;
 use serin_tests::agent_proc::{AgentOptions, AgentProc, SERVICE};
 use serin_tests::demo_release::{Behaviour, DemoRelease};
 use serin_tests::fake_coordinator::{ArtifactFault, FakeCoordinator, describe_result};
+use serin_tests::fault_report::{self, Outcome, SKIPPED, env_number};
 use serin_tests::orders::{self, Deadlines};
 use serin_tests::wait;
 
@@ -62,16 +61,6 @@ fn case(
         run: Box::new(run),
     }
 }
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// What one run of a case gave: kind, name, `Err` with the violation, duration.
-type Outcome = (&'static str, String, Result<(), String>, Duration);
 
 #[test]
 fn agent_fault_suite() {
@@ -100,95 +89,36 @@ fn agent_fault_suite() {
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
                     let Some((round, c)) = next else { break };
                     let t = Instant::now();
-                    let result =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| (c.run)())).map_err(|p| {
-                            p.downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                                .unwrap_or_else(|| "panicked".to_owned())
-                        });
+                    let result = fault_report::run_case(|| (c.run)());
                     let name = if rounds > 1 {
                         format!("{} (round {})", c.name, round + 1)
                     } else {
                         c.name.clone()
                     };
+                    let outcome = Outcome::new(c.kind, name, result);
                     eprintln!(
                         "fault suite: {:<6} {:<40} {} in {:.1?}",
                         c.kind,
-                        name,
-                        if result.is_ok() { "ok" } else { "VIOLATION" },
+                        outcome.name,
+                        outcome.verdict(),
                         t.elapsed()
                     );
-                    outcomes.lock().unwrap_or_else(|e| e.into_inner()).push((
-                        c.kind,
-                        name,
-                        result,
-                        t.elapsed(),
-                    ));
+                    outcomes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(outcome);
                 }
             });
         }
     });
     let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut table: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
-    for (kind, _, result, _) in &outcomes {
-        let row = table.entry(kind).or_default();
-        row.1 += 1;
-        match result {
-            Ok(()) => row.0 += 1,
-            Err(e) if e.starts_with(SKIPPED) => {}
-            Err(_) => {
-                // The fault was injected, but an invariant did not hold afterwards.
-                row.0 += 1;
-                row.2 += 1;
-            }
-        }
-    }
-    let skipped: Vec<_> = outcomes
-        .iter()
-        .filter(|(_, _, r, _)| r.as_ref().is_err_and(|e| e.starts_with(SKIPPED)))
-        .map(|(_, n, _, _)| n.clone())
-        .collect();
-    let mut summary = format!(
-        "\nagent fault suite: {} cases x {rounds} round(s), {jobs} at a time, {:.0?}\n  {:<8} {:>10} {:>6} {:>10}\n",
-        cases.len(),
-        started.elapsed(),
-        "kind",
-        "injections",
-        "runs",
-        "violations"
-    );
-    let (mut ti, mut tr, mut tv) = (0, 0, 0);
-    for (kind, (inj, runs, viol)) in &table {
-        summary += &format!("  {kind:<8} {inj:>10} {runs:>6} {viol:>10}\n");
-        ti += inj;
-        tr += runs;
-        tv += viol;
-    }
-    summary += &format!("  {:<8} {ti:>10} {tr:>6} {tv:>10}\n", "total");
-    if !skipped.is_empty() {
-        summary += &format!(
-            "  SKIPPED by SERIN_FAULT_SKIP_ROOT ({}): {skipped:?}\n",
-            skipped.len()
-        );
-    }
-    // Straight to stderr, past the test harness's capture: CI logs show the table on success too.
-    {
-        use std::io::Write;
-        let _ = std::io::stderr().write_all(summary.as_bytes());
-    }
-    let violations: Vec<String> = outcomes
-        .into_iter()
-        .filter_map(|(kind, name, r, _)| match r {
-            Err(e) if !e.starts_with(SKIPPED) => Some(format!("=== {kind} {name}: {e}")),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "{} invariant violation(s):\n{}\n{summary}",
-        violations.len(),
-        violations.join("\n\n")
+    fault_report::finish(
+        &format!(
+            "agent fault suite: {} cases x {rounds} round(s), {jobs} at a time, {:.0?}",
+            cases.len(),
+            started.elapsed()
+        ),
+        outcomes,
     );
 }
 
@@ -379,8 +309,6 @@ fn crash_and_recover(point: &str, via: Via) {
 
 // ---------------------------------------------------------------------------------------------
 // Disks
-
-const SKIPPED: &str = "SKIPPED:";
 
 /// The page size tmpfs allocates in.
 const PAGE: u64 = 4096;

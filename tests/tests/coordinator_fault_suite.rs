@@ -27,14 +27,13 @@
 //! every case and `SERIN_FAULT_ONLY=TEXT` keeps the cases whose kind and name contain TEXT. At the
 //! end the suite prints, always, injections / runs / violations per kind.
 
-use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serin_tests::demo_release::DemoRelease;
+use serin_tests::fault_report::{self, Outcome, env_number};
 use serin_tests::fleet::{self, Fleet, Timings, describe_status};
 use serin_tests::{binaries, http, wait};
 
@@ -109,16 +108,6 @@ impl Case {
     }
 }
 
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// Kind, name, `Err` with the violation, whether the crash was injected.
-type Outcome = (&'static str, String, Result<(), String>, bool);
-
 #[test]
 fn coordinator_fault_suite() {
     let rounds = env_number("SERIN_FAULT_ROUNDS", 1).max(1);
@@ -154,17 +143,11 @@ fn coordinator_fault_suite() {
                     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
                     let t = Instant::now();
                     let injected = AtomicBool::new(false);
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let result = fault_report::run_case(|| {
                         let f = fleet.get_or_insert_with(|| {
                             Fleet::start(&format!("cfs{worker}"), &["a", "b", "c", "a"])
                         });
                         crash_case(f, c, n, &injected);
-                    }))
-                    .map_err(|p| {
-                        p.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                            .unwrap_or_else(|| "panicked".to_owned())
                     });
                     if result.is_err() {
                         // Start the next case on a fresh fleet.
@@ -175,62 +158,31 @@ fn coordinator_fault_suite() {
                     } else {
                         c.name()
                     };
+                    let mut outcome = Outcome::new(c.kind, name, result);
+                    outcome.injected = injected.load(Ordering::SeqCst);
                     eprintln!(
                         "coordinator fault suite: {:<8} {:<44} {} in {:.1?}",
                         c.kind,
-                        name,
-                        if result.is_ok() { "ok" } else { "VIOLATION" },
+                        outcome.name,
+                        outcome.verdict(),
                         t.elapsed()
                     );
-                    outcomes.lock().unwrap_or_else(|e| e.into_inner()).push((
-                        c.kind,
-                        name,
-                        result,
-                        injected.load(Ordering::SeqCst),
-                    ));
+                    outcomes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(outcome);
                 }
             });
         }
     });
     let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut table: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
-    for (kind, _, result, injected) in &outcomes {
-        let row = table.entry(kind).or_default();
-        row.0 += usize::from(*injected);
-        row.1 += 1;
-        row.2 += usize::from(result.is_err());
-    }
-    let mut summary = format!(
-        "\ncoordinator fault suite: {} cases x {rounds} round(s), {jobs} at a time, {:.0?}\n  {:<8} {:>10} {:>6} {:>10}\n",
-        cases.len(),
-        started.elapsed(),
-        "kind",
-        "injections",
-        "runs",
-        "violations"
-    );
-    let (mut ti, mut tr, mut tv) = (0, 0, 0);
-    for (kind, (inj, runs, viol)) in &table {
-        summary += &format!("  {kind:<8} {inj:>10} {runs:>6} {viol:>10}\n");
-        ti += inj;
-        tr += runs;
-        tv += viol;
-    }
-    summary += &format!("  {:<8} {ti:>10} {tr:>6} {tv:>10}\n", "total");
-    // Straight to stderr, past the test harness's capture: CI logs show the table on success too.
-    {
-        use std::io::Write;
-        let _ = std::io::stderr().write_all(summary.as_bytes());
-    }
-    let violations: Vec<String> = outcomes
-        .into_iter()
-        .filter_map(|(kind, name, r, _)| r.err().map(|e| format!("=== {kind} {name}: {e}")))
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "{} invariant violation(s):\n{}\n{summary}",
-        violations.len(),
-        violations.join("\n\n")
+    fault_report::finish(
+        &format!(
+            "coordinator fault suite: {} cases x {rounds} round(s), {jobs} at a time, {:.0?}",
+            cases.len(),
+            started.elapsed()
+        ),
+        outcomes,
     );
 }
 

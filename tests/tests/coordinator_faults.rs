@@ -21,21 +21,18 @@
 //! case needs root (CI runs as root); without it the case is a violation unless
 //! `SERIN_FAULT_SKIP_ROOT=1` says to skip it, which the summary then shows.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serin_proto::wire;
+use serin_tests::fault_report::{self, Outcome, SKIPPED};
 use serin_tests::fleet::{self, Fleet, Timings, describe_status};
 use serin_tests::wait;
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// Marks a case skipped (not a violation) in its panic message.
-const SKIPPED: &str = "SKIPPED:";
 
 /// Appends an `[engine]` section to the coordinator's config and restarts it, then waits for
 /// the fleet to reconnect.
@@ -481,8 +478,6 @@ fn state_dir_full_during_a_commit() {
 // ---------------------------------------------------------------------------------------------
 // The suite
 
-type Outcome = (&'static str, &'static str, Result<(), String>, Duration);
-
 #[test]
 fn coordinator_fault_suite() {
     let cases: Vec<(&'static str, &'static str, fn())> = vec![
@@ -509,73 +504,20 @@ fn coordinator_fault_suite() {
             continue;
         }
         let t = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(run)).map_err(|p| {
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "panicked".to_owned())
-        });
+        let outcome = Outcome::new(kind, name, fault_report::run_case(run));
         eprintln!(
             "coordinator fault suite: {kind:<9} {name:<32} {} in {:.1?}",
-            match &result {
-                Ok(()) => "ok",
-                Err(e) if e.starts_with(SKIPPED) => "skipped",
-                Err(_) => "VIOLATION",
-            },
+            outcome.verdict(),
             t.elapsed()
         );
-        outcomes.push((kind, name, result, t.elapsed()));
+        outcomes.push(outcome);
     }
-    let mut table: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
-    for (kind, _, result, _) in &outcomes {
-        let row = table.entry(kind).or_default();
-        row.1 += 1;
-        match result {
-            Ok(()) => row.0 += 1,
-            Err(e) if e.starts_with(SKIPPED) => {}
-            Err(_) => {
-                row.0 += 1;
-                row.2 += 1;
-            }
-        }
-    }
-    let mut summary = format!(
-        "\ncoordinator fault suite: {} cases, {:.0?}\n  {:<9} {:>10} {:>6} {:>10}\n",
-        outcomes.len(),
-        started.elapsed(),
-        "kind",
-        "injections",
-        "runs",
-        "violations"
-    );
-    let (mut ti, mut tr, mut tv) = (0, 0, 0);
-    for (kind, (inj, runs, viol)) in &table {
-        summary += &format!("  {kind:<9} {inj:>10} {runs:>6} {viol:>10}\n");
-        ti += inj;
-        tr += runs;
-        tv += viol;
-    }
-    summary += &format!("  {:<9} {ti:>10} {tr:>6} {tv:>10}\n", "total");
-    let skipped: Vec<&str> = outcomes
-        .iter()
-        .filter(|(_, _, r, _)| r.as_ref().is_err_and(|e| e.starts_with(SKIPPED)))
-        .map(|(_, n, _, _)| *n)
-        .collect();
-    if !skipped.is_empty() {
-        summary += &format!("  SKIPPED by SERIN_FAULT_SKIP_ROOT: {skipped:?}\n");
-    }
-    let _ = std::io::stderr().write_all(summary.as_bytes());
-    let violations: Vec<String> = outcomes
-        .into_iter()
-        .filter_map(|(kind, name, r, _)| match r {
-            Err(e) if !e.starts_with(SKIPPED) => Some(format!("=== {kind} {name}: {e}")),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "{} invariant violation(s):\n{}\n{summary}",
-        violations.len(),
-        violations.join("\n\n")
+    fault_report::finish(
+        &format!(
+            "coordinator fault suite: {} cases, {:.0?}",
+            outcomes.len(),
+            started.elapsed()
+        ),
+        outcomes,
     );
 }

@@ -422,6 +422,7 @@ impl ServiceTask {
                 let what = format!("result seq {} phase {}", result.seq, result.phase);
                 let upstream = self.ctx.upstream.clone();
                 chaos.deliver(
+                    "coordinator",
                     &what,
                     Arc::new(move || {
                         let _ = upstream.try_send(Upstream::Result(result.clone()));
