@@ -157,6 +157,28 @@ fn build(scope: Scope) -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+    // `cargo test` gives each test process the variables of its own package (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_*, ...). A build script that reruns when one of them changes (ring's reruns on
+    // CARGO_MANIFEST_DIR) would then see them flip between this build and the next top-level
+    // cargo, and rebuild ring and everything above it each time: minutes per test binary.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k == "OUT_DIR"
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(&key);
+        }
+    }
     match scope {
         Scope::Agent => cmd.args(["-p", "serin-agent", "-p", "serin-tests"]),
         Scope::FaultAgent => cmd

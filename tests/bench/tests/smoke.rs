@@ -14,6 +14,9 @@ fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
     let agents = 200;
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_serin-bench"))
+        // The bench builds `serin` with cargo: without this test's own package directory, so
+        // ring's build script (rerun on CARGO_MANIFEST_DIR) is not rebuilt, with all above it.
+        .env_remove("CARGO_MANIFEST_DIR")
         .args(["smoke", "--profile", "dev", "--timeout-s", "60"])
         .arg(format!("--agents={agents}"))
         .arg("--per-process=100")
