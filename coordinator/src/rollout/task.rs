@@ -33,7 +33,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{
-    Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState,
+    Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState, SeqRequest,
 };
 use super::observed::Reach;
 use super::record;
@@ -171,6 +171,8 @@ pub struct Executed {
     pub store_error: Option<StoreError>,
     /// A save succeeded after earlier ones had failed.
     pub recovered: bool,
+    /// The step gave no command at all (nothing changed that the machine acts on).
+    pub quiet: bool,
 }
 
 impl Driver {
@@ -196,8 +198,16 @@ impl Driver {
             return;
         }
         let now = self.clock.now_ms();
+        // Nothing due: no walk (this runs once per batch of inputs).
+        if self.next_resend_ms().is_none_or(|t| t > now) {
+            return;
+        }
         let mut due = Vec::new();
         self.outstanding.retain(|host, o| {
+            if now < o.last_ms + o.wait.as_millis() as u64 {
+                // Not due: whether it was answered meanwhile is looked at when it is.
+                return true;
+            }
             let current = m
                 .host(host)
                 .filter(|h| h.retry_at_ms.is_none())
@@ -207,14 +217,12 @@ impl Driver {
                 // Answered for good, superseded, or to be re-issued by the machine.
                 return false;
             };
-            if now >= o.last_ms + o.wait.as_millis() as u64 {
-                if m.observed(host).reach == Reach::Reachable {
-                    o.wait = (o.wait * 2).min(RESEND_MAX);
-                    due.push((host.clone(), order));
-                } else {
-                    // The engine sends it again when the host is back; look again later.
-                    o.last_ms = now;
-                }
+            if m.observed(host).reach == Reach::Reachable {
+                o.wait = (o.wait * 2).min(RESEND_MAX);
+                due.push((host.clone(), order));
+            } else {
+                // The engine sends it again when the host is back; look again later.
+                o.last_ms = now;
             }
             true
         });
@@ -251,9 +259,20 @@ impl Driver {
 
     /// Steps the machine with `input` and executes everything that follows from it.
     pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Executed {
-        self.heard(&input);
-        let cmds = m.step(self.clock.now_ms(), input);
-        self.execute(m, cmds).await
+        self.feed_many(m, vec![input]).await
+    }
+
+    /// Steps the machine with inputs that arrived together (see [`Rollout::step_many`]) and
+    /// executes everything that follows from them.
+    pub async fn feed_many(&mut self, m: &mut Rollout, inputs: Vec<Input>) -> Executed {
+        for i in &inputs {
+            self.heard(i);
+        }
+        let cmds = m.step_many(self.clock.now_ms(), inputs);
+        let quiet = cmds.is_empty();
+        let mut ex = self.execute(m, cmds).await;
+        ex.quiet = quiet;
+        ex
     }
 
     async fn save(&mut self, m: &Rollout, p: Persist) -> Result<bool, StoreError> {
@@ -352,15 +371,17 @@ impl Driver {
         }
     }
 
+    /// Allocates the sequences of every request in one store transaction (one commit for all
+    /// the orders of a step).
     async fn allocate(
         &self,
         service: &ServiceName,
-        host: &HostId,
-        at_least: u64,
-    ) -> Result<u64, StoreError> {
+        reqs: &[SeqRequest],
+    ) -> Result<Vec<u64>, StoreError> {
         let store = self.store.clone();
-        let (host, service) = (host.clone(), service.clone());
-        tokio::task::spawn_blocking(move || store.next_seq(&host, &service, at_least))
+        let service = service.clone();
+        let pairs: Vec<(HostId, u64)> = reqs.iter().map(|r| (r.host.clone(), r.at_least)).collect();
+        tokio::task::spawn_blocking(move || store.next_seqs(&service, &pairs))
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))))
     }
@@ -405,17 +426,17 @@ impl Driver {
                     rounds += 1;
                     let mut got = Vec::new();
                     let mut failed = false;
-                    for r in reqs {
-                        match self.allocate(&m.spec().service, &r.host, r.at_least).await {
-                            Ok(seq) => got.push((r.order_id, seq)),
-                            Err(e) => {
-                                tracing::error!(rollout = %m.id(), host = %r.host, error = %e, "allocating an order sequence failed");
-                                // A store error, like a failed save: the rollout pauses (no
-                                // progress deadline runs out on an order that cannot go out)
-                                // and the allocation is asked for again.
-                                failed = true;
-                                out.store_error.get_or_insert(e);
-                            }
+                    match self.allocate(&m.spec().service, &reqs).await {
+                        Ok(seqs) => {
+                            got.extend(reqs.into_iter().map(|r| r.order_id).zip(seqs));
+                        }
+                        Err(e) => {
+                            tracing::error!(rollout = %m.id(), orders = reqs.len(), error = %e, "allocating order sequences failed");
+                            // A store error, like a failed save: the rollout pauses (no
+                            // progress deadline runs out on an order that cannot go out)
+                            // and the allocations are asked for again.
+                            failed = true;
+                            out.store_error.get_or_insert(e);
                         }
                     }
                     if failed {
@@ -465,7 +486,7 @@ fn input_of(e: FleetEvent) -> Input {
 /// hosts that join or reconnect until it is superseded (its token is cancelled); other finished
 /// rollouts stop once every order has been delivered and saved.
 fn should_stop(m: &Rollout, driver: &Driver) -> bool {
-    m.is_quiescent() && m.state() != RolloutState::Succeeded && !driver.has_unsaved()
+    m.state() != RolloutState::Succeeded && m.is_quiescent() && !driver.has_unsaved()
 }
 
 /// The first and longest delays between retries of a failed save.
@@ -506,12 +527,102 @@ impl Retry {
     }
 }
 
+/// At most this many fleet events are taken in as one batch (one machine step, one save).
+pub const MAX_BATCH: usize = 4096;
+
+/// How long a status change may wait before it is published: building the status costs one
+/// entry per host, so it is rate-limited in proportion to the fleet (1 ms per 50 hosts, at
+/// most 250 ms): its cost stays a bounded share of the task's time, whatever the fleet size.
+/// A change of state or wave, an operator call and the task's end publish at once.
+pub fn publish_interval(hosts: usize) -> Duration {
+    Duration::from_millis((hosts as u64 / 50).min(250))
+}
+
+/// Publishes the rollout's status on the watch channel, rate-limited (see [`publish_interval`]).
+struct Publisher {
+    tx: watch::Sender<RolloutView>,
+    /// A change waits to be published.
+    pending: bool,
+    /// When the last status was published (unix ms).
+    last_ms: u64,
+    interval: u64,
+    /// State and wave of the last published status: a change of either is published at once.
+    shown: (RolloutState, usize),
+    /// Statuses built so far (tests count them).
+    built: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Publisher {
+    fn note(&mut self, m: &mut Rollout) {
+        if m.take_status_changed() {
+            self.pending = true;
+        }
+    }
+
+    /// When the pending change is due (unix ms).
+    fn due_ms(&self) -> Option<u64> {
+        self.pending.then_some(self.last_ms + self.interval)
+    }
+
+    /// Publishes a pending change if it is due, or if `now_anyway`, or if the state or wave
+    /// changed.
+    fn maybe_publish(&mut self, m: &Rollout, now_ms: u64, now_anyway: bool) {
+        if !self.pending {
+            return;
+        }
+        let key = (m.state(), m.current_wave());
+        if now_anyway || key != self.shown || now_ms >= self.last_ms + self.interval {
+            self.built
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.tx.send_replace(m.status());
+            self.pending = false;
+            self.last_ms = now_ms;
+            self.shown = key;
+        }
+    }
+}
+
+/// Counters of the work a task did (tests assert work per input with them).
+#[derive(Debug, Clone, Default)]
+pub struct TaskStats {
+    /// Statuses built and published.
+    pub statuses: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// Runs one rollout until it is finished and quiescent, or `cancel` fires.
 ///
 /// `events` must have been subscribed before the machine was built (a new rollout) or loaded (a
-/// resumed one), so nothing the fleet says after that is missed.
+/// resumed one), so nothing the fleet says after that is missed. Fleet events that wait in the
+/// queue are taken in as one batch ([`MAX_BATCH`] at most): one machine step and one save for
+/// all of them.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
+    m: Rollout,
+    driver: Driver,
+    events: broadcast::Receiver<FleetEvent>,
+    control: mpsc::Receiver<ControlMsg>,
+    status: watch::Sender<RolloutView>,
+    tick: Duration,
+    first: FirstStep,
+    cancel: CancellationToken,
+) {
+    run_counted(
+        m,
+        driver,
+        events,
+        control,
+        status,
+        tick,
+        first,
+        cancel,
+        TaskStats::default(),
+    )
+    .await
+}
+
+/// [`run`], counting its work in `stats`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_counted(
     mut m: Rollout,
     mut driver: Driver,
     events: broadcast::Receiver<FleetEvent>,
@@ -520,41 +631,49 @@ pub async fn run(
     tick: Duration,
     first: FirstStep,
     cancel: CancellationToken,
+    stats: TaskStats,
 ) {
     let id = m.id().to_string();
     let mut retry = Retry::new();
-    // Feeds an input and everything the store's state adds to it (a failed save pauses, a
-    // recovered one resumes), then publishes the status.
+    let mut publisher = Publisher {
+        tx: status,
+        pending: false,
+        last_ms: driver.clock.now_ms(),
+        interval: publish_interval(m.hosts().count()).as_millis() as u64,
+        shown: (m.state(), m.current_wave()),
+        built: stats.statuses.clone(),
+    };
+    // The machine's next deadline, kept while steps change nothing it depends on (a settled
+    // fleet's health reports): working it out walks every host.
+    let mut deadline: Option<Option<u64>> = None;
+    // Feeds inputs and everything the store's state adds to them (a failed save pauses, a
+    // recovered one resumes), then notes the status changed.
     macro_rules! step {
-        ($input:expr) => {{
-            let mut ex = driver.feed(&mut m, $input).await;
+        ($inputs:expr) => {{
+            let inputs: Vec<Input> = $inputs;
+            let only_health = inputs.iter().all(|i| matches!(i, Input::Health { .. }));
+            let mut ex = driver.feed_many(&mut m, inputs).await;
+            if !(only_health && ex.quiet) {
+                deadline = None;
+            }
             let refused = ex.refused.take();
             let mut not_saved = ex.store_error.as_ref().map(|e| e.to_string());
             let mut follow = retry.after(&ex, driver.clock.now_ms(), &id);
             while let Some(i) = follow.take() {
+                deadline = None;
                 let ex = driver.feed(&mut m, i).await;
                 if ex.store_error.is_none() && !driver.has_unsaved() {
                     not_saved = None;
                 }
                 follow = retry.after(&ex, driver.clock.now_ms(), &id);
             }
-            if m.take_status_changed() {
-                status.send_if_modified(|s| {
-                    let new = m.status();
-                    if *s == new {
-                        false
-                    } else {
-                        *s = new;
-                        true
-                    }
-                });
-            }
+            publisher.note(&mut m);
             (refused, not_saved)
         }};
     }
     match first {
         FirstStep::New(reply) => {
-            let (_, not_saved) = step!(Input::Tick);
+            let (_, not_saved) = step!(vec![Input::Tick]);
             if !driver.saved_once {
                 let _ = reply.send(Err(TaskError::NotStarted {
                     rollout: id.clone(),
@@ -562,11 +681,12 @@ pub async fn run(
                 }));
                 return;
             }
+            publisher.maybe_publish(&m, driver.clock.now_ms(), true);
             let _ = reply.send(Ok(m.status()));
         }
         FirstStep::Resume => {
             let snapshot = driver.fleet.snapshot();
-            step!(Input::Resync(snapshot));
+            step!(vec![Input::Resync(snapshot)]);
         }
     }
     let mut events = Some(events);
@@ -576,23 +696,29 @@ pub async fn run(
             tracing::debug!(rollout = %id, "rollout task done");
             break;
         }
+        let now = driver.clock.now_ms();
+        publisher.maybe_publish(&m, now, false);
         // An answer still waiting in the queue is an answer: re-send only once every fleet event
         // that has arrived has been read (under load, a wave's answers can wait behind its saves
         // for longer than the re-send wait).
         if events.as_ref().is_none_or(|e| e.is_empty()) {
             driver.resend_unanswered(&m);
         }
-        let now = driver.clock.now_ms();
         let tick_at = now + tick.as_millis() as u64;
-        let mut wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
+        let next = *deadline.get_or_insert_with(|| m.next_deadline());
+        let mut wake = next.map_or(tick_at, |d| d.min(tick_at));
         if let Some(t) = driver.next_resend_ms() {
             wake = wake.min(t.max(now));
         }
         if let Some(t) = retry.at_ms {
             wake = wake.min(t);
         }
+        let publish_at = publisher.due_ms();
+        if let Some(t) = publish_at {
+            wake = wake.min(t.max(now));
+        }
         let sleep = tokio::time::sleep_until(driver.clock.instant_of(wake));
-        let input = tokio::select! {
+        let inputs = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             msg = async {
@@ -602,7 +728,8 @@ pub async fn run(
                 }
             } => match msg {
                 Some(msg) => {
-                    let (refused, not_saved) = step!(Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason });
+                    let (refused, not_saved) = step!(vec![Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason }]);
+                    publisher.maybe_publish(&m, driver.clock.now_ms(), true);
                     let _ = msg.reply.send(match (refused, not_saved) {
                         (Some(e), _) => Err(TaskError::Refused(e)),
                         (None, Some(error)) => Err(TaskError::NotSaved { rollout: id.clone(), error }),
@@ -622,10 +749,26 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             } => match ev {
-                Ok(e) => input_of(e),
+                Ok(e) => {
+                    let mut batch = vec![input_of(e)];
+                    // Everything else already waiting goes into the same step.
+                    if let Some(rx) = events.as_mut() {
+                        while batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(e) => batch.push(input_of(e)),
+                                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                    tracing::warn!(rollout = %id, missed = n, "fleet events lagged; resynchronising from a snapshot");
+                                    batch.push(Input::Resync(driver.fleet.snapshot()));
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    batch
+                }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(rollout = %id, missed = n, "fleet events lagged; resynchronising from a snapshot");
-                    Input::Resync(driver.fleet.snapshot())
+                    vec![Input::Resync(driver.fleet.snapshot())]
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     // No more fleet events: only timers and operators remain.
@@ -634,18 +777,27 @@ pub async fn run(
                 }
             },
             _ = sleep => {
-                if retry.at_ms.is_some_and(|t| t <= driver.clock.now_ms()) && driver.has_unsaved() {
+                let now = driver.clock.now_ms();
+                if retry.at_ms.is_some_and(|t| t <= now) && driver.has_unsaved() {
                     let ex = driver.flush(&m).await;
                     if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
-                        step!(i);
+                        step!(vec![i]);
                     }
                     continue;
                 }
-                Input::Tick
+                // Woken only to publish: no tick needed.
+                let other_due = next.is_some_and(|d| d <= now)
+                    || tick_at <= now
+                    || driver.next_resend_ms().is_some_and(|t| t <= now);
+                if publish_at.is_some_and(|t| t <= now) && !other_due {
+                    continue;
+                }
+                vec![Input::Tick]
             }
         };
-        step!(input);
+        step!(inputs);
     }
+    publisher.maybe_publish(&m, driver.clock.now_ms(), true);
 }
 
 /// Lost messages (issue 8, message chaos): an order or a result lost on the way must not wedge or

@@ -5,6 +5,15 @@ use super::*;
 
 impl Rollout {
     pub(super) fn on_host_up(&mut self, now: u64, s: HostSnapshot) {
+        self.host_seen(now, s, true);
+    }
+
+    /// A host seen connected (or not) in a hello (`hello`: it said hello just now, so whatever
+    /// it was sent before may be lost) or in a snapshot (a resynchronisation: a host that was
+    /// reachable before and still is has its order already; re-sending it to every such host
+    /// was the re-send storm of a lagging task. The driver's per-host backoff repeats an order
+    /// that really was lost).
+    fn host_seen(&mut self, now: u64, s: HostSnapshot, hello: bool) {
         if !self.hosts.contains_key(&s.host_id) {
             self.maybe_join(now, &s);
             return;
@@ -39,7 +48,11 @@ impl Rollout {
         }
         // Re-send the order the host should be working on (same id, same seq: the agent
         // deduplicates it and replays its result).
-        if let Some(o) = h.order.as_mut().filter(|o| !o.done && o.seq.is_some()) {
+        if let Some(o) = h
+            .order
+            .as_mut()
+            .filter(|o| !o.done && o.seq.is_some() && (hello || was != Reach::Reachable))
+        {
             // Its answer is awaited from now (the rollback timeout counts from the re-send,
             // not from a send the host may never have seen).
             o.sent_ms = Some(now);
@@ -125,7 +138,7 @@ impl Rollout {
         for s in snaps {
             seen.insert(s.host_id.clone());
             if s.connected || self.hosts.contains_key(&s.host_id) {
-                self.on_host_up(now, s);
+                self.host_seen(now, s, false);
             } else {
                 self.candidates.remove(&s.host_id);
             }
