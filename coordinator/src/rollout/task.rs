@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serin_proto::{HostId, ServiceName};
@@ -137,6 +138,8 @@ pub struct Driver {
     outstanding: std::collections::BTreeMap<HostId, Outstanding>,
     /// The commands being executed end the rollout (fault injection marks that save).
     finishing: bool,
+    /// Work counters.
+    pub stats: TaskStats,
 }
 
 /// The first and the longest wait for an answer before a host's order is sent again.
@@ -188,6 +191,7 @@ impl Driver {
             alloc_failed: false,
             outstanding: std::collections::BTreeMap::new(),
             finishing: false,
+            stats: TaskStats::default(),
         }
     }
 
@@ -268,7 +272,12 @@ impl Driver {
         for i in &inputs {
             self.heard(i);
         }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
         let cmds = m.step_many(self.clock.now_ms(), inputs);
+        self.stats
+            .step_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         let quiet = cmds.is_empty();
         let mut ex = self.execute(m, cmds).await;
         ex.quiet = quiet;
@@ -292,15 +301,20 @@ impl Driver {
             .collect();
         let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let store = self.store.clone();
+        self.stats.saves.fetch_add(1, Ordering::Relaxed);
         // Fault injection (test builds): the save that records the rollout's end.
         let finishing = std::mem::take(&mut self.finishing);
         if finishing {
             crate::fault::point("finish-before-save");
         }
+        let t = std::time::Instant::now();
         let res =
             tokio::task::spawn_blocking(move || store.save_rollout(&id, &header, &hosts, &events))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        self.stats
+            .save_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         if finishing && res.is_ok() {
             crate::fault::point("finish-saved");
         }
@@ -378,12 +392,18 @@ impl Driver {
         service: &ServiceName,
         reqs: &[SeqRequest],
     ) -> Result<Vec<u64>, StoreError> {
+        self.stats.allocations.fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
         let service = service.clone();
         let pairs: Vec<(HostId, u64)> = reqs.iter().map(|r| (r.host.clone(), r.at_least)).collect();
-        tokio::task::spawn_blocking(move || store.next_seqs(&service, &pairs))
+        let t = std::time::Instant::now();
+        let res = tokio::task::spawn_blocking(move || store.next_seqs(&service, &pairs))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))))
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        self.stats
+            .alloc_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        res
     }
 
     /// Executes commands in order. A failed save holds back every order after it (nothing is
@@ -465,7 +485,20 @@ impl Driver {
                 }
                 Command::Refused(e) => out.refused = Some(e),
                 Command::Finished(state) => {
-                    tracing::info!(rollout = %m.id(), state = %state, "rollout finished");
+                    let (statuses, steps, saves, allocations) = self.stats.read();
+                    let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) / 1000;
+                    tracing::info!(
+                        rollout = %m.id(),
+                        state = %state,
+                        steps,
+                        step_ms = ms(&self.stats.step_us),
+                        saves,
+                        save_ms = ms(&self.stats.save_us),
+                        allocations,
+                        alloc_ms = ms(&self.stats.alloc_us),
+                        statuses,
+                        "rollout finished"
+                    );
                 }
             }
         }
@@ -549,7 +582,7 @@ struct Publisher {
     /// State and wave of the last published status: a change of either is published at once.
     shown: (RolloutState, usize),
     /// Statuses built so far (tests count them).
-    built: Arc<std::sync::atomic::AtomicU64>,
+    built: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -572,8 +605,7 @@ impl Publisher {
         }
         let key = (m.state(), m.current_wave());
         if now_anyway || key != self.shown || now_ms >= self.last_ms + self.interval {
-            self.built
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.built.fetch_add(1, Ordering::Relaxed);
             self.tx.send_replace(m.status());
             self.pending = false;
             self.last_ms = now_ms;
@@ -582,11 +614,34 @@ impl Publisher {
     }
 }
 
-/// Counters of the work a task did (tests assert work per input with them).
+/// Counters of the work rollout tasks did (tests assert the work per input with them).
 #[derive(Debug, Clone, Default)]
 pub struct TaskStats {
     /// Statuses built and published.
-    pub statuses: Arc<std::sync::atomic::AtomicU64>,
+    pub statuses: Arc<AtomicU64>,
+    /// Machine steps (one per batch of inputs).
+    pub steps: Arc<AtomicU64>,
+    /// Saves handed to the store (each one durable transaction).
+    pub saves: Arc<AtomicU64>,
+    /// Sequence allocation rounds (each one durable transaction).
+    pub allocations: Arc<AtomicU64>,
+    /// Time spent in machine steps, saves and allocations (µs).
+    pub step_us: Arc<AtomicU64>,
+    pub save_us: Arc<AtomicU64>,
+    pub alloc_us: Arc<AtomicU64>,
+}
+
+impl TaskStats {
+    /// The counters now: `(statuses, steps, saves, allocations)`.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            r(&self.statuses),
+            r(&self.steps),
+            r(&self.saves),
+            r(&self.allocations),
+        )
+    }
 }
 
 /// Runs one rollout until it is finished and quiescent, or `cancel` fires.
@@ -634,6 +689,7 @@ pub async fn run_counted(
     stats: TaskStats,
 ) {
     let id = m.id().to_string();
+    driver.stats = stats.clone();
     let mut retry = Retry::new();
     let mut publisher = Publisher {
         tx: status,
@@ -1003,5 +1059,112 @@ mod lost_message_tests {
     async fn a_lost_confirmation_is_replayed_by_a_repeated_confirm() {
         let (s, _) = run(|_, _, n, phase| n == 1 && phase == Some(OrderPhase::Confirmed)).await;
         assert_succeeded(&s);
+    }
+}
+
+/// Issue 10 (scale): the work of a rollout task grows with what changed, not with the fleet
+/// times the inputs. Counted with [`super::TaskStats`] on a real manager and task.
+#[cfg(test)]
+mod cost_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serin_proto::{HostId, ReleaseId, ServiceName};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::control_service::RolloutApi;
+    use crate::engine_tests::wire_spec;
+    use crate::fleet::{FleetEvent, HealthSample};
+    use crate::rollout::manager::RolloutManager;
+    use crate::rollout::settings::EngineSettings;
+    use crate::rollout::task::Clock;
+    use crate::rollout::testing::{FakeFleet, host, release_record};
+    use crate::store::{MemoryStore, Store};
+
+    const HOSTS: usize = 200;
+
+    fn health(h: &HostId) -> FleetEvent {
+        FleetEvent::Health {
+            host: h.clone(),
+            sample: HealthSample {
+                service: ServiceName::new("web").unwrap(),
+                release: Some(ReleaseId::new("web-1").unwrap()),
+                healthy: true,
+                checks_passing: 1,
+                checks_total: 1,
+                probe_latency_us: None,
+                restarts: 0,
+                cpu_percent: 0.0,
+                rss_bytes: 0,
+                observed_unix_ms: 0,
+            },
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// One wave of 200 hosts: its 200 orders are allocated in one store transaction and saved in
+    /// one more (not one commit per order); then 1,000 health reports that repeat what is known
+    /// are taken in as one batch, one machine step, and build no status at all (before this
+    /// change every report was a step that rebuilt and compared the whole status).
+    #[tokio::test(start_paused = true)]
+    async fn a_wave_commits_once_and_repeated_health_reports_build_no_status() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let hosts: Vec<_> = (0..HOSTS)
+            .map(|i| host(&format!("h{i:03}"), "eu-1", "web-1"))
+            .collect();
+        let ids: Vec<HostId> = hosts.iter().map(|h| h.host_id.clone()).collect();
+        let fleet = Arc::new(FakeFleet::new(hosts));
+        let shutdown = CancellationToken::new();
+        let mgr = RolloutManager::start_with_clock(
+            store.clone(),
+            fleet.clone(),
+            EngineSettings::default(),
+            shutdown.clone(),
+            Clock::at(1_700_000_000_000),
+        )
+        .await
+        .unwrap();
+        let api: &dyn RolloutApi = &mgr;
+        api.start_rollout(wire_spec(&["100%"])).await.unwrap();
+        let stats = mgr.task_stats();
+        assert_eq!(fleet.sent().len(), HOSTS, "one activate per host");
+        let (_, _, saves, allocations) = stats.read();
+        assert_eq!(allocations, 1, "one allocation round for the whole wave");
+        assert!(saves <= 2, "{saves} saves for one step of 200 orders");
+
+        // The first report of each host is news (its verdict was not known): shown once.
+        for id in &ids {
+            fleet.emit(health(id));
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        let (statuses0, steps0, _, _) = stats.read();
+        for _ in 0..5 {
+            for id in &ids {
+                fleet.emit(health(id));
+            }
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        let (statuses1, steps1, _, _) = stats.read();
+        assert!(
+            steps1 - steps0 <= 3,
+            "1,000 queued health reports took {} machine steps",
+            steps1 - steps0
+        );
+        assert_eq!(
+            statuses1, statuses0,
+            "health reports that change nothing shown rebuilt the status"
+        );
+        shutdown.cancel();
+        mgr.join().await;
     }
 }

@@ -27,6 +27,7 @@ impl Rollout {
         if s.connected && was != Reach::Reachable {
             // Holds sent while it was away were lost: hold it again now if it is armed.
             seen.held_ms = None;
+            self.holds_from_ms = 0;
         }
         seen.reach = match (s.connected, was) {
             (true, _) => Reach::Reachable,
@@ -83,6 +84,7 @@ impl Rollout {
     pub(super) fn on_store_failed(&mut self, now: u64, error: String) {
         // Allocations requested in the failed round were dropped with it: ask again.
         self.requested.clear();
+        self.alloc_scan = true;
         if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) {
             self.event(now, format!("saving the rollout failed: {error}"));
             return;

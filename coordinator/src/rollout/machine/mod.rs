@@ -241,6 +241,13 @@ pub struct Rollout {
     events: Vec<EventRecord>,
     requested: BTreeSet<String>,
     sends: Vec<HostId>,
+    /// An order may lack a sequence that was not asked for yet: the next drain looks for it
+    /// (set when an order is issued or open requests are dropped; otherwise nothing is
+    /// looked for, so a step does not walk every host to find nothing).
+    alloc_scan: bool,
+    /// No hold is due before this time (unix ms); 0: look at every host at the next step. A
+    /// lower bound: only a dispatch or a reconnect can make a hold due earlier, and both reset it.
+    holds_from_ms: u64,
     finished_reported: bool,
     /// Something operators see changed since [`Rollout::take_status_changed`] was last called.
     status_changed: bool,
@@ -338,6 +345,8 @@ impl Rollout {
             events: Vec::new(),
             requested: BTreeSet::new(),
             sends: Vec::new(),
+            alloc_scan: true,
+            holds_from_ms: 0,
             finished_reported: false,
             status_changed: true,
         };
@@ -447,6 +456,8 @@ impl Rollout {
             events: Vec::new(),
             requested: BTreeSet::new(),
             sends: Vec::new(),
+            alloc_scan: true,
+            holds_from_ms: 0,
             finished_reported: finished,
             status_changed: true,
         })
@@ -687,7 +698,10 @@ impl Rollout {
         match input {
             // Allocation requests are answered within the driver's handling of one input, so
             // any still open here failed: ask again.
-            Input::Tick => self.requested.clear(),
+            Input::Tick => {
+                self.requested.clear();
+                self.alloc_scan = true;
+            }
             Input::HostUp(s) => self.on_host_up(now_ms, s),
             Input::HostDown(h) => self.on_host_down(now_ms, &h),
             Input::Health { host, sample } => self.on_health(now_ms, &host, sample),
@@ -848,6 +862,7 @@ impl Rollout {
         };
         h.orders_issued += 1;
         h.attempts = 0;
+        self.alloc_scan = true;
         let order_id = format!(
             "{rollout}/{}/{}-{}",
             h.ordinal,
