@@ -193,7 +193,21 @@ fn opt_id(r: &Option<ReleaseId>) -> String {
 
 /// The wire form of a rollout's status.
 pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
+    status_page_to_wire(v, 0, 0)
+}
+
+/// The wire form of a rollout's status with one page of its hosts: at most `limit` of them
+/// (0: all) from `offset` on. Waves, counts and `hosts_total` always cover every host, so a
+/// summary of any fleet stays far below the message limit.
+pub fn status_page_to_wire(v: &RolloutView, offset: u32, limit: u32) -> wire::RolloutStatus {
+    let offset = (offset as usize).min(v.hosts.len());
+    let limit = if limit == 0 {
+        usize::MAX
+    } else {
+        limit as usize
+    };
     wire::RolloutStatus {
+        hosts_total: u32::try_from(v.hosts.len()).unwrap_or(u32::MAX),
         rollout_id: v.id.clone(),
         spec: Some(spec_to_wire(&v.spec)),
         // The domain's words are the wire enums' (checked by serin-proto's tests).
@@ -215,9 +229,9 @@ pub fn status_to_wire(v: &RolloutView) -> wire::RolloutStatus {
                 bake_ends_unix_ms: w.bake_ends_ms.unwrap_or(0),
             })
             .collect(),
-        hosts: v
-            .hosts
+        hosts: v.hosts[offset..]
             .iter()
+            .take(limit)
             .map(|h| wire::HostProgress {
                 host_id: h.id.to_string(),
                 hostname: h.hostname.clone(),
@@ -411,18 +425,25 @@ type WatchStream =
 
 /// The watch channel's value now and after every change, until a finished status was sent, the
 /// engine drops the channel, or the coordinator shuts down.
-fn watch_stream(rx: watch::Receiver<RolloutView>, shutdown: CancellationToken) -> WatchStream {
+/// Each status carries the page of hosts `page` (offset, limit) asks for.
+fn watch_stream(
+    rx: watch::Receiver<RolloutView>,
+    shutdown: CancellationToken,
+    page: (u32, u32),
+) -> WatchStream {
     struct St {
         rx: watch::Receiver<RolloutView>,
         first: bool,
         done: bool,
         shutdown: CancellationToken,
+        page: (u32, u32),
     }
     let st = St {
         rx,
         first: true,
         done: false,
         shutdown,
+        page,
     };
     Box::pin(futures::stream::unfold(st, |mut st| async move {
         if st.done {
@@ -443,7 +464,7 @@ fn watch_stream(rx: watch::Receiver<RolloutView>, shutdown: CancellationToken) -
             }
         }
         st.first = false;
-        let status = status_to_wire(&st.rx.borrow_and_update());
+        let status = status_page_to_wire(&st.rx.borrow_and_update(), st.page.0, st.page.1);
         st.done = status.finished;
         Some((Ok(status), st))
     }))
@@ -646,9 +667,14 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
         &self,
         request: Request<wire::RolloutRef>,
     ) -> Result<Response<wire::RolloutStatus>, Status> {
-        Ok(Response::new(
-            self.rollouts.status(&request.get_ref().rollout_id).await?,
-        ))
+        let r = request.get_ref();
+        let mut status = self.rollouts.status(&r.rollout_id).await?;
+        let offset = (r.host_offset as usize).min(status.hosts.len());
+        status.hosts.drain(..offset);
+        if r.host_limit > 0 {
+            status.hosts.truncate(r.host_limit as usize);
+        }
+        Ok(Response::new(status))
     }
 
     type WatchRolloutStream = WatchStream;
@@ -658,8 +684,13 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
         &self,
         request: Request<wire::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
-        let rx = self.rollouts.watch(&request.get_ref().rollout_id)?;
-        Ok(Response::new(watch_stream(rx, self.shutdown.clone())))
+        let r = request.get_ref();
+        let rx = self.rollouts.watch(&r.rollout_id)?;
+        Ok(Response::new(watch_stream(
+            rx,
+            self.shutdown.clone(),
+            (r.host_offset, r.host_limit),
+        )))
     }
 
     async fn list_rollouts(
@@ -937,6 +968,7 @@ mod tests {
         let e = client
             .get_rollout(wire::RolloutRef {
                 rollout_id: "r-404".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -945,6 +977,7 @@ mod tests {
         let e = client
             .watch_rollout(wire::RolloutRef {
                 rollout_id: "r-404".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -973,7 +1006,7 @@ mod tests {
             ..base.clone()
         };
         let (tx, rx) = watch::channel(status(RolloutState::Running));
-        let mut stream = watch_stream(rx, CancellationToken::new());
+        let mut stream = watch_stream(rx, CancellationToken::new(), (0, 0));
         assert_eq!(
             stream.next().await.unwrap().unwrap().state().as_str(),
             "running"
@@ -994,7 +1027,7 @@ mod tests {
         // A shutdown ends a watch that would otherwise wait forever.
         let (_tx, rx) = watch::channel(status(RolloutState::Running));
         let shutdown = CancellationToken::new();
-        let mut stream = watch_stream(rx, shutdown.clone());
+        let mut stream = watch_stream(rx, shutdown.clone(), (0, 0));
         assert!(stream.next().await.unwrap().is_ok());
         shutdown.cancel();
         let e = stream.next().await.unwrap().unwrap_err();

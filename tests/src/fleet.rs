@@ -1045,9 +1045,12 @@ impl Fleet {
     pub fn try_status(&self, id: &str) -> Result<wire::RolloutStatus, tonic::Status> {
         let id = id.to_owned();
         self.grpc(async move |mut c| {
-            Ok(c.get_rollout(wire::RolloutRef { rollout_id: id })
-                .await?
-                .into_inner())
+            Ok(c.get_rollout(wire::RolloutRef {
+                rollout_id: id,
+                ..Default::default()
+            })
+            .await?
+            .into_inner())
         })
     }
 

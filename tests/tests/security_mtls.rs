@@ -445,6 +445,7 @@ fn call(url: &str, transport: &ClientTransport, method: &str) -> Result<(), toni
         let mut c = ControlServiceClient::new(ch);
         let r = wire::RolloutRef {
             rollout_id: "no-such-rollout".into(),
+            ..Default::default()
         };
         let spec = wire::RolloutSpec {
             service: "demo".into(),

@@ -330,6 +330,7 @@ pub async fn rollout(
                 .client
                 .explain_rollout(wire::RolloutRef {
                     rollout_id: id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| c.err(&format!("explain rollout {id}"), s))?
@@ -413,6 +414,7 @@ async fn get(c: &mut Control, id: &str) -> Result<wire::RolloutStatus, CliError>
     Ok(c.client
         .get_rollout(wire::RolloutRef {
             rollout_id: id.to_string(),
+            ..Default::default()
         })
         .await
         .map_err(|s| c.err(&format!("get rollout {id}"), s))?

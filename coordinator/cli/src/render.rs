@@ -1201,6 +1201,7 @@ pub(crate) mod tests {
             created_unix_ms: 1_000_000,
             updated_unix_ms: 1_011_000,
             finished: false,
+            hosts_total: 0,
         }
     }
 

@@ -484,6 +484,7 @@ async fn finish(
         tokio::time::sleep(Duration::from_millis(100)).await;
         let request = wire::RolloutRef {
             rollout_id: s.rollout_id.clone(),
+            ..Default::default()
         };
         match control.client.get_rollout(request).await {
             Ok(resp) => {
@@ -524,6 +525,7 @@ async fn follow_in(
     loop {
         let request = wire::RolloutRef {
             rollout_id: id.to_string(),
+            ..Default::default()
         };
         let opened = tokio::select! {
             r = control.client.watch_rollout(request) => r,
@@ -558,7 +560,7 @@ async fn follow_in(
                     }
                     None => {
                         // The stream ended without a final state: ask once, then re-open.
-                        match control.client.get_rollout(wire::RolloutRef { rollout_id: id.to_string() }).await {
+                        match control.client.get_rollout(wire::RolloutRef { rollout_id: id.to_string(), ..Default::default() }).await {
                             Ok(resp) => {
                                 let s = resp.into_inner();
                                 view.show(last.as_ref(), &s);

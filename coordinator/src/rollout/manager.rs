@@ -140,6 +140,8 @@ struct Inner {
     /// Status of every rollout whose task was started, by id (read-only views for status and
     /// watch; a task that stopped leaves its final status).
     views: Mutex<BTreeMap<String, watch::Receiver<RolloutView>>>,
+    /// Work counters of every task started by this manager.
+    stats: task::TaskStats,
 }
 
 /// Starts, runs and controls rollouts.
@@ -183,6 +185,7 @@ impl RolloutManager {
                 tasks: TaskTracker::new(),
                 slots: Mutex::new(BTreeMap::new()),
                 views: Mutex::new(BTreeMap::new()),
+                stats: task::TaskStats::default(),
             }),
         };
         // Subscribed before anything is loaded: nothing the fleet says from here on is missed.
@@ -260,7 +263,7 @@ impl RolloutManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), status_rx.clone());
-        let join = inner.tasks.spawn(task::run(
+        let join = inner.tasks.spawn(task::run_counted(
             m,
             driver,
             events,
@@ -269,6 +272,7 @@ impl RolloutManager {
             inner.settings.tick,
             first,
             cancel.clone(),
+            inner.stats.clone(),
         ));
         Running {
             id,
@@ -277,6 +281,12 @@ impl RolloutManager {
             cancel,
             join,
         }
+    }
+
+    /// The work its rollout tasks did so far (machine steps, saves, allocation rounds,
+    /// statuses built), summed over every task.
+    pub fn task_stats(&self) -> task::TaskStats {
+        self.inner.stats.clone()
     }
 
     /// Looks up a spec's release.

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serin_proto::{HostId, ServiceName};
@@ -33,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{
-    Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState,
+    Command, ControlError, Input, OperatorAction, Persist, Rollout, RolloutState, SeqRequest,
 };
 use super::observed::Reach;
 use super::record;
@@ -137,6 +138,8 @@ pub struct Driver {
     outstanding: std::collections::BTreeMap<HostId, Outstanding>,
     /// The commands being executed end the rollout (fault injection marks that save).
     finishing: bool,
+    /// Work counters.
+    pub stats: TaskStats,
 }
 
 /// The first and the longest wait for an answer before a host's order is sent again.
@@ -171,6 +174,8 @@ pub struct Executed {
     pub store_error: Option<StoreError>,
     /// A save succeeded after earlier ones had failed.
     pub recovered: bool,
+    /// The step gave no command at all (nothing changed that the machine acts on).
+    pub quiet: bool,
 }
 
 impl Driver {
@@ -186,6 +191,7 @@ impl Driver {
             alloc_failed: false,
             outstanding: std::collections::BTreeMap::new(),
             finishing: false,
+            stats: TaskStats::default(),
         }
     }
 
@@ -196,8 +202,16 @@ impl Driver {
             return;
         }
         let now = self.clock.now_ms();
+        // Nothing due: no walk (this runs once per batch of inputs).
+        if self.next_resend_ms().is_none_or(|t| t > now) {
+            return;
+        }
         let mut due = Vec::new();
         self.outstanding.retain(|host, o| {
+            if now < o.last_ms + o.wait.as_millis() as u64 {
+                // Not due: whether it was answered meanwhile is looked at when it is.
+                return true;
+            }
             let current = m
                 .host(host)
                 .filter(|h| h.retry_at_ms.is_none())
@@ -207,14 +221,12 @@ impl Driver {
                 // Answered for good, superseded, or to be re-issued by the machine.
                 return false;
             };
-            if now >= o.last_ms + o.wait.as_millis() as u64 {
-                if m.observed(host).reach == Reach::Reachable {
-                    o.wait = (o.wait * 2).min(RESEND_MAX);
-                    due.push((host.clone(), order));
-                } else {
-                    // The engine sends it again when the host is back; look again later.
-                    o.last_ms = now;
-                }
+            if m.observed(host).reach == Reach::Reachable {
+                o.wait = (o.wait * 2).min(RESEND_MAX);
+                due.push((host.clone(), order));
+            } else {
+                // The engine sends it again when the host is back; look again later.
+                o.last_ms = now;
             }
             true
         });
@@ -251,9 +263,25 @@ impl Driver {
 
     /// Steps the machine with `input` and executes everything that follows from it.
     pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Executed {
-        self.heard(&input);
-        let cmds = m.step(self.clock.now_ms(), input);
-        self.execute(m, cmds).await
+        self.feed_many(m, vec![input]).await
+    }
+
+    /// Steps the machine with inputs that arrived together (see [`Rollout::step_many`]) and
+    /// executes everything that follows from them.
+    pub async fn feed_many(&mut self, m: &mut Rollout, inputs: Vec<Input>) -> Executed {
+        for i in &inputs {
+            self.heard(i);
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let cmds = m.step_many(self.clock.now_ms(), inputs);
+        self.stats
+            .step_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let quiet = cmds.is_empty();
+        let mut ex = self.execute(m, cmds).await;
+        ex.quiet = quiet;
+        ex
     }
 
     async fn save(&mut self, m: &Rollout, p: Persist) -> Result<bool, StoreError> {
@@ -273,15 +301,20 @@ impl Driver {
             .collect();
         let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let store = self.store.clone();
+        self.stats.saves.fetch_add(1, Ordering::Relaxed);
         // Fault injection (test builds): the save that records the rollout's end.
         let finishing = std::mem::take(&mut self.finishing);
         if finishing {
             crate::fault::point("finish-before-save");
         }
+        let t = std::time::Instant::now();
         let res =
             tokio::task::spawn_blocking(move || store.save_rollout(&id, &header, &hosts, &events))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        self.stats
+            .save_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         if finishing && res.is_ok() {
             crate::fault::point("finish-saved");
         }
@@ -352,17 +385,25 @@ impl Driver {
         }
     }
 
+    /// Allocates the sequences of every request in one store transaction (one commit for all
+    /// the orders of a step).
     async fn allocate(
         &self,
         service: &ServiceName,
-        host: &HostId,
-        at_least: u64,
-    ) -> Result<u64, StoreError> {
+        reqs: &[SeqRequest],
+    ) -> Result<Vec<u64>, StoreError> {
+        self.stats.allocations.fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
-        let (host, service) = (host.clone(), service.clone());
-        tokio::task::spawn_blocking(move || store.next_seq(&host, &service, at_least))
+        let service = service.clone();
+        let pairs: Vec<(HostId, u64)> = reqs.iter().map(|r| (r.host.clone(), r.at_least)).collect();
+        let t = std::time::Instant::now();
+        let res = tokio::task::spawn_blocking(move || store.next_seqs(&service, &pairs))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))))
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        self.stats
+            .alloc_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        res
     }
 
     /// Executes commands in order. A failed save holds back every order after it (nothing is
@@ -405,17 +446,17 @@ impl Driver {
                     rounds += 1;
                     let mut got = Vec::new();
                     let mut failed = false;
-                    for r in reqs {
-                        match self.allocate(&m.spec().service, &r.host, r.at_least).await {
-                            Ok(seq) => got.push((r.order_id, seq)),
-                            Err(e) => {
-                                tracing::error!(rollout = %m.id(), host = %r.host, error = %e, "allocating an order sequence failed");
-                                // A store error, like a failed save: the rollout pauses (no
-                                // progress deadline runs out on an order that cannot go out)
-                                // and the allocation is asked for again.
-                                failed = true;
-                                out.store_error.get_or_insert(e);
-                            }
+                    match self.allocate(&m.spec().service, &reqs).await {
+                        Ok(seqs) => {
+                            got.extend(reqs.into_iter().map(|r| r.order_id).zip(seqs));
+                        }
+                        Err(e) => {
+                            tracing::error!(rollout = %m.id(), orders = reqs.len(), error = %e, "allocating order sequences failed");
+                            // A store error, like a failed save: the rollout pauses (no
+                            // progress deadline runs out on an order that cannot go out)
+                            // and the allocations are asked for again.
+                            failed = true;
+                            out.store_error.get_or_insert(e);
                         }
                     }
                     if failed {
@@ -444,7 +485,20 @@ impl Driver {
                 }
                 Command::Refused(e) => out.refused = Some(e),
                 Command::Finished(state) => {
-                    tracing::info!(rollout = %m.id(), state = %state, "rollout finished");
+                    let (statuses, steps, saves, allocations) = self.stats.read();
+                    let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) / 1000;
+                    tracing::info!(
+                        rollout = %m.id(),
+                        state = %state,
+                        steps,
+                        step_ms = ms(&self.stats.step_us),
+                        saves,
+                        save_ms = ms(&self.stats.save_us),
+                        allocations,
+                        alloc_ms = ms(&self.stats.alloc_us),
+                        statuses,
+                        "rollout finished"
+                    );
                 }
             }
         }
@@ -465,7 +519,7 @@ fn input_of(e: FleetEvent) -> Input {
 /// hosts that join or reconnect until it is superseded (its token is cancelled); other finished
 /// rollouts stop once every order has been delivered and saved.
 fn should_stop(m: &Rollout, driver: &Driver) -> bool {
-    m.is_quiescent() && m.state() != RolloutState::Succeeded && !driver.has_unsaved()
+    m.state() != RolloutState::Succeeded && m.is_quiescent() && !driver.has_unsaved()
 }
 
 /// The first and longest delays between retries of a failed save.
@@ -506,12 +560,177 @@ impl Retry {
     }
 }
 
+/// At most this many fleet events are taken in as one batch (one machine step, one save).
+pub const MAX_BATCH: usize = 4096;
+
+/// Most fleet events a task holds unread (besides the fleet's own buffer); past it the events
+/// are dropped and the task resynchronises. A wave of 20,000 hosts answers with about 60,000
+/// results and health reports while its saves run; this leaves room for several such bursts.
+pub const EVENT_BACKLOG: usize = 1 << 20;
+
+/// What the forwarder hands the task.
+enum Forwarded {
+    Event(FleetEvent),
+    /// This many events were lost (the fleet's buffer or the backlog overflowed).
+    Lagged(u64),
+}
+
+/// Reads the fleet's events as they come, whatever the task is doing (a save, an allocation),
+/// into the task's backlog: the fleet's bounded buffer never overflows while the task waits on
+/// the store, which made a large wave's answers lost and the task resynchronise again and
+/// again. `queued` counts the events read from the fleet and not yet taken by the task.
+async fn forward(
+    mut rx: broadcast::Receiver<FleetEvent>,
+    tx: mpsc::Sender<Forwarded>,
+    queued: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut missed = 0u64;
+    loop {
+        let ev = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            ev = rx.recv() => ev,
+        };
+        let item = match ev {
+            Ok(e) => Forwarded::Event(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => Forwarded::Lagged(n),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if missed > 0 {
+            match tx.try_send(Forwarded::Lagged(missed)) {
+                Ok(()) => missed = 0,
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        queued.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                missed += 1;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+/// How long a status change may wait before it is published: building the status costs one
+/// entry per host, so it is rate-limited in proportion to the fleet (1 ms per 50 hosts, at
+/// most 250 ms): its cost stays a bounded share of the task's time, whatever the fleet size.
+/// A change of state or wave, an operator call and the task's end publish at once.
+pub fn publish_interval(hosts: usize) -> Duration {
+    Duration::from_millis((hosts as u64 / 50).min(250))
+}
+
+/// Publishes the rollout's status on the watch channel, rate-limited (see [`publish_interval`]).
+struct Publisher {
+    tx: watch::Sender<RolloutView>,
+    /// A change waits to be published.
+    pending: bool,
+    /// When the last status was published (unix ms).
+    last_ms: u64,
+    interval: u64,
+    /// State and wave of the last published status: a change of either is published at once.
+    shown: (RolloutState, usize),
+    /// Statuses built so far (tests count them).
+    built: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    fn note(&mut self, m: &mut Rollout) {
+        if m.take_status_changed() {
+            self.pending = true;
+        }
+    }
+
+    /// When the pending change is due (unix ms).
+    fn due_ms(&self) -> Option<u64> {
+        self.pending.then_some(self.last_ms + self.interval)
+    }
+
+    /// Publishes a pending change if it is due, or if `now_anyway`, or if the state or wave
+    /// changed.
+    fn maybe_publish(&mut self, m: &Rollout, now_ms: u64, now_anyway: bool) {
+        if !self.pending {
+            return;
+        }
+        let key = (m.state(), m.current_wave());
+        if now_anyway || key != self.shown || now_ms >= self.last_ms + self.interval {
+            self.built.fetch_add(1, Ordering::Relaxed);
+            self.tx.send_replace(m.status());
+            self.pending = false;
+            self.last_ms = now_ms;
+            self.shown = key;
+        }
+    }
+}
+
+/// Counters of the work rollout tasks did (tests assert the work per input with them).
+#[derive(Debug, Clone, Default)]
+pub struct TaskStats {
+    /// Statuses built and published.
+    pub statuses: Arc<AtomicU64>,
+    /// Machine steps (one per batch of inputs).
+    pub steps: Arc<AtomicU64>,
+    /// Saves handed to the store (each one durable transaction).
+    pub saves: Arc<AtomicU64>,
+    /// Sequence allocation rounds (each one durable transaction).
+    pub allocations: Arc<AtomicU64>,
+    /// Time spent in machine steps, saves and allocations (µs).
+    pub step_us: Arc<AtomicU64>,
+    pub save_us: Arc<AtomicU64>,
+    pub alloc_us: Arc<AtomicU64>,
+}
+
+impl TaskStats {
+    /// The counters now: `(statuses, steps, saves, allocations)`.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            r(&self.statuses),
+            r(&self.steps),
+            r(&self.saves),
+            r(&self.allocations),
+        )
+    }
+}
+
 /// Runs one rollout until it is finished and quiescent, or `cancel` fires.
 ///
 /// `events` must have been subscribed before the machine was built (a new rollout) or loaded (a
-/// resumed one), so nothing the fleet says after that is missed.
+/// resumed one), so nothing the fleet says after that is missed. Fleet events that wait in the
+/// queue are taken in as one batch ([`MAX_BATCH`] at most): one machine step and one save for
+/// all of them.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
+    m: Rollout,
+    driver: Driver,
+    events: broadcast::Receiver<FleetEvent>,
+    control: mpsc::Receiver<ControlMsg>,
+    status: watch::Sender<RolloutView>,
+    tick: Duration,
+    first: FirstStep,
+    cancel: CancellationToken,
+) {
+    run_counted(
+        m,
+        driver,
+        events,
+        control,
+        status,
+        tick,
+        first,
+        cancel,
+        TaskStats::default(),
+    )
+    .await
+}
+
+/// [`run`], counting its work in `stats`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_counted(
     mut m: Rollout,
     mut driver: Driver,
     events: broadcast::Receiver<FleetEvent>,
@@ -520,41 +739,50 @@ pub async fn run(
     tick: Duration,
     first: FirstStep,
     cancel: CancellationToken,
+    stats: TaskStats,
 ) {
     let id = m.id().to_string();
+    driver.stats = stats.clone();
     let mut retry = Retry::new();
-    // Feeds an input and everything the store's state adds to it (a failed save pauses, a
-    // recovered one resumes), then publishes the status.
+    let mut publisher = Publisher {
+        tx: status,
+        pending: false,
+        last_ms: driver.clock.now_ms(),
+        interval: publish_interval(m.hosts().count()).as_millis() as u64,
+        shown: (m.state(), m.current_wave()),
+        built: stats.statuses.clone(),
+    };
+    // The machine's next deadline, kept while steps change nothing it depends on (a settled
+    // fleet's health reports): working it out walks every host.
+    let mut deadline: Option<Option<u64>> = None;
+    // Feeds inputs and everything the store's state adds to them (a failed save pauses, a
+    // recovered one resumes), then notes the status changed.
     macro_rules! step {
-        ($input:expr) => {{
-            let mut ex = driver.feed(&mut m, $input).await;
+        ($inputs:expr) => {{
+            let inputs: Vec<Input> = $inputs;
+            let only_health = inputs.iter().all(|i| matches!(i, Input::Health { .. }));
+            let mut ex = driver.feed_many(&mut m, inputs).await;
+            if !(only_health && ex.quiet) {
+                deadline = None;
+            }
             let refused = ex.refused.take();
             let mut not_saved = ex.store_error.as_ref().map(|e| e.to_string());
             let mut follow = retry.after(&ex, driver.clock.now_ms(), &id);
             while let Some(i) = follow.take() {
+                deadline = None;
                 let ex = driver.feed(&mut m, i).await;
                 if ex.store_error.is_none() && !driver.has_unsaved() {
                     not_saved = None;
                 }
                 follow = retry.after(&ex, driver.clock.now_ms(), &id);
             }
-            if m.take_status_changed() {
-                status.send_if_modified(|s| {
-                    let new = m.status();
-                    if *s == new {
-                        false
-                    } else {
-                        *s = new;
-                        true
-                    }
-                });
-            }
+            publisher.note(&mut m);
             (refused, not_saved)
         }};
     }
     match first {
         FirstStep::New(reply) => {
-            let (_, not_saved) = step!(Input::Tick);
+            let (_, not_saved) = step!(vec![Input::Tick]);
             if !driver.saved_once {
                 let _ = reply.send(Err(TaskError::NotStarted {
                     rollout: id.clone(),
@@ -562,37 +790,60 @@ pub async fn run(
                 }));
                 return;
             }
+            publisher.maybe_publish(&m, driver.clock.now_ms(), true);
             let _ = reply.send(Ok(m.status()));
         }
         FirstStep::Resume => {
             let snapshot = driver.fleet.snapshot();
-            step!(Input::Resync(snapshot));
+            step!(vec![Input::Resync(snapshot)]);
         }
     }
-    let mut events = Some(events);
+    let queued = Arc::new(AtomicU64::new(0));
+    let (fwd_tx, fwd_rx) = mpsc::channel(EVENT_BACKLOG);
+    let stop_forwarding = CancellationToken::new();
+    let _stop_forwarding = stop_forwarding.clone().drop_guard();
+    tokio::spawn(forward(events, fwd_tx, queued.clone(), stop_forwarding));
+    let mut events = Some(fwd_rx);
     let mut control = Some(control);
+    let resync = |driver: &Driver, n: u64| {
+        tracing::warn!(rollout = %id, missed = n, "fleet events lagged; resynchronising from a snapshot");
+        Input::Resync(driver.fleet.snapshot())
+    };
+    let take = |f: Forwarded, driver: &Driver| match f {
+        Forwarded::Event(e) => {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            input_of(e)
+        }
+        Forwarded::Lagged(n) => resync(driver, n),
+    };
     loop {
         if should_stop(&m, &driver) {
             tracing::debug!(rollout = %id, "rollout task done");
             break;
         }
+        let now = driver.clock.now_ms();
+        publisher.maybe_publish(&m, now, false);
         // An answer still waiting in the queue is an answer: re-send only once every fleet event
         // that has arrived has been read (under load, a wave's answers can wait behind its saves
         // for longer than the re-send wait).
-        if events.as_ref().is_none_or(|e| e.is_empty()) {
+        if events.as_ref().is_none_or(|e| e.is_empty()) && queued.load(Ordering::Relaxed) == 0 {
             driver.resend_unanswered(&m);
         }
-        let now = driver.clock.now_ms();
         let tick_at = now + tick.as_millis() as u64;
-        let mut wake = m.next_deadline().map_or(tick_at, |d| d.min(tick_at));
+        let next = *deadline.get_or_insert_with(|| m.next_deadline());
+        let mut wake = next.map_or(tick_at, |d| d.min(tick_at));
         if let Some(t) = driver.next_resend_ms() {
             wake = wake.min(t.max(now));
         }
         if let Some(t) = retry.at_ms {
             wake = wake.min(t);
         }
+        let publish_at = publisher.due_ms();
+        if let Some(t) = publish_at {
+            wake = wake.min(t.max(now));
+        }
         let sleep = tokio::time::sleep_until(driver.clock.instant_of(wake));
-        let input = tokio::select! {
+        let inputs = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             msg = async {
@@ -602,7 +853,8 @@ pub async fn run(
                 }
             } => match msg {
                 Some(msg) => {
-                    let (refused, not_saved) = step!(Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason });
+                    let (refused, not_saved) = step!(vec![Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason }]);
+                    publisher.maybe_publish(&m, driver.clock.now_ms(), true);
                     let _ = msg.reply.send(match (refused, not_saved) {
                         (Some(e), _) => Err(TaskError::Refused(e)),
                         (None, Some(error)) => Err(TaskError::NotSaved { rollout: id.clone(), error }),
@@ -622,30 +874,47 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             } => match ev {
-                Ok(e) => input_of(e),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(rollout = %id, missed = n, "fleet events lagged; resynchronising from a snapshot");
-                    Input::Resync(driver.fleet.snapshot())
+                Some(f) => {
+                    let mut batch = vec![take(f, &driver)];
+                    // Everything else already waiting goes into the same step.
+                    if let Some(rx) = events.as_mut() {
+                        while batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(f) => batch.push(take(f, &driver)),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    batch
                 }
-                Err(broadcast::error::RecvError::Closed) => {
+                None => {
                     // No more fleet events: only timers and operators remain.
                     events = None;
                     continue;
                 }
             },
             _ = sleep => {
-                if retry.at_ms.is_some_and(|t| t <= driver.clock.now_ms()) && driver.has_unsaved() {
+                let now = driver.clock.now_ms();
+                if retry.at_ms.is_some_and(|t| t <= now) && driver.has_unsaved() {
                     let ex = driver.flush(&m).await;
                     if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
-                        step!(i);
+                        step!(vec![i]);
                     }
                     continue;
                 }
-                Input::Tick
+                // Woken only to publish: no tick needed.
+                let other_due = next.is_some_and(|d| d <= now)
+                    || tick_at <= now
+                    || driver.next_resend_ms().is_some_and(|t| t <= now);
+                if publish_at.is_some_and(|t| t <= now) && !other_due {
+                    continue;
+                }
+                vec![Input::Tick]
             }
         };
-        step!(input);
+        step!(inputs);
     }
+    publisher.maybe_publish(&m, driver.clock.now_ms(), true);
 }
 
 /// Lost messages (issue 8, message chaos): an order or a result lost on the way must not wedge or
@@ -851,5 +1120,114 @@ mod lost_message_tests {
     async fn a_lost_confirmation_is_replayed_by_a_repeated_confirm() {
         let (s, _) = run(|_, _, n, phase| n == 1 && phase == Some(OrderPhase::Confirmed)).await;
         assert_succeeded(&s);
+    }
+}
+
+/// Issue 10 (scale): the work of a rollout task grows with what changed, not with the fleet
+/// times the inputs. Counted with [`super::TaskStats`] on a real manager and task.
+#[cfg(test)]
+mod cost_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serin_proto::{HostId, ReleaseId, ServiceName};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::control_service::RolloutApi;
+    use crate::engine_tests::wire_spec;
+    use crate::fleet::{FleetEvent, HealthSample};
+    use crate::rollout::manager::RolloutManager;
+    use crate::rollout::settings::EngineSettings;
+    use crate::rollout::task::Clock;
+    use crate::rollout::testing::{FakeFleet, host, release_record};
+    use crate::store::{MemoryStore, Store};
+
+    const HOSTS: usize = 200;
+
+    fn health(h: &HostId) -> FleetEvent {
+        FleetEvent::Health {
+            host: h.clone(),
+            sample: HealthSample {
+                service: ServiceName::new("web").unwrap(),
+                release: Some(ReleaseId::new("web-1").unwrap()),
+                healthy: true,
+                checks_passing: 1,
+                checks_total: 1,
+                probe_latency_us: None,
+                restarts: 0,
+                cpu_percent: 0.0,
+                rss_bytes: 0,
+                observed_unix_ms: 0,
+            },
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// One wave of 200 hosts: its 200 orders are allocated in one store transaction and saved in
+    /// one more (not one commit per order); then 1,000 health reports that repeat what is known
+    /// are taken in batches, a few machine steps, and build no status at all (before this
+    /// change every report was a step that rebuilt and compared the whole status).
+    #[tokio::test(start_paused = true)]
+    async fn a_wave_commits_once_and_repeated_health_reports_build_no_status() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let hosts: Vec<_> = (0..HOSTS)
+            .map(|i| host(&format!("h{i:03}"), "eu-1", "web-1"))
+            .collect();
+        let ids: Vec<HostId> = hosts.iter().map(|h| h.host_id.clone()).collect();
+        let fleet = Arc::new(FakeFleet::new(hosts));
+        let shutdown = CancellationToken::new();
+        let mgr = RolloutManager::start_with_clock(
+            store.clone(),
+            fleet.clone(),
+            EngineSettings::default(),
+            shutdown.clone(),
+            Clock::at(1_700_000_000_000),
+        )
+        .await
+        .unwrap();
+        let api: &dyn RolloutApi = &mgr;
+        api.start_rollout(wire_spec(&["100%"])).await.unwrap();
+        let stats = mgr.task_stats();
+        assert_eq!(fleet.sent().len(), HOSTS, "one activate per host");
+        let (_, _, saves, allocations) = stats.read();
+        assert_eq!(allocations, 1, "one allocation round for the whole wave");
+        assert!(saves <= 2, "{saves} saves for one step of 200 orders");
+
+        // The first report of each host is news (its verdict was not known): shown once.
+        for id in &ids {
+            fleet.emit(health(id));
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        let (statuses0, steps0, _, _) = stats.read();
+        for _ in 0..5 {
+            for id in &ids {
+                fleet.emit(health(id));
+            }
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        let (statuses1, steps1, _, _) = stats.read();
+        // Batched: the task takes what waits in its queue as one step (how much waits depends
+        // on scheduling; one step per report would be 1,000).
+        assert!(
+            steps1 - steps0 <= 50,
+            "1,000 queued health reports took {} machine steps",
+            steps1 - steps0
+        );
+        assert_eq!(
+            statuses1, statuses0,
+            "health reports that change nothing shown rebuilt the status"
+        );
+        shutdown.cancel();
+        mgr.join().await;
     }
 }

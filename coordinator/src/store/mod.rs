@@ -127,6 +127,21 @@ pub trait Store: Send + Sync + 'static {
         at_least: u64,
     ) -> Result<u64, StoreError>;
 
+    /// [`next_seq`](Store::next_seq) for many hosts of one service in one durable transaction
+    /// (one commit for all the orders of a step, not one per order): `requests` are
+    /// `(host, at_least)`, the answer the allocated sequences in the same order. All or nothing.
+    /// The default allocates one by one (stores written for tests).
+    fn next_seqs(
+        &self,
+        service: &ServiceName,
+        requests: &[(HostId, u64)],
+    ) -> Result<Vec<u64>, StoreError> {
+        requests
+            .iter()
+            .map(|(host, at_least)| self.next_seq(host, service, *at_least))
+            .collect()
+    }
+
     /// Appends an entry to the audit log, durably; returns its sequence number (strictly
     /// increasing). The default (stores written for tests of other modules) keeps none.
     fn append_audit(&self, _rec: &AuditRecord) -> Result<u64, StoreError> {

@@ -576,6 +576,41 @@ impl Store for RedbStore {
         Ok(next)
     }
 
+    fn next_seqs(
+        &self,
+        service: &ServiceName,
+        requests: &[(HostId, u64)],
+    ) -> Result<Vec<u64>, StoreError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.begin_write("starting next_seqs")?;
+        let out = {
+            let mut t = txn
+                .open_table(ORDER_SEQS)
+                .map_err(|e| self.io("opening table order_seqs", e))?;
+            let mut out = Vec::with_capacity(requests.len());
+            for (host, at_least) in requests {
+                let key = (host.as_str(), service.as_str());
+                let last = t
+                    .get(key)
+                    .map_err(|e| self.io("reading an order sequence", e))?
+                    .map_or(0, |g| g.value());
+                let next = last.max(*at_least).checked_add(1).ok_or_else(|| {
+                    StoreError::Corrupt(format!("order sequence for {host}/{service} is exhausted"))
+                })?;
+                t.insert(key, next)
+                    .map_err(|e| self.io("writing an order sequence", e))?;
+                out.push(next);
+            }
+            out
+        };
+        crate::fault::point("store-seq-before-commit");
+        self.commit(txn, "committing order sequences")?;
+        crate::fault::point("store-seq-committed");
+        Ok(out)
+    }
+
     fn bump_epoch(&self, at_least: u64) -> Result<u64, StoreError> {
         let txn = self.begin_write("starting bump_epoch")?;
         let next = {
@@ -642,6 +677,28 @@ mod tests {
         // An agent that reports a higher applied sequence than we remember pushes us past it.
         assert_eq!(store.next_seq(&host, &web, 40).unwrap(), 41);
         assert_eq!(store.next_seq(&host, &web, 5).unwrap(), 42);
+    }
+
+    /// One transaction allocates for many hosts: each gets the next of its own sequence, past
+    /// `at_least`, and the allocations survive a reopen like single ones.
+    #[test]
+    fn next_seqs_allocates_many_hosts_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
+        let web = ServiceName::new("web").unwrap();
+        {
+            let store = RedbStore::open(&path).unwrap();
+            assert_eq!(store.next_seq(&h1, &web, 0).unwrap(), 1);
+            let got = store
+                .next_seqs(&web, &[(h1.clone(), 0), (h2.clone(), 7)])
+                .unwrap();
+            assert_eq!(got, vec![2, 8]);
+            assert_eq!(store.next_seqs(&web, &[]).unwrap(), Vec::<u64>::new());
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.next_seq(&h1, &web, 0).unwrap(), 3);
+        assert_eq!(store.next_seq(&h2, &web, 0).unwrap(), 9);
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub struct RolloutRun {
     pub wall: Duration,
     /// Per wave: (hosts, wall time from its start to the next wave's start or the end).
     pub waves: Vec<(u32, Duration)>,
+    /// From `StartRollout` until every host of a succeeded rollout was confirmed (the last
+    /// wave's confirms go out with the final decision), when that happened in time.
+    pub confirmed: Option<Duration>,
+    /// The last full `GetRollout` (every host): how long it took and its encoded size.
+    pub full_status: (Duration, usize),
+    /// A summary `GetRollout` (waves, counts, one host): how long it took.
+    pub summary_status: Duration,
 }
 
 impl Operator {
@@ -127,6 +134,10 @@ impl Operator {
                 .client
                 .watch_rollout(wire::RolloutRef {
                     rollout_id: id.clone(),
+                    // A summary: waves and counts, one host (the bench reads every host once,
+                    // at the end).
+                    host_limit: 1,
+                    ..Default::default()
                 })
                 .await
             {
@@ -138,6 +149,8 @@ impl Operator {
                         .client
                         .get_rollout(wire::RolloutRef {
                             rollout_id: id.clone(),
+                            host_limit: 1,
+                            ..Default::default()
                         })
                         .await?
                         .into_inner();
@@ -186,11 +199,60 @@ impl Operator {
             };
             waves.push((w.size, Duration::from_millis(took)));
         }
+        // Until every host is confirmed (or failed), bounded: the CPU "after" is measured once
+        // the rollout's work is really over.
+        let settle_by = Instant::now() + Duration::from_secs(15);
+        let mut confirmed = None;
+        let mut full_status;
+        loop {
+            let t = Instant::now();
+            let full = self
+                .client
+                .get_rollout(wire::RolloutRef {
+                    rollout_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .context("GetRollout")?
+                .into_inner();
+            full_status = (t.elapsed(), prost::Message::encoded_len(&full));
+            let settled = full.hosts.iter().all(|h| {
+                matches!(
+                    h.phase(),
+                    wire::HostPhase::Confirmed
+                        | wire::HostPhase::Failed
+                        | wire::HostPhase::RolledBack
+                        | wire::HostPhase::Skipped
+                )
+            });
+            last = full;
+            if settled {
+                confirmed = Some(t0.elapsed());
+                break;
+            }
+            if last.state() != wire::RolloutState::Succeeded || Instant::now() > settle_by {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t = Instant::now();
+        self.client
+            .get_rollout(wire::RolloutRef {
+                rollout_id: id.clone(),
+                host_limit: 1,
+                ..Default::default()
+            })
+            .await
+            .context("GetRollout (summary)")?;
+        let summary_status = t.elapsed();
         Ok(RolloutRun {
             status: last,
             started_us,
             wall,
             waves,
+            confirmed,
+            full_status,
+            summary_status,
         })
     }
 }

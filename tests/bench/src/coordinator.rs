@@ -168,6 +168,12 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // `SERIN_BENCH_KEEP_LOG=PATH`: the coordinator's log is copied there before its
+        // directory goes (with `SERIN_BENCH_COORDINATOR_LOG=info`, the engine's work counters
+        // are in its "rollout finished" line).
+        if let Some(keep) = std::env::var_os("SERIN_BENCH_KEEP_LOG") {
+            let _ = std::fs::copy(self.dir.path().join("coordinator.log"), keep);
+        }
     }
 }
 

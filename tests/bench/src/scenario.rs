@@ -505,10 +505,40 @@ async fn rollout_report(
         ro.status.state().as_str(),
         ro.status.reason
     ));
+    if let Some(c) = ro.confirmed {
+        report.add(
+            "confirmed_s",
+            "every host confirmed (from start)",
+            c.as_secs_f64(),
+            "s",
+            None,
+        );
+    }
+    report.add(
+        "status_full_ms",
+        "GetRollout, every host",
+        ro.full_status.0.as_secs_f64() * 1000.0,
+        "ms",
+        Some("< 500 ms"),
+    );
+    report.add(
+        "status_full_mib",
+        "GetRollout size, every host",
+        ro.full_status.1 as f64 / (1024.0 * 1024.0),
+        "MiB",
+        Some("< 16 MiB"),
+    );
+    report.add(
+        "status_summary_ms",
+        "GetRollout, summary (host_limit 1)",
+        ro.summary_status.as_secs_f64() * 1000.0,
+        "ms",
+        Some("< 500 ms"),
+    );
     let cpu_after = run.coordinator.cpu_over(Duration::from_secs(3)).await?;
     report.add(
         "cpu_after_pct",
-        "coordinator CPU after the rollout finished",
+        "coordinator CPU after every host was confirmed",
         cpu_after,
         "% core",
         Some(&format!("= before ({idle_cpu:.1} %)")),

@@ -5,6 +5,15 @@ use super::*;
 
 impl Rollout {
     pub(super) fn on_host_up(&mut self, now: u64, s: HostSnapshot) {
+        self.host_seen(now, s, true);
+    }
+
+    /// A host seen connected (or not) in a hello (`hello`: it said hello just now, so whatever
+    /// it was sent before may be lost) or in a snapshot (a resynchronisation: a host that was
+    /// reachable before and still is has its order already; re-sending it to every such host
+    /// was the re-send storm of a lagging task. The driver's per-host backoff repeats an order
+    /// that really was lost).
+    fn host_seen(&mut self, now: u64, s: HostSnapshot, hello: bool) {
         if !self.hosts.contains_key(&s.host_id) {
             self.maybe_join(now, &s);
             return;
@@ -18,6 +27,7 @@ impl Rollout {
         if s.connected && was != Reach::Reachable {
             // Holds sent while it was away were lost: hold it again now if it is armed.
             seen.held_ms = None;
+            self.holds_from_ms = 0;
         }
         seen.reach = match (s.connected, was) {
             (true, _) => Reach::Reachable,
@@ -39,7 +49,11 @@ impl Rollout {
         }
         // Re-send the order the host should be working on (same id, same seq: the agent
         // deduplicates it and replays its result).
-        if let Some(o) = h.order.as_mut().filter(|o| !o.done && o.seq.is_some()) {
+        if let Some(o) = h
+            .order
+            .as_mut()
+            .filter(|o| !o.done && o.seq.is_some() && (hello || was != Reach::Reachable))
+        {
             // Its answer is awaited from now (the rollback timeout counts from the re-send,
             // not from a send the host may never have seen).
             o.sent_ms = Some(now);
@@ -70,6 +84,7 @@ impl Rollout {
     pub(super) fn on_store_failed(&mut self, now: u64, error: String) {
         // Allocations requested in the failed round were dropped with it: ask again.
         self.requested.clear();
+        self.alloc_scan = true;
         if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) {
             self.event(now, format!("saving the rollout failed: {error}"));
             return;
@@ -125,7 +140,7 @@ impl Rollout {
         for s in snaps {
             seen.insert(s.host_id.clone());
             if s.connected || self.hosts.contains_key(&s.host_id) {
-                self.on_host_up(now, s);
+                self.host_seen(now, s, false);
             } else {
                 self.candidates.remove(&s.host_id);
             }

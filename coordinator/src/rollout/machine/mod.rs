@@ -241,6 +241,13 @@ pub struct Rollout {
     events: Vec<EventRecord>,
     requested: BTreeSet<String>,
     sends: Vec<HostId>,
+    /// An order may lack a sequence that was not asked for yet: the next drain looks for it
+    /// (set when an order is issued or open requests are dropped; otherwise nothing is
+    /// looked for, so a step does not walk every host to find nothing).
+    alloc_scan: bool,
+    /// No hold is due before this time (unix ms); 0: look at every host at the next step. A
+    /// lower bound: only a dispatch or a reconnect can make a hold due earlier, and both reset it.
+    holds_from_ms: u64,
     finished_reported: bool,
     /// Something operators see changed since [`Rollout::take_status_changed`] was last called.
     status_changed: bool,
@@ -338,6 +345,8 @@ impl Rollout {
             events: Vec::new(),
             requested: BTreeSet::new(),
             sends: Vec::new(),
+            alloc_scan: true,
+            holds_from_ms: 0,
             finished_reported: false,
             status_changed: true,
         };
@@ -447,6 +456,8 @@ impl Rollout {
             events: Vec::new(),
             requested: BTreeSet::new(),
             sends: Vec::new(),
+            alloc_scan: true,
+            holds_from_ms: 0,
             finished_reported: finished,
             status_changed: true,
         })
@@ -635,9 +646,49 @@ impl Rollout {
 
     /// Feeds one input at time `now_ms` (unix milliseconds) and returns what to do.
     pub fn step(&mut self, now_ms: u64, input: Input) -> Vec<Command> {
+        self.step_many(now_ms, vec![input])
+    }
+
+    /// Feeds several inputs that arrived together (at `now_ms`) and returns what to do: each
+    /// input is taken in, in order, then the rollout advances once and the commands of the
+    /// whole batch are drained: one save, one allocation round and the orders of all of them.
+    ///
+    /// This is what an input arriving a moment later than the one before it would give: the
+    /// machine decides on the state all of them leave, so the work per batch (gates, counts,
+    /// deadlines) is paid once per batch rather than once per input. A driver under load batches
+    /// what waits in its queue; the cost of a step then grows with the batch, not with the fleet
+    /// times the inputs.
+    ///
+    /// Health reports of a finished rollout that change nothing it decides (the usual case:
+    /// a settled fleet reporting every few seconds) are taken in without advancing or draining:
+    /// their cost is a lookup, not a walk over every host.
+    pub fn step_many(&mut self, now_ms: u64, inputs: Vec<Input>) -> Vec<Command> {
         #[cfg(debug_assertions)]
         let before = self.state;
         let mut refused = None;
+        let only_health = inputs.iter().all(|i| matches!(i, Input::Health { .. }));
+        for input in inputs {
+            self.take_in(now_ms, input, &mut refused);
+        }
+        if only_health && self.state.is_finished() && self.quiet() {
+            return Vec::new();
+        }
+        self.advance(now_ms);
+        #[cfg(debug_assertions)]
+        self.debug_check(before);
+        self.drain(now_ms, refused)
+    }
+
+    /// Nothing to save, allocate or send is pending from the inputs taken in so far.
+    fn quiet(&self) -> bool {
+        !self.dirty_header
+            && self.dirty_hosts.is_empty()
+            && self.events.is_empty()
+            && self.sends.is_empty()
+    }
+
+    /// Takes one input in: what it changes in intent and observation, without advancing.
+    fn take_in(&mut self, now_ms: u64, input: Input, refused: &mut Option<ControlError>) {
         // Health reports and ticks are the frequent inputs: they mark the status changed only
         // when they change something shown (a health verdict, a saved change); every other input
         // does, so publishing costs nothing per report that repeats what is known.
@@ -647,7 +698,10 @@ impl Rollout {
         match input {
             // Allocation requests are answered within the driver's handling of one input, so
             // any still open here failed: ask again.
-            Input::Tick => self.requested.clear(),
+            Input::Tick => {
+                self.requested.clear();
+                self.alloc_scan = true;
+            }
             Input::HostUp(s) => self.on_host_up(now_ms, s),
             Input::HostDown(h) => self.on_host_down(now_ms, &h),
             Input::Health { host, sample } => self.on_health(now_ms, &host, sample),
@@ -659,17 +713,13 @@ impl Rollout {
                 reason,
             } => {
                 if let Err(e) = self.on_operator(now_ms, action, &actor, &reason) {
-                    refused = Some(e);
+                    *refused = Some(e);
                 }
             }
             Input::Resync(snaps) => self.on_resync(now_ms, snaps),
             Input::StoreFailed { error } => self.on_store_failed(now_ms, error),
             Input::StoreRecovered => self.on_store_recovered(now_ms),
         }
-        self.advance(now_ms);
-        #[cfg(debug_assertions)]
-        self.debug_check(before);
-        self.drain(now_ms, refused)
     }
 
     /// The engine's promises that can be checked on one machine after every step (the model
@@ -812,6 +862,7 @@ impl Rollout {
         };
         h.orders_issued += 1;
         h.attempts = 0;
+        self.alloc_scan = true;
         let order_id = format!(
             "{rollout}/{}/{}-{}",
             h.ordinal,

@@ -85,12 +85,22 @@ impl Rollout {
 
     /// The holds due at `now`; each host's next one is due an interval later.
     fn holds(&mut self, now: u64) -> Vec<Command> {
-        let due: Vec<(HostId, usize)> = self
-            .hosts
-            .values()
-            .filter(|h| self.hold_due(h).is_some_and(|t| t <= now))
-            .map(|h| (h.id.clone(), h.wave as usize))
-            .collect();
+        if now < self.holds_from_ms {
+            return Vec::new();
+        }
+        let mut due: Vec<(HostId, usize)> = Vec::new();
+        let mut next = u64::MAX;
+        for h in self.hosts.values() {
+            match self.hold_due(h) {
+                Some(t) if t <= now => {
+                    due.push((h.id.clone(), h.wave as usize));
+                    next = next.min(now + self.hold_interval(h));
+                }
+                Some(t) => next = next.min(t),
+                None => {}
+            }
+        }
+        self.holds_from_ms = next;
         due.into_iter()
             .map(|(host, wave)| {
                 self.seen.entry(&host).held_ms = Some(now);
@@ -128,7 +138,8 @@ impl Rollout {
             self.dirty_header = false;
         }
         let mut alloc = Vec::new();
-        for h in self.hosts.values() {
+        let scan = std::mem::take(&mut self.alloc_scan);
+        for h in self.hosts.values().filter(|_| scan) {
             if let Some(o) = &h.order
                 && o.seq.is_none()
                 && !o.done

@@ -144,17 +144,24 @@ impl Rollout {
             WaveState::Dispatching | WaveState::Baking => {}
             _ => return false,
         }
-        let ids = wave.hosts.clone();
-        // Hosts past their healthy deadline.
+        // Hosts past their healthy deadline (found without copying the wave's host list: this
+        // runs on every step).
         let hd = ms(self.spec.healthy_deadline);
-        for id in &ids {
-            let late = self.hosts.get(id).is_some_and(|h| {
-                self.seen.reachable(id)
-                    && h.failure.is_none()
-                    && h.phase == HostPhase::Activated
-                    && h.activated_ms.is_some_and(|t| t + hd <= now)
-            });
-            if late {
+        let late: Vec<HostId> = wave
+            .hosts
+            .iter()
+            .filter(|id| {
+                self.hosts.get(*id).is_some_and(|h| {
+                    h.failure.is_none()
+                        && h.phase == HostPhase::Activated
+                        && h.activated_ms.is_some_and(|t| t + hd <= now)
+                        && self.seen.reachable(id)
+                })
+            })
+            .cloned()
+            .collect();
+        for id in &late {
+            {
                 self.fail_armed_host(
                     now,
                     id,
@@ -170,6 +177,7 @@ impl Rollout {
             .deadline_base_ms
             .is_some_and(|t| t + ms(self.spec.progress_deadline) <= now);
         if progress_due {
+            let ids = self.waves[idx].hosts.clone();
             for id in &ids {
                 let late = self
                     .hosts
@@ -192,7 +200,7 @@ impl Rollout {
             return true;
         }
         self.dispatch(now, idx);
-        let settled = ids.iter().all(|id| {
+        let settled = self.waves[idx].hosts.iter().all(|id| {
             self.hosts
                 .get(id)
                 .is_some_and(|h| h.settled(self.seen.get(id)))
@@ -218,7 +226,8 @@ impl Rollout {
             {
                 // Just after a restart, hosts not heard from yet are neither counted as healthy
                 // nor as unreachable: the gate waits for them (at most the resume grace).
-                let unknown = ids
+                let unknown = self.waves[idx]
+                    .hosts
                     .iter()
                     .any(|id| self.hosts.contains_key(id) && self.seen.unknown(id));
                 if unknown {
@@ -232,6 +241,16 @@ impl Rollout {
     }
 
     pub(super) fn dispatch(&mut self, now: u64, idx: usize) {
+        // Most steps have nobody left to dispatch: say so without counting the fleet.
+        let waiting = self.waves[idx].hosts.iter().any(|id| {
+            self.hosts
+                .get(id)
+                .is_some_and(|h| h.phase == HostPhase::Pending && h.failure.is_none())
+                && self.seen.reachable(id)
+        });
+        if !waiting {
+            return;
+        }
         let total = self.hosts.len() as u32;
         let mut in_flight = self.hosts.values().filter(|h| h.in_flight()).count() as u32;
         let mut unavailable = in_flight
@@ -284,6 +303,7 @@ impl Rollout {
         // From now on its agent may be armed (a re-dispatch keeps the earlier time: the switch
         // of an earlier activation may still be running).
         self.seen.entry(id).armed_since.get_or_insert(now);
+        self.holds_from_ms = 0;
         if let Some(h) = self.hosts.get_mut(id) {
             h.phase = h.phase.on_dispatch();
             h.dispatched_ms = Some(now);
