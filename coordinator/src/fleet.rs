@@ -85,6 +85,8 @@ pub enum ResultCode {
     ReplayedOrder,
     /// The release's URL is not under a prefix the agent allows.
     UrlNotAllowed,
+    /// Draining the host would leave its load-balancer backend with no serving server.
+    LastServingServer,
 }
 
 impl ResultCode {
@@ -119,6 +121,7 @@ impl ResultCode {
             ResultCode::BelowFloor => "below_floor",
             ResultCode::ReplayedOrder => "replayed_order",
             ResultCode::UrlNotAllowed => "url_not_allowed",
+            ResultCode::LastServingServer => "last_serving_server",
         }
     }
 }

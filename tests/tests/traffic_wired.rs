@@ -695,3 +695,104 @@ fn a_coordinator_weighted_canary_gets_its_share_through_haproxy_and_full_weight_
         "explain does not show the weights:\n{explained}"
     );
 }
+
+#[test]
+fn an_activation_that_would_drain_the_last_serving_server_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let check = free_port();
+    let fx = AgentFixture::start_with(behind_lb(
+        "wired-last",
+        check,
+        &haproxy_keys(&socket, "h1", "5s"),
+    ));
+    let v1 = DemoRelease::healthy("last-1.0");
+    let v2 = DemoRelease::healthy("last-2.0");
+    fx.install_first(1, &v1);
+    // h1 (the agent's service) and a peer the test switches in and out of maintenance.
+    let peer = serin_tests::haproxy::NamedBackends::start(&["peer"], Duration::ZERO).unwrap();
+    let servers = [
+        Server {
+            name: "h1".into(),
+            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, check))),
+        },
+        Server {
+            name: "peer".into(),
+            addr: peer.servers[0].1,
+            agent: None,
+        },
+    ];
+    let haproxy = Haproxy::start(dir.path(), &servers, Duration::from_millis(200)).unwrap();
+    let dump = || {
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            fx.dump()
+        )
+    };
+    wait_in_rotation(&haproxy, "h1", &dump);
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "maint"))
+        .unwrap();
+    wait_for(
+        "the peer in maintenance",
+        Duration::from_secs(5),
+        &dump,
+        || haproxy.server("peer").is_ok_and(|s| !s.serving()),
+    );
+
+    // h1 is the backend's last serving server: refused, nothing drained or swapped.
+    fx.publish(&v2);
+    let pid = fx.agent.service_pid().unwrap();
+    fx.send(orders::activate(
+        2,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(2);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::LastServingServer, "{}", r.message);
+    assert!(
+        r.message
+            .contains("draining be/h1 would leave backend be with no serving server"),
+        "{}",
+        r.message
+    );
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+    assert_eq!(
+        fx.agent.service_pid().unwrap(),
+        pid,
+        "the service was restarted"
+    );
+    assert_eq!(
+        agent_check(check),
+        "up ready 100%\n",
+        "the server was drained"
+    );
+    assert!(haproxy.server("h1").unwrap().serving(), "{}", dump());
+
+    // With the peer back, the same activation drains h1 and goes through.
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "ready"))
+        .unwrap();
+    wait_in_rotation(&haproxy, "peer", &dump);
+    fx.activate(3, &v2, Deadlines::quick());
+    let healthy = fx.wait_phase(3, OrderPhase::Healthy);
+    let activated = result_in(&fx, 3, OrderPhase::Activated);
+    assert!(
+        activated
+            .message
+            .contains("backend be keeps 1 serving during the drain (peer)")
+            && activated.message.contains("drained: idle after"),
+        "{}",
+        activated.message
+    );
+    assert!(
+        healthy.message.contains("back in rotation"),
+        "{}",
+        healthy.message
+    );
+    fx.wait_serving(&v2.id);
+}

@@ -108,6 +108,17 @@ impl ServiceTask {
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
         let from_running = from.is_some();
         let drain = self.cfg.traffic.behind_load_balancer() && from_running;
+        if drain && let Err(msg) = self.check_not_last_server(&to).await {
+            tracing::warn!(service = self.name(), release = %to, reason = %msg, "activation refused");
+            self.reply(
+                order,
+                OrderPhase::Failed,
+                ResultCode::LastServingServer,
+                msg,
+            )
+            .await;
+            return;
+        }
         let weight = match &order.action {
             OrderAction::Activate { traffic_weight, .. } => *traffic_weight,
             _ => None,
