@@ -192,16 +192,29 @@ fn a_drain_held_open_by_a_client_times_out_and_the_activation_proceeds_saying_so
     opts.checks_toml = opts.checks_toml.replace("/healthz", "/version");
     let fx = AgentFixture::start_with(opts);
     fx.install_first(1, &v1);
+    // A peer keeps the backend serving while h1 drains (the agent refuses to drain the last
+    // serving server); in maintenance until the held request is on h1.
+    let peer = serin_tests::haproxy::NamedBackends::start(&["peer"], Duration::ZERO).unwrap();
     let haproxy = Haproxy::start(
         dir.path(),
-        &[Server {
-            name: "h1".into(),
-            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
-            agent: Some(SocketAddr::from((LOCALHOST, check))),
-        }],
+        &[
+            Server {
+                name: "h1".into(),
+                addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+                agent: Some(SocketAddr::from((LOCALHOST, check))),
+            },
+            Server {
+                name: "peer".into(),
+                addr: peer.servers[0].1,
+                agent: None,
+            },
+        ],
         Duration::from_millis(200),
     )
     .unwrap();
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "maint"))
+        .unwrap();
     let dump = || {
         format!(
             "{:?}\n{}\n{}",
@@ -221,6 +234,10 @@ fn a_drain_held_open_by_a_client_times_out_and_the_activation_proceeds_saying_so
         &dump,
         || haproxy.server("h1").is_ok_and(|s| s.scur == 1),
     );
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "ready"))
+        .unwrap();
+    wait_in_rotation(&haproxy, "peer", &dump);
     let started = Instant::now();
     fx.activate(2, &v2, Deadlines::quick());
     let healthy = fx.wait_phase(2, OrderPhase::Healthy);
