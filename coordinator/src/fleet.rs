@@ -87,6 +87,8 @@ pub enum ResultCode {
     UrlNotAllowed,
     /// Draining the host would leave its load-balancer backend with no serving server.
     LastServingServer,
+    /// The incoming release's `validate` hook failed; nothing was swapped.
+    HookFailed,
 }
 
 impl ResultCode {
@@ -122,6 +124,7 @@ impl ResultCode {
             ResultCode::ReplayedOrder => "replayed_order",
             ResultCode::UrlNotAllowed => "url_not_allowed",
             ResultCode::LastServingServer => "last_serving_server",
+            ResultCode::HookFailed => "hook_failed",
         }
     }
 }

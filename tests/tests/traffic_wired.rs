@@ -380,7 +380,7 @@ fn a_failing_validate_hook_stops_the_activation_before_the_swap() {
     ));
     let r = fx.wait_outcome(3);
     assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
-    assert_eq!(r.code(), ResultCode::ServiceFailedToStart);
+    assert_eq!(r.code(), ResultCode::HookFailed);
     assert!(
         r.message.contains("validate hook failed")
             && r.message.contains("port 8443 is taken")
@@ -465,6 +465,7 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     let r = fx.wait_outcome(3);
     let took = sent.elapsed();
     assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::HookFailed, "{}", r.message);
     assert!(
         r.message
             .contains("validate hook timed out after 1s and was killed"),

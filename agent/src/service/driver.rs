@@ -96,13 +96,8 @@ impl ServiceTask {
             let msg =
                 format!("release {to} refused by its validate hook, nothing swapped: {evidence}");
             tracing::warn!(service = self.name(), release = %to, %evidence, "validate hook failed");
-            self.reply(
-                order,
-                OrderPhase::Failed,
-                ResultCode::ServiceFailedToStart,
-                msg,
-            )
-            .await;
+            self.reply(order, OrderPhase::Failed, ResultCode::HookFailed, msg)
+                .await;
             return;
         }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
