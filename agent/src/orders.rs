@@ -56,7 +56,7 @@ pub fn order_release(order: &Order) -> String {
             release.id.to_string()
         }
         OrderAction::Rollback { to } => to.as_ref().map(ToString::to_string).unwrap_or_default(),
-        OrderAction::Confirm { release } => release.to_string(),
+        OrderAction::Confirm { release, .. } => release.to_string(),
         OrderAction::Cancel => String::new(),
     }
 }
@@ -126,6 +126,7 @@ mod tests {
         };
         let confirm = OrderAction::Confirm {
             release: ReleaseId::new("web-2").unwrap(),
+            traffic_weight: None,
         };
         let r = result(
             &order(5, confirm.clone()),

@@ -290,6 +290,7 @@ async fn stage_activate_confirm_dead_man_switch_and_restart() {
         3,
         wire::order::Action::Confirm(wire::ConfirmOrder {
             release: "web-1".into(),
+            traffic_weight_percent: None,
         }),
     )
     .await;
@@ -301,6 +302,7 @@ async fn stage_activate_confirm_dead_man_switch_and_restart() {
         3,
         wire::order::Action::Confirm(wire::ConfirmOrder {
             release: "web-1".into(),
+            traffic_weight_percent: None,
         }),
     )
     .await;

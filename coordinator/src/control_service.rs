@@ -103,6 +103,8 @@ pub fn raw_spec_from_wire(w: wire::RolloutSpec) -> RawSpec {
         spread_label: w.spread_label,
         max_domains_in_flight: w.max_domains_in_flight,
         unreachable_threshold: w.unreachable_threshold,
+        canary_weight: w.canary_weight,
+        weights: w.weights,
     }
 }
 
@@ -131,6 +133,8 @@ pub fn raw_spec_to_wire(r: RawSpec) -> wire::RolloutSpec {
         spread_label: r.spread_label,
         max_domains_in_flight: r.max_domains_in_flight,
         unreachable_threshold: r.unreachable_threshold,
+        canary_weight: r.canary_weight,
+        weights: r.weights,
     }
 }
 

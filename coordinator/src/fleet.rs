@@ -85,6 +85,10 @@ pub enum ResultCode {
     ReplayedOrder,
     /// The release's URL is not under a prefix the agent allows.
     UrlNotAllowed,
+    /// Draining the host would leave its load-balancer backend with no serving server.
+    LastServingServer,
+    /// The incoming release's `validate` hook failed; nothing was swapped.
+    HookFailed,
 }
 
 impl ResultCode {
@@ -119,6 +123,8 @@ impl ResultCode {
             ResultCode::BelowFloor => "below_floor",
             ResultCode::ReplayedOrder => "replayed_order",
             ResultCode::UrlNotAllowed => "url_not_allowed",
+            ResultCode::LastServingServer => "last_serving_server",
+            ResultCode::HookFailed => "hook_failed",
         }
     }
 }

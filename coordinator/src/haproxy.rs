@@ -93,7 +93,8 @@ pub struct ServerStat {
 impl ServerStat {
     /// Takes new connections: up (or going down but still up) with a weight above 0.
     pub fn serving(&self) -> bool {
-        self.status.starts_with("UP") && self.weight > 0
+        // A server HAProxy does not health-check shows "no check" and serves.
+        (self.status.starts_with("UP") || self.status == "no check") && self.weight > 0
     }
 }
 

@@ -897,6 +897,8 @@ fn result_code_from_wire(c: wire::ResultCode) -> ResultCode {
         wire::ResultCode::BelowFloor => ResultCode::BelowFloor,
         wire::ResultCode::ReplayedOrder => ResultCode::ReplayedOrder,
         wire::ResultCode::UrlNotAllowed => ResultCode::UrlNotAllowed,
+        wire::ResultCode::LastServingServer => ResultCode::LastServingServer,
+        wire::ResultCode::HookFailed => ResultCode::HookFailed,
     }
 }
 

@@ -361,7 +361,12 @@ pub enum OrderAction {
     /// Restore an earlier release still on disk; `None`: the previous one.
     Rollback { to: Option<ReleaseId> },
     /// Accept the activated release.
-    Confirm { release: ReleaseId },
+    Confirm {
+        release: ReleaseId,
+        /// The load-balancer weight from now on, in percent (0..=100) of the server's
+        /// configured weight (a weighted canary going to full weight); `None`: unchanged.
+        traffic_weight: Option<u8>,
+    },
     /// Stop a stage in progress.
     Cancel,
 }
@@ -491,16 +496,10 @@ impl TryFrom<wire::Order> for Order {
                 let min_healthy = deadline("order.activate.min_healthy_ms", a.min_healthy_ms)?;
                 let confirm =
                     deadline("order.activate.confirm_deadline_ms", a.confirm_deadline_ms)?;
-                let traffic_weight = match a.traffic_weight_percent {
-                    None => None,
-                    Some(w) if w <= 100 => Some(w as u8),
-                    Some(w) => {
-                        return Err(ValidationError::new(
-                            "order.activate.traffic_weight_percent",
-                            format!("{w} is above 100"),
-                        ));
-                    }
-                };
+                let traffic_weight = weight_percent(
+                    "order.activate.traffic_weight_percent",
+                    a.traffic_weight_percent,
+                )?;
                 OrderAction::Activate {
                     release,
                     healthy_deadline,
@@ -522,6 +521,10 @@ impl TryFrom<wire::Order> for Order {
             Some(Action::Confirm(c)) => OrderAction::Confirm {
                 release: ReleaseId::new(c.release)
                     .map_err(|e| e.within("order.confirm.release"))?,
+                traffic_weight: weight_percent(
+                    "order.confirm.traffic_weight_percent",
+                    c.traffic_weight_percent,
+                )?,
             },
             Some(Action::Cancel(_)) => OrderAction::Cancel,
         };
@@ -533,6 +536,15 @@ impl TryFrom<wire::Order> for Order {
             service,
             action,
         })
+    }
+}
+
+/// A traffic weight percent from the wire: at most 100.
+fn weight_percent(field: &str, w: Option<u32>) -> Result<Option<u8>, ValidationError> {
+    match w {
+        None => Ok(None),
+        Some(w) if w <= 100 => Ok(Some(w as u8)),
+        Some(w) => Err(ValidationError::new(field, format!("{w} is above 100"))),
     }
 }
 
@@ -559,8 +571,12 @@ impl From<Order> for wire::Order {
             OrderAction::Rollback { to } => Action::Rollback(wire::RollbackOrder {
                 to_release: to.map(ReleaseId::into_string).unwrap_or_default(),
             }),
-            OrderAction::Confirm { release } => Action::Confirm(wire::ConfirmOrder {
+            OrderAction::Confirm {
+                release,
+                traffic_weight,
+            } => Action::Confirm(wire::ConfirmOrder {
                 release: release.into_string(),
+                traffic_weight_percent: traffic_weight.map(u32::from),
             }),
             OrderAction::Cancel => Action::Cancel(wire::CancelOrder {}),
         };
@@ -728,6 +744,23 @@ mod tests {
         wrong.service = "db".into();
         let e = Order::try_from(wrong).unwrap_err();
         assert!(e.to_string().contains("belongs to service web"), "{e}");
+
+        // A confirm carries a weight too (a weighted canary going to full weight).
+        let c = Order {
+            action: OrderAction::Confirm {
+                release: ReleaseId::new("web-2").unwrap(),
+                traffic_weight: Some(100),
+            },
+            ..o
+        };
+        let w: wire::Order = c.clone().into();
+        assert_eq!(Order::try_from(w.clone()).unwrap(), c);
+        let mut heavy = w;
+        if let Some(wire::order::Action::Confirm(c)) = &mut heavy.action {
+            c.traffic_weight_percent = Some(250);
+        }
+        let e = Order::try_from(heavy).unwrap_err();
+        assert_eq!(e.field, "order.confirm.traffic_weight_percent", "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The value grammar shared by the coordinator's spec validation and the CLI's argument parsers:
 //! host counts and percentages ([`Limit`]), wave sizes and wave lists ([`WaveSize`],
-//! [`parse_wave_list`], [`check_waves`]) and durations ([`parse_duration`], [`timing_ms`]).
+//! [`parse_wave_list`], [`check_waves`]), durations ([`parse_duration`], [`timing_ms`]) and
+//! traffic weights ([`parse_weight_percent`]).
 //!
 //! One grammar means the CLI cannot accept what the coordinator refuses, or the other way round:
 //! `10 %` is a percentage for both, `500us` is refused by both.
@@ -360,6 +361,29 @@ words!(crate::wire::DecisionKind, "DECISION_KIND_", {
     ManualRollback => "manual_rollback",
     RollbackFinished => "rollback_finished",
 });
+
+/// A traffic weight: a percent from 1% to 100% of a server's configured load-balancer weight,
+/// with its `%` (`"5%"`, `"5 %"`); a bare number is refused so it cannot be read as a host count.
+pub fn parse_weight_percent(field: &str, text: &str) -> Result<u8, ValidationError> {
+    let t = text.trim();
+    let Some(n) = t.strip_suffix('%') else {
+        return Err(ValidationError::new(
+            field,
+            format!("{t:?} is not a percent; write a traffic weight as e.g. 5%"),
+        ));
+    };
+    match n.trim().parse::<u8>() {
+        Ok(0) => Err(ValidationError::new(
+            field,
+            "0% would send the wave no traffic, so its bake would judge nothing",
+        )),
+        Ok(p) if p <= 100 => Ok(p),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{t:?} is not a percent from 1% to 100%"),
+        )),
+    }
+}
 
 #[cfg(test)]
 mod tests {

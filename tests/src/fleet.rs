@@ -446,9 +446,16 @@ success_threshold = 1
 "#;
 
 impl FleetHost {
-    fn start(coordinator: &CoordinatorProc, linked: bool, test: &str, zone: &str) -> Self {
+    fn start(
+        coordinator: &CoordinatorProc,
+        linked: bool,
+        test: &str,
+        zone: &str,
+        service_toml: &str,
+    ) -> Self {
         let mut opts = AgentOptions::new(test);
         opts.checks_toml.push_str(RELEASE_GATE_CHECK);
+        opts.checks_toml.push_str(service_toml);
         let link = linked.then(|| Link::start(coordinator.addr()));
         let url = link
             .as_ref()
@@ -796,11 +803,33 @@ impl Fleet {
         Self::start_with(name, zones, false)
     }
 
+    /// Like [`start`](Self::start), each host's `[service]` config given more keys by
+    /// `service_toml(index)` (appended after its checks, e.g. a `[service.traffic]` table).
+    pub fn start_configured(
+        name: &str,
+        zones: &[&str],
+        service_toml: &dyn Fn(usize) -> String,
+    ) -> Self {
+        let f = Self::start_inner(name, zones, false, service_toml);
+        f.bootstrap();
+        f
+    }
+
     fn start_with(name: &str, zones: &[&str], linked: bool) -> Self {
+        Self::start_inner(name, zones, linked, &|_| String::new())
+    }
+
+    fn start_inner(
+        name: &str,
+        zones: &[&str],
+        linked: bool,
+        service_toml: &dyn Fn(usize) -> String,
+    ) -> Self {
         let coord = CoordinatorProc::start();
         let hosts: Vec<FleetHost> = zones
             .iter()
-            .map(|z| FleetHost::start(&coord, linked, name, z))
+            .enumerate()
+            .map(|(i, z)| FleetHost::start(&coord, linked, name, z, &service_toml(i)))
             .collect();
         let monitor = Monitor::start(
             hosts

@@ -117,6 +117,7 @@ pub fn confirm(seq: u64, service: &str, release: &str) -> wire::Order {
         service,
         Action::Confirm(wire::ConfirmOrder {
             release: release.to_owned(),
+            traffic_weight_percent: None,
         }),
     )
 }

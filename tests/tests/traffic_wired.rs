@@ -192,16 +192,29 @@ fn a_drain_held_open_by_a_client_times_out_and_the_activation_proceeds_saying_so
     opts.checks_toml = opts.checks_toml.replace("/healthz", "/version");
     let fx = AgentFixture::start_with(opts);
     fx.install_first(1, &v1);
+    // A peer keeps the backend serving while h1 drains (the agent refuses to drain the last
+    // serving server); in maintenance until the held request is on h1.
+    let peer = serin_tests::haproxy::NamedBackends::start(&["peer"], Duration::ZERO).unwrap();
     let haproxy = Haproxy::start(
         dir.path(),
-        &[Server {
-            name: "h1".into(),
-            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
-            agent: Some(SocketAddr::from((LOCALHOST, check))),
-        }],
+        &[
+            Server {
+                name: "h1".into(),
+                addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+                agent: Some(SocketAddr::from((LOCALHOST, check))),
+            },
+            Server {
+                name: "peer".into(),
+                addr: peer.servers[0].1,
+                agent: None,
+            },
+        ],
         Duration::from_millis(200),
     )
     .unwrap();
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "maint"))
+        .unwrap();
     let dump = || {
         format!(
             "{:?}\n{}\n{}",
@@ -221,6 +234,10 @@ fn a_drain_held_open_by_a_client_times_out_and_the_activation_proceeds_saying_so
         &dump,
         || haproxy.server("h1").is_ok_and(|s| s.scur == 1),
     );
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "ready"))
+        .unwrap();
+    wait_in_rotation(&haproxy, "peer", &dump);
     let started = Instant::now();
     fx.activate(2, &v2, Deadlines::quick());
     let healthy = fx.wait_phase(2, OrderPhase::Healthy);
@@ -363,7 +380,7 @@ fn a_failing_validate_hook_stops_the_activation_before_the_swap() {
     ));
     let r = fx.wait_outcome(3);
     assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
-    assert_eq!(r.code(), ResultCode::ServiceFailedToStart);
+    assert_eq!(r.code(), ResultCode::HookFailed);
     assert!(
         r.message.contains("validate hook failed")
             && r.message.contains("port 8443 is taken")
@@ -448,6 +465,7 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     let r = fx.wait_outcome(3);
     let took = sent.elapsed();
     assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::HookFailed, "{}", r.message);
     assert!(
         r.message
             .contains("validate hook timed out after 1s and was killed"),
@@ -521,4 +539,278 @@ fn the_orders_traffic_weight_is_answered_once_healthy_and_a_weight_step_restarts
     assert_eq!(r.phase(), OrderPhase::RolledBack, "{}", r.message);
     fx.wait_serving(&v2.id);
     assert_eq!(agent_check(check), "up ready 50%\n");
+}
+
+/// `[service]` keys of fleet host `i` behind HAProxy: its agent-check port and the server it is.
+fn fleet_traffic_toml(checks: &[u16], socket: &Path, i: usize) -> String {
+    format!(
+        "\n[service.traffic]\nagent_check = \"127.0.0.1:{}\"\n{}\n",
+        checks[i],
+        haproxy_keys(socket, &format!("h{i}"), "5s")
+    )
+}
+
+/// Polls until HAProxy weighs `server` at `weight`; returns how long after `since` the agent
+/// answered `answer` on `check` and how long after that HAProxy showed the weight.
+fn wait_weight_step(
+    haproxy: &Haproxy,
+    server: &str,
+    check: u16,
+    answer: &str,
+    weight: u32,
+    dump: &dyn Fn() -> String,
+) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut answered: Option<Instant> = None;
+    loop {
+        if answered.is_none() && agent_check(check) == answer {
+            answered = Some(Instant::now());
+        }
+        if let Some(at) = answered
+            && haproxy.server(server).is_ok_and(|s| s.weight == weight)
+        {
+            return at.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{server}: agent answered {answer:?}: {answered:?}; haproxy never showed weight {weight}\n{}",
+            dump()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_coordinator_weighted_canary_gets_its_share_through_haproxy_and_full_weight_once_its_wave_passes()
+ {
+    use serin_tests::fleet::{self, Fleet, Timings};
+    const INTER: Duration = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let checks = [free_port(), free_port()];
+    let fleet = Fleet::start_configured("traffic-weighted", &["a", "b"], &|i| {
+        fleet_traffic_toml(&checks, &socket, i)
+    });
+    let servers: Vec<Server> = (0..2)
+        .map(|i| Server {
+            name: format!("h{i}"),
+            addr: SocketAddr::from((LOCALHOST, fleet.hosts[i].agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, checks[i]))),
+        })
+        .collect();
+    let haproxy = Haproxy::start(dir.path(), &servers, INTER).unwrap();
+    let dump = || {
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            fleet.dump()
+        )
+    };
+    for s in &servers {
+        wait_in_rotation(&haproxy, &s.name, &dump);
+    }
+
+    let v2 = fleet::healthy("v2");
+    fleet.push(&v2);
+    let timings = Timings {
+        bake: "100ms",
+        canary_bake: Some("10m"),
+        min_healthy: "300ms",
+        ..Timings::default()
+    };
+    let id = fleet.start_rollout(
+        &v2.id,
+        &["--waves", "1,100%", "--canary-weight", "10%"],
+        &timings,
+    );
+    let s = fleet.wait_rollout(&id, "the canary baking", fleet::TIMEOUT, |s| {
+        s.waves
+            .first()
+            .is_some_and(|w| w.state().as_str() == "baking")
+    });
+    let spec = s.spec.clone().unwrap();
+    assert_eq!(
+        spec.weights,
+        ["10%", "100%"],
+        "the stored spec spells the weights out"
+    );
+    let canary = s
+        .hosts
+        .iter()
+        .find(|h| h.wave == 0)
+        .unwrap()
+        .host_id
+        .clone();
+    let ci = fleet.index_of(&canary);
+    let (cname, bname) = (format!("h{ci}"), format!("h{}", 1 - ci));
+    wait_for(
+        "the canary at 10 % of its weight in haproxy",
+        Duration::from_secs(15),
+        &dump,
+        || {
+            haproxy
+                .server(&cname)
+                .is_ok_and(|s| s.serving() && s.weight == 10)
+        },
+    );
+    let shown = fleet.cli(&["rollout", "status", &id]);
+    assert!(
+        shown.stdout.contains("traffic weights 10%,100%"),
+        "status does not show the weights:\n{shown}"
+    );
+
+    // 10 % of the canary's configured weight against a baseline at 100 %: 10/110 of requests.
+    let tally = LoadGen::new(haproxy.frontend, "/version", 8).run(2_000);
+    assert_eq!(tally.failed(), 0, "{}\n{}", tally.summary(), dump());
+    let share = *tally.ok_by_body.get(&v2.id).unwrap_or(&0) as f64 * 100.0 / tally.ok() as f64;
+    eprintln!(
+        "coordinator canary at 10%: {share:.2}% of {} requests ({:?})",
+        tally.ok(),
+        tally.ok_by_body
+    );
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "canary share {share:.2}% is not within 10 ± 2 points: {}",
+        tally.summary()
+    );
+
+    // The canary's wave passes: its confirm takes it to full weight, HAProxy within one
+    // agent-check interval of the agent's answer; the rest of the rollout fails no request.
+    let load = LoadGen::new(haproxy.frontend, "/version", 8).start();
+    let promoted = fleet.cli(&["rollout", "promote", &id]);
+    assert_eq!(promoted.code, 0, "{promoted}");
+    let t0 = Instant::now();
+    let took = wait_weight_step(&haproxy, &cname, checks[ci], "up ready 100%\n", 100, &dump);
+    eprintln!(
+        "ramp step: canary at 100% in haproxy {:?} after promote, {took:?} after the agent answered it (agent-inter {INTER:?})",
+        t0.elapsed()
+    );
+    assert!(
+        took <= INTER + Duration::from_millis(150),
+        "haproxy took {took:?} after the agent's answer, more than one agent-check interval ({INTER:?})"
+    );
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
+    assert_eq!(s.state().as_str(), "succeeded", "{}\n{}", s.reason, dump());
+    let tally = load.stop();
+    eprintln!("weighted rollout, promote to the end: {}", tally.summary());
+    assert_eq!(tally.failed(), 0, "{}\n{}", tally.summary(), dump());
+    for name in [&cname, &bname] {
+        wait_for(
+            &format!("{name} at full weight"),
+            Duration::from_secs(15),
+            &dump,
+            || {
+                haproxy
+                    .server(name)
+                    .is_ok_and(|s| s.serving() && s.weight == 100)
+            },
+        );
+    }
+    let explained = fleet.cli(&["rollout", "explain", &id]);
+    assert!(
+        explained.stdout.contains("traffic weights 10%,100%"),
+        "explain does not show the weights:\n{explained}"
+    );
+}
+
+#[test]
+fn an_activation_that_would_drain_the_last_serving_server_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let check = free_port();
+    let fx = AgentFixture::start_with(behind_lb(
+        "wired-last",
+        check,
+        &haproxy_keys(&socket, "h1", "5s"),
+    ));
+    let v1 = DemoRelease::healthy("last-1.0");
+    let v2 = DemoRelease::healthy("last-2.0");
+    fx.install_first(1, &v1);
+    // h1 (the agent's service) and a peer the test switches in and out of maintenance.
+    let peer = serin_tests::haproxy::NamedBackends::start(&["peer"], Duration::ZERO).unwrap();
+    let servers = [
+        Server {
+            name: "h1".into(),
+            addr: SocketAddr::from((LOCALHOST, fx.agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, check))),
+        },
+        Server {
+            name: "peer".into(),
+            addr: peer.servers[0].1,
+            agent: None,
+        },
+    ];
+    let haproxy = Haproxy::start(dir.path(), &servers, Duration::from_millis(200)).unwrap();
+    let dump = || {
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            fx.dump()
+        )
+    };
+    wait_in_rotation(&haproxy, "h1", &dump);
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "maint"))
+        .unwrap();
+    wait_for(
+        "the peer in maintenance",
+        Duration::from_secs(5),
+        &dump,
+        || haproxy.server("peer").is_ok_and(|s| !s.serving()),
+    );
+
+    // h1 is the backend's last serving server: refused, nothing drained or swapped.
+    fx.publish(&v2);
+    let pid = fx.agent.service_pid().unwrap();
+    fx.send(orders::activate(
+        2,
+        v2.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(2);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::LastServingServer, "{}", r.message);
+    assert!(
+        r.message
+            .contains("draining be/h1 would leave backend be with no serving server"),
+        "{}",
+        r.message
+    );
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+    assert_eq!(
+        fx.agent.service_pid().unwrap(),
+        pid,
+        "the service was restarted"
+    );
+    assert_eq!(
+        agent_check(check),
+        "up ready 100%\n",
+        "the server was drained"
+    );
+    assert!(haproxy.server("h1").unwrap().serving(), "{}", dump());
+
+    // With the peer back, the same activation drains h1 and goes through.
+    haproxy
+        .block_on(haproxy.api().set_state(BACKEND, "peer", "ready"))
+        .unwrap();
+    wait_in_rotation(&haproxy, "peer", &dump);
+    fx.activate(3, &v2, Deadlines::quick());
+    let healthy = fx.wait_phase(3, OrderPhase::Healthy);
+    let activated = result_in(&fx, 3, OrderPhase::Activated);
+    assert!(
+        activated
+            .message
+            .contains("backend be keeps 1 serving during the drain (peer)")
+            && activated.message.contains("drained: idle after"),
+        "{}",
+        activated.message
+    );
+    assert!(
+        healthy.message.contains("back in rotation"),
+        "{}",
+        healthy.message
+    );
+    fx.wait_serving(&v2.id);
 }

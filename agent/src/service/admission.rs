@@ -153,8 +153,12 @@ impl ServiceTask {
             OrderAction::Rollback { to } => {
                 self.rollback_order(order, to.map(|t| t.to_string())).await
             }
-            OrderAction::Confirm { release } => {
-                self.confirm_order(order, release.to_string()).await
+            OrderAction::Confirm {
+                release,
+                traffic_weight,
+            } => {
+                self.confirm_order(order, release.to_string(), traffic_weight)
+                    .await
             }
             OrderAction::Cancel => {
                 let msg = match self.last_preempted.take() {
@@ -303,7 +307,24 @@ impl ServiceTask {
     }
 
     /// Confirms the armed activation of `release`, or says why there is nothing to confirm.
-    pub(super) async fn confirm_order(&mut self, order: Order, release: String) {
+    pub(super) async fn confirm_order(
+        &mut self,
+        order: Order,
+        release: String,
+        traffic_weight: Option<u8>,
+    ) {
+        let confirmable = match &self.state.activation {
+            Some(a) => a.to == release && a.is_armed(),
+            None => self.store.current().as_deref() == Some(release.as_str()),
+        };
+        if let Some(w) = traffic_weight
+            && confirmable
+        {
+            // The weight the confirmed release keeps (a weighted canary going to full
+            // weight); a rollback after a confirm has no earlier weight to restore.
+            self.apply_weight(w);
+            self.weight_before = None;
+        }
         match &self.state.activation {
             Some(a) if a.to == release && a.is_armed() => {
                 let order = OrderRef {

@@ -96,18 +96,24 @@ impl ServiceTask {
             let msg =
                 format!("release {to} refused by its validate hook, nothing swapped: {evidence}");
             tracing::warn!(service = self.name(), release = %to, %evidence, "validate hook failed");
-            self.reply(
-                order,
-                OrderPhase::Failed,
-                ResultCode::ServiceFailedToStart,
-                msg,
-            )
-            .await;
+            self.reply(order, OrderPhase::Failed, ResultCode::HookFailed, msg)
+                .await;
             return;
         }
         tracing::info!(service = self.name(), from = ?from, to = %to, "activating release");
         let from_running = from.is_some();
         let drain = self.cfg.traffic.behind_load_balancer() && from_running;
+        if drain && let Err(msg) = self.check_not_last_server(&to).await {
+            tracing::warn!(service = self.name(), release = %to, reason = %msg, "activation refused");
+            self.reply(
+                order,
+                OrderPhase::Failed,
+                ResultCode::LastServingServer,
+                msg,
+            )
+            .await;
+            return;
+        }
         let weight = match &order.action {
             OrderAction::Activate { traffic_weight, .. } => *traffic_weight,
             _ => None,

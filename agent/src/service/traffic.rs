@@ -159,6 +159,40 @@ impl ServiceTask {
         }
     }
 
+    /// Refuses the drain of an activation to `to` when HAProxy (`traffic.haproxy_socket`) shows
+    /// no other server of the backend serving: draining this one would leave the backend with
+    /// none, every request failing until the swap is done. Without a stats socket there is
+    /// nothing to read (the agent-check protocol says nothing about the other servers); when
+    /// the socket cannot be read the drain goes ahead and the evidence says the check was not made.
+    pub(super) async fn check_not_last_server(&mut self, to: &str) -> Result<(), String> {
+        let Some(server) = &self.cfg.traffic.haproxy else {
+            return Ok(());
+        };
+        match server.others_serving().await {
+            Ok(others) if others.is_empty() => Err(format!(
+                "release {to} not activated, nothing drained or swapped: draining {}/{} would \
+                 leave backend {} with no serving server",
+                server.backend, server.server, server.backend
+            )),
+            Ok(others) => {
+                self.evidence.push(format!(
+                    "backend {} keeps {} serving during the drain ({})",
+                    server.backend,
+                    others.len(),
+                    others.join(",")
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                self.evidence.push(format!(
+                    "could not check that backend {} keeps a serving server ({e}); draining anyway",
+                    server.backend
+                ));
+                Ok(())
+            }
+        }
+    }
+
     /// Restores the weight an order's weight replaced, after a rollback.
     pub(super) fn restore_weight(&mut self) {
         if let (Some(before), Some(traffic)) = (self.weight_before.take(), &self.traffic)

@@ -5,6 +5,10 @@
 //! `scur` counts the sessions it has open to the server; the status column says whether HAProxy
 //! has already seen the drain (it polls the agent-check port, so a drain takes up to one
 //! `agent-inter` to reach it, and until then `scur` may read 0 between two requests).
+//!
+//! The same `show stat` tells whether draining the server would leave its backend with no
+//! serving server ([`HaproxyServer::others_serving`], [`serving_others`]): an activation refuses
+//! such a drain before anything is swapped.
 
 use std::path::PathBuf;
 
@@ -63,8 +67,7 @@ pub enum SessionsError {
 }
 
 impl HaproxyServer {
-    /// Reads the server's status and `scur` with one `show stat`.
-    pub async fn sessions(&self) -> Result<ServerSessions, SessionsError> {
+    async fn show_stat(&self) -> Result<String, SessionsError> {
         let io = |source| SessionsError::Socket {
             path: self.socket.clone(),
             source,
@@ -73,11 +76,28 @@ impl HaproxyServer {
         s.write_all(b"show stat\n").await.map_err(io)?;
         let mut out = String::new();
         s.read_to_string(&mut out).await.map_err(io)?;
-        parse_show_stat(&out, &self.backend, &self.server).map_err(|why| SessionsError::NoRow {
+        Ok(out)
+    }
+
+    fn no_row(&self, why: String) -> SessionsError {
+        SessionsError::NoRow {
             backend: self.backend.clone(),
             server: self.server.clone(),
             why,
-        })
+        }
+    }
+
+    /// The other servers of the backend that take new connections now (see
+    /// [`serving_others`]); empty: draining this one would leave the backend with none.
+    pub async fn others_serving(&self) -> Result<Vec<String>, SessionsError> {
+        let out = self.show_stat().await?;
+        serving_others(&out, &self.backend, &self.server).map_err(|why| self.no_row(why))
+    }
+
+    /// Reads the server's status and `scur` with one `show stat`.
+    pub async fn sessions(&self) -> Result<ServerSessions, SessionsError> {
+        let out = self.show_stat().await?;
+        parse_show_stat(&out, &self.backend, &self.server).map_err(|why| self.no_row(why))
     }
 }
 
@@ -111,6 +131,58 @@ pub fn parse_show_stat(csv: &str, backend: &str, server: &str) -> Result<ServerS
     Err("no such server row".to_owned())
 }
 
+/// The servers of `backend` other than `server` that take new connections in `show stat` CSV:
+/// status `UP` (or going down, `UP 1/3`), or `no check` (a server HAProxy does not
+/// health-check), with a weight above 0. The server itself must be listed
+/// (a misnamed `haproxy_server` must not pass for "the others serve").
+pub fn serving_others(csv: &str, backend: &str, server: &str) -> Result<Vec<String>, String> {
+    let mut lines = csv.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| "no `# pxname,…` header line".to_owned())?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .ok_or_else(|| format!("no {name} column"))
+    };
+    let (px, sv, status, weight) = (
+        col("pxname")?,
+        col("svname")?,
+        col("status")?,
+        col("weight")?,
+    );
+    let mut found = false;
+    let mut serving = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let name = f.get(sv).copied().unwrap_or_default();
+        if f.get(px) != Some(&backend) || name == "BACKEND" || name == "FRONTEND" {
+            continue;
+        }
+        if name == server {
+            found = true;
+            continue;
+        }
+        // A server without health checks shows "no check" and serves.
+        let up = f
+            .get(status)
+            .is_some_and(|s| s.starts_with("UP") || *s == "no check");
+        let weighted = f
+            .get(weight)
+            .and_then(|w| w.parse::<u32>().ok())
+            .is_some_and(|w| w > 0);
+        if up && weighted {
+            serving.push(name.to_owned());
+        }
+    }
+    if !found {
+        return Err("no such server row".to_owned());
+    }
+    Ok(serving)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +212,20 @@ mod tests {
         let e = parse_show_stat(STAT, "be", "h9").unwrap_err();
         assert_eq!(e, "no such server row");
         assert!(parse_show_stat("garbage", "be", "h1").is_err());
+    }
+
+    #[test]
+    fn lists_the_other_serving_servers_of_the_backend() {
+        assert_eq!(serving_others(STAT, "be", "h1").unwrap(), ["h2"]);
+        // h2's only peer is draining: draining h2 would leave the backend with none.
+        assert!(serving_others(STAT, "be", "h2").unwrap().is_empty());
+        let weightless = STAT.replace(",UP,100\nbe,BACKEND", ",UP,0\nbe,BACKEND");
+        assert!(serving_others(&weightless, "be", "h1").unwrap().is_empty());
+        let unchecked = STAT.replace(",UP,100\nbe,BACKEND", ",no check,100\nbe,BACKEND");
+        assert_eq!(serving_others(&unchecked, "be", "h1").unwrap(), ["h2"]);
+        assert_eq!(
+            serving_others(STAT, "be", "h9").unwrap_err(),
+            "no such server row"
+        );
     }
 }

@@ -375,6 +375,15 @@ pub struct SpecArgs {
     /// At most this many failure domains in flight at once (with --spread-by).
     #[arg(long, value_name = "K")]
     pub max_domains: Option<u32>,
+    /// Load-balancer weight of the canary wave's hosts while it bakes, a percent of each
+    /// server's configured weight, e.g. 5% (the other waves: 100%). Hosts go to full weight
+    /// when their wave passes.
+    #[arg(long, value_parser = parse_weight, value_name = "P%")]
+    pub canary_weight: Option<String>,
+    /// Load-balancer weight of each wave's hosts while it bakes, one percent per wave, e.g.
+    /// 5%,25%,50%,100% alongside --waves 1,25%,50%,100%.
+    #[arg(long, value_parser = parse_weight_list, value_name = "LIST")]
+    pub weights: Option<WeightList>,
 }
 
 /// `--on-failure`.
@@ -413,6 +422,12 @@ impl SpecArgs {
             spread_label: self.spread_by.clone().unwrap_or_default(),
             max_domains_in_flight: self.max_domains.unwrap_or(0),
             unreachable_threshold: cp(&self.unreachable_threshold),
+            canary_weight: self.canary_weight.clone().unwrap_or_default(),
+            weights: self
+                .weights
+                .as_ref()
+                .map(|w| w.0.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -420,6 +435,10 @@ impl SpecArgs {
 /// A validated wave list: every element a positive count ("1") or a percent in (0, 100] ("10%").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaveList(pub Vec<String>);
+
+/// A validated traffic weight list: every element a percent from 1% to 100%.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightList(pub Vec<String>);
 
 /// A validated "N" or "P%" value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,6 +456,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_count_or_percent(s: &str) -> Result<CountOrPercent, String> {
     let l = grammar::Limit::parse("value", s).map_err(|e| e.problem)?;
     Ok(CountOrPercent(l.to_string()))
+}
+
+/// Parses one traffic weight ("5%") with the shared grammar.
+pub fn parse_weight(s: &str) -> Result<String, String> {
+    let p = grammar::parse_weight_percent("value", s).map_err(|e| e.problem)?;
+    Ok(format!("{p}%"))
+}
+
+/// Parses a comma-separated traffic weight list ("5%,25%,100%"), naming the first bad element
+/// and its position (counted from 1). Whether it has one weight per wave is the coordinator's
+/// check (the default waves live there).
+pub fn parse_weight_list(s: &str) -> Result<WeightList, String> {
+    s.split(',')
+        .enumerate()
+        .map(|(i, el)| {
+            parse_weight(el)
+                .map_err(|e| format!("weight {} of {s:?} is {:?}: {e}", i + 1, el.trim()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(WeightList)
 }
 
 /// Parses a comma-separated wave list with the shared grammar, naming the first bad element
@@ -511,6 +550,10 @@ mod tests {
             "zone",
             "--max-domains",
             "2",
+            "--canary-weight",
+            "5 %",
+            "--weights",
+            "5%,25%, 50%,100%",
             "--wait",
             "--timeout",
             "15m",
@@ -540,6 +583,38 @@ mod tests {
         assert_eq!(spec.on_failure, wire::OnFailure::Pause as i32);
         assert_eq!(spec.spread_label, "zone");
         assert_eq!(spec.max_domains_in_flight, 2);
+        assert_eq!(spec.canary_weight, "5%");
+        assert_eq!(spec.weights, ["5%", "25%", "50%", "100%"]);
+    }
+
+    #[test]
+    fn bad_traffic_weights_name_the_element() {
+        let e = parse(&[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2",
+            "--weights",
+            "5%,x,100%",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("weight 2 of \"5%,x,100%\" is \"x\""), "{e}");
+        let e = parse(&[
+            "rollout",
+            "start",
+            "-s",
+            "web",
+            "-r",
+            "2",
+            "--canary-weight",
+            "5",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a percent"), "{e}");
     }
 
     #[test]

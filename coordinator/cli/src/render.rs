@@ -393,6 +393,8 @@ pub fn spec_json(s: &wire::RolloutSpec) -> Value {
         "spread_label": s.spread_label,
         "max_domains_in_flight": s.max_domains_in_flight,
         "unreachable_threshold": s.unreachable_threshold,
+        "canary_weight": s.canary_weight,
+        "weights": s.weights,
     })
 }
 
@@ -667,6 +669,11 @@ fn spec_line(s: &wire::RolloutSpec) -> String {
     ));
     if !s.waves.is_empty() {
         parts.push(format!("waves {}", s.waves.join(",")));
+    }
+    if !s.weights.is_empty() {
+        parts.push(format!("traffic weights {}", s.weights.join(",")));
+    } else if !s.canary_weight.is_empty() {
+        parts.push(format!("canary weight {}", s.canary_weight));
     }
     if s.bake_ms > 0 {
         let mut bake = format!("bake {}", fmt_duration_ms(s.bake_ms));

@@ -26,6 +26,17 @@
 //! percentage and a later count larger than every earlier count. The last wave must be `100%` or
 //! a count; when a count (or a small fleet) leaves hosts uncovered, they form one extra final
 //! wave. Waves that resolve to no new hosts (e.g. `1,10%` on 5 hosts) are dropped from the plan.
+//!
+//! ## Traffic weights
+//!
+//! `weights` gives each wave a load-balancer weight, one percent per wave (`5%,25%,50%,100%`), a
+//! percent of each server's configured weight (HAProxy's agent-check percentages): a wave's hosts
+//! are activated at their wave's weight and serve at it while the wave bakes, so its gate judges
+//! them under that share of the load; a host goes to full weight (100%) when its wave passes (the
+//! confirm order carries it). `canary_weight` is the shorthand for a weighted canary only: the
+//! first wave at that weight, the others at 100%. Given both, the first weight must equal the
+//! canary weight. A "rest" wave (hosts a count left uncovered) takes the last weight. Neither
+//! given: orders carry no weight and the load balancer's weights are left as they are.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -70,6 +81,12 @@ pub struct RawSpec {
     pub spread_label: String,
     pub max_domains_in_flight: u32,
     pub unreachable_threshold: String,
+    /// Traffic weight of the canary wave, e.g. `"5%"`; empty: none (see the module docs).
+    #[serde(default)]
+    pub canary_weight: String,
+    /// Traffic weight of each wave, e.g. `["5%", "25%", "100%"]`; empty: none.
+    #[serde(default)]
+    pub weights: Vec<String>,
 }
 
 /// `RawSpec::on_failure` for "roll back" (as on the wire).
@@ -111,6 +128,9 @@ pub struct RolloutSpec {
     /// host are left out) instead of being refused. Only planning reads it; the wire form and
     /// the stored spec spell the default waves out.
     pub default_waves: bool,
+    /// Traffic weight (percent of the configured weight, 1..=100) of each wave's hosts while
+    /// their wave bakes, one per spec wave; `None`: orders carry no weight.
+    pub weights: Option<Vec<u8>>,
 }
 
 fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
@@ -141,6 +161,59 @@ pub fn parse_waves(texts: &[String]) -> Result<Vec<WaveSize>, ValidationError> {
     serin_proto::grammar::parse_waves(texts)
 }
 
+fn parse_weight(field: &str, text: &str) -> Result<u8, ValidationError> {
+    serin_proto::grammar::parse_weight_percent(field, text)
+}
+
+/// The per-wave weights of a spec (see the module docs): `weights` one per wave, or
+/// `canary_weight` for the first wave and 100% for the others; neither: `None`.
+pub fn parse_weights(
+    canary_weight: &str,
+    weights: &[String],
+    waves: &[WaveSize],
+) -> Result<Option<Vec<u8>>, ValidationError> {
+    let canary = match canary_weight.trim() {
+        "" => None,
+        t => Some(parse_weight("canary_weight", t)?),
+    };
+    if weights.is_empty() {
+        return Ok(canary.map(|c| {
+            let mut all = vec![100; waves.len()];
+            all[0] = c;
+            all
+        }));
+    }
+    let parsed = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| parse_weight(&format!("weights[{i}]"), w))
+        .collect::<Result<Vec<u8>, _>>()?;
+    if parsed.len() != waves.len() {
+        let list: Vec<String> = waves.iter().map(ToString::to_string).collect();
+        return Err(ValidationError::new(
+            "weights",
+            format!(
+                "{} weights for {} waves ({}); give one weight per wave",
+                parsed.len(),
+                waves.len(),
+                list.join(",")
+            ),
+        ));
+    }
+    if let Some(c) = canary
+        && c != parsed[0]
+    {
+        return Err(ValidationError::new(
+            "canary_weight",
+            format!(
+                "{c}% disagrees with the first of the weights ({}%); give one or make them equal",
+                parsed[0]
+            ),
+        ));
+    }
+    Ok(Some(parsed))
+}
+
 impl TryFrom<RawSpec> for RolloutSpec {
     type Error = ValidationError;
 
@@ -151,6 +224,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
         let selector = Selector::parse(&w.selector)
             .map_err(|e| ValidationError::new("selector", e.to_string()))?;
         let waves = parse_waves(&w.waves)?;
+        let weights = parse_weights(&w.canary_weight, &w.weights, &waves)?;
         let bake = timing("bake", w.bake_ms, Duration::from_secs(30))?;
         let canary_bake = timing("canary_bake", w.canary_bake_ms, bake)?;
         let min_healthy = timing("min_healthy", w.min_healthy_ms, Duration::from_secs(5))?;
@@ -242,6 +316,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
             spread_label,
             max_domains_in_flight: NonZeroU32::new(w.max_domains_in_flight),
             default_waves: w.waves.is_empty(),
+            weights,
         })
     }
 }
@@ -272,7 +347,28 @@ impl RolloutSpec {
             spread_label: self.spread_label.clone().unwrap_or_default(),
             max_domains_in_flight: self.max_domains_in_flight.map_or(0, NonZeroU32::get),
             unreachable_threshold: self.unreachable_threshold.to_string(),
+            canary_weight: String::new(),
+            weights: self
+                .weights
+                .iter()
+                .flatten()
+                .map(|w| format!("{w}%"))
+                .collect(),
         }
+    }
+
+    /// The traffic weight of the planned wave whose size expression is `size_expr` (a plan
+    /// drops waves that add no host, so plan indices are not spec indices; expressions are
+    /// unique because waves must grow). The "rest" wave takes the last weight. `None`: the
+    /// spec gives no weights.
+    pub fn weight_for_wave(&self, size_expr: &str) -> Option<u8> {
+        let weights = self.weights.as_ref()?;
+        let position = self
+            .waves
+            .iter()
+            .position(|w| w.to_string() == size_expr)
+            .unwrap_or(weights.len() - 1);
+        weights.get(position).copied()
     }
 
     /// Bake time of wave `index` (the canary, index 0, uses `canary_bake`).
@@ -398,6 +494,79 @@ mod tests {
         assert_eq!(WaveSize::Percent(10).target(11), 2);
         assert_eq!(WaveSize::Percent(100).target(7), 7);
         assert_eq!(WaveSize::Count(5).target(3), 3);
+    }
+
+    #[test]
+    fn traffic_weights_one_per_wave() {
+        // No weight: orders carry none.
+        assert_eq!(RolloutSpec::try_from(wire_spec(&[])).unwrap().weights, None);
+        // A canary weight: the first wave at it, the others at full weight.
+        let mut w = wire_spec(&["1", "50%", "100%"]);
+        w.canary_weight = "10%".into();
+        let s = RolloutSpec::try_from(w).unwrap();
+        assert_eq!(s.weights, Some(vec![10, 100, 100]));
+        assert_eq!(s.weight_for_wave("1"), Some(10));
+        assert_eq!(s.weight_for_wave("50%"), Some(100));
+        // Stored spelled out, and read back the same.
+        let raw = s.to_raw();
+        assert_eq!(raw.weights, ["10%", "100%", "100%"]);
+        assert_eq!(RolloutSpec::try_from(raw).unwrap().weights, s.weights);
+
+        let mut w = wire_spec(&["1", "25%", "50%", "100%"]);
+        w.weights = ["5%", "25%", "50%", "100%"].map(String::from).to_vec();
+        let s = RolloutSpec::try_from(w.clone()).unwrap();
+        assert_eq!(s.weights, Some(vec![5, 25, 50, 100]));
+        assert_eq!(s.weight_for_wave("50%"), Some(50));
+        // A count that leaves hosts uncovered makes a "rest" wave: the last weight.
+        let mut c = wire_spec(&["1", "3"]);
+        c.weights = vec!["5%".into(), "30%".into()];
+        assert_eq!(
+            RolloutSpec::try_from(c).unwrap().weight_for_wave("rest"),
+            Some(30)
+        );
+        // Both given and equal: fine; disagreeing: refused, naming both.
+        w.canary_weight = "5%".into();
+        assert!(RolloutSpec::try_from(w.clone()).is_ok());
+        w.canary_weight = "10%".into();
+        let e = err(w);
+        assert_eq!(e.field, "canary_weight");
+        assert!(e.problem.contains("disagrees"), "{e}");
+    }
+
+    #[test]
+    fn traffic_weights_are_refused_with_a_reason() {
+        let mut w = wire_spec(&["1", "50%", "100%"]);
+        w.weights = vec!["5%".into(), "100%".into()];
+        let e = err(w);
+        assert_eq!(e.field, "weights");
+        assert!(
+            e.problem.contains("2 weights for 3 waves (1,50%,100%)"),
+            "{e}"
+        );
+        // The default waves count too.
+        let mut w = wire_spec(&[]);
+        w.weights = vec!["5%".into()];
+        assert!(
+            err(w)
+                .problem
+                .contains("1 weights for 3 waves (1,25%,100%)")
+        );
+        for (text, needle) in [
+            ("5", "not a percent"),
+            ("0%", "no traffic"),
+            ("101%", "from 1% to 100%"),
+            ("-3%", "from 1% to 100%"),
+            ("lots%", "from 1% to 100%"),
+        ] {
+            let mut w = wire_spec(&[]);
+            w.canary_weight = text.into();
+            let e = err(w);
+            assert_eq!(e.field, "canary_weight", "{text}");
+            assert!(e.problem.contains(needle), "{text}: {e}");
+        }
+        let mut w = wire_spec(&["1", "100%"]);
+        w.weights = vec!["5%".into(), "x".into()];
+        assert_eq!(err(w).field, "weights[1]");
     }
 
     #[test]

@@ -574,7 +574,7 @@ impl SimAgent {
                 }
                 Ok(())
             }
-            OrderAction::Confirm { release } => {
+            OrderAction::Confirm { release, .. } => {
                 let release = release.to_string();
                 if self.svc.current.as_deref() == Some(release.as_str()) {
                     self.svc.armed = None;

@@ -13,10 +13,12 @@ impl Rollout {
                 healthy_deadline: self.spec.healthy_deadline,
                 min_healthy: self.spec.min_healthy,
                 confirm_deadline: Some(self.confirm_deadline(h.wave as usize)),
-                traffic_weight: None,
+                traffic_weight: self.traffic_weight(h.wave as usize),
             },
             OrderKind::Confirm => OrderAction::Confirm {
                 release: self.spec.release.clone(),
+                // A weighted wave's hosts go to full weight once it passed.
+                traffic_weight: self.spec.weights.as_ref().map(|_| 100),
             },
             OrderKind::Rollback => OrderAction::Rollback { to: o.to.clone() },
         };
@@ -29,6 +31,14 @@ impl Rollout {
             service: self.spec.service.clone(),
             action,
         })
+    }
+
+    /// The traffic weight an activate order gives a host of plan wave `wave` (see the spec's
+    /// traffic weights); `None`: the spec gives none.
+    fn traffic_weight(&self, wave: usize) -> Option<u8> {
+        self.waves
+            .get(wave)
+            .and_then(|w| self.spec.weight_for_wave(&w.size_expr))
     }
 
     /// How long an agent waits for a confirm after activating: the time the coordinator may
