@@ -789,6 +789,7 @@ mod tests {
         let hosts = ctl
             .list_hosts(wire::ListHostsRequest {
                 selector: "zone=a".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
