@@ -770,7 +770,7 @@ mod tests {
         let mut chunks: Vec<wire::PushArtifactChunk> = data
             .chunks(100_000)
             .map(|c| wire::PushArtifactChunk {
-                data: c.to_vec(),
+                data: c.to_vec().into(),
                 ..Default::default()
             })
             .collect();
@@ -853,7 +853,7 @@ mod tests {
                 manifest: String::new(),
                 service: "web".into(),
                 release_id: "web-1".into(),
-                data: Vec::new(),
+                data: Default::default(),
             }]))
             .await
             .unwrap_err();
@@ -961,6 +961,79 @@ mod tests {
             "{e}"
         );
         drop(agents);
+        server.stop().await;
+    }
+
+    /// The figure behind BENCHMARKS.md's `serin hosts` at 100,000 hosts in the store: the call
+    /// `serin hosts` makes (summary and first page) and every page of 2,000, end to end over
+    /// gRPC, against a registry of 100,000 hosts (three labels, one service each), none of them
+    /// attached. A measurement, not a CI test: `cargo test --release -p serin-coordinator --lib
+    /// -- --ignored hosts_at_100k --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement; run in release"]
+    async fn hosts_at_100k_in_the_store() {
+        let server = TestServer::start(LONG).await;
+        let n = 100_000;
+        for i in 0..n {
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            let zone = format!("z{}", i % 7);
+            let rack = format!("r{}", i % 300);
+            let a = server
+                .registry
+                .attach(
+                    hello(
+                        &format!("host-{i:06}"),
+                        &[("zone", &zone), ("rack", &rack), ("role", "web")],
+                    ),
+                    tx,
+                    std::time::Instant::now(),
+                    unix_ms_now(),
+                )
+                .unwrap();
+            server.registry.detach(&a.host, a.conn_id);
+        }
+        let mut client = server.control_client().await;
+        let t = std::time::Instant::now();
+        let first = client
+            .list_hosts(wire::ListHostsRequest {
+                summary: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let summary_took = t.elapsed();
+        assert_eq!(first.summary.as_ref().unwrap().hosts, n);
+        let size = prost::Message::encoded_len(&first);
+        let t = std::time::Instant::now();
+        let (mut hosts, mut token, mut largest) = (0, String::new(), 0);
+        loop {
+            let page = client
+                .list_hosts(wire::ListHostsRequest {
+                    page_size: 2000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            hosts += page.hosts.len();
+            largest = largest.max(prost::Message::encoded_len(&page));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let all_took = t.elapsed();
+        assert_eq!(hosts as u64, n);
+        println!(
+            "100,000 hosts: serin hosts (summary + first page) {summary_took:?}, {size} bytes; \
+             --all {all_took:?}, largest page {largest} bytes"
+        );
+        assert!(
+            summary_took < Duration::from_millis(500),
+            "{summary_took:?}"
+        );
         server.stop().await;
     }
 

@@ -207,7 +207,7 @@ async fn push(
                     } else {
                         String::new()
                     },
-                    data: buf,
+                    data: buf.into(),
                     manifest: manifest.take().unwrap_or_default(),
                 };
                 first = false;

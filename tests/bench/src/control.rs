@@ -49,7 +49,7 @@ impl Operator {
             .map(|c| wire::PushArtifactChunk {
                 service: String::new(),
                 release_id: String::new(),
-                data: c.to_vec(),
+                data: prost::bytes::Bytes::copy_from_slice(c),
                 manifest: String::new(),
             })
             .collect();
