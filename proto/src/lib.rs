@@ -5,6 +5,7 @@
 //! valid values (a service name that is safe as a directory name, a 64-digit sha256, ...). A failed
 //! conversion is a [`domain::ValidationError`] that names the field and the problem.
 
+pub mod codec;
 pub mod domain;
 pub mod grammar;
 
