@@ -167,7 +167,7 @@ fn range_start(value: &str) -> Option<u64> {
 
 impl Download {
     /// The next chunk of bytes, `None` at the end.
-    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
+    pub async fn next(&mut self) -> Result<Option<prost::bytes::Bytes>, String> {
         match self {
             Download::Coordinator { stream, offset } => match stream.message().await {
                 Ok(Some(chunk)) => {
@@ -197,7 +197,7 @@ impl Download {
                         }
                         let start = *skip as usize;
                         *skip = 0;
-                        return Ok(Some(bytes[start..].to_vec()));
+                        return Ok(Some(bytes.slice(start..)));
                     }
                     Ok(None) => return Ok(None),
                     Err(e) => return Err(format!("download broke: {e}")),

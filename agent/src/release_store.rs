@@ -6,6 +6,7 @@
 //! `staging/<sha256>.part`, verified, moved into a hidden temporary directory with its
 //! `release.json`, and that directory is renamed into place.
 
+use prost::bytes::Bytes;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -226,8 +227,8 @@ fn hash_prefix(mut hasher: Sha256, path: &Path, len: u64) -> io::Result<Sha256> 
 
 /// A stream of artifact bytes.
 pub trait ChunkSource: Send {
-    /// The next chunk, `None` at the end.
-    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send;
+    /// The next chunk, `None` at the end (a view of the received buffer, not a copy).
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
 }
 
 /// Opens artifact streams at an offset.
@@ -239,7 +240,7 @@ pub trait Opener: Sync {
 }
 
 impl ChunkSource for Download {
-    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
         self.next().await
     }
 }
@@ -721,11 +722,11 @@ pub(crate) mod tests {
     }
 
     impl ChunkSource for VecSource {
-        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
             Ok(if self.chunks.is_empty() {
                 None
             } else {
-                Some(self.chunks.remove(0))
+                Some(self.chunks.remove(0).into())
             })
         }
     }
@@ -801,13 +802,13 @@ pub(crate) mod tests {
     }
 
     impl ChunkSource for TrickleSource {
-        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
             if self.rest.is_empty() {
                 return Ok(None);
             }
             tokio::time::sleep(self.every).await;
             let n = self.per.min(self.rest.len());
-            Ok(Some(self.rest.drain(..n).collect()))
+            Ok(Some(self.rest.drain(..n).collect::<Vec<u8>>().into()))
         }
     }
 

@@ -85,7 +85,7 @@ impl AgentService for FakeCoordinator {
             .map(|(i, c)| {
                 Ok(wire::ArtifactChunk {
                     offset: req.offset + (i * 16) as u64,
-                    data: c.to_vec(),
+                    data: c.to_vec().into(),
                     total_size: total,
                 })
             })

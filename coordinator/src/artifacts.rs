@@ -9,13 +9,12 @@
 //! Which release names which blob is not kept here but in the [`crate::store::Store`]: this module
 //! only knows bytes and hashes.
 
-use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 
 use futures::Stream;
 use serin_proto::{MAX_ARTIFACT_SIZE, Sha256};
 use sha2::Digest;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Size of the chunks [`ArtifactStore::read_from`] yields: 256 KiB.
 pub const CHUNK_SIZE: usize = 256 * 1024;
@@ -212,6 +211,9 @@ impl ArtifactStore {
     /// Reads the blob from `offset` in chunks of at most [`CHUNK_SIZE`] bytes. Returns the total
     /// size and the chunks as `(offset, data)`. An offset equal to the size yields one empty
     /// chunk, so a client that already has everything learns the size.
+    ///
+    /// Each chunk is one positioned read (`pread`) on the blocking pool straight into the
+    /// buffer that becomes the message's bytes: no intermediate buffer, no copy.
     pub async fn read_from(
         &self,
         sha256: &Sha256,
@@ -219,23 +221,28 @@ impl ArtifactStore {
     ) -> Result<
         (
             u64,
-            impl Stream<Item = Result<(u64, Vec<u8>), ArtifactError>> + Send + 'static,
+            impl Stream<Item = Result<(u64, prost::bytes::Bytes), ArtifactError>> + Send + 'static,
         ),
         ArtifactError,
     > {
         let path = self.path_of(sha256);
-        let mut file = match tokio::fs::File::open(&path).await {
+        let opened = {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&p)?;
+                let size = file.metadata()?.len();
+                Ok::<_, std::io::Error>((file, size))
+            })
+            .await
+            .map_err(|e| ArtifactError::io("opening", &path)(std::io::Error::other(e)))?
+        };
+        let (file, size) = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ArtifactError::NotFound(*sha256));
             }
             Err(e) => return Err(ArtifactError::io("opening", &path)(e)),
         };
-        let size = file
-            .metadata()
-            .await
-            .map_err(ArtifactError::io("inspecting", &path))?
-            .len();
         if offset > size {
             return Err(ArtifactError::OffsetPastEnd {
                 sha256: *sha256,
@@ -243,18 +250,15 @@ impl ArtifactStore {
                 size,
             });
         }
-        file.seek(SeekFrom::Start(offset))
-            .await
-            .map_err(ArtifactError::io("seeking in", &path))?;
         struct Cursor {
-            file: tokio::fs::File,
+            file: std::sync::Arc<std::fs::File>,
             path: PathBuf,
             offset: u64,
             size: u64,
             sent_any: bool,
         }
         let cursor = Cursor {
-            file,
+            file: std::sync::Arc::new(file),
             path,
             offset,
             size,
@@ -266,35 +270,41 @@ impl ArtifactStore {
                     return Ok(None);
                 }
                 c.sent_any = true;
-                return Ok(Some(((c.offset, Vec::new()), c)));
+                return Ok(Some(((c.offset, prost::bytes::Bytes::new()), c)));
             }
             let want =
                 usize::try_from((c.size - c.offset).min(CHUNK_SIZE as u64)).unwrap_or(CHUNK_SIZE);
-            let mut buf = vec![0u8; want];
-            let mut filled = 0;
-            while filled < want {
-                let n = c
-                    .file
-                    .read(&mut buf[filled..])
-                    .await
-                    .map_err(ArtifactError::io("reading", &c.path))?;
-                if n == 0 {
-                    // The blob shrank under us: immutable blobs never do, so the disk is lying.
+            let (file, at) = (c.file.clone(), c.offset);
+            let read = tokio::task::spawn_blocking(move || read_exact_at(&file, want, at))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            let buf = match read {
+                Ok(buf) => buf,
+                // The blob shrank under us: immutable blobs never do, so the disk is lying.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Err(ArtifactError::Io {
                         what: "reading (unexpected end of file)",
                         path: c.path.clone(),
-                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                        source: e,
                     });
                 }
-                filled += n;
-            }
-            let at = c.offset;
+                Err(e) => return Err(ArtifactError::io("reading", &c.path)(e)),
+            };
             c.offset += want as u64;
             c.sent_any = true;
-            Ok(Some(((at, buf), c)))
+            Ok(Some(((at, prost::bytes::Bytes::from(buf)), c)))
         });
         Ok((size, stream))
     }
+}
+
+/// `len` bytes of `file` from `offset` by positioned reads into a buffer of exactly that size.
+fn read_exact_at(file: &std::fs::File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
 }
 
 /// An upload in progress: bytes go to a temporary file and into the hash.
@@ -466,7 +476,7 @@ mod tests {
         store: &ArtifactStore,
         sha: &Sha256,
         offset: u64,
-    ) -> (u64, Vec<(u64, Vec<u8>)>) {
+    ) -> (u64, Vec<(u64, prost::bytes::Bytes)>) {
         let (size, stream) = store.read_from(sha, offset).await.unwrap();
         (size, stream.try_collect().await.unwrap())
     }
@@ -513,7 +523,10 @@ mod tests {
         assert_eq!(chunks.concat_data(), data[from as usize..]);
 
         let (_, chunks) = read_all(&store, &sha, data.len() as u64).await;
-        assert_eq!(chunks, vec![(data.len() as u64, Vec::new())]);
+        assert_eq!(
+            chunks,
+            vec![(data.len() as u64, prost::bytes::Bytes::new())]
+        );
 
         match store.read_from(&sha, data.len() as u64 + 1).await {
             Err(ArtifactError::OffsetPastEnd { offset, size, .. }) => {
@@ -568,7 +581,7 @@ mod tests {
     trait ConcatData {
         fn concat_data(&self) -> Vec<u8>;
     }
-    impl ConcatData for Vec<(u64, Vec<u8>)> {
+    impl ConcatData for Vec<(u64, prost::bytes::Bytes)> {
         fn concat_data(&self) -> Vec<u8> {
             self.iter().flat_map(|(_, d)| d.iter().copied()).collect()
         }

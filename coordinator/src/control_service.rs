@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use serin_proto::wire;
-use serin_proto::{ArtifactSource, Release, ReleaseId, ServiceName, ValidationError};
+use serin_proto::{ArtifactSource, HostId, Release, ReleaseId, ServiceName, ValidationError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,6 +26,15 @@ use crate::rollout::{
 };
 use crate::selector::Selector;
 use crate::store::{ReleaseRecord, Store, StoreError};
+
+/// `ListHosts` hosts per page when the request names no page size.
+pub const DEFAULT_HOSTS_PAGE: usize = 500;
+/// The largest `ListHosts` page served, whatever the request asks: a host's entry is bounded
+/// (validated hello, latest health report per service), so a page stays far below the 16 MiB
+/// message limit however large the fleet.
+pub const MAX_HOSTS_PAGE: usize = 2_000;
+/// Keys kept per list of a `ListHosts` summary (the most common).
+pub const SUMMARY_TOP: usize = 20;
 
 /// The rollout engine as the control API needs it. Errors are already gRPC statuses
 /// (`invalid_argument`, `not_found`, `failed_precondition`, …) with messages for the operator.
@@ -489,10 +498,34 @@ impl wire::control_service_server::ControlService for ControlServiceImpl {
         &self,
         request: Request<wire::ListHostsRequest>,
     ) -> Result<Response<wire::ListHostsResponse>, Status> {
-        let selector = Selector::parse(&request.get_ref().selector)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let req = request.get_ref();
+        let selector =
+            Selector::parse(&req.selector).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let page_size = match req.page_size {
+            0 => DEFAULT_HOSTS_PAGE,
+            n => usize::try_from(n)
+                .unwrap_or(MAX_HOSTS_PAGE)
+                .min(MAX_HOSTS_PAGE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(HostId::new(&req.page_token).map_err(|_| {
+                Status::invalid_argument(
+                    "page_token: not a token of an earlier ListHosts page (pass next_page_token as it came)",
+                )
+            })?)
+        };
+        let (hosts, next) = self
+            .registry
+            .host_page(&selector, after.as_ref(), page_size);
+        let summary = req
+            .summary
+            .then(|| self.registry.host_summary(&selector, SUMMARY_TOP));
         Ok(Response::new(wire::ListHostsResponse {
-            hosts: self.registry.host_infos(&selector),
+            hosts,
+            next_page_token: next.map(|h| h.to_string()).unwrap_or_default(),
+            summary,
         }))
     }
 
@@ -772,7 +805,7 @@ mod tests {
         let mut chunks: Vec<wire::PushArtifactChunk> = data
             .chunks(100_000)
             .map(|c| wire::PushArtifactChunk {
-                data: c.to_vec(),
+                data: c.to_vec().into(),
                 ..Default::default()
             })
             .collect();
@@ -855,7 +888,7 @@ mod tests {
                 manifest: String::new(),
                 service: "web".into(),
                 release_id: "web-1".into(),
-                data: Vec::new(),
+                data: Default::default(),
             }]))
             .await
             .unwrap_err();
@@ -926,6 +959,7 @@ mod tests {
         let mut client = server.control_client().await;
         let list = |selector: &str| wire::ListHostsRequest {
             selector: selector.into(),
+            ..Default::default()
         };
         let hosts = client
             .list_hosts(list("zone=eu-1"))
@@ -962,6 +996,202 @@ mod tests {
             "{e}"
         );
         drop(agents);
+        server.stop().await;
+    }
+
+    /// The figure behind BENCHMARKS.md's `serin hosts` at 100,000 hosts in the store: the call
+    /// `serin hosts` makes (summary and first page) and every page of 2,000, end to end over
+    /// gRPC, against a registry of 100,000 hosts (three labels, one service each), none of them
+    /// attached. A measurement, not a CI test: `cargo test --release -p serin-coordinator --lib
+    /// -- --ignored hosts_at_100k --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement; run in release"]
+    async fn hosts_at_100k_in_the_store() {
+        let server = TestServer::start(LONG).await;
+        let n = 100_000;
+        for i in 0..n {
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            let zone = format!("z{}", i % 7);
+            let rack = format!("r{}", i % 300);
+            let a = server
+                .registry
+                .attach(
+                    hello(
+                        &format!("host-{i:06}"),
+                        &[("zone", &zone), ("rack", &rack), ("role", "web")],
+                    ),
+                    tx,
+                    std::time::Instant::now(),
+                    unix_ms_now(),
+                )
+                .unwrap();
+            server.registry.detach(&a.host, a.conn_id);
+        }
+        let mut client = server.control_client().await;
+        let t = std::time::Instant::now();
+        let first = client
+            .list_hosts(wire::ListHostsRequest {
+                summary: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let summary_took = t.elapsed();
+        assert_eq!(first.summary.as_ref().unwrap().hosts, n);
+        let size = prost::Message::encoded_len(&first);
+        let t = std::time::Instant::now();
+        let (mut hosts, mut token, mut largest) = (0, String::new(), 0);
+        loop {
+            let page = client
+                .list_hosts(wire::ListHostsRequest {
+                    page_size: 2000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            hosts += page.hosts.len();
+            largest = largest.max(prost::Message::encoded_len(&page));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let all_took = t.elapsed();
+        assert_eq!(hosts as u64, n);
+        println!(
+            "100,000 hosts: serin hosts (summary + first page) {summary_took:?}, {size} bytes; \
+             --all {all_took:?}, largest page {largest} bytes"
+        );
+        assert!(
+            summary_took < Duration::from_millis(500),
+            "{summary_took:?}"
+        );
+        server.stop().await;
+    }
+
+    /// More hosts than the largest page, some of them disconnected (known from the store's
+    /// point of view, not attached): the default page, pages that follow each token to the last
+    /// host exactly once, a page size clamped to the maximum, the summary over every page, and a
+    /// token that is not one.
+    #[tokio::test]
+    async fn list_hosts_pages_through_more_hosts_than_a_page_and_summarises_them() {
+        let server = TestServer::start(LONG).await;
+        let n = MAX_HOSTS_PAGE * 2 + 123;
+        let mut streams = Vec::new();
+        for i in 0..n {
+            let zone = ["a", "b", "c"][i % 3];
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let a = server
+                .registry
+                .attach(
+                    hello(&format!("h{i:05}"), &[("zone", zone)]),
+                    tx,
+                    std::time::Instant::now(),
+                    unix_ms_now(),
+                )
+                .unwrap();
+            if i % 10 == 0 {
+                server.registry.detach(&a.host, a.conn_id);
+            }
+            streams.push(rx);
+        }
+        let mut client = server.control_client().await;
+        let req = |page_size: u32, page_token: &str, summary: bool| wire::ListHostsRequest {
+            selector: String::new(),
+            page_size,
+            page_token: page_token.into(),
+            summary,
+        };
+
+        let first = client
+            .list_hosts(req(0, "", true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            first.hosts.len(),
+            DEFAULT_HOSTS_PAGE,
+            "the default page size"
+        );
+        assert_eq!(
+            first.next_page_token,
+            format!("h{:05}", DEFAULT_HOSTS_PAGE - 1)
+        );
+        let summary = first.summary.expect("asked for a summary");
+        assert_eq!(summary.hosts, n as u64);
+        assert_eq!(summary.connected, (n - n.div_ceil(10)) as u64);
+        let zones: Vec<(&str, u64)> = summary
+            .labels
+            .iter()
+            .map(|c| (c.key.as_str(), c.count))
+            .collect();
+        let third = n as u64 / 3;
+        assert_eq!(
+            zones,
+            [("zone=a", third + 1), ("zone=b", third), ("zone=c", third)]
+        );
+        assert_eq!(summary.states[0].key, "web running");
+        assert_eq!(summary.states[0].count, n as u64);
+        assert_eq!(summary.releases[0].key, "web=web-1");
+
+        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let page = client
+                .list_hosts(req(u32::MAX, &token, false))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.summary.is_none(), "no summary unless asked");
+            assert!(page.hosts.len() <= MAX_HOSTS_PAGE, "page size clamped");
+            pages += 1;
+            seen.extend(page.hosts.into_iter().map(|h| (h.host_id, h.connected)));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(pages, 3);
+        let expected: Vec<(String, bool)> =
+            (0..n).map(|i| (format!("h{i:05}"), i % 10 != 0)).collect();
+        assert_eq!(
+            seen, expected,
+            "every host once, in order, connected or not"
+        );
+
+        // A selector pages over the selected hosts only.
+        let mut zone_b = client
+            .list_hosts(wire::ListHostsRequest {
+                selector: "zone=b".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(zone_b.hosts.len(), 1000);
+        let rest = client
+            .list_hosts(wire::ListHostsRequest {
+                selector: "zone=b".into(),
+                page_size: 1000,
+                page_token: std::mem::take(&mut zone_b.next_page_token),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(zone_b.hosts.len() + rest.hosts.len(), n / 3);
+        assert!(rest.next_page_token.is_empty());
+
+        let e = client
+            .list_hosts(req(0, "no such token!", false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("page_token"), "{e}");
+        drop(streams);
         server.stop().await;
     }
 

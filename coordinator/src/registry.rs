@@ -432,29 +432,100 @@ impl Registry {
 
     /// Hosts matching `selector`, as the control API shows them, ordered by host id.
     pub fn host_infos(&self, selector: &Selector) -> Vec<wire::HostInfo> {
-        self.lock()
-            .values()
-            .filter_map(|e| {
-                let labels = e.labels();
-                if !selector.matches(&labels) {
-                    return None;
+        self.host_page(selector, None, usize::MAX).0
+    }
+
+    /// At most `limit` hosts matching `selector` with ids after `after` (from the first host
+    /// without it), ordered by host id, and the id of the last one returned when more hosts may
+    /// follow. Costs the page plus the hosts the selector skips, not the whole registry.
+    pub fn host_page(
+        &self,
+        selector: &Selector,
+        after: Option<&HostId>,
+        limit: usize,
+    ) -> (Vec<wire::HostInfo>, Option<HostId>) {
+        use std::ops::Bound;
+        let hosts = self.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = Vec::new();
+        let mut last = None;
+        for e in hosts
+            .range::<HostId, _>((start, Bound::Unbounded))
+            .map(|(_, e)| e)
+        {
+            if page.len() == limit {
+                return (page, last);
+            }
+            let labels = e.labels();
+            if !selector.matches(&labels) {
+                continue;
+            }
+            last = Some(e.host_id.clone());
+            page.push(host_info(e, labels));
+        }
+        (page, None)
+    }
+
+    /// Counts of every host matching `selector`: connected, service states, current releases
+    /// and labels, each list the `top` most common keys (ties by key).
+    pub fn host_summary(&self, selector: &Selector, top: usize) -> wire::HostsSummary {
+        let mut summary = wire::HostsSummary::default();
+        let mut states: HashMap<String, u64> = HashMap::new();
+        let mut releases: HashMap<String, u64> = HashMap::new();
+        let mut labels: HashMap<String, u64> = HashMap::new();
+        for e in self.lock().values() {
+            if !selector.is_empty() && !selector.matches(&e.labels()) {
+                continue;
+            }
+            summary.hosts += 1;
+            summary.connected += u64::from(e.conn.is_some());
+            for (name, svc) in &e.services {
+                let state = service_state_to_wire(svc.state).as_str_name();
+                let state = state.trim_start_matches("SERVICE_STATE_").to_lowercase();
+                *states.entry(format!("{name} {state}")).or_default() += 1;
+                if let Some(release) = &svc.current_release {
+                    *releases.entry(format!("{name}={release}")).or_default() += 1;
                 }
-                Some(wire::HostInfo {
-                    host_id: e.host_id.to_string(),
-                    hostname: e.hostname.to_string(),
-                    labels: labels.into_iter().collect::<HashMap<_, _>>(),
-                    connected: e.conn.is_some(),
-                    last_seen_unix_ms: e.last_seen_unix_ms,
-                    agent_version: e.agent_version.to_string(),
-                    services: e
-                        .services
-                        .iter()
-                        .map(|(name, svc)| inventory_of(name, svc))
-                        .collect(),
-                    health: e.health.iter().map(|(_, h)| h.clone()).collect(),
-                })
-            })
-            .collect()
+            }
+            for (k, v) in &e.labels {
+                *labels.entry(format!("{k}={v}")).or_default() += 1;
+            }
+        }
+        (summary.states, summary.states_left_off) = most_common(states, top);
+        (summary.releases, summary.releases_left_off) = most_common(releases, top);
+        (summary.labels, summary.labels_left_off) = most_common(labels, top);
+        summary
+    }
+}
+
+/// The `top` largest counts, most common first (ties by key), and how many keys were left off.
+fn most_common(counts: HashMap<String, u64>, top: usize) -> (Vec<wire::SummaryCount>, u32) {
+    let mut all: Vec<_> = counts.into_iter().collect();
+    all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let left_off = u32::try_from(all.len().saturating_sub(top)).unwrap_or(u32::MAX);
+    all.truncate(top);
+    let kept = all
+        .into_iter()
+        .map(|(key, count)| wire::SummaryCount { key, count })
+        .collect();
+    (kept, left_off)
+}
+
+/// One host as the control API shows it.
+fn host_info(e: &HostEntry, labels: BTreeMap<String, String>) -> wire::HostInfo {
+    wire::HostInfo {
+        host_id: e.host_id.to_string(),
+        hostname: e.hostname.to_string(),
+        labels: labels.into_iter().collect::<HashMap<_, _>>(),
+        connected: e.conn.is_some(),
+        last_seen_unix_ms: e.last_seen_unix_ms,
+        agent_version: e.agent_version.to_string(),
+        services: e
+            .services
+            .iter()
+            .map(|(name, svc)| inventory_of(name, svc))
+            .collect(),
+        health: e.health.iter().map(|(_, h)| h.clone()).collect(),
     }
 }
 

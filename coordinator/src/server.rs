@@ -780,7 +780,7 @@ mod tests {
                 manifest: String::new(),
                 service: "web".into(),
                 release_id: "web-2".into(),
-                data: b"new binary".to_vec(),
+                data: b"new binary".to_vec().into(),
             }]))
             .await
             .unwrap()
@@ -789,6 +789,7 @@ mod tests {
         let hosts = ctl
             .list_hosts(wire::ListHostsRequest {
                 selector: "zone=a".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -838,7 +839,7 @@ mod tests {
             .unwrap()
             .into_inner();
         let chunk = chunks.message().await.unwrap().unwrap();
-        assert_eq!(chunk.data, b"binary");
+        assert_eq!(chunk.data, &b"binary"[..]);
         server.stop().await;
     }
 

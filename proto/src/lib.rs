@@ -6,6 +6,7 @@
 //! conversion is a [`domain::ValidationError`] that names the field and the problem.
 
 pub mod chaos;
+pub mod codec;
 pub mod domain;
 pub mod grammar;
 

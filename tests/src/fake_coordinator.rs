@@ -739,7 +739,7 @@ impl agent_service_server::AgentService for Service {
                     loop {
                         let chunk = ArtifactChunk {
                             offset: at,
-                            data: vec![0x42; CHUNK_SIZE],
+                            data: vec![0x42; CHUNK_SIZE].into(),
                             total_size,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
@@ -777,7 +777,7 @@ impl agent_service_server::AgentService for Service {
                     let to = (at + per.max(1)).min(end);
                     let chunk = ArtifactChunk {
                         offset: at as u64,
-                        data: bytes[at..to].to_vec(),
+                        data: bytes[at..to].to_vec().into(),
                         total_size,
                     };
                     if tx.send(Ok(chunk)).await.is_err() {
@@ -804,7 +804,7 @@ fn chunks_of(bytes: &[u8], offset: usize, end: usize) -> Vec<Result<ArtifactChun
         let to = (at + CHUNK_SIZE).min(end);
         chunks.push(Ok(ArtifactChunk {
             offset: at as u64,
-            data: bytes[at..to].to_vec(),
+            data: bytes[at..to].to_vec().into(),
             total_size: bytes.len() as u64,
         }));
         at = to;

@@ -146,6 +146,13 @@ pub struct HostsArgs {
     /// Label selector, e.g. "role=web,zone=eu-1". Default: every host.
     #[arg(short = 'l', long, value_name = "SELECTOR")]
     pub selector: Option<String>,
+    /// Every selected host, page after page as they arrive, instead of the summary and the first
+    /// page (with `-o json`: one JSON object per host and line).
+    #[arg(long)]
+    pub all: bool,
+    /// Hosts per page asked of the coordinator (it serves at most 2,000).
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_size: u32,
     /// What to do with a host (default: list the hosts).
     #[command(subcommand)]
     pub action: Option<HostsAction>,
@@ -639,6 +646,10 @@ mod tests {
             panic!("expected hosts");
         };
         assert_eq!(h.selector.as_deref(), Some("zone=a"));
+        assert!(!h.all);
+        assert_eq!(h.page_size, 500);
+        let err = Cli::try_parse_from(["serin", "hosts", "--page-size", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--page-size"), "{err}");
     }
 
     #[test]

@@ -48,27 +48,62 @@ fn check_names(service: &str, release: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `serin hosts`.
+/// `serin hosts`: a summary of every selected host and the first page, or with `all` every page
+/// as it arrives (a fleet of any size, one bounded message at a time).
 pub async fn hosts(
     c: &mut Control,
     output: OutputFormat,
     selector: Option<String>,
+    all: bool,
+    page_size: u32,
 ) -> Result<Exit, CliError> {
-    let resp = c
-        .client
-        .list_hosts(wire::ListHostsRequest {
-            selector: selector.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| c.err("list hosts", s))?
-        .into_inner();
-    let now = now_ms();
-    emit(
-        output,
-        || render::hosts_json(&resp),
-        |p| render::hosts_text(&resp.hosts, now, p),
-    );
-    Ok(Exit::Success)
+    let selector = selector.unwrap_or_default();
+    let mut page_token = String::new();
+    let mut first = true;
+    loop {
+        let resp = c
+            .client
+            .list_hosts(wire::ListHostsRequest {
+                selector: selector.clone(),
+                page_size,
+                page_token: std::mem::take(&mut page_token),
+                summary: !all,
+            })
+            .await
+            .map_err(|s| c.err("list hosts", s))?
+            .into_inner();
+        let now = now_ms();
+        if !all {
+            emit(
+                output,
+                || render::hosts_json(&resp),
+                |p| render::hosts_summary_text(&resp, now, p),
+            );
+            return Ok(Exit::Success);
+        }
+        match output {
+            OutputFormat::Json => {
+                for h in &resp.hosts {
+                    anstream::println!("{}", render::host_json(h));
+                }
+            }
+            OutputFormat::Text => {
+                let p = render::Palette::for_stdout();
+                let text = render::hosts_text(&resp.hosts, now, &p);
+                // One header for the whole listing; each page sizes its own columns.
+                let text = match (first, text.split_once('\n')) {
+                    (false, Some((_, rows))) => rows.to_string(),
+                    _ => text,
+                };
+                anstream::print!("{text}");
+            }
+        }
+        first = false;
+        if resp.next_page_token.is_empty() {
+            return Ok(Exit::Success);
+        }
+        page_token = resp.next_page_token;
+    }
 }
 
 /// `serin artifact ...`.
@@ -172,7 +207,7 @@ async fn push(
                     } else {
                         String::new()
                     },
-                    data: buf,
+                    data: buf.into(),
                     manifest: manifest.take().unwrap_or_default(),
                 };
                 first = false;
@@ -478,7 +513,7 @@ pub async fn run_operator_with(
     match command {
         Command::Hosts(h) => match h.action {
             Some(action) => super::audit::hosts_action(&mut c, output, action).await,
-            None => hosts(&mut c, output, h.selector).await,
+            None => hosts(&mut c, output, h.selector, h.all, h.page_size).await,
         },
         Command::Audit(a) => super::audit::audit(&mut c, output, a).await,
         Command::Token(t) => super::enrol::token(&mut c, output, t).await,

@@ -37,6 +37,9 @@ struct Script {
     /// What `GetRollout` answers (else the last watched status), and how often it was asked.
     get: Option<wire::RolloutStatus>,
     gets: usize,
+    /// Hosts `ListHosts` pages through (one host `web-01` when empty), and the requests seen.
+    hosts: Vec<String>,
+    host_requests: Vec<wire::ListHostsRequest>,
 }
 
 #[derive(Clone, Default)]
@@ -52,14 +55,40 @@ impl Fake {
 impl ControlService for Fake {
     async fn list_hosts(
         &self,
-        _: Request<wire::ListHostsRequest>,
+        request: Request<wire::ListHostsRequest>,
     ) -> Result<Response<wire::ListHostsResponse>, Status> {
-        Ok(Response::new(wire::ListHostsResponse {
-            hosts: vec![wire::HostInfo {
-                host_id: "web-01".into(),
+        let req = request.into_inner();
+        let mut s = self.lock();
+        s.host_requests.push(req.clone());
+        if s.hosts.is_empty() {
+            s.hosts.push("web-01".into());
+        }
+        // Pages in host id order after the token, as the coordinator serves them.
+        let rest: Vec<&String> = s.hosts.iter().filter(|h| **h > req.page_token).collect();
+        let size = (req.page_size as usize).max(1);
+        let page: Vec<wire::HostInfo> = rest
+            .iter()
+            .take(size)
+            .map(|h| wire::HostInfo {
+                host_id: (*h).clone(),
                 connected: true,
                 ..Default::default()
-            }],
+            })
+            .collect();
+        let next_page_token = if rest.len() > size {
+            page.last().map(|h| h.host_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let summary = req.summary.then(|| wire::HostsSummary {
+            hosts: s.hosts.len() as u64,
+            connected: s.hosts.len() as u64,
+            ..Default::default()
+        });
+        Ok(Response::new(wire::ListHostsResponse {
+            hosts: page,
+            next_page_token,
+            summary,
         }))
     }
 
@@ -535,4 +564,36 @@ async fn every_read_command_and_control_action_succeeds_against_a_coordinator() 
     assert_eq!(controls.len(), 1);
     assert_eq!(controls[0].action, wire::ControlAction::Pause as i32);
     assert_eq!(controls[0].reason, "lunch");
+}
+
+#[tokio::test]
+async fn hosts_asks_for_a_summary_and_one_page_and_all_follows_every_page() {
+    let hosts: Vec<String> = (1..=5).map(|i| format!("h{i:02}")).collect();
+    let server = serve(Script {
+        hosts: hosts.clone(),
+        ..Script::default()
+    })
+    .await;
+    let (exit, err) = run(&server, &["hosts", "--page-size", "2"]).await;
+    assert_eq!(exit, Exit::Success, "{err}");
+    let first = std::mem::take(&mut server.fake.lock().host_requests);
+    assert_eq!(first.len(), 1, "without --all: one page only");
+    assert!(first[0].summary, "without --all: with the summary");
+    assert_eq!(first[0].page_size, 2);
+
+    for args in [
+        &["hosts", "--all", "--page-size", "2"][..],
+        &["hosts", "--all", "--page-size", "2", "-l", "a"][..],
+    ] {
+        let (exit, err) = run(&server, args).await;
+        assert_eq!(exit, Exit::Success, "{err}");
+        let seen = std::mem::take(&mut server.fake.lock().host_requests);
+        let tokens: Vec<&str> = seen.iter().map(|r| r.page_token.as_str()).collect();
+        assert_eq!(
+            tokens,
+            ["", "h02", "h04"],
+            "--all follows every next_page_token"
+        );
+        assert!(seen.iter().all(|r| !r.summary && r.page_size == 2));
+    }
 }

@@ -261,6 +261,8 @@ async fn notify_systemd(
             client
                 .list_hosts(ListHostsRequest {
                     selector: "serin-watchdog-probe".into(),
+                    page_size: 1,
+                    ..Default::default()
                 })
                 .await
         }

@@ -368,9 +368,30 @@ pub fn host_json(h: &wire::HostInfo) -> Value {
     })
 }
 
-/// `ListHosts`.
+/// `ListHosts`: the page, the token of the next one, and the summary when there is one.
 pub fn hosts_json(r: &wire::ListHostsResponse) -> Value {
-    json!({ "hosts": r.hosts.iter().map(host_json).collect::<Vec<_>>() })
+    let counts = |c: &[wire::SummaryCount]| {
+        c.iter()
+            .map(|c| json!({ "key": c.key, "count": c.count }))
+            .collect::<Vec<_>>()
+    };
+    let summary = r.summary.as_ref().map(|s| {
+        json!({
+            "hosts": s.hosts,
+            "connected": s.connected,
+            "states": counts(&s.states),
+            "releases": counts(&s.releases),
+            "labels": counts(&s.labels),
+            "states_left_off": s.states_left_off,
+            "releases_left_off": s.releases_left_off,
+            "labels_left_off": s.labels_left_off,
+        })
+    });
+    json!({
+        "summary": summary,
+        "hosts": r.hosts.iter().map(host_json).collect::<Vec<_>>(),
+        "next_page_token": r.next_page_token,
+    })
 }
 
 /// A rollout spec.
@@ -562,6 +583,54 @@ pub fn hosts_text(hosts: &[wire::HostInfo], now_ms: u64, p: &Palette) -> String 
         ],
         &rows,
     )
+}
+
+/// `serin hosts` without `--all`: the summary of every selected host, then the first page and
+/// how to see the rest.
+pub fn hosts_summary_text(r: &wire::ListHostsResponse, now_ms: u64, p: &Palette) -> String {
+    let mut out = String::new();
+    if let Some(s) = &r.summary {
+        if s.hosts == 0 {
+            return "no hosts\n".to_string();
+        }
+        out.push_str(&format!(
+            "{} hosts: {} connected, {} disconnected\n",
+            p.bold(&s.hosts.to_string()),
+            s.connected,
+            s.hosts.saturating_sub(s.connected)
+        ));
+        for (name, counts, left_off) in [
+            ("states", &s.states, s.states_left_off),
+            ("releases", &s.releases, s.releases_left_off),
+            ("labels", &s.labels, s.labels_left_off),
+        ] {
+            if counts.is_empty() {
+                continue;
+            }
+            let mut line = counts
+                .iter()
+                .map(|c| format!("{} {}", c.key, c.count))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if left_off > 0 {
+                line.push_str(&format!(" (+{left_off} more)"));
+            }
+            out.push_str(&format!("  {name:<9} {line}\n"));
+        }
+        out.push('\n');
+    }
+    out.push_str(&hosts_text(&r.hosts, now_ms, p));
+    if !r.next_page_token.is_empty() {
+        let total = r
+            .summary
+            .as_ref()
+            .map_or(String::new(), |s| format!(" of {}", s.hosts));
+        out.push_str(&format!(
+            "(first {} hosts{total}; `serin hosts --all` lists every host)\n",
+            r.hosts.len()
+        ));
+    }
+    out
 }
 
 /// One registered release, as `artifact push` / `release add` report it.
@@ -1333,6 +1402,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hosts_summary_then_the_first_page_and_how_to_see_the_rest() {
+        let count = |key: &str, count| wire::SummaryCount {
+            key: key.into(),
+            count,
+        };
+        let resp = wire::ListHostsResponse {
+            hosts: vec![wire::HostInfo {
+                host_id: "h00001".into(),
+                connected: true,
+                ..Default::default()
+            }],
+            next_page_token: "h00001".into(),
+            summary: Some(wire::HostsSummary {
+                hosts: 19_900,
+                connected: 19_890,
+                states: vec![count("web running", 19_900)],
+                releases: vec![count("web=web-2", 19_000), count("web=web-1", 900)],
+                labels: vec![count("zone=a", 10_000)],
+                labels_left_off: 3,
+                ..Default::default()
+            }),
+        };
+        let text = hosts_summary_text(&resp, 0, &Palette::plain());
+        for needle in [
+            "19900 hosts: 19890 connected, 10 disconnected",
+            "states    web running 19900",
+            "releases  web=web-2 19000, web=web-1 900",
+            "labels    zone=a 10000 (+3 more)",
+            "h00001",
+            "(first 1 hosts of 19900; `serin hosts --all` lists every host)",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        let v = hosts_json(&resp);
+        assert_eq!(v["summary"]["hosts"], 19_900);
+        assert_eq!(v["summary"]["releases"][1]["key"], "web=web-1");
+        assert_eq!(v["next_page_token"], "h00001");
+    }
+
+    #[test]
     fn hosts_table_and_json() {
         let hosts = vec![wire::HostInfo {
             host_id: "demo-01".into(),
@@ -1379,7 +1488,10 @@ pub(crate) mod tests {
         ] {
             assert!(row.contains(needle), "missing {needle:?} in {row:?}");
         }
-        let v = hosts_json(&wire::ListHostsResponse { hosts });
+        let v = hosts_json(&wire::ListHostsResponse {
+            hosts,
+            ..Default::default()
+        });
         assert_eq!(v["hosts"][0]["services"][0]["state"], "running");
         assert_eq!(v["hosts"][0]["services"][0]["current_release"], "2.0.0");
         assert_eq!(v["hosts"][0]["health"][0]["checks"][0]["kind"], "http");

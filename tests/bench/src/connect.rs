@@ -40,12 +40,14 @@ impl Connector {
         &self.url
     }
 
-    /// The endpoint `host` dials: its own connection, `TCP_NODELAY`, bounded connect time, and
-    /// otherwise tonic's defaults, as the real agent uses them.
+    /// The endpoint `host` dials: its own connection, `TCP_NODELAY`, the agent's maximum frame
+    /// size, bounded connect time, and otherwise tonic's defaults, as the real agent uses them.
     pub fn endpoint(&self, host: &str) -> anyhow::Result<Endpoint> {
         let endpoint = Endpoint::from_shared(self.url.clone())
             .with_context(|| format!("invalid coordinator URL {}", self.url))?
             .tcp_nodelay(true)
+            // serin_agent::connection::MAX_FRAME_SIZE
+            .max_frame_size(256 * 1024)
             .connect_timeout(Duration::from_secs(10));
         match &self.transport {
             Transport::Plaintext => {

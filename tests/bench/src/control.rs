@@ -56,7 +56,7 @@ impl Operator {
             .map(|c| wire::PushArtifactChunk {
                 service: String::new(),
                 release_id: String::new(),
-                data: c.to_vec(),
+                data: prost::bytes::Bytes::copy_from_slice(c),
                 manifest: String::new(),
             })
             .collect();
@@ -80,16 +80,50 @@ impl Operator {
         Ok(release)
     }
 
-    /// `ListHosts` for every host: (hosts, time the call took, response size in bytes).
-    pub async fn list_hosts(&mut self) -> anyhow::Result<(usize, Duration, usize)> {
+    /// `ListHosts` as `serin hosts` asks it: the summary and the first page (hosts counted by
+    /// the summary, time the call took, response size in bytes).
+    pub async fn list_hosts_summary(&mut self) -> anyhow::Result<(usize, Duration, usize)> {
         let t = Instant::now();
         let r = self
             .client
-            .list_hosts(wire::ListHostsRequest::default())
+            .list_hosts(wire::ListHostsRequest {
+                summary: true,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let elapsed = t.elapsed();
-        Ok((r.hosts.len(), elapsed, prost::Message::encoded_len(&r)))
+        let hosts = r.summary.as_ref().map_or(0, |s| s.hosts);
+        Ok((
+            usize::try_from(hosts)?,
+            elapsed,
+            prost::Message::encoded_len(&r),
+        ))
+    }
+
+    /// `ListHosts` page after page as `serin hosts --all` asks it: (hosts, time for all pages,
+    /// size of the largest response in bytes).
+    pub async fn list_hosts(&mut self) -> anyhow::Result<(usize, Duration, usize)> {
+        let t = Instant::now();
+        let (mut hosts, mut largest, mut page_token) = (0, 0, String::new());
+        loop {
+            let r = self
+                .client
+                .list_hosts(wire::ListHostsRequest {
+                    page_size: 2000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            hosts += r.hosts.len();
+            largest = largest.max(prost::Message::encoded_len(&r));
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            page_token = r.next_page_token;
+        }
+        Ok((hosts, t.elapsed(), largest))
     }
 
     /// Starts a rollout of `release` with `waves` and zero-ish bake, and follows it until it
