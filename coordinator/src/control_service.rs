@@ -999,13 +999,13 @@ mod tests {
         server.stop().await;
     }
 
-    /// The figure behind BENCHMARKS.md's `serin hosts` at 100,000 hosts in the store: the call
-    /// `serin hosts` makes (summary and first page) and every page of 2,000, end to end over
-    /// gRPC, against a registry of 100,000 hosts (three labels, one service each), none of them
-    /// attached. A measurement, not a CI test: `cargo test --release -p serin-coordinator --lib
-    /// -- --ignored hosts_at_100k --nocapture`.
+    /// `serin hosts` over 100,000 hosts known to the store (three labels, one service each, none
+    /// of them attached), end to end over gRPC: the summary counts every host in one small
+    /// answer, and `--all` pages through every host exactly once, each page far below the
+    /// message-size limit. The times are printed, not asserted (speed is the benchmarks' job; the
+    /// release figures are in BENCHMARKS.md: `cargo test --release -p serin-coordinator --lib
+    /// hosts_at_100k -- --nocapture`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement; run in release"]
     async fn hosts_at_100k_in_the_store() {
         let server = TestServer::start(LONG).await;
         let n = 100_000;
@@ -1066,8 +1066,12 @@ mod tests {
              --all {all_took:?}, largest page {largest} bytes"
         );
         assert!(
-            summary_took < Duration::from_millis(500),
-            "{summary_took:?}"
+            size < 256 * 1024,
+            "the summary and first page took {size} bytes"
+        );
+        assert!(
+            largest < 1024 * 1024,
+            "a page of 2,000 hosts took {largest} bytes"
         );
         server.stop().await;
     }
