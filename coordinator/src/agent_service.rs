@@ -25,6 +25,7 @@ use crate::artifacts::ArtifactStore;
 use crate::listener::ConnInfo;
 use crate::registry::{Outbound, RecordError, Registry, unix_ms_now};
 use serin_security::PeerIdentity;
+use serin_security::limits::{self, PeerSlots};
 use serin_security::transport::{PeerInfo, check_claimed_host};
 
 /// How the agent service behaves.
@@ -58,6 +59,8 @@ pub struct AgentServiceImpl {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     fetch_permits: Arc<Semaphore>,
+    /// `Attach` streams held per agent identity ([`limits::ATTACH_STREAMS_PER_HOST`]).
+    attach_slots: Arc<PeerSlots>,
 }
 
 impl std::fmt::Debug for AgentServiceImpl {
@@ -85,7 +88,20 @@ impl AgentServiceImpl {
             tasks,
             shutdown,
             fetch_permits: Arc::new(Semaphore::new(FETCH_CHUNKS_IN_FLIGHT)),
+            attach_slots: PeerSlots::new(limits::ATTACH_STREAMS_PER_HOST, "Attach streams"),
         }
+    }
+
+    /// Closes `conn` once a refusal sent on it had time to go out ([`REFUSAL_CLOSE_AFTER`]).
+    fn close_soon(&self, conn: ConnInfo) {
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(REFUSAL_CLOSE_AFTER) => {}
+            }
+            conn.close();
+        });
     }
 
     /// Waits for the agent's first message, which must be a hello.
@@ -119,8 +135,9 @@ fn unbox(m: Outbound) -> Result<wire::CoordinatorMessage, Status> {
     m.map(|b| *b)
 }
 
-/// How long a refused over-cap connection stays open so the refusal reaches the agent.
-const OVER_CAP_CLOSE_AFTER: Duration = Duration::from_millis(200);
+/// How long a refused connection (over the cap, or silent past the hello timeout) stays open so
+/// the refusal reaches the agent.
+const REFUSAL_CLOSE_AFTER: Duration = Duration::from_millis(200);
 
 /// The peer of a call, from the accept loop's connection info.
 fn peer<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
@@ -214,14 +231,7 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             // The accept loop already warned (rate-limited). Close the connection once the
             // refusal had time to go out, so the agent's descriptor comes back to us.
             tracing::debug!("refused an agent stream beyond the connection cap");
-            let (conn, shutdown) = (conn.clone(), self.shutdown.clone());
-            self.tasks.spawn(async move {
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(OVER_CAP_CLOSE_AFTER) => {}
-                }
-                conn.close();
-            });
+            self.close_soon(conn.clone());
             return Err(Status::resource_exhausted(
                 "the coordinator is at its open-files limit and takes no more agents; retry later",
             ));
@@ -239,10 +249,34 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             },
             None => None,
         };
+        // Held from here until the stream's pump ends, hello phase included.
+        let slot = match &certified {
+            Some(host) => Some(
+                self.attach_slots
+                    .try_acquire(&PeerIdentity::Agent { host_id: host.clone() }.uri())
+                    .map_err(|e| {
+                        tracing::warn!(host = %host, error = %e, "refused an agent stream over the per-host limit");
+                        Status::resource_exhausted(e.to_string())
+                    })?,
+            ),
+            None => None,
+        };
+        let conn = request.extensions().get::<ConnInfo>().cloned();
         let mut inbound = request.into_inner();
-        let hello = self.read_hello(&mut inbound).await.inspect_err(|e| {
-            tracing::warn!(error = %e, "refused an agent stream");
-        })?;
+        let hello = match self.read_hello(&mut inbound).await {
+            Ok(hello) => hello,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused an agent stream");
+                if e.code() == tonic::Code::DeadlineExceeded
+                    && let Some(conn) = conn
+                {
+                    // A peer that opens a stream and never says who it is loses its connection
+                    // too, once the refusal had time to go out.
+                    self.close_soon(conn);
+                }
+                return Err(e);
+            }
+        };
         if let Some(certified) = &certified {
             // A hello claiming another host is refused before it reaches the registry: it can
             // neither replace that host's stream nor appear as a host of its own.
@@ -271,7 +305,7 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 Status::from(e)
             })?;
         tracing::info!(host = %attachment.host, conn = attachment.conn_id, "agent attached");
-        self.tasks.spawn(pump(
+        let pumped = pump(
             self.registry.clone(),
             attachment.host,
             attachment.conn_id,
@@ -279,7 +313,12 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             tx,
             attachment.kicked,
             self.shutdown.clone(),
-        ));
+        );
+        // The per-host slot is given back when the stream's pump ends.
+        self.tasks.spawn(async move {
+            pumped.await;
+            drop(slot);
+        });
         Ok(Response::new(
             ReceiverStream::new(rx).map(unbox as fn(_) -> _),
         ))

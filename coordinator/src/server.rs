@@ -177,7 +177,7 @@ pub async fn run(
         agent: AgentServiceSettings {
             coordinator_id: coordinator_id(addr),
             heartbeat_interval: config.heartbeat_interval,
-            hello_timeout: config.unreachable_after.max(Duration::from_secs(5)),
+            hello_timeout: serin_security::limits::hello_timeout(config.unreachable_after),
         },
     };
     let served = serve(parts, listener, tasks.clone(), inner.clone()).await;
@@ -353,6 +353,11 @@ pub(crate) async fn serve(
     let peer_layer = listener::PeerLayer {
         enforce,
         revoked: parts.revoked.clone(),
+        refusals: Some(crate::audit::RefusalAudit::start(
+            parts.store.clone(),
+            &tasks,
+            inner.clone(),
+        )),
     };
     let enrol_admin = parts.enrolment.clone().map(|e| {
         EnrolAdminServiceServer::new(crate::enrolment::EnrolAdmin(e))
