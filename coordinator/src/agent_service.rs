@@ -61,6 +61,8 @@ pub struct AgentServiceImpl {
     fetch_permits: Arc<Semaphore>,
     /// `Attach` streams held per agent identity ([`limits::ATTACH_STREAMS_PER_HOST`]).
     attach_slots: Arc<PeerSlots>,
+    /// Where a hello refused by its certificate is audited.
+    refusals: Option<crate::audit::RefusalAudit>,
 }
 
 impl std::fmt::Debug for AgentServiceImpl {
@@ -89,7 +91,14 @@ impl AgentServiceImpl {
             shutdown,
             fetch_permits: Arc::new(Semaphore::new(FETCH_CHUNKS_IN_FLIGHT)),
             attach_slots: PeerSlots::new(limits::ATTACH_STREAMS_PER_HOST, "Attach streams"),
+            refusals: None,
         }
+    }
+
+    /// Audits every hello refused because it claims another host than its certificate's.
+    pub fn with_refusal_audit(mut self, refusals: crate::audit::RefusalAudit) -> Self {
+        self.refusals = Some(refusals);
+        self
     }
 
     /// Closes `conn` once a refusal sent on it had time to go out ([`REFUSAL_CLOSE_AFTER`]).
@@ -262,6 +271,10 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             None => None,
         };
         let conn = request.extensions().get::<ConnInfo>().cloned();
+        let remote = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.remote_addr);
         let mut inbound = request.into_inner();
         let hello = match self.read_hello(&mut inbound).await {
             Ok(hello) => hello,
@@ -284,6 +297,12 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 .map_err(|e| Status::invalid_argument(format!("hello.host id: {}", e.problem)))?;
             check_claimed_host(certified, &claimed).inspect_err(|e| {
                 tracing::warn!(certified = %certified, claimed = %claimed, error = %e.message(), "refused a hello claiming another host");
+                if let (Some(r), Some(remote)) = (&self.refusals, remote) {
+                    let identity = PeerIdentity::Agent {
+                        host_id: certified.clone(),
+                    };
+                    r.refused(&identity, remote, "/serin.v1.AgentService/Attach", e);
+                }
             })?;
         }
         let (tx, rx) = mpsc::channel(self.registry.settings().order_queue.max(2));

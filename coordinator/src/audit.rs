@@ -12,7 +12,8 @@
 //! Which role may call what is decided before any of this, by the policy layer
 //! ([`crate::listener::PeerLayer`], `serin_security::transport::required_access`): a call
 //! refused there (wrong role, wrong kind of certificate, a revoked certificate) never reaches a
-//! handler; it is written to the audit log by [`RefusalAudit`] with the caller's subject, the
+//! handler; it is written (and so is a hello refused for claiming another host, by
+//! [`crate::agent_service`]) to the audit log by [`RefusalAudit`] with the caller's subject, the
 //! method and the reason, at a bounded rate (`serin_security::limits::REFUSED_AUDIT_BURST`,
 //! `REFUSED_AUDIT_PER_SECOND`): refusals over the rate are counted and written as one
 //! `RefusedCallsNotRecorded` entry, so a flood of refused calls cannot fill the store. Those

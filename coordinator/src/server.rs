@@ -350,14 +350,11 @@ pub(crate) async fn serve(
     let cap = parts.connection_cap;
     let security = parts.security.clone();
     let enforce = matches!(security, listener::Security::Tls(_));
+    let refusals = crate::audit::RefusalAudit::start(parts.store.clone(), &tasks, inner.clone());
     let peer_layer = listener::PeerLayer {
         enforce,
         revoked: parts.revoked.clone(),
-        refusals: Some(crate::audit::RefusalAudit::start(
-            parts.store.clone(),
-            &tasks,
-            inner.clone(),
-        )),
+        refusals: Some(refusals.clone()),
     };
     let enrol_admin = parts.enrolment.clone().map(|e| {
         EnrolAdminServiceServer::new(crate::enrolment::EnrolAdmin(e))
@@ -372,7 +369,8 @@ pub(crate) async fn serve(
         parts.artifacts.clone(),
         tasks,
         inner.clone(),
-    );
+    )
+    .with_refusal_audit(refusals);
     let control = crate::audit::AuditedControl::new(
         ControlServiceImpl::new(
             parts.registry.clone(),
