@@ -25,6 +25,7 @@ use crate::artifacts::ArtifactStore;
 use crate::listener::ConnInfo;
 use crate::registry::{Outbound, RecordError, Registry, unix_ms_now};
 use serin_security::PeerIdentity;
+use serin_security::limits::{self, PeerSlots};
 use serin_security::transport::{PeerInfo, check_claimed_host};
 
 /// How the agent service behaves.
@@ -58,6 +59,10 @@ pub struct AgentServiceImpl {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     fetch_permits: Arc<Semaphore>,
+    /// `Attach` streams held per agent identity ([`limits::ATTACH_STREAMS_PER_HOST`]).
+    attach_slots: Arc<PeerSlots>,
+    /// Where a hello refused by its certificate is audited.
+    refusals: Option<crate::audit::RefusalAudit>,
 }
 
 impl std::fmt::Debug for AgentServiceImpl {
@@ -85,7 +90,27 @@ impl AgentServiceImpl {
             tasks,
             shutdown,
             fetch_permits: Arc::new(Semaphore::new(FETCH_CHUNKS_IN_FLIGHT)),
+            attach_slots: PeerSlots::new(limits::ATTACH_STREAMS_PER_HOST, "Attach streams"),
+            refusals: None,
         }
+    }
+
+    /// Audits every hello refused because it claims another host than its certificate's.
+    pub fn with_refusal_audit(mut self, refusals: crate::audit::RefusalAudit) -> Self {
+        self.refusals = Some(refusals);
+        self
+    }
+
+    /// Closes `conn` once a refusal sent on it had time to go out ([`REFUSAL_CLOSE_AFTER`]).
+    fn close_soon(&self, conn: ConnInfo) {
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(REFUSAL_CLOSE_AFTER) => {}
+            }
+            conn.close();
+        });
     }
 
     /// Waits for the agent's first message, which must be a hello.
@@ -119,8 +144,9 @@ fn unbox(m: Outbound) -> Result<wire::CoordinatorMessage, Status> {
     m.map(|b| *b)
 }
 
-/// How long a refused over-cap connection stays open so the refusal reaches the agent.
-const OVER_CAP_CLOSE_AFTER: Duration = Duration::from_millis(200);
+/// How long a refused connection (over the cap, or silent past the hello timeout) stays open so
+/// the refusal reaches the agent.
+const REFUSAL_CLOSE_AFTER: Duration = Duration::from_millis(200);
 
 /// The peer of a call, from the accept loop's connection info.
 fn peer<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
@@ -214,14 +240,7 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             // The accept loop already warned (rate-limited). Close the connection once the
             // refusal had time to go out, so the agent's descriptor comes back to us.
             tracing::debug!("refused an agent stream beyond the connection cap");
-            let (conn, shutdown) = (conn.clone(), self.shutdown.clone());
-            self.tasks.spawn(async move {
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(OVER_CAP_CLOSE_AFTER) => {}
-                }
-                conn.close();
-            });
+            self.close_soon(conn.clone());
             return Err(Status::resource_exhausted(
                 "the coordinator is at its open-files limit and takes no more agents; retry later",
             ));
@@ -239,10 +258,38 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             },
             None => None,
         };
+        // Held from here until the stream's pump ends, hello phase included.
+        let slot = match &certified {
+            Some(host) => Some(
+                self.attach_slots
+                    .try_acquire(&PeerIdentity::Agent { host_id: host.clone() }.uri())
+                    .map_err(|e| {
+                        tracing::warn!(host = %host, error = %e, "refused an agent stream over the per-host limit");
+                        Status::resource_exhausted(e.to_string())
+                    })?,
+            ),
+            None => None,
+        };
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let remote = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.remote_addr);
         let mut inbound = request.into_inner();
-        let hello = self.read_hello(&mut inbound).await.inspect_err(|e| {
-            tracing::warn!(error = %e, "refused an agent stream");
-        })?;
+        let hello = match self.read_hello(&mut inbound).await {
+            Ok(hello) => hello,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused an agent stream");
+                if e.code() == tonic::Code::DeadlineExceeded
+                    && let Some(conn) = conn
+                {
+                    // A peer that opens a stream and never says who it is loses its connection
+                    // too, once the refusal had time to go out.
+                    self.close_soon(conn);
+                }
+                return Err(e);
+            }
+        };
         if let Some(certified) = &certified {
             // A hello claiming another host is refused before it reaches the registry: it can
             // neither replace that host's stream nor appear as a host of its own.
@@ -250,6 +297,12 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 .map_err(|e| Status::invalid_argument(format!("hello.host id: {}", e.problem)))?;
             check_claimed_host(certified, &claimed).inspect_err(|e| {
                 tracing::warn!(certified = %certified, claimed = %claimed, error = %e.message(), "refused a hello claiming another host");
+                if let (Some(r), Some(remote)) = (&self.refusals, remote) {
+                    let identity = PeerIdentity::Agent {
+                        host_id: certified.clone(),
+                    };
+                    r.refused(&identity, remote, "/serin.v1.AgentService/Attach", e);
+                }
             })?;
         }
         let (tx, rx) = mpsc::channel(self.registry.settings().order_queue.max(2));
@@ -271,7 +324,7 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
                 Status::from(e)
             })?;
         tracing::info!(host = %attachment.host, conn = attachment.conn_id, "agent attached");
-        self.tasks.spawn(pump(
+        let pumped = pump(
             self.registry.clone(),
             attachment.host,
             attachment.conn_id,
@@ -279,7 +332,12 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             tx,
             attachment.kicked,
             self.shutdown.clone(),
-        ));
+        );
+        // The per-host slot is given back when the stream's pump ends.
+        self.tasks.spawn(async move {
+            pumped.await;
+            drop(slot);
+        });
         Ok(Response::new(
             ReceiverStream::new(rx).map(unbox as fn(_) -> _),
         ))

@@ -359,6 +359,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = serin_security::transport::DEFAULT_HANDS
 /// ([`AuthorizeLayer`]: an agent only on the agent API, an operator only on the control API
 /// and only as its role allows, default deny) before any handler runs.
 ///
+/// Every call it refuses is handed to the audit log ([`crate::audit::RefusalAudit`]).
+///
 /// It also refuses every call from a certificate revoked since its connection was accepted,
 /// and closes that connection, so the peer's next try needs a new handshake, which the
 /// revocation hook refuses (`serin hosts revoke` takes effect on connections already open).
@@ -368,6 +370,8 @@ pub struct PeerLayer {
     pub enforce: bool,
     /// The revoked identities and certificates.
     pub revoked: Arc<dyn serin_security::tls::Revocation>,
+    /// Where refused calls are audited (none in unit tests).
+    pub refusals: Option<crate::audit::RefusalAudit>,
 }
 
 impl<S: Clone> tower::Layer<S> for PeerLayer {
@@ -378,6 +382,7 @@ impl<S: Clone> tower::Layer<S> for PeerLayer {
             plain: inner,
             enforce: self.enforce,
             revoked: self.revoked.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -389,6 +394,7 @@ pub struct PeerService<S> {
     plain: S,
     enforce: bool,
     revoked: Arc<dyn serin_security::tls::Revocation>,
+    refusals: Option<crate::audit::RefusalAudit>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for PeerService<S> {
@@ -397,6 +403,14 @@ impl<S: std::fmt::Debug> std::fmt::Debug for PeerService<S> {
             .field("plain", &self.plain)
             .field("enforce", &self.enforce)
             .finish()
+    }
+}
+
+impl<S> PeerService<S> {
+    fn audit_refusal(&self, peer: &PeerInfo, path: &str, status: &tonic::Status) {
+        if let Some(r) = &self.refusals {
+            r.refused(&peer.identity, peer.remote_addr, path, status);
+        }
     }
 }
 
@@ -436,6 +450,17 @@ where
                 let status = tonic::Status::permission_denied(format!(
                     "this certificate has been revoked: {reason}"
                 ));
+                self.audit_refusal(&peer, req.uri().path(), &status);
+                return Either::Left(futures::future::ready(Ok(status.into_http())));
+            }
+            if self.enforce
+                && let Err(msg) =
+                    serin_security::transport::authorize(req.uri().path(), &peer.identity)
+            {
+                // The same verdict `Authorize` would give, answered here so it is audited.
+                tracing::warn!(peer = %peer.remote_addr, identity = %peer.identity, method = %serin_security::limits::truncated(req.uri().path()), "call refused");
+                let status = tonic::Status::permission_denied(msg);
+                self.audit_refusal(&peer, req.uri().path(), &status);
                 return Either::Left(futures::future::ready(Ok(status.into_http())));
             }
             req.extensions_mut().insert(peer);

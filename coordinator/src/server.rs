@@ -177,7 +177,7 @@ pub async fn run(
         agent: AgentServiceSettings {
             coordinator_id: coordinator_id(addr),
             heartbeat_interval: config.heartbeat_interval,
-            hello_timeout: config.unreachable_after.max(Duration::from_secs(5)),
+            hello_timeout: serin_security::limits::hello_timeout(config.unreachable_after),
         },
     };
     let served = serve(parts, listener, tasks.clone(), inner.clone()).await;
@@ -350,9 +350,11 @@ pub(crate) async fn serve(
     let cap = parts.connection_cap;
     let security = parts.security.clone();
     let enforce = matches!(security, listener::Security::Tls(_));
+    let refusals = crate::audit::RefusalAudit::start(parts.store.clone(), &tasks, inner.clone());
     let peer_layer = listener::PeerLayer {
         enforce,
         revoked: parts.revoked.clone(),
+        refusals: Some(refusals.clone()),
     };
     let enrol_admin = parts.enrolment.clone().map(|e| {
         EnrolAdminServiceServer::new(crate::enrolment::EnrolAdmin(e))
@@ -367,7 +369,8 @@ pub(crate) async fn serve(
         parts.artifacts.clone(),
         tasks,
         inner.clone(),
-    );
+    )
+    .with_refusal_audit(refusals);
     let control = crate::audit::AuditedControl::new(
         ControlServiceImpl::new(
             parts.registry.clone(),

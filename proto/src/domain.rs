@@ -59,7 +59,7 @@ fn check_ident(
             field,
             format!(
                 "{:?} is {} bytes long, at most {max_len} allowed",
-                value,
+                truncated(value),
                 value.len()
             ),
         ));
@@ -69,7 +69,7 @@ fn check_ident(
     if !first_ok(first) || !chars.all(&rest_ok) {
         return Err(ValidationError::new(
             field,
-            format!("{value:?} must match {charset}"),
+            format!("{:?} must match {charset}", truncated(value)),
         ));
     }
     Ok(())

@@ -567,8 +567,12 @@ pub fn required_access(path: &str) -> Option<Access> {
 
 /// Whether `identity` may call `path`; the error is the `permission_denied` message.
 pub fn authorize(path: &str, identity: &PeerIdentity) -> Result<(), String> {
-    let access = required_access(path)
-        .ok_or_else(|| format!("{path} is not in serin's access policy (default deny)"))?;
+    let access = required_access(path).ok_or_else(|| {
+        format!(
+            "{} is not in serin's access policy (default deny)",
+            serin_proto::truncated(path)
+        )
+    })?;
     match (access, identity) {
         (Access::AnyPeer, _) => Ok(()),
         // The coordinator's own certificate: its readiness/watchdog self-probe reads, nothing more.
@@ -1048,6 +1052,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("default deny"), "{e}");
+    }
+
+    #[test]
+    fn default_deny_never_echoes_a_long_path_in_full() {
+        let path = format!("/serin.v1.ControlService/{}", "X".repeat(4000));
+        let e = authorize(&path, &PeerIdentity::Coordinator).unwrap_err();
+        assert!(e.len() < 200, "{} bytes: {e}", e.len());
+        assert!(
+            e.contains("is not in serin's access policy (default deny)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! - one agent stream whose health reports each name a new service (the coordinator grew without
 //!   bound, then `serin hosts` failed for everyone);
 //! - the URL oracle: an agent fetching any URL it is ordered to and reporting the size and sha256
-//!   of what came back.
+//!   of what came back;
+//! - the per-peer limits of `serin_security::limits`: `Attach` streams per host identity, control
+//!   calls in flight per operator, the time to say hello, and the size of values echoed back in
+//!   errors.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -301,5 +304,376 @@ fn a_mismatching_url_download_never_describes_the_foreign_content() {
         Some("demo-1.0"),
         "{}",
         fx.dump()
+    );
+}
+
+/// An `Attach` call from `host`'s certificate whose request stream sends `first` (if any) and
+/// then stays open until `hold` is dropped; the call's answer (its first message or its error).
+async fn open_attach(
+    url: &str,
+    host: &str,
+    first: Option<wire::AgentMessage>,
+) -> (
+    tokio::sync::mpsc::Sender<wire::AgentMessage>,
+    Result<wire::CoordinatorMessage, tonic::Status>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    if let Some(m) = first {
+        tx.send(m).await.expect("queueing the hello");
+    }
+    let answer = async {
+        let mut inbound = agent_client(url, host)
+            .await
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        inbound
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unknown("the stream ended without a message"))
+    }
+    .await;
+    (tx, answer)
+}
+
+#[test]
+fn one_host_identity_holds_at_most_two_attach_streams() {
+    let coord = CoordinatorProc::start();
+    let url = coord.url();
+    let rt = runtime();
+    // Two streams from one certificate that never say hello: each holds a slot until the hello
+    // timeout ends it.
+    let silent: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            rt.spawn(async move { open_attach(&url, "limits-a", None).await })
+        })
+        .collect();
+    // A third stream from the same identity is refused at once, hello or not. (Until the two
+    // silent ones have reached the coordinator, a third may still get in: it is then closed and
+    // tried again.)
+    let started = Instant::now();
+    let refusal = serin_tests::wait::wait_for_value(
+        "a third Attach of one host to be refused",
+        Duration::from_secs(4),
+        &|| coord.dump(),
+        || {
+            let (tx, answer) = rt.block_on(open_attach(
+                &url,
+                "limits-a",
+                Some(hello("limits-a", &[], 0)),
+            ));
+            drop(tx);
+            answer.err()
+        },
+    );
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert!(
+        refusal
+            .message()
+            .contains("serin://host/limits-a already has 2 Attach streams open"),
+        "{refusal:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused at once, not after the silent streams' hello timeout"
+    );
+    // Another host is not affected.
+    let (_b, welcome) = rt.block_on(open_attach(
+        &url,
+        "limits-b",
+        Some(hello("limits-b", &[], 0)),
+    ));
+    assert!(welcome.is_ok(), "{welcome:?}\n{}", coord.dump());
+    // The silent streams end at the hello timeout and give their slots back.
+    for s in silent {
+        let (_tx, answer) = rt.block_on(s).unwrap();
+        assert_eq!(
+            answer.as_ref().err().map(tonic::Status::code),
+            Some(tonic::Code::DeadlineExceeded),
+            "{answer:?}"
+        );
+    }
+    serin_tests::wait::wait_for(
+        "host a to attach again once its silent streams are gone",
+        Duration::from_secs(5),
+        &|| coord.dump(),
+        || {
+            let (_tx, answer) = rt.block_on(open_attach(
+                &url,
+                "limits-a",
+                Some(hello("limits-a", &[], 0)),
+            ));
+            answer.is_ok()
+        },
+    );
+}
+
+/// Forwards one connection at a time on a new 127.0.0.1 port to `target`; the flag turns true
+/// when `target` closes a forwarded connection.
+fn watched_forwarder(
+    target: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match s_in.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            flag.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                        Ok(n) => {
+                            if c_out.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[test]
+fn a_stream_that_never_says_hello_is_refused_and_its_connection_closed() {
+    use std::sync::atomic::Ordering;
+    let coord = CoordinatorProc::start();
+    let (via, closed) = watched_forwarder(coord.addr());
+    let rt = runtime();
+    let started = Instant::now();
+    let answer = rt.block_on(async {
+        let mut transport = TestPki::client_transport(&pki().agent("silent"));
+        if let serin_security::transport::ClientTransport::Tls { server_name, .. } = &mut transport
+        {
+            // The forwarder's address is not in the coordinator's certificate; its own is.
+            *server_name = Some(coord.addr().ip().to_string());
+        }
+        let ch = channel(
+            &format!("https://{via}"),
+            &transport,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("an mTLS channel through the forwarder");
+        let (_tx, rx) = tokio::sync::mpsc::channel::<wire::AgentMessage>(1);
+        let r = AgentServiceClient::new(ch)
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        r.map(drop)
+    });
+    let waited = started.elapsed();
+    let status = answer.expect_err("a stream without a hello is refused");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("no hello within 5s"),
+        "{status:?}"
+    );
+    let timeout = serin_security::limits::MIN_HELLO_TIMEOUT;
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(5),
+        "refused after {waited:?}"
+    );
+    // The client keeps its connection; the coordinator closes it.
+    serin_tests::wait::wait_for(
+        "the coordinator to close the silent connection",
+        Duration::from_secs(10),
+        &|| coord.dump(),
+        || closed.load(Ordering::SeqCst),
+    );
+}
+
+#[test]
+fn one_operator_holds_at_most_its_limit_of_control_calls() {
+    let coord = CoordinatorProc::start();
+    let url = coord.url();
+    let rt = runtime();
+    let flooder =
+        TestPki::client_transport(&pki().operator("flooder", serin_security::Role::Deployer));
+    let limit = serin_security::limits::CONTROL_CALLS_PER_OPERATOR;
+    // Uploads that never send a chunk: each holds a call open.
+    let ch = rt
+        .block_on(channel(&url, &flooder, Duration::from_secs(5)))
+        .expect("a channel");
+    let mut holds = Vec::new();
+    let mut calls = Vec::new();
+    for _ in 0..limit {
+        let (tx, rx) = tokio::sync::mpsc::channel::<wire::PushArtifactChunk>(1);
+        holds.push(tx);
+        let mut c = ControlServiceClient::new(ch.clone());
+        calls.push(rt.spawn(async move {
+            c.push_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(drop)
+        }));
+    }
+    let list = |t: &serin_security::transport::ClientTransport| {
+        rt.block_on(async {
+            let ch = channel(&url, t, Duration::from_secs(5))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            ControlServiceClient::new(ch)
+                .list_hosts(wire::ListHostsRequest::default())
+                .await
+                .map(drop)
+        })
+    };
+    let refusal = serin_tests::wait::wait_for_value(
+        "a call beyond the operator's limit to be refused",
+        Duration::from_secs(5),
+        &|| coord.dump(),
+        || list(&flooder).err(),
+    );
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert!(
+        refusal.message().contains(&format!(
+            "serin://operator/deployer/flooder already has {limit} control calls open"
+        )),
+        "{refusal:?}"
+    );
+    // Another operator is served.
+    let other = TestPki::client_transport(&pki().harness_operator());
+    list(&other).expect("another operator is not limited by the flooder");
+    // Ending the uploads gives the calls back.
+    drop(holds);
+    for c in calls {
+        let _ = rt.block_on(c).unwrap();
+    }
+    serin_tests::wait::wait_for(
+        "the flooder to be served again",
+        Duration::from_secs(5),
+        &|| coord.dump(),
+        || list(&flooder).is_ok(),
+    );
+}
+
+#[test]
+fn errors_never_echo_a_long_client_value_in_full() {
+    let coord = CoordinatorProc::start();
+    let url = coord.url();
+    let rt = runtime();
+    let long = "x".repeat(8 * 1024);
+    let admin = TestPki::client_transport(&pki().harness_operator());
+    let mut refusals: Vec<(&str, tonic::Status)> = Vec::new();
+    rt.block_on(async {
+        let ch = channel(&url, &admin, Duration::from_secs(5))
+            .await
+            .expect("a channel");
+        let mut c = ControlServiceClient::new(ch.clone());
+        let r = wire::RolloutRef {
+            rollout_id: long.clone(),
+        };
+        let spec = wire::RolloutSpec {
+            service: long.clone(),
+            release: long.clone(),
+            selector: long.clone(),
+            waves: vec![long.clone()],
+            ..Default::default()
+        };
+        let release = wire::Release {
+            service: "demo".into(),
+            id: long.clone(),
+            sha256: long.clone(),
+            ..Default::default()
+        };
+        let mut push = vec![];
+        push.push(("GetRollout", c.get_rollout(r.clone()).await.map(drop)));
+        push.push(("WatchRollout", c.watch_rollout(r.clone()).await.map(drop)));
+        push.push((
+            "ExplainRollout",
+            c.explain_rollout(r.clone()).await.map(drop),
+        ));
+        push.push(("PlanRollout", c.plan_rollout(spec.clone()).await.map(drop)));
+        push.push((
+            "StartRollout",
+            c.start_rollout(spec.clone()).await.map(drop),
+        ));
+        push.push((
+            "RegisterRelease",
+            c.register_release(release).await.map(drop),
+        ));
+        push.push((
+            "ControlRollout",
+            c.control_rollout(wire::ControlRequest {
+                rollout_id: long.clone(),
+                reason: long.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        ));
+        push.push((
+            "RevokeHost",
+            c.revoke_host(wire::RevokeHostRequest {
+                host_id: long.clone(),
+                reason: long.clone(),
+            })
+            .await
+            .map(drop),
+        ));
+        push.push((
+            "ListRollouts",
+            c.list_rollouts(wire::ListRolloutsRequest {
+                service: long.clone(),
+            })
+            .await
+            .map(drop),
+        ));
+        // A hello with a long host id on the agent API.
+        let (_tx, answer) = open_attach(&url, "echo-host", Some(hello(&long, &[&long], 0))).await;
+        push.push(("Attach", answer.map(drop)));
+        for (what, r) in push {
+            match r {
+                Ok(()) => panic!("{what} with an 8 KiB value was accepted"),
+                Err(s) => refusals.push((what, s)),
+            }
+        }
+    });
+    let echoing: Vec<String> = refusals
+        .iter()
+        .filter(|(_, s)| s.message().len() > 512 || s.message().contains(&"x".repeat(200)))
+        .map(|(what, s)| {
+            let m = s.message();
+            format!("{what}: {} bytes: {:?}", m.len(), &m[..m.len().min(160)])
+        })
+        .collect();
+    assert!(
+        echoing.is_empty(),
+        "errors echoing the value:\n{}",
+        echoing.join("\n")
     );
 }

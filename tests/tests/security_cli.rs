@@ -326,3 +326,71 @@ fn keygen_sign_and_verify_round_trip_and_a_changed_byte_is_refused() {
     assert_eq!(run.code, 2, "{run}");
     assert!(run.stderr.contains("floor"), "{run}");
 }
+
+/// The packaged `coordinator.toml` with its commented `[tls]` and `[enrolment]` sections turned
+/// on passes `serin check-config`; an `[enrolment]` without its CA key is refused by name.
+#[test]
+fn the_packaged_config_documents_enrolment_and_check_config_validates_it() {
+    let packaged = include_str!("../../packaging/config/coordinator.toml");
+    for key in [
+        "#[enrolment]",
+        "#listen = \"0.0.0.0:7701\"",
+        "#ca_key",
+        "#agent_cert_lifetime",
+        "serin token create",
+        "serin-agent enroll",
+    ] {
+        assert!(
+            packaged.contains(key),
+            "the packaged config documents {key}"
+        );
+    }
+    let enabled: String = packaged
+        .lines()
+        .map(|l| {
+            let on = [
+                "#[tls]",
+                "#ca =",
+                "#cert =",
+                "#key =",
+                "#[enrolment]",
+                "#listen =",
+                "#ca_key =",
+                "#agent_cert_lifetime =",
+            ];
+            if on.iter().any(|p| l.starts_with(p)) {
+                &l[1..]
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("coordinator.toml");
+    std::fs::write(&good, &enabled).unwrap();
+    let ok = serin(
+        tmp.path(),
+        &["check-config", "--config", good.to_str().unwrap()],
+    );
+    assert_eq!(ok.code, 0, "{ok}\n{enabled}");
+    assert!(ok.stdout.contains("config OK"), "{ok}");
+    assert!(!ok.stderr.contains("warning"), "no unknown keys: {ok}");
+
+    let bad = tmp.path().join("no-ca-key.toml");
+    let without_key: String = enabled
+        .lines()
+        .filter(|l| !l.starts_with("ca_key"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&bad, without_key).unwrap();
+    let refused = serin(
+        tmp.path(),
+        &["check-config", "--config", bad.to_str().unwrap()],
+    );
+    assert_ne!(refused.code, 0, "{refused}");
+    assert!(
+        format!("{}{}", refused.stdout, refused.stderr).contains("enrolment.ca_key"),
+        "{refused}"
+    );
+}

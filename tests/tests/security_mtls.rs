@@ -541,8 +541,8 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
     }
     eprintln!("{table}");
 
-    // Every mutating call that passed the policy is in the audit log with its caller; the
-    // calls the policy refused never reached a handler and are not.
+    // Every mutating call that passed the policy is in the audit log with its caller, and so is
+    // every call the policy refused (with the reason); allowed reads are not.
     let entries = rt().block_on(async {
         let ch = transport::connect(
             &coord.url(),
@@ -567,7 +567,7 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
     ];
     for role in Role::ALL {
         let who = format!("serin://operator/{role}/op-{role}");
-        for m in mutating {
+        for m in &methods {
             let allowed = transport::authorize(
                 &format!("/serin.v1.ControlService/{m}"),
                 &PeerIdentity::Operator {
@@ -576,25 +576,42 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
                 },
             )
             .is_ok();
-            let n = entries
+            let found: Vec<_> = entries
                 .iter()
-                .filter(|e| e.who == who && e.what == m)
-                .count();
+                .filter(|e| e.who == who && e.what == *m)
+                .collect();
+            let expected = usize::from(!allowed || mutating.contains(m));
             assert_eq!(
-                n,
-                usize::from(allowed),
-                "{who} {m}: {n} audit entries, policy allows: {allowed}\n{entries:#?}"
+                found.len(),
+                expected,
+                "{who} {m}: policy allows: {allowed}\n{entries:#?}"
             );
+            if !allowed {
+                let e = found[0];
+                assert!(
+                    e.result.starts_with("PermissionDenied")
+                        && e.result.contains("needs the")
+                        && e.arguments.contains("refused by the access policy"),
+                    "{e:?}"
+                );
+            }
         }
     }
-    for e in &entries {
+    for e in entries
+        .iter()
+        .filter(|e| !e.result.starts_with("PermissionDenied"))
+    {
         assert!(
             mutating.contains(&e.what.as_str()),
             "a read call audited: {e:?}"
         );
         assert!(e.at_unix_ms > 0 && !e.result.is_empty(), "{e:?}");
     }
-    let revoke = entries
+    let passed: Vec<_> = entries
+        .iter()
+        .filter(|e| !e.result.starts_with("PermissionDenied"))
+        .collect();
+    let revoke = passed
         .iter()
         .find(|e| e.what == "RevokeHost")
         .expect("the admin's revocation");
@@ -603,11 +620,155 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
         revoke.arguments.contains("host=role-matrix-host"),
         "{revoke:?}"
     );
-    let start = entries
+    let start = passed
         .iter()
         .find(|e| e.what == "StartRollout")
         .expect("a deployer's start");
     assert!(start.result.starts_with("NotFound"), "{start:?}");
+}
+
+fn audit_entries(url: &str) -> Vec<wire::AuditEntry> {
+    rt().block_on(async {
+        let ch = transport::connect(url, &own_operator(Role::Viewer), Duration::from_secs(2))
+            .await
+            .unwrap();
+        ControlServiceClient::new(ch)
+            .list_audit(wire::ListAuditRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    })
+}
+
+#[test]
+fn refused_calls_are_audited_at_a_bounded_rate_and_shown_by_serin_audit() {
+    use serin_security::limits::{REFUSED_AUDIT_BURST, REFUSED_AUDIT_PER_SECOND};
+    let coord = CoordinatorProc::start();
+    let url = coord.url();
+    // An agent's certificate on the operator API: refused by certificate, audited.
+    let agent = TestPki::client_transport(&pki().agent("audit-agent"));
+    let got = call(&url, &agent, "ListHosts");
+    assert_eq!(got.unwrap_err().code(), tonic::Code::PermissionDenied);
+    // An operator certificate on the agent API: the same.
+    let got = attach(
+        &url,
+        &pki().operator("op-admin", Role::Admin),
+        hello("audit-op"),
+    );
+    assert_eq!(got.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // Host A's certificate claiming host B: refused by certificate, audited.
+    let got = attach(&url, &pki().agent("audit-a"), hello("audit-b"));
+    assert_eq!(got.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // A viewer floods StartRollout over one connection.
+    let viewer = own_operator(Role::Viewer);
+    let flood = 400u64;
+    let started = std::time::Instant::now();
+    rt().block_on(async {
+        let ch = transport::connect(&url, &viewer, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut c = ControlServiceClient::new(ch);
+        for _ in 0..flood {
+            let s = c
+                .start_rollout(wire::RolloutSpec::default())
+                .await
+                .unwrap_err();
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    // One more refusal now and then, until the rate lets one through with the summary of what
+    // it did not record.
+    let entries = wait::wait_for_value(
+        "the summary of refusals not recorded",
+        TIMEOUT,
+        &|| coord.dump(),
+        || {
+            let _ = call(&url, &viewer, "StartRollout");
+            let e = audit_entries(&url);
+            e.iter()
+                .any(|e| e.what == "RefusedCallsNotRecorded")
+                .then_some(e)
+        },
+    );
+    let agent_entry = entries
+        .iter()
+        .find(|e| e.who == "serin://host/audit-agent")
+        .expect("the agent's refused call");
+    assert_eq!(agent_entry.what, "ListHosts", "{agent_entry:?}");
+    assert!(
+        agent_entry.result.starts_with("PermissionDenied")
+            && agent_entry.result.contains("not an operator's"),
+        "{agent_entry:?}"
+    );
+    let op_entry = entries
+        .iter()
+        .find(|e| e.who == "serin://operator/admin/op-admin")
+        .expect("the operator's refused Attach");
+    assert_eq!(op_entry.what, "Attach", "{op_entry:?}");
+    let claim = entries
+        .iter()
+        .find(|e| e.who == "serin://host/audit-a")
+        .expect("host a's hello claiming host b");
+    assert!(
+        claim.what == "Attach" && claim.result.starts_with("PermissionDenied"),
+        "{claim:?}"
+    );
+    let viewer_who = "serin://operator/viewer/op-viewer";
+    let recorded = entries
+        .iter()
+        .filter(|e| e.who == viewer_who && e.what == "StartRollout")
+        .count() as u64;
+    let summary = entries
+        .iter()
+        .find(|e| e.what == "RefusedCallsNotRecorded")
+        .unwrap();
+    let not_recorded: u64 = summary
+        .arguments
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary:?}"));
+    eprintln!(
+        "{flood} refused calls in {elapsed:.2}s: {recorded} recorded, {not_recorded} counted in a summary"
+    );
+    // The burst, then the rate: never one entry per refused call.
+    assert!(
+        // The three refusals before the flood took three of the burst.
+        recorded + 3 >= u64::from(REFUSED_AUDIT_BURST)
+            && recorded < flood / 2
+            && (recorded as f64)
+                <= f64::from(REFUSED_AUDIT_BURST)
+                    + f64::from(REFUSED_AUDIT_PER_SECOND) * (started.elapsed().as_secs_f64() + 1.0),
+        "{recorded} entries for {flood} refused calls"
+    );
+    assert!(
+        not_recorded > 0 && not_recorded + recorded <= flood + 100,
+        "{summary:?}"
+    );
+
+    // `serin audit` shows refused calls with who and why.
+    let admin = pki().harness_operator();
+    let out = std::process::Command::new(binaries::serin())
+        .args(["--coordinator", &url, "audit"])
+        .envs(operator_env(&admin))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(viewer_who)
+            && text.contains("PermissionDenied")
+            && text.contains("RefusedCallsNotRecorded"),
+        "{text}"
+    );
 }
 
 #[test]
