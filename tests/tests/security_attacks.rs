@@ -596,6 +596,7 @@ fn errors_never_echo_a_long_client_value_in_full() {
         let mut c = ControlServiceClient::new(ch.clone());
         let r = wire::RolloutRef {
             rollout_id: long.clone(),
+            ..Default::default()
         };
         let spec = wire::RolloutSpec {
             service: long.clone(),
