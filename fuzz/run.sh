@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS (default 30: the CI smoke run) from the committed seeds plus
+# Runs every fuzz target for SECONDS (default 30; CI runs `fuzz/run.sh 20`) from the committed seeds plus
 # the local corpus (fuzz/corpus/, not committed). Exits non-zero on the first crash; the input
 # that crashed is in fuzz/artifacts/<target>/.
 #
-#   fuzz/run.sh            # CI: 30 s per target
+#   fuzz/run.sh 20         # the CI smoke run: 20 s per target
 #   fuzz/run.sh 3600       # a long run: an hour per target
 #   fuzz/run.sh 600 manifest
 #
