@@ -862,8 +862,14 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("too slow"), "{e}");
         assert!(staging_is_empty(&s), "a .part is left in staging");
         assert!(s.list().is_empty());
-        // Fast enough (about 10 kB/s): installed, even though it takes several windows.
-        let data = vec![8u8; 6_000];
+        // Fast enough (about 10 kB/s, ten times the minimum): installed, even though it takes
+        // several windows. Windows of 300 ms, so only a stall of most of a window (not a
+        // moment of a loaded machine) could make it too slow.
+        let data = vec![8u8; 12_000];
+        let limits = DownloadLimits {
+            rate_window: Duration::from_millis(300),
+            ..limits
+        };
         let ok = stage_trickle(&s, &data, 100, Duration::from_millis(10), limits).await;
         assert_eq!(ok.unwrap(), Staged::Installed);
     }
@@ -873,9 +879,11 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let data = vec![7u8; 100_000];
+        // The rate window is the deadline: only the deadline can end this download (seen in CI:
+        // with a 100 ms window, a stall of the loaded machine ended it as "too slow" first).
         let limits = DownloadLimits {
             min_bytes_per_sec: 10,
-            rate_window: Duration::from_millis(100),
+            rate_window: Duration::from_millis(500),
             deadline: Duration::from_millis(500),
         };
         // 100 kB/s is above the minimum rate, but 1 s of it is past the 0.5 s deadline.
