@@ -759,7 +759,8 @@ impl World {
             if self_revert && !failed_before && self.m.host(id).is_some_and(|h| h.failure.is_some())
             {
                 return Err(fail(format!(
-                    "{id}: a replayed CONFIRM_TIMEOUT self-revert counted as a failure"
+                    "{id}: a replayed CONFIRM_TIMEOUT self-revert counted as a failure: {:?}",
+                    self.m.host(id).map(|h| (h.phase, h.failure.clone()))
                 )));
             }
         }

@@ -433,6 +433,20 @@ impl Rollout {
                     let msg = format!("host {id} {}", h.detail);
                     self.dirty_hosts.insert(id.clone());
                     self.event(now, msg);
+                    if redispatch {
+                        // The coordinator's silence used up the wave's time, not the release:
+                        // its progress deadline counts again from this re-dispatch, as after a
+                        // resume (else the host would fail the moment it is dispatched again).
+                        let cur = self.current_wave;
+                        if let Some(w) = self
+                            .waves
+                            .get_mut(cur)
+                            .filter(|w| w.hosts.iter().any(|h| h == id))
+                        {
+                            w.deadline_base_ms = Some(now);
+                            self.dirty_header = true;
+                        }
+                    }
                     return;
                 } else if h.failure.is_none() {
                     h.phase = h.phase.on_rolled_back();
