@@ -927,14 +927,10 @@ mod lost_message_tests {
     use std::time::Duration;
 
     use serin_proto::{HostId, Order, OrderAction, ServiceName};
-    use tokio_util::sync::CancellationToken;
 
     use crate::control_service::RolloutApi;
     use crate::engine_tests::wire_spec;
     use crate::fleet::{FleetEvent, OrderOutcome, OrderPhase, ResultCode};
-    use crate::rollout::manager::RolloutManager;
-    use crate::rollout::settings::EngineSettings;
-    use crate::rollout::task::Clock;
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::rollout::{RolloutState, RolloutView, ShownPhase, intent::HostPhase};
     use crate::store::{MemoryStore, Store};
@@ -998,16 +994,8 @@ mod lost_message_tests {
                 .map(|p| result(h, o, *p))
                 .collect()
         }));
-        let shutdown = CancellationToken::new();
-        let mgr = RolloutManager::start_with_clock(
-            store.clone(),
-            fleet.clone(),
-            EngineSettings::default(),
-            shutdown.clone(),
-            Clock::at(1_700_000_000_000),
-        )
-        .await
-        .unwrap();
+        let (mgr, shutdown) =
+            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
         let api: &dyn RolloutApi = &mgr;
         let id = api
             .start_rollout(wire_spec(&["1", "100%"]))
@@ -1084,16 +1072,8 @@ mod lost_message_tests {
                 .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
                 .collect(),
         ));
-        let shutdown = CancellationToken::new();
-        let mgr = RolloutManager::start_with_clock(
-            store.clone(),
-            fleet.clone(),
-            EngineSettings::default(),
-            shutdown.clone(),
-            Clock::at(1_700_000_000_000),
-        )
-        .await
-        .unwrap();
+        let (mgr, shutdown) =
+            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
         let api: &dyn RolloutApi = &mgr;
         api.start_rollout(wire_spec(&["3"])).await.unwrap();
         let sent = fleet.sent();
@@ -1131,14 +1111,10 @@ mod cost_tests {
     use std::time::Duration;
 
     use serin_proto::{HostId, ReleaseId, ServiceName};
-    use tokio_util::sync::CancellationToken;
 
     use crate::control_service::RolloutApi;
     use crate::engine_tests::wire_spec;
     use crate::fleet::{FleetEvent, HealthSample};
-    use crate::rollout::manager::RolloutManager;
-    use crate::rollout::settings::EngineSettings;
-    use crate::rollout::task::Clock;
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::store::{MemoryStore, Store};
 
@@ -1181,16 +1157,8 @@ mod cost_tests {
             .collect();
         let ids: Vec<HostId> = hosts.iter().map(|h| h.host_id.clone()).collect();
         let fleet = Arc::new(FakeFleet::new(hosts));
-        let shutdown = CancellationToken::new();
-        let mgr = RolloutManager::start_with_clock(
-            store.clone(),
-            fleet.clone(),
-            EngineSettings::default(),
-            shutdown.clone(),
-            Clock::at(1_700_000_000_000),
-        )
-        .await
-        .unwrap();
+        let (mgr, shutdown) =
+            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
         let api: &dyn RolloutApi = &mgr;
         api.start_rollout(wire_spec(&["100%"])).await.unwrap();
         let stats = mgr.task_stats();
