@@ -349,6 +349,14 @@ fn one_host_identity_holds_at_most_two_attach_streams() {
             rt.spawn(async move { open_attach(&url, "limits-a", None).await })
         })
         .collect();
+    // Both silent streams' connections are in before a third is tried (seen: a third tried
+    // first, over and over, while the silent ones still waited to connect).
+    serin_tests::wait::wait_for(
+        "the two silent streams to connect",
+        Duration::from_secs(4),
+        &|| coord.dump(),
+        || coord.log().matches("tls connection accepted peer=").count() >= 2,
+    );
     // A third stream from the same identity is refused at once, hello or not. (Until the two
     // silent ones have reached the coordinator, a third may still get in: it is then closed and
     // tried again.)
