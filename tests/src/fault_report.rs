@@ -31,6 +31,15 @@ pub fn run_case(case: impl FnOnce()) -> Result<(), String> {
     })
 }
 
+/// A case's name, with its round when the suite runs more than one.
+pub fn in_round(name: &str, round: usize, rounds: usize) -> String {
+    if rounds > 1 {
+        format!("{name} (round {})", round + 1)
+    } else {
+        name.to_owned()
+    }
+}
+
 /// What one run of a case gave.
 #[derive(Debug)]
 pub struct Outcome {
@@ -61,6 +70,16 @@ impl Outcome {
     /// Whether the case was skipped.
     pub fn skipped(&self) -> bool {
         Self::is_skip(&self.result)
+    }
+
+    /// Prints the case's progress line (`suite: kind name verdict in took`) to stderr.
+    pub fn log(&self, suite: &str, took: std::time::Duration) {
+        eprintln!(
+            "{suite}: {:<9} {:<44} {} in {took:.1?}",
+            self.kind,
+            self.name,
+            self.verdict()
+        );
     }
 
     /// `ok`, `skipped` or `VIOLATION`, for the progress line of a case.

@@ -90,19 +90,9 @@ fn agent_fault_suite() {
                     let Some((round, c)) = next else { break };
                     let t = Instant::now();
                     let result = fault_report::run_case(|| (c.run)());
-                    let name = if rounds > 1 {
-                        format!("{} (round {})", c.name, round + 1)
-                    } else {
-                        c.name.clone()
-                    };
+                    let name = fault_report::in_round(&c.name, round, rounds);
                     let outcome = Outcome::new(c.kind, name, result);
-                    eprintln!(
-                        "fault suite: {:<6} {:<40} {} in {:.1?}",
-                        c.kind,
-                        outcome.name,
-                        outcome.verdict(),
-                        t.elapsed()
-                    );
+                    outcome.log("agent fault suite", t.elapsed());
                     outcomes
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -153,20 +153,10 @@ fn coordinator_fault_suite() {
                         // Start the next case on a fresh fleet.
                         fleet = None;
                     }
-                    let name = if rounds > 1 {
-                        format!("{} (round {})", c.name(), round + 1)
-                    } else {
-                        c.name()
-                    };
+                    let name = fault_report::in_round(&c.name(), round, rounds);
                     let mut outcome = Outcome::new(c.kind, name, result);
                     outcome.injected = injected.load(Ordering::SeqCst);
-                    eprintln!(
-                        "coordinator fault suite: {:<8} {:<44} {} in {:.1?}",
-                        c.kind,
-                        outcome.name,
-                        outcome.verdict(),
-                        t.elapsed()
-                    );
+                    outcome.log("coordinator fault suite", t.elapsed());
                     outcomes
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -505,11 +505,7 @@ fn coordinator_fault_suite() {
         }
         let t = Instant::now();
         let outcome = Outcome::new(kind, name, fault_report::run_case(run));
-        eprintln!(
-            "coordinator fault suite: {kind:<9} {name:<32} {} in {:.1?}",
-            outcome.verdict(),
-            t.elapsed()
-        );
+        outcome.log("coordinator fault suite", t.elapsed());
         outcomes.push(outcome);
     }
     fault_report::finish(

@@ -244,14 +244,8 @@ fn the_cli_needs_an_operator_certificate_and_says_when_it_is_refused() {
         "{err}"
     );
     let releases = rt().block_on(async {
-        let ch = transport::connect(
-            &coord.url(),
-            &own_operator(Role::Viewer),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
-        ControlServiceClient::new(ch)
+        viewer_control(&coord.url())
+            .await
             .list_releases(wire::ListReleasesRequest::default())
             .await
             .unwrap()
@@ -543,21 +537,7 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
 
     // Every mutating call that passed the policy is in the audit log with its caller, and so is
     // every call the policy refused (with the reason); allowed reads are not.
-    let entries = rt().block_on(async {
-        let ch = transport::connect(
-            &coord.url(),
-            &own_operator(Role::Viewer),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
-        ControlServiceClient::new(ch)
-            .list_audit(wire::ListAuditRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
-    });
+    let entries = audit_entries(&coord.url());
     let mutating = [
         "PushArtifact",
         "RegisterRelease",
@@ -627,12 +607,18 @@ fn every_control_call_under_every_role_follows_the_policy_table() {
     assert!(start.result.starts_with("NotFound"), "{start:?}");
 }
 
+/// A control client holding a viewer's certificate.
+async fn viewer_control(url: &str) -> ControlServiceClient<tonic::transport::Channel> {
+    let ch = transport::connect(url, &own_operator(Role::Viewer), Duration::from_secs(2))
+        .await
+        .expect("a viewer's connection");
+    ControlServiceClient::new(ch)
+}
+
 fn audit_entries(url: &str) -> Vec<wire::AuditEntry> {
     rt().block_on(async {
-        let ch = transport::connect(url, &own_operator(Role::Viewer), Duration::from_secs(2))
+        viewer_control(url)
             .await
-            .unwrap();
-        ControlServiceClient::new(ch)
             .list_audit(wire::ListAuditRequest::default())
             .await
             .unwrap()

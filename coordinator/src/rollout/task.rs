@@ -578,11 +578,10 @@ enum Forwarded {
 /// Reads the fleet's events as they come, whatever the task is doing (a save, an allocation),
 /// into the task's backlog: the fleet's bounded buffer never overflows while the task waits on
 /// the store, which made a large wave's answers lost and the task resynchronise again and
-/// again. `queued` counts the events read from the fleet and not yet taken by the task.
+/// again.
 async fn forward(
     mut rx: broadcast::Receiver<FleetEvent>,
     tx: mpsc::Sender<Forwarded>,
-    queued: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
     let mut missed = 0u64;
@@ -604,13 +603,9 @@ async fn forward(
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        queued.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(item) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                queued.fetch_sub(1, Ordering::Relaxed);
-                missed += 1;
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => missed += 1,
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
@@ -798,11 +793,10 @@ pub async fn run_counted(
             step!(vec![Input::Resync(snapshot)]);
         }
     }
-    let queued = Arc::new(AtomicU64::new(0));
     let (fwd_tx, fwd_rx) = mpsc::channel(EVENT_BACKLOG);
     let stop_forwarding = CancellationToken::new();
     let _stop_forwarding = stop_forwarding.clone().drop_guard();
-    tokio::spawn(forward(events, fwd_tx, queued.clone(), stop_forwarding));
+    tokio::spawn(forward(events, fwd_tx, stop_forwarding));
     let mut events = Some(fwd_rx);
     let mut control = Some(control);
     let resync = |driver: &Driver, n: u64| {
@@ -810,10 +804,7 @@ pub async fn run_counted(
         Input::Resync(driver.fleet.snapshot())
     };
     let take = |f: Forwarded, driver: &Driver| match f {
-        Forwarded::Event(e) => {
-            queued.fetch_sub(1, Ordering::Relaxed);
-            input_of(e)
-        }
+        Forwarded::Event(e) => input_of(e),
         Forwarded::Lagged(n) => resync(driver, n),
     };
     loop {
@@ -826,7 +817,7 @@ pub async fn run_counted(
         // An answer still waiting in the queue is an answer: re-send only once every fleet event
         // that has arrived has been read (under load, a wave's answers can wait behind its saves
         // for longer than the re-send wait).
-        if events.as_ref().is_none_or(|e| e.is_empty()) && queued.load(Ordering::Relaxed) == 0 {
+        if events.as_ref().is_none_or(|e| e.is_empty()) {
             driver.resend_unanswered(&m);
         }
         let tick_at = now + tick.as_millis() as u64;
