@@ -18,9 +18,7 @@ fn api(m: &RolloutManager) -> &dyn RolloutApi {
 }
 use super::wire_spec;
 use crate::fleet::FleetEvent;
-use crate::rollout::settings::EngineSettings;
-use crate::rollout::task::Clock;
-use crate::rollout::testing::{FakeFleet, TestStore, host, outcome};
+use crate::rollout::testing::{FakeFleet, TestStore, host, manager, outcome};
 use crate::store::Store;
 
 fn fleet(n: usize) -> Arc<FakeFleet> {
@@ -29,22 +27,6 @@ fn fleet(n: usize) -> Arc<FakeFleet> {
             .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
             .collect(),
     ))
-}
-
-async fn manager(
-    store: &Arc<TestStore>,
-    fleet: &Arc<FakeFleet>,
-    shutdown: &CancellationToken,
-) -> RolloutManager {
-    RolloutManager::start_with_clock(
-        store.clone(),
-        fleet.clone(),
-        EngineSettings::default(),
-        shutdown.clone(),
-        Clock::at(1_700_000_000_000),
-    )
-    .await
-    .unwrap()
 }
 
 /// A responder that answers every order as a healthy agent does.

@@ -16,9 +16,7 @@ fn api(m: &RolloutManager) -> &dyn RolloutApi {
 }
 use super::wire_spec;
 use crate::fleet::{FleetEvent, OrderOutcome};
-use crate::rollout::settings::EngineSettings;
-use crate::rollout::task::Clock;
-use crate::rollout::testing::{FakeFleet, host, release_record};
+use crate::rollout::testing::{FakeFleet, host, manager, release_record};
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 
@@ -31,22 +29,6 @@ fn setup(n: usize) -> (Arc<MemoryStore>, Arc<FakeFleet>) {
             .collect(),
     ));
     (store, fleet)
-}
-
-async fn manager(
-    store: &Arc<MemoryStore>,
-    fleet: &Arc<FakeFleet>,
-    shutdown: &CancellationToken,
-) -> RolloutManager {
-    RolloutManager::start_with_clock(
-        store.clone(),
-        fleet.clone(),
-        EngineSettings::default(),
-        shutdown.clone(),
-        Clock::at(1_700_000_000_000),
-    )
-    .await
-    .unwrap()
 }
 
 /// Answers every order the fleet has received and not yet answered, successfully.

@@ -925,6 +925,7 @@ mod lost_message_tests {
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::rollout::{RolloutState, RolloutView, ShownPhase, intent::HostPhase};
     use crate::store::{MemoryStore, Store};
+    use tokio_util::sync::CancellationToken;
 
     fn result(h: &HostId, o: &Order, phase: OrderPhase) -> FleetEvent {
         FleetEvent::Result {
@@ -985,8 +986,8 @@ mod lost_message_tests {
                 .map(|p| result(h, o, *p))
                 .collect()
         }));
-        let (mgr, shutdown) =
-            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
         let api: &dyn RolloutApi = &mgr;
         let id = api
             .start_rollout(wire_spec(&["1", "100%"]))
@@ -1063,8 +1064,8 @@ mod lost_message_tests {
                 .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
                 .collect(),
         ));
-        let (mgr, shutdown) =
-            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
         let api: &dyn RolloutApi = &mgr;
         api.start_rollout(wire_spec(&["3"])).await.unwrap();
         let sent = fleet.sent();
@@ -1108,6 +1109,7 @@ mod cost_tests {
     use crate::fleet::{FleetEvent, HealthSample};
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::store::{MemoryStore, Store};
+    use tokio_util::sync::CancellationToken;
 
     const HOSTS: usize = 200;
 
@@ -1148,8 +1150,8 @@ mod cost_tests {
             .collect();
         let ids: Vec<HostId> = hosts.iter().map(|h| h.host_id.clone()).collect();
         let fleet = Arc::new(FakeFleet::new(hosts));
-        let (mgr, shutdown) =
-            crate::rollout::testing::manager_over(store.clone(), fleet.clone()).await;
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
         let api: &dyn RolloutApi = &mgr;
         api.start_rollout(wire_spec(&["100%"])).await.unwrap();
         let stats = mgr.task_stats();

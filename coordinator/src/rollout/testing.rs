@@ -326,24 +326,19 @@ impl Store for TestStore {
 }
 
 /// A rollout manager over `store` and `fleet` with the default engine settings and a clock that
-/// reads 1,700,000,000,000 ms at the start (tokio's paused time moves it), and the token that
-/// shuts it down.
-pub(crate) async fn manager_over(
-    store: std::sync::Arc<MemoryStore>,
-    fleet: std::sync::Arc<FakeFleet>,
-) -> (
-    super::manager::RolloutManager,
-    tokio_util::sync::CancellationToken,
-) {
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let mgr = super::manager::RolloutManager::start_with_clock(
-        store,
-        fleet,
+/// reads 1,700,000,000,000 ms at the start (tokio's paused time moves it), stopped by `shutdown`.
+pub(crate) async fn manager<S: Store + 'static>(
+    store: &std::sync::Arc<S>,
+    fleet: &std::sync::Arc<FakeFleet>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> super::manager::RolloutManager {
+    super::manager::RolloutManager::start_with_clock(
+        store.clone(),
+        fleet.clone(),
         super::settings::EngineSettings::default(),
         shutdown.clone(),
         super::task::Clock::at(1_700_000_000_000),
     )
     .await
-    .expect("the manager starts");
-    (mgr, shutdown)
+    .expect("the manager starts")
 }
