@@ -95,6 +95,7 @@ impl Rollout {
         self.state = RolloutState::Running;
         self.paused_by_failure = false;
         self.paused_by_store = false;
+        self.paused_for_data = false;
         self.reason.clear();
         if let Some(w) = self.waves.get_mut(self.current_wave) {
             w.state = if w.started_ms.is_some() {
@@ -304,6 +305,7 @@ impl Rollout {
         // of an earlier activation may still be running).
         self.seen.entry(id).armed_since.get_or_insert(now);
         self.holds_from_ms = 0;
+        self.forget_requests(id);
         if let Some(h) = self.hosts.get_mut(id) {
             h.phase = h.phase.on_dispatch();
             h.dispatched_ms = Some(now);
@@ -520,6 +522,9 @@ impl Rollout {
                 comparison.p_value.unwrap_or(0.0)
             );
             self.gate_failed(now, idx, reason, evidence);
+            return;
+        }
+        if self.request_gate(now, idx, &mut evidence) {
             return;
         }
         // Promote.
