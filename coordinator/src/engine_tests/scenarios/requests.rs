@@ -92,6 +92,11 @@ fn a_canary_with_enough_requests_passes_and_the_gate_shows_its_count() {
     assert_eq!(s.m.waves()[0].state, WaveState::Passed);
     let d = s.m.decisions().last().unwrap();
     assert_eq!(d.kind.as_str(), "promote");
+    assert!(
+        d.reason.contains("150 requests served (at least 100)"),
+        "{}",
+        d.reason
+    );
     assert_eq!(d.evidence["requests_served"], "150");
     assert_eq!(d.evidence["min_requests"], "100");
 }

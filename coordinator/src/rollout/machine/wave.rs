@@ -539,8 +539,12 @@ impl Rollout {
             .cloned()
             .collect();
         let last = idx + 1 == self.waves.len();
+        let requests = match (evidence.get("requests_served"), self.spec.min_requests) {
+            (Some(n), Some(min)) => format!(", {n} requests served (at least {min})"),
+            _ => String::new(),
+        };
         let reason = format!(
-            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{requests}{}",
             idx + 1,
             c.healthy,
             c.size,
