@@ -247,8 +247,12 @@ pub struct TrafficConfig {
     pub agent_check: Option<SocketAddr>,
     /// `[service.traffic] slow_start` / `slow_start_from`: the weight ramp after a swap.
     pub slow_start: Option<crate::traffic::SlowStart>,
-    /// `[service.swap]`: how a restart hands over to the new process.
+    /// `[service.swap]`: how a restart hands over to the new process (supervised services).
     pub swap: crate::service_manager::supervisor::SwapMode,
+    /// `[service.swap] mode = "socket"` on a systemd unit: the `.socket` unit (`Accept=no`)
+    /// that holds the listening socket (`swap.socket_unit`, default `<unit stem>.socket`),
+    /// checked at load; only the service unit is restarted.
+    pub systemd_socket: Option<String>,
     /// `[service.hooks] timeout`: how long a lifecycle hook may run.
     pub hook_timeout: Duration,
     /// `[service.traffic] drain_timeout`: how long a drain waits for the server to go idle
@@ -281,6 +285,7 @@ struct RawTrafficSection {
 struct RawSwapSection {
     mode: Option<String>,
     listen: Option<String>,
+    socket_unit: Option<String>,
     ready_timeout: Option<String>,
 }
 
@@ -298,8 +303,13 @@ struct RawTrafficKeys {
 }
 
 impl RawTrafficKeys {
-    fn validate(self, at: &str, supervised: bool, p: &mut Problems) -> TrafficConfig {
+    fn validate(self, at: &str, run: Option<&RunConfig>, p: &mut Problems) -> TrafficConfig {
         use crate::service_manager::supervisor::SwapMode;
+        let supervised = matches!(run, Some(RunConfig::Process { .. }));
+        let systemd_unit = match run {
+            Some(RunConfig::Systemd { unit }) => Some(unit.as_str()),
+            _ => None,
+        };
         let addr = |p: &mut Problems, key: String, v: &str| match v.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -333,8 +343,30 @@ impl RawTrafficKeys {
             );
         }
         let mode = self.swap.mode.as_deref().unwrap_or("restart");
+        let mut systemd_socket = None;
         let swap = match mode {
             "restart" => SwapMode::Restart,
+            // systemd holds the socket: only the service unit is restarted (no supervisor mode).
+            "socket" if systemd_unit.is_some() => {
+                let unit = systemd_unit.unwrap_or_default();
+                if self.swap.listen.is_some() {
+                    p.push(
+                        format!("{at}.swap.listen"),
+                        "only for run.kind = \"process\"; for a systemd unit the .socket unit's \
+                         ListenStream= says where systemd listens",
+                    );
+                }
+                let socket_unit = self.swap.socket_unit.clone().unwrap_or_else(|| {
+                    format!("{}.socket", unit.rsplit_once('.').map_or(unit, |(s, _)| s))
+                });
+                let dirs = crate::service_manager::systemd::unit_search_path();
+                match crate::service_manager::systemd::check_socket_unit(unit, &socket_unit, &dirs)
+                {
+                    Ok(_) => systemd_socket = Some(socket_unit),
+                    Err(e) => p.push(format!("{at}.swap.mode"), e),
+                }
+                SwapMode::Restart
+            }
             "socket" => match self.swap.listen.as_deref() {
                 None => {
                     p.push(
@@ -365,9 +397,15 @@ impl RawTrafficKeys {
             p.push(
                 format!("{at}.swap.mode"),
                 format!(
-                    "{mode:?} needs run.kind = \"process\"; for a systemd unit use a .socket unit \
-                     with Accept=no (socket) or ExecReload (reload)"
+                    "{mode:?} needs run.kind = \"process\"; for a systemd unit use mode = \
+                     \"socket\" with a .socket unit (Accept=no), or ExecReload= in the unit"
                 ),
+            );
+        }
+        if self.swap.socket_unit.is_some() && (mode != "socket" || supervised) {
+            p.push(
+                format!("{at}.swap.socket_unit"),
+                "only meaningful with swap.mode = \"socket\" on run.kind = \"systemd\"",
             );
         }
         if self.swap.listen.is_some() && mode != "socket" {
@@ -430,6 +468,7 @@ impl RawTrafficKeys {
             agent_check,
             slow_start,
             swap,
+            systemd_socket,
             hook_timeout,
             drain_timeout,
             haproxy,
@@ -912,7 +951,7 @@ impl RawService {
             swap: self.swap,
             hooks: self.hooks,
         }
-        .validate(at, matches!(run, Some(RunConfig::Process { .. })), p);
+        .validate(at, run.as_ref(), p);
         let signing_keys = signing_keys(at, self.signing_keys, self.signing_keys_file, p);
         Some(ServiceConfig {
             name: name?,
@@ -1494,9 +1533,41 @@ mod traffic_tests {
     }
 
     #[test]
+    fn socket_swap_on_a_systemd_unit_needs_its_socket_unit() {
+        const SYSTEMD: &str = "kind = \"systemd\"\nunit = \"web.service\"";
+        let problems = Config::parse(&service(
+            SYSTEMD,
+            "[service.swap]\nmode = \"socket\"\nsocket_unit = \"serin-no-such-unit-7f3a.socket\"\nlisten = \"127.0.0.1:80\"",
+        ))
+        .unwrap_err()
+        .problems();
+        for expected in [
+            "service[0].swap.mode: the socket unit serin-no-such-unit-7f3a.socket was not found",
+            "service[0].swap.listen: only for run.kind = \"process\"",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected}\n{problems:#?}"
+            );
+        }
+        let problems = Config::parse(&service(
+            PROCESS,
+            "[service.swap]\nmode = \"socket\"\nlisten = \"127.0.0.1:80\"\nsocket_unit = \"web.socket\"",
+        ))
+        .unwrap_err()
+        .problems();
+        assert_eq!(
+            problems,
+            [
+                "service[0].swap.socket_unit: only meaningful with swap.mode = \"socket\" on run.kind = \"systemd\""
+            ]
+        );
+    }
+
+    #[test]
     fn bad_traffic_keys_are_named() {
         let text = service(
-            "kind = \"systemd\"\nunit = \"web.service\"",
+            PROCESS,
             "[service.traffic]\nagent_check = \"localhost\"\nslow_start = \"1s\"\nslow_start_from = 0\n\n\
              [service.swap]\nmode = \"socket\"\nlisten = \"nowhere\"",
         );

@@ -180,11 +180,18 @@ pub async fn run_with(
                 &tracker,
                 tasks.clone(),
             )),
-            RunConfig::Systemd { unit } => Arc::new(Systemd::new(
-                unit.clone(),
-                options.systemctl.clone(),
-                service_dir.join("releases"),
-            )),
+            RunConfig::Systemd { unit } => {
+                let m = Systemd::new(
+                    unit.clone(),
+                    options.systemctl.clone(),
+                    service_dir.join("releases"),
+                );
+                // Swap mode `socket`: the socket unit holds the listening socket.
+                Arc::new(match &svc.traffic.systemd_socket {
+                    Some(socket) => m.with_socket(socket.clone()),
+                    None => m,
+                })
+            }
         };
         // The agent-check responder's state is driven by the service task on each swap.
         let mut traffic_handle = None;

@@ -114,6 +114,7 @@ pub fn raw_spec_from_wire(w: wire::RolloutSpec) -> RawSpec {
         unreachable_threshold: w.unreachable_threshold,
         canary_weight: w.canary_weight,
         weights: w.weights,
+        min_requests: w.min_requests,
     }
 }
 
@@ -144,6 +145,7 @@ pub fn raw_spec_to_wire(r: RawSpec) -> wire::RolloutSpec {
         unreachable_threshold: r.unreachable_threshold,
         canary_weight: r.canary_weight,
         weights: r.weights,
+        min_requests: r.min_requests,
     }
 }
 

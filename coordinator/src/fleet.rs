@@ -194,6 +194,9 @@ pub struct HealthSample {
     pub cpu_percent: f32,
     pub rss_bytes: u64,
     pub observed_unix_ms: u64,
+    /// The service's request counter (only grows; HAProxy's `stot` of the host's server), when
+    /// its agent has one: the request gate counts its increase during a bake.
+    pub requests_total: Option<u64>,
 }
 
 /// A validated order result from an agent.

@@ -890,6 +890,7 @@ pub fn validate_health(
         } else {
             r.observed_unix_ms
         },
+        requests_total: r.requests_total,
     })
 }
 

@@ -74,3 +74,75 @@ fn an_agent_in_reload_mode_activates_under_load_without_a_failed_request() {
         "mode = \"reload\"\nready_timeout = \"10s\"",
     );
 }
+
+/// The `ini` block of README.md that starts with `# {name}`.
+fn readme_unit(name: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("reading README.md");
+    let start = format!("```ini\n# {name}\n");
+    let at = readme.find(&start).unwrap_or_else(|| {
+        panic!("README.md documents no {name} unit (```ini block starting `# {name}`)")
+    });
+    let body = &readme[at + start.len()..];
+    body[..body.find("```").expect("the unit's block ends")].to_owned()
+}
+
+/// `serin-agent check-config` of a systemd service with `swap.mode = "socket"`, with
+/// `SYSTEMD_UNIT_PATH` set to `units`: whether it passed, and what it said.
+fn check_socket_config(units: &std::path::Path) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "coordinator = \"http://127.0.0.1:7700\"\ntls = { insecure_plaintext = true }\n\n\
+         [[service]]\nname = \"web\"\nbinary = \"web\"\n\n\
+         [service.run]\nkind = \"systemd\"\nunit = \"web.service\"\n\n\
+         [service.swap]\nmode = \"socket\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(serin_tests::binaries::agent())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("SYSTEMD_UNIT_PATH", units)
+        .output()
+        .expect("running serin-agent check-config");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn socket_swap_of_a_systemd_unit_is_refused_at_load_without_its_socket_unit_and_takes_the_documented_one()
+ {
+    let units = tempfile::tempdir().unwrap();
+    let (ok, text) = check_socket_config(units.path());
+    assert!(!ok, "accepted without a socket unit:\n{text}");
+    assert!(
+        text.contains("service[0].swap.mode: the socket unit web.socket was not found")
+            && text.contains(&units.path().display().to_string()),
+        "{text}"
+    );
+    // The socket unit README documents passes as written.
+    let documented = readme_unit("web.socket");
+    assert!(documented.contains("Accept=no"), "{documented}");
+    std::fs::write(units.path().join("web.socket"), &documented).unwrap();
+    let (ok, text) = check_socket_config(units.path());
+    assert!(
+        ok,
+        "the documented socket unit is refused:\n{text}\n{documented}"
+    );
+    // One systemd would start a service instance per connection for is refused.
+    std::fs::write(
+        units.path().join("web.socket"),
+        documented.replace("Accept=no", "Accept=yes"),
+    )
+    .unwrap();
+    let (ok, text) = check_socket_config(units.path());
+    assert!(
+        !ok && text.contains("has Accept=yes") && text.contains("needs Accept=no"),
+        "{text}"
+    );
+}

@@ -2,7 +2,7 @@
 //! `serin-agent` processes whose service declares an agent-check port, behind a real HAProxy
 //! that polls it. Every activation and rollback is drain → wait until idle → swap → healthy →
 //! undrain, with its timings in the results; a release's `validate` and `post-start` hooks gate
-//! its activation.
+//! its activation; the request gate (`--min-requests`) counts the requests HAProxy sent.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -813,4 +813,89 @@ fn an_activation_that_would_drain_the_last_serving_server_is_refused_before_anyt
         healthy.message
     );
     fx.wait_serving(&v2.id);
+}
+
+#[test]
+fn a_canary_without_traffic_pauses_with_insufficient_data_and_with_traffic_it_passes() {
+    use serin_tests::fleet::{self, Fleet, Timings};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let checks = [free_port(), free_port()];
+    let fleet = Fleet::start_configured("traffic-requests", &["a", "b"], &|i| {
+        fleet_traffic_toml(&checks, &socket, i)
+    });
+    let servers: Vec<Server> = (0..2)
+        .map(|i| Server {
+            name: format!("h{i}"),
+            addr: SocketAddr::from((LOCALHOST, fleet.hosts[i].agent.port)),
+            agent: Some(SocketAddr::from((LOCALHOST, checks[i]))),
+        })
+        .collect();
+    let haproxy = Haproxy::start(dir.path(), &servers, Duration::from_millis(300)).unwrap();
+    let dump = || {
+        format!(
+            "{:?}\n{}\n{}",
+            haproxy.stats(),
+            haproxy.log_tail(),
+            fleet.dump()
+        )
+    };
+    for s in &servers {
+        wait_in_rotation(&haproxy, &s.name, &dump);
+    }
+
+    let v2 = fleet::healthy("v2");
+    fleet.push(&v2);
+    let timings = Timings {
+        bake: "2s",
+        canary_bake: Some("3s"),
+        min_healthy: "300ms",
+        ..Timings::default()
+    };
+    let id = fleet.start_rollout(
+        &v2.id,
+        &["--waves", "1,100%", "--min-requests", "200"],
+        &timings,
+    );
+    // Nobody sends a request: when the canary's bake is up the rollout pauses, never passes.
+    let s = fleet.wait_rollout(&id, "paused", fleet::TIMEOUT, |s| {
+        s.state().as_str() == "paused" || s.finished
+    });
+    assert_eq!(s.state().as_str(), "paused", "{}\n{}", s.reason, dump());
+    assert!(
+        s.reason.contains("insufficient data: 0 of 200 requests"),
+        "{}\n{}",
+        s.reason,
+        dump()
+    );
+    assert_eq!(s.current_wave, 0, "{}", s.reason);
+    let shown = fleet.cli(&["rollout", "status", &id]);
+    assert!(
+        shown.stdout.contains("at least 200 requests per wave")
+            && shown.stdout.contains("insufficient data"),
+        "status does not show the request gate:\n{shown}"
+    );
+
+    // With traffic through HAProxy the resumed canary counts its requests and passes, and so
+    // does the next wave.
+    let load = LoadGen::new(haproxy.frontend, "/version", 8).start();
+    let resumed = fleet.cli(&["rollout", "resume", &id]);
+    assert_eq!(resumed.code, 0, "{resumed}");
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
+    let tally = load.stop();
+    assert_eq!(s.state().as_str(), "succeeded", "{}\n{}", s.reason, dump());
+    assert_eq!(tally.failed(), 0, "{}\n{}", tally.summary(), dump());
+    let explained = fleet.cli(&["rollout", "explain", &id]);
+    assert!(
+        explained
+            .stdout
+            .contains("insufficient data: 0 of 200 requests")
+            && explained.stdout.contains("requests served (at least 200)"),
+        "explain does not show the request gate's verdicts:\n{explained}"
+    );
+    eprintln!(
+        "request gate: paused on 0 of 200 requests without traffic; with load ({}) passed\n{}",
+        tally.summary(),
+        explained.stdout
+    );
 }

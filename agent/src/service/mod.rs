@@ -302,7 +302,7 @@ impl ServiceTask {
                         self.record_status(status);
                         self.after_health().await;
                     }
-                    Some(Input::ReportNow) => self.send_health(),
+                    Some(Input::ReportNow) => self.send_health().await,
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => {
                     self.stage_done(flatten_stage(done), None).await;
@@ -312,7 +312,7 @@ impl ServiceTask {
                     self.take_hold(&mut holds).await;
                     self.feed(activation::Input::Tick { now_ms: unix_ms() }).await;
                 }
-                _ = report.tick() => self.send_health(),
+                _ = report.tick() => self.send_health().await,
             }
         }
         probes.cancel();

@@ -18,6 +18,9 @@ use crate::service_manager::ServiceStatus;
 
 use super::{Input, ServiceTask, Upstream};
 
+/// How long a health report waits for HAProxy's stats socket to give the request counter.
+const REQUESTS_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Which process the probes are about. Every (re)start of the service begins a new generation:
 /// a probe result or status poll tagged with an older one describes a previous process (or was
 /// started before the new one) and never counts. While a restart is under way the probes pause.
@@ -209,7 +212,7 @@ impl ServiceTask {
         if verdict != self.last_verdict {
             tracing::info!(service = self.name(), verdict = ?verdict, detail = %self.monitor.failing_detail(), "health changed");
             self.last_verdict = verdict;
-            self.send_health();
+            self.send_health().await;
             self.publish_inventory();
         }
         if self
@@ -243,8 +246,10 @@ impl ServiceTask {
         }
     }
 
-    /// Queues a full health report (dropped if the queue is full: only the latest matters).
-    pub(super) fn send_health(&mut self) {
+    /// Queues a full health report (dropped if the queue is full: only the latest matters),
+    /// with the service's request counter read now (see [`Self::requests_total`]).
+    pub(super) async fn send_health(&mut self) {
+        let requests_total = self.requests_total().await;
         let restarts = self
             .last_status
             .restarts
@@ -263,8 +268,31 @@ impl ServiceTask {
             process: Some(self.ctx.metrics.process(pid, restarts)),
             host: Some(self.ctx.metrics.host()),
             observed_unix_ms: unix_ms(),
+            requests_total,
         };
         let _ = self.ctx.upstream.try_send(Upstream::Health(report));
+    }
+
+    /// The service's request counter for the rollout's request gate: HAProxy's `stot` of this
+    /// host's server, read fresh (at most [`REQUESTS_READ_TIMEOUT`]) when `[service.traffic]
+    /// haproxy_socket` is configured; `None` without one, or when HAProxy does not answer (the
+    /// gate then counts nothing for this report, never a guess).
+    async fn requests_total(&mut self) -> Option<u64> {
+        let server = self.cfg.traffic.haproxy.as_ref()?;
+        match tokio::time::timeout(REQUESTS_READ_TIMEOUT, server.sessions()).await {
+            Ok(Ok(s)) => Some(s.stot),
+            Ok(Err(e)) => {
+                tracing::debug!(service = self.name(), error = %e, "cannot read the request counter");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(
+                    service = self.name(),
+                    "haproxy stats socket did not answer in time"
+                );
+                None
+            }
+        }
     }
 }
 

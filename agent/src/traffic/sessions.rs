@@ -1,5 +1,6 @@
 //! A drained server's open sessions, from HAProxy's runtime API (`show stat` on its stats
-//! socket), for the wait until idle before a swap.
+//! socket), for the wait until idle before a swap; and the server's request counter (`stot`),
+//! which the agent sends with each health report for the rollout's request gate.
 //!
 //! Optional: configured with `[service.traffic] haproxy_socket` and `haproxy_server`. HAProxy's
 //! `scur` counts the sessions it has open to the server; the status column says whether HAProxy
@@ -33,6 +34,9 @@ pub struct ServerSessions {
     pub status: String,
     /// Sessions open to the server (`scur`).
     pub scur: u64,
+    /// Sessions HAProxy sent to the server since it started (`stot`): one per request in `mode
+    /// http`, one per connection in `mode tcp`. Only grows, across the service's swaps.
+    pub stot: u64,
 }
 
 impl ServerSessions {
@@ -114,7 +118,13 @@ pub fn parse_show_stat(csv: &str, backend: &str, server: &str) -> Result<ServerS
             .position(|c| *c == name)
             .ok_or_else(|| format!("no {name} column"))
     };
-    let (px, sv, scur, status) = (col("pxname")?, col("svname")?, col("scur")?, col("status")?);
+    let (px, sv, scur, status, stot) = (
+        col("pxname")?,
+        col("svname")?,
+        col("scur")?,
+        col("status")?,
+        col("stot")?,
+    );
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
         if f.get(px) == Some(&backend) && f.get(sv) == Some(&server) {
@@ -122,9 +132,14 @@ pub fn parse_show_stat(csv: &str, backend: &str, server: &str) -> Result<ServerS
                 .get(scur)
                 .and_then(|v| v.parse::<u64>().ok())
                 .ok_or_else(|| format!("scur {:?} is not a number", f.get(scur)))?;
+            let stot = f
+                .get(stot)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("stot {:?} is not a number", f.get(stot)))?;
             return Ok(ServerSessions {
                 status: f.get(status).copied().unwrap_or_default().to_owned(),
                 scur,
+                stot,
             });
         }
     }
@@ -200,7 +215,8 @@ mod tests {
             h1,
             ServerSessions {
                 status: "DRAIN".into(),
-                scur: 2
+                scur: 2,
+                stot: 60
             }
         );
         assert!(h1.out_of_rotation());

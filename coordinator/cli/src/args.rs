@@ -391,6 +391,11 @@ pub struct SpecArgs {
     /// 5%,25%,50%,100% alongside --waves 1,25%,50%,100%.
     #[arg(long, value_parser = parse_weight_list, value_name = "LIST")]
     pub weights: Option<WeightList>,
+    /// Requests each wave's hosts must serve since their activation before its bake can pass
+    /// (counted from HAProxy's counters by the agents); too few when the bake ends: the rollout
+    /// pauses with "insufficient data" (promote, resume or abort it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), value_name = "N")]
+    pub min_requests: Option<u64>,
 }
 
 /// `--on-failure`.
@@ -435,6 +440,7 @@ impl SpecArgs {
                 .as_ref()
                 .map(|w| w.0.clone())
                 .unwrap_or_default(),
+            min_requests: self.min_requests.unwrap_or(0),
         }
     }
 }
@@ -561,6 +567,8 @@ mod tests {
             "5 %",
             "--weights",
             "5%,25%, 50%,100%",
+            "--min-requests",
+            "2000",
             "--wait",
             "--timeout",
             "15m",
@@ -592,6 +600,7 @@ mod tests {
         assert_eq!(spec.max_domains_in_flight, 2);
         assert_eq!(spec.canary_weight, "5%");
         assert_eq!(spec.weights, ["5%", "25%", "50%", "100%"]);
+        assert_eq!(spec.min_requests, 2000);
     }
 
     #[test]

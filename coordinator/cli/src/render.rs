@@ -416,6 +416,7 @@ pub fn spec_json(s: &wire::RolloutSpec) -> Value {
         "unreachable_threshold": s.unreachable_threshold,
         "canary_weight": s.canary_weight,
         "weights": s.weights,
+        "min_requests": s.min_requests,
     })
 }
 
@@ -743,6 +744,9 @@ fn spec_line(s: &wire::RolloutSpec) -> String {
         parts.push(format!("traffic weights {}", s.weights.join(",")));
     } else if !s.canary_weight.is_empty() {
         parts.push(format!("canary weight {}", s.canary_weight));
+    }
+    if s.min_requests > 0 {
+        parts.push(format!("at least {} requests per wave", s.min_requests));
     }
     if s.bake_ms > 0 {
         let mut bake = format!("bake {}", fmt_duration_ms(s.bake_ms));

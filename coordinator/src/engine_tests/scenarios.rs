@@ -272,6 +272,7 @@ impl Sim {
                 cpu_percent: 1.0,
                 rss_bytes: 1,
                 observed_unix_ms: self.now,
+                requests_total: None,
             },
         });
     }
@@ -641,6 +642,7 @@ fn healthy_host_turning_unhealthy_during_bake_fails() {
             cpu_percent: 0.0,
             rss_bytes: 0,
             observed_unix_ms: s.now,
+            requests_total: None,
         },
     });
     assert_eq!(s.m.state(), RolloutState::RollingBack);
@@ -1102,4 +1104,5 @@ fn a_failed_first_install_leaves_hosts_without_a_baseline_and_ends_rolled_back()
     assert_eq!(s.phase("h01"), HostPhase::Skipped);
 }
 
+mod requests;
 mod verdicts;

@@ -290,6 +290,7 @@ mod tests {
             cpu_percent: 10.0,
             rss_bytes: 1000,
             observed_unix_ms: at,
+            requests_total: None,
         }
     }
 

@@ -789,6 +789,7 @@ impl World {
                         cpu_percent: 1.0,
                         rss_bytes: 1,
                         observed_unix_ms: self.now,
+                        requests_total: None,
                     },
                 })?;
             }

@@ -77,6 +77,9 @@ pub struct HeaderRecord {
     /// Paused because the store refused a save (resumes by itself once a save succeeds).
     #[serde(default)]
     pub paused_by_store: bool,
+    /// Paused by the request gate ("insufficient data"): an operator may promote the wave.
+    #[serde(default)]
+    pub paused_for_data: bool,
     /// The state a rollback in progress ends in (rolled_back or aborted).
     pub rollback_final: Option<RolloutState>,
 }

@@ -16,6 +16,7 @@
 //! | `unreachable_threshold` | `0` (any unreachable host makes the wave wait) |
 //! | `max_unavailable`, `max_in_flight` | none (the whole wave at once) |
 //! | `on_failure` | rollback |
+//! | `min_requests` | none (a bake passes on time alone) |
 //!
 //! ## Waves
 //!
@@ -37,8 +38,16 @@
 //! first wave at that weight, the others at 100%. Given both, the first weight must equal the
 //! canary weight. A "rest" wave (hosts a count left uncovered) takes the last weight. Neither
 //! given: orders carry no weight and the load balancer's weights are left as they are.
+//!
+//! ## Request gate
+//!
+//! `min_requests` (`--min-requests N`) makes each wave's bake count requests as well as time: the
+//! bake passes only when its time is up and the wave's hosts served at least N requests since
+//! their activation (the agents' request counters, see `machine::requests`). Too few when the
+//! time is up: the rollout pauses with "insufficient data: n of N requests", never a pass; an
+//! operator promotes or aborts. At most [`MAX_MIN_REQUESTS`].
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::time::Duration;
 
 use serin_proto::{ReleaseId, ServiceName, ValidationError};
@@ -87,7 +96,14 @@ pub struct RawSpec {
     /// Traffic weight of each wave, e.g. `["5%", "25%", "100%"]`; empty: none.
     #[serde(default)]
     pub weights: Vec<String>,
+    /// Requests a wave's hosts must serve during its bake; 0: no request gate.
+    #[serde(default)]
+    pub min_requests: u64,
 }
+
+/// The largest `min_requests` accepted: a trillion requests, far beyond any bake, and small
+/// enough that sums of counters never come near `u64::MAX`.
+pub const MAX_MIN_REQUESTS: u64 = 1_000_000_000_000;
 
 /// `RawSpec::on_failure` for "roll back" (as on the wire).
 pub const ON_FAILURE_ROLLBACK: i32 = 1;
@@ -131,6 +147,10 @@ pub struct RolloutSpec {
     /// Traffic weight (percent of the configured weight, 1..=100) of each wave's hosts while
     /// their wave bakes, one per spec wave; `None`: orders carry no weight.
     pub weights: Option<Vec<u8>>,
+    /// Requests a wave's hosts must have served since their activation before its bake can
+    /// pass; too few when the bake ends: "insufficient data", the rollout pauses. `None`: no
+    /// request gate.
+    pub min_requests: Option<NonZeroU64>,
 }
 
 fn timing(field: &str, ms: u64, default: Duration) -> Result<Duration, ValidationError> {
@@ -290,6 +310,16 @@ impl TryFrom<RawSpec> for RolloutSpec {
                 ));
             }
         };
+        if w.min_requests > MAX_MIN_REQUESTS {
+            return Err(ValidationError::new(
+                "min_requests",
+                format!(
+                    "{} is more requests than any bake could count (at most {MAX_MIN_REQUESTS})",
+                    w.min_requests
+                ),
+            ));
+        }
+        let min_requests = NonZeroU64::new(w.min_requests);
         let spread_label = match w.spread_label.trim() {
             "" => None,
             l => {
@@ -317,6 +347,7 @@ impl TryFrom<RawSpec> for RolloutSpec {
             max_domains_in_flight: NonZeroU32::new(w.max_domains_in_flight),
             default_waves: w.waves.is_empty(),
             weights,
+            min_requests,
         })
     }
 }
@@ -354,6 +385,7 @@ impl RolloutSpec {
                 .flatten()
                 .map(|w| format!("{w}%"))
                 .collect(),
+            min_requests: self.min_requests.map_or(0, NonZeroU64::get),
         }
     }
 
@@ -612,5 +644,23 @@ mod tests {
         let mut w = wire_spec(&[]);
         w.spread_label = "zo ne".into();
         assert_eq!(err(w).field, "spread_label");
+    }
+
+    #[test]
+    fn min_requests_is_optional_kept_and_bounded() {
+        assert_eq!(
+            RolloutSpec::try_from(wire_spec(&[])).unwrap().min_requests,
+            None
+        );
+        let mut w = wire_spec(&[]);
+        w.min_requests = 500;
+        let s = RolloutSpec::try_from(w).unwrap();
+        assert_eq!(s.min_requests.map(NonZeroU64::get), Some(500));
+        assert_eq!(s.to_raw().min_requests, 500);
+        let mut w = wire_spec(&[]);
+        w.min_requests = MAX_MIN_REQUESTS + 1;
+        let e = err(w);
+        assert_eq!(e.field, "min_requests");
+        assert!(e.problem.contains("at most"), "{}", e.problem);
     }
 }

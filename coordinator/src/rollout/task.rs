@@ -1127,6 +1127,7 @@ mod cost_tests {
                 cpu_percent: 0.0,
                 rss_bytes: 0,
                 observed_unix_ms: 0,
+                requests_total: None,
             },
         }
     }

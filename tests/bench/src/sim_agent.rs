@@ -404,6 +404,7 @@ impl SimAgent {
             }),
             host: None,
             observed_unix_ms: unix_us() / 1000,
+            requests_total: None,
         };
         send(tx, Up::Health(report)).await?;
         self.stats.health_reports.fetch_add(1, Ordering::Relaxed);

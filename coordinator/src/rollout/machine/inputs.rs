@@ -282,6 +282,7 @@ impl Rollout {
             "{}/{} checks passing",
             sample.checks_passing, sample.checks_total
         );
+        self.count_requests(id, &sample);
         self.samples.push(id, sample, window);
         if turned_bad {
             self.fail_armed_host(
@@ -589,6 +590,7 @@ impl Rollout {
                 }
                 self.state = RolloutState::Paused;
                 self.paused_by_failure = false;
+                self.paused_for_data = false;
                 self.reason = format!("paused by {actor}: {}", why("no reason given"));
                 if let Some(w) = self.waves.get_mut(self.current_wave) {
                     w.state = WaveState::Paused;
@@ -640,8 +642,14 @@ impl Rollout {
                 );
             }
             OperatorAction::Promote => {
-                if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) {
+                // A wave paused for too few requests may be accepted as it is.
+                let for_data = self.state == RolloutState::Paused && self.paused_for_data;
+                if !matches!(self.state, RolloutState::Running | RolloutState::Waiting) && !for_data
+                {
                     return Err(refuse(self, String::new()));
+                }
+                if for_data {
+                    self.resume_wave(now);
                 }
                 if self.state == RolloutState::Waiting {
                     if let Some(w) = self.waves.get_mut(self.current_wave) {

@@ -18,7 +18,10 @@
 //! 2. unreachable hosts of the wave above `unreachable_threshold` → the rollout **waits** (it is
 //!    never promoted on missing data) and resumes by itself once enough of them are back.
 //! 3. canary analysis confidently says "canary worse" → the gate fails.
-//! 4. otherwise → **promote**: `Confirm` orders to the wave's healthy hosts, next wave.
+//! 4. with `min_requests`: the wave's hosts served fewer requests since their activation →
+//!    the rollout **pauses** with "insufficient data: n of N requests" (never a pass; see
+//!    [`requests`]); an operator promotes, resumes or aborts.
+//! 5. otherwise → **promote**: `Confirm` orders to the wave's healthy hosts, next wave.
 //!
 //! Unreachable hosts are always counted apart from failed ones. A failed gate with
 //! `on_failure = rollback` sends every touched host a `Rollback` to its baseline, all at once (no
@@ -46,6 +49,7 @@
 
 mod inputs;
 mod output;
+mod requests;
 mod rollback;
 mod wave;
 
@@ -104,7 +108,9 @@ impl OperatorAction {
         match self {
             OperatorAction::Pause => "a running or waiting rollout",
             OperatorAction::Resume => "a paused or waiting rollout",
-            OperatorAction::Promote => "a running or waiting rollout",
+            OperatorAction::Promote => {
+                "a running or waiting rollout, or one paused for insufficient data"
+            }
             OperatorAction::Abort => "a running, paused or waiting rollout",
             OperatorAction::Retry => "a paused rollout with failed hosts in its current wave",
             OperatorAction::Rollback => "a succeeded rollout",
@@ -232,6 +238,10 @@ pub struct Rollout {
     restored_ms: Option<u64>,
     samples: Samples,
     comparison: Option<Comparison>,
+    /// The request gate's counts per host (see [`requests`]).
+    served: BTreeMap<HostId, requests::Served>,
+    /// Paused by the request gate ("insufficient data"): an operator may promote the wave.
+    paused_for_data: bool,
     /// Connected hosts the selector matches that could not join yet (e.g. their hello came
     /// before their first passing health verdict): reconsidered on their health reports.
     candidates: BTreeMap<HostId, HostSnapshot>,
@@ -339,6 +349,8 @@ impl Rollout {
             seen: ObservedHosts::default(),
             samples: Samples::default(),
             comparison: None,
+            served: BTreeMap::new(),
+            paused_for_data: false,
             candidates: BTreeMap::new(),
             dirty_header: true,
             dirty_hosts: BTreeSet::new(),
@@ -450,6 +462,8 @@ impl Rollout {
             seen,
             samples: Samples::default(),
             comparison: None,
+            served: BTreeMap::new(),
+            paused_for_data: header.paused_for_data,
             candidates: BTreeMap::new(),
             dirty_header: false,
             dirty_hosts: BTreeSet::new(),
@@ -585,6 +599,7 @@ impl Rollout {
             updated_ms: self.updated_ms,
             paused_by_failure: self.paused_by_failure,
             paused_by_store: self.paused_by_store,
+            paused_for_data: self.paused_for_data,
             rollback_final: self.rollback_final,
         }
     }

@@ -95,6 +95,7 @@ impl Rollout {
         self.state = RolloutState::Running;
         self.paused_by_failure = false;
         self.paused_by_store = false;
+        self.paused_for_data = false;
         self.reason.clear();
         if let Some(w) = self.waves.get_mut(self.current_wave) {
             w.state = if w.started_ms.is_some() {
@@ -304,6 +305,7 @@ impl Rollout {
         // of an earlier activation may still be running).
         self.seen.entry(id).armed_since.get_or_insert(now);
         self.holds_from_ms = 0;
+        self.forget_requests(id);
         if let Some(h) = self.hosts.get_mut(id) {
             h.phase = h.phase.on_dispatch();
             h.dispatched_ms = Some(now);
@@ -522,6 +524,9 @@ impl Rollout {
             self.gate_failed(now, idx, reason, evidence);
             return;
         }
+        if self.request_gate(now, idx, &mut evidence) {
+            return;
+        }
         // Promote.
         let healthy: Vec<HostId> = self.waves[idx]
             .hosts
@@ -534,8 +539,12 @@ impl Rollout {
             .cloned()
             .collect();
         let last = idx + 1 == self.waves.len();
+        let requests = match (evidence.get("requests_served"), self.spec.min_requests) {
+            (Some(n), Some(min)) => format!(", {n} requests served (at least {min})"),
+            _ => String::new(),
+        };
         let reason = format!(
-            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{}",
+            "wave {}: {} of {} hosts healthy, {} failed (threshold {}), {} unreachable{requests}{}",
             idx + 1,
             c.healthy,
             c.size,
