@@ -531,16 +531,15 @@ type Quiet = Arc<RwLock<Option<BTreeSet<HostId>>>>;
 const SETTLED_TICK: Duration = Duration::from_secs(3600);
 
 /// Whether a succeeded rollout has nothing left to do until a host joins, comes back or goes
-/// away: every order answered and saved, nothing to re-send. Such a task takes no health
+/// away: every order answered for good and saved. Such a task takes no health
 /// reports (the forwarder drops them) and almost no safety ticks, so a finished rollout costs no CPU
 /// however large and chatty the fleet; any other event (a host up or down, a result, an
 /// operator call) wakes it, and its next step decides again. Its safety tick slows to
 /// [`SETTLED_TICK`].
 fn settled(m: &Rollout, driver: &Driver) -> bool {
-    m.state() == RolloutState::Succeeded
-        && !driver.has_unsaved()
-        && driver.outstanding.is_empty()
-        && m.is_quiescent()
+    // Quiescent: every order answered for good, so nothing outstanding will be re-sent (its
+    // entry is dropped when its wait is up, by the wake-up `next_resend_ms` still asks for).
+    m.state() == RolloutState::Succeeded && !driver.has_unsaved() && m.is_quiescent()
 }
 
 /// The first and longest delays between retries of a failed save.
