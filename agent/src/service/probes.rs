@@ -30,25 +30,50 @@ pub(super) struct ProbeEpoch {
     pub(super) active: bool,
 }
 
+/// The first pause between the quick probes of a new process that has not passed yet; it
+/// doubles after each one, up to the check's interval.
+const QUICK_FIRST: Duration = Duration::from_millis(5);
+
 /// One probe task: waits while the epoch is paused, probes at once at the start of each new
 /// generation and then every `interval`, drops a probe in flight when the generation changes,
 /// and hands each result with its generation to `deliver` (which returns false once the service
 /// task is gone).
-pub(super) async fn probe_loop<T, P, PF, D, DF>(
+///
+/// Until a new generation's first result that `passed` accepts, it probes again quickly
+/// ([`QUICK_FIRST`], doubling up to `interval`): a process that starts listening a few ms after
+/// the first probe is seen healthy then, not one interval later (a 200 ms interval made every
+/// wave of a small rollout 200 ms longer). Failures of those quick probes are delivered at most
+/// once per `interval`, as without them, so a check's `failure_threshold` still means that many
+/// intervals of failure.
+pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
     mut epoch: watch::Receiver<ProbeEpoch>,
     token: CancellationToken,
     interval: Duration,
     probe: P,
+    passed: OK,
     deliver: D,
 ) where
     P: Fn() -> PF,
     PF: std::future::Future<Output = T>,
+    OK: Fn(&T) -> bool,
     D: Fn(u64, T) -> DF,
     DF: std::future::Future<Output = bool>,
 {
     let mut next = tokio::time::Instant::now();
+    // The generation the next three are about: whether it passed, when a result of it was
+    // last delivered, and the next quick pause.
+    let mut current: Option<u64> = None;
+    let mut passed_once = false;
+    let mut last_delivered: Option<tokio::time::Instant> = None;
+    let mut quick = QUICK_FIRST;
     loop {
         let ProbeEpoch { generation, active } = *epoch.borrow_and_update();
+        if current != Some(generation) {
+            current = Some(generation);
+            passed_once = false;
+            last_delivered = None;
+            quick = QUICK_FIRST;
+        }
         if !active {
             tokio::select! {
                 _ = token.cancelled() => return,
@@ -81,9 +106,25 @@ pub(super) async fn probe_loop<T, P, PF, D, DF>(
             }
             r = probe() => r,
         };
-        next = started + interval;
-        if !deliver(generation, result).await {
-            return;
+        let now = tokio::time::Instant::now();
+        let ok = passed(&result);
+        let early = last_delivered.is_some_and(|t| now < t + interval);
+        let hand_over = ok || passed_once || !early;
+        if ok {
+            passed_once = true;
+        }
+        next = if passed_once {
+            started + interval
+        } else {
+            let at = (now + quick).min(started + interval);
+            quick = (quick * 2).min(interval);
+            at
+        };
+        if hand_over {
+            last_delivered = Some(now);
+            if !deliver(generation, result).await {
+                return;
+            }
         }
     }
 }
@@ -116,6 +157,7 @@ impl ServiceTask {
                     let kind = kind.clone();
                     async move { health::probe(&kind, timeout).await }
                 },
+                |r: &ProbeResult| r.ok,
                 move |generation, result| {
                     let tx = tx.clone();
                     async move {
@@ -148,6 +190,8 @@ impl ServiceTask {
                     }
                 }
             },
+            // Every status counts as it comes: no quick polls.
+            |_: &ServiceStatus| true,
             move |generation, status| {
                 let tx = tx.clone();
                 async move { tx.send(Input::Status { generation, status }).await.is_ok() }
@@ -326,6 +370,7 @@ mod tests {
                     n
                 }
             },
+            |_: &u64| true,
             move |generation, n| {
                 let tx = tx.clone();
                 async move { tx.send((generation, n)).await.is_ok() }
@@ -355,6 +400,51 @@ mod tests {
             Some((3, 2)),
             "the hung probe of generation 2 was dropped, generation 3 probed at once"
         );
+        token.cancel();
+        task.await.unwrap();
+    }
+
+    /// A new process that starts listening a moment after the first probe: its first passing
+    /// result arrives at once, not an interval (here an hour) later, and the failures of the
+    /// quick probes before it are not delivered (only the first, as without them).
+    #[tokio::test]
+    async fn a_new_process_is_probed_again_quickly_until_it_first_passes() {
+        let epoch = watch::Sender::new(ProbeEpoch {
+            generation: 7,
+            active: true,
+        });
+        let token = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel::<(u64, u64)>(16);
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = calls.clone();
+        // Probes 0..4 fail (not listening yet), then every probe passes.
+        let task = tokio::spawn(probe_loop(
+            epoch.subscribe(),
+            token.clone(),
+            Duration::from_secs(3600),
+            move || {
+                let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { n }
+            },
+            |n: &u64| *n >= 4,
+            move |generation, n| {
+                let tx = tx.clone();
+                async move { tx.send((generation, n)).await.is_ok() }
+            },
+        ));
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, rx.recv()).await.unwrap();
+        assert_eq!(first, Some((7, 0)), "the first probe's failure, at once");
+        let passed = tokio::time::timeout(within, rx.recv()).await;
+        assert_eq!(
+            passed.ok().flatten(),
+            Some((7, 4)),
+            "the first pass arrives quickly; the quick failures 1..3 are not delivered"
+        );
+        // Passed: back to the interval, no more quick probes.
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert!(rx.try_recv().is_err());
         token.cancel();
         task.await.unwrap();
     }

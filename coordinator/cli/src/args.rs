@@ -140,6 +140,35 @@ pub struct CheckConfigArgs {
     pub config: PathBuf,
 }
 
+/// Which of a rollout's hosts `serin rollout status` (and its `--watch`) asks for: a page, or
+/// `--all`. The waves, their counts and the number of hosts always cover the whole rollout.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HostPageArgs {
+    /// List every host of the rollout instead of one page (one message: fine up to ~100,000 hosts).
+    #[arg(long, conflicts_with_all = ["page_size", "offset"])]
+    pub all: bool,
+    /// Hosts to list, in the status's order (wave, then host id).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_HOST_PAGE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_size: u32,
+    /// Skip this many hosts before the page (e.g. 100 for the second page of 100).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub offset: u32,
+}
+
+/// Hosts per page of `serin rollout status` (and of the live view of `start --wait`).
+pub const DEFAULT_HOST_PAGE: u32 = 100;
+
+impl HostPageArgs {
+    /// The `(host_offset, host_limit)` of a `RolloutRef` (limit 0: every host).
+    pub fn offset_limit(&self) -> (u32, u32) {
+        if self.all {
+            (0, 0)
+        } else {
+            (self.offset, self.page_size)
+        }
+    }
+}
+
 /// `serin hosts`.
 #[derive(Debug, Args)]
 pub struct HostsArgs {
@@ -275,6 +304,9 @@ pub enum RolloutCommand {
         /// With --watch: give up after this long (exit 4), e.g. "10m".
         #[arg(long, value_parser = parse_duration, value_name = "DURATION", requires = "watch")]
         timeout: Option<Duration>,
+        /// Which hosts to list beside the waves and their counts (which always cover every host).
+        #[command(flatten)]
+        page: HostPageArgs,
     },
     /// List rollouts, newest first.
     List {

@@ -325,11 +325,17 @@ pub async fn rollout(
     match cmd {
         RolloutCommand::Plan(spec) => plan(c, output, &spec).await,
         RolloutCommand::Start(start) => start_rollout(c, output, start).await,
-        RolloutCommand::Status { id, watch, timeout } => {
+        RolloutCommand::Status {
+            id,
+            watch,
+            timeout,
+            page,
+        } => {
+            let page = watch::HostPage::from(page);
             if watch {
-                return watch::follow(c, &id, None, output, timeout).await;
+                return watch::follow(c, &id, None, output, timeout, page).await;
             }
-            let s = get(c, &id).await?;
+            let s = get(c, &id, page).await?;
             let now = now_ms();
             emit(
                 output,
@@ -427,7 +433,15 @@ async fn start_rollout(
                 "started rollout {id}; following it (Ctrl-C stops watching, not the rollout)"
             );
         }
-        return watch::follow(c, &id, Some(status), output, start.timeout).await;
+        return watch::follow(
+            c,
+            &id,
+            Some(status),
+            output,
+            start.timeout,
+            watch::HostPage::default(),
+        )
+        .await;
     }
     let now = now_ms();
     emit(
@@ -445,12 +459,13 @@ async fn start_rollout(
     Ok(Exit::Success)
 }
 
-async fn get(c: &mut Control, id: &str) -> Result<wire::RolloutStatus, CliError> {
+async fn get(
+    c: &mut Control,
+    id: &str,
+    page: watch::HostPage,
+) -> Result<wire::RolloutStatus, CliError> {
     Ok(c.client
-        .get_rollout(wire::RolloutRef {
-            rollout_id: id.to_string(),
-            ..Default::default()
-        })
+        .get_rollout(page.request(id))
         .await
         .map_err(|s| c.err(&format!("get rollout {id}"), s))?
         .into_inner())

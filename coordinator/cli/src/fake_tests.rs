@@ -40,6 +40,19 @@ struct Script {
     /// Hosts `ListHosts` pages through (one host `web-01` when empty), and the requests seen.
     hosts: Vec<String>,
     host_requests: Vec<wire::ListHostsRequest>,
+    /// `(call, request)` of every `GetRollout` and `WatchRollout`, in order.
+    rollout_refs: Vec<(&'static str, wire::RolloutRef)>,
+}
+
+/// `s` as the coordinator serves it for `r`: `hosts_total` of every host, then the page.
+fn paged(mut s: wire::RolloutStatus, r: &wire::RolloutRef) -> wire::RolloutStatus {
+    s.hosts_total = s.hosts.len() as u32;
+    let offset = (r.host_offset as usize).min(s.hosts.len());
+    s.hosts.drain(..offset);
+    if r.host_limit > 0 {
+        s.hosts.truncate(r.host_limit as usize);
+    }
+    s
 }
 
 #[derive(Clone, Default)]
@@ -175,14 +188,18 @@ impl ControlService for Fake {
         &self,
         request: Request<wire::RolloutRef>,
     ) -> Result<Response<wire::RolloutStatus>, Status> {
-        let id = request.into_inner().rollout_id;
-        if id != "r-42" {
-            return Err(Status::not_found(format!("no rollout {id}")));
+        let r = request.into_inner();
+        if r.rollout_id != "r-42" {
+            return Err(Status::not_found(format!("no rollout {}", r.rollout_id)));
         }
         let mut s = self.lock();
         s.gets += 1;
+        s.rollout_refs.push(("get", r.clone()));
         let answer = s.get.clone().or_else(|| s.watch.last().cloned());
-        Ok(Response::new(answer.unwrap_or_else(sample_status)))
+        Ok(Response::new(paged(
+            answer.unwrap_or_else(sample_status),
+            &r,
+        )))
     }
 
     type WatchRolloutStream = std::pin::Pin<
@@ -191,11 +208,15 @@ impl ControlService for Fake {
 
     async fn watch_rollout(
         &self,
-        _: Request<wire::RolloutRef>,
+        request: Request<wire::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let r = request.into_inner();
         let (items, hold) = {
-            let s = self.lock();
-            (s.watch.clone(), s.hold_open)
+            let mut s = self.lock();
+            s.rollout_refs.push(("watch", r.clone()));
+            let items: Vec<wire::RolloutStatus> =
+                s.watch.iter().map(|st| paged(st.clone(), &r)).collect();
+            (items, s.hold_open)
         };
         let items = futures::stream::iter(items).then(|s| async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -364,6 +385,7 @@ async fn a_succeeded_rollout_ends_on_its_hosts_confirmations() {
         None,
         Some(Duration::from_secs(20)),
         sink.clone(),
+        super::watch::HostPage::default(),
     )
     .await
     .expect("the watch ends");
@@ -428,6 +450,103 @@ async fn status_watch_ends_when_the_stream_ends_with_a_final_state() {
     .await;
     let (exit, err) = run(&server, &["rollout", "status", "r-42", "--watch"]).await;
     assert_eq!(exit, Exit::RolloutFailed, "{err}");
+}
+
+/// The `(host_offset, host_limit)` of every GetRollout/WatchRollout the command made.
+fn pages_asked(server: &Server, call: &str) -> Vec<(u32, u32)> {
+    server
+        .fake
+        .lock()
+        .rollout_refs
+        .iter()
+        .filter(|(c, _)| *c == call)
+        .map(|(_, r)| (r.host_offset, r.host_limit))
+        .collect()
+}
+
+#[tokio::test]
+async fn status_asks_for_a_page_of_hosts_unless_told_all() {
+    let page = super::args::DEFAULT_HOST_PAGE;
+    for (args, want) in [
+        (&["rollout", "status", "r-42"][..], (0, page)),
+        (
+            &[
+                "rollout",
+                "status",
+                "r-42",
+                "--page-size",
+                "2",
+                "--offset",
+                "4",
+            ][..],
+            (4, 2),
+        ),
+        (&["rollout", "status", "r-42", "--all"][..], (0, 0)),
+    ] {
+        let server = serve(Script::default()).await;
+        let (exit, err) = run(&server, args).await;
+        assert_eq!(exit, Exit::Success, "{args:?}: {err}");
+        assert_eq!(pages_asked(&server, "get"), vec![want], "{args:?}");
+    }
+    // A page and --all contradict each other; a page of 0 hosts is no page.
+    for bad in [
+        &[
+            "serin",
+            "rollout",
+            "status",
+            "r-42",
+            "--all",
+            "--page-size",
+            "5",
+        ][..],
+        &["serin", "rollout", "status", "r-42", "--page-size", "0"][..],
+    ] {
+        assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
+    }
+}
+
+#[tokio::test]
+async fn watching_a_rollout_asks_for_a_page_of_hosts_unless_told_all() {
+    let page = super::args::DEFAULT_HOST_PAGE;
+    for (args, want) in [
+        (&["rollout", "status", "r-42", "--watch"][..], (0, page)),
+        (
+            &["rollout", "status", "r-42", "--watch", "--all"][..],
+            (0, 0),
+        ),
+        (
+            &["rollout", "status", "r-42", "--watch", "--page-size", "1"][..],
+            (0, 1),
+        ),
+    ] {
+        let server = serve(Script {
+            watch: ending("succeeded"),
+            ..Default::default()
+        })
+        .await;
+        let (exit, err) = run(&server, args).await;
+        assert_eq!(exit, Exit::Success, "{args:?}: {err}");
+        let asked = pages_asked(&server, "watch");
+        assert!(!asked.is_empty(), "{args:?}: no WatchRollout");
+        assert!(asked.iter().all(|p| *p == want), "{args:?}: {asked:?}");
+        assert!(
+            pages_asked(&server, "get").iter().all(|p| *p == want),
+            "{args:?}"
+        );
+    }
+    // `start --wait` follows with the default page.
+    let server = serve(Script {
+        watch: ending("succeeded"),
+        ..Default::default()
+    })
+    .await;
+    let (exit, err) = run(
+        &server,
+        &["rollout", "start", "-s", "web", "-r", "2.0.0", "--wait"],
+    )
+    .await;
+    assert_eq!(exit, Exit::Success, "{err}");
+    assert_eq!(pages_asked(&server, "watch").first(), Some(&(0, page)));
 }
 
 #[tokio::test]

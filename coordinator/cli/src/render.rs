@@ -500,6 +500,7 @@ pub fn status_json(s: &wire::RolloutStatus) -> Value {
         "current_wave": s.current_wave,
         "waves": s.waves.iter().map(wave_json).collect::<Vec<_>>(),
         "hosts": s.hosts.iter().map(host_progress_json).collect::<Vec<_>>(),
+        "hosts_total": s.hosts_total,
         "comparison": s.comparison.as_ref().map(|c| json!({
             "canary": c.canary.as_ref().map(metric_json),
             "baseline": c.baseline.as_ref().map(metric_json),
@@ -1098,7 +1099,17 @@ pub fn status_text(s: &wire::RolloutStatus, now_ms: u64, p: &Palette) -> String 
         }
     }
     if !s.hosts.is_empty() {
-        let _ = writeln!(out, "\n{}", p.bold("hosts"));
+        let total = s.hosts_total as usize;
+        let heading = if total > s.hosts.len() {
+            format!(
+                "{} (a page: {} of {total}; --offset N for another, --all for every host)",
+                p.bold("hosts"),
+                s.hosts.len()
+            )
+        } else {
+            p.bold("hosts")
+        };
+        let _ = writeln!(out, "\n{heading}");
         for line in hosts_progress_table(&s.hosts, p).lines() {
             let _ = writeln!(out, "  {line}");
         }
@@ -1352,6 +1363,24 @@ pub(crate) mod tests {
         assert!(coloured.contains('\u{1b}'));
         let stripped = anstream::adapter::strip_str(&coloured).to_string();
         assert_eq!(stripped, status_text(&s, 1_011_000, &Palette::plain()));
+    }
+
+    #[test]
+    fn status_text_says_when_its_hosts_are_a_page() {
+        let mut s = sample_status();
+        let shown = s.hosts.len();
+        s.hosts_total = shown as u32;
+        let whole = status_text(&s, 1_011_000, &Palette::plain());
+        assert!(!whole.contains("a page"), "{whole}");
+        s.hosts_total = 19_900;
+        let page = status_text(&s, 1_011_000, &Palette::plain());
+        assert!(
+            page.contains(&format!(
+                "hosts (a page: {shown} of 19900; --offset N for another, --all for every host)"
+            )),
+            "{page}"
+        );
+        assert_eq!(status_json(&s)["hosts_total"], 19_900);
     }
 
     #[test]

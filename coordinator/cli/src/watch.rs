@@ -6,6 +6,9 @@
 //! summary line, and returns the exit code the final state maps to. With `-o json` it prints
 //! every status message as one JSON line.
 //!
+//! It asks for a page of hosts ([`HostPage`], the first 100 by default; `--all` for every host):
+//! the waves and their counts always cover every host, the host lines cover the page.
+//!
 //! A broken stream (the coordinator restarting) is re-opened with a short backoff; the rollout
 //! itself lives in the coordinator, so nothing is lost.
 //!
@@ -36,6 +39,11 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// rollout succeeds and are answered within moments).
 pub const SETTLE_FOR: Duration = Duration::from_secs(5);
 
+/// How often a succeeded rollout is asked for again while its last hosts confirm: the
+/// confirmations are one round trip away (a few ms on a LAN), and `--wait` of a small rollout
+/// ends that much later than they do (100 ms made a 50-host `--wait` ~50 ms slower on average).
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+
 /// True while a succeeded rollout still has hosts on the new release that have not confirmed
 /// (the watch stream ends at the first finished status, before their answers).
 pub fn awaiting_confirmation(s: &wire::RolloutStatus) -> bool {
@@ -43,6 +51,51 @@ pub fn awaiting_confirmation(s: &wire::RolloutStatus) -> bool {
         && s.hosts
             .iter()
             .any(|h| matches!(h.phase().as_str(), "dispatched" | "activated" | "healthy"))
+}
+
+/// Which of a rollout's hosts the view asks the coordinator for: `limit` hosts from `offset`
+/// (limit 0: every host). The waves and their counts always cover every host, so a page keeps the
+/// view's wave lines exact at any fleet size while its host lines cover the page only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPage {
+    /// Hosts skipped before the page, in the status's order (wave, then host id).
+    pub offset: u32,
+    /// Hosts in the page; 0: every host.
+    pub limit: u32,
+}
+
+impl HostPage {
+    /// Every host of the rollout.
+    pub const ALL: Self = Self {
+        offset: 0,
+        limit: 0,
+    };
+
+    /// The request for rollout `id` with this page.
+    pub fn request(self, id: &str) -> wire::RolloutRef {
+        wire::RolloutRef {
+            rollout_id: id.to_string(),
+            host_limit: self.limit,
+            host_offset: self.offset,
+        }
+    }
+}
+
+impl Default for HostPage {
+    /// The first [`DEFAULT_HOST_PAGE`](super::args::DEFAULT_HOST_PAGE) hosts.
+    fn default() -> Self {
+        Self {
+            offset: 0,
+            limit: super::args::DEFAULT_HOST_PAGE,
+        }
+    }
+}
+
+impl From<super::args::HostPageArgs> for HostPage {
+    fn from(a: super::args::HostPageArgs) -> Self {
+        let (offset, limit) = a.offset_limit();
+        Self { offset, limit }
+    }
 }
 
 /// The header of the terminal view: "rollout r-1  web → 2.0.0  running  wave 2/3" (waves count
@@ -453,8 +506,9 @@ pub async fn follow(
     first: Option<wire::RolloutStatus>,
     output: OutputFormat,
     timeout: Option<Duration>,
+    page: HostPage,
 ) -> Result<Exit, CliError> {
-    follow_in(control, id, first, View::new(output), timeout).await
+    follow_in(control, id, first, View::new(output), timeout, page).await
 }
 
 /// [`follow`] with the plain-line view written into `sink` (what a pipe would receive).
@@ -464,12 +518,13 @@ pub async fn follow_captured(
     first: Option<wire::RolloutStatus>,
     timeout: Option<Duration>,
     sink: Captured,
+    page: HostPage,
 ) -> Result<Exit, CliError> {
-    follow_in(control, id, first, View::captured(sink), timeout).await
+    follow_in(control, id, first, View::captured(sink), timeout, page).await
 }
 
 /// Shows `s`, the first status that ends the view, and ends it: a succeeded rollout whose last
-/// hosts have not confirmed yet is asked for again (every 100 ms, for up to [`SETTLE_FOR`] and
+/// hosts have not confirmed yet is asked for again (every [`SETTLE_POLL`], for up to [`SETTLE_FOR`] and
 /// never past the deadline) so the view ends on what the hosts did, not on a moment before.
 async fn finish(
     control: &mut Control,
@@ -477,16 +532,17 @@ async fn finish(
     mut s: wire::RolloutStatus,
     exit: Exit,
     deadline: Option<tokio::time::Instant>,
+    page: HostPage,
 ) -> Exit {
     let settle_by = tokio::time::Instant::now() + SETTLE_FOR;
     let settle_by = deadline.map_or(settle_by, |d| d.min(settle_by));
     while awaiting_confirmation(&s) && tokio::time::Instant::now() < settle_by {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let request = wire::RolloutRef {
-            rollout_id: s.rollout_id.clone(),
-            ..Default::default()
-        };
-        match control.client.get_rollout(request).await {
+        tokio::time::sleep(SETTLE_POLL).await;
+        match control
+            .client
+            .get_rollout(page.request(&s.rollout_id))
+            .await
+        {
             Ok(resp) => {
                 let next = resp.into_inner();
                 view.show(Some(&s), &next);
@@ -508,13 +564,14 @@ async fn follow_in(
     first: Option<wire::RolloutStatus>,
     mut view: View,
     timeout: Option<Duration>,
+    page: HostPage,
 ) -> Result<Exit, CliError> {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut last: Option<wire::RolloutStatus> = None;
     if let Some(s) = first {
         view.show(None, &s);
         if let Some(exit) = final_exit(&s) {
-            return Ok(finish(control, &mut view, s, exit, deadline).await);
+            return Ok(finish(control, &mut view, s, exit, deadline, page).await);
         }
         last = Some(s);
     }
@@ -523,12 +580,8 @@ async fn follow_in(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     loop {
-        let request = wire::RolloutRef {
-            rollout_id: id.to_string(),
-            ..Default::default()
-        };
         let opened = tokio::select! {
-            r = control.client.watch_rollout(request) => r,
+            r = control.client.watch_rollout(page.request(id)) => r,
             _ = sleep_until(deadline) => return Ok(timed_out(&mut view, last.as_ref(), id)),
         };
         let mut stream = match opened {
@@ -550,7 +603,7 @@ async fn follow_in(
                     Some(Ok(s)) => {
                         view.show(last.as_ref(), &s);
                         if let Some(exit) = final_exit(&s) {
-                            return Ok(finish(control, &mut view, s, exit, deadline).await);
+                            return Ok(finish(control, &mut view, s, exit, deadline, page).await);
                         }
                         last = Some(s);
                     }
@@ -560,12 +613,12 @@ async fn follow_in(
                     }
                     None => {
                         // The stream ended without a final state: ask once, then re-open.
-                        match control.client.get_rollout(wire::RolloutRef { rollout_id: id.to_string(), ..Default::default() }).await {
+                        match control.client.get_rollout(page.request(id)).await {
                             Ok(resp) => {
                                 let s = resp.into_inner();
                                 view.show(last.as_ref(), &s);
                                 if let Some(exit) = final_exit(&s) {
-                                    return Ok(finish(control, &mut view, s, exit, deadline).await);
+                                    return Ok(finish(control, &mut view, s, exit, deadline, page).await);
                                 }
                                 last = Some(s);
                             }

@@ -27,6 +27,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serin_proto::{HostId, ServiceName};
@@ -522,6 +523,25 @@ fn should_stop(m: &Rollout, driver: &Driver) -> bool {
     m.state() != RolloutState::Succeeded && m.is_quiescent() && !driver.has_unsaved()
 }
 
+/// The hosts of a [`settled`] rollout, whose health reports the forwarder drops (None: not
+/// settled).
+type Quiet = Arc<RwLock<Option<BTreeSet<HostId>>>>;
+
+/// The safety tick of a [`settled`] rollout.
+const SETTLED_TICK: Duration = Duration::from_secs(3600);
+
+/// Whether a succeeded rollout has nothing left to do until a host joins, comes back or goes
+/// away: every order answered for good and saved. Such a task takes no health
+/// reports (the forwarder drops them) and almost no safety ticks, so a finished rollout costs no CPU
+/// however large and chatty the fleet; any other event (a host up or down, a result, an
+/// operator call) wakes it, and its next step decides again. Its safety tick slows to
+/// [`SETTLED_TICK`].
+fn settled(m: &Rollout, driver: &Driver) -> bool {
+    // Quiescent: every order answered for good, so nothing outstanding will be re-sent (its
+    // entry is dropped when its wait is up, by the wake-up `next_resend_ms` still asks for).
+    m.state() == RolloutState::Succeeded && !driver.has_unsaved() && m.is_quiescent()
+}
+
 /// The first and longest delays between retries of a failed save.
 const SAVE_RETRY_FIRST: Duration = Duration::from_millis(200);
 const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
@@ -579,9 +599,15 @@ enum Forwarded {
 /// into the task's backlog: the fleet's bounded buffer never overflows while the task waits on
 /// the store, which made a large wave's answers lost and the task resynchronise again and
 /// again.
+///
+/// While the rollout is [`settled`], `quiet` holds its hosts and their health reports are
+/// dropped here: they cannot change a settled rollout, and at 10,000 hosts they are 1,000
+/// inputs a second. Reports of other hosts still go through (a selected host that said hello
+/// before its first passing verdict joins on its report).
 async fn forward(
     mut rx: broadcast::Receiver<FleetEvent>,
     tx: mpsc::Sender<Forwarded>,
+    quiet: Quiet,
     stop: CancellationToken,
 ) {
     let mut missed = 0u64;
@@ -592,6 +618,15 @@ async fn forward(
             ev = rx.recv() => ev,
         };
         let item = match ev {
+            Ok(FleetEvent::Health { host, .. })
+                if quiet
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .is_some_and(|hosts| hosts.contains(&host)) =>
+            {
+                continue;
+            }
             Ok(e) => Forwarded::Event(e),
             Err(broadcast::error::RecvError::Lagged(n)) => Forwarded::Lagged(n),
             Err(broadcast::error::RecvError::Closed) => return,
@@ -796,7 +831,9 @@ pub async fn run_counted(
     let (fwd_tx, fwd_rx) = mpsc::channel(EVENT_BACKLOG);
     let stop_forwarding = CancellationToken::new();
     let _stop_forwarding = stop_forwarding.clone().drop_guard();
-    tokio::spawn(forward(events, fwd_tx, stop_forwarding));
+    let quiet: Quiet = Arc::new(RwLock::new(None));
+    let mut was_settled = false;
+    tokio::spawn(forward(events, fwd_tx, quiet.clone(), stop_forwarding));
     let mut events = Some(fwd_rx);
     let mut control = Some(control);
     let resync = |driver: &Driver, n: u64| {
@@ -820,7 +857,15 @@ pub async fn run_counted(
         if events.as_ref().is_none_or(|e| e.is_empty()) {
             driver.resend_unanswered(&m);
         }
-        let tick_at = now + tick.as_millis() as u64;
+        let is_settled = settled(&m, &driver);
+        if is_settled != was_settled {
+            was_settled = is_settled;
+            let hosts = is_settled.then(|| m.hosts().map(|h| h.id.clone()).collect());
+            *quiet.write().unwrap_or_else(PoisonError::into_inner) = hosts;
+            tracing::debug!(rollout = %id, settled = is_settled, "a settled rollout takes no health reports of its hosts and no ticks");
+        }
+        // Settled: nothing is due until an event arrives; the safety tick slows to an hour.
+        let tick_at = now + if is_settled { SETTLED_TICK } else { tick }.as_millis() as u64;
         let next = *deadline.get_or_insert_with(|| m.next_deadline());
         let mut wake = next.map_or(tick_at, |d| d.min(tick_at));
         if let Some(t) = driver.next_resend_ms() {
@@ -927,7 +972,7 @@ mod lost_message_tests {
     use crate::store::{MemoryStore, Store};
     use tokio_util::sync::CancellationToken;
 
-    fn result(h: &HostId, o: &Order, phase: OrderPhase) -> FleetEvent {
+    pub(super) fn result(h: &HostId, o: &Order, phase: OrderPhase) -> FleetEvent {
         FleetEvent::Result {
             host: h.clone(),
             outcome: OrderOutcome {
@@ -946,7 +991,7 @@ mod lost_message_tests {
     }
 
     /// The results a healthy agent sends for an order.
-    fn answers(o: &Order) -> &'static [OrderPhase] {
+    pub(super) fn answers(o: &Order) -> &'static [OrderPhase] {
         match &o.action {
             OrderAction::Activate { .. } => &[OrderPhase::Activated, OrderPhase::Healthy],
             OrderAction::Confirm { .. } => &[OrderPhase::Confirmed],
@@ -1188,6 +1233,128 @@ mod cost_tests {
         assert_eq!(
             statuses1, statuses0,
             "health reports that change nothing shown rebuilt the status"
+        );
+        shutdown.cancel();
+        mgr.join().await;
+    }
+
+    /// A succeeded rollout whose hosts all confirmed does no work for a settled fleet (issue
+    /// 10: ~6–7 % of a core above idle at 10,000 hosts, from every health report being a
+    /// machine input and a safety tick every second): health reports and the passing of time
+    /// take no machine step; a host that joins still wakes it and is converged.
+    #[tokio::test(start_paused = true)]
+    async fn a_settled_succeeded_rollout_takes_no_steps_until_a_host_joins() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let hosts: Vec<_> = (0..HOSTS)
+            .map(|i| host(&format!("h{i:03}"), "eu-1", "web-1"))
+            .collect();
+        let ids: Vec<HostId> = hosts.iter().map(|h| h.host_id.clone()).collect();
+        let fleet = Arc::new(FakeFleet::new(hosts));
+        fleet.respond_with(Box::new(|h, o| {
+            super::lost_message_tests::answers(o)
+                .iter()
+                .map(|p| super::lost_message_tests::result(h, o, *p))
+                .collect()
+        }));
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
+        let api: &dyn RolloutApi = &mgr;
+        let id = api
+            .start_rollout(wire_spec(&["100%"]))
+            .await
+            .unwrap()
+            .rollout_id;
+        // Succeeded, every host confirmed, and past the re-send waits of its last orders.
+        let mut confirmed = false;
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let s = mgr.status(&id).await.unwrap();
+            confirmed = s.state == crate::rollout::RolloutState::Succeeded
+                && s.hosts.iter().all(|h| {
+                    h.phase
+                        == crate::rollout::ShownPhase::Phase(
+                            crate::rollout::intent::HostPhase::Confirmed,
+                        )
+                });
+            if confirmed {
+                break;
+            }
+        }
+        assert!(confirmed, "the rollout did not succeed on every host");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        settle().await;
+        let stats = mgr.task_stats();
+        let (_, steps0, saves0, _) = stats.read();
+
+        // A minute of a settled fleet: every host reports its health every 10 s.
+        for _ in 0..6 {
+            for id in &ids {
+                fleet.emit(health(id));
+            }
+            settle().await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            settle().await;
+        }
+        let (_, steps1, saves1, _) = stats.read();
+        assert_eq!(
+            steps1 - steps0,
+            0,
+            "a settled rollout took machine steps for health reports and ticks"
+        );
+        assert_eq!(saves1, saves0);
+
+        // A host that joins is converged: the task wakes, sends it the release, and settles again.
+        let sent0 = fleet.sent().len();
+        fleet.set_host(host("h999", "eu-1", "web-1"));
+        let mut joined = false;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            settle().await;
+            if fleet.sent()[sent0..]
+                .iter()
+                .any(|(h, _)| h.as_str() == "h999")
+            {
+                joined = true;
+                break;
+            }
+        }
+        assert!(
+            joined,
+            "the joining host was sent nothing: {:?}",
+            &fleet.sent()[sent0..]
+        );
+
+        // Settled again; a host that says hello without a passing verdict joins on its first
+        // passing health report (which a settled rollout must still hear).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        settle().await;
+        let mut early = host("h998", "eu-1", "web-1");
+        for svc in early.services.values_mut() {
+            svc.healthy = Some(false);
+        }
+        let early_id = early.host_id.clone();
+        fleet.set_host(early);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        let sent1 = fleet.sent().len();
+        assert!(
+            !fleet.sent().iter().any(|(h, _)| *h == early_id),
+            "a host with a failing verdict was sent an order"
+        );
+        fleet.emit(health(&early_id));
+        let mut joined = false;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            settle().await;
+            if fleet.sent()[sent1..].iter().any(|(h, _)| *h == early_id) {
+                joined = true;
+                break;
+            }
+        }
+        assert!(
+            joined,
+            "the host that passed after its hello was sent nothing"
         );
         shutdown.cancel();
         mgr.join().await;
