@@ -495,12 +495,17 @@ fn a_stream_that_never_says_hello_is_refused_and_its_connection_closed() {
         .await
         .expect("an mTLS channel through the forwarder");
         let (_tx, rx) = tokio::sync::mpsc::channel::<wire::AgentMessage>(1);
-        let r = AgentServiceClient::new(ch)
+        let mut client = AgentServiceClient::new(ch);
+        let r = client
             .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await;
-        r.map(drop)
+        // The client is handed out so its connection stays open: only the coordinator may
+        // close it (dropped here, the channel could close it first and the forwarder, whose
+        // write to the gone client fails, would never see the coordinator's close).
+        (r.map(drop), client)
     });
     let waited = started.elapsed();
+    let (answer, _client) = answer;
     let status = answer.expect_err("a stream without a hello is refused");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(
