@@ -17,6 +17,12 @@
 //! starts with the bytes `serin-bundle\0` (ELF starts with `\x7fELF`, a script with `#!`), so a
 //! binary — even one that is itself a tar archive — is never misread as a bundle.
 //!
+//! Plain tar, not gzip: the bundle's sha256 is what operators sign and pin, so `serin release
+//! pack` must give the same bytes for the same inputs on every machine and every version of the
+//! CLI, and a compressor's output is not promised stable across library versions; an uncompressed
+//! bundle also never unpacks to more than its own (verified, size-checked) length, so there is no
+//! decompression bomb to bound. Transfer cost is the same as for the bare binary it replaces.
+//!
 //! [`unpack`] runs only on bytes whose sha256 (and signature) were verified, into the hidden
 //! install directory of the release store; anything it does not expect is refused with a
 //! [`BundleError`] naming the entry, and the caller removes what was written. Every file it writes

