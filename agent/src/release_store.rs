@@ -50,20 +50,28 @@ pub struct ReleaseMeta {
     pub service: String,
     /// Release id.
     pub id: String,
-    /// Verified sha256, lowercase hex.
+    /// Verified sha256 of the artifact (for a bundle: of the whole bundle), lowercase hex.
     pub sha256: String,
-    /// Verified size in bytes.
+    /// Size in bytes of the installed binary (for a bare binary: the artifact's, verified).
     pub size: u64,
     /// When it was verified.
     pub verified_unix_ms: u64,
-    /// The artifact was a bundle ([`crate::bundle`]): the size of the binary unpacked from it
-    /// (`size` and `sha256` stay those of the whole bundle, as signed). `None`: a bare binary,
-    /// installed as it was downloaded.
+    /// The artifact was a bundle ([`crate::bundle`]): its verified size, which is what a
+    /// manifest signs (`sha256` is the bundle's too). `None`: the artifact is the binary. `size`
+    /// stays the binary's so that an older agent reading this record still finds the release
+    /// complete (it never deletes a bundle's release as half-installed after a downgrade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub binary_size: Option<u64>,
+    pub artifact_size: Option<u64>,
     /// The hooks the bundle carried (`validate`, `post-start`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<String>,
+}
+
+impl ReleaseMeta {
+    /// The verified size of the artifact as downloaded (what a manifest signs).
+    pub fn artifact_size(&self) -> u64 {
+        self.artifact_size.unwrap_or(self.size)
+    }
 }
 
 /// Why staging failed. The current release is untouched in every case.
@@ -365,7 +373,7 @@ impl ReleaseStore {
         let meta: ReleaseMeta =
             serde_json::from_slice(&fs::read(dir.join("release.json")).ok()?).ok()?;
         let len = fs::metadata(dir.join(&self.binary)).ok()?.len();
-        (meta.id == id && len == meta.binary_size.unwrap_or(meta.size)).then_some(meta)
+        (meta.id == id && len == meta.size).then_some(meta)
     }
 
     /// Every complete release on disk, oldest verification first.
@@ -686,7 +694,7 @@ impl ReleaseStore {
         fs::create_dir(&tmp).map_err(io_err(format!("cannot create {tmp_name}")))?;
         let bundle =
             bundle::is_bundle(part_path).map_err(io_err(format!("cannot read {part_name}")))?;
-        let (binary_size, hooks) = if bundle {
+        let (binary_size, artifact_size, hooks) = if bundle {
             // Unpacking writes at most the bundle's size again next to it.
             let free = free_space(&tmp)
                 .map_err(io_err(format!("cannot read free space of {tmp_name}")))?;
@@ -706,22 +714,22 @@ impl ReleaseStore {
                 })?;
             tracing::info!(service = %self.service, release = id, binary_size = unpacked.binary_size, hooks = ?unpacked.hooks, "unpacked release bundle");
             fs::remove_file(part_path).map_err(io_err(format!("cannot remove {part_name}")))?;
-            (Some(unpacked.binary_size), unpacked.hooks)
+            (unpacked.binary_size, Some(size), unpacked.hooks)
         } else {
             let bin = tmp.join(&self.binary);
             fs::rename(part_path, &bin)
                 .map_err(io_err(format!("cannot move {part_name} into {tmp_name}")))?;
             fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
                 .map_err(io_err(format!("cannot chmod {}", bin.display())))?;
-            (None, Vec::new())
+            (size, None, Vec::new())
         };
         let meta = ReleaseMeta {
             service: self.service.to_string(),
             id: id.into(),
             sha256,
-            size,
+            size: binary_size,
             verified_unix_ms: unix_ms(),
-            binary_size,
+            artifact_size,
             hooks,
         };
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| StageError::Io {
@@ -1002,10 +1010,10 @@ pub(crate) mod tests {
             .installed("web-1")
             .expect("the bundle's release is installed");
         assert_eq!(
-            (meta.sha256, meta.size),
-            (r.sha256.to_hex(), data.len() as u64)
+            (meta.sha256.as_str(), meta.artifact_size()),
+            (r.sha256.to_hex().as_str(), data.len() as u64)
         );
-        assert_eq!(meta.binary_size, Some(bin.len() as u64));
+        assert_eq!(meta.size, bin.len() as u64);
         assert_eq!(meta.hooks, vec!["validate".to_owned()]);
         assert!(staging_is_empty(&s));
 

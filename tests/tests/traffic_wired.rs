@@ -419,10 +419,8 @@ fn hooks_shipped_in_a_bundle_gate_a_real_rollout_and_never_run_for_the_outgoing_
         let dir = fleet.hosts[i].agent.service_dir().join("releases/v2");
         let meta = fleet.hosts[i].agent.release_json("v2").unwrap();
         assert_eq!(meta["sha256"].as_str(), Some(v2.sha256.as_str()));
-        assert_eq!(
-            meta["binary_size"].as_u64(),
-            Some(fleet::healthy("v2").size)
-        );
+        assert_eq!(meta["size"].as_u64(), Some(fleet::healthy("v2").size));
+        assert_eq!(meta["artifact_size"].as_u64(), Some(v2.size));
         assert_eq!(meta["hooks"], serde_json::json!(["validate"]));
         assert!(dir.join("hooks/validate").exists() && !dir.join("hooks/post-start").exists());
     }
