@@ -3,8 +3,9 @@
 //!
 //! Everything for a service lives in one tree (`<state_dir>/<service>/`), so every rename stays
 //! on one mount. A release directory only ever appears complete: the artifact is downloaded into
-//! `staging/<sha256>.part`, verified, moved into a hidden temporary directory with its
-//! `release.json`, and that directory is renamed into place.
+//! `staging/<sha256>.part`, verified, moved into a hidden temporary directory (a bundle —
+//! [`crate::bundle`] — is unpacked there instead: its binary and hooks) with its `release.json`,
+//! and that directory is renamed into place.
 
 use prost::bytes::Bytes;
 use std::fs;
