@@ -10,7 +10,7 @@
 //! ```text
 //! Journaled --Swapped--> Swapped --Started--> Armed --(healthy for min_healthy, confirmed)--> done
 //!                           |                   |
-//!                      StartFailed      unhealthy / no confirm / died
+//!               StartFailed/HookFailed  unhealthy / no confirm / died
 //!                           v                   v
 //!                      RollingBack --Swapped--> RollbackSwapped --Started/StartFailed--> done
 //! ```
@@ -57,6 +57,8 @@ pub enum RollbackCause {
     Unhealthy,
     /// No confirm arrived before the confirm deadline.
     ConfirmTimeout,
+    /// The new release started but its `post-start` hook failed or timed out.
+    HookFailed,
 }
 
 impl RollbackCause {
@@ -66,6 +68,7 @@ impl RollbackCause {
             RollbackCause::FailedToStart => ResultCode::ServiceFailedToStart,
             RollbackCause::Unhealthy => ResultCode::Unhealthy,
             RollbackCause::ConfirmTimeout => ResultCode::ConfirmTimeout,
+            RollbackCause::HookFailed => ResultCode::HookFailed,
         }
     }
 }
@@ -186,6 +189,11 @@ pub enum Input {
     /// Starting the service failed.
     StartFailed {
         /// Why.
+        message: String,
+    },
+    /// The service started, but the incoming release's `post-start` hook failed.
+    HookFailed {
+        /// The hook's evidence (exit status, output tail).
         message: String,
     },
     /// A health observation at `now_ms`.
@@ -465,6 +473,10 @@ impl Activation {
             (Phase::Swapped, Input::StartFailed { message }) => {
                 let message = format!("release {} failed to start: {message}", self.to);
                 self.roll_back(RollbackCause::FailedToStart, message)
+            }
+            (Phase::Swapped, Input::HookFailed { message }) => {
+                let message = format!("release {} failed its post-start hook: {message}", self.to);
+                self.roll_back(RollbackCause::HookFailed, message)
             }
             (
                 Phase::Armed { .. },
@@ -1295,6 +1307,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_failed_post_start_hook_rolls_back_as_hook_failed() {
+        let (a, _) = Activation::begin(order(), Some("A".into()), "B".into(), D);
+        let (a, _) = a.unwrap().step(Input::Swapped);
+        let a = expect_rollback(
+            a.unwrap().step(Input::HookFailed {
+                message: "post-start hook failed: exit status: 1; output: \"cold cache\"".into(),
+            }),
+            RollbackCause::HookFailed,
+        );
+        let (a, _) = a.step(Input::Swapped);
+        let (_, cmds) = a.unwrap().step(Input::Started { now_ms: 5 });
+        assert_eq!(
+            reports(&cmds),
+            vec![(OrderPhase::RolledBack, ResultCode::HookFailed)]
+        );
+        let message = cmds
+            .iter()
+            .find_map(|c| match c {
+                Command::Report { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            message.contains("release B failed its post-start hook")
+                && message.contains("cold cache"),
+            "{message}"
+        );
     }
 
     #[test]

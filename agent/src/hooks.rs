@@ -1,5 +1,7 @@
 //! Lifecycle hooks shipped inside a release: optional executables `hooks/validate` (run before
-//! the swap) and `hooks/post-start` (run after the restart, before health gating).
+//! the swap) and `hooks/post-start` (run after the restart, before health gating). They reach
+//! `releases/<id>/hooks/` only by being unpacked from the release's own verified bundle
+//! ([`crate::bundle`], made by `serin release pack`).
 //!
 //! Two parts, so the activation driver's wiring stays short:
 //! - [`plan`] (pure): which hooks a swap runs. It only ever takes the *incoming* release's

@@ -9,6 +9,7 @@
 //!   [`activation`] machine, runs [`health`] checks.
 //! - [`activation`]: the pure activation state machine and its journal.
 //! - [`release_store`]: releases on disk, staging, the `current` symlink; downloads via [`fetch`].
+//! - [`bundle`]: release bundles (binary + hooks in one tar artifact), checked and unpacked.
 //! - [`state`]: the durable per-service state file; [`durable`] has the fsync recipes.
 //! - [`service_manager`]: systemd and the built-in process supervisor.
 //! - [`metrics`]: host and process metrics; [`fault`]: crash points for tests.
@@ -23,6 +24,7 @@
 //! release, also across agent crashes (the journal is persisted before each step).
 
 pub mod activation;
+pub mod bundle;
 pub mod config;
 pub mod connection;
 pub mod durable;

@@ -3,8 +3,9 @@
 //!
 //! Everything for a service lives in one tree (`<state_dir>/<service>/`), so every rename stays
 //! on one mount. A release directory only ever appears complete: the artifact is downloaded into
-//! `staging/<sha256>.part`, verified, moved into a hidden temporary directory with its
-//! `release.json`, and that directory is renamed into place.
+//! `staging/<sha256>.part`, verified, moved into a hidden temporary directory (a bundle —
+//! [`crate::bundle`] — is unpacked there instead: its binary and hooks) with its `release.json`,
+//! and that directory is renamed into place.
 
 use prost::bytes::Bytes;
 use std::fs;
@@ -20,6 +21,7 @@ use serin_proto::{Release, ReleaseId, ServiceName};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::bundle;
 use crate::config::DownloadLimits;
 use crate::durable;
 use crate::fault;
@@ -49,12 +51,28 @@ pub struct ReleaseMeta {
     pub service: String,
     /// Release id.
     pub id: String,
-    /// Verified sha256, lowercase hex.
+    /// Verified sha256 of the artifact (for a bundle: of the whole bundle), lowercase hex.
     pub sha256: String,
-    /// Verified size in bytes.
+    /// Size in bytes of the installed binary (for a bare binary: the artifact's, verified).
     pub size: u64,
     /// When it was verified.
     pub verified_unix_ms: u64,
+    /// The artifact was a bundle ([`crate::bundle`]): its verified size, which is what a
+    /// manifest signs (`sha256` is the bundle's too). `None`: the artifact is the binary. `size`
+    /// stays the binary's so that an older agent reading this record still finds the release
+    /// complete (it never deletes a bundle's release as half-installed after a downgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_size: Option<u64>,
+    /// The hooks the bundle carried (`validate`, `post-start`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<String>,
+}
+
+impl ReleaseMeta {
+    /// The verified size of the artifact as downloaded (what a manifest signs).
+    pub fn artifact_size(&self) -> u64 {
+        self.artifact_size.unwrap_or(self.size)
+    }
 }
 
 /// Why staging failed. The current release is untouched in every case.
@@ -112,6 +130,15 @@ pub enum StageError {
         /// Hash requested.
         requested: String,
     },
+    /// The verified artifact is a bundle the agent refuses (unsafe path, link, device file,
+    /// duplicate, over a bound, no binary, …).
+    #[error("release {release} is a bundle the agent refuses: {source}")]
+    Bundle {
+        /// Release id.
+        release: String,
+        /// What is wrong with it.
+        source: crate::bundle::BundleError,
+    },
     /// The stage was cancelled.
     #[error("staging of release {release} was cancelled")]
     Cancelled {
@@ -137,6 +164,7 @@ impl StageError {
             StageError::SizeMismatch { .. } => ResultCode::SizeMismatch,
             StageError::HashMismatch { .. } => ResultCode::HashMismatch,
             StageError::Conflict { .. } => ResultCode::InvalidOrder,
+            StageError::Bundle { .. } => ResultCode::BadBundle,
             StageError::Cancelled { .. } => ResultCode::Cancelled,
             StageError::Io { .. } => ResultCode::IoError,
         }
@@ -665,17 +693,45 @@ impl ReleaseStore {
         let _ = fs::remove_dir_all(&tmp);
         let tmp_name = tmp.display().to_string();
         fs::create_dir(&tmp).map_err(io_err(format!("cannot create {tmp_name}")))?;
-        let bin = tmp.join(&self.binary);
-        fs::rename(part_path, &bin)
-            .map_err(io_err(format!("cannot move {part_name} into {tmp_name}")))?;
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
-            .map_err(io_err(format!("cannot chmod {}", bin.display())))?;
+        let bundle =
+            bundle::is_bundle(part_path).map_err(io_err(format!("cannot read {part_name}")))?;
+        let (binary_size, artifact_size, hooks) = if bundle {
+            // Unpacking writes at most the bundle's size again next to it.
+            let free = free_space(&tmp)
+                .map_err(io_err(format!("cannot read free space of {tmp_name}")))?;
+            let need = size.saturating_add(SPACE_MARGIN);
+            if free < need {
+                return Err(StageError::InsufficientSpace {
+                    release: id.into(),
+                    need,
+                    free,
+                    dir: tmp_name,
+                });
+            }
+            let unpacked = bundle::unpack(part_path, &tmp, &self.binary, bundle::Limits::default())
+                .map_err(|source| StageError::Bundle {
+                    release: id.into(),
+                    source,
+                })?;
+            tracing::info!(service = %self.service, release = id, binary_size = unpacked.binary_size, hooks = ?unpacked.hooks, "unpacked release bundle");
+            fs::remove_file(part_path).map_err(io_err(format!("cannot remove {part_name}")))?;
+            (unpacked.binary_size, Some(size), unpacked.hooks)
+        } else {
+            let bin = tmp.join(&self.binary);
+            fs::rename(part_path, &bin)
+                .map_err(io_err(format!("cannot move {part_name} into {tmp_name}")))?;
+            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+                .map_err(io_err(format!("cannot chmod {}", bin.display())))?;
+            (size, None, Vec::new())
+        };
         let meta = ReleaseMeta {
             service: self.service.to_string(),
             id: id.into(),
             sha256,
-            size,
+            size: binary_size,
             verified_unix_ms: unix_ms(),
+            artifact_size,
+            hooks,
         };
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| StageError::Io {
             what: "cannot encode release.json".into(),
@@ -926,6 +982,80 @@ pub(crate) mod tests {
             stage(&s, &other, &VecOpener::new(b"other")).await,
             Err(StageError::Conflict { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_bundle_is_unpacked_into_its_release_and_a_hostile_one_leaves_nothing() {
+        use crate::bundle::tests::{archive, file, marker};
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let bin = b"\x7fELF-the-binary".repeat(50);
+        let data = archive(&[
+            marker(),
+            file("binary", &bin),
+            file("hooks/validate", b"#!/bin/sh\nexit 0\n"),
+        ]);
+        let r = release_for(&data, "web-1", data.len() as u64);
+        assert_eq!(
+            stage(&s, &r, &VecOpener::new(&data)).await.unwrap(),
+            Staged::Installed
+        );
+        s.swap_current("web-1").unwrap();
+        assert_eq!(fs::read(s.binary_path("web-1")).unwrap(), bin);
+        let hook = s.release_dir("web-1").join("hooks/validate");
+        assert_eq!(
+            fs::metadata(&hook).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        let meta = s
+            .installed("web-1")
+            .expect("the bundle's release is installed");
+        assert_eq!(
+            (meta.sha256.as_str(), meta.artifact_size()),
+            (r.sha256.to_hex().as_str(), data.len() as u64)
+        );
+        assert_eq!(meta.size, bin.len() as u64);
+        assert_eq!(meta.hooks, vec!["validate".to_owned()]);
+        assert!(staging_is_empty(&s));
+
+        // A bundle whose hook is a link out of the release: a stage failure naming it, nothing
+        // left behind, `current` untouched.
+        let mut h = tar::Header::new_gnu();
+        h.set_path("hooks/post-start").unwrap();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_link_name("/usr/bin/passwd").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(
+            &{
+                let mut m = tar::Header::new_gnu();
+                m.set_path(crate::bundle::MARKER).unwrap();
+                m.set_size(crate::bundle::MARKER_CONTENT.len() as u64);
+                m.set_cksum();
+                m
+            },
+            crate::bundle::MARKER_CONTENT,
+        )
+        .unwrap();
+        b.append(&h, &b""[..]).unwrap();
+        let evil = b.into_inner().unwrap();
+        let r2 = release_for(&evil, "web-2", evil.len() as u64);
+        let e = stage(&s, &r2, &VecOpener::new(&evil)).await.unwrap_err();
+        assert_eq!(e.code(), ResultCode::BadBundle);
+        assert_eq!(
+            e.to_string(),
+            "release web-2 is a bundle the agent refuses: bundle entry \"hooks/post-start\" is a \
+             symbolic link; a bundle holds only regular files and directories"
+        );
+        assert!(!s.release_dir("web-2").exists());
+        assert!(staging_is_empty(&s));
+        let left: Vec<_> = fs::read_dir(s.releases_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("web-1")]);
+        assert_eq!(s.current().as_deref(), Some("web-1"));
     }
 
     #[tokio::test]

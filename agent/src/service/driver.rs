@@ -296,7 +296,7 @@ impl ServiceTask {
                                 Ok(()) => Some(activation::Input::Started { now_ms: unix_ms() }),
                                 Err(message) => {
                                     tracing::warn!(service = self.name(), error = %message, "post-start hook failed");
-                                    Some(activation::Input::StartFailed { message })
+                                    Some(activation::Input::HookFailed { message })
                                 }
                             }
                         }

@@ -130,7 +130,7 @@ impl ServiceTask {
             .map_err(|e| unknown(format!("release {id}: {e}")))?;
         let stored = self.stored_manifest(id);
         let manifest = offered.map(str::to_owned).or(stored.clone());
-        self.verify(manifest.as_deref(), &rid, &sha, meta.size)?;
+        self.verify(manifest.as_deref(), &rid, &sha, meta.artifact_size())?;
         if let Some(m) = manifest
             && stored.as_deref() != Some(m.as_str())
         {
@@ -166,7 +166,7 @@ impl ServiceTask {
                 service: &self.cfg.name,
                 release: &rid,
                 sha256: &sha,
-                size: meta.size,
+                size: meta.artifact_size(),
             },
             &self.cfg.signing_keys,
             0,

@@ -281,6 +281,8 @@ pub enum ReleaseCommand {
         #[arg(long, short = 's')]
         service: Option<String>,
     },
+    /// Pack a release bundle: the binary and its lifecycle hooks in one artifact (offline).
+    Pack(super::bundle::PackArgs),
     /// Sign a release: write FILE.manifest with its sha256, size and counter (offline).
     Sign(super::signing::SignArgs),
     /// Check FILE and its manifest as an agent would (offline).

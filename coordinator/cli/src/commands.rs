@@ -292,7 +292,7 @@ pub async fn release(
                 |p| render::release_info_text(&info, "registered", p),
             );
         }
-        ReleaseCommand::Sign(_) | ReleaseCommand::Verify(_) => {
+        ReleaseCommand::Pack(_) | ReleaseCommand::Sign(_) | ReleaseCommand::Verify(_) => {
             return Err(CliError::Other(
                 "internal error: an offline command reached the coordinator client".to_string(),
             ));

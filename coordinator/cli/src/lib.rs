@@ -6,8 +6,8 @@
 //! - [`render`]: JSON conversions of the wire messages and the text tables and reports;
 //! - [`watch`]: the live view of a rollout (`start --wait`, `status --watch`);
 //! - [`exit`]: the documented exit codes and the error type that maps onto them;
-//! - [`offline`]: the commands that need no coordinator: [`pki`] (`serin ca …`) and [`signing`]
-//!   (`serin keygen`, `serin release sign|verify`);
+//! - [`offline`]: the commands that need no coordinator: [`pki`] (`serin ca …`), [`signing`]
+//!   (`serin keygen`, `serin release sign|verify`) and [`bundle`] (`serin release pack`);
 //! - [`audit`]: the security record: `serin audit` and `serin hosts revoke`;
 //! - [`enrol`]: `serin token create`, `serin hosts pending`, `serin hosts approve`;
 //! - [`credentials`]: where the CLI finds its operator certificate (flags, environment, per-user
@@ -18,6 +18,7 @@
 
 pub mod args;
 pub mod audit;
+pub mod bundle;
 pub mod client;
 pub mod commands;
 pub mod credentials;

@@ -1,12 +1,12 @@
 //! The commands that never talk to a coordinator: the CA (`serin ca …`), release-signing keys
-//! (`serin keygen`) and manifests (`serin release sign|verify`). `main.rs` runs them before any
+//! (`serin keygen`), manifests (`serin release sign|verify`) and bundles (`serin release pack`). `main.rs` runs them before any
 //! runtime or connection exists.
 
 use std::time::SystemTime;
 
 use super::args::{Command, OutputFormat, ReleaseCommand};
 use super::exit::{CliError, Exit};
-use super::{pki, signing};
+use super::{bundle, pki, signing};
 
 /// True for the commands [`run`] handles.
 pub fn is_offline(command: &Command) -> bool {
@@ -14,7 +14,9 @@ pub fn is_offline(command: &Command) -> bool {
         command,
         Command::Ca(_)
             | Command::Keygen(_)
-            | Command::Release(ReleaseCommand::Sign(_) | ReleaseCommand::Verify(_))
+            | Command::Release(
+                ReleaseCommand::Pack(_) | ReleaseCommand::Sign(_) | ReleaseCommand::Verify(_)
+            )
     )
 }
 
@@ -24,6 +26,7 @@ pub fn run(output: OutputFormat, command: Command) -> Result<Exit, CliError> {
     match command {
         Command::Ca(cmd) => pki::run(output, cmd, now),
         Command::Keygen(args) => signing::keygen(output, args),
+        Command::Release(ReleaseCommand::Pack(args)) => bundle::run(output, args),
         Command::Release(ReleaseCommand::Sign(args)) => signing::sign(output, args, now),
         Command::Release(ReleaseCommand::Verify(args)) => signing::verify(output, args, now),
         _ => Err(CliError::Other(
