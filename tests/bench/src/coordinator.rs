@@ -1,16 +1,19 @@
 //! The coordinator under test: a real `serin serve` process, and what /proc says about it.
 //!
 //! [`serin_binary`] builds `serin` (release by default) with cargo unless a path is given;
-//! [`Coordinator::start`] writes a config into a fresh temp dir, starts `serin serve` on
-//! `127.0.0.1:0`, reads the bound address from its `listening on` line and keeps its stderr in
-//! `coordinator.log`. [`ProcSample`] reads RSS, CPU time and open descriptors from /proc.
+//! [`Coordinator::start`] writes a config into a fresh temp dir (with mutual TLS, the run's CA and
+//! the coordinator's certificate under `pki/`), starts `serin serve` on `127.0.0.1:0`, reads the
+//! bound address from its `listening on` line and keeps its stderr in `coordinator.log`. [`ProcSample`] reads RSS, CPU time and open descriptors from /proc.
 
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+
+use crate::connect::{BenchPki, Transport};
 
 /// Finds or builds the `serin` binary: `explicit` if given, else `cargo build -p serin-cli
 /// --bin serin` in `profile` (`release` or `dev`) and the result under the
@@ -60,6 +63,8 @@ pub struct CoordinatorSettings {
     pub heartbeat_interval: Duration,
     /// Silence after which a host is unreachable.
     pub unreachable_after: Duration,
+    /// Plain HTTP/2 (`insecure_plaintext`) instead of mutual TLS.
+    pub plaintext: bool,
 }
 
 /// A running `serin serve`, killed on drop.
@@ -67,6 +72,7 @@ pub struct CoordinatorSettings {
 pub struct Coordinator {
     child: Child,
     url: String,
+    transport: Transport,
     dir: tempfile::TempDir,
 }
 
@@ -75,12 +81,27 @@ impl Coordinator {
     pub fn start(serin: &Path, settings: &CoordinatorSettings) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("serin-bench").tempdir()?;
         let config = dir.path().join("coordinator.toml");
+        let (transport, tls) = if settings.plaintext {
+            // The explicit development switch, to compare the cost of TLS.
+            (
+                Transport::Plaintext,
+                "[tls]\ninsecure_plaintext = true\n".to_string(),
+            )
+        } else {
+            let pki = BenchPki::create(&dir.path().join("pki"))?;
+            let files = pki.coordinator_files()?;
+            let tls = format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            );
+            (Transport::MutualTls(Arc::new(pki)), tls)
+        };
         std::fs::write(
             &config,
             format!(
-                // The simulated agents speak plaintext: the explicit development switch (the
-                // figures in BENCHMARKS.md are without TLS).
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{}ms\"\nunreachable_after = \"{}ms\"\n[tls]\ninsecure_plaintext = true\n",
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nheartbeat_interval = \"{}ms\"\nunreachable_after = \"{}ms\"\n{tls}",
                 dir.path().join("state").display(),
                 settings.heartbeat_interval.as_millis(),
                 settings.unreachable_after.as_millis(),
@@ -122,7 +143,8 @@ impl Coordinator {
         })?;
         Ok(Self {
             child,
-            url: format!("http://{addr}"),
+            url: format!("{}://{addr}", transport.scheme()),
+            transport,
             dir,
         })
     }
@@ -130,6 +152,11 @@ impl Coordinator {
     /// The URL agents and operators dial.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A connector for agents and operators of this coordinator.
+    pub fn connector(&self) -> crate::connect::Connector {
+        crate::connect::Connector::new(self.url.clone(), self.transport.clone())
     }
 
     /// The coordinator's pid.

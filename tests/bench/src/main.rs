@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use serin_bench::connect::{Connector, Transport};
+use serin_bench::connect::{BenchPki, Connector, Transport};
 use serin_bench::coordinator::{CoordinatorSettings, serin_binary};
 use serin_bench::report::Report;
 use serin_bench::scenario::{self, Setup};
@@ -73,6 +73,9 @@ enum Cmd {
     Worker {
         #[arg(long)]
         url: String,
+        /// The run's CA directory (mutual TLS); none: plaintext.
+        #[arg(long)]
+        pki: Option<PathBuf>,
         #[arg(long)]
         from: u32,
         #[arg(long)]
@@ -103,6 +106,9 @@ struct TargetArgs {
     /// Longest a connect or a rollout may take (s).
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
+    /// Plain HTTP/2 (`insecure_plaintext`) instead of mutual TLS, to compare the cost of TLS.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +194,7 @@ fn coordinator_settings(t: &TargetArgs) -> CoordinatorSettings {
     CoordinatorSettings {
         heartbeat_interval: Duration::from_millis(t.heartbeat_ms),
         unreachable_after: Duration::from_millis(t.unreachable_after_ms),
+        plaintext: t.plaintext,
     }
 }
 
@@ -252,11 +259,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Worker {
             url,
+            pki,
             from,
             count,
             sim,
         } => {
-            let connector = Connector::new(url, Transport::Plaintext);
+            let transport = match pki {
+                Some(dir) => Transport::MutualTls(Arc::new(BenchPki::load(&dir)?)),
+                None => Transport::Plaintext,
+            };
+            let connector = Connector::new(url, transport);
             let swarm = LocalSwarm::start(&connector, Arc::new(sim.config()), from..from + count);
             serve_worker(swarm).await
         }

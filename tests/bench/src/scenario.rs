@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::connect::{Connector, Transport};
 use crate::control::Operator;
 use crate::coordinator::{Coordinator, CoordinatorSettings, PeakRss, ProcSample};
 use crate::fanout;
@@ -72,7 +71,7 @@ impl Setup {
     /// Starts the coordinator, measures it idle, starts the fleet and waits for every agent.
     async fn bring_up(&self) -> anyhow::Result<Running> {
         let coordinator = Coordinator::start(&self.serin, &self.coordinator)?;
-        let connector = Connector::new(coordinator.url(), Transport::Plaintext);
+        let connector = coordinator.connector();
         let operator = Operator::connect(&connector).await?;
         // Let start-up allocations settle before the idle sample.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -608,7 +607,7 @@ pub async fn fanout(setup: &Setup, clients: u32, size_mib: u64) -> anyhow::Resul
         serde_json::json!({ "clients": clients, "size_mib": size_mib, "serin": setup.serin.display().to_string() }),
     );
     let coordinator = Coordinator::start(&setup.serin, &setup.coordinator)?;
-    let connector = Connector::new(coordinator.url(), Transport::Plaintext);
+    let connector = coordinator.connector();
     let mut operator = Operator::connect(&connector).await?;
     let size = size_mib * 1024 * 1024;
     let data: Vec<u8> = (0..size)

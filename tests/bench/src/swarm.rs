@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connect::Connector;
+use crate::connect::{Connector, Transport};
 use crate::sim_agent::{Command, SimAgent, SimConfig};
 use crate::stats::{Snapshot, Stats};
 
@@ -112,17 +112,19 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Starts `exe worker --url … --from … --count … <sim args>`.
+    /// Starts `exe worker --url … [--pki DIR] --from … --count … <sim args>`.
     pub fn start(
         exe: &PathBuf,
-        url: &str,
+        connector: &Connector,
         range: Range<u32>,
         sim_args: &[String],
     ) -> anyhow::Result<Self> {
-        let mut child = tokio::process::Command::new(exe)
-            .arg("worker")
-            .arg("--url")
-            .arg(url)
+        let mut command = tokio::process::Command::new(exe);
+        command.arg("worker").arg("--url").arg(connector.url());
+        if let Transport::MutualTls(pki) = connector.transport() {
+            command.arg("--pki").arg(pki.dir());
+        }
+        let mut child = command
             .arg("--from")
             .arg(range.start.to_string())
             .arg("--count")
@@ -231,7 +233,7 @@ impl Swarm {
         let mut from = first;
         while from < plan.agents {
             let to = (from + per).min(plan.agents);
-            workers.push(Worker::start(exe, connector.url(), from..to, sim_args)?);
+            workers.push(Worker::start(exe, connector, from..to, sim_args)?);
             from = to;
         }
         let local = LocalSwarm::start(connector, config, 0..first);
