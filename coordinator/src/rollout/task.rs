@@ -1239,8 +1239,9 @@ mod cost_tests {
         }
     }
 
-    /// One wave of 200 hosts: its 200 orders are allocated in one store transaction and saved in
-    /// one more (not one commit per order); then 1,000 health reports that repeat what is known
+    /// One wave of 200 hosts: its 200 orders are allocated in one store transaction and saved,
+    /// with the rollout itself and the orders' sequences, in one more (not one commit per order,
+    /// nor a save before the allocation and another after it); then 1,000 health reports that repeat what is known
     /// are taken in batches, a few machine steps, and build no status at all (before this
     /// change every report was a step that rebuilt and compared the whole status).
     #[tokio::test(start_paused = true)]
@@ -1260,7 +1261,19 @@ mod cost_tests {
         assert_eq!(fleet.sent().len(), HOSTS, "one activate per host");
         let (_, _, saves, allocations) = stats.read();
         assert_eq!(allocations, 1, "one allocation round for the whole wave");
-        assert!(saves <= 2, "{saves} saves for one step of 200 orders");
+        assert_eq!(saves, 1, "{saves} saves for one step of 200 orders");
+        // That one save holds every order that went out, with the sequence it was sent with.
+        let id = &fleet.sent()[0].1.rollout_id;
+        let stored = store.load_rollout(id).unwrap().unwrap();
+        let d = super::record::decode_rollout(id, &stored.header, &stored.hosts).unwrap();
+        for (h, o) in fleet.sent() {
+            let r = d.hosts.iter().find(|r| r.host.id == h).unwrap();
+            let saved = r.host.order.as_ref().unwrap();
+            assert_eq!(
+                (saved.order_id.as_str(), saved.seq),
+                (o.order_id.as_str(), Some(o.seq))
+            );
+        }
 
         // The first report of each host is news (its verdict was not known): shown once.
         for id in &ids {
