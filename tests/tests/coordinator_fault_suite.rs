@@ -64,13 +64,15 @@ const CASES: &[Case] = &[
     case("artifact", "artifact-committed", 1, Via::Healthy),
     case("store", "store-release-before-commit", 1, Via::Healthy),
     case("store", "store-release-committed", 1, Via::Healthy),
-    // The rollout's record: the first save (answering `serin rollout start`) and one mid-way.
+    // The rollout's record: the first save (answering `serin rollout start`, after the canary's
+    // sequence allocation) and one mid-way.
     case("store", "store-rollout-before-commit", 1, Via::Healthy),
     case("store", "store-rollout-committed", 1, Via::Healthy),
     case("store", "store-rollout-before-commit", 4, Via::Healthy),
     case("store", "store-rollout-committed", 4, Via::Healthy),
     case("store", "store-rollout-committed", 3, Via::Bad),
-    // The order sequence counter: the canary's, and one of the second wave's.
+    // The order sequence counter: the canary's (before the rollout's first save), and one of
+    // the second wave's.
     case("store", "store-seq-before-commit", 1, Via::Healthy),
     case("store", "store-seq-committed", 2, Via::Healthy),
     // Order sends: saved but not handed to the host, and handed to it.
@@ -543,7 +545,14 @@ fn crash_case(f: &Fleet, c: &Case, n: usize, injected: &AtomicBool) {
     );
 }
 
-/// The crash came before the rollout existed (its start was retried afterwards).
+/// The crash came before the rollout existed (its start was retried afterwards): a new
+/// rollout's first save is written once its canary's sequence is allocated (one commit for the
+/// rollout and its first orders), so a crash at the first allocation also comes before it.
 fn rollout_absent_at_crash(c: &Case) -> bool {
-    c.interrupts_push() || (c.point == "store-rollout-before-commit" && c.nth == 1)
+    c.interrupts_push()
+        || (c.nth == 1
+            && matches!(
+                c.point,
+                "store-rollout-before-commit" | "store-seq-before-commit" | "store-seq-committed"
+            ))
 }

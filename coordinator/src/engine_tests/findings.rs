@@ -89,8 +89,9 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
     fleet.respond_with(healthy_agent());
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
-    // The first save (the rollout itself) succeeds, the one after the sequence allocation
-    // fails, and so does the retry after it.
+    // The first save (the rollout with its canary's order, written once the order's sequence
+    // was allocated) succeeds, the next one fails, and so does the retry after it: whatever
+    // follows them (the second wave's orders among it) is held back until a save works.
     store.fail_after_saves(1, 2);
     let st = api(&mgr)
         .start_rollout(wire_spec(&["1", "100%"]))

@@ -232,6 +232,80 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     mgr.join().await;
 }
 
+/// A store written by a coordinator of JSON records (record version 1, every wave's host ids in
+/// the header) is migrated when the manager opens it: the rollout resumes where it was and its
+/// records are binary from then on.
+#[tokio::test(start_paused = true)]
+async fn json_records_are_migrated_when_the_store_is_opened() {
+    use crate::rollout::record;
+    let (store, fleet) = setup(3);
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut answered = 0;
+    agents(&fleet, &mut answered);
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
+    wait_for(&mut rx, |s| s.waves[0].state().as_str() == "baking").await;
+    shutdown.cancel();
+    mgr.join().await;
+
+    // Rewrite the records as the JSON coordinator wrote them.
+    let id = st.rollout_id.as_str();
+    let s = store.load_rollout(id).unwrap().unwrap();
+    let mut d = record::decode_rollout(id, &s.header, &s.hosts).unwrap();
+    d.header.version = record::JSON_VERSION;
+    let hosts: Vec<_> = d
+        .hosts
+        .iter_mut()
+        .map(|h| {
+            h.version = record::JSON_VERSION;
+            (h.host.id.clone(), serde_json::to_vec(&*h).unwrap())
+        })
+        .collect();
+    let header = serde_json::to_vec(&d.header).unwrap();
+    assert!(
+        header.windows(2).any(|w| w == b"h3"),
+        "host ids in the header"
+    );
+    store.save_rollout(id, &header, &hosts, &[]).unwrap();
+
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let s = store.load_rollout(id).unwrap().unwrap();
+    assert_eq!(s.header[..2], record::MAGIC, "the header is binary now");
+    assert!(
+        !s.header.windows(2).any(|w| w == b"h3"),
+        "and lists no host"
+    );
+    for (h, b) in &s.hosts {
+        assert_eq!(b[..2], record::MAGIC, "host {h} is binary now");
+    }
+    let mut rx = super::WireWatch(api(&mgr).watch(id).unwrap());
+    assert_eq!(
+        rx.borrow().waves[0].state().as_str(),
+        "baking",
+        "resumed in the same wave"
+    );
+    assert_eq!(rx.borrow().waves[1].size, 2, "with its waves' hosts");
+    for _ in 0..60 {
+        agents(&fleet, &mut answered);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
+    let activates: Vec<_> = fleet
+        .sent()
+        .iter()
+        .filter(|(_, o)| o.action.kind() == "activate")
+        .map(|(h, _)| h.to_string())
+        .collect();
+    assert_eq!(activates, vec!["h1", "h2", "h3"], "no host activated twice");
+    shutdown.cancel();
+    mgr.join().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_host_going_down_makes_the_rollout_wait_until_it_returns() {
     let (store, fleet) = setup(4);

@@ -192,6 +192,7 @@ impl RolloutManager {
         let ids = mgr.inner.store.rollout_ids()?;
         let mut newest: BTreeMap<ServiceName, Rollout> = BTreeMap::new();
         for id in &ids {
+            mgr.migrate_records(id)?;
             let Some(m) = mgr.load(id)? else { continue };
             if let Some(older) = newest.insert(m.spec().service.clone(), m)
                 && !older.state().is_finished()
@@ -226,17 +227,41 @@ impl RolloutManager {
         let Some(stored) = self.inner.store.load_rollout(id)? else {
             return Ok(None);
         };
-        let header = record::decode_header(id, &stored.header)?;
-        let mut hosts = Vec::with_capacity(stored.hosts.len());
-        for (h, b) in &stored.hosts {
-            hosts.push(record::decode_host(id, h.as_str(), b)?);
-        }
+        let d = record::decode_rollout(id, &stored.header, &stored.hosts)?;
         Ok(Some(Rollout::restore(
-            header,
-            hosts,
+            d.header,
+            d.hosts,
             self.inner.settings.clone(),
             self.inner.clock.now_ms(),
         )?))
+    }
+
+    /// Rewrites a rollout's records that are in an older encoding in the current one, in one
+    /// transaction (the header and every host record; events stay as they are, they are read in
+    /// either encoding). Run when the store is opened, before anything is resumed.
+    fn migrate_records(&self, id: &str) -> Result<(), RolloutError> {
+        let Some(stored) = self.inner.store.load_rollout(id)? else {
+            return Ok(());
+        };
+        let d = record::decode_rollout(id, &stored.header, &stored.hosts)?;
+        if !d.outdated {
+            return Ok(());
+        }
+        let hosts: Vec<_> = d
+            .hosts
+            .iter()
+            .map(|r| (r.host.id.clone(), record::encode(r)))
+            .collect();
+        self.inner
+            .store
+            .save_rollout(id, &record::encode(&d.header), &hosts, &[])?;
+        tracing::info!(
+            rollout = %id,
+            hosts = hosts.len(),
+            to = record::RECORD_VERSION,
+            "rollout records migrated to the current encoding"
+        );
+        Ok(())
     }
 
     fn stored(&self, id: &str) -> Result<Rollout, RolloutError> {

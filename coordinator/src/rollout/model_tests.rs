@@ -149,16 +149,14 @@ impl Durable {
     /// The records as a restarted coordinator reads them.
     fn read_back(&self) -> Option<(HeaderRecord, Vec<HostRecord>)> {
         let h = self.header.as_ref()?;
-        let h = record::decode_header("model", &record::encode(h)).expect("a readable header");
-        let hosts = self
+        let hosts: Vec<_> = self
             .hosts
             .iter()
-            .map(|(id, r)| {
-                record::decode_host("model", id.as_str(), &record::encode(r))
-                    .expect("a readable host")
-            })
+            .map(|(id, r)| (id.clone(), record::encode(r)))
             .collect();
-        Some((h, hosts))
+        let d =
+            record::decode_rollout("model", &record::encode(h), &hosts).expect("readable records");
+        Some((d.header, d.hosts))
     }
 }
 
