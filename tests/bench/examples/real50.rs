@@ -1,9 +1,13 @@
 //! `real50`: the 50-real-agent job of BENCHMARKS.md, a documented command rather than a timed
-//! test (it is `#[ignore]`d, so CI only compiles it):
+//! test (an example of the bench crate: `cargo test` compiles it, nothing runs it in CI):
 //!
 //! ```text
-//! nice -n 19 cargo test -p serin-bench --test real50 -- --ignored --nocapture
+//! cargo build --release -p serin-cli -p serin-agent -p serin-tests --bins
+//! SERIN_TESTS_SKIP_BUILD=1 cargo run --release -p serin-bench --example real50
 //! ```
+//!
+//! (Without `SERIN_TESTS_SKIP_BUILD=1` the harness builds every binary of the workspace in the
+//! example's profile first.)
 //!
 //! One real `serin serve` and 50 real `serin-agent` processes on loopback, every connection mTLS
 //! (the harness's test PKI), each agent supervising the demo service ([`serin_tests::fleet`]).
@@ -16,16 +20,14 @@
 //! timings.
 //!
 //! `REAL50_ROUNDS` (default 3, at most 10) sets the number of rounds; `REAL50_MIN_HEALTHY`
-//! (default `1ms`) the `--min-healthy` of each rollout. The binaries are the profile this test
+//! (default `1ms`) the `--min-healthy` of each rollout. The binaries are the profile this example
 //! runs under (`--release` for the figures of BENCHMARKS.md).
 
 use std::time::Instant;
 
 use serin_tests::fleet::{self, Fleet, Timings};
 
-#[test]
-#[ignore = "a benchmark: run it by hand (see the module docs)"]
-fn real50_ships_a_release_to_50_real_agents() {
+fn main() {
     let hosts = 50;
     let rounds: usize = std::env::var("REAL50_ROUNDS")
         .ok()
