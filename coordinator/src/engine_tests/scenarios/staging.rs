@@ -25,6 +25,24 @@ impl Sim {
         o
     }
 
+    /// The canary h01 answers ACTIVATED (its download is over: staging ahead may begin).
+    fn canary_activated(&mut self) -> Order {
+        // Left unanswered in the log: `agents` answers it HEALTHY later.
+        let (_, o) = self
+            .pending()
+            .into_iter()
+            .find(|(h, o)| h.as_str() == "h01" && o.action.kind() == "activate")
+            .expect("the canary's activation");
+        self.reply(
+            &hid("h01"),
+            &o,
+            OrderPhase::Activated,
+            ResultCode::Ok,
+            "web-2",
+        );
+        o
+    }
+
     /// Every pending stage order is answered STAGED.
     fn stage_all(&mut self) {
         for (h, o) in self.pending() {
@@ -59,14 +77,35 @@ impl Sim {
 }
 
 #[test]
-fn a_rollout_stages_its_later_waves_at_the_start_and_activates_them_in_their_waves() {
+fn later_waves_are_staged_one_wave_at_a_time_and_activated_in_their_waves() {
     let mut s = Sim::new(fleet(10), wire_spec(&["1", "50%", "100%"]));
     assert_eq!(s.sent_kinds("activate"), vec!["h01"], "only the canary");
-    let later: Vec<String> = (2..=10).map(|i| format!("h{i:02}")).collect();
+    assert!(
+        s.sent_kinds("stage").is_empty(),
+        "nothing shares the canary's download"
+    );
+    let canary = s.canary_activated();
     assert_eq!(
         s.sent_kinds("stage"),
-        later,
-        "every later host is staged at once"
+        vec!["h02", "h03", "h04", "h05"],
+        "the next wave is staged once the canary swapped"
+    );
+    // The wave after it waits until those downloads are done.
+    for h in ["h02", "h03", "h04"] {
+        let o = s.take(h, "stage");
+        s.reply(&hid(h), &o, OrderPhase::Staged, ResultCode::Ok, "web-1");
+    }
+    assert_eq!(s.sent_kinds("stage").len(), 4);
+    let o = s.take("h05", "stage");
+    s.reply(&hid("h05"), &o, OrderPhase::Staged, ResultCode::Ok, "web-1");
+    let later: Vec<String> = (2..=10).map(|i| format!("h{i:02}")).collect();
+    assert_eq!(s.sent_kinds("stage"), later, "then the last wave");
+    s.reply(
+        &hid("h01"),
+        &canary,
+        OrderPhase::Healthy,
+        ResultCode::Ok,
+        "web-2",
     );
     for (_, _, o) in s.sent.iter().filter(|(_, _, o)| o.action.kind() == "stage") {
         assert_eq!(
@@ -99,6 +138,7 @@ fn a_rollout_stages_its_later_waves_at_the_start_and_activates_them_in_their_wav
 #[test]
 fn stage_ahead_is_bounded_and_refills_as_staged_hosts_are_dispatched() {
     let mut s = Sim::with_settings(fleet(10), wire_spec(&["1", "50%", "100%"]), settings(3));
+    s.canary_activated();
     assert_eq!(s.sent_kinds("stage"), vec!["h02", "h03", "h04"]);
     s.stage_all();
     // Staged hosts hold their slots until they are dispatched: nothing more yet.
@@ -112,10 +152,14 @@ fn stage_ahead_is_bounded_and_refills_as_staged_hosts_are_dispatched() {
         s.sent_kinds("activate"),
         vec!["h01", "h02", "h03", "h04", "h05"]
     );
+    // The slots are free, but wave 2 is still downloading (h05 was not staged): the next wave
+    // waits for it.
+    assert_eq!(s.sent_kinds("stage").len(), 3);
+    s.agents(&[], false);
     assert_eq!(
         s.sent_kinds("stage"),
         vec!["h02", "h03", "h04", "h06", "h07", "h08"],
-        "h05 is activated without a stage; the next wave's first three are staged"
+        "once wave 2 swapped, the next wave's first three are staged"
     );
     // Off: no stage order at all.
     let mut off = Sim::with_settings(fleet(10), wire_spec(&["1", "50%", "100%"]), settings(0));
@@ -127,6 +171,7 @@ fn stage_ahead_is_bounded_and_refills_as_staged_hosts_are_dispatched() {
 #[test]
 fn a_failed_stage_is_a_warning_and_the_host_is_still_activated_in_its_wave() {
     let mut s = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    let canary = s.canary_activated();
     let o = s.take("h03", "stage");
     let mut out = s.outcome(
         &o,
@@ -157,6 +202,13 @@ fn a_failed_stage_is_a_warning_and_the_host_is_still_activated_in_its_wave() {
         s.events
     );
     // Its wave activates it all the same, and the warning shows while it is dispatched.
+    s.reply(
+        &hid("h01"),
+        &canary,
+        OrderPhase::Healthy,
+        ResultCode::Ok,
+        "web-2",
+    );
     s.stage_all();
     s.agents(&[], false);
     s.advance(60_000);
@@ -175,6 +227,7 @@ fn a_failed_stage_is_a_warning_and_the_host_is_still_activated_in_its_wave() {
 #[test]
 fn a_rollback_cancels_the_stages_in_flight_and_activates_nothing_more() {
     let mut s = Sim::new(fleet(6), wire_spec(&["1", "100%"]));
+    let canary = s.canary_activated();
     assert_eq!(
         s.sent_kinds("stage"),
         vec!["h02", "h03", "h04", "h05", "h06"]
@@ -183,13 +236,12 @@ fn a_rollback_cancels_the_stages_in_flight_and_activates_nothing_more() {
     let o = s.take("h02", "stage");
     s.reply(&hid("h02"), &o, OrderPhase::Staged, ResultCode::Ok, "web-1");
     s.feed(Input::HostDown(hid("h03")));
-    // The canary's activation fails: the rollout rolls back.
-    let o = s.take("h01", "activate");
+    // The canary fails to start and its agent rolls it back: the rollout rolls back.
     s.reply(
         &hid("h01"),
-        &o,
-        OrderPhase::Failed,
-        ResultCode::HashMismatch,
+        &canary,
+        OrderPhase::RolledBack,
+        ResultCode::ServiceFailedToStart,
         "web-1",
     );
     assert!(
@@ -228,6 +280,7 @@ fn a_rollback_cancels_the_stages_in_flight_and_activates_nothing_more() {
     }
     // An abort does the same.
     let mut a = Sim::new(fleet(4), wire_spec(&["1", "100%"]));
+    a.canary_activated();
     a.operator(OperatorAction::Abort).unwrap();
     assert_eq!(a.sent_kinds("cancel"), vec!["h02", "h03", "h04"]);
     a.agents(&[], false);
@@ -239,6 +292,7 @@ fn a_rollback_cancels_the_stages_in_flight_and_activates_nothing_more() {
 #[test]
 fn a_stale_refusal_of_a_stage_catches_up_and_later_orders_stay_above_it() {
     let mut s = Sim::new(fleet(3), wire_spec(&["1", "100%"]));
+    s.canary_activated();
     // The agent of h02 applied sequence 40 already (a store restored from a backup).
     let o = s.take("h02", "stage");
     let mut out = s.outcome(&o, OrderPhase::Rejected, ResultCode::StaleOrder, "web-1");
@@ -274,6 +328,7 @@ fn a_stale_refusal_of_a_stage_catches_up_and_later_orders_stay_above_it() {
 #[test]
 fn a_stage_survives_a_restart_and_a_host_cut_off_while_staging_gets_it_again() {
     let mut s = Sim::new(fleet(3), wire_spec(&["1", "100%"]));
+    s.canary_activated();
     assert_eq!(s.sent_kinds("stage"), vec!["h02", "h03"]);
     let first = s.take("h02", "stage");
     // The coordinator restarts before any stage is answered.
@@ -348,8 +403,40 @@ fn a_host_unreachable_at_stage_time_is_staged_once_it_is_back() {
     .unwrap();
     let p = plan::plan(&spec, &fleet(4));
     let mut m = Rollout::new("r-1", spec, release(), &p, EngineSettings::default(), T0);
-    // h04 went away before the first step could stage it: nothing is asked for it.
+    // h04 goes away at the start; once the canary swapped, h02 and h03 are staged, not h04.
     let cmds = m.step(T0, Input::HostDown(hid("h04")));
+    assert!(
+        stages_allocated(&cmds).is_empty(),
+        "the canary downloads alone"
+    );
+    let canary = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::AllocateSeqs(r) => r.first().map(|r| r.order_id.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let cmds = m.step(T0, Input::SeqsAllocated(vec![(canary.clone(), 4)]));
+    assert!(stages_allocated(&cmds).is_empty());
+    let activated = OrderOutcome {
+        order_id: canary,
+        rollout_id: "r-1".into(),
+        seq: 4,
+        service: ServiceName::new("web").unwrap(),
+        release: None,
+        phase: OrderPhase::Activated,
+        code: ResultCode::Ok,
+        message: String::new(),
+        current_release: Some(ReleaseId::new("web-2").unwrap()),
+        last_seq: 4,
+    };
+    let cmds = m.step(
+        T0 + 5,
+        Input::OrderResult {
+            host: hid("h01"),
+            outcome: activated,
+        },
+    );
     assert_eq!(stages_allocated(&cmds), vec!["h02", "h03"]);
     assert!(m.host(&hid("h04")).unwrap().order.is_none());
     // Back: it is staged now.

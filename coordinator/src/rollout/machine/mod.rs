@@ -734,9 +734,14 @@ impl Rollout {
                 self.stage_scan = true;
             }
             Input::HostUp(s) => self.on_host_up(now_ms, s),
+            // A download may have ended (a stage answered, an activation swapped): staging
+            // ahead may go on.
+            Input::OrderResult { host, outcome } => {
+                self.stage_scan = true;
+                self.on_result(now_ms, &host, outcome)
+            }
             Input::HostDown(h) => self.on_host_down(now_ms, &h),
             Input::Health { host, sample } => self.on_health(now_ms, &host, sample),
-            Input::OrderResult { host, outcome } => self.on_result(now_ms, &host, outcome),
             Input::SeqsAllocated(v) => self.on_seqs(now_ms, v),
             Input::Operator {
                 action,

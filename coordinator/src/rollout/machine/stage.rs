@@ -3,7 +3,9 @@
 //!
 //! While a rollout runs, at most [`EngineSettings::stage_ahead`] pending hosts hold a stage
 //! order of it: the current wave's hosts still waiting for dispatch first, then the next waves'
-//! in dispatch order. Only a host that was never given an order of this rollout is staged, so a
+//! in dispatch order, one wave at a time: a wave is staged once no host of an earlier wave is
+//! still downloading (a dispatched host of the current wave, or a stage in flight), so the
+//! downloads the next wave needs never share the coordinator's uploads with later ones. Only a host that was never given an order of this rollout is staged, so a
 //! stage never follows an activation (a retried or re-dispatched host is activated directly).
 //! The agent downloads and verifies the release and answers STAGED; the host's later activate
 //! order (a higher sequence) swaps a release already on disk. A stage changes nothing a host
@@ -30,21 +32,39 @@ impl Rollout {
         }
         let mut staged = 0usize;
         let mut candidates = Vec::new();
-        for w in self.waves.iter().skip(self.current_wave) {
+        // Downloads in wave order: a wave's hosts are staged once no host of an earlier wave
+        // (the current wave's dispatched hosts included) is still downloading, so the wave that
+        // runs next never shares the coordinator's uploads (nor a small host's CPU) with a
+        // later one.
+        let mut collecting = true;
+        for (i, w) in self.waves.iter().enumerate().skip(self.current_wave) {
+            let mut busy = false;
             for id in &w.hosts {
                 let Some(h) = self.hosts.get(id) else {
                     continue;
                 };
+                let reachable = self.seen.reachable(id);
                 if h.staged_ahead() {
                     staged += 1;
-                } else if h.phase == HostPhase::Pending
+                    busy |= reachable && h.stage_in_flight();
+                } else if i == self.current_wave
+                    && h.phase == HostPhase::Dispatched
+                    && h.failure.is_none()
+                {
+                    // Its activation is still downloading (or swapping) the release.
+                    busy |= reachable;
+                } else if collecting
+                    && h.phase == HostPhase::Pending
                     && h.order.is_none()
                     && h.failure.is_none()
                     && candidates.len() < limit
-                    && self.seen.reachable(id)
+                    && reachable
                 {
                     candidates.push(id.clone());
                 }
+            }
+            if busy || !candidates.is_empty() {
+                collecting = false;
             }
         }
         let room = limit.saturating_sub(staged);
