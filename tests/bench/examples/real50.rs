@@ -20,7 +20,8 @@
 //! timings.
 //!
 //! `REAL50_ROUNDS` (default 3, at most 10) sets the number of rounds; `REAL50_MIN_HEALTHY`
-//! (default `1ms`) the `--min-healthy` of each rollout. The binaries are the profile this example
+//! (default `1ms`) the `--min-healthy` of each rollout; `REAL50_STAGE_AHEAD=N` runs the
+//! coordinator with `[engine] stage_ahead = N` (0: no staging ahead, for an A/B of one build). The binaries are the profile this example
 //! runs under (`--release` for the figures of BENCHMARKS.md).
 
 use std::time::Instant;
@@ -42,6 +43,18 @@ fn main() {
     let zones: Vec<&str> = zones.iter().map(String::as_str).collect();
     let up = Instant::now();
     let f = Fleet::start("real50", &zones);
+    if let Some(n) = std::env::var("REAL50_STAGE_AHEAD")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        let path = f.coord.config_path();
+        let mut config = std::fs::read_to_string(path).expect("the coordinator's config");
+        config.push_str(&format!("\n[engine]\nstage_ahead = {n}\n"));
+        std::fs::write(path, config).expect("writing the coordinator's config");
+        f.coord.restart();
+        f.wait_connected(hosts);
+        println!("real50: coordinator restarted with [engine] stage_ahead = {n}");
+    }
     println!(
         "real50: {hosts} agents connected and on {} in {:.2} s",
         fleet::BASELINE,

@@ -66,6 +66,10 @@ impl Rollout {
             if busy || !candidates.is_empty() {
                 collecting = false;
             }
+            if !collecting && candidates.is_empty() {
+                // Nothing to stage: the later waves need no walk (this runs after many steps).
+                return;
+            }
         }
         let room = limit.saturating_sub(staged);
         for id in candidates.into_iter().take(room) {
