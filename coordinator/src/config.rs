@@ -15,6 +15,7 @@
 //! analysis_gates = true             # a confident "canary worse" verdict fails the gate
 //! analysis_min_checks = 20          # fewer check results per side: "insufficient data"
 //! analysis_alpha = 0.01             # significance level of the canary judge
+//! stage_ahead = 100                 # pending hosts staged ahead of their wave (0: off)
 //!
 //! [tls]                             # required: mutual TLS (files made by `serin ca`) ...
 //! ca = "/etc/serin/pki/ca.crt"
@@ -151,6 +152,8 @@ pub struct EngineConfig {
     pub analysis_min_checks: u64,
     /// Significance level of the canary judge, in (0, 0.5] (default 0.01).
     pub analysis_alpha: f64,
+    /// Pending hosts given a stage order ahead of their wave (default 100; 0 turns it off).
+    pub stage_ahead: u32,
 }
 
 impl Default for EngineConfig {
@@ -165,6 +168,7 @@ impl Default for EngineConfig {
             analysis_gates: e.analysis_gates,
             analysis_min_checks: e.analysis.min_checks,
             analysis_alpha: e.analysis.alpha,
+            stage_ahead: e.stage_ahead,
         }
     }
 }
@@ -181,6 +185,7 @@ impl EngineConfig {
             order_retry_delay: self.order_retry_delay,
             max_order_attempts: self.max_order_attempts,
             analysis_gates: self.analysis_gates,
+            stage_ahead: self.stage_ahead,
             resume_grace,
             ..Default::default()
         };
@@ -202,6 +207,7 @@ struct RawEngine {
     analysis_gates: Option<bool>,
     analysis_min_checks: Option<u64>,
     analysis_alpha: Option<f64>,
+    stage_ahead: Option<u32>,
 }
 
 impl RawEngine {
@@ -247,6 +253,7 @@ impl RawEngine {
             analysis_gates: self.analysis_gates.unwrap_or(d.analysis_gates),
             analysis_min_checks: self.analysis_min_checks.unwrap_or(d.analysis_min_checks),
             analysis_alpha,
+            stage_ahead: self.stage_ahead.unwrap_or(d.stage_ahead),
         }
     }
 }
@@ -682,6 +689,7 @@ mod tests {
             analysis_min_checks = 50
             analysis_alpha = 0.05
             max_order_attempts = 3
+            stage_ahead = 7
             "#,
         )
         .unwrap();
@@ -694,6 +702,7 @@ mod tests {
         assert_eq!(e.analysis.min_checks, 50);
         assert_eq!(e.analysis.alpha, 0.05);
         assert_eq!(e.max_order_attempts, 3);
+        assert_eq!(e.stage_ahead, 7);
     }
 
     #[test]

@@ -25,8 +25,9 @@ use std::sync::OnceLock;
 
 /// The directory holding the binaries of the current profile, e.g. `target/debug/`.
 ///
-/// Derived from the running executable (`target/debug/deps/agent_x-hash` or
-/// `target/debug/serin-demo`), so it follows `CARGO_TARGET_DIR` and the profile in use.
+/// Derived from the running executable (`target/debug/deps/agent_x-hash`,
+/// `target/release/examples/real50` or `target/debug/serin-demo`), so it follows
+/// `CARGO_TARGET_DIR` and the profile in use.
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -35,7 +36,10 @@ pub fn bin_dir() -> PathBuf {
             .parent()
             .expect("the test executable lives in a directory")
             .to_path_buf();
-        if dir.file_name().is_some_and(|n| n == "deps") {
+        if dir
+            .file_name()
+            .is_some_and(|n| n == "deps" || n == "examples")
+        {
             dir.pop();
         }
         dir

@@ -177,3 +177,69 @@ fn a_newer_activation_preempts_a_stage_and_a_cancel_cancels_one() {
     fx.wait_serving("demo-4.0");
     assert_staging_empty(&fx);
 }
+
+/// Prepare, then activate (issue 10): the activation of the very release a stage is
+/// downloading takes that download over. Before, it cancelled the stage, removed its partial
+/// download and fetched the whole release again.
+#[test]
+fn an_activation_of_the_release_being_staged_takes_its_download_over() {
+    let fx = fixture("activation-takes-over-stage", false);
+    fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
+    let server = ArtifactServer::start();
+    let v2 = DemoRelease::healthy("demo-2.0");
+    // About a second for the whole artifact: long enough to activate while it downloads.
+    let url = server.put_trickle(
+        &format!("/{}", v2.id),
+        v2.bytes.clone(),
+        v2.bytes.len() / 10 + 1,
+        Duration::from_millis(100),
+    );
+    fx.send(orders::stage(2, v2.wire(SERVICE, &url)));
+    wait_download_started(&fx, &server, &v2);
+    fx.send(orders::activate(
+        3,
+        v2.wire(SERVICE, &url),
+        Deadlines::quick(),
+    ));
+    let stage = fx.wait_outcome(2);
+    assert_eq!(
+        (stage.phase(), stage.code()),
+        (OrderPhase::Cancelled, ResultCode::Cancelled),
+        "{}\n{}",
+        describe_result(&stage),
+        fx.dump()
+    );
+    assert!(
+        stage.message.contains("takes over"),
+        "{}",
+        describe_result(&stage)
+    );
+    let r = fx.wait_result("HEALTHY or a failure for seq 3", |r| {
+        r.seq == 3
+            && matches!(
+                r.phase(),
+                OrderPhase::Healthy | OrderPhase::Failed | OrderPhase::Rejected
+            )
+    });
+    assert_eq!(
+        r.phase(),
+        OrderPhase::Healthy,
+        "{}\n{}",
+        describe_result(&r),
+        fx.dump()
+    );
+    fx.wait_serving("demo-2.0");
+    let fetched = server
+        .requests()
+        .iter()
+        .filter(|r| r.contains("/demo-2.0 "))
+        .count();
+    assert_eq!(
+        fetched,
+        1,
+        "the release was downloaded again: {:?}\n{}",
+        server.requests(),
+        fx.dump()
+    );
+    assert_staging_empty(&fx);
+}

@@ -114,6 +114,31 @@ impl ServiceTask {
 
     /// Carries out an admitted order whose sequence is durable.
     async fn act(&mut self, order: Order, jobs: &mut JoinSet<Result<Staged, StageError>>) {
+        // Prepare, then activate: an activation of the very release being staged takes the
+        // stage's download over instead of cancelling it and starting again.
+        if let OrderAction::Activate {
+            release,
+            healthy_deadline,
+            min_healthy,
+            confirm_deadline,
+            ..
+        } = &order.action
+            && self.state.activation.is_none()
+            && self.job.as_ref().is_some_and(|j| {
+                j.activate.is_none()
+                    && j.release.id == release.id
+                    && j.release.sha256 == release.sha256
+            })
+            && self.admit_release(release).is_ok()
+        {
+            let deadlines = Deadlines {
+                healthy_deadline_ms: healthy_deadline.as_millis() as u64,
+                min_healthy_ms: min_healthy.as_millis() as u64,
+                confirm_deadline_ms: confirm_deadline.map(|d| d.as_millis() as u64),
+            };
+            self.adopt_stage(order, deadlines).await;
+            return;
+        }
         // A newer order that changes what runs or what is staged preempts the stage in
         // progress: cancel it, wait until its partial download is removed, then act. A confirm
         // is about the armed activation and leaves the stage alone.

@@ -59,6 +59,32 @@ impl ServiceTask {
         self.last_preempted = Some(id);
     }
 
+    /// Hands the stage in progress to `activate`, an activate order of the same release: the
+    /// download goes on and the activation begins once it is staged. The stage's own order is
+    /// answered CANCELLED (superseded), naming the order that took it over.
+    pub(super) async fn adopt_stage(&mut self, activate: Order, deadlines: Deadlines) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        let by = activate.seq;
+        let stage = std::mem::replace(&mut job.order, activate);
+        job.activate = Some(deadlines);
+        let msg = format!(
+            "order seq {by} activates release {} and takes over its staging",
+            job.release.id
+        );
+        let release = job.release.id.to_string();
+        tracing::info!(
+            service = self.name(),
+            release,
+            stage_seq = stage.seq,
+            by_seq = by,
+            "activation takes over the stage in progress"
+        );
+        self.reply(&stage, OrderPhase::Cancelled, ResultCode::Cancelled, msg)
+            .await;
+    }
+
     /// Spawns the stage task for `release`; `activate`: begin the activation once it is staged.
     pub(super) fn start_stage(
         &mut self,

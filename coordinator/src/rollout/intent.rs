@@ -261,6 +261,11 @@ pub enum OrderKind {
     Confirm,
     /// Go back to the baseline.
     Rollback,
+    /// Download and verify the target release ahead of the host's wave (prepare, then
+    /// activate): changes nothing the host serves. Only ever given to a pending host.
+    Stage,
+    /// Stop a stage in flight (the rollout rolls back or ended before the host's wave).
+    Cancel,
 }
 
 /// The last order a host was given.
@@ -323,6 +328,10 @@ pub struct HostEntry {
     pub healthy_ms: Option<u64>,
     /// Joined while the rollout was under way.
     pub joined: bool,
+    /// Staging the release ahead of the host's wave failed: a warning only (the host is not
+    /// failed; its activation stages again and fails there if the problem stays).
+    #[serde(default)]
+    pub stage_warning: Option<String>,
 }
 
 impl HostEntry {
@@ -350,6 +359,22 @@ impl HostEntry {
         seen.reach == Reach::Unreachable
             && self.failure.is_none()
             && self.phase != HostPhase::Confirmed
+    }
+
+    /// Pending with a stage order of this rollout (staged ahead of its wave, or being staged).
+    pub(crate) fn staged_ahead(&self) -> bool {
+        self.phase == HostPhase::Pending
+            && self
+                .order
+                .as_ref()
+                .is_some_and(|o| o.kind == OrderKind::Stage)
+    }
+
+    /// A stage order that still has to be sent or answered.
+    pub(crate) fn stage_in_flight(&self) -> bool {
+        self.order
+            .as_ref()
+            .is_some_and(|o| o.kind == OrderKind::Stage && !o.done)
     }
 
     /// Dispatched and not yet healthy.

@@ -24,7 +24,11 @@
 //! 8. an agent's dead-man switch never fires while the agent is up and the coordinator runs the
 //!    rollout (running, waiting, paused; after success, for the hosts it still converges) and
 //!    reaches it, whatever phase the host is in (failed, rolling back, re-dispatched): it is
-//!    held in time; and a CONFIRM_TIMEOUT self-revert never makes a host count as failed.
+//!    held in time; and a CONFIRM_TIMEOUT self-revert never makes a host count as failed;
+//! 9. stage orders (prepare, then activate; `stage_ahead` 0, 1, 2 or every host) go only to
+//!    pending hosts of a running rollout, never after a rollback is decided, never after the
+//!    host's activation, and never change what a host serves: a host that got no activation
+//!    ends on its baseline.
 //!
 //! CI runs `SERIN_MODEL_CASES` cases (default 10,000) with a random seed, printing both; set
 //! `SERIN_MODEL_SEED` to replay a seed, and e.g. `SERIN_MODEL_CASES=1000000` for the long mode.
@@ -77,6 +81,7 @@ struct Case {
     on_pause: bool,
     failure_threshold: &'static str,
     max_in_flight: &'static str,
+    stage_ahead: u32,
     actions: Vec<Action>,
 }
 
@@ -110,16 +115,20 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop_oneof![Just("0"), Just("1"), Just("50%")],
         prop_oneof![Just(""), Just("1"), Just("2")],
+        prop_oneof![Just(0u32), Just(1), Just(2), Just(100)],
         prop::collection::vec(action, 1..45),
     )
         .prop_map(
-            |(hosts, waves, on_pause, failure_threshold, max_in_flight, actions)| Case {
-                hosts,
-                waves,
-                on_pause,
-                failure_threshold,
-                max_in_flight,
-                actions,
+            |(hosts, waves, on_pause, failure_threshold, max_in_flight, stage_ahead, actions)| {
+                Case {
+                    hosts,
+                    waves,
+                    on_pause,
+                    failure_threshold,
+                    max_in_flight,
+                    stage_ahead,
+                    actions,
+                }
             },
         )
 }
@@ -234,7 +243,10 @@ impl World {
         w.max_in_flight = c.max_in_flight.into();
         let spec = RolloutSpec::try_from(w).expect("a valid spec");
         let p = plan::plan(&spec, &snapshot);
-        let settings = EngineSettings::default();
+        let settings = EngineSettings {
+            stage_ahead: c.stage_ahead,
+            ..EngineSettings::default()
+        };
         let m = Rollout::new("model", spec.clone(), release(), &p, settings.clone(), T0);
         let agents = ids
             .iter()
@@ -555,6 +567,43 @@ impl World {
                     return Err(fail(format!("{host}: rollback to {to:?}, not {want}")));
                 }
             }
+            OrderAction::Stage { release } => {
+                // 9: a stage is of the release, for a pending host of a running rollout,
+                // never after a rollback was decided nor after the host's activation.
+                if release.id != self.spec.release {
+                    return Err(fail(format!("{host}: stage of {}", release.id)));
+                }
+                if rollback_decided {
+                    return Err(fail(format!(
+                        "{host}: stage {} ordered after a rollback was decided",
+                        order.order_id
+                    )));
+                }
+                let phase = self.m.host(&host).map(|h| h.phase);
+                if phase != Some(HostPhase::Pending)
+                    || !matches!(
+                        self.m.state(),
+                        RolloutState::Running | RolloutState::Waiting | RolloutState::Paused
+                    )
+                {
+                    return Err(fail(format!(
+                        "{host}: stage {} sent while the host is {phase:?} and the rollout {}",
+                        order.order_id,
+                        self.m.state()
+                    )));
+                }
+                let activated = self.agents.get(&host).is_some_and(|a| {
+                    a.orders
+                        .iter()
+                        .any(|(o, _)| matches!(o.action, OrderAction::Activate { .. }))
+                });
+                if activated {
+                    return Err(fail(format!(
+                        "{host}: stage {} sent after the host's activation",
+                        order.order_id
+                    )));
+                }
+            }
             _ => {}
         }
         if let Some(a) = self.agents.get_mut(&host)
@@ -696,13 +745,33 @@ impl World {
                         order.seq,
                     )]
                 }
-                _ => Vec::new(),
+                // A stage leaves what runs alone.
+                OrderAction::Stage { .. } => {
+                    vec![out(
+                        OrderPhase::Staged,
+                        ResultCode::Ok,
+                        &a.current,
+                        order.seq,
+                    )]
+                }
+                OrderAction::Cancel => vec![out(
+                    OrderPhase::Cancelled,
+                    ResultCode::Ok,
+                    &a.current,
+                    order.seq,
+                )],
             },
             Reply::Fail => match &order.action {
                 OrderAction::Activate { .. } => vec![out(
                     OrderPhase::RolledBack,
                     ResultCode::Unhealthy,
                     &base,
+                    order.seq,
+                )],
+                OrderAction::Stage { .. } => vec![out(
+                    OrderPhase::Failed,
+                    ResultCode::DownloadFailed,
+                    &a.current,
                     order.seq,
                 )],
                 _ => vec![out(
@@ -937,6 +1006,17 @@ impl World {
             }
             if !(on_new || on_base || h.rollback_failed.is_some()) {
                 return Err(fail(format!("{} runs {current}", h.id)));
+            }
+            // 9: stages never change what a host serves.
+            let activated = self.agents[&h.id]
+                .orders
+                .iter()
+                .any(|(o, _)| matches!(o.action, OrderAction::Activate { .. }));
+            if !activated && !on_base {
+                return Err(fail(format!(
+                    "{} was never activated but runs {current}",
+                    h.id
+                )));
             }
         }
         Ok(())

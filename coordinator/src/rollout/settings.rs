@@ -4,6 +4,11 @@ use std::time::Duration;
 
 use super::analysis::AnalysisSettings;
 
+/// The default of [`EngineSettings::stage_ahead`]: a 50-host fleet is staged whole at the
+/// start, while a 20,000-host rollout sends ~100 extra orders per wave rather than doubling its
+/// orders (and the coordinator serves at most this many downloads ahead at once).
+pub const DEFAULT_STAGE_AHEAD: u32 = 100;
+
 /// Settings of the rollout engine, shared by every rollout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
@@ -34,6 +39,11 @@ pub struct EngineSettings {
     /// unreachable. Until then it is *unknown*: gates and the end of a rollback wait for it
     /// rather than count it as missing. The server should pass its `unreachable_after`.
     pub resume_grace: Duration,
+    /// Prepare, then activate: at most this many pending hosts of a running rollout get a
+    /// `Stage` order ahead of their wave (the current wave's hosts still waiting for dispatch
+    /// first, then the next waves in order), so their activation swaps a release already on
+    /// disk. A slot frees when a staged host is dispatched. 0 turns staging ahead off.
+    pub stage_ahead: u32,
 }
 
 impl Default for EngineSettings {
@@ -49,6 +59,7 @@ impl Default for EngineSettings {
             analysis_gates: true,
             control_queue: 16,
             resume_grace: Duration::from_secs(10),
+            stage_ahead: DEFAULT_STAGE_AHEAD,
         }
     }
 }

@@ -75,7 +75,8 @@ impl BenchPki {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             dir: dir.to_path_buf(),
-            ca: Ca::load(dir).with_context(|| format!("loading the bench CA in {}", dir.display()))?,
+            ca: Ca::load(dir)
+                .with_context(|| format!("loading the bench CA in {}", dir.display()))?,
             issued: Mutex::default(),
         })
     }

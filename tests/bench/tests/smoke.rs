@@ -56,11 +56,12 @@ fn smoke_rollout_over_simulated_agents_succeeds_on_every_host() {
     assert_eq!(figure("hosts_done") as u32, agents, "{stdout}");
     // Every host got its activate, and nothing was resent. The last wave's confirms go out with
     // the final decision and may still be on their way when the figures are taken (seen in CI:
-    // 378 of 400), so the count lies between one and two orders per host; `duplicates` is the
-    // proof that no order was sent twice.
+    // 378 of 400), and a host may get a stage order ahead of its wave (prepare, then activate),
+    // so the count lies between one and three orders per host; `duplicates` is the proof that
+    // no order was sent twice.
     let orders = figure("orders") as u32;
     assert!(
-        (agents..=2 * agents).contains(&orders),
+        (agents..=3 * agents).contains(&orders),
         "{orders} orders for {agents} hosts\n{stdout}"
     );
     assert_eq!(figure("duplicates"), 0.0, "{stdout}");

@@ -138,6 +138,13 @@ fn aborted() -> Sim {
     s.operator(OperatorAction::Abort).unwrap();
     assert_eq!(s.m.state(), RolloutState::RollingBack);
     assert_eq!(s.sent_kinds("rollback"), vec!["h01", "h02"]);
+    // The next wave's stages (sent once the canary swapped) are cancelled, and say so.
+    for (h, o) in s.pending() {
+        if o.action.kind() == "cancel" {
+            s.answered.insert(o.order_id.clone());
+            s.reply(&h, &o, OrderPhase::Cancelled, ResultCode::Ok, "web-1");
+        }
+    }
     s
 }
 

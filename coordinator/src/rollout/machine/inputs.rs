@@ -28,6 +28,8 @@ impl Rollout {
             // Holds sent while it was away were lost: hold it again now if it is armed.
             seen.held_ms = None;
             self.holds_from_ms = 0;
+            // It may be staged ahead now.
+            self.stage_scan = true;
         }
         seen.reach = match (s.connected, was) {
             (true, _) => Reach::Reachable,
@@ -161,6 +163,17 @@ impl Rollout {
 
     pub(super) fn on_host_down(&mut self, now: u64, id: &HostId) {
         self.candidates.remove(id);
+        // A cancel that cannot reach the host is not needed: its stage changes nothing it
+        // serves (and the agent ends a stage whose download is cut).
+        if let Some(o) = self
+            .hosts
+            .get_mut(id)
+            .and_then(|h| h.order.as_mut())
+            .filter(|o| o.kind == OrderKind::Cancel && !o.done)
+        {
+            o.done = true;
+            self.dirty_hosts.insert(id.clone());
+        }
         if self.hosts.contains_key(id) && self.seen.reach(id) != Reach::Unreachable {
             self.seen.entry(id).reach = Reach::Unreachable;
             self.event(now, format!("host {id} is unreachable"));
@@ -226,6 +239,7 @@ impl Rollout {
             activated_ms: None,
             healthy_ms: None,
             joined: true,
+            stage_warning: None,
         };
         self.hosts.insert(p.host_id.clone(), entry);
         let seen = self.seen.entry(&p.host_id);
@@ -234,6 +248,7 @@ impl Rollout {
         self.waves[last].hosts.push(p.host_id.clone());
         self.dirty_hosts.insert(p.host_id.clone());
         self.dirty_header = true;
+        self.stage_scan = true;
         self.event(
             now,
             format!("host {} joined; added to wave {}", p.host_id, last + 1),
@@ -343,6 +358,10 @@ impl Rollout {
             return;
         };
         let is_current = order.order_id == out.order_id;
+        if is_current && matches!(kind, OrderKind::Stage | OrderKind::Cancel) {
+            self.on_stage_result(now, id, kind, &out);
+            return;
+        }
         let detail_of = |out: &OrderOutcome| {
             let code = out.code.as_str().to_string();
             if out.message.is_empty() {

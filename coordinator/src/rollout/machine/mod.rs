@@ -51,6 +51,7 @@ mod inputs;
 mod output;
 mod requests;
 mod rollback;
+mod stage;
 mod wave;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -259,6 +260,9 @@ pub struct Rollout {
     /// lower bound: only a dispatch or a reconnect can make a hold due earlier, and both reset it.
     holds_from_ms: u64,
     finished_reported: bool,
+    /// Pending hosts may be given stage orders: the next advance looks (set when a slot may
+    /// have freed or a candidate appeared; see [`stage`]).
+    stage_scan: bool,
     /// Something operators see changed since [`Rollout::take_status_changed`] was last called.
     status_changed: bool,
 }
@@ -311,6 +315,7 @@ impl Rollout {
                         activated_ms: None,
                         healthy_ms: None,
                         joined: false,
+                        stage_warning: None,
                     },
                 );
             }
@@ -360,6 +365,7 @@ impl Rollout {
             alloc_scan: true,
             holds_from_ms: 0,
             finished_reported: false,
+            stage_scan: true,
             status_changed: true,
         };
         r.dirty_hosts = r.hosts.keys().cloned().collect();
@@ -405,8 +411,16 @@ impl Rollout {
             RolloutSpec::try_from(header.spec.clone()).map_err(|e| invalid(e.to_string()))?;
         let release =
             super::record::release_of(&header.release).map_err(|e| invalid(e.to_string()))?;
+        let live = matches!(
+            header.state,
+            RolloutState::Running | RolloutState::Waiting | RolloutState::Paused
+        );
         let mut map = BTreeMap::new();
-        for h in hosts {
+        for mut h in hosts {
+            if !live {
+                // A stage whose answer was not saved before the restart: nothing to send now.
+                Self::withdraw_stage(&mut h.host);
+            }
             map.insert(h.host.id.clone(), h.host);
         }
         for w in &header.waves {
@@ -473,6 +487,7 @@ impl Rollout {
             alloc_scan: true,
             holds_from_ms: 0,
             finished_reported: finished,
+            stage_scan: true,
             status_changed: true,
         })
     }
@@ -716,11 +731,17 @@ impl Rollout {
             Input::Tick => {
                 self.requested.clear();
                 self.alloc_scan = true;
+                self.stage_scan = true;
             }
             Input::HostUp(s) => self.on_host_up(now_ms, s),
+            // A download may have ended (a stage answered, an activation swapped): staging
+            // ahead may go on.
+            Input::OrderResult { host, outcome } => {
+                self.stage_scan = true;
+                self.on_result(now_ms, &host, outcome)
+            }
             Input::HostDown(h) => self.on_host_down(now_ms, &h),
             Input::Health { host, sample } => self.on_health(now_ms, &host, sample),
-            Input::OrderResult { host, outcome } => self.on_result(now_ms, &host, outcome),
             Input::SeqsAllocated(v) => self.on_seqs(now_ms, v),
             Input::Operator {
                 action,
@@ -751,6 +772,24 @@ impl Rollout {
             );
         }
         for h in self.hosts.values() {
+            debug_assert!(
+                !h.stage_in_flight() || h.phase == HostPhase::Pending,
+                "rollout {}: host {} has a stage in flight while {:?}",
+                self.id,
+                h.id,
+                h.phase
+            );
+            debug_assert!(
+                !h.stage_in_flight()
+                    || matches!(
+                        self.state,
+                        RolloutState::Running | RolloutState::Waiting | RolloutState::Paused
+                    ),
+                "rollout {} is {}: host {} still has a stage in flight",
+                self.id,
+                self.state,
+                h.id
+            );
             debug_assert!(
                 h.wave as usize <= self.current_wave || h.phase == HostPhase::Pending,
                 "rollout {}: host {} of wave {} is {:?} before its wave started",
@@ -799,6 +838,7 @@ impl Rollout {
         h.detail = reason.clone();
         let roll_back = h.phase.touched_new();
         if !roll_back {
+            Self::withdraw_stage(h);
             h.phase = h.phase.on_failed();
         }
         self.dirty_hosts.insert(id.clone());
@@ -946,6 +986,8 @@ fn order_kind_str(k: OrderKind) -> &'static str {
         OrderKind::Activate => "activate",
         OrderKind::Confirm => "confirm",
         OrderKind::Rollback => "rollback",
+        OrderKind::Stage => "stage",
+        OrderKind::Cancel => "cancel",
     }
 }
 

@@ -21,6 +21,10 @@ impl Rollout {
                 traffic_weight: self.spec.weights.as_ref().map(|_| 100),
             },
             OrderKind::Rollback => OrderAction::Rollback { to: o.to.clone() },
+            OrderKind::Stage => OrderAction::Stage {
+                release: self.release.clone(),
+            },
+            OrderKind::Cancel => OrderAction::Cancel,
         };
         Some(Order {
             order_id: o.order_id.clone(),
@@ -173,7 +177,10 @@ impl Rollout {
             if !sent.insert(id.clone()) {
                 continue;
             }
+            // An order that became done within the step (withdrawn, say: a stage of a host
+            // that failed, or once a rollback was decided) is not sent.
             if let Some(h) = self.hosts.get(&id)
+                && h.order.as_ref().is_some_and(|o| !o.done)
                 && let Some(order) = self.order_for(h)
             {
                 out.push(Command::Send { host: id, order });
@@ -243,6 +250,14 @@ impl Rollout {
                     (None, Some(f)) if h.detail != *f => format!("{f}; {}", h.detail),
                     _ => h.detail.clone(),
                 };
+                if let Some(w) = h
+                    .stage_warning
+                    .as_ref()
+                    .filter(|_| matches!(h.phase, HostPhase::Pending | HostPhase::Dispatched))
+                    .filter(|w| !detail.contains(w.as_str()))
+                {
+                    detail = format!("{detail}; warning: {w}");
+                }
                 if seen.reach == Reach::Unknown && !final_phase {
                     detail = format!("not heard from since the coordinator restarted; {detail}");
                 }

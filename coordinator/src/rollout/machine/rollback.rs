@@ -24,6 +24,7 @@ impl Rollout {
         self.rollback_final = Some(final_state);
         self.reason = reason;
         self.dirty_header = true;
+        self.cancel_stages(now);
         let touched: Vec<HostId> = self
             .hosts
             .values()

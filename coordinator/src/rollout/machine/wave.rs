@@ -24,6 +24,7 @@ impl Rollout {
         if self.state == RolloutState::RollingBack || self.state.is_finished() {
             self.check_rollback_timeouts(now);
         }
+        self.stage_ahead(now);
     }
 
     /// Once the resume grace has passed, hosts still unheard of since the restart are unreachable.
@@ -69,6 +70,19 @@ impl Rollout {
             let Some(kind) = h.order.as_ref().filter(|o| !o.done).map(|o| o.kind) else {
                 continue;
             };
+            // A stage is only retried while its host waits for its wave in a live rollout; a
+            // cancel never is (its stage changes nothing the host serves).
+            if kind == OrderKind::Cancel
+                || (kind == OrderKind::Stage
+                    && (h.phase != HostPhase::Pending
+                        || h.failure.is_some()
+                        || !matches!(
+                            self.state,
+                            RolloutState::Running | RolloutState::Waiting | RolloutState::Paused
+                        )))
+            {
+                continue;
+            }
             // An activation is only retried while the host may still take the release.
             if kind == OrderKind::Activate
                 && (h.failure.is_some()
@@ -96,6 +110,7 @@ impl Rollout {
         self.paused_by_failure = false;
         self.paused_by_store = false;
         self.paused_for_data = false;
+        self.stage_scan = true;
         self.reason.clear();
         if let Some(w) = self.waves.get_mut(self.current_wave) {
             w.state = if w.started_ms.is_some() {
@@ -305,6 +320,8 @@ impl Rollout {
         // of an earlier activation may still be running).
         self.seen.entry(id).armed_since.get_or_insert(now);
         self.holds_from_ms = 0;
+        // A staged host leaving the stage-ahead window frees a slot.
+        self.stage_scan = true;
         self.forget_requests(id);
         if let Some(h) = self.hosts.get_mut(id) {
             h.phase = h.phase.on_dispatch();
@@ -584,6 +601,7 @@ impl Rollout {
         }
         self.current_wave = self.waves.len().saturating_sub(1);
         self.state = RolloutState::Succeeded;
+        self.withdraw_stages();
         let total = self.hosts.len();
         let failed = self.cumulative_failed();
         self.reason = format!("every wave passed: {total} hosts, {failed} failed");

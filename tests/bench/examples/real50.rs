@@ -1,9 +1,13 @@
 //! `real50`: the 50-real-agent job of BENCHMARKS.md, a documented command rather than a timed
-//! test (it is `#[ignore]`d, so CI only compiles it):
+//! test (an example of the bench crate: `cargo test` compiles it, nothing runs it in CI):
 //!
 //! ```text
-//! nice -n 19 cargo test -p serin-bench --test real50 -- --ignored --nocapture
+//! cargo build --release -p serin-cli -p serin-agent -p serin-tests --bins
+//! SERIN_TESTS_SKIP_BUILD=1 cargo run --release -p serin-bench --example real50
 //! ```
+//!
+//! (Without `SERIN_TESTS_SKIP_BUILD=1` the harness builds every binary of the workspace in the
+//! example's profile first.)
 //!
 //! One real `serin serve` and 50 real `serin-agent` processes on loopback, every connection mTLS
 //! (the harness's test PKI), each agent supervising the demo service ([`serin_tests::fleet`]).
@@ -16,16 +20,15 @@
 //! timings.
 //!
 //! `REAL50_ROUNDS` (default 3, at most 10) sets the number of rounds; `REAL50_MIN_HEALTHY`
-//! (default `1ms`) the `--min-healthy` of each rollout. The binaries are the profile this test
+//! (default `1ms`) the `--min-healthy` of each rollout; `REAL50_STAGE_AHEAD=N` runs the
+//! coordinator with `[engine] stage_ahead = N` (0: no staging ahead, for an A/B of one build). The binaries are the profile this example
 //! runs under (`--release` for the figures of BENCHMARKS.md).
 
 use std::time::Instant;
 
 use serin_tests::fleet::{self, Fleet, Timings};
 
-#[test]
-#[ignore = "a benchmark: run it by hand (see the module docs)"]
-fn real50_ships_a_release_to_50_real_agents() {
+fn main() {
     let hosts = 50;
     let rounds: usize = std::env::var("REAL50_ROUNDS")
         .ok()
@@ -40,6 +43,18 @@ fn real50_ships_a_release_to_50_real_agents() {
     let zones: Vec<&str> = zones.iter().map(String::as_str).collect();
     let up = Instant::now();
     let f = Fleet::start("real50", &zones);
+    if let Some(n) = std::env::var("REAL50_STAGE_AHEAD")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        let path = f.coord.config_path();
+        let mut config = std::fs::read_to_string(path).expect("the coordinator's config");
+        config.push_str(&format!("\n[engine]\nstage_ahead = {n}\n"));
+        std::fs::write(path, config).expect("writing the coordinator's config");
+        f.coord.restart();
+        f.wait_connected(hosts);
+        println!("real50: coordinator restarted with [engine] stage_ahead = {n}");
+    }
     println!(
         "real50: {hosts} agents connected and on {} in {:.2} s",
         fleet::BASELINE,
