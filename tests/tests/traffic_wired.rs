@@ -766,6 +766,56 @@ fn the_orders_traffic_weight_is_answered_once_healthy_and_a_weight_step_restarts
 }
 
 /// `[service]` keys of fleet host `i` behind HAProxy: its agent-check port and the server it is.
+/// Two real agents of a fleet behind one HAProxy backend (servers `h0`, `h1`), each answering
+/// agent-check on its own port and reading sessions from HAProxy's admin socket; both in rotation
+/// when [`TwoBehindHaproxy::start`] returns.
+struct TwoBehindHaproxy {
+    fleet: serin_tests::fleet::Fleet,
+    haproxy: Haproxy,
+    /// The agents' agent-check ports, by host index.
+    checks: [u16; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl TwoBehindHaproxy {
+    fn start(name: &str, inter: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let checks = [free_port(), free_port()];
+        let fleet = serin_tests::fleet::Fleet::start_configured(name, &["a", "b"], &|i| {
+            fleet_traffic_toml(&checks, &socket, i)
+        });
+        let servers: Vec<Server> = (0..2)
+            .map(|i| Server {
+                name: format!("h{i}"),
+                addr: SocketAddr::from((LOCALHOST, fleet.hosts[i].agent.port)),
+                agent: Some(SocketAddr::from((LOCALHOST, checks[i]))),
+            })
+            .collect();
+        let haproxy = Haproxy::start(dir.path(), &servers, inter).unwrap();
+        let wired = Self {
+            fleet,
+            haproxy,
+            checks,
+            _dir: dir,
+        };
+        for s in &servers {
+            wait_in_rotation(&wired.haproxy, &s.name, &|| wired.dump());
+        }
+        wired
+    }
+
+    /// HAProxy's stats and log, and the fleet's state, for a failure message.
+    fn dump(&self) -> String {
+        format!(
+            "{:?}\n{}\n{}",
+            self.haproxy.stats(),
+            self.haproxy.log_tail(),
+            self.fleet.dump()
+        )
+    }
+}
+
 fn fleet_traffic_toml(checks: &[u16], socket: &Path, i: usize) -> String {
     format!(
         "\n[service.traffic]\nagent_check = \"127.0.0.1:{}\"\n{}\n",
@@ -807,33 +857,11 @@ fn wait_weight_step(
 #[test]
 fn a_coordinator_weighted_canary_gets_its_share_through_haproxy_and_full_weight_once_its_wave_passes()
  {
-    use serin_tests::fleet::{self, Fleet, Timings};
+    use serin_tests::fleet::{self, Timings};
     const INTER: Duration = Duration::from_millis(300);
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let checks = [free_port(), free_port()];
-    let fleet = Fleet::start_configured("traffic-weighted", &["a", "b"], &|i| {
-        fleet_traffic_toml(&checks, &socket, i)
-    });
-    let servers: Vec<Server> = (0..2)
-        .map(|i| Server {
-            name: format!("h{i}"),
-            addr: SocketAddr::from((LOCALHOST, fleet.hosts[i].agent.port)),
-            agent: Some(SocketAddr::from((LOCALHOST, checks[i]))),
-        })
-        .collect();
-    let haproxy = Haproxy::start(dir.path(), &servers, INTER).unwrap();
-    let dump = || {
-        format!(
-            "{:?}\n{}\n{}",
-            haproxy.stats(),
-            haproxy.log_tail(),
-            fleet.dump()
-        )
-    };
-    for s in &servers {
-        wait_in_rotation(&haproxy, &s.name, &dump);
-    }
+    let wired = TwoBehindHaproxy::start("traffic-weighted", INTER);
+    let (fleet, haproxy, checks) = (&wired.fleet, &wired.haproxy, wired.checks);
+    let dump = || wired.dump();
 
     let v2 = fleet::healthy("v2");
     fleet.push(&v2);
@@ -905,7 +933,7 @@ fn a_coordinator_weighted_canary_gets_its_share_through_haproxy_and_full_weight_
     let promoted = fleet.cli(&["rollout", "promote", &id]);
     assert_eq!(promoted.code, 0, "{promoted}");
     let t0 = Instant::now();
-    let took = wait_weight_step(&haproxy, &cname, checks[ci], "up ready 100%\n", 100, &dump);
+    let took = wait_weight_step(haproxy, &cname, checks[ci], "up ready 100%\n", 100, &dump);
     eprintln!(
         "ramp step: canary at 100% in haproxy {:?} after promote, {took:?} after the agent answered it (agent-inter {INTER:?})",
         t0.elapsed()
@@ -1041,32 +1069,10 @@ fn an_activation_that_would_drain_the_last_serving_server_is_refused_before_anyt
 
 #[test]
 fn a_canary_without_traffic_pauses_with_insufficient_data_and_with_traffic_it_passes() {
-    use serin_tests::fleet::{self, Fleet, Timings};
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let checks = [free_port(), free_port()];
-    let fleet = Fleet::start_configured("traffic-requests", &["a", "b"], &|i| {
-        fleet_traffic_toml(&checks, &socket, i)
-    });
-    let servers: Vec<Server> = (0..2)
-        .map(|i| Server {
-            name: format!("h{i}"),
-            addr: SocketAddr::from((LOCALHOST, fleet.hosts[i].agent.port)),
-            agent: Some(SocketAddr::from((LOCALHOST, checks[i]))),
-        })
-        .collect();
-    let haproxy = Haproxy::start(dir.path(), &servers, Duration::from_millis(300)).unwrap();
-    let dump = || {
-        format!(
-            "{:?}\n{}\n{}",
-            haproxy.stats(),
-            haproxy.log_tail(),
-            fleet.dump()
-        )
-    };
-    for s in &servers {
-        wait_in_rotation(&haproxy, &s.name, &dump);
-    }
+    use serin_tests::fleet::{self, Timings};
+    let wired = TwoBehindHaproxy::start("traffic-requests", Duration::from_millis(300));
+    let (fleet, haproxy) = (&wired.fleet, &wired.haproxy);
+    let dump = || wired.dump();
 
     let v2 = fleet::healthy("v2");
     fleet.push(&v2);
