@@ -165,8 +165,15 @@ async fn validation_and_unknown_things_map_to_the_right_codes() {
     mgr.join().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
+/// Three hosts and a rollout of waves `1,100%` whose canary is baking, then a coordinator
+/// "crash" (the manager stops): the store and fleet it leaves, the rollout, and how many of the
+/// fleet's orders were answered.
+async fn crashed_while_the_canary_bakes() -> (
+    Arc<MemoryStore>,
+    Arc<FakeFleet>,
+    serin_proto::wire::RolloutStatus,
+    usize,
+) {
     let (store, fleet) = setup(3);
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
@@ -178,9 +185,14 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
     agents(&fleet, &mut answered);
     let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
     wait_for(&mut rx, |s| s.waves[0].state().as_str() == "baking").await;
-    // Coordinator "crash".
     shutdown.cancel();
     mgr.join().await;
+    (store, fleet, st, answered)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
+    let (store, fleet, st, mut answered) = crashed_while_the_canary_bakes().await;
 
     let shutdown = CancellationToken::new();
     let mgr = manager(&store, &fleet, &shutdown).await;
@@ -245,19 +257,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
 #[tokio::test(start_paused = true)]
 async fn json_records_are_migrated_when_the_store_is_opened() {
     use crate::rollout::record;
-    let (store, fleet) = setup(3);
-    let shutdown = CancellationToken::new();
-    let mgr = manager(&store, &fleet, &shutdown).await;
-    let st = api(&mgr)
-        .start_rollout(wire_spec(&["1", "100%"]))
-        .await
-        .unwrap();
-    let mut answered = 0;
-    agents(&fleet, &mut answered);
-    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
-    wait_for(&mut rx, |s| s.waves[0].state().as_str() == "baking").await;
-    shutdown.cancel();
-    mgr.join().await;
+    let (store, fleet, st, mut answered) = crashed_while_the_canary_bakes().await;
 
     // Rewrite the records as the JSON coordinator wrote them.
     let id = st.rollout_id.as_str();
