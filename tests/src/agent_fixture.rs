@@ -85,6 +85,21 @@ impl AgentFixture {
         })
     }
 
+    /// Waits for the end of activation `seq`: HEALTHY, or the FAILED, REJECTED or ROLLED_BACK
+    /// that ended it instead (so a test asserting HEALTHY fails at once with the reason).
+    pub fn wait_activation_end(&self, seq: u64) -> OrderResult {
+        self.wait_result(&format!("HEALTHY or a failure for order seq {seq}"), |r| {
+            r.seq == seq
+                && matches!(
+                    r.phase(),
+                    OrderPhase::Healthy
+                        | OrderPhase::Failed
+                        | OrderPhase::Rejected
+                        | OrderPhase::RolledBack
+                )
+        })
+    }
+
     /// Every result recorded for order `seq`.
     pub fn results_for(&self, seq: u64) -> Vec<OrderResult> {
         self.coord

@@ -89,13 +89,7 @@ fn failed_journal_write_stops_the_swap_and_the_current_release_keeps_serving() {
         v2.wire(SERVICE, ""),
         Deadlines::quick(),
     ));
-    let r = fx.wait_result("HEALTHY or a failure for order seq 3", |r| {
-        r.seq == 3
-            && matches!(
-                r.phase(),
-                OrderPhase::Healthy | OrderPhase::Failed | OrderPhase::RolledBack
-            )
-    });
+    let r = fx.wait_activation_end(3);
     assert_eq!(
         r.phase(),
         OrderPhase::Healthy,

@@ -150,13 +150,7 @@ fn check_invariants(fx: &AgentFixture, what: &str) -> String {
 fn still_works(fx: &AgentFixture, seq: u64, id: &str) {
     let v = DemoRelease::healthy(id);
     fx.activate(seq, &v, Deadlines::quick());
-    let r = fx.wait_result(&format!("HEALTHY or a failure for seq {seq}"), |r| {
-        r.seq == seq
-            && matches!(
-                r.phase(),
-                OrderPhase::Healthy | OrderPhase::Failed | OrderPhase::RolledBack
-            )
-    });
+    let r = fx.wait_activation_end(seq);
     assert_eq!(
         r.phase(),
         OrderPhase::Healthy,

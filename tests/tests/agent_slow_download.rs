@@ -159,13 +159,7 @@ fn a_newer_activation_preempts_a_stage_and_a_cancel_cancels_one() {
         v4.wire(SERVICE, ""),
         Deadlines::quick(),
     ));
-    let r = fx.wait_result("HEALTHY or a failure for seq 5", |r| {
-        r.seq == 5
-            && matches!(
-                r.phase(),
-                OrderPhase::Healthy | OrderPhase::Failed | OrderPhase::Rejected
-            )
-    });
+    let r = fx.wait_activation_end(5);
     assert_eq!(
         r.phase(),
         OrderPhase::Healthy,
@@ -214,13 +208,7 @@ fn an_activation_of_the_release_being_staged_takes_its_download_over() {
         "{}",
         describe_result(&stage)
     );
-    let r = fx.wait_result("HEALTHY or a failure for seq 3", |r| {
-        r.seq == 3
-            && matches!(
-                r.phase(),
-                OrderPhase::Healthy | OrderPhase::Failed | OrderPhase::Rejected
-            )
-    });
+    let r = fx.wait_activation_end(3);
     assert_eq!(
         r.phase(),
         OrderPhase::Healthy,

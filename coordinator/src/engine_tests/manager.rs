@@ -165,6 +165,26 @@ async fn validation_and_unknown_things_map_to_the_right_codes() {
     mgr.join().await;
 }
 
+/// The agents answer for a minute, until the rollout has succeeded: the hosts activated, in
+/// the order their activate orders were sent.
+async fn answer_until_succeeded(
+    fleet: &FakeFleet,
+    answered: &mut usize,
+    rx: &mut super::WireWatch,
+) -> Vec<String> {
+    for _ in 0..60 {
+        agents(fleet, answered);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(rx, |s| s.state().as_str() == "succeeded").await;
+    fleet
+        .sent()
+        .iter()
+        .filter(|(_, o)| o.action.kind() == "activate")
+        .map(|(h, _)| h.to_string())
+        .collect()
+}
+
 /// Three hosts and a rollout of waves `1,100%` whose canary is baking, then a coordinator
 /// "crash" (the manager stops): the store and fleet it leaves, the rollout, and how many of the
 /// fleet's orders were answered.
@@ -203,17 +223,7 @@ async fn a_restarted_manager_resumes_the_rollout_where_it_was() {
         "baking",
         "resumed in the same wave"
     );
-    for _ in 0..60 {
-        agents(&fleet, &mut answered);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
-    let activates: Vec<_> = fleet
-        .sent()
-        .iter()
-        .filter(|(_, o)| o.action.kind() == "activate")
-        .map(|(h, _)| h.to_string())
-        .collect();
+    let activates = answer_until_succeeded(&fleet, &mut answered, &mut rx).await;
     assert_eq!(
         activates,
         vec!["h1", "h2", "h3"],
@@ -297,17 +307,7 @@ async fn json_records_are_migrated_when_the_store_is_opened() {
         "resumed in the same wave"
     );
     assert_eq!(rx.borrow().waves[1].size, 2, "with its waves' hosts");
-    for _ in 0..60 {
-        agents(&fleet, &mut answered);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    wait_for(&mut rx, |s| s.state().as_str() == "succeeded").await;
-    let activates: Vec<_> = fleet
-        .sent()
-        .iter()
-        .filter(|(_, o)| o.action.kind() == "activate")
-        .map(|(h, _)| h.to_string())
-        .collect();
+    let activates = answer_until_succeeded(&fleet, &mut answered, &mut rx).await;
     assert_eq!(activates, vec!["h1", "h2", "h3"], "no host activated twice");
     shutdown.cancel();
     mgr.join().await;
