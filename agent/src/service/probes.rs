@@ -30,9 +30,18 @@ pub(super) struct ProbeEpoch {
     pub(super) active: bool,
 }
 
-/// The first pause between the quick probes of a new process that has not passed yet; it
-/// doubles after each one, up to the check's interval.
+/// The first pause between the quick probes of a new process that has not passed yet.
 const QUICK_FIRST: Duration = Duration::from_millis(5);
+
+/// The longest pause between the quick probes during the first [`QUICK_FOR`] of a new
+/// process: one that starts listening then is seen passing at most this much later (a pause
+/// doubling from [`QUICK_FIRST`] saw a process listening at 80 ms only at 155 ms).
+const QUICK_MAX: Duration = Duration::from_millis(10);
+
+/// How long a new process that has not passed yet is probed every [`QUICK_MAX`] at most;
+/// afterwards the pause doubles up to the check's interval, so a service that takes long to
+/// start (or never does) costs a few probes, not a hundred a second.
+const QUICK_FOR: Duration = Duration::from_secs(1);
 
 /// One probe task: waits while the epoch is paused, probes at once at the start of each new
 /// generation and then every `interval`, drops a probe in flight when the generation changes,
@@ -40,9 +49,10 @@ const QUICK_FIRST: Duration = Duration::from_millis(5);
 /// task is gone).
 ///
 /// Until a new generation's first result that `passed` accepts, it probes again quickly
-/// ([`QUICK_FIRST`], doubling up to `interval`): a process that starts listening a few ms after
-/// the first probe is seen healthy then, not one interval later (a 200 ms interval made every
-/// wave of a small rollout 200 ms longer). Failures of those quick probes are delivered at most
+/// ([`QUICK_FIRST`], doubling up to [`QUICK_MAX`] during the generation's first [`QUICK_FOR`],
+/// then doubling up to `interval`): a process that starts listening a few ms after the first
+/// probe is seen healthy then, not one interval later (a 200 ms interval made every wave of a
+/// small rollout 200 ms longer). Failures of those quick probes are delivered at most
 /// once per `interval`, as without them, so a check's `failure_threshold` still means that many
 /// intervals of failure.
 pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
@@ -66,6 +76,9 @@ pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
     let mut passed_once = false;
     let mut last_delivered: Option<tokio::time::Instant> = None;
     let mut quick = QUICK_FIRST;
+    // When the generation began (its first probe): the quick probes stay at most `QUICK_MAX`
+    // apart until `QUICK_FOR` after it.
+    let mut began: Option<tokio::time::Instant> = None;
     loop {
         let ProbeEpoch { generation, active } = *epoch.borrow_and_update();
         if current != Some(generation) {
@@ -73,6 +86,7 @@ pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
             passed_once = false;
             last_delivered = None;
             quick = QUICK_FIRST;
+            began = None;
         }
         if !active {
             tokio::select! {
@@ -94,6 +108,7 @@ pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
             _ = tokio::time::sleep_until(next) => {}
         }
         let started = tokio::time::Instant::now();
+        let began_at = *began.get_or_insert(started);
         let result = tokio::select! {
             _ = token.cancelled() => return,
             changed = epoch.changed() => {
@@ -116,9 +131,13 @@ pub(super) async fn probe_loop<T, P, PF, D, DF, OK>(
         next = if passed_once {
             started + interval
         } else {
-            let at = (now + quick).min(started + interval);
+            let pause = if now < began_at + QUICK_FOR {
+                quick.min(QUICK_MAX)
+            } else {
+                quick
+            };
             quick = (quick * 2).min(interval);
-            at
+            (now + pause).min(started + interval)
         };
         if hand_over {
             last_delivered = Some(now);
@@ -445,6 +464,119 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
         assert!(rx.try_recv().is_err());
+        token.cancel();
+        task.await.unwrap();
+    }
+
+    /// A new process that starts listening 80 ms after its start (a service warming up on a
+    /// busy host): its first pass is seen within a few ms of that moment, not at the next step
+    /// of a doubling back-off (5, 15, 35, 75, then 155 ms: 75 ms late).
+    #[tokio::test]
+    async fn a_process_listening_after_a_while_is_seen_passing_within_a_few_ms() {
+        let epoch = watch::Sender::new(ProbeEpoch {
+            generation: 1,
+            active: true,
+        });
+        let token = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel::<(u64, bool, tokio::time::Instant)>(16);
+        let t0 = tokio::time::Instant::now();
+        let listening_at = t0 + Duration::from_millis(80);
+        let probes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let p = probes.clone();
+        let task = tokio::spawn(probe_loop(
+            epoch.subscribe(),
+            token.clone(),
+            Duration::from_millis(200),
+            move || {
+                p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { tokio::time::Instant::now() >= listening_at }
+            },
+            |ok: &bool| *ok,
+            move |generation, ok| {
+                let tx = tx.clone();
+                async move {
+                    tx.send((generation, ok, tokio::time::Instant::now()))
+                        .await
+                        .is_ok()
+                }
+            },
+        ));
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((first.0, first.1), (1, false), "the first probe's failure");
+        let passed = tokio::time::timeout(within, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((passed.0, passed.1), (1, true), "then the first pass");
+        let late = passed.2 - listening_at;
+        // `QUICK_MAX` plus room for a busy machine; the doubling back-off was 75 ms late.
+        assert!(
+            late <= QUICK_MAX + Duration::from_millis(30),
+            "the first pass was seen {late:?} after the process began listening"
+        );
+        // The quick probes stay cheap: one every few ms while it warms up, not a busy loop.
+        let n = probes.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n <= 20, "{n} probes in 80 ms");
+        token.cancel();
+        task.await.unwrap();
+    }
+
+    /// A process that never starts listening: quick probes only during `QUICK_FOR`, then one
+    /// per interval, and its failures still delivered at most once per interval (so
+    /// `failure_threshold` keeps counting intervals).
+    #[tokio::test]
+    async fn a_process_that_never_listens_is_probed_quickly_only_at_first() {
+        let epoch = watch::Sender::new(ProbeEpoch {
+            generation: 1,
+            active: true,
+        });
+        let token = CancellationToken::new();
+        let (tx, mut rx) = mpsc::unbounded_channel::<tokio::time::Instant>();
+        let probes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let p = probes.clone();
+        let interval = Duration::from_millis(100);
+        let task = tokio::spawn(probe_loop(
+            epoch.subscribe(),
+            token.clone(),
+            interval,
+            move || {
+                p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { false }
+            },
+            |ok: &bool| *ok,
+            move |_, _| {
+                let tx = tx.clone();
+                async move { tx.send(tokio::time::Instant::now()).is_ok() }
+            },
+        ));
+        let t0 = tokio::time::Instant::now();
+        // Not a synchronisation: the window whose probes are counted.
+        tokio::time::sleep(QUICK_FOR + Duration::from_millis(500)).await;
+        let n = probes.load(std::sync::atomic::Ordering::SeqCst);
+        let quick_most = (QUICK_FOR.as_millis() / QUICK_FIRST.as_millis()) as u64;
+        let slow_most = (t0.elapsed().saturating_sub(QUICK_FOR).as_millis() / 100) as u64;
+        // Every 10 ms at most for a second: ~100 (the doubling back-off made ~15).
+        assert!(n >= 40, "{n} probes: the quick probes did not run");
+        assert!(
+            n <= quick_most + slow_most + 2,
+            "{n} probes in {:?}: quick probing did not slow down",
+            t0.elapsed()
+        );
+        let mut delivered = Vec::new();
+        while let Ok(at) = rx.try_recv() {
+            delivered.push(at);
+        }
+        for pair in delivered.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= interval,
+                "two failures delivered {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
         token.cancel();
         task.await.unwrap();
     }
