@@ -351,6 +351,46 @@ fn confirm_all(s: &mut wire::RolloutStatus) {
     }
 }
 
+/// A host that never confirms (gone after its HEALTHY): the view asks again quickly at first
+/// (confirmations are usually a few ms away), then slows down, so its wait costs the coordinator
+/// a few dozen status calls, not one every few ms until the view gives up; and it still ends
+/// on its deadline with the rollout's own exit code.
+#[tokio::test]
+async fn a_succeeded_rollout_missing_a_confirmation_is_asked_for_quickly_then_slowly() {
+    let mut running = sample_status();
+    running.state = wire::RolloutState::from_word("running").unwrap() as i32;
+    let mut succeeded = running.clone();
+    succeeded.state = wire::RolloutState::from_word("succeeded").unwrap() as i32;
+    succeeded.finished = true;
+    confirm_all(&mut succeeded);
+    succeeded.hosts[2].phase = wire::HostPhase::from_word("healthy").unwrap() as i32;
+    let server = serve(Script {
+        watch: vec![running, succeeded.clone()],
+        get: Some(succeeded),
+        ..Default::default()
+    })
+    .await;
+    let mut control = super::client::Control::connect(&server.url)
+        .await
+        .expect("connect to the fake coordinator");
+    let t0 = std::time::Instant::now();
+    let exit = super::watch::follow_captured(
+        &mut control,
+        "r-42",
+        None,
+        Some(Duration::from_secs(1)),
+        super::watch::Captured::default(),
+        super::watch::HostPage::default(),
+    )
+    .await
+    .expect("the watch ends");
+    assert_eq!(exit, Exit::Success);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let gets = server.fake.lock().gets;
+    // 100 ms every 5 ms, then doubling up to 100 ms: ~30 in the second; every 20 ms was 50.
+    assert!((2..=40).contains(&gets), "{gets} status calls");
+}
+
 /// The watch stream ends at the first finished status, while the last wave's confirmations are
 /// still on their way: the view asks again and ends on "confirmed", not "healthy".
 #[tokio::test]

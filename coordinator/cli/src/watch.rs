@@ -39,10 +39,19 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// rollout succeeds and are answered within moments).
 pub const SETTLE_FOR: Duration = Duration::from_secs(5);
 
-/// How often a succeeded rollout is asked for again while its last hosts confirm: the
-/// confirmations are one round trip away (a few ms on a LAN), and `--wait` of a small rollout
-/// ends that much later than they do (100 ms made a 50-host `--wait` ~50 ms slower on average).
-const SETTLE_POLL: Duration = Duration::from_millis(20);
+/// How often a succeeded rollout is asked for again while its last hosts confirm, at first:
+/// the confirmations are one round trip and one fsync away (a few ms), and `--wait` of a small
+/// rollout ends up to this much later than they do (100 ms made a 50-host `--wait` ~50 ms slower
+/// on average, 20 ms ~10 ms).
+const SETTLE_POLL: Duration = Duration::from_millis(5);
+
+/// After [`SETTLE_QUICK_FOR`] the pause doubles up to this: a host that does not confirm soon
+/// (gone, or a large fleet's long tail) is not asked about 200 times a second for the whole
+/// [`SETTLE_FOR`], each answer a status with every host.
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// How long the succeeded rollout is asked for every [`SETTLE_POLL`].
+const SETTLE_QUICK_FOR: Duration = Duration::from_millis(100);
 
 /// True while a succeeded rollout still has hosts on the new release that have not confirmed
 /// (the watch stream ends at the first finished status, before their answers).
@@ -524,7 +533,8 @@ pub async fn follow_captured(
 }
 
 /// Shows `s`, the first status that ends the view, and ends it: a succeeded rollout whose last
-/// hosts have not confirmed yet is asked for again (every [`SETTLE_POLL`], for up to [`SETTLE_FOR`] and
+/// hosts have not confirmed yet is asked for again (every [`SETTLE_POLL`], slowing down after
+/// [`SETTLE_QUICK_FOR`], for up to [`SETTLE_FOR`] and
 /// never past the deadline) so the view ends on what the hosts did, not on a moment before.
 async fn finish(
     control: &mut Control,
@@ -536,8 +546,13 @@ async fn finish(
 ) -> Exit {
     let settle_by = tokio::time::Instant::now() + SETTLE_FOR;
     let settle_by = deadline.map_or(settle_by, |d| d.min(settle_by));
+    let quick_until = tokio::time::Instant::now() + SETTLE_QUICK_FOR;
+    let mut pause = SETTLE_POLL;
     while awaiting_confirmation(&s) && tokio::time::Instant::now() < settle_by {
-        tokio::time::sleep(SETTLE_POLL).await;
+        tokio::time::sleep(pause).await;
+        if tokio::time::Instant::now() >= quick_until {
+            pause = (pause * 2).min(SETTLE_POLL_MAX);
+        }
         match control
             .client
             .get_rollout(page.request(&s.rollout_id))
