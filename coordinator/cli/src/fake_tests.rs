@@ -304,7 +304,13 @@ async fn serve(script: Script) -> Server {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // As the coordinator does (`listener.rs`): without TCP_NODELAY on the accepted
+                // socket an answer waits ~40 ms for the client's delayed ACK (Nagle).
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|tcp| {
+                    tcp.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                }),
                 s.cancelled_owned(),
             )
             .await;
@@ -378,17 +384,18 @@ async fn a_succeeded_rollout_missing_a_confirmation_is_asked_for_quickly_then_sl
         &mut control,
         "r-42",
         None,
-        Some(Duration::from_secs(1)),
+        Some(Duration::from_secs(2)),
         super::watch::Captured::default(),
         super::watch::HostPage::default(),
     )
     .await
     .expect("the watch ends");
     assert_eq!(exit, Exit::Success);
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     let gets = server.fake.lock().gets;
-    // 100 ms every 5 ms, then doubling up to 100 ms: ~30 in the second; every 20 ms was 50.
-    assert!((2..=40).contains(&gets), "{gets} status calls");
+    // 100 ms every 5 ms, then doubling up to 100 ms: 28 in the two seconds (debug build);
+    // every 20 ms was 85.
+    assert!((2..=50).contains(&gets), "{gets} status calls");
 }
 
 /// The watch stream ends at the first finished status, while the last wave's confirmations are
