@@ -588,7 +588,8 @@ const SETTLED_TICK: Duration = Duration::from_secs(3600);
 
 /// Whether a succeeded rollout has nothing left to do until a host joins, comes back or goes
 /// away: every order answered for good and saved. Such a task takes no health
-/// reports (the forwarder drops them) and almost no safety ticks, so a finished rollout costs no CPU
+/// reports (its forwarder hears only the fleet's changes, and drops its own hosts' reports among
+/// them) and almost no safety ticks, so a finished rollout costs no CPU
 /// however large and chatty the fleet; any other event (a host up or down, a result, an
 /// operator call) wakes it, and its next step decides again. Its safety tick slows to
 /// [`SETTLED_TICK`].
