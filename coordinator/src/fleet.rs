@@ -233,6 +233,18 @@ pub enum FleetEvent {
     Result { host: HostId, outcome: OrderOutcome },
 }
 
+/// Which [`FleetEvent`]s a subscriber wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// Every event, every health report included: a running rollout gates on them.
+    Everything,
+    /// Hosts up and down, order results, and only the health reports that change what the
+    /// fleet knows of a service (its verdict), or that are about another release than the one
+    /// the host is known to run. A settled rollout needs nothing more: in a steady fleet, where
+    /// every report repeats the last, such a subscriber is never woken.
+    Changes,
+}
+
 /// The fleet as the rollout engine sees it.
 pub trait Fleet: Send + Sync + 'static {
     /// Every known host, connected or not.
@@ -247,4 +259,16 @@ pub trait Fleet: Send + Sync + 'static {
     fn hold(&self, host: &HostId, hold: HoldConfirm) -> bool;
     /// Every event from now on. A receiver that lags must resynchronise from [`Fleet::snapshot`].
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent>;
+    /// Moves the subscription `old` to the events of `interest`, losing and repeating none:
+    /// returns the new receiver and how many events `old` still holds from before the new one
+    /// starts. Read exactly those from `old`, then drop it and read the new one. `None`: this
+    /// fleet has a single stream of events (keep reading `old`).
+    fn resubscribe(
+        &self,
+        old: &tokio::sync::broadcast::Receiver<FleetEvent>,
+        interest: Interest,
+    ) -> Option<(tokio::sync::broadcast::Receiver<FleetEvent>, usize)> {
+        let _ = (old, interest);
+        None
+    }
 }

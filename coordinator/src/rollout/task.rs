@@ -27,7 +27,6 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serin_proto::{HostId, ServiceName};
@@ -40,7 +39,7 @@ use super::machine::{
 use super::observed::Reach;
 use super::record;
 use super::view::RolloutView;
-use crate::fleet::{Fleet, FleetEvent};
+use crate::fleet::{Fleet, FleetEvent, Interest};
 use crate::store::{Store, StoreError};
 
 /// Milliseconds since the unix epoch that advance with tokio's clock (so tests with paused time
@@ -580,15 +579,17 @@ fn should_stop(m: &Rollout, driver: &Driver) -> bool {
 }
 
 /// The hosts of a [`settled`] rollout, whose health reports the forwarder drops (None: not
-/// settled).
-type Quiet = Arc<RwLock<Option<BTreeSet<HostId>>>>;
+/// settled). A change moves the forwarder's subscription: a settled rollout hears only the
+/// fleet's changes ([`Interest::Changes`]), a running one every event.
+type Quiet = watch::Receiver<Option<Arc<BTreeSet<HostId>>>>;
 
 /// The safety tick of a [`settled`] rollout.
 const SETTLED_TICK: Duration = Duration::from_secs(3600);
 
 /// Whether a succeeded rollout has nothing left to do until a host joins, comes back or goes
 /// away: every order answered for good and saved. Such a task takes no health
-/// reports (the forwarder drops them) and almost no safety ticks, so a finished rollout costs no CPU
+/// reports (its forwarder hears only the fleet's changes, and drops its own hosts' reports among
+/// them) and almost no safety ticks, so a finished rollout costs no CPU
 /// however large and chatty the fleet; any other event (a host up or down, a result, an
 /// operator call) wakes it, and its next step decides again. Its safety tick slows to
 /// [`SETTLED_TICK`].
@@ -656,48 +657,116 @@ enum Forwarded {
 /// the store, which made a large wave's answers lost and the task resynchronise again and
 /// again.
 ///
-/// While the rollout is [`settled`], `quiet` holds its hosts and their health reports are
-/// dropped here: they cannot change a settled rollout, and at 10,000 hosts they are 1,000
-/// inputs a second. Reports of other hosts still go through (a selected host that said hello
-/// before its first passing verdict joins on its report).
+/// While the rollout is [`settled`], `quiet` holds its hosts: the forwarder moves its
+/// subscription to the fleet's changes ([`Interest::Changes`]), so a settled fleet's health
+/// reports, which repeat what is known (1,000 a second at 10,000 hosts), neither wake it nor
+/// are built for it; a change of verdict still comes (a selected host that said hello before
+/// its first passing verdict joins on its report), and its own hosts' reports are dropped here.
+/// When the rollout has work again it moves back to every event. `received` counts the events
+/// it took from the fleet (tests).
 async fn forward(
-    mut rx: broadcast::Receiver<FleetEvent>,
+    fleet: Arc<dyn Fleet>,
+    rx: broadcast::Receiver<FleetEvent>,
     tx: mpsc::Sender<Forwarded>,
-    quiet: Quiet,
+    mut quiet: Quiet,
     stop: CancellationToken,
+    received: Arc<AtomicU64>,
 ) {
-    let mut missed = 0u64;
+    let mut out = Out {
+        tx,
+        quiet: quiet.borrow_and_update().clone(),
+        missed: 0,
+        received,
+    };
+    let mut rx = rx;
+    let mut interest = Interest::Everything;
     loop {
         let ev = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
+            changed = quiet.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                out.quiet = quiet.borrow_and_update().clone();
+                let wanted = if out.quiet.is_some() { Interest::Changes } else { Interest::Everything };
+                if wanted == interest {
+                    continue;
+                }
+                let Some((new, before)) = fleet.resubscribe(&rx, wanted) else {
+                    continue;
+                };
+                // The events from before the cut come from the old subscription, the rest from
+                // the new one: none lost, none twice.
+                for _ in 0..before {
+                    let ev = match rx.try_recv() {
+                        Ok(e) => Ok(e),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            Err(broadcast::error::RecvError::Lagged(n))
+                        }
+                        Err(_) => break,
+                    };
+                    let lagged = ev.is_err();
+                    if !out.take(ev) {
+                        return;
+                    }
+                    if lagged {
+                        // Whatever else was lost, the resynchronisation covers it.
+                        break;
+                    }
+                }
+                rx = new;
+                interest = wanted;
+                continue;
+            }
             ev = rx.recv() => ev,
         };
+        if !out.take(ev) {
+            return;
+        }
+    }
+}
+
+/// The forwarder's side of the task's backlog.
+struct Out {
+    tx: mpsc::Sender<Forwarded>,
+    quiet: Option<Arc<BTreeSet<HostId>>>,
+    /// Events lost to a full backlog, not yet reported as lagged.
+    missed: u64,
+    received: Arc<AtomicU64>,
+}
+
+impl Out {
+    /// Hands one event (or a lag) to the task; false when the task has gone.
+    fn take(&mut self, ev: Result<FleetEvent, broadcast::error::RecvError>) -> bool {
+        self.received.fetch_add(1, Ordering::Relaxed);
         let item = match ev {
             Ok(FleetEvent::Health { host, .. })
-                if quiet
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
+                if self
+                    .quiet
                     .as_ref()
                     .is_some_and(|hosts| hosts.contains(&host)) =>
             {
-                continue;
+                return true;
             }
             Ok(e) => Forwarded::Event(e),
             Err(broadcast::error::RecvError::Lagged(n)) => Forwarded::Lagged(n),
-            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Closed) => return false,
         };
-        if missed > 0 {
-            match tx.try_send(Forwarded::Lagged(missed)) {
-                Ok(()) => missed = 0,
+        if self.missed > 0 {
+            match self.tx.try_send(Forwarded::Lagged(self.missed)) {
+                Ok(()) => self.missed = 0,
                 Err(mpsc::error::TrySendError::Full(_)) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
-        match tx.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => missed += 1,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.missed += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -768,6 +837,8 @@ pub struct TaskStats {
     pub step_us: Arc<AtomicU64>,
     pub save_us: Arc<AtomicU64>,
     pub alloc_us: Arc<AtomicU64>,
+    /// Fleet events the tasks' forwarders took from the fleet (each one a wake-up at most).
+    pub fleet_events: Arc<AtomicU64>,
 }
 
 impl TaskStats {
@@ -887,9 +958,16 @@ pub async fn run_counted(
     let (fwd_tx, fwd_rx) = mpsc::channel(EVENT_BACKLOG);
     let stop_forwarding = CancellationToken::new();
     let _stop_forwarding = stop_forwarding.clone().drop_guard();
-    let quiet: Quiet = Arc::new(RwLock::new(None));
+    let (quiet, quiet_rx) = watch::channel(None);
     let mut was_settled = false;
-    tokio::spawn(forward(events, fwd_tx, quiet.clone(), stop_forwarding));
+    tokio::spawn(forward(
+        driver.fleet.clone(),
+        events,
+        fwd_tx,
+        quiet_rx,
+        stop_forwarding,
+        stats.fleet_events.clone(),
+    ));
     let mut events = Some(fwd_rx);
     let mut control = Some(control);
     let resync = |driver: &Driver, n: u64| {
@@ -916,8 +994,8 @@ pub async fn run_counted(
         let is_settled = settled(&m, &driver);
         if is_settled != was_settled {
             was_settled = is_settled;
-            let hosts = is_settled.then(|| m.hosts().map(|h| h.id.clone()).collect());
-            *quiet.write().unwrap_or_else(PoisonError::into_inner) = hosts;
+            let hosts = is_settled.then(|| Arc::new(m.hosts().map(|h| h.id.clone()).collect()));
+            quiet.send_replace(hosts);
             tracing::debug!(rollout = %id, settled = is_settled, "a settled rollout takes no health reports of its hosts and no ticks");
         }
         // Settled: nothing is due until an event arrives; the safety tick slows to an hour.
@@ -994,11 +1072,12 @@ pub async fn run_counted(
                     }
                     continue;
                 }
-                // Woken only to publish: no tick needed.
-                let other_due = next.is_some_and(|d| d <= now)
-                    || tick_at <= now
-                    || driver.next_resend_ms().is_some_and(|t| t <= now);
-                if publish_at.is_some_and(|t| t <= now) && !other_due {
+                // Woken only to publish or to re-send: no tick needed. The re-sends are the
+                // driver's (at the top of the loop), not the machine's: a settled rollout's last
+                // re-send waits running out took a step each, a walk over every host (issue 10).
+                let machine_due = next.is_some_and(|d| d <= now) || tick_at <= now;
+                let resend_due = driver.next_resend_ms().is_some_and(|t| t <= now);
+                if !machine_due && (resend_due && !driver.has_unsaved() || publish_at.is_some_and(|t| t <= now)) {
                     continue;
                 }
                 vec![Input::Tick]
@@ -1207,6 +1286,7 @@ mod cost_tests {
 
     use crate::control_service::RolloutApi;
     use crate::engine_tests::wire_spec;
+
     use crate::fleet::{FleetEvent, HealthSample};
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::store::{MemoryStore, Store};

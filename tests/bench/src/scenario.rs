@@ -314,6 +314,23 @@ pub async fn connect(setup: &Setup, steady: Duration, burst: u32) -> anyhow::Res
     Ok(report)
 }
 
+/// The coordinator's CPU over an idle window of `default` (or `SERIN_BENCH_IDLE_S` seconds, to
+/// profile it: the window's start and end are printed on stderr with the coordinator's pid).
+async fn cpu_window(run: &Running, what: &str, default: Duration) -> anyhow::Result<f64> {
+    let window = std::env::var("SERIN_BENCH_IDLE_S")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(default, Duration::from_secs);
+    eprintln!(
+        "cpu window {what}: {} s from now (coordinator pid {})",
+        window.as_secs_f64(),
+        run.coordinator.pid()
+    );
+    let cpu = run.coordinator.cpu_over(window).await?;
+    eprintln!("cpu window {what}: done, {cpu:.1} % of a core");
+    Ok(cpu)
+}
+
 /// Shared by `broadcast`, `rollout` and `smoke`: one rollout over the whole fleet.
 async fn rollout_report(
     setup: &Setup,
@@ -331,7 +348,7 @@ async fn rollout_report(
     add_connect(&mut report, setup, &run, &loaded);
     let data: Vec<u8> = (0..artifact).map(|i| (i % 251) as u8).collect();
     run.operator.push("web-2", data).await?;
-    let idle_cpu = run.coordinator.cpu_over(Duration::from_secs(2)).await?;
+    let idle_cpu = cpu_window(&run, "before the rollout", Duration::from_secs(2)).await?;
     report.add(
         "cpu_before_pct",
         "coordinator CPU before the rollout",
@@ -554,7 +571,12 @@ async fn rollout_report(
         "ms",
         Some("< 500 ms"),
     );
-    let cpu_after = run.coordinator.cpu_over(Duration::from_secs(3)).await?;
+    let cpu_after = cpu_window(
+        &run,
+        "after every host was confirmed",
+        Duration::from_secs(3),
+    )
+    .await?;
     report.add(
         "cpu_after_pct",
         "coordinator CPU after every host was confirmed",
