@@ -86,8 +86,9 @@ impl Sim {
             match c {
                 Command::Persist(p) => {
                     self.header = record::encode(&p.header);
-                    for h in p.hosts {
-                        self.hosts.insert(h.host.id.clone(), record::encode(&h));
+                    for id in p.hosts {
+                        let h = self.m.host(&id).expect("a saved host is in the rollout");
+                        self.hosts.insert(id, record::encode_host(h));
                     }
                     self.events.extend(p.events.into_iter().map(|e| e.text));
                 }

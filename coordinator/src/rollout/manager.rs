@@ -279,7 +279,14 @@ impl RolloutManager {
     ) -> Running {
         let inner = &self.inner;
         let driver = Driver::new(inner.store.clone(), inner.fleet.clone(), inner.clock);
-        let (status_tx, status_rx) = watch::channel(m.status());
+        // A new rollout publishes its whole status after its first step (before start_rollout
+        // answers): until then its waves are enough, and no walk over every host delays the
+        // first orders. A resumed one shows its hosts at once.
+        let initial = match first {
+            FirstStep::New(_) => m.status_of_waves(),
+            FirstStep::Resume => m.status(),
+        };
+        let (status_tx, status_rx) = watch::channel(initial);
         let (control_tx, control_rx) = mpsc::channel(inner.settings.control_queue.max(1));
         let cancel = inner.shutdown.child_token();
         let id = m.id().to_string();

@@ -38,6 +38,8 @@ pub mod view;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
+mod scale_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 pub use machine::{Command, Input, OperatorAction, Rollout, RolloutState};

@@ -3,8 +3,6 @@
 //! [`Reach::Unknown`] until it says hello (or the resume grace passes), and the rest is rebuilt
 //! from agent reports (STYLE rule 17: intent and observation are different structs).
 
-use std::collections::BTreeMap;
-
 use serin_proto::{HostId, ReleaseId};
 
 /// What the coordinator knows about a host's connection (observed, never persisted).
@@ -49,9 +47,10 @@ static UNHEARD: Observed = Observed {
     armed_since: None,
 };
 
-/// What is observed of every host of a rollout (a host missing from it is unknown).
+/// What is observed of every host of a rollout (a host missing from it is unknown). Hashed:
+/// the machine looks hosts up here on every walk over a wave, and never iterates it.
 #[derive(Debug, Clone, Default)]
-pub struct ObservedHosts(BTreeMap<HostId, Observed>);
+pub struct ObservedHosts(foldhash::HashMap<HostId, Observed>);
 
 impl ObservedHosts {
     /// What is observed of a host.
@@ -61,7 +60,11 @@ impl ObservedHosts {
 
     /// What is observed of a host, to update.
     pub fn entry(&mut self, id: &HostId) -> &mut Observed {
-        self.0.entry(id.clone()).or_default()
+        // Looked up first: the id is cloned only for a host seen for the first time.
+        if !self.0.contains_key(id) {
+            self.0.insert(id.clone(), Observed::default());
+        }
+        self.0.get_mut(id).expect("inserted above")
     }
 
     /// Its connection state.

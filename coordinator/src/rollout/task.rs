@@ -138,7 +138,7 @@ pub struct Driver {
     /// The last sequence allocation failed: the next one that works is a recovery.
     alloc_failed: bool,
     /// Per host, the order last handed to the fleet and when it was last sent or answered.
-    outstanding: std::collections::BTreeMap<HostId, Outstanding>,
+    outstanding: foldhash::HashMap<HostId, Outstanding>,
     /// The commands being executed end the rollout (fault injection marks that save).
     finishing: bool,
     /// Work counters.
@@ -193,7 +193,7 @@ impl Driver {
             held: BTreeSet::new(),
             saved_once: false,
             alloc_failed: false,
-            outstanding: std::collections::BTreeMap::new(),
+            outstanding: Default::default(),
             finishing: false,
             stats: TaskStats::default(),
         }
@@ -234,6 +234,8 @@ impl Driver {
             }
             true
         });
+        // In host order, whatever order the table keeps.
+        due.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (host, order) in due {
             tracing::info!(rollout = %m.id(), host = %host, order = order.action.kind(), seq = order.seq, "no answer to the order; sending it again");
             self.send(m, &host, order);
@@ -297,17 +299,20 @@ impl Driver {
             u.hosts.extend(d.hosts);
             u.events.extend(d.events);
         }
-        u.hosts.extend(p.hosts.iter().map(|h| h.host.id.clone()));
+        u.hosts.extend(p.hosts);
         u.events.extend(p.events);
         // A retry saves the machine as it is now, not the records of the failed attempt.
-        let header = if recovering { m.header() } else { p.header };
+        let header = if recovering {
+            m.save_header()
+        } else {
+            p.header
+        };
         let id = m.id().to_string();
         let header = record::encode(&header);
         let hosts: Vec<(HostId, Vec<u8>)> = u
             .hosts
             .iter()
-            .filter_map(|h| m.host_record(h))
-            .map(|r| (r.host.id.clone(), record::encode(&r)))
+            .filter_map(|id| m.host(id).map(|h| (id.clone(), record::encode_host(h))))
             .collect();
         let events: Vec<Vec<u8>> = u.events.iter().map(record::encode).collect();
         let bytes = header.len()
@@ -356,7 +361,7 @@ impl Driver {
     /// is added by [`Driver::save`]).
     fn nothing_new(m: &Rollout) -> Persist {
         Persist {
-            header: m.header(),
+            header: m.save_header(),
             hosts: Vec::new(),
             events: Vec::new(),
         }
@@ -469,7 +474,7 @@ impl Driver {
             match c {
                 Command::Persist(p) if matches!(queue.front(), Some(Command::AllocateSeqs(_))) => {
                     let d = self.deferred.get_or_insert_with(Unsaved::default);
-                    d.hosts.extend(p.hosts.into_iter().map(|h| h.host.id));
+                    d.hosts.extend(p.hosts);
                     d.events.extend(p.events);
                 }
                 Command::Persist(p) => match self.save(m, p).await {
@@ -948,7 +953,9 @@ pub async fn run_counted(
                 return;
             }
             publisher.maybe_publish(&m, driver.clock.now_ms(), true);
-            let _ = reply.send(Ok(m.status()));
+            // The status just published: built once (19,900 hosts' views cost a walk and
+            // their strings), not again for the reply.
+            let _ = reply.send(Ok(publisher.tx.borrow().clone()));
         }
         FirstStep::Resume => {
             let snapshot = driver.fleet.snapshot();

@@ -241,7 +241,7 @@ impl Rollout {
             joined: true,
             stage_warning: None,
         };
-        self.hosts.insert(p.host_id.clone(), entry);
+        self.hosts.insert_sorted(p.host_id.clone(), entry);
         let seen = self.seen.entry(&p.host_id);
         seen.reach = Reach::Reachable;
         seen.current = p.baseline.clone();
@@ -309,12 +309,11 @@ impl Rollout {
     }
 
     pub(super) fn on_seqs(&mut self, now: u64, v: Vec<(String, u64)>) {
-        let by_order: BTreeMap<String, u64> = v.into_iter().collect();
-        let ids: Vec<HostId> = self.hosts.keys().cloned().collect();
-        for id in ids {
-            let Some(h) = self.hosts.get_mut(&id) else {
-                continue;
-            };
+        let by_order: foldhash::HashMap<String, u64> = v.into_iter().collect();
+        if by_order.is_empty() {
+            return;
+        }
+        for (id, h) in self.hosts.iter_mut() {
             let Some(o) = h.order.as_mut() else { continue };
             if o.seq.is_some() {
                 continue;
@@ -325,7 +324,7 @@ impl Rollout {
                 h.last_seq = h.last_seq.max(*seq);
                 self.requested.remove(&o.order_id);
                 self.dirty_hosts.insert(id.clone());
-                if self.seen.reachable(&id) {
+                if self.seen.reachable(id) {
                     self.sends.push(id.clone());
                 }
             }

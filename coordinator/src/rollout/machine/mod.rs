@@ -57,6 +57,8 @@ mod wave;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use indexmap::IndexMap;
+
 use serin_proto::{HoldConfirm, HostId, Order, OrderAction, Release, ReleaseId};
 
 use super::analysis::{self, Comparison, Samples, Verdict, Window};
@@ -174,9 +176,15 @@ pub struct SeqRequest {
 /// Records to save in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Persist {
+    /// The header as a save writes it ([`Rollout::save_header`]: the waves without their host
+    /// lists, which a binary header does not store).
     pub header: HeaderRecord,
-    /// Hosts that changed.
-    pub hosts: Vec<HostRecord>,
+    /// Hosts that changed, in id order: the driver saves each one's record as the machine holds
+    /// it when the save is written ([`Rollout::host_record`], [`record::encode_host`]), so
+    /// the machine copies no host entry to ask for a save.
+    ///
+    /// [`record::encode_host`]: super::record::encode_host
+    pub hosts: Vec<HostId>,
     /// Events to append.
     pub events: Vec<EventRecord>,
 }
@@ -198,6 +206,12 @@ pub enum Command {
     /// The rollout reached a final state.
     Finished(RolloutState),
 }
+
+/// The rollout's hosts by id: a hashed lookup (the machine looks hosts up on every walk over a
+/// wave; a `BTreeMap` of 19,900 ids spent its time comparing them), iterated in host-id order:
+/// every insertion keeps the table sorted ([`Rollout::new`] and [`Rollout::restore`] sort it
+/// once; a host that joins is inserted in place).
+type HostTable = IndexMap<HostId, HostEntry, foldhash::fast::RandomState>;
 
 /// Gate numbers of one wave.
 #[derive(Debug, Clone, Copy, Default)]
@@ -221,7 +235,7 @@ pub struct Rollout {
     reason: String,
     current_wave: usize,
     waves: Vec<Wave>,
-    hosts: BTreeMap<HostId, HostEntry>,
+    hosts: HostTable,
     decisions: Vec<Decision>,
     created_ms: u64,
     updated_ms: u64,
@@ -250,7 +264,8 @@ pub struct Rollout {
     dirty_header: bool,
     dirty_hosts: BTreeSet<HostId>,
     events: Vec<EventRecord>,
-    requested: BTreeSet<String>,
+    /// Order ids whose sequence was asked for and not answered yet.
+    requested: foldhash::HashSet<String>,
     sends: Vec<HostId>,
     /// An order may lack a sequence that was not asked for yet: the next drain looks for it
     /// (set when an order is issued or open requests are dropped; otherwise nothing is
@@ -282,7 +297,7 @@ impl Rollout {
         settings: EngineSettings,
         now_ms: u64,
     ) -> Self {
-        let mut hosts = BTreeMap::new();
+        let mut hosts = HostTable::default();
         let mut waves = Vec::new();
         let mut ordinal = 0u32;
         for w in &plan.waves {
@@ -331,6 +346,7 @@ impl Rollout {
                 accept_unreachable: false,
             });
         }
+        hosts.sort_unstable_keys();
         let id = id.into();
         let mut r = Self {
             id,
@@ -360,7 +376,7 @@ impl Rollout {
             dirty_header: true,
             dirty_hosts: BTreeSet::new(),
             events: Vec::new(),
-            requested: BTreeSet::new(),
+            requested: Default::default(),
             sends: Vec::new(),
             alloc_scan: true,
             holds_from_ms: 0,
@@ -415,7 +431,7 @@ impl Rollout {
             header.state,
             RolloutState::Running | RolloutState::Waiting | RolloutState::Paused
         );
-        let mut map = BTreeMap::new();
+        let mut map = HostTable::default();
         for mut h in hosts {
             if !live {
                 // A stage whose answer was not saved before the restart: nothing to send now.
@@ -423,6 +439,7 @@ impl Rollout {
             }
             map.insert(h.host.id.clone(), h.host);
         }
+        map.sort_unstable_keys();
         for w in &header.waves {
             for h in &w.hosts {
                 if !map.contains_key(h) {
@@ -482,7 +499,7 @@ impl Rollout {
             dirty_header: false,
             dirty_hosts: BTreeSet::new(),
             events: Vec::new(),
-            requested: BTreeSet::new(),
+            requested: Default::default(),
             sends: Vec::new(),
             alloc_scan: true,
             holds_from_ms: 0,
@@ -566,6 +583,28 @@ impl Rollout {
         self.header_record()
     }
 
+    /// The current header record as a save writes it: the waves without their host lists (a
+    /// binary header does not store them: they are rebuilt from the host records on load), so
+    /// a save does not copy every host id of the rollout.
+    pub fn save_header(&self) -> HeaderRecord {
+        let waves = self
+            .waves
+            .iter()
+            .map(|w| Wave {
+                index: w.index,
+                size_expr: w.size_expr.clone(),
+                hosts: Vec::new(),
+                state: w.state,
+                started_ms: w.started_ms,
+                deadline_base_ms: w.deadline_base_ms,
+                bake_ends_ms: w.bake_ends_ms,
+                promote_by: w.promote_by.clone(),
+                accept_unreachable: w.accept_unreachable,
+            })
+            .collect();
+        self.header_with(waves)
+    }
+
     /// The order `host` should be working on, ready to (re-)send: it has a sequence and no
     /// final result yet.
     pub fn order_to_send(&self, host: &HostId) -> Option<Order> {
@@ -589,6 +628,10 @@ impl Rollout {
     }
 
     fn header_record(&self) -> HeaderRecord {
+        self.header_with(self.waves.clone())
+    }
+
+    fn header_with(&self, waves: Vec<Wave>) -> HeaderRecord {
         HeaderRecord {
             version: RECORD_VERSION,
             id: self.id.clone(),
@@ -608,7 +651,7 @@ impl Rollout {
             state: self.state,
             reason: self.reason.clone(),
             current_wave: self.current_wave as u32,
-            waves: self.waves.clone(),
+            waves,
             decisions: self.decisions.clone(),
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
@@ -627,7 +670,9 @@ impl Rollout {
                 best = Some(best.map_or(t, |b| b.min(t)));
             }
         };
-        if self.hosts.keys().any(|id| self.seen.unknown(id)) {
+        // Hosts unheard of since a restart count from the end of the resume grace (once it
+        // passed, none is: no walk).
+        if self.resume_grace_until.is_some() && self.hosts.keys().any(|id| self.seen.unknown(id)) {
             consider(self.resume_grace_until);
         }
         for h in self.hosts.values() {

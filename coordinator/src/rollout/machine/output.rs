@@ -138,14 +138,10 @@ impl Rollout {
             self.updated_ms = now;
             let hosts = std::mem::take(&mut self.dirty_hosts)
                 .into_iter()
-                .filter_map(|id| self.hosts.get(&id))
-                .map(|h| HostRecord {
-                    version: RECORD_VERSION,
-                    host: h.clone(),
-                })
+                .filter(|id| self.hosts.contains_key(id))
                 .collect();
             out.push(Command::Persist(Persist {
-                header: self.header_record(),
+                header: self.save_header(),
                 hosts,
                 events: std::mem::take(&mut self.events),
             }));
@@ -172,11 +168,12 @@ impl Rollout {
         if !alloc.is_empty() {
             out.push(Command::AllocateSeqs(alloc));
         }
-        let mut sent = BTreeSet::new();
+        let mut sent = foldhash::HashSet::default();
         for id in std::mem::take(&mut self.sends) {
-            if !sent.insert(id.clone()) {
+            if sent.contains(&id) {
                 continue;
             }
+            sent.insert(id.clone());
             // An order that became done within the step (withdrawn, say: a stage of a host
             // that failed, or once a rollback was decided) is not sent.
             if let Some(h) = self.hosts.get(&id)
@@ -203,6 +200,17 @@ impl Rollout {
 
     /// The rollout as operators see it.
     pub fn status(&self) -> RolloutView {
+        self.status_with(true)
+    }
+
+    /// [`Rollout::status`] without the hosts' views (their waves' counts say how they fare):
+    /// what a new rollout's status channel starts with until its first step publishes the
+    /// whole status, so that nothing walks every host before the canary's orders are out.
+    pub fn status_of_waves(&self) -> RolloutView {
+        self.status_with(false)
+    }
+
+    fn status_with(&self, with_hosts: bool) -> RolloutView {
         let waves = (0..self.waves.len())
             .map(|i| {
                 let w = &self.waves[i];
@@ -220,7 +228,11 @@ impl Rollout {
                 }
             })
             .collect();
-        let mut hosts: Vec<&HostEntry> = self.hosts.values().collect();
+        let mut hosts: Vec<&HostEntry> = if with_hosts {
+            self.hosts.values().collect()
+        } else {
+            Vec::new()
+        };
         hosts.sort_by(|a, b| (a.wave, &a.id).cmp(&(b.wave, &b.id)));
         let hosts = hosts
             .into_iter()

@@ -163,19 +163,22 @@ impl Rollout {
         // Hosts past their healthy deadline (found without copying the wave's host list: this
         // runs on every step).
         let hd = ms(self.spec.healthy_deadline);
-        let late: Vec<HostId> = wave
-            .hosts
-            .iter()
-            .filter(|id| {
-                self.hosts.get(*id).is_some_and(|h| {
-                    h.failure.is_none()
-                        && h.phase == HostPhase::Activated
-                        && h.activated_ms.is_some_and(|t| t + hd <= now)
-                        && self.seen.reachable(id)
-                })
-            })
-            .cloned()
-            .collect();
+        let is_late = |h: &HostEntry| {
+            h.failure.is_none()
+                && h.phase == HostPhase::Activated
+                && h.activated_ms.is_some_and(|t| t + hd <= now)
+                && self.seen.reachable(&h.id)
+        };
+        // Usually none: found by one pass over the table (no lookups), then in dispatch order.
+        let late: Vec<HostId> = if self.wave_entries(idx).any(is_late) {
+            wave.hosts
+                .iter()
+                .filter(|id| self.hosts.get(*id).is_some_and(is_late))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         for id in &late {
             {
                 self.fail_armed_host(
@@ -216,11 +219,9 @@ impl Rollout {
             return true;
         }
         self.dispatch(now, idx);
-        let settled = self.waves[idx].hosts.iter().all(|id| {
-            self.hosts
-                .get(id)
-                .is_some_and(|h| h.settled(self.seen.get(id)))
-        });
+        let settled = self
+            .wave_entries(idx)
+            .all(|h| h.settled(self.seen.get(&h.id)));
         if !settled {
             return false;
         }
@@ -258,11 +259,8 @@ impl Rollout {
 
     pub(super) fn dispatch(&mut self, now: u64, idx: usize) {
         // Most steps have nobody left to dispatch: say so without counting the fleet.
-        let waiting = self.waves[idx].hosts.iter().any(|id| {
-            self.hosts
-                .get(id)
-                .is_some_and(|h| h.phase == HostPhase::Pending && h.failure.is_none())
-                && self.seen.reachable(id)
+        let waiting = self.wave_entries(idx).any(|h| {
+            h.phase == HostPhase::Pending && h.failure.is_none() && self.seen.reachable(&h.id)
         });
         if !waiting {
             return;
@@ -333,12 +331,19 @@ impl Rollout {
         self.issue(now, id, OrderKind::Activate);
     }
 
+    /// The entries of wave `idx`'s hosts, in host-id order: one pass over the table, no
+    /// lookup per host (a walk over a 19,900-host wave by id spent its time hashing and
+    /// comparing ids; a pass over every entry checking its wave costs microseconds even for a
+    /// canary of one). For what does not depend on the order: counts, "any", "all".
+    pub(super) fn wave_entries(&self, idx: usize) -> impl Iterator<Item = &HostEntry> + '_ {
+        let wave = idx as u32;
+        self.hosts.values().filter(move |h| h.wave == wave)
+    }
+
     pub(super) fn counts(&self, idx: usize) -> Counts {
         let mut c = Counts::default();
-        for id in &self.waves[idx].hosts {
-            let Some(h) = self.hosts.get(id) else {
-                continue;
-            };
+        for h in self.wave_entries(idx) {
+            let id = &h.id;
             c.size += 1;
             if h.counts_failed() {
                 c.failed += 1;
@@ -362,8 +367,17 @@ impl Rollout {
         let c = self.counts(idx);
         let total = self.hosts.len() as u32;
         let cum = self.cumulative_failed();
-        let evidence = self.gate_evidence(idx, c);
         let wave_limit = self.spec.failure_threshold;
+        let cumulative_exceeded = self
+            .spec
+            .cumulative_failure_threshold
+            .is_some_and(|l| l.exceeded(cum, total));
+        // The evidence (lists of hosts, a dozen strings) only when a threshold is exceeded:
+        // this runs on every step.
+        if !wave_limit.exceeded(c.failed, c.size) && !cumulative_exceeded {
+            return None;
+        }
+        let evidence = self.gate_evidence(idx, c);
         if wave_limit.exceeded(c.failed, c.size) {
             return Some((
                 format!(
