@@ -217,6 +217,18 @@ async fn pump(
     registry.detach(&host, conn_id);
 }
 
+/// The task held for as long as an agent stays attached: `pumped`, then `slot` is given back.
+///
+/// A combinator rather than `async move { pumped.await; drop(slot) }`: such a block keeps the
+/// captured future and the future it awaits as two fields of its state, and the task holding
+/// it was twice the pump's size, once per connected agent.
+fn pump_task(
+    pumped: impl Future<Output = ()> + Send,
+    slot: Option<limits::PeerSlot>,
+) -> impl Future<Output = ()> + Send {
+    futures::FutureExt::map(pumped, move |()| drop(slot))
+}
+
 type ArtifactStream = Pin<Box<dyn Stream<Item = Result<wire::ArtifactChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -334,10 +346,7 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             self.shutdown.clone(),
         );
         // The per-host slot is given back when the stream's pump ends.
-        self.tasks.spawn(async move {
-            pumped.await;
-            drop(slot);
-        });
+        self.tasks.spawn(pump_task(pumped, slot));
         Ok(Response::new(
             ReceiverStream::new(rx).map(unbox as fn(_) -> _),
         ))
@@ -422,6 +431,41 @@ mod tests {
             service: ServiceName::new("web").unwrap(),
             action: OrderAction::Cancel,
         }
+    }
+
+    /// The task held per connected agent for as long as it stays attached: its pump future
+    /// (and the wrapper that holds the per-host slot) is allocated once per agent, so its size is
+    /// part of the coordinator's memory per agent (BENCHMARKS.md, "Memory per agent").
+    #[tokio::test]
+    async fn the_per_agent_pump_future_stays_small() {
+        use tonic::codec::Codec as _;
+        let registry = Arc::new(Registry::new(crate::registry::RegistrySettings::default()));
+        let inbound = Streaming::new_request(
+            serin_proto::codec::SerinCodec::<wire::CoordinatorMessage, wire::AgentMessage>::default()
+                .decoder(),
+            tonic::body::Body::empty(),
+            None,
+            None,
+        );
+        let (tx, _rx) = mpsc::channel(2);
+        let pumped = pump(
+            registry,
+            HostId::new("h1").unwrap(),
+            1,
+            inbound,
+            tx,
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&pumped);
+        let task = pump_task(pumped, None);
+        let task_size = std::mem::size_of_val(&task);
+        eprintln!("pump future: {size} bytes; the spawned task's future: {task_size} bytes");
+        assert!(size <= 1024, "the pump future grew to {size} bytes");
+        assert!(
+            task_size <= size + 64,
+            "the task holds the pump future twice: {task_size} bytes for a {size}-byte pump"
+        );
     }
 
     #[tokio::test]

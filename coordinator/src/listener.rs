@@ -82,8 +82,10 @@ impl std::fmt::Debug for Security {
 pub struct ConnInfo {
     /// The peer.
     pub remote: Option<SocketAddr>,
-    /// The verified peer of a TLS connection; `None` in plaintext development mode.
-    pub peer: Option<PeerInfo>,
+    /// The verified peer of a TLS connection; `None` in plaintext development mode. Shared:
+    /// the connection and tonic's per-connection service each hold a `ConnInfo`, and the
+    /// identity is needed once per connected agent, not twice.
+    pub peer: Option<Arc<PeerInfo>>,
     over_cap: bool,
     closer: Arc<Closer>,
 }
@@ -331,7 +333,7 @@ pub fn incoming(
             {
                 Ok((tls, peer)) => {
                     tracing::debug!(peer = %remote, identity = %peer.identity, "tls connection accepted");
-                    info.peer = Some(peer);
+                    info.peer = Some(Arc::new(peer));
                     Some(Ok(Accepted {
                         stream: Conn::Tls(Box::new(tls)),
                         info,
@@ -463,7 +465,7 @@ where
                 self.audit_refusal(&peer, req.uri().path(), &status);
                 return Either::Left(futures::future::ready(Ok(status.into_http())));
             }
-            req.extensions_mut().insert(peer);
+            req.extensions_mut().insert(PeerInfo::clone(&peer));
         }
         if self.enforce {
             Either::Right(Either::Left(self.authorized.call(req)))
