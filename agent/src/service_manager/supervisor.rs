@@ -640,9 +640,18 @@ async fn sleep_until(at: Option<Instant>) {
 /// Resolves when the process exits; says how.
 async fn wait_exit(proc: &mut Option<Proc>) -> String {
     match proc {
-        Some(Proc::Child { child, .. }) => match child.wait().await {
-            Ok(status) => format!("exited with {status}"),
-            Err(e) => format!("could not be waited for: {e}"),
+        Some(Proc::Child { child, .. }) => loop {
+            // tokio learns of a child's exit from SIGCHLD; `waitpid` every `EXIT_POLL` as well,
+            // so that a wake-up lost on the way never leaves an exited service unnoticed.
+            tokio::select! {
+                status = child.wait() => return exit_text(status),
+                () = tokio::time::sleep(EXIT_POLL) => {}
+            }
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => return exit_text(Ok(status)),
+                Err(e) => return exit_text(Err(e)),
+            }
         },
         Some(Proc::Adopted { record }) => {
             while alive(record.pid, record.start_time) {
@@ -653,6 +662,20 @@ async fn wait_exit(proc: &mut Option<Proc>) -> String {
         None => std::future::pending().await,
     }
 }
+
+/// How a child's exit reads in logs and errors.
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(status) => format!("exited with {status}"),
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// How often the exit of a supervised child is also checked with `waitpid`, beside tokio's
+/// SIGCHLD-driven wait. A reload test in the full suite (many runtimes in one process, each
+/// spawning and reaping children) once waited out its 30 s timeout for a process that had died
+/// at once: the exit's wake-up was lost. With the check, such a loss costs at most this long.
+const EXIT_POLL: Duration = Duration::from_millis(500);
 
 /// Whether `path` exists (a helper for tests and callers checking the record).
 pub fn record_exists(service_dir: &Path) -> bool {
