@@ -1578,25 +1578,11 @@ mod tests {
     /// order as a healthy agent would, through [`Registry::record`].
     fn agent(reg: &Arc<Registry>, id: &str, verdict: wire::HealthVerdict) -> Attachment {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Outbound>(64);
-        let hello = wire::Hello {
-            host_id: id.into(),
-            hostname: id.into(),
-            labels: [("role", "web"), ("zone", "eu-1")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            agent_version: "test".into(),
-            services: vec![wire::ServiceInventory {
-                service: "web".into(),
-                current_release: "web-1".into(),
-                kept_releases: vec!["web-1".into()],
-                state: wire::ServiceState::Running as i32,
-                healthy: verdict == wire::HealthVerdict::Passing,
-                verdict: verdict as i32,
-                last_seq: 3,
-                ..Default::default()
-            }],
-        };
+        let mut hello = hello(id, &[("role", "web"), ("zone", "eu-1")]);
+        let web = &mut hello.services[0];
+        web.healthy = verdict == wire::HealthVerdict::Passing;
+        web.verdict = verdict as i32;
+        web.last_seq = 3;
         let a = reg.attach(hello, tx, Instant::now(), 1).unwrap();
         let (reg, host, conn) = (reg.clone(), a.host.clone(), a.conn_id);
         tokio::spawn(async move {

@@ -93,14 +93,7 @@ impl Sim {
                     self.events.extend(p.events.into_iter().map(|e| e.text));
                 }
                 Command::AllocateSeqs(reqs) => {
-                    let got = reqs
-                        .into_iter()
-                        .map(|r| {
-                            let s = self.seqs.entry(r.host).or_insert(0);
-                            *s = (*s).max(r.at_least) + 1;
-                            (r.order_id, *s)
-                        })
-                        .collect();
+                    let got = crate::rollout::testing::allocate_seqs(&mut self.seqs, reqs);
                     let more = self.m.step(self.now, Input::SeqsAllocated(got));
                     self.run(more);
                 }

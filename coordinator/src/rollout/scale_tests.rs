@@ -110,14 +110,7 @@ impl Sim {
                     self.cost.saved_bytes += bytes;
                 }
                 Command::AllocateSeqs(reqs) => {
-                    let got = reqs
-                        .into_iter()
-                        .map(|r| {
-                            let s = self.seqs.entry(r.host).or_insert(0);
-                            *s = (*s).max(r.at_least) + 1;
-                            (r.order_id, *s)
-                        })
-                        .collect();
+                    let got = crate::rollout::testing::allocate_seqs(&mut self.seqs, reqs);
                     let t = Instant::now();
                     let more = self.m.step(self.now, Input::SeqsAllocated(got));
                     self.cost.step += t.elapsed();

@@ -342,3 +342,18 @@ pub(crate) async fn manager<S: Store + 'static>(
     .await
     .expect("the manager starts")
 }
+
+/// Hands out sequences as the store does (`Store::next_seqs`): each host's next one, above what
+/// the request asks for. For the harnesses that drive the machine in process, without a store.
+pub fn allocate_seqs(
+    seqs: &mut BTreeMap<HostId, u64>,
+    reqs: Vec<super::machine::SeqRequest>,
+) -> Vec<(String, u64)> {
+    reqs.into_iter()
+        .map(|r| {
+            let s = seqs.entry(r.host).or_insert(0);
+            *s = (*s).max(r.at_least) + 1;
+            (r.order_id, *s)
+        })
+        .collect()
+}
