@@ -282,6 +282,9 @@ impl wire::agent_service_server::AgentService for AgentServiceImpl {
             ),
             None => None,
         };
+        if let Some(host) = &certified {
+            tracing::debug!(host = %host, "agent stream admitted; waiting for its hello");
+        }
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let remote = request
             .extensions()

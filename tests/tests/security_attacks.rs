@@ -349,13 +349,22 @@ fn one_host_identity_holds_at_most_two_attach_streams() {
             rt.spawn(async move { open_attach(&url, "limits-a", None).await })
         })
         .collect();
-    // Both silent streams' connections are in before a third is tried (seen: a third tried
-    // first, over and over, while the silent ones still waited to connect).
+    // Both silent streams hold their slots before a third is tried. (Counting accepted TLS
+    // connections was not enough: the harness's own two connections already made the count, a
+    // third stream took a slot first, one silent stream was refused, and no third could ever
+    // be refused after that.)
     serin_tests::wait::wait_for(
-        "the two silent streams to connect",
+        "the two silent streams to be admitted",
         Duration::from_secs(4),
         &|| coord.dump(),
-        || coord.log().matches("tls connection accepted peer=").count() >= 2,
+        || {
+            coord
+                .log()
+                .lines()
+                .filter(|l| l.contains("agent stream admitted") && l.contains("host=limits-a"))
+                .count()
+                >= 2
+        },
     );
     // A third stream from the same identity is refused at once, hello or not. (Until the two
     // silent ones have reached the coordinator, a third may still get in: it is then closed and
