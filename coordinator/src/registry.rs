@@ -1494,15 +1494,7 @@ mod tests {
     #[test]
     fn a_changes_subscriber_hears_no_repeated_verdict_and_a_move_loses_nothing() {
         let reg = registry(1000);
-        let health = |release: &str, verdict: wire::HealthVerdict| {
-            Body::Health(wire::HealthReport {
-                service: "web".into(),
-                release: release.into(),
-                healthy: verdict == wire::HealthVerdict::Passing,
-                verdict: verdict as i32,
-                ..Default::default()
-            })
-        };
+        let health = report;
         let mut all = reg.subscribe();
         let (mut changes, before) = reg.resubscribe(&all, Interest::Changes).unwrap();
         assert_eq!((before, reg.subscribers()), (0, (1, 1)));
