@@ -65,16 +65,7 @@ fn wire_with(release: &DemoRelease, manifest: &str) -> wire::Release {
 /// Activates `release` (published) with order `seq` and waits for its outcome past ACTIVATED.
 fn activate(fx: &AgentFixture, seq: u64, w: wire::Release) -> OrderResult {
     fx.send(orders::activate(seq, w, Deadlines::quick()));
-    fx.wait_result(&format!("an outcome of activate seq {seq}"), |r| {
-        r.seq == seq
-            && matches!(
-                r.phase(),
-                OrderPhase::Healthy
-                    | OrderPhase::Failed
-                    | OrderPhase::Rejected
-                    | OrderPhase::RolledBack
-            )
-    })
+    fx.wait_activation_end(seq)
 }
 
 /// The order was refused with `code`, nothing of `refused` is on disk or was fetched after
