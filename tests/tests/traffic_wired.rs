@@ -394,7 +394,10 @@ fn hooks_shipped_in_a_bundle_gate_a_real_rollout_and_never_run_for_the_outgoing_
         .map(|i| fleet.hosts[i].agent.service_pid().unwrap())
         .collect();
 
-    // 1. validate fails on every host: nothing is swapped or restarted.
+    // 1. validate fails on every host: nothing is swapped or restarted. One failure is allowed,
+    // so the gate fails only on the second host's own verdict: with none allowed, the first
+    // failure rolls the rollout back, and the other host may be told to roll back before its
+    // stage finishes and its validate ever runs.
     let v2 = bundle(
         &fleet::healthy("v2"),
         &[(
@@ -403,9 +406,10 @@ fn hooks_shipped_in_a_bundle_gate_a_real_rollout_and_never_run_for_the_outgoing_
         )],
     );
     fleet.push(&v2);
-    let id = fleet.start_rollout("v2", &["--waves", "100%"], &t);
+    let id = fleet.start_rollout("v2", &["--waves", "100%", "--failure-threshold", "1"], &t);
     let s = fleet.wait_finished(&id, fleet::TIMEOUT);
     assert_ne!(s.state().as_str(), "succeeded", "{}", describe_status(&s));
+    assert_eq!(s.waves[0].failed, 2, "{}", describe_status(&s));
     for (i, pid) in pids.iter().enumerate() {
         fleet.wait_serving(i, fleet::BASELINE);
         assert_eq!(
