@@ -48,9 +48,12 @@ pub struct RegistrySettings {
     pub unreachable_after: Duration,
     /// Messages queued to one agent before the agent counts as stuck and is disconnected.
     pub order_queue: usize,
-    /// Events buffered for slow [`Fleet::subscribe`] receivers before they lag (on each of the
-    /// two channels: every event, and only the changes).
+    /// Events buffered for slow receivers of every event ([`Interest::Everything`], running
+    /// rollouts) before they lag.
     pub event_capacity: usize,
+    /// Events buffered for slow receivers of the changes only ([`Interest::Changes`], settled
+    /// rollouts) before they lag.
+    pub change_capacity: usize,
 }
 
 impl Default for RegistrySettings {
@@ -62,6 +65,10 @@ impl Default for RegistrySettings {
             // the rollout task's forwarder shares two cores with every connection: the buffer
             // holds such a burst (16 Ki made a 19,900-host broadcast lag and resynchronise).
             event_capacity: 64 * 1024,
+            // A channel's slots are allocated when it is made (~200 bytes each: 64 Ki slots hold
+            // 13 MiB). A settled rollout has nothing in flight, so a lag costs it one snapshot
+            // and no re-sends: a small buffer is enough for it.
+            change_capacity: 4 * 1024,
         }
     }
 }
@@ -230,7 +237,7 @@ impl Registry {
     /// An empty registry.
     pub fn new(settings: RegistrySettings) -> Self {
         let (events, _) = broadcast::channel(settings.event_capacity.max(16));
-        let (changes, _) = broadcast::channel(settings.event_capacity.max(16));
+        let (changes, _) = broadcast::channel(settings.change_capacity.max(16));
         Self {
             settings,
             hosts: Mutex::new(BTreeMap::new()),
@@ -1632,13 +1639,22 @@ mod tests {
     /// (1,000 times a second) just to drop it. Over the real registry, a settled rollout's task
     /// subscribes to the fleet's changes only: a settled fleet's health reports, which repeat
     /// what is known, reach no task and are not even built as events; a host that passes after
-    /// its hello still joins and is converged.
+    /// its hello still joins and is converged. The changes channel is small (its slots are
+    /// allocated up front): a burst larger than it makes the settled rollout lag, resynchronise
+    /// from a snapshot, and converge every host of the burst all the same.
     #[tokio::test(start_paused = true)]
     async fn a_settled_rollout_is_not_woken_by_health_reports_that_change_nothing() {
         let store = Arc::new(crate::store::MemoryStore::new());
         crate::store::Store::put_release(&*store, &crate::rollout::testing::release_record())
             .unwrap();
-        let reg = Arc::new(Registry::new(RegistrySettings::default()));
+        let reg = Arc::new(Registry::new(RegistrySettings {
+            change_capacity: 16,
+            ..RegistrySettings::default()
+        }));
+        assert!(
+            RegistrySettings::default().change_capacity <= 4 * 1024,
+            "the changes channel holds 200 bytes a slot from the start"
+        );
         let agents: Vec<_> = (0..50)
             .map(|i| agent(&reg, &format!("h{i:03}"), wire::HealthVerdict::Passing))
             .collect();
@@ -1730,22 +1746,58 @@ mod tests {
             100,
         )
         .unwrap();
-        let mut converged = false;
-        for _ in 0..120 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            settle().await;
-            let web =
-                reg.host(&late.host).unwrap().services[&ServiceName::new("web").unwrap()].clone();
-            if web.current_release.as_ref().map(ReleaseId::as_str) == Some("web-2")
-                && web.state == crate::fleet::ServiceState::Running
-            {
-                converged = true;
-                break;
+        let converged = |hosts: &[&Attachment]| {
+            hosts.iter().all(|a| {
+                let web =
+                    reg.host(&a.host).unwrap().services[&ServiceName::new("web").unwrap()].clone();
+                web.current_release.as_ref().map(ReleaseId::as_str) == Some("web-2")
+                    && web.state == crate::fleet::ServiceState::Running
+            })
+        };
+        let wait = async |hosts: &[&Attachment]| {
+            for _ in 0..120 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                settle().await;
+                if converged(hosts) && reg.subscribers() == (0, 1) {
+                    return true;
+                }
             }
+            false
+        };
+        assert!(
+            wait(&[&late]).await,
+            "the host that passed after its hello was not converged and settled"
+        );
+
+        // 40 hosts say hello and pass before the forwarder runs again: 80 changes, five times
+        // what the channel holds.
+        let resyncs0 = stats.resyncs.load(std::sync::atomic::Ordering::Relaxed);
+        let burst: Vec<_> = (0..40)
+            .map(|i| {
+                agent(
+                    &reg,
+                    &format!("h{:03}", 910 + i),
+                    wire::HealthVerdict::Pending,
+                )
+            })
+            .collect();
+        for a in &burst {
+            reg.record(
+                &a.host,
+                a.conn_id,
+                report("web-1", wire::HealthVerdict::Passing),
+                Instant::now(),
+                200,
+            )
+            .unwrap();
         }
         assert!(
-            converged,
-            "the host that passed after its hello was not converged"
+            wait(&burst.iter().collect::<Vec<_>>()).await,
+            "a host of the burst was not converged"
+        );
+        assert!(
+            stats.resyncs.load(std::sync::atomic::Ordering::Relaxed) > resyncs0,
+            "the burst did not overflow the changes channel: the test proves nothing"
         );
         shutdown.cancel();
         mgr.join().await;

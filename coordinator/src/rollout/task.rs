@@ -844,6 +844,8 @@ pub struct TaskStats {
     pub alloc_us: Arc<AtomicU64>,
     /// Fleet events the tasks' forwarders took from the fleet (each one a wake-up at most).
     pub fleet_events: Arc<AtomicU64>,
+    /// Resynchronisations from a fleet snapshot after events were lost to a lag.
+    pub resyncs: Arc<AtomicU64>,
 }
 
 impl TaskStats {
@@ -978,6 +980,7 @@ pub async fn run_counted(
     let mut events = Some(fwd_rx);
     let mut control = Some(control);
     let resync = |driver: &Driver, n: u64| {
+        stats.resyncs.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(rollout = %id, missed = n, "fleet events lagged; resynchronising from a snapshot");
         Input::Resync(driver.fleet.snapshot())
     };
