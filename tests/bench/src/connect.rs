@@ -98,13 +98,18 @@ impl BenchPki {
             ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         };
         let cert = self.ca.issue(&subject, Self::validity())?;
+        write_identity(&IdentityFiles::in_dir(&self.dir, "coordinator"), &cert)?;
+        Ok(self.issued_coordinator_files())
+    }
+
+    /// The coordinator's `[tls]` files [`Self::coordinator_files`] issued.
+    pub fn issued_coordinator_files(&self) -> TlsFiles {
         let files = IdentityFiles::in_dir(&self.dir, "coordinator");
-        write_identity(&files, &cert)?;
-        Ok(TlsFiles {
+        TlsFiles {
             ca: self.dir.join(serin_security::pki::CA_CERT_FILE),
             cert: files.cert,
             key: files.key,
-        })
+        }
     }
 
     /// The client transport of `host`: the agent certificate of host id `host`, or an admin

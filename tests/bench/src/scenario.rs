@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use crate::connect::Transport;
 use crate::control::Operator;
 use crate::coordinator::{Coordinator, CoordinatorSettings, PeakRss, ProcSample};
 use crate::fanout;
@@ -649,6 +650,10 @@ pub async fn fanout(setup: &Setup, clients: u32, size_mib: u64) -> anyhow::Resul
     let (bytes, took) = fanout::fetch_all(&connector, &release.sha256, size, clients).await?;
     let peak = peak.finish().await;
     let (base_bytes, base_took) = fanout::loopback_copy(size, clients).await?;
+    let tls_base = match connector.transport() {
+        Transport::MutualTls(pki) => Some(fanout::tls_loopback_copy(pki, size, clients).await?),
+        Transport::Plaintext => None,
+    };
     let mibps = bytes as f64 / 1048576.0 / took.as_secs_f64();
     let base = base_bytes as f64 / 1048576.0 / base_took.as_secs_f64();
     report.add(
@@ -672,6 +677,23 @@ pub async fn fanout(setup: &Setup, clients: u32, size_mib: u64) -> anyhow::Resul
         "%",
         Some(">= 70 %"),
     );
+    if let Some((tls_bytes, tls_took)) = tls_base {
+        let tls = tls_bytes as f64 / 1048576.0 / tls_took.as_secs_f64();
+        report.add(
+            "tls_loopback_mib_s",
+            "mutual TLS loopback copy, same run",
+            tls,
+            "MiB/s",
+            None,
+        );
+        report.add(
+            "fetch_vs_tls_loopback_pct",
+            "FetchArtifact / mutual TLS loopback",
+            mibps / tls * 100.0,
+            "%",
+            None,
+        );
+    }
     report.add(
         "rss_idle_mib",
         "coordinator RSS before",
