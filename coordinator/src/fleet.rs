@@ -257,6 +257,13 @@ pub trait Fleet: Send + Sync + 'static {
     /// Queue a `HoldConfirm` to a connected host (unsequenced; nothing is re-sent later).
     /// Returns false when the host is not connected.
     fn hold(&self, host: &HostId, hold: HoldConfirm) -> bool;
+    /// Messages queued to a connected host that its stream has not taken yet (0 when it is not
+    /// connected). An order sent again while its first copy still waits there would only reach
+    /// the agent twice.
+    fn queued(&self, host: &HostId) -> usize {
+        let _ = host;
+        0
+    }
     /// Every event from now on. A receiver that lags must resynchronise from [`Fleet::snapshot`].
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent>;
     /// Moves the subscription `old` to the events of `interest`, losing and repeating none:

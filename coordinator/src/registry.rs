@@ -665,6 +665,13 @@ impl Fleet for Registry {
         queued
     }
 
+    fn queued(&self, host: &HostId) -> usize {
+        self.lock()
+            .get(host)
+            .and_then(|h| h.conn.as_ref())
+            .map_or(0, |c| c.tx.max_capacity() - c.tx.capacity())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
         self.events.subscribe()
     }
@@ -1801,6 +1808,36 @@ mod tests {
         );
         shutdown.cancel();
         mgr.join().await;
+    }
+
+    /// What a host's stream has not taken from its queue yet is counted, and only that.
+    #[test]
+    fn queued_counts_the_messages_a_hosts_stream_has_not_taken() {
+        let reg = registry(1000);
+        let (tx, mut rx) = mpsc::channel(8);
+        let a = reg.attach(hello("h1", &[]), tx, Instant::now(), 0).unwrap();
+        let order = |seq| Order {
+            order_id: format!("r1/1/{seq}"),
+            rollout_id: "r1".into(),
+            seq,
+            epoch: 0,
+            service: ServiceName::new("web").unwrap(),
+            action: OrderAction::Confirm {
+                release: ReleaseId::new("web-2").unwrap(),
+                traffic_weight: None,
+            },
+        };
+        assert_eq!(reg.queued(&a.host), 0);
+        assert!(reg.send(&a.host, order(4)));
+        assert!(reg.send(&a.host, order(5)));
+        assert_eq!(reg.queued(&a.host), 2);
+        rx.try_recv().unwrap().unwrap();
+        assert_eq!(reg.queued(&a.host), 1);
+        rx.try_recv().unwrap().unwrap();
+        assert_eq!(reg.queued(&a.host), 0);
+        reg.detach(&a.host, a.conn_id);
+        assert_eq!(reg.queued(&a.host), 0, "a host not connected has no queue");
+        assert_eq!(reg.queued(&HostId::new("nobody").unwrap()), 0);
     }
 
     #[test]

@@ -20,9 +20,10 @@
 //! full queue on the far side). The driver therefore sends a host's current order again, unchanged
 //! (same id, same sequence: the agent deduplicates it and answers with its results again), when
 //! neither a send nor an answer about it happened for a while ([`RESEND_FIRST`], doubling up to
-//! [`RESEND_MAX`]) and the host is reachable, and only when no fleet event waits to be read (an
-//! answer queued behind slow saves is still an answer). The machine is not involved: what it decided is
-//! unchanged, only its delivery is repeated.
+//! [`RESEND_MAX`]), the host is reachable, its stream has taken what was queued to it
+//! ([`Fleet::queued`]: the first copy may still wait there), and no fleet event waits to be read
+//! (an answer queued behind slow saves is still an answer). The machine is not involved: what it
+//! decided is unchanged, only its delivery is repeated.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -211,6 +212,7 @@ impl Driver {
             return;
         }
         let mut due = Vec::new();
+        let fleet = &self.fleet;
         self.outstanding.retain(|host, o| {
             if now < o.last_ms + o.wait.as_millis() as u64 {
                 // Not due: whether it was answered meanwhile is looked at when it is.
@@ -225,12 +227,18 @@ impl Driver {
                 // Answered for good, superseded, or to be re-issued by the machine.
                 return false;
             };
-            if m.observed(host).reach == Reach::Reachable {
-                o.wait = (o.wait * 2).min(RESEND_MAX);
-                due.push((host.clone(), order));
-            } else {
+            if m.observed(host).reach != Reach::Reachable {
                 // The engine sends it again when the host is back; look again later.
                 o.last_ms = now;
+            } else if fleet.queued(host) > 0 {
+                // The host's stream has not yet taken what was queued to it (a loaded
+                // coordinator writing to thousands of streams): the first copy is still on its
+                // way, a second would only follow it. Wait again once it has gone.
+                tracing::debug!(rollout = %m.id(), host = %host, seq = order.seq, "no answer yet, but the host's stream has not taken its queued messages; not sending the order again yet");
+                o.last_ms = now;
+            } else {
+                o.wait = (o.wait * 2).min(RESEND_MAX);
+                due.push((host.clone(), order));
             }
             true
         });
@@ -1276,6 +1284,53 @@ mod lost_message_tests {
             3,
             "orders sent again although their answers were queued: {again:?}"
         );
+    }
+
+    /// Seen in the 19,900-host broadcast on a loaded machine: 2,082 duplicate orders. The
+    /// coordinator's own stream tasks had not yet taken the first copies from their queues when
+    /// the re-send wait ran out, so each re-sent copy queued up behind its original. An order is
+    /// not sent again while its host's queue still holds messages its stream has not taken; it
+    /// is once the queue has drained and the wait runs out again.
+    #[tokio::test(start_paused = true)]
+    async fn an_order_still_waiting_in_its_hosts_queue_is_not_sent_again() {
+        let store = Arc::new(MemoryStore::new());
+        store.put_release(&release_record()).unwrap();
+        let fleet = Arc::new(FakeFleet::new(
+            (1..=2)
+                .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
+                .collect(),
+        ));
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
+        let api: &dyn RolloutApi = &mgr;
+        api.start_rollout(wire_spec(&["2"])).await.unwrap();
+        assert_eq!(fleet.sent().len(), 2, "one activate per host");
+        let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
+        // Neither answers; h1's stream has not taken its order yet, h2's has.
+        fleet.set_queued(&h1, 1);
+        let sent_to = |h: &HostId| fleet.sent().iter().filter(|(s, _)| s == h).count();
+        tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            (sent_to(&h1), sent_to(&h2)),
+            (1, 2),
+            "h2's order is sent again, h1's still waits in its queue"
+        );
+        // h1's stream takes it; no answer comes: the next wait ends in a re-send.
+        fleet.set_queued(&h1, 0);
+        tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let again = fleet.sent();
+        shutdown.cancel();
+        mgr.join().await;
+        let h1_orders: Vec<_> = again.iter().filter(|(s, _)| *s == h1).collect();
+        assert_eq!(h1_orders.len(), 2, "{again:?}");
+        assert_eq!(h1_orders[0].1.order_id, h1_orders[1].1.order_id);
+        assert_eq!(h1_orders[0].1.seq, h1_orders[1].1.seq);
     }
 
     #[tokio::test(start_paused = true)]

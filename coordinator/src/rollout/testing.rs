@@ -86,6 +86,8 @@ pub struct FakeFleet {
     holds: Mutex<Vec<(HostId, HoldConfirm)>>,
     events: tokio::sync::broadcast::Sender<FleetEvent>,
     responder: Mutex<Option<Responder>>,
+    /// [`Fleet::queued`] per host (set by tests).
+    queued: Mutex<BTreeMap<HostId, usize>>,
 }
 
 impl FakeFleet {
@@ -98,7 +100,13 @@ impl FakeFleet {
             holds: Mutex::new(Vec::new()),
             events,
             responder: Mutex::new(None),
+            queued: Mutex::default(),
         }
+    }
+
+    /// What [`Fleet::queued`] says of `host` from now on: messages its stream has not taken.
+    pub fn set_queued(&self, host: &HostId, n: usize) {
+        self.queued.lock().unwrap().insert(host.clone(), n);
     }
 
     /// Updates the host table (and broadcasts HostUp/HostDown accordingly).
@@ -176,6 +184,10 @@ impl Fleet for FakeFleet {
             self.holds.lock().unwrap().push((host.clone(), hold));
         }
         connected
+    }
+
+    fn queued(&self, host: &HostId) -> usize {
+        self.queued.lock().unwrap().get(host).copied().unwrap_or(0)
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent> {
