@@ -8,10 +8,31 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Durable writes ([`write_atomic`]) and fsyncs (of files and directories) made through this
+/// module since the process started.
+static WRITES: AtomicU64 = AtomicU64::new(0);
+static FSYNCS: AtomicU64 = AtomicU64::new(0);
+
+/// How many durable file writes ([`write_atomic`]) and fsyncs this process has made through this
+/// module: `(writes, fsyncs)`. The activation path's cost is counted with it (issue 10).
+pub fn counters() -> (u64, u64) {
+    (
+        WRITES.load(Ordering::Relaxed),
+        FSYNCS.load(Ordering::Relaxed),
+    )
+}
+
+/// Fsyncs an open file (its data and metadata), counted in [`counters`].
+pub fn sync_file(f: &File) -> io::Result<()> {
+    FSYNCS.fetch_add(1, Ordering::Relaxed);
+    f.sync_all()
+}
 
 /// Fsyncs a directory so that renames and creations inside it are durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    sync_file(&File::open(dir)?)
 }
 
 fn tmp_name(target: &Path) -> io::Result<std::path::PathBuf> {
@@ -39,8 +60,10 @@ pub fn write_atomic(target: &Path, contents: &[u8]) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
+        WRITES.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(path = %target.display(), bytes = contents.len(), "durable write");
         f.write_all(contents)?;
-        f.sync_all()?;
+        sync_file(&f)?;
         fs::rename(&tmp, target)?;
         fsync_dir(parent(target))
     })();

@@ -642,8 +642,7 @@ impl ReleaseStore {
         // so the coordinator stream and the other services are not stalled.
         let name = part_name.clone();
         blocking(&part_name, move || {
-            file.sync_all()
-                .map_err(io_err(format!("cannot fsync {name}")))
+            durable::sync_file(&file).map_err(io_err(format!("cannot fsync {name}")))
         })
         .await?;
         fault::point("stage-downloaded");

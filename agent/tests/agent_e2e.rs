@@ -235,8 +235,13 @@ fn current(state: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The tests of this file run one at a time: `durable_writes_of_one_activation` counts the
+/// process's durable writes, which another test's agent would add to.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_activate_confirm_dead_man_switch_and_restart() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -440,6 +445,7 @@ async fn start_fake() -> (FakeCoordinator, std::net::SocketAddr, CancellationTok
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruning_keeps_current_previous_and_the_release_about_to_be_activated() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -495,6 +501,75 @@ async fn pruning_keeps_current_previous_and_the_release_about_to_be_activated() 
         (releases_on_disk(&state) == ["web-3", "web-4"]).then_some(())
     })
     .await;
+
+    shutdown.cancel();
+    agent.await.unwrap().unwrap();
+    server_stop.cancel();
+}
+
+/// Issue 10: the durable writes of one activation of a staged release, from the activate order
+/// to the confirmed end (the 50-real-agent job's agents made about ten, two fsyncs each, on the
+/// path of every wave). A journal record and the result reported right after it are one write,
+/// and so are a confirm's sequence, its answer and the activation's end: the order's admission,
+/// the journal before the swap, after the swap, armed (with `activated`), healthy (with
+/// `healthy`), and the confirmed end; the process supervisor records the new process once.
+/// What a crash at any point leaves is covered by the
+/// agent's fault suite (`agent_fault_suite`: every crash point of an activation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_writes_of_one_activation() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _kill = KillService(state.clone());
+    let (fake, addr, server_stop) = start_fake().await;
+    let good = "#!/bin/sh\ntouch ok\nexec sleep 60\n";
+    let a = fake.add("web-1", good);
+    let b = fake.add("web-2", &format!("{good}# 2\n"));
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(serin_agent::run(config(addr, &state), shutdown.clone()));
+    wait_for("hello", || fake.0.lock().unwrap().orders.clone()).await;
+    let confirm = |r: &wire::Release| {
+        wire::order::Action::Confirm(wire::ConfirmOrder {
+            release: r.id.clone(),
+            traffic_weight_percent: None,
+        })
+    };
+    let stage = |r: &wire::Release| {
+        wire::order::Action::Stage(wire::StageOrder {
+            release: Some(r.clone()),
+        })
+    };
+    // A baseline, then the next release staged ahead (prepare, then activate).
+    fake.send(1, activate(&a, 10_000)).await;
+    fake.wait_result(1, OrderPhase::Healthy).await;
+    fake.send(2, confirm(&a)).await;
+    fake.wait_result(2, OrderPhase::Confirmed).await;
+    fake.send(3, stage(&b)).await;
+    fake.wait_result(3, OrderPhase::Staged).await;
+
+    let (writes0, fsyncs0) = serin_agent::durable::counters();
+    fake.send(4, activate(&b, 10_000)).await;
+    fake.wait_result(4, OrderPhase::Healthy).await;
+    fake.send(5, confirm(&b)).await;
+    fake.wait_result(5, OrderPhase::Confirmed).await;
+    // The end is written before the confirmed result goes out.
+    let (writes, fsyncs) = serin_agent::durable::counters();
+    let (writes, fsyncs) = (writes - writes0, fsyncs - fsyncs0);
+    assert_eq!(current(&state), "releases/web-2");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("web/state.json")).unwrap()).unwrap();
+    assert!(
+        saved
+            .get("activation")
+            .is_none_or(serde_json::Value::is_null),
+        "the activation's end is on disk: {saved}"
+    );
+    eprintln!("one activation: {writes} durable writes, {fsyncs} fsyncs");
+    // Six writes of the state, one of the process supervisor's record (two fsyncs each) and
+    // the swap of `current` (one): were ten of the state, 23 fsyncs.
+    assert_eq!(writes, 7, "durable writes of one activation");
+    assert_eq!(fsyncs, 15, "fsyncs of one activation");
 
     shutdown.cancel();
     agent.await.unwrap().unwrap();

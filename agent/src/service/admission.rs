@@ -92,9 +92,23 @@ impl ServiceTask {
             }
             Admission::Apply => {}
         }
-        // Persist the sequence before acting: a crash now must not apply it twice.
+        // Persist the sequence before acting: a crash now must not apply it twice. A confirm
+        // (with no weight to apply) changes nothing before its answer, and every way it ends
+        // writes the state with its answer (the activation's end, or a recorded reply): its
+        // sequence goes in that one write, so a crash leaves both or neither.
         self.state.last_seq = order.seq;
         self.state.last_epoch = self.state.last_epoch.max(order.epoch);
+        let written_with_answer = matches!(
+            order.action,
+            OrderAction::Confirm {
+                traffic_weight: None,
+                ..
+            }
+        );
+        if written_with_answer {
+            self.act(order, jobs).await;
+            return;
+        }
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist order sequence");
             let current = self.store.current();

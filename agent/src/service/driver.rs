@@ -196,6 +196,28 @@ impl ServiceTask {
             let feedback = match cmd {
                 Command::Persist => {
                     let phase = self.state.activation.as_ref().map(|a| a.phase.clone());
+                    // A result reported right after this record goes into the same write
+                    // (one write, not two: a crash leaves both or neither), and out after it.
+                    let result = match queue.front() {
+                        Some(Command::Report { .. }) => match queue.pop_front() {
+                            Some(Command::Report {
+                                order,
+                                release,
+                                phase,
+                                code,
+                                message,
+                                current,
+                            }) => {
+                                let message = self.with_evidence(message);
+                                let r = self
+                                    .order_result(&order, &release, phase, code, message, current);
+                                self.state.record(&r);
+                                Some(r)
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    };
                     if let Err(e) = self.state_file.save(&self.state) {
                         let required = self
                             .state
@@ -232,6 +254,10 @@ impl ServiceTask {
                             fault::point("rollback-swapped-journaled")
                         }
                         Some(Phase::Abandoning { .. }) | None => {}
+                    }
+                    if let Some(r) = result {
+                        fault::point("result-recorded");
+                        self.send(r, false).await;
                     }
                     None
                 }
@@ -328,8 +354,22 @@ impl ServiceTask {
                     current,
                 } => {
                     let message = self.with_evidence(message);
-                    self.report_for(&order, &release, phase, code, message, current)
-                        .await;
+                    match queue.front() {
+                        // The activation's last result and its end: one write, then the
+                        // result goes out.
+                        Some(Command::Finish { .. }) => {
+                            let r =
+                                self.order_result(&order, &release, phase, code, message, current);
+                            self.state.record(&r);
+                            if let Some(Command::Finish { outcome, from, to }) = queue.pop_front() {
+                                self.finish_reporting(outcome, from, to, Some(r)).await;
+                            }
+                        }
+                        _ => {
+                            self.report_for(&order, &release, phase, code, message, current)
+                                .await
+                        }
+                    }
                     None
                 }
                 Command::Finish { outcome, from, to } => {
@@ -358,7 +398,21 @@ impl ServiceTask {
         message: String,
         current: Option<String>,
     ) {
-        let r = wire::OrderResult {
+        let r = self.order_result(order, release, phase, code, message, current);
+        self.send(r, true).await;
+    }
+
+    /// A result for the activation's order, saying how far this agent's sequence is.
+    fn order_result(
+        &self,
+        order: &OrderRef,
+        release: &str,
+        phase: OrderPhase,
+        code: ResultCode,
+        message: String,
+        current: Option<String>,
+    ) -> wire::OrderResult {
+        wire::OrderResult {
             order_id: order.order_id.clone(),
             rollout_id: order.rollout_id.clone(),
             seq: order.seq,
@@ -369,14 +423,25 @@ impl ServiceTask {
             message,
             current_release: current.unwrap_or_default(),
             bytes_done: 0,
-            last_seq: 0,
-            last_epoch: 0,
-        };
-        self.send(r, true).await;
+            last_seq: self.state.last_seq,
+            last_epoch: self.state.last_epoch,
+        }
     }
 
     /// Ends the activation: clears the journal, records previous/confirmed, then prunes.
     pub(super) async fn finish(&mut self, outcome: Outcome, from: Option<String>, to: String) {
+        self.finish_reporting(outcome, from, to, None).await
+    }
+
+    /// [`finish`](Self::finish), with the activation's last result (already recorded in the
+    /// state) written in the same write and sent after it, before the pruning.
+    async fn finish_reporting(
+        &mut self,
+        outcome: Outcome,
+        from: Option<String>,
+        to: String,
+        result: Option<wire::OrderResult>,
+    ) {
         tracing::info!(service = self.name(), release = %to, outcome = ?outcome, "activation finished");
         self.state.activation = None;
         self.undrain_after_finish();
@@ -398,6 +463,10 @@ impl ServiceTask {
         }
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(service = self.name(), error = %e, "cannot persist the end of the activation");
+        }
+        if let Some(r) = result {
+            fault::point("result-recorded");
+            self.send(r, false).await;
         }
         fault::point("activation-finished");
         // The activation is over and persisted: only now may old releases go.

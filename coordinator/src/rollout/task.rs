@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serin_proto::{HostId, ServiceName};
+use serin_proto::{HostId, OrderAction};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -129,9 +129,15 @@ pub struct Driver {
     pub clock: Clock,
     /// Records of failed saves, merged, waiting for a save to succeed.
     unsaved: Option<Unsaved>,
-    /// Records of a save put off until the sequence allocation that follows it is answered
-    /// (see [`Driver::execute`]): written with the next save, before any order is sent.
-    deferred: Option<Unsaved>,
+    /// Records of saves asked for and not written yet (see [`Driver::execute`]), and since
+    /// when (unix ms): written with the next save, before any order is sent.
+    put_off: Option<(Unsaved, u64)>,
+    /// Hosts whose stage order waits for the put-off save (sent right after it, as the
+    /// machine's current order for the host).
+    put_off_sends: BTreeSet<HostId>,
+    /// Whether a step that only saves may put its save off (not for operator calls, which
+    /// are answered once their change is durable).
+    pub may_put_off: bool,
     /// Hosts whose order was held back by a failed save.
     held: BTreeSet<HostId>,
     /// Some save of this rollout has succeeded.
@@ -140,6 +146,9 @@ pub struct Driver {
     alloc_failed: bool,
     /// Per host, the order last handed to the fleet and when it was last sent or answered.
     outstanding: foldhash::HashMap<HostId, Outstanding>,
+    /// Per host, order sequences reserved in the store and not handed out yet (see
+    /// [`Driver::allocate`]).
+    reserved: foldhash::HashMap<HostId, SeqBlock>,
     /// The commands being executed end the rollout (fault injection marks that save).
     finishing: bool,
     /// Work counters.
@@ -149,6 +158,38 @@ pub struct Driver {
 /// The first and the longest wait for an answer before a host's order is sent again.
 pub const RESEND_FIRST: Duration = Duration::from_secs(2);
 pub const RESEND_MAX: Duration = Duration::from_secs(8);
+
+/// How many order sequences the driver reserves per host at a time: a host's orders in one
+/// rollout (stage, activate, confirm, a retry or a rollback) come out of one block, so a wave's
+/// orders need no commit of their own for their sequences.
+pub const SEQ_BLOCK: u64 = 8;
+
+/// The longest the save of a step that sends no order is put off, waiting for a step that saves
+/// anyway (group commit): the results of a wave's hosts arriving one by one take a commit every
+/// few of them instead of one each, and at a wave change the save of the bake's start goes with
+/// the next wave's orders (a bake of a few milliseconds). A crash loses at most this much of
+/// what hosts reported (they answer a repeated order with their recorded results again) and
+/// nothing a host was told.
+pub const PUT_OFF_MAX: Duration = Duration::from_millis(20);
+
+/// Sequences reserved durably for a host and not handed out yet: `next..=last`.
+#[derive(Debug, Clone, Copy)]
+struct SeqBlock {
+    next: u64,
+    last: u64,
+}
+
+impl SeqBlock {
+    /// The next sequence of the block greater than `at_least`, if the block has one.
+    fn take(&mut self, at_least: u64) -> Option<u64> {
+        let seq = self.next.max(at_least.checked_add(1)?);
+        if seq > self.last {
+            return None;
+        }
+        self.next = seq + 1;
+        Some(seq)
+    }
+}
 
 /// An order handed to the fleet, waiting for its answer.
 #[derive(Debug)]
@@ -190,11 +231,14 @@ impl Driver {
             fleet,
             clock,
             unsaved: None,
-            deferred: None,
+            put_off: None,
+            put_off_sends: BTreeSet::new(),
+            may_put_off: true,
             held: BTreeSet::new(),
             saved_once: false,
             alloc_failed: false,
             outstanding: Default::default(),
+            reserved: Default::default(),
             finishing: false,
             stats: TaskStats::default(),
         }
@@ -275,6 +319,26 @@ impl Driver {
         self.unsaved.is_some()
     }
 
+    /// Since when (unix ms) a step's save is put off, if one is.
+    pub fn put_off_since(&self) -> Option<u64> {
+        self.put_off.as_ref().map(|(_, since)| *since)
+    }
+
+    /// Writes the save that was put off, if any (no order waits on it).
+    pub async fn write_put_off(&mut self, m: &Rollout) -> Executed {
+        let mut out = Executed::default();
+        if self.put_off.is_some() || !self.put_off_sends.is_empty() {
+            match self.save(m, Self::nothing_new(m)).await {
+                Ok(recovered) => out.recovered = recovered,
+                Err(e) => {
+                    tracing::error!(rollout = %m.id(), error = %e, "saving rollout failed; orders held back until a save succeeds");
+                    out.store_error = Some(e);
+                }
+            }
+        }
+        out
+    }
+
     /// Steps the machine with `input` and executes everything that follows from it.
     pub async fn feed(&mut self, m: &mut Rollout, input: Input) -> Executed {
         self.feed_many(m, vec![input]).await
@@ -303,7 +367,7 @@ impl Driver {
         let t = std::time::Instant::now();
         let recovering = self.unsaved.is_some();
         let mut u = self.unsaved.take().unwrap_or_default();
-        if let Some(d) = self.deferred.take() {
+        if let Some((d, _)) = self.put_off.take() {
             u.hosts.extend(d.hosts);
             u.events.extend(d.events);
         }
@@ -356,6 +420,7 @@ impl Driver {
         match res {
             Ok(()) => {
                 self.saved_once = true;
+                self.send_put_off(m);
                 Ok(recovering)
             }
             Err(e) => {
@@ -387,6 +452,24 @@ impl Driver {
             Err(e) => out.store_error = Some(e),
         }
         out
+    }
+
+    /// Sends the stage orders that waited for the save just written: the machine's current
+    /// order for each host if it is still that stage order (one superseded since, by an
+    /// activate say, has its own send) and not out already.
+    fn send_put_off(&mut self, m: &Rollout) {
+        for host in std::mem::take(&mut self.put_off_sends) {
+            let Some(order) = m.order_to_send(&host) else {
+                continue;
+            };
+            let out = self
+                .outstanding
+                .get(&host)
+                .is_some_and(|o| o.order_id == order.order_id && o.seq == order.seq);
+            if matches!(order.action, OrderAction::Stage { .. }) && !out {
+                self.send(m, &host, order);
+            }
+        }
     }
 
     fn send_held(&mut self, m: &Rollout) {
@@ -426,64 +509,178 @@ impl Driver {
         }
     }
 
-    /// Allocates the sequences of every request in one store transaction (one commit for all
-    /// the orders of a step).
-    async fn allocate(
-        &self,
-        service: &ServiceName,
-        reqs: &[SeqRequest],
-    ) -> Result<Vec<u64>, StoreError> {
+    /// Allocates the sequences of every request: from the blocks reserved before, with no
+    /// store call at all when every host has one left; otherwise in one store transaction that
+    /// reserves a block ([`SEQ_BLOCK`]) for each host without one, and for every other host of
+    /// the rollout that has none yet (so a rollout's later waves take their sequences from
+    /// memory). Reserved sequences are never handed out again by the store, also after a crash
+    /// (they are skipped, which agents accept); an order still goes out only after the save
+    /// that records it with its sequence.
+    async fn allocate(&mut self, m: &Rollout, reqs: &[SeqRequest]) -> Result<Vec<u64>, StoreError> {
+        let mut got: Vec<Option<u64>> = reqs
+            .iter()
+            .map(|r| {
+                self.reserved
+                    .get_mut(&r.host)
+                    .and_then(|b| b.take(r.at_least))
+            })
+            .collect();
+        if got.iter().all(Option::is_some) {
+            return Ok(got.into_iter().flatten().collect());
+        }
         self.stats.allocations.fetch_add(1, Ordering::Relaxed);
+        // The hosts that missed, each once with its highest floor, then every other host of
+        // the rollout without a block.
+        let mut pairs: Vec<(HostId, u64)> = Vec::new();
+        let mut index: foldhash::HashMap<HostId, usize> = Default::default();
+        for (r, g) in reqs.iter().zip(&got) {
+            if g.is_some() {
+                continue;
+            }
+            match index.get(&r.host) {
+                Some(&i) => pairs[i].1 = pairs[i].1.max(r.at_least),
+                None => {
+                    index.insert(r.host.clone(), pairs.len());
+                    pairs.push((r.host.clone(), r.at_least));
+                }
+            }
+        }
+        let missed = pairs.len();
+        for h in m.hosts() {
+            if !self.reserved.contains_key(&h.id) && !index.contains_key(&h.id) {
+                pairs.push((h.id.clone(), 0));
+            }
+        }
         let store = self.store.clone();
-        let service = service.clone();
-        let pairs: Vec<(HostId, u64)> = reqs.iter().map(|r| (r.host.clone(), r.at_least)).collect();
+        let service = m.spec().service.clone();
         let t = std::time::Instant::now();
-        let res = tokio::task::spawn_blocking(move || store.next_seqs(&service, &pairs))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))));
+        let (pairs, res) = tokio::task::spawn_blocking(move || {
+            let res = store.reserve_seqs(&service, &pairs, SEQ_BLOCK);
+            (pairs, res)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            (
+                Vec::new(),
+                Err(StoreError::Io(format!("store task failed: {e}"))),
+            )
+        });
+        let firsts = res?;
         let took_us = t.elapsed().as_micros() as u64;
         self.stats.alloc_us.fetch_add(took_us, Ordering::Relaxed);
         tracing::debug!(
             orders = reqs.len(),
+            missed,
+            reserved = pairs.len(),
             alloc_us = took_us,
-            "order sequences allocated"
+            "order sequences reserved"
         );
-        res
+        for ((host, _), first) in pairs.into_iter().zip(firsts) {
+            self.reserved.insert(
+                host,
+                SeqBlock {
+                    next: first,
+                    last: first + (SEQ_BLOCK - 1),
+                },
+            );
+        }
+        for (r, g) in reqs.iter().zip(got.iter_mut()) {
+            if g.is_none() {
+                *g = self
+                    .reserved
+                    .get_mut(&r.host)
+                    .and_then(|b| b.take(r.at_least));
+            }
+        }
+        got.into_iter()
+            .zip(reqs)
+            .map(|(g, r)| {
+                g.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "no order sequence above {} reserved for host {}",
+                        r.at_least, r.host
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Executes commands in order. A failed save holds back every order after it (nothing is
     /// sent that is not on disk) and drops the allocations after it (the machine asks again).
     ///
-    /// A save that the machine asks for right before a sequence allocation is put off and
-    /// written with the save that follows the allocation's answer (the machine always asks for
-    /// one there, with the sequences), or before the next order is sent, or at the end of the
-    /// round: one commit instead of two for every order of a step. Nothing is sent in between,
+    /// A save is written when it must be, not when it is asked for: the records of every
+    /// [`Command::Persist`] are gathered and written in one commit before the next order is
+    /// sent, or at the end of the round. A save asked for before a sequence allocation thus
+    /// goes with the orders that follow the allocation's answer. Nothing is sent in between,
     /// so a crash before that save loses only decisions no host has seen (the restarted machine
-    /// takes them again; the allocated sequences are skipped, which agents accept).
+    /// takes them again; reserved sequences are skipped, which agents accept).
+    ///
+    /// A round that sends no order may even be put off as a whole ([`Driver::may_put_off`],
+    /// and only while what is put off is younger than [`PUT_OFF_MAX`]): its save is written
+    /// with the next round's save or once it is that old (the task's loop). The results of a
+    /// wave's hosts then take a commit every few of them, and at a wave change the save of the
+    /// healthy wave and its bake's start goes with the next wave's orders in one commit. Stage
+    /// orders wait with it only when the machine's next deadline is that close (the bake ends
+    /// and the next wave's activates supersede them: staging a host moments before its
+    /// activate gains nothing); otherwise they go out at once, their download ahead of the
+    /// wave being the point of them.
     pub async fn execute(&mut self, m: &mut Rollout, cmds: Vec<Command>) -> Executed {
         self.finishing = cmds.iter().any(|c| matches!(c, Command::Finished(_)));
-        let mut queue: VecDeque<Command> = cmds.into();
         let mut out = Executed::default();
+        let now = self.clock.now_ms();
+        // This round may leave its save (and its stage orders) for later.
+        let mut tentative = self.may_put_off
+            && !self.finishing
+            && self.unsaved.is_none()
+            && self.saved_once
+            && self
+                .put_off_since()
+                .is_none_or(|since| now < since + PUT_OFF_MAX.as_millis() as u64);
+        let mut queue: VecDeque<Command> = cmds.into();
         // Each allocation round answers the previous one; a handful is plenty per input.
         let mut rounds = 0;
+        // Whether stage orders wait for the put-off save (worked out at the first one).
+        let mut stage_waits: Option<bool> = None;
         loop {
-            let Some(c) = queue.pop_front() else {
-                if self.deferred.is_some() {
-                    queue.push_back(Command::Persist(Self::nothing_new(m)));
+            // `write`: the save of everything gathered is due now.
+            let (c, write) = match queue.pop_front() {
+                Some(Command::Send { host, order })
+                    if tentative
+                        && matches!(order.action, OrderAction::Stage { .. })
+                        && *stage_waits.get_or_insert_with(|| {
+                            m.next_deadline()
+                                .is_some_and(|d| d <= now + PUT_OFF_MAX.as_millis() as u64)
+                        }) =>
+                {
+                    // The machine acts again within moments (a wave's bake of a few ms ends):
+                    // sent once the save that records it is written, unless its activate has
+                    // superseded it by then.
+                    self.put_off
+                        .get_or_insert_with(|| (Unsaved::default(), now));
+                    self.put_off_sends.insert(host);
                     continue;
                 }
-                break;
+                Some(c @ Command::Send { .. }) | Some(c @ Command::Refused(_))
+                    if self.put_off.is_some() =>
+                {
+                    // An order (or an operator's answer) waits for nothing: save first.
+                    tentative = false;
+                    queue.push_front(c);
+                    (Command::Persist(Self::nothing_new(m)), true)
+                }
+                Some(c) => (c, false),
+                None if !tentative && self.put_off.is_some() => {
+                    (Command::Persist(Self::nothing_new(m)), true)
+                }
+                None => break,
             };
-            if self.deferred.is_some() && matches!(c, Command::Send { .. }) {
-                queue.push_front(c);
-                queue.push_front(Command::Persist(Self::nothing_new(m)));
-                continue;
-            }
             match c {
-                Command::Persist(p) if matches!(queue.front(), Some(Command::AllocateSeqs(_))) => {
-                    let d = self.deferred.get_or_insert_with(Unsaved::default);
-                    d.hosts.extend(p.hosts);
-                    d.events.extend(p.events);
+                Command::Persist(p) if !write && (queue.front().is_some() || tentative) => {
+                    let (u, _) = self
+                        .put_off
+                        .get_or_insert_with(|| (Unsaved::default(), now));
+                    u.hosts.extend(p.hosts);
+                    u.events.extend(p.events);
                 }
                 Command::Persist(p) => match self.save(m, p).await {
                     Ok(recovered) => {
@@ -515,7 +712,7 @@ impl Driver {
                     rounds += 1;
                     let mut got = Vec::new();
                     let mut failed = false;
-                    match self.allocate(&m.spec().service, &reqs).await {
+                    match self.allocate(m, &reqs).await {
                         Ok(seqs) => {
                             got.extend(reqs.into_iter().map(|r| r.order_id).zip(seqs));
                         }
@@ -525,6 +722,7 @@ impl Driver {
                             // progress deadline runs out on an order that cannot go out)
                             // and the allocations are asked for again.
                             failed = true;
+                            tentative = false;
                             out.store_error.get_or_insert(e);
                         }
                     }
@@ -1019,7 +1217,21 @@ pub async fn run_counted(
         // Settled: nothing is due until an event arrives; the safety tick slows to an hour.
         let tick_at = now + if is_settled { SETTLED_TICK } else { tick }.as_millis() as u64;
         let next = *deadline.get_or_insert_with(|| m.next_deadline());
+        // A save put off for [`PUT_OFF_MAX`] is written now, whatever comes next.
+        if driver
+            .put_off_since()
+            .is_some_and(|since| now >= since + PUT_OFF_MAX.as_millis() as u64)
+        {
+            let ex = driver.write_put_off(&m).await;
+            if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
+                step!(vec![i]);
+            }
+            continue;
+        }
         let mut wake = next.map_or(tick_at, |d| d.min(tick_at));
+        if let Some(since) = driver.put_off_since() {
+            wake = wake.min(since + PUT_OFF_MAX.as_millis() as u64);
+        }
         if let Some(t) = driver.next_resend_ms() {
             wake = wake.min(t.max(now));
         }
@@ -1041,7 +1253,10 @@ pub async fn run_counted(
                 }
             } => match msg {
                 Some(msg) => {
+                    // Answered once its change is durable: no save of this step is put off.
+                    driver.may_put_off = false;
                     let (refused, not_saved) = step!(vec![Input::Operator { action: msg.action, actor: msg.actor, reason: msg.reason }]);
+                    driver.may_put_off = true;
                     publisher.maybe_publish(&m, driver.clock.now_ms(), true);
                     let _ = msg.reply.send(match (refused, not_saved) {
                         (Some(e), _) => Err(TaskError::Refused(e)),
@@ -1094,6 +1309,10 @@ pub async fn run_counted(
                 // driver's (at the top of the loop), not the machine's: a settled rollout's last
                 // re-send waits running out took a step each, a walk over every host (issue 10).
                 let machine_due = next.is_some_and(|d| d <= now) || tick_at <= now;
+                // Woken to write a put-off save: the top of the loop does.
+                if !machine_due && driver.put_off_since().is_some() {
+                    continue;
+                }
                 let resend_due = driver.next_resend_ms().is_some_and(|t| t <= now);
                 if !machine_due && (resend_due && !driver.has_unsaved() || publish_at.is_some_and(|t| t <= now)) {
                     continue;
@@ -1102,6 +1321,10 @@ pub async fn run_counted(
             }
         };
         step!(inputs);
+    }
+    // Stopping (cancelled, or done): what was put off is written, not dropped.
+    if driver.put_off_since().is_some() {
+        driver.write_put_off(&m).await;
     }
     publisher.maybe_publish(&m, driver.clock.now_ms(), true);
 }
@@ -1569,6 +1792,231 @@ mod cost_tests {
         assert!(
             joined,
             "the host that passed after its hello was sent nothing"
+        );
+        shutdown.cancel();
+        mgr.join().await;
+    }
+}
+
+/// Durable commits per wave change (issue 10): the 50-real-agent job spent ~90–100 ms in the
+/// gate at each wave change, three commits in a row (the save of the bake's start, the
+/// allocation of the next wave's sequences, the save of its orders).
+#[cfg(test)]
+mod commit_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serin_proto::{HostId, OrderAction, ReleaseId, ServiceName};
+
+    use super::lost_message_tests::{answers, result};
+    use crate::control_service::RolloutApi;
+    use crate::engine_tests::wire_spec;
+    use crate::rollout::testing::{FakeFleet, host, release_record};
+    use crate::rollout::{RolloutState, intent::HostPhase};
+    use crate::store::{MemoryStore, ReleaseRecord, Store, StoreError, StoredRollout};
+    use tokio_util::sync::CancellationToken;
+
+    /// A [`MemoryStore`] that counts its commits: every rollout save and every sequence
+    /// allocation or reservation is one transaction.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemoryStore,
+        commits: AtomicUsize,
+    }
+
+    impl Store for Counting {
+        fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
+            self.inner.put_release(rec)
+        }
+        fn release(
+            &self,
+            service: &ServiceName,
+            id: &ReleaseId,
+        ) -> Result<Option<ReleaseRecord>, StoreError> {
+            self.inner.release(service, id)
+        }
+        fn releases(
+            &self,
+            service: Option<&ServiceName>,
+        ) -> Result<Vec<ReleaseRecord>, StoreError> {
+            self.inner.releases(service)
+        }
+        fn save_rollout(
+            &self,
+            rollout_id: &str,
+            header: &[u8],
+            hosts: &[(HostId, Vec<u8>)],
+            events: &[Vec<u8>],
+        ) -> Result<(), StoreError> {
+            self.commits.fetch_add(1, SeqCst);
+            self.inner.save_rollout(rollout_id, header, hosts, events)
+        }
+        fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
+            self.inner.load_rollout(rollout_id)
+        }
+        fn rollout_ids(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.rollout_ids()
+        }
+        fn next_seq(
+            &self,
+            host: &HostId,
+            service: &ServiceName,
+            at_least: u64,
+        ) -> Result<u64, StoreError> {
+            self.commits.fetch_add(1, SeqCst);
+            self.inner.next_seq(host, service, at_least)
+        }
+        fn next_seqs(
+            &self,
+            service: &ServiceName,
+            requests: &[(HostId, u64)],
+        ) -> Result<Vec<u64>, StoreError> {
+            self.commits.fetch_add(1, SeqCst);
+            self.inner.next_seqs(service, requests)
+        }
+        fn reserve_seqs(
+            &self,
+            service: &ServiceName,
+            requests: &[(HostId, u64)],
+            count: u64,
+        ) -> Result<Vec<u64>, StoreError> {
+            self.commits.fetch_add(1, SeqCst);
+            self.inner.reserve_seqs(service, requests, count)
+        }
+    }
+
+    /// Waves 1,10%,50%,100% over 20 hosts that answer at once, bake and minimum healthy time
+    /// 1 ms (the 50-real-agent job's shape): from the moment the machine has heard the last
+    /// answer of a wave to the first order of the next, exactly one commit (the orders' save,
+    /// with the bake's start and their sequences), where it took three. Every order still
+    /// went out after the save that records it, with the sequence saved, and no sequence was
+    /// handed out twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_wave_change_takes_one_commit() {
+        let store = Arc::new(Counting::default());
+        store.put_release(&release_record()).unwrap();
+        let hosts: Vec<_> = (0..20)
+            .map(|i| host(&format!("h{i:02}"), "eu-1", "web-1"))
+            .collect();
+        let fleet = Arc::new(FakeFleet::new(hosts));
+        // Per activate order sent: (host, seq, commits so far, the host's record as stored).
+        type Seen = Vec<(HostId, u64, usize, Option<(String, Option<u64>)>)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        // The commits when each activate's last answer was emitted (the machine hears it next).
+        let answered: Arc<Mutex<Vec<(HostId, usize)>>> = Arc::default();
+        {
+            let (store, seen, answered) = (store.clone(), seen.clone(), answered.clone());
+            fleet.respond_with(Box::new(move |h, o| {
+                let commits = store.commits.load(SeqCst);
+                if matches!(o.action, OrderAction::Activate { .. }) {
+                    let stored = store
+                        .inner
+                        .load_rollout(&o.rollout_id)
+                        .unwrap()
+                        .and_then(|r| {
+                            let d = crate::rollout::record::decode_rollout(
+                                &o.rollout_id,
+                                &r.header,
+                                &r.hosts,
+                            )
+                            .unwrap();
+                            d.hosts
+                                .iter()
+                                .find(|r| &r.host.id == h)
+                                .and_then(|r| r.host.order.as_ref())
+                                .map(|o| (o.order_id.clone(), o.seq))
+                        });
+                    seen.lock()
+                        .unwrap()
+                        .push((h.clone(), o.seq, commits, stored));
+                    answered.lock().unwrap().push((h.clone(), commits));
+                }
+                answers(o).iter().map(|p| result(h, o, *p)).collect()
+            }));
+        }
+        let shutdown = CancellationToken::new();
+        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
+        let api: &dyn RolloutApi = &mgr;
+        let mut spec = wire_spec(&["1", "10%", "50%", "100%"]);
+        spec.bake_ms = 1;
+        spec.canary_bake_ms = 1;
+        spec.min_healthy_ms = 1;
+        let id = api.start_rollout(spec).await.unwrap().rollout_id;
+        let mut st = mgr.status(&id).await.unwrap();
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            st = mgr.status(&id).await.unwrap();
+            if st.state.is_finished()
+                && st
+                    .hosts
+                    .iter()
+                    .all(|h| h.phase == crate::rollout::ShownPhase::Phase(HostPhase::Confirmed))
+            {
+                break;
+            }
+        }
+        assert_eq!(st.state, RolloutState::Succeeded, "{:?}", st.reason);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 20, "one activate per host: {seen:?}");
+        // Every activate was on disk, with its sequence, before it went out.
+        for (h, seq, _, stored) in &seen {
+            let (_, saved) = stored
+                .as_ref()
+                .unwrap_or_else(|| panic!("host {h}: activate sent before its record was saved"));
+            assert_eq!(
+                *saved,
+                Some(*seq),
+                "host {h}: sent seq {seq}, saved {saved:?}"
+            );
+        }
+        let mut seqs: Vec<(HostId, u64)> =
+            fleet.sent().into_iter().map(|(h, o)| (h, o.seq)).collect();
+        let n = seqs.len();
+        seqs.sort();
+        seqs.dedup();
+        // Repeats of one order keep its sequence; distinct orders never share one.
+        let orders: std::collections::BTreeSet<(HostId, String)> = fleet
+            .sent()
+            .into_iter()
+            .map(|(h, o)| (h, o.order_id))
+            .collect();
+        assert_eq!(seqs.len(), orders.len(), "{n} sends");
+        // The next wave's stage orders, asked for when the previous wave was healthy, waited
+        // with that save and were superseded by the activates 1 ms later (staging a wave that
+        // is activated at once gains nothing): no stage order went out after its host's
+        // activate, and each host got one activate.
+        let sent = fleet.sent();
+        for (h, ..) in &seen {
+            let at = |kind: &str| {
+                sent.iter()
+                    .enumerate()
+                    .filter(|(_, (x, o))| x == h && o.action.kind() == kind)
+                    .map(|(i, (_, o))| (i, o.order_id.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let activates: std::collections::BTreeSet<String> =
+                at("activate").into_iter().map(|(_, id)| id).collect();
+            assert_eq!(activates.len(), 1, "host {h}: {activates:?}");
+            let first_activate = at("activate")[0].0;
+            assert!(
+                at("stage").iter().all(|(i, _)| *i < first_activate),
+                "host {h}: a stage order after its activate"
+            );
+        }
+        // Waves of 1, 1, 8 and 10 hosts (10% of 20 is 2 in all, 50% is 10, 100% is 20): each
+        // wave's first activate, with the commits at the previous wave's last answer.
+        let wave_starts = [1usize, 2, 10];
+        let mut per_change = Vec::new();
+        for &start in &wave_starts {
+            let before = seen[start - 1].2;
+            let at = seen[start].2;
+            per_change.push(at - before);
+        }
+        assert_eq!(
+            per_change,
+            vec![1, 1, 1],
+            "commits from a wave's last answer to the next wave's first order"
         );
         shutdown.cancel();
         mgr.join().await;

@@ -10,6 +10,7 @@ use serin_proto::{HostId, ReleaseId, ServiceName};
 
 use super::{
     AuditRecord, EnrolmentWrite, ReleaseRecord, RevocationRecord, Store, StoreError, StoredRollout,
+    block,
 };
 
 #[derive(Default)]
@@ -19,6 +20,7 @@ struct Inner {
     order: Vec<String>,
     seqs: BTreeMap<(HostId, ServiceName), u64>,
     saves: usize,
+    seq_commits: usize,
     audit: Vec<(u64, AuditRecord)>,
     revoked: BTreeMap<String, RevocationRecord>,
     enrolment: BTreeMap<String, Vec<u8>>,
@@ -45,6 +47,11 @@ impl MemoryStore {
     /// How many `save_rollout` calls succeeded, for tests that check what gets persisted.
     pub fn saves(&self) -> usize {
         self.lock().saves
+    }
+
+    /// How many sequence allocations or reservations were committed (each one transaction).
+    pub fn seq_commits(&self) -> usize {
+        self.lock().seq_commits
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -184,16 +191,38 @@ impl Store for MemoryStore {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError> {
+        Ok(self.reserve_seqs(service, &[(host.clone(), at_least)], 1)?[0])
+    }
+
+    fn reserve_seqs(
+        &self,
+        service: &ServiceName,
+        requests: &[(HostId, u64)],
+        count: u64,
+    ) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.lock();
-        let slot = inner
-            .seqs
-            .entry((host.clone(), service.clone()))
-            .or_insert(0);
-        let next = (*slot).max(at_least).checked_add(1).ok_or_else(|| {
-            StoreError::Corrupt(format!("order sequence for {host}/{service} is exhausted"))
-        })?;
-        *slot = next;
-        Ok(next)
+        // All or nothing: worked out on a copy of the counters it touches.
+        let mut next: BTreeMap<&HostId, u64> = BTreeMap::new();
+        let mut out = Vec::with_capacity(requests.len());
+        for (host, at_least) in requests {
+            let last = next.get(host).copied().unwrap_or_else(|| {
+                inner
+                    .seqs
+                    .get(&(host.clone(), service.clone()))
+                    .copied()
+                    .unwrap_or(0)
+            });
+            let (first, end) = block(host, service, last, *at_least, count)?;
+            next.insert(host, end);
+            out.push(first);
+        }
+        if !requests.is_empty() {
+            inner.seq_commits += 1;
+        }
+        for (host, end) in next {
+            inner.seqs.insert((host.clone(), service.clone()), end);
+        }
+        Ok(out)
     }
 }
 

@@ -130,15 +130,38 @@ pub trait Store: Send + Sync + 'static {
     /// [`next_seq`](Store::next_seq) for many hosts of one service in one durable transaction
     /// (one commit for all the orders of a step, not one per order): `requests` are
     /// `(host, at_least)`, the answer the allocated sequences in the same order. All or nothing.
-    /// The default allocates one by one (stores written for tests).
     fn next_seqs(
         &self,
         service: &ServiceName,
         requests: &[(HostId, u64)],
     ) -> Result<Vec<u64>, StoreError> {
+        self.reserve_seqs(service, requests, 1)
+    }
+
+    /// Reserves a block of `count` (at least 1) order sequences for each of many hosts of one
+    /// service, in one durable transaction: for each `(host, at_least)` the answer is the
+    /// block's first sequence `first`, strictly greater than any sequence handed out or reserved
+    /// before for that pair and than `at_least`, and the block is `first..first + count`; once
+    /// this returns, no later call hands out or reserves any sequence of it again (across
+    /// restarts too). All or nothing. The caller hands the block's sequences out from memory:
+    /// orders then need no commit of their own for their sequences (issue 10). The default
+    /// reserves host by host through [`next_seq`](Store::next_seq) (stores written for tests).
+    fn reserve_seqs(
+        &self,
+        service: &ServiceName,
+        requests: &[(HostId, u64)],
+        count: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let count = count.max(1);
         requests
             .iter()
-            .map(|(host, at_least)| self.next_seq(host, service, *at_least))
+            .map(|(host, at_least)| {
+                let first = self.next_seq(host, service, *at_least)?;
+                if count > 1 {
+                    self.next_seq(host, service, first + count - 2)?;
+                }
+                Ok(first)
+            })
             .collect()
     }
 
@@ -187,6 +210,26 @@ pub trait Store: Send + Sync + 'static {
 
     fn bump_epoch(&self, at_least: u64) -> Result<u64, StoreError> {
         Ok(at_least.max(1))
+    }
+}
+
+/// The block of `count` (at least 1) sequences a reservation takes for `host`/`service` when the
+/// highest sequence handed out or reserved so far is `last`: its first sequence and its last
+/// (the new counter).
+fn block(
+    host: &HostId,
+    service: &ServiceName,
+    last: u64,
+    at_least: u64,
+    count: u64,
+) -> Result<(u64, u64), StoreError> {
+    let first = last.max(at_least).checked_add(1);
+    let end = first.and_then(|f| f.checked_add(count.max(1) - 1));
+    match (first, end) {
+        (Some(first), Some(end)) => Ok((first, end)),
+        _ => Err(StoreError::Corrupt(format!(
+            "order sequence for {host}/{service} is exhausted"
+        ))),
     }
 }
 
@@ -350,5 +393,22 @@ pub(crate) mod conformance {
         assert_eq!(store.next_seq(&host("h2"), &web, 0).unwrap(), 1);
         assert_eq!(store.next_seq(&h1, &web, 10).unwrap(), 11);
         assert_eq!(store.next_seq(&h1, &web, 3).unwrap(), 12);
+
+        // Blocks: each starts above everything handed out or reserved before (and above
+        // at_least), and nothing of a block is handed out again.
+        let h3 = host("h3");
+        assert_eq!(
+            store
+                .reserve_seqs(&web, &[(h1.clone(), 0), (h3.clone(), 40)], 8)
+                .unwrap(),
+            vec![13, 41]
+        );
+        assert_eq!(store.next_seq(&h1, &web, 0).unwrap(), 21);
+        assert_eq!(store.next_seqs(&web, &[(h3.clone(), 0)]).unwrap(), vec![49]);
+        assert_eq!(
+            store.reserve_seqs(&web, &[(h3.clone(), 100)], 1).unwrap(),
+            vec![101]
+        );
+        assert!(store.reserve_seqs(&web, &[], 8).unwrap().is_empty());
     }
 }

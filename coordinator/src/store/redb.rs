@@ -18,7 +18,7 @@
 //! | `rollout_hosts`  | (rollout id, host id)    | opaque host record blob        |
 //! | `rollout_events` | (rollout id, event no.)  | opaque event blob              |
 //! | `rollout_order`  | ordinal (creation order) | rollout id                     |
-//! | `order_seqs`     | (host id, service)       | highest order sequence handed out |
+//! | `order_seqs`     | (host id, service)       | highest order sequence handed out or reserved |
 //! | `audit`          | sequence number          | JSON [`AuditRecord`] (since v2)  |
 //! | `revoked_hosts`  | host id                  | JSON [`RevocationRecord`] (since v2) |
 //! | `enrolment`      | `token/<sha256>`, `key/<host>`, `pending/<host>` | JSON (since v3, see `crate::enrolment`) |
@@ -553,38 +553,19 @@ impl Store for RedbStore {
         service: &ServiceName,
         at_least: u64,
     ) -> Result<u64, StoreError> {
-        let txn = self.begin_write("starting next_seq")?;
-        let next = {
-            let mut t = txn
-                .open_table(ORDER_SEQS)
-                .map_err(|e| self.io("opening table order_seqs", e))?;
-            let key = (host.as_str(), service.as_str());
-            let last = t
-                .get(key)
-                .map_err(|e| self.io("reading an order sequence", e))?
-                .map_or(0, |g| g.value());
-            let next = last.max(at_least).checked_add(1).ok_or_else(|| {
-                StoreError::Corrupt(format!("order sequence for {host}/{service} is exhausted"))
-            })?;
-            t.insert(key, next)
-                .map_err(|e| self.io("writing an order sequence", e))?;
-            next
-        };
-        crate::fault::point("store-seq-before-commit");
-        self.commit(txn, "committing an order sequence")?;
-        crate::fault::point("store-seq-committed");
-        Ok(next)
+        Ok(self.reserve_seqs(service, &[(host.clone(), at_least)], 1)?[0])
     }
 
-    fn next_seqs(
+    fn reserve_seqs(
         &self,
         service: &ServiceName,
         requests: &[(HostId, u64)],
+        count: u64,
     ) -> Result<Vec<u64>, StoreError> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.begin_write("starting next_seqs")?;
+        let txn = self.begin_write("starting reserve_seqs")?;
         let out = {
             let mut t = txn
                 .open_table(ORDER_SEQS)
@@ -596,12 +577,10 @@ impl Store for RedbStore {
                     .get(key)
                     .map_err(|e| self.io("reading an order sequence", e))?
                     .map_or(0, |g| g.value());
-                let next = last.max(*at_least).checked_add(1).ok_or_else(|| {
-                    StoreError::Corrupt(format!("order sequence for {host}/{service} is exhausted"))
-                })?;
-                t.insert(key, next)
+                let (first, end) = super::block(host, service, last, *at_least, count)?;
+                t.insert(key, end)
                     .map_err(|e| self.io("writing an order sequence", e))?;
-                out.push(next);
+                out.push(first);
             }
             out
         };
