@@ -5,8 +5,9 @@
 //! health reports and order results, and a heartbeat only when the stream has been silent for the
 //! heartbeat interval: any message is a sign of life to the coordinator, so an agent whose health
 //! reports go up at least that often sends no heartbeat at all ([`heartbeat_silence`]). Orders
-//! coming down are validated and routed to their service's task. Order results produced while disconnected are queued (bounded) and sent
-//! after the reconnect; health reports are not queued (fresh ones go up on reconnect).
+//! coming down are validated and routed to their service's task. Order results produced while
+//! disconnected are queued (bounded) and sent after the reconnect; health reports are not queued
+//! (fresh ones go up on reconnect).
 //!
 //! [`channel`] builds the transport from the `[tls]` section: mutual TLS with the serin CA
 //! pinned, the coordinator's name verified against the URL's host and this host's certificate
