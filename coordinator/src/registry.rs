@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use indexmap::IndexMap;
 use serin_proto::wire::{self, CheckKind};
 use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName, ValidationError};
 use tokio::sync::{broadcast, mpsc};
@@ -186,13 +187,15 @@ impl HostEntry {
 
 /// Every host the registry knows, and the indexes over them, behind the registry's one lock.
 ///
-/// Hosts are found by id through a hash map (every message of every agent looks its host up:
-/// a `BTreeMap` spent ~15 string comparisons on each); the ordered walks (`ListHosts` pages,
-/// [`Fleet::snapshot`]) go through `ordered`. Hosts are never forgotten, so `ordered` only grows
-/// on a host's first hello.
+/// Hosts are found by id through a hash table (every message of every agent looks its host up:
+/// a `BTreeMap` spent ~15 string comparisons on each) over entries kept densely in arrival order
+/// (an `IndexMap`: walks over every host, as `ListHosts` summaries do, read one array); the
+/// ordered walks (`ListHosts` pages, [`Fleet::snapshot`]) go through `ordered`. Hosts are never
+/// forgotten (nothing is removed, so indexes never move), and `ordered` only grows on a host's
+/// first hello.
 #[derive(Default)]
 struct Hosts {
-    by_id: HashMap<HostId, HostEntry, foldhash::fast::RandomState>,
+    by_id: IndexMap<HostId, HostEntry, foldhash::fast::RandomState>,
     /// Every key of `by_id`, in id order.
     ordered: BTreeSet<HostId>,
     /// The reaper's deadline queue, earliest first: at most one entry per host (its
@@ -362,8 +365,8 @@ impl Registry {
             let mut guard = self.lock();
             let hosts = &mut *guard;
             let entry = match hosts.by_id.entry(host.clone()) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
+                indexmap::map::Entry::Occupied(o) => o.into_mut(),
+                indexmap::map::Entry::Vacant(v) => {
                     hosts.ordered.insert(host.clone());
                     v.insert(HostEntry::new(snapshot.clone(), now))
                 }
