@@ -1989,4 +1989,39 @@ mod tests {
         assert_eq!(ids, vec!["h1", "h3"]);
         assert_eq!(reg.host_infos(&Selector::everything()).len(), 3);
     }
+
+    /// Hosts are kept in arrival order behind a hash table, yet every ordered walk is by host id:
+    /// the snapshot the engine plans from (the same fleet, the same plan) and `ListHosts` pages
+    /// resumed from a token, a host arriving later included exactly once.
+    #[test]
+    fn snapshots_and_pages_are_in_host_id_order_whatever_the_arrival_order() {
+        let reg = registry(1000);
+        let mut keep = Vec::new();
+        let mut attach = |h: &str| {
+            let (tx, rx) = mpsc::channel(8);
+            keep.push(rx);
+            reg.attach(hello(h, &[]), tx, Instant::now(), 0).unwrap();
+        };
+        for h in ["h5", "h2", "h9", "h1", "h7"] {
+            attach(h);
+        }
+        let snapshot: Vec<String> = reg
+            .snapshot()
+            .into_iter()
+            .map(|s| s.host_id.to_string())
+            .collect();
+        assert_eq!(snapshot, ["h1", "h2", "h5", "h7", "h9"]);
+        let everything = Selector::everything();
+        let (page, token) = reg.host_page(&everything, None, 2);
+        let ids: Vec<_> = page.into_iter().map(|h| h.host_id).collect();
+        assert_eq!(ids, ["h1", "h2"]);
+        let token = token.expect("more hosts follow");
+        // A host arriving between two pages lands in its place.
+        attach("h3");
+        attach("h0");
+        let (page, token) = reg.host_page(&everything, Some(&token), 10);
+        let ids: Vec<_> = page.into_iter().map(|h| h.host_id).collect();
+        assert_eq!(ids, ["h3", "h5", "h7", "h9"]);
+        assert_eq!(token, None);
+    }
 }
