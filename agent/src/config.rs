@@ -29,7 +29,8 @@ pub struct Config {
     pub host_id: Option<HostId>,
     /// Explicit hostname; `None`: the system hostname.
     pub hostname: Option<String>,
-    /// How often a heartbeat goes up (the coordinator's Welcome may override it).
+    /// A heartbeat goes up after this long without any other message (a health report or a
+    /// result is as much a sign of life); the coordinator's Welcome may override it.
     pub heartbeat_interval: Duration,
     /// A full health report goes up at least this often.
     pub report_interval: Duration,

@@ -2,9 +2,12 @@
 //! jittered exponential backoff.
 //!
 //! On every connect the agent sends a `Hello` built from the services' current inventories, then
-//! heartbeats, health reports and order results; orders coming down are validated and routed to
-//! their service's task. Order results produced while disconnected are queued (bounded) and sent
-//! after the reconnect; health reports are not queued (fresh ones go up on reconnect).
+//! health reports and order results, and a heartbeat only when the stream has been silent for the
+//! heartbeat interval: any message is a sign of life to the coordinator, so an agent whose health
+//! reports go up at least that often sends no heartbeat at all ([`heartbeat_silence`]). Orders
+//! coming down are validated and routed to their service's task. Order results produced while
+//! disconnected are queued (bounded) and sent after the reconnect; health reports are not queued
+//! (fresh ones go up on reconnect).
 //!
 //! [`channel`] builds the transport from the `[tls]` section: mutual TLS with the serin CA
 //! pinned, the coordinator's name verified against the URL's host and this host's certificate
@@ -21,6 +24,7 @@ use serin_proto::wire::{
 use serin_proto::{HoldConfirm, HostId, Order};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -30,8 +34,28 @@ use crate::service::{Input, ServiceHandle, Upstream};
 
 /// Largest HTTP/2 frame the agent accepts from the coordinator: one artifact chunk.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// An HTTP/2 ping goes to the coordinator after this long without reading anything from it, to
+/// find a connection that stalled or died silently (a partition, a crashed host, a proxy that
+/// stopped forwarding) and dial again: such a connection is left within this plus
+/// [`KEEPALIVE_TIMEOUT`], 30 s. A steady coordinator sends an agent nothing, so every agent pings
+/// at this period, and each ping costs the coordinator a read and an answer about as much as a
+/// heartbeat does: at 10 s, 2,000 pings a second at 20,000 agents took ~5 % of a core, as much as
+/// their health reports. The coordinator learns of a silent agent from its messages
+/// (`unreachable_after`), not from pings.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a keepalive ping may wait for its answer before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most order results kept while disconnected; the oldest are dropped beyond this.
 const MAX_QUEUED_RESULTS: usize = 4096;
+
+/// How long the stream must have been silent before a heartbeat goes up: the heartbeat interval,
+/// plus a grace of a twentieth of it (at most 250 ms) so that a health report due at the same
+/// moment (a report interval equal to the heartbeat interval) goes first and the heartbeat is not
+/// sent at all; without it the two race and both go up about half the time. The coordinator
+/// hears from the agent at least this often; its `unreachable_after` is several intervals.
+pub fn heartbeat_silence(every: Duration) -> Duration {
+    every + (every / 20).min(Duration::from_millis(250))
+}
 
 /// Who this agent is and how it talks.
 #[derive(Debug, Clone)]
@@ -94,8 +118,8 @@ pub fn channel(
         // Artifact chunks (256 KiB) arrive in one HTTP/2 frame each instead of sixteen 16 KiB
         // ones: fewer frames to parse and copy on both sides of a download.
         .max_frame_size(MAX_FRAME_SIZE)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(connector);
     Ok((channel, reloadable))
@@ -237,7 +261,7 @@ async fn connected(
     settings: &Settings,
     services: &HashMap<String, ServiceHandle>,
     tx: &mpsc::Sender<wire::AgentMessage>,
-    inbound: &mut tonic::Streaming<wire::CoordinatorMessage>,
+    inbound: &mut (impl Stream<Item = Result<wire::CoordinatorMessage, tonic::Status>> + Unpin),
     upstream: &mut mpsc::Receiver<Upstream>,
     queued: &mut VecDeque<wire::OrderResult>,
     shutdown: &CancellationToken,
@@ -258,39 +282,44 @@ async fn connected(
         let _ = h.tx.try_send(Input::ReportNow);
     }
     let mut beat = tokio::time::interval(Liveness::PERIOD);
-    let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    heartbeat.tick().await;
+    // The hello (and the results above) just went up: the first heartbeat is due after a full
+    // interval of silence, and every message sent pushes it back.
+    let mut every = settings.heartbeat_interval;
+    let heartbeat = tokio::time::sleep(heartbeat_silence(every));
+    tokio::pin!(heartbeat);
+    let rearm = |heartbeat: std::pin::Pin<&mut tokio::time::Sleep>, every: Duration| {
+        heartbeat.reset(tokio::time::Instant::now() + heartbeat_silence(every));
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ended::Shutdown,
-            msg = inbound.message() => match msg {
-                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Welcome(w)) })) => {
+            msg = inbound.next() => match msg {
+                Some(Ok(wire::CoordinatorMessage { body: Some(Down::Welcome(w)) })) => {
                     tracing::info!(coordinator = %w.coordinator_id, heartbeat_ms = w.heartbeat_interval_ms, "welcomed by coordinator");
                     if w.heartbeat_interval_ms > 0 {
-                        let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms)).max(Duration::from_millis(50));
-                        heartbeat = tokio::time::interval(every);
-                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        heartbeat.tick().await;
+                        every = Duration::from_millis(u64::from(w.heartbeat_interval_ms)).max(Duration::from_millis(50));
+                        rearm(heartbeat.as_mut(), every);
                     }
                 }
-                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Order(o)) })) => {
-                    if let Some(reply) = route(o, services)
-                        && let Err(e) = send(Up::Result(reply)).await
-                    {
-                        return Ended::Lost(e);
+                Some(Ok(wire::CoordinatorMessage { body: Some(Down::Order(o)) })) => {
+                    if let Some(reply) = route(o, services) {
+                        if let Err(e) = send(Up::Result(reply)).await {
+                            return Ended::Lost(e);
+                        }
+                        rearm(heartbeat.as_mut(), every);
                     }
                 }
-                Ok(Some(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => route_hold(h, services),
-                Ok(Some(wire::CoordinatorMessage { body: None })) => {}
-                Ok(None) => return Ended::Lost("coordinator closed the stream".into()),
-                Err(s) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
+                Some(Ok(wire::CoordinatorMessage { body: Some(Down::Hold(h)) })) => route_hold(h, services),
+                Some(Ok(wire::CoordinatorMessage { body: None })) => {}
+                None => return Ended::Lost("coordinator closed the stream".into()),
+                Some(Err(s)) => return Ended::Lost(format!("{} {}", s.code(), s.message())),
             },
             _ = beat.tick() => settings.liveness.beat(),
-            _ = heartbeat.tick() => {
+            () = &mut heartbeat => {
                 if let Err(e) = send(Up::Heartbeat(wire::Heartbeat { sent_unix_ms: unix_ms() })).await {
                     return Ended::Lost(e);
                 }
+                rearm(heartbeat.as_mut(), every);
             }
             Some(up) = upstream.recv() => {
                 let body = match up {
@@ -307,6 +336,7 @@ async fn connected(
                     }
                     return Ended::Lost(e);
                 }
+                rearm(heartbeat.as_mut(), every);
             }
         }
     }
@@ -390,6 +420,120 @@ fn route(o: wire::Order, services: &HashMap<String, ServiceHandle>) -> Option<wi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What went up the stream, with when (after the connection started) and what it was.
+    async fn traffic(
+        every: Duration,
+        health_every: Option<Duration>,
+        run_for: Duration,
+    ) -> Vec<(Duration, &'static str)> {
+        let settings = Settings {
+            host_id: HostId::new("h1").unwrap(),
+            hostname: "h1".into(),
+            labels: BTreeMap::new(),
+            heartbeat_interval: Duration::from_secs(3600),
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(1),
+            liveness: Liveness::new(),
+        };
+        let start = tokio::time::Instant::now();
+        let (tx, mut rx) = mpsc::channel::<wire::AgentMessage>(64);
+        let recorder = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(m) = rx.recv().await {
+                let kind = match m.body {
+                    Some(Up::Heartbeat(_)) => "heartbeat",
+                    Some(Up::Health(_)) => "health",
+                    Some(Up::Result(_)) => "result",
+                    _ => "other",
+                };
+                seen.push((start.elapsed(), kind));
+            }
+            seen
+        });
+        // The coordinator's welcome sets the interval (the settings' one is an hour).
+        let (down, down_rx) = mpsc::channel(4);
+        down.send(Ok(wire::CoordinatorMessage {
+            body: Some(Down::Welcome(wire::Welcome {
+                coordinator_id: "c".into(),
+                heartbeat_interval_ms: every.as_millis() as u32,
+            })),
+        }))
+        .await
+        .unwrap();
+        let mut inbound = ReceiverStream::new(down_rx);
+        // A service task's report interval, as `ServiceTask::run` ticks it: first report at once.
+        let (up_tx, mut upstream) = mpsc::channel(16);
+        let feeder = tokio::spawn(async move {
+            let Some(period) = health_every else {
+                return std::future::pending().await;
+            };
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let _ = up_tx.try_send(Upstream::Health(wire::HealthReport::default()));
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(run_for).await;
+            stop.cancel();
+        });
+        let ended = connected(
+            &settings,
+            &HashMap::new(),
+            &tx,
+            &mut inbound,
+            &mut upstream,
+            &mut VecDeque::new(),
+            &shutdown,
+        )
+        .await;
+        assert!(matches!(ended, Ended::Shutdown));
+        feeder.abort();
+        drop(tx);
+        recorder.await.unwrap()
+    }
+
+    /// Longest time the stream was silent, from the start to the end of the run.
+    fn longest_silence(seen: &[(Duration, &str)], run_for: Duration) -> Duration {
+        let mut times: Vec<Duration> = vec![Duration::ZERO];
+        times.extend(seen.iter().map(|(t, _)| *t));
+        times.push(run_for);
+        times.windows(2).map(|w| w[1] - w[0]).max().unwrap()
+    }
+
+    fn count(seen: &[(Duration, &str)], kind: &str) -> usize {
+        seen.iter().filter(|(_, k)| *k == kind).count()
+    }
+
+    /// Any message is a sign of life: an agent whose health reports go up every heartbeat
+    /// interval sends no heartbeat at all (it used to send one per interval besides), one whose
+    /// reports are rarer heartbeats only in the silences between them, and a silent one still
+    /// heartbeats, never leaving the stream silent for longer than the interval (plus its grace).
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_goes_up_only_after_an_interval_of_silence() {
+        let every = Duration::from_secs(10);
+        let run_for = Duration::from_secs(95);
+        let limit = heartbeat_silence(every);
+        assert!(limit > every && limit <= every + Duration::from_millis(250));
+
+        let seen = traffic(every, Some(every), run_for).await;
+        assert_eq!(count(&seen, "health"), 10, "{seen:?}");
+        assert_eq!(count(&seen, "heartbeat"), 0, "{seen:?}");
+
+        let seen = traffic(every, None, run_for).await;
+        assert_eq!(count(&seen, "heartbeat"), 9, "{seen:?}");
+        assert!(longest_silence(&seen, run_for) <= limit, "{seen:?}");
+
+        // Reports every 30 s (the default ratio to a 5 s heartbeat, scaled): two heartbeats in
+        // each gap between reports, where an interval timer sent three.
+        let seen = traffic(every, Some(Duration::from_secs(30)), run_for).await;
+        assert_eq!(count(&seen, "health"), 4, "{seen:?}");
+        assert_eq!(count(&seen, "heartbeat"), 6, "{seen:?}");
+        assert!(longest_silence(&seen, run_for) <= limit, "{seen:?}");
+    }
 
     /// A service task busy for a while (a slow fsync, prune or `systemctl show`) lets its queue
     /// fill with probe results: a hold arriving then must still reach it, and a later hold

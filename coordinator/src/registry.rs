@@ -19,11 +19,13 @@
 //! Wire types stop here: [`validate_hello`], [`validate_health`] and [`validate_result`] turn
 //! them into the domain types of [`crate::fleet`], naming the offending field on failure.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use indexmap::IndexMap;
 use serin_proto::wire::{self, CheckKind};
 use serin_proto::{HoldConfirm, HostId, Order, ReleaseId, ServiceName, ValidationError};
 use tokio::sync::{broadcast, mpsc};
@@ -94,7 +96,6 @@ struct Connection {
 /// entries for one service or two labels); [`HostEntry::snapshot`] builds the engine's
 /// [`HostSnapshot`] on demand. The host is connected iff `conn` is set.
 struct HostEntry {
-    host_id: HostId,
     hostname: Box<str>,
     /// The hello's labels, sorted by key.
     labels: Box<[(Box<str>, Box<str>)]>,
@@ -105,13 +106,14 @@ struct HostEntry {
     /// Latest report per service, bounded (for `serin hosts`).
     health: Vec<(ServiceName, wire::HealthReport)>,
     last_seen: Instant,
+    /// Whether the host has a deadline in [`Hosts::due`] (at most one).
+    queued: bool,
     conn: Option<Connection>,
 }
 
 impl HostEntry {
     fn new(s: HostSnapshot, now: Instant) -> Self {
         let mut e = Self {
-            host_id: s.host_id.clone(),
             hostname: Box::default(),
             labels: Box::default(),
             agent_version: Box::default(),
@@ -119,6 +121,7 @@ impl HostEntry {
             services: Vec::new(),
             health: Vec::new(),
             last_seen: now,
+            queued: false,
             conn: None,
         };
         e.take_hello(s);
@@ -152,9 +155,9 @@ impl HostEntry {
             .collect()
     }
 
-    fn snapshot(&self) -> HostSnapshot {
+    fn snapshot(&self, id: &HostId) -> HostSnapshot {
         HostSnapshot {
-            host_id: self.host_id.clone(),
+            host_id: id.clone(),
             hostname: self.hostname.to_string(),
             labels: self.labels(),
             connected: self.conn.is_some(),
@@ -189,6 +192,60 @@ impl HostEntry {
     }
 }
 
+/// Every host the registry knows, and the indexes over them, behind the registry's one lock.
+///
+/// Hosts are found by id through a hash table (every message of every agent looks its host up:
+/// a `BTreeMap` spent ~15 string comparisons on each) over entries kept densely in arrival order
+/// (an `IndexMap`: walks over every host, as `ListHosts` summaries do, read one array); the
+/// ordered walks (`ListHosts` pages, [`Fleet::snapshot`]) go through `ordered`. Hosts are never
+/// forgotten (nothing is removed, so indexes never move), and `ordered` only grows on a host's
+/// first hello.
+#[derive(Default)]
+struct Hosts {
+    by_id: IndexMap<HostId, HostEntry, foldhash::fast::RandomState>,
+    /// Every key of `by_id`, in id order.
+    ordered: BTreeSet<HostId>,
+    /// The reaper's deadline queue, earliest first: at most one entry per host (its
+    /// [`HostEntry::queued`]), never later than the host's `last_seen + unreachable_after`.
+    /// A message does not move its host's entry (that would cost every message a heap
+    /// operation); the reaper re-arms an entry that comes due for a host that has spoken since,
+    /// so a reap costs the hosts that came due, about `hosts / unreachable_after` a second,
+    /// not the whole registry.
+    due: BinaryHeap<Reverse<(Instant, HostId)>>,
+}
+
+impl Hosts {
+    fn get(&self, id: &HostId) -> Option<&HostEntry> {
+        self.by_id.get(id)
+    }
+
+    fn get_mut(&mut self, id: &HostId) -> Option<&mut HostEntry> {
+        self.by_id.get_mut(id)
+    }
+
+    /// Every host, in id order.
+    fn iter_ordered(&self) -> impl Iterator<Item = (&HostId, &HostEntry)> {
+        self.ordered
+            .iter()
+            .filter_map(|id| self.by_id.get(id).map(|e| (id, e)))
+    }
+
+    /// Queues the reaper's deadline of host `id` at `last_seen + after`, unless it has one.
+    fn arm(&mut self, id: &HostId, after: Duration) {
+        let Some(entry) = self.by_id.get_mut(id) else {
+            return;
+        };
+        if entry.queued {
+            return;
+        }
+        // An `unreachable_after` beyond the clock's range: never due.
+        if let Some(at) = entry.last_seen.checked_add(after) {
+            entry.queued = true;
+            self.due.push(Reverse((at, id.clone())));
+        }
+    }
+}
+
 /// An agent stream registered with the registry.
 #[derive(Debug)]
 pub struct Attachment {
@@ -215,7 +272,7 @@ pub enum RecordError {
 /// The registry of hosts; implements [`Fleet`].
 pub struct Registry {
     settings: RegistrySettings,
-    hosts: Mutex<BTreeMap<HostId, HostEntry>>,
+    hosts: Mutex<Hosts>,
     /// Every event ([`Interest::Everything`]).
     events: broadcast::Sender<FleetEvent>,
     /// Only the changes ([`Interest::Changes`]).
@@ -240,7 +297,7 @@ impl Registry {
         let (changes, _) = broadcast::channel(settings.change_capacity.max(16));
         Self {
             settings,
-            hosts: Mutex::new(BTreeMap::new()),
+            hosts: Mutex::new(Hosts::default()),
             events,
             changes,
             next_conn: AtomicU64::new(1),
@@ -258,7 +315,7 @@ impl Registry {
         &self.settings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<HostId, HostEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hosts> {
         // Every critical section leaves the map consistent before anything can panic, so a
         // poisoned lock is safe to recover.
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
@@ -312,17 +369,23 @@ impl Registry {
             kick: kick.clone(),
         };
         {
-            let mut hosts = self.lock();
-            let entry = hosts
-                .entry(host.clone())
-                .or_insert_with(|| HostEntry::new(snapshot.clone(), now));
+            let mut guard = self.lock();
+            let hosts = &mut *guard;
+            let entry = match hosts.by_id.entry(host.clone()) {
+                indexmap::map::Entry::Occupied(o) => o.into_mut(),
+                indexmap::map::Entry::Vacant(v) => {
+                    hosts.ordered.insert(host.clone());
+                    v.insert(HostEntry::new(snapshot.clone(), now))
+                }
+            };
             if let Some(old) = entry.conn.take() {
                 tracing::info!(host = %host, old = old.id, new = conn_id, "agent reconnected; closing its previous stream");
                 old.kick.cancel();
             }
             entry.take_hello(snapshot.clone());
-            entry.last_seen = now;
+            entry.last_seen = entry.last_seen.max(now);
             entry.conn = Some(conn);
+            hosts.arm(&host, self.settings.unreachable_after);
             self.emit(true, || FleetEvent::HostUp(snapshot));
         }
         Ok(Attachment {
@@ -352,7 +415,10 @@ impl Registry {
                 });
             }
         };
-        entry.last_seen = now;
+        // Any message is a sign of life, a heartbeat no more than a report or a result (the
+        // agent sends a heartbeat only after an interval of silence). Concurrent streams may
+        // take the lock out of their clocks' order: the latest time stands.
+        entry.last_seen = entry.last_seen.max(now);
         entry.last_seen_unix_ms = now_ms;
         match body {
             Body::Hello(_) => {
@@ -420,24 +486,47 @@ impl Registry {
 
     /// Marks every connected host that sent nothing for `unreachable_after` as unreachable and
     /// closes its stream. Returns the hosts it marked.
+    ///
+    /// Walks only the deadlines that came due (see [`Hosts::due`]), re-arming those of hosts that
+    /// spoke since their deadline was set.
     pub fn reap(&self, now: Instant) -> Vec<HostId> {
-        let mut hosts = self.lock();
+        let after = self.settings.unreachable_after;
+        let mut guard = self.lock();
+        let hosts = &mut *guard;
         let mut reaped = Vec::new();
-        for (id, entry) in hosts.iter_mut() {
-            if entry.conn.is_some()
-                && now.saturating_duration_since(entry.last_seen) > self.settings.unreachable_after
-            {
-                if let Some(conn) = entry.conn.take() {
-                    conn.kick.cancel();
-                }
-                tracing::warn!(
-                    host = %id,
-                    silent_ms = now.saturating_duration_since(entry.last_seen).as_millis() as u64,
-                    "agent unreachable: no message within unreachable_after"
-                );
-                self.emit(true, || FleetEvent::HostDown { host: id.clone() });
-                reaped.push(id.clone());
+        // A deadline is never later than its host's `last_seen + after`: once the earliest is
+        // not past, no host is silent for longer than `after`.
+        while hosts.due.peek().is_some_and(|Reverse((at, _))| *at < now) {
+            let Some(Reverse((_, id))) = hosts.due.pop() else {
+                break;
+            };
+            let Some(entry) = hosts.by_id.get_mut(&id) else {
+                continue;
+            };
+            entry.queued = false;
+            if entry.conn.is_none() {
+                // Disconnected: armed again by its next hello.
+                continue;
             }
+            let silent = now.saturating_duration_since(entry.last_seen);
+            if silent <= after {
+                // Spoke since: due again `after` its last message (never past: `silent <= after`).
+                if let Some(at) = entry.last_seen.checked_add(after) {
+                    entry.queued = true;
+                    hosts.due.push(Reverse((at, id)));
+                }
+                continue;
+            }
+            if let Some(conn) = entry.conn.take() {
+                conn.kick.cancel();
+            }
+            tracing::warn!(
+                host = %id,
+                silent_ms = silent.as_millis() as u64,
+                "agent unreachable: no message within unreachable_after"
+            );
+            self.emit(true, || FleetEvent::HostDown { host: id.clone() });
+            reaped.push(id);
         }
         reaped
     }
@@ -471,7 +560,7 @@ impl Registry {
 
     /// Closes every open stream (at shutdown).
     pub fn kick_all(&self) {
-        for entry in self.lock().values() {
+        for entry in self.lock().by_id.values() {
             if let Some(c) = &entry.conn {
                 c.kick.cancel();
             }
@@ -497,10 +586,10 @@ impl Registry {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut page = Vec::new();
         let mut last = None;
-        for e in hosts
-            .range::<HostId, _>((start, Bound::Unbounded))
-            .map(|(_, e)| e)
-        {
+        for id in hosts.ordered.range::<HostId, _>((start, Bound::Unbounded)) {
+            let Some(e) = hosts.get(id) else {
+                continue;
+            };
             if page.len() == limit {
                 return (page, last);
             }
@@ -508,8 +597,8 @@ impl Registry {
             if !selector.matches(&labels) {
                 continue;
             }
-            last = Some(e.host_id.clone());
-            page.push(host_info(e, labels));
+            last = Some(id.clone());
+            page.push(host_info(id, e, labels));
         }
         (page, None)
     }
@@ -521,7 +610,7 @@ impl Registry {
         let mut states: HashMap<String, u64> = HashMap::new();
         let mut releases: HashMap<String, u64> = HashMap::new();
         let mut labels: HashMap<String, u64> = HashMap::new();
-        for e in self.lock().values() {
+        for e in self.lock().by_id.values() {
             if !selector.is_empty() && !selector.matches(&e.labels()) {
                 continue;
             }
@@ -560,9 +649,9 @@ fn most_common(counts: HashMap<String, u64>, top: usize) -> (Vec<wire::SummaryCo
 }
 
 /// One host as the control API shows it.
-fn host_info(e: &HostEntry, labels: BTreeMap<String, String>) -> wire::HostInfo {
+fn host_info(id: &HostId, e: &HostEntry, labels: BTreeMap<String, String>) -> wire::HostInfo {
     wire::HostInfo {
-        host_id: e.host_id.to_string(),
+        host_id: id.to_string(),
         hostname: e.hostname.to_string(),
         labels: labels.into_iter().collect::<HashMap<_, _>>(),
         connected: e.conn.is_some(),
@@ -626,12 +715,16 @@ impl Registry {
 }
 
 impl Fleet for Registry {
+    /// Every host, in id order (plans are made from it: the same fleet, the same plan).
     fn snapshot(&self) -> Vec<HostSnapshot> {
-        self.lock().values().map(HostEntry::snapshot).collect()
+        self.lock()
+            .iter_ordered()
+            .map(|(id, e)| e.snapshot(id))
+            .collect()
     }
 
     fn host(&self, id: &HostId) -> Option<HostSnapshot> {
-        self.lock().get(id).map(HostEntry::snapshot)
+        self.lock().get(id).map(|e| e.snapshot(id))
     }
 
     fn send(&self, host: &HostId, order: Order) -> bool {
@@ -1266,6 +1359,135 @@ mod tests {
         ));
     }
 
+    /// The reaper walks only the deadlines that came due and re-arms those of hosts that spoke
+    /// since: a host that goes silent after its deadline was re-armed (others' too) is still
+    /// reaped on time, and one that keeps speaking never is.
+    #[test]
+    fn reaper_catches_a_host_that_goes_silent_after_being_re_armed() {
+        let ms = Duration::from_millis;
+        let reg = registry(100);
+        let t0 = Instant::now();
+        let mut streams = Vec::new();
+        let mut attached = Vec::new();
+        for h in ["h1", "h2", "h3"] {
+            let (tx, rx) = mpsc::channel(8);
+            streams.push(rx);
+            attached.push(reg.attach(hello(h, &[]), tx, t0, 0).unwrap());
+        }
+        let beat = |a: &Attachment, at: Duration| {
+            reg.record(
+                &a.host,
+                a.conn_id,
+                Body::Heartbeat(wire::Heartbeat::default()),
+                t0 + at,
+                0,
+            )
+            .unwrap();
+        };
+        let [h1, h2, h3] = &attached[..] else {
+            unreachable!()
+        };
+        beat(h1, ms(50));
+        beat(h2, ms(60));
+        // h3 said nothing after its hello; h1 and h2 are re-armed at 150 and 160.
+        assert_eq!(reg.reap(t0 + ms(101)), vec![h3.host.clone()]);
+        beat(h2, ms(140));
+        assert!(reg.reap(t0 + ms(150)).is_empty());
+        // h1's re-armed deadline (150) has passed: silent for 101 ms.
+        assert_eq!(reg.reap(t0 + ms(151)), vec![h1.host.clone()]);
+        // h2's deadline (160) comes due and is re-armed at 240.
+        assert!(reg.reap(t0 + ms(161)).is_empty());
+        assert!(reg.host(&h2.host).unwrap().connected);
+        assert_eq!(reg.reap(t0 + ms(241)), vec![h2.host.clone()]);
+        assert!(attached.iter().all(|a| a.kicked.is_cancelled()));
+        // A host that comes back is armed again by its hello.
+        let (tx, _rx) = mpsc::channel(8);
+        let again = reg.attach(hello("h1", &[]), tx, t0 + ms(300), 0).unwrap();
+        assert!(reg.reap(t0 + ms(400)).is_empty());
+        assert_eq!(reg.reap(t0 + ms(401)), vec![again.host.clone()]);
+    }
+
+    /// Random traffic from 40 hosts (messages, silences, disconnects and reconnects) against a
+    /// reference that walks every host: the reaper marks exactly the hosts silent for longer than
+    /// `unreachable_after`, at the first reap after they became so.
+    #[test]
+    fn reaper_marks_exactly_the_silent_hosts_under_random_traffic() {
+        let seed = 0x5eed_u64;
+        println!("seed {seed:#x}");
+        let mut rng = seed;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let after = Duration::from_millis(100);
+        let reg = registry(100);
+        let t0 = Instant::now();
+        let n = 40;
+        // Per host: its attachment and when it last spoke (the reference), or None when down.
+        let mut hosts: Vec<(Attachment, Option<Instant>)> = Vec::new();
+        let mut keep = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(8);
+            keep.push(rx);
+            let a = reg
+                .attach(hello(&format!("h{i:02}"), &[]), tx, t0, 0)
+                .unwrap();
+            hosts.push((a, Some(t0)));
+        }
+        for step in 1..=2_000u64 {
+            let now = t0 + Duration::from_millis(step);
+            for (i, (a, last)) in hosts.iter_mut().enumerate() {
+                let roll = next() % 1000;
+                match last {
+                    // Mostly chatty, some long silences (the silence lasts as long as `roll`
+                    // keeps this host quiet).
+                    Some(l) if roll < 30 => {
+                        reg.record(
+                            &a.host,
+                            a.conn_id,
+                            Body::Heartbeat(wire::Heartbeat::default()),
+                            now,
+                            0,
+                        )
+                        .unwrap();
+                        *l = now;
+                    }
+                    Some(_) if roll == 999 => {
+                        reg.detach(&a.host, a.conn_id);
+                        *last = None;
+                    }
+                    None if roll < 20 => {
+                        let (tx, rx) = mpsc::channel(8);
+                        keep.push(rx);
+                        *a = reg
+                            .attach(hello(&format!("h{i:02}"), &[]), tx, now, 0)
+                            .unwrap();
+                        *last = Some(now);
+                    }
+                    _ => {}
+                }
+            }
+            if step % 7 == 0 {
+                let mut expected: Vec<HostId> = hosts
+                    .iter_mut()
+                    .filter(|(_, l)| l.is_some_and(|l| now.duration_since(l) > after))
+                    .map(|(a, l)| {
+                        *l = None;
+                        a.host.clone()
+                    })
+                    .collect();
+                let mut got = reg.reap(now);
+                expected.sort();
+                got.sort();
+                assert_eq!(got, expected, "step {step} (seed {seed:#x})");
+            }
+        }
+        // The random walk did exercise the reaper.
+        assert!(hosts.iter().any(|(a, _)| a.kicked.is_cancelled()));
+    }
+
     #[test]
     fn a_second_stream_replaces_the_first() {
         let reg = registry(1000);
@@ -1855,5 +2077,40 @@ mod tests {
             .collect();
         assert_eq!(ids, vec!["h1", "h3"]);
         assert_eq!(reg.host_infos(&Selector::everything()).len(), 3);
+    }
+
+    /// Hosts are kept in arrival order behind a hash table, yet every ordered walk is by host id:
+    /// the snapshot the engine plans from (the same fleet, the same plan) and `ListHosts` pages
+    /// resumed from a token, a host arriving later included exactly once.
+    #[test]
+    fn snapshots_and_pages_are_in_host_id_order_whatever_the_arrival_order() {
+        let reg = registry(1000);
+        let mut keep = Vec::new();
+        let mut attach = |h: &str| {
+            let (tx, rx) = mpsc::channel(8);
+            keep.push(rx);
+            reg.attach(hello(h, &[]), tx, Instant::now(), 0).unwrap();
+        };
+        for h in ["h5", "h2", "h9", "h1", "h7"] {
+            attach(h);
+        }
+        let snapshot: Vec<String> = reg
+            .snapshot()
+            .into_iter()
+            .map(|s| s.host_id.to_string())
+            .collect();
+        assert_eq!(snapshot, ["h1", "h2", "h5", "h7", "h9"]);
+        let everything = Selector::everything();
+        let (page, token) = reg.host_page(&everything, None, 2);
+        let ids: Vec<_> = page.into_iter().map(|h| h.host_id).collect();
+        assert_eq!(ids, ["h1", "h2"]);
+        let token = token.expect("more hosts follow");
+        // A host arriving between two pages lands in its place.
+        attach("h3");
+        attach("h0");
+        let (page, token) = reg.host_page(&everything, Some(&token), 10);
+        let ids: Vec<_> = page.into_iter().map(|h| h.host_id).collect();
+        assert_eq!(ids, ["h3", "h5", "h7", "h9"]);
+        assert_eq!(token, None);
     }
 }

@@ -200,7 +200,7 @@ fn a_stalled_coordinator_stream_is_abandoned_and_the_agent_reconnects() {
     fx.install_first(1, &DemoRelease::healthy("demo-1.0"));
     let pid = fx.agent.service_pid().expect("service pid");
 
-    // The stream stalls without closing: the agent's HTTP/2 keepalive (10 s interval, 10 s
+    // The stream stalls without closing: the agent's HTTP/2 keepalive (20 s interval, 10 s
     // timeout) must notice and dial again, and the service never stops meanwhile.
     proxy.stall();
     let stalled_at = Instant::now();

@@ -177,13 +177,22 @@ impl Connector {
         &self.transport
     }
 
-    /// The real agent's channel settings: `TCP_NODELAY`, its maximum frame size, bounded connect
-    /// time, and otherwise tonic's defaults.
+    /// The real agent's keepalive period (`serin_agent::connection::KEEPALIVE_INTERVAL`): an
+    /// agent that reads nothing from the coordinator pings it this often.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+    /// The real agent's channel settings: `TCP_NODELAY`, its maximum frame size, its HTTP/2
+    /// keepalive pings (each one costs the coordinator a read and an answer, as a message does),
+    /// bounded connect time, and otherwise tonic's defaults.
     fn tuned(endpoint: Endpoint) -> Endpoint {
         endpoint
             .tcp_nodelay(true)
             // serin_agent::connection::MAX_FRAME_SIZE
             .max_frame_size(256 * 1024)
+            // serin_agent::connection::KEEPALIVE_INTERVAL and KEEPALIVE_TIMEOUT
+            .http2_keep_alive_interval(Self::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .connect_timeout(Duration::from_secs(10))
     }
 

@@ -1,8 +1,9 @@
 //! One simulated agent: a real `Attach` stream speaking the real protocol, without a service.
 //!
-//! It says hello with a one-service inventory (`web`, on [`SimConfig::baseline`]), heartbeats at
-//! the interval the welcome asks for, sends a health report every [`SimConfig::health_interval`]
-//! and right after an activation, and answers every order as the real agent does:
+//! It says hello with a one-service inventory (`web`, on [`SimConfig::baseline`]), sends a health
+//! report every [`SimConfig::health_interval`] and right after an activation, and a heartbeat only
+//! after the stream was silent for the interval the welcome asks for (plus the real agent's grace,
+//! [`heartbeat_silence`]: any message is a sign of life), and answers every order as the real agent does:
 //! sequences are applied at most once (a repeat re-sends the stored results and is counted as a
 //! duplicate, a lower one is answered `STALE_ORDER` with `last_seq`); stage fetches the artifact
 //! over `FetchArtifact` or skips it; activate answers `ACTIVATED`, then `HEALTHY` after
@@ -155,7 +156,24 @@ pub fn host_id(index: u32) -> String {
     format!("sim-{index:06}")
 }
 
-type Out = mpsc::Sender<wire::AgentMessage>;
+/// How long the stream must be silent before a heartbeat goes up: the real agent's rule
+/// (`serin_agent::connection::heartbeat_silence`, not a dependency of the bench), the interval
+/// plus a twentieth of it, at most 250 ms.
+pub fn heartbeat_silence(every: Duration) -> Duration {
+    every + (every / 20).min(Duration::from_millis(250))
+}
+
+/// The sending half of an attached stream, and when it last sent anything.
+struct Out {
+    tx: mpsc::Sender<wire::AgentMessage>,
+    last_sent: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Out {
+    fn last_sent(&self) -> tokio::time::Instant {
+        *self.last_sent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl SimAgent {
     /// Agent number `index`.
@@ -284,6 +302,10 @@ impl SimAgent {
         tx.try_send(wire::AgentMessage {
             body: Some(Up::Hello(self.hello())),
         })?;
+        let tx = Out {
+            tx,
+            last_sent: std::sync::Mutex::new(tokio::time::Instant::now()),
+        };
         let started = Instant::now();
         let mut inbound = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -327,11 +349,15 @@ impl SimAgent {
         commands.mark_unchanged();
         // Spread periodic traffic over the period instead of synchronising every agent.
         let phase = |rng: &mut Rng, every: Duration| every.mul_f64(rng.unit());
-        let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + phase(&mut self.rng, heartbeat_every),
-            heartbeat_every,
-        );
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A heartbeat only after `silence` without any message, as the real agent does; the
+        // first one at a random phase (as if the hello had gone up that much earlier).
+        let silence = heartbeat_silence(heartbeat_every);
+        let first = tokio::time::Instant::now() + phase(&mut self.rng, heartbeat_every);
+        if let Some(as_if) = first.checked_sub(silence) {
+            *tx.last_sent.lock().unwrap_or_else(|p| p.into_inner()) = as_if;
+        }
+        let heartbeat = tokio::time::sleep_until(tx.last_sent() + silence);
+        tokio::pin!(heartbeat);
         let health_every = self.config.health_interval.max(Duration::from_millis(10));
         let mut health = tokio::time::interval_at(
             tokio::time::Instant::now() + phase(&mut self.rng, health_every),
@@ -339,6 +365,10 @@ impl SimAgent {
         );
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let due = tx.last_sent() + silence;
+            if heartbeat.deadline() != due {
+                heartbeat.as_mut().reset(due);
+            }
             let next_timer = self.svc.timers.iter().map(|(at, _)| *at).min();
             let timer = async {
                 match next_timer {
@@ -359,7 +389,7 @@ impl SimAgent {
                     Some(_) => {}
                     None => anyhow::bail!("the coordinator closed the stream"),
                 },
-                _ = heartbeat.tick() => {
+                () = &mut heartbeat => {
                     send(tx, Up::Heartbeat(wire::Heartbeat { sent_unix_ms: unix_us() / 1000 })).await?;
                     self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                 }
@@ -795,10 +825,14 @@ impl SimAgent {
     }
 }
 
+/// Sends one message; it pushes the next heartbeat back.
 async fn send(tx: &Out, body: Up) -> anyhow::Result<()> {
-    tx.send(wire::AgentMessage { body: Some(body) })
+    tx.tx
+        .send(wire::AgentMessage { body: Some(body) })
         .await
-        .map_err(|_| anyhow::anyhow!("the outgoing stream closed"))
+        .map_err(|_| anyhow::anyhow!("the outgoing stream closed"))?;
+    *tx.last_sent.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    Ok(())
 }
 
 /// Downloads an artifact over `FetchArtifact`, checking its length and sha256; returns its size.
