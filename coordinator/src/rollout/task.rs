@@ -1343,6 +1343,7 @@ mod lost_message_tests {
     use crate::control_service::RolloutApi;
     use crate::engine_tests::wire_spec;
     use crate::fleet::{FleetEvent, OrderOutcome, OrderPhase, ResultCode};
+    use crate::rollout::manager::RolloutManager;
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::rollout::{RolloutState, RolloutView, ShownPhase, intent::HostPhase};
     use crate::store::{MemoryStore, Store};
@@ -1476,29 +1477,42 @@ mod lost_message_tests {
     /// queue behind slow saves for longer than the re-send wait, and the orders of hosts that had
     /// answered were sent a second time. An answer still queued is an answer: nothing is re-sent
     /// while fleet events wait to be read.
-    #[tokio::test(start_paused = true)]
-    async fn answers_waiting_in_the_queue_stop_a_resend() {
+    /// A one-wave rollout over `n` hosts (h1…) that answer nothing by themselves, started:
+    /// its fleet, and the manager with what stops it.
+    async fn started(n: usize) -> (Arc<FakeFleet>, CancellationToken, RolloutManager) {
         let store = Arc::new(MemoryStore::new());
         store.put_release(&release_record()).unwrap();
         let fleet = Arc::new(FakeFleet::new(
-            (1..=3)
+            (1..=n)
                 .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
                 .collect(),
         ));
         let shutdown = CancellationToken::new();
         let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
         let api: &dyn RolloutApi = &mgr;
-        api.start_rollout(wire_spec(&["3"])).await.unwrap();
-        let sent = fleet.sent();
-        assert_eq!(sent.len(), 3, "one activate per host: {sent:?}");
-        // All three answer at once, and the task gets to them only after the re-send wait.
-        for (h, o) in &sent {
-            fleet.emit(result(h, o, OrderPhase::Activated));
-        }
+        api.start_rollout(wire_spec(&[&n.to_string()]))
+            .await
+            .unwrap();
+        assert_eq!(fleet.sent().len(), n, "one activate per host");
+        (fleet, shutdown, mgr)
+    }
+
+    /// Moves paused time past the first re-send wait and lets the task run.
+    async fn past_the_resend_wait() {
         tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_waiting_in_the_queue_stop_a_resend() {
+        let (fleet, shutdown, mgr) = started(3).await;
+        // All three answer at once, and the task gets to them only after the re-send wait.
+        for (h, o) in &fleet.sent() {
+            fleet.emit(result(h, o, OrderPhase::Activated));
+        }
+        past_the_resend_wait().await;
         let again = fleet.sent();
         shutdown.cancel();
         mgr.join().await;
@@ -1509,33 +1523,19 @@ mod lost_message_tests {
         );
     }
 
-    /// Seen in the 19,900-host broadcast on a loaded machine: 2,082 duplicate orders. The
-    /// coordinator's own stream tasks had not yet taken the first copies from their queues when
-    /// the re-send wait ran out, so each re-sent copy queued up behind its original. An order is
-    /// not sent again while its host's queue still holds messages its stream has not taken; it
-    /// is once the queue has drained and the wait runs out again.
+    /// An order re-sent while its first copy still waits in the host's queue (the coordinator's
+    /// stream task for that host has not taken it yet: a loaded coordinator writing to
+    /// thousands of streams) would only reach the agent twice. It is not sent again while the
+    /// host's queue holds messages its stream has not taken; it is once the queue has drained
+    /// and the wait runs out again.
     #[tokio::test(start_paused = true)]
     async fn an_order_still_waiting_in_its_hosts_queue_is_not_sent_again() {
-        let store = Arc::new(MemoryStore::new());
-        store.put_release(&release_record()).unwrap();
-        let fleet = Arc::new(FakeFleet::new(
-            (1..=2)
-                .map(|i| host(&format!("h{i}"), "eu-1", "web-1"))
-                .collect(),
-        ));
-        let shutdown = CancellationToken::new();
-        let mgr = crate::rollout::testing::manager(&store, &fleet, &shutdown).await;
-        let api: &dyn RolloutApi = &mgr;
-        api.start_rollout(wire_spec(&["2"])).await.unwrap();
-        assert_eq!(fleet.sent().len(), 2, "one activate per host");
+        let (fleet, shutdown, mgr) = started(2).await;
         let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
         // Neither answers; h1's stream has not taken its order yet, h2's has.
         fleet.set_queued(&h1, 1);
         let sent_to = |h: &HostId| fleet.sent().iter().filter(|(s, _)| s == h).count();
-        tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        past_the_resend_wait().await;
         assert_eq!(
             (sent_to(&h1), sent_to(&h2)),
             (1, 2),
@@ -1543,10 +1543,7 @@ mod lost_message_tests {
         );
         // h1's stream takes it; no answer comes: the next wait ends in a re-send.
         fleet.set_queued(&h1, 0);
-        tokio::time::advance(super::RESEND_FIRST + Duration::from_millis(500)).await;
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        past_the_resend_wait().await;
         let again = fleet.sent();
         shutdown.cancel();
         mgr.join().await;
@@ -1803,87 +1800,23 @@ mod cost_tests {
 /// allocation of the next wave's sequences, the save of its orders).
 #[cfg(test)]
 mod commit_tests {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use serin_proto::{HostId, OrderAction, ReleaseId, ServiceName};
+    use serin_proto::{HostId, OrderAction};
 
     use super::lost_message_tests::{answers, result};
     use crate::control_service::RolloutApi;
     use crate::engine_tests::wire_spec;
     use crate::rollout::testing::{FakeFleet, host, release_record};
     use crate::rollout::{RolloutState, intent::HostPhase};
-    use crate::store::{MemoryStore, ReleaseRecord, Store, StoreError, StoredRollout};
+    use crate::store::{MemoryStore, Store};
     use tokio_util::sync::CancellationToken;
 
-    /// A [`MemoryStore`] that counts its commits: every rollout save and every sequence
-    /// allocation or reservation is one transaction.
-    #[derive(Default)]
-    struct Counting {
-        inner: MemoryStore,
-        commits: AtomicUsize,
-    }
-
-    impl Store for Counting {
-        fn put_release(&self, rec: &ReleaseRecord) -> Result<(), StoreError> {
-            self.inner.put_release(rec)
-        }
-        fn release(
-            &self,
-            service: &ServiceName,
-            id: &ReleaseId,
-        ) -> Result<Option<ReleaseRecord>, StoreError> {
-            self.inner.release(service, id)
-        }
-        fn releases(
-            &self,
-            service: Option<&ServiceName>,
-        ) -> Result<Vec<ReleaseRecord>, StoreError> {
-            self.inner.releases(service)
-        }
-        fn save_rollout(
-            &self,
-            rollout_id: &str,
-            header: &[u8],
-            hosts: &[(HostId, Vec<u8>)],
-            events: &[Vec<u8>],
-        ) -> Result<(), StoreError> {
-            self.commits.fetch_add(1, SeqCst);
-            self.inner.save_rollout(rollout_id, header, hosts, events)
-        }
-        fn load_rollout(&self, rollout_id: &str) -> Result<Option<StoredRollout>, StoreError> {
-            self.inner.load_rollout(rollout_id)
-        }
-        fn rollout_ids(&self) -> Result<Vec<String>, StoreError> {
-            self.inner.rollout_ids()
-        }
-        fn next_seq(
-            &self,
-            host: &HostId,
-            service: &ServiceName,
-            at_least: u64,
-        ) -> Result<u64, StoreError> {
-            self.commits.fetch_add(1, SeqCst);
-            self.inner.next_seq(host, service, at_least)
-        }
-        fn next_seqs(
-            &self,
-            service: &ServiceName,
-            requests: &[(HostId, u64)],
-        ) -> Result<Vec<u64>, StoreError> {
-            self.commits.fetch_add(1, SeqCst);
-            self.inner.next_seqs(service, requests)
-        }
-        fn reserve_seqs(
-            &self,
-            service: &ServiceName,
-            requests: &[(HostId, u64)],
-            count: u64,
-        ) -> Result<Vec<u64>, StoreError> {
-            self.commits.fetch_add(1, SeqCst);
-            self.inner.reserve_seqs(service, requests, count)
-        }
+    /// The store's commits so far: every rollout save and every sequence allocation or
+    /// reservation is one transaction.
+    fn commits(store: &MemoryStore) -> usize {
+        store.saves() + store.seq_commits()
     }
 
     /// Waves 1,10%,50%,100% over 20 hosts that answer at once, bake and minimum healthy time
@@ -1894,7 +1827,7 @@ mod commit_tests {
     /// handed out twice.
     #[tokio::test(start_paused = true)]
     async fn a_wave_change_takes_one_commit() {
-        let store = Arc::new(Counting::default());
+        let store = Arc::new(MemoryStore::new());
         store.put_release(&release_record()).unwrap();
         let hosts: Vec<_> = (0..20)
             .map(|i| host(&format!("h{i:02}"), "eu-1", "web-1"))
@@ -1908,25 +1841,21 @@ mod commit_tests {
         {
             let (store, seen, answered) = (store.clone(), seen.clone(), answered.clone());
             fleet.respond_with(Box::new(move |h, o| {
-                let commits = store.commits.load(SeqCst);
+                let commits = commits(&store);
                 if matches!(o.action, OrderAction::Activate { .. }) {
-                    let stored = store
-                        .inner
-                        .load_rollout(&o.rollout_id)
-                        .unwrap()
-                        .and_then(|r| {
-                            let d = crate::rollout::record::decode_rollout(
-                                &o.rollout_id,
-                                &r.header,
-                                &r.hosts,
-                            )
-                            .unwrap();
-                            d.hosts
-                                .iter()
-                                .find(|r| &r.host.id == h)
-                                .and_then(|r| r.host.order.as_ref())
-                                .map(|o| (o.order_id.clone(), o.seq))
-                        });
+                    let stored = store.load_rollout(&o.rollout_id).unwrap().and_then(|r| {
+                        let d = crate::rollout::record::decode_rollout(
+                            &o.rollout_id,
+                            &r.header,
+                            &r.hosts,
+                        )
+                        .unwrap();
+                        d.hosts
+                            .iter()
+                            .find(|r| &r.host.id == h)
+                            .and_then(|r| r.host.order.as_ref())
+                            .map(|o| (o.order_id.clone(), o.seq))
+                    });
                     seen.lock()
                         .unwrap()
                         .push((h.clone(), o.seq, commits, stored));
