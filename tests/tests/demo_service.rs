@@ -19,10 +19,18 @@ impl Drop for Running {
     }
 }
 
+/// Held while a test writes a binary and while it forks one: a fork of another test's thread
+/// while this one's binary is open for writing would hold that descriptor until its exec, and
+/// this exec would fail with ETXTBSY ("Text file busy"; seen in CI).
+static WRITE_OR_FORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(release: &DemoRelease, port: u16) -> (tempfile::TempDir, Running) {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("demo");
+    let _one = WRITE_OR_FORK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     std::fs::write(&exe, &release.bytes).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let child = Command::new(&exe)
@@ -109,12 +117,16 @@ fn unhealthy_after_a_delay_and_slow_health() {
 #[test]
 fn without_a_trailer_it_is_dev() {
     let port = free_port();
+    let one = WRITE_OR_FORK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let child = Command::new(binaries::demo_service())
         .args(["--port", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    drop(one);
     let _svc = Running(child);
     wait::wait_for(
         "/version to answer",
