@@ -48,7 +48,7 @@ fn main() {
     let zones: Vec<String> = (0..hosts).map(|i| format!("z{}", i % 5)).collect();
     let zones: Vec<&str> = zones.iter().map(String::as_str).collect();
     let up = Instant::now();
-    let f = Fleet::start("real50", &zones);
+    let f = Fleet::start_for_timing("real50", &zones);
     if let Some(n) = std::env::var("REAL50_STAGE_AHEAD")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
