@@ -3,8 +3,9 @@
 //!
 //! The journal write is made to fail for real: while the download of the new release is held
 //! open by the fake coordinator (so the order's sequence is already persisted), a directory is
-//! put where the state file's temporary copy goes, so the next durable write of `state.json`
-//! fails with `EISDIR`. Then the download is let finish.
+//! put where the state file's spare goes (the file its next version is written into before the
+//! two are exchanged), so the next durable write of `state.json` fails with `EISDIR`. Then the
+//! download is let finish.
 
 use serin_proto::wire::{OrderPhase, ResultCode};
 use serin_tests::agent_fixture::AgentFixture;
@@ -31,11 +32,9 @@ fn failed_journal_write_stops_the_swap_and_the_current_release_keeps_serving() {
     ));
     // Downloading: the order's sequence was persisted before the download began.
     fx.wait_phase(2, OrderPhase::Progress);
-    let agent_pid = fx.agent.pid().expect("agent pid");
-    let blocker = fx
-        .agent
-        .service_dir()
-        .join(format!("state.json.tmp.{agent_pid}"));
+    let blocker = fx.agent.service_dir().join("state.json.spare");
+    // state.json has been written more than once by now: its spare is there, a file.
+    std::fs::remove_file(&blocker).expect("removing the state file's spare");
     std::fs::create_dir(&blocker).expect("creating the blocker directory");
     fx.coord.set_fault(&v2.sha256, None);
 

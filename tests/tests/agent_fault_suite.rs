@@ -309,6 +309,13 @@ fn part_sizes(fx: &AgentFixture) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// Removes the spare of the agent's `state.json` (see `serin_agent::durable`): its next durable
+/// write then needs a page of its own, as one that grows the state does.
+fn remove_state_spare(fx: &AgentFixture) {
+    let spare = fx.agent.service_dir().join("state.json.spare");
+    std::fs::remove_file(&spare).expect("removing the state file's spare");
+}
+
 /// A tmpfs of `size_mib` MiB mounted on `dir`, unmounted (lazily) on drop.
 struct SmallFs {
     dir: PathBuf,
@@ -534,6 +541,9 @@ fn disk_cases() -> Vec<Case> {
             fx.publish(&v2);
             fx.send(orders::stage(2, v2.wire(SERVICE, "")));
             assert_eq!(fx.wait_outcome(2).phase(), OrderPhase::Staged);
+            // A durable write overwrites its file's spare in place, which a full disk does not
+            // stop while the state keeps its size; without a spare it needs a new page.
+            remove_state_spare(fx);
             fs.fill();
             fx.send(orders::activate(
                 3,
@@ -567,6 +577,8 @@ fn disk_cases() -> Vec<Case> {
                 &|| format!("staging: {:?}\n{}", part_sizes(fx), fx.dump()),
                 || part_sizes(fx).iter().any(|n| *n >= hold_at),
             );
+            // As above: the journal write has to find a new page.
+            remove_state_spare(fx);
             fs.fill_but(1);
             fx.coord.set_fault(&v2.sha256, None);
             refused_cleanly(fx, 2, &[ResultCode::IoError], pid);
