@@ -395,7 +395,9 @@ fn state_dir_full_during_a_commit() {
     fill(&state, "filler");
     // redb reuses the pages earlier commits freed, so a small commit can still succeed on a full
     // disk; the record only grows (decisions, events). An operator pauses and resumes until a
-    // commit needs a page the disk no longer has: the rollout then pauses on the store.
+    // commit needs a page the disk no longer has: the rollout then pauses on the store (when
+    // that commit is a pause, the operator's pause stands and the next call, a resume, pauses
+    // on the store: `a_resume_while_the_store_still_fails_pauses_on_the_store`).
     let paused_by_store = |s: &wire::RolloutStatus| {
         s.state().as_str() == "paused" && s.reason.contains("saving the rollout failed")
     };

@@ -160,6 +160,81 @@ async fn a_failed_sequence_allocation_pauses_and_never_fails_a_host() {
     mgr.join().await;
 }
 
+/// Found by the coordinator's disk fault case (flaky in CI): the store fails first on an
+/// operator's pause (the rollout is paused by the operator; the failure is an event), then the
+/// operator resumes while the store still refuses every save. The rollout ran on in memory,
+/// "running" while nothing it decided could be kept, because only the first failure of a run of
+/// them paused the machine. It now pauses on the store, and resumes by itself once the store
+/// accepts writes again.
+#[tokio::test(start_paused = true)]
+async fn a_resume_while_the_store_still_fails_pauses_on_the_store() {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    fleet.respond_with(healthy_agent());
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    let st = api(&mgr)
+        .start_rollout(wire_spec(&["1", "100%"]))
+        .await
+        .unwrap();
+    let mut rx = super::WireWatch(api(&mgr).watch(&st.rollout_id).unwrap());
+    wait_status(&mut rx, "the canary bakes", |s| {
+        s.waves[0].state().as_str() == "baking"
+    })
+    .await;
+    let control = |action: wire::ControlAction| {
+        let (mgr, id) = (mgr.clone(), st.rollout_id.clone());
+        async move {
+            api(&mgr)
+                .control(wire::ControlRequest {
+                    rollout_id: id,
+                    action: action as i32,
+                    reason: "disk test".into(),
+                })
+                .await
+        }
+    };
+    store.fail_after_saves(0, usize::MAX);
+    let e = control(wire::ControlAction::Pause).await.unwrap_err();
+    assert!(e.message().contains("store"), "{}", e.message());
+    let s = rx.borrow();
+    assert_eq!(s.state().as_str(), "paused", "{}", s.reason);
+    let e = control(wire::ControlAction::Resume).await.unwrap_err();
+    assert!(e.message().contains("store"), "{}", e.message());
+    let s = rx.borrow();
+    assert_eq!(
+        (
+            s.state().as_str(),
+            s.reason.contains("saving the rollout failed")
+        ),
+        ("paused", true),
+        "a resume the store could not keep leaves the rollout paused on the store: {}",
+        s.reason
+    );
+    // Far past every deadline: still paused, nobody failed. The hour passes (the clock is
+    // paused: it advances only while every task waits) within seconds of real time: a task
+    // that woke again and again for a re-send it could not make (it used to) never lets it.
+    let (tx, timed_out) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        _ = timed_out => panic!("an hour of a paused rollout on a failing store never passed: its task spins"),
+    }
+    let s = rx.borrow();
+    assert_eq!(s.state().as_str(), "paused", "{}", s.reason);
+    assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
+    store.fail_after_saves(0, 0);
+    wait_status(&mut rx, "the rollout finishes", |s| s.finished).await;
+    let s = rx.borrow();
+    assert_eq!(s.state().as_str(), "succeeded", "{}", s.reason);
+    assert!(failed_hosts(&s).is_empty(), "{:?}", failed_hosts(&s));
+    shutdown.cancel();
+    mgr.join().await;
+}
+
 /// Finding 2: a refusal that arrives as fast as the order goes out is not lost. Before the fix
 /// the task subscribed to fleet events after the canary was dispatched, the refusal was
 /// missed and the canary "failed" its progress deadline a minute later instead.

@@ -295,7 +295,15 @@ impl Driver {
     }
 
     /// When [`resend_unanswered`](Self::resend_unanswered) may next have work (unix ms).
+    ///
+    /// None while a failed save holds every order back: nothing can be re-sent before the save
+    /// is written, and the retry of the save has its own wake-up. (A re-send due meanwhile woke
+    /// the task at once, again and again: a loop at 100 % of a core for as long as the store
+    /// refused writes.)
     pub fn next_resend_ms(&self) -> Option<u64> {
+        if self.unsaved.is_some() {
+            return None;
+        }
         self.outstanding
             .values()
             .map(|o| o.last_ms + o.wait.as_millis() as u64)
@@ -829,13 +837,19 @@ impl Retry {
     }
 
     /// Takes note of one round's outcome; returns the inputs the machine must hear about it.
-    fn after(&mut self, ex: &Executed, now_ms: u64, id: &str) -> Option<Input> {
+    ///
+    /// The machine hears of the first failure of a run of them, and of any later one that finds
+    /// it running: an operator's resume while the store still refuses every save pauses it on
+    /// the store again, where it used to run on in memory, "running" while nothing it decided
+    /// could be kept.
+    fn after(&mut self, ex: &Executed, now_ms: u64, id: &str, m: &Rollout) -> Option<Input> {
         if let Some(e) = &ex.store_error {
             let first = self.at_ms.is_none();
             self.at_ms = Some(now_ms + self.delay.as_millis() as u64);
             tracing::warn!(rollout = %id, error = %e, retry_in = ?self.delay, "rollout not saved; retrying");
             self.delay = (self.delay * 2).min(SAVE_RETRY_MAX);
-            return first.then(|| Input::StoreFailed {
+            let running = matches!(m.state(), RolloutState::Running | RolloutState::Waiting);
+            return (first || running).then(|| Input::StoreFailed {
                 error: e.to_string(),
             });
         }
@@ -1137,14 +1151,14 @@ pub async fn run_counted(
             }
             let refused = ex.refused.take();
             let mut not_saved = ex.store_error.as_ref().map(|e| e.to_string());
-            let mut follow = retry.after(&ex, driver.clock.now_ms(), &id);
+            let mut follow = retry.after(&ex, driver.clock.now_ms(), &id, &m);
             while let Some(i) = follow.take() {
                 deadline = None;
                 let ex = driver.feed(&mut m, i).await;
                 if ex.store_error.is_none() && !driver.has_unsaved() {
                     not_saved = None;
                 }
-                follow = retry.after(&ex, driver.clock.now_ms(), &id);
+                follow = retry.after(&ex, driver.clock.now_ms(), &id, &m);
             }
             publisher.note(&mut m);
             (refused, not_saved)
@@ -1223,7 +1237,7 @@ pub async fn run_counted(
             .is_some_and(|since| now >= since + PUT_OFF_MAX.as_millis() as u64)
         {
             let ex = driver.write_put_off(&m).await;
-            if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
+            if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id, &m) {
                 step!(vec![i]);
             }
             continue;
@@ -1300,7 +1314,7 @@ pub async fn run_counted(
                 let now = driver.clock.now_ms();
                 if retry.at_ms.is_some_and(|t| t <= now) && driver.has_unsaved() {
                     let ex = driver.flush(&m).await;
-                    if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id) {
+                    if let Some(i) = retry.after(&ex, driver.clock.now_ms(), &id, &m) {
                         step!(vec![i]);
                     }
                     continue;
