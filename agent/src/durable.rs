@@ -101,7 +101,8 @@ pub fn write_atomic(target: &Path, contents: &[u8]) -> io::Result<()> {
 }
 
 /// Puts `spare` at `target`: exchanged with it, or renamed over it where `target` does not exist
-/// yet or the file system cannot exchange two names.
+/// yet or the exchange is not to be had (a file system without it, a kernel or a seccomp filter
+/// without `renameat2`: a plain rename then says what is really wrong, if anything is).
 fn swap_in(spare: &Path, target: &Path) -> io::Result<()> {
     use nix::errno::Errno;
     use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
@@ -113,7 +114,7 @@ fn swap_in(spare: &Path, target: &Path) -> io::Result<()> {
         RenameFlags::RENAME_EXCHANGE,
     ) {
         Ok(()) => Ok(()),
-        Err(Errno::ENOENT | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+        Err(Errno::ENOENT | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EPERM) => {
             fs::rename(spare, target)
         }
         Err(e) => Err(io::Error::from(e)),
