@@ -29,6 +29,22 @@ fn fleet(n: usize) -> Arc<FakeFleet> {
     ))
 }
 
+/// Two hosts (`h1`, `h2`) answering as healthy agents do, and a manager over them on a
+/// [`TestStore`], stopped by the token.
+async fn two_healthy_hosts() -> (
+    Arc<TestStore>,
+    Arc<FakeFleet>,
+    CancellationToken,
+    RolloutManager,
+) {
+    let store = Arc::new(TestStore::new());
+    let fleet = fleet(2);
+    fleet.respond_with(healthy_agent());
+    let shutdown = CancellationToken::new();
+    let mgr = manager(&store, &fleet, &shutdown).await;
+    (store, fleet, shutdown, mgr)
+}
+
 /// A responder that answers every order as a healthy agent does.
 fn healthy_agent() -> crate::rollout::testing::Responder {
     Box::new(|h: &HostId, o: &serin_proto::Order| {
@@ -84,11 +100,7 @@ fn failed_hosts(s: &wire::RolloutStatus) -> Vec<String> {
 /// progress deadline: a store hiccup blamed on the release.
 #[tokio::test(start_paused = true)]
 async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
-    let store = Arc::new(TestStore::new());
-    let fleet = fleet(2);
-    fleet.respond_with(healthy_agent());
-    let shutdown = CancellationToken::new();
-    let mgr = manager(&store, &fleet, &shutdown).await;
+    let (store, fleet, shutdown, mgr) = two_healthy_hosts().await;
     // The first save (the rollout with its canary's order, written once the order's sequence
     // was allocated) succeeds, the next one fails, and so does the retry after it: whatever
     // follows them (the second wave's orders among it) is held back until a save works.
@@ -129,11 +141,7 @@ async fn a_failed_save_never_loses_an_order_nor_fails_a_host() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_sequence_allocation_pauses_and_never_fails_a_host() {
     use std::sync::atomic::Ordering::SeqCst;
-    let store = Arc::new(TestStore::new());
-    let fleet = fleet(2);
-    fleet.respond_with(healthy_agent());
-    let shutdown = CancellationToken::new();
-    let mgr = manager(&store, &fleet, &shutdown).await;
+    let (store, _fleet, shutdown, mgr) = two_healthy_hosts().await;
     store.fail_seqs.store(true, SeqCst);
     let st = api(&mgr)
         .start_rollout(wire_spec(&["1", "100%"]))
@@ -168,11 +176,7 @@ async fn a_failed_sequence_allocation_pauses_and_never_fails_a_host() {
 /// accepts writes again.
 #[tokio::test(start_paused = true)]
 async fn a_resume_while_the_store_still_fails_pauses_on_the_store() {
-    let store = Arc::new(TestStore::new());
-    let fleet = fleet(2);
-    fleet.respond_with(healthy_agent());
-    let shutdown = CancellationToken::new();
-    let mgr = manager(&store, &fleet, &shutdown).await;
+    let (store, _fleet, shutdown, mgr) = two_healthy_hosts().await;
     let st = api(&mgr)
         .start_rollout(wire_spec(&["1", "100%"]))
         .await
