@@ -7,7 +7,8 @@
 //! version, the old one or the new one, and the spare keeps the version before. The next write
 //! overwrites the spare in place: after the first two writes no write allocates or frees an
 //! inode. On ext4 without a journal (this project's test machines) allocating an inode scans past
-//! every inode freed in the last half-minute, so the classic write-a-temporary-file-then-rename
+//! every inode freed in the last minute (five while its inode table block is not yet written
+//! back: `recently_deleted` in the kernel), so the classic write-a-temporary-file-then-rename
 //! cost 0.2–0.8 ms of kernel CPU per write on a busy agent against 14 µs for the exchange (issue
 //! 10). Where the target does not exist yet, or the file system cannot exchange, the spare is
 //! renamed over the target instead. An fsync error means the attempt failed; it is never

@@ -32,7 +32,8 @@ fn failed_journal_write_stops_the_swap_and_the_current_release_keeps_serving() {
     ));
     // Downloading: the order's sequence was persisted before the download began.
     fx.wait_phase(2, OrderPhase::Progress);
-    let blocker = fx.agent.service_dir().join("state.json.spare");
+    let blocker = serin_agent::durable::spare_of(&fx.agent.service_dir().join("state.json"))
+        .expect("state.json has a file name");
     // state.json has been written more than once by now: its spare is there, a file.
     std::fs::remove_file(&blocker).expect("removing the state file's spare");
     std::fs::create_dir(&blocker).expect("creating the blocker directory");

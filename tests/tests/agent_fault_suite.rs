@@ -312,8 +312,9 @@ fn part_sizes(fx: &AgentFixture) -> Vec<u64> {
 /// Removes the spare of the agent's `state.json` (see `serin_agent::durable`): its next durable
 /// write then needs a page of its own, as one that grows the state does.
 fn remove_state_spare(fx: &AgentFixture) {
-    let spare = fx.agent.service_dir().join("state.json.spare");
-    std::fs::remove_file(&spare).expect("removing the state file's spare");
+    let state = fx.agent.service_dir().join("state.json");
+    let spare = serin_agent::durable::spare_of(&state).expect("state.json has a file name");
+    std::fs::remove_file(spare).expect("removing the state file's spare");
 }
 
 /// A tmpfs of `size_mib` MiB mounted on `dir`, unmounted (lazily) on drop.

@@ -247,11 +247,9 @@ impl Driver {
     /// Sends again each reachable host's current order that had neither a send nor an answer
     /// within its wait (see the module docs); nothing while a failed save holds orders back.
     pub fn resend_unanswered(&mut self, m: &Rollout) {
-        if self.unsaved.is_some() {
-            return;
-        }
         let now = self.clock.now_ms();
-        // Nothing due: no walk (this runs once per batch of inputs).
+        // Nothing due (or a failed save holds every order back): no walk (this runs once per
+        // batch of inputs).
         if self.next_resend_ms().is_none_or(|t| t > now) {
             return;
         }
@@ -1328,7 +1326,7 @@ pub async fn run_counted(
                     continue;
                 }
                 let resend_due = driver.next_resend_ms().is_some_and(|t| t <= now);
-                if !machine_due && (resend_due && !driver.has_unsaved() || publish_at.is_some_and(|t| t <= now)) {
+                if !machine_due && (resend_due || publish_at.is_some_and(|t| t <= now)) {
                     continue;
                 }
                 vec![Input::Tick]
