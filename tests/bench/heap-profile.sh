@@ -7,7 +7,9 @@
 # and SIGKILLs the coordinator 5 s after its open files reach N, so heaptrack's "leaked"
 # allocations are exactly those live while every agent is attached. Prints the top allocation
 # sites; the profile stays in OUT.zst for `heaptrack_print` (delete it when done: ~0.3 MB per
-# 1,000 agents). Needs `target/release/serin-bench` built.
+# 1,000 agents). Needs `target/release/serin-bench` built, and a `serin` built with glibc's
+# malloc, which heaptrack interposes (the default binary uses mimalloc):
+#   cargo build --release -p serin-cli --features system-allocator --target-dir target/sysalloc
 set -euo pipefail
 N=${1:?agents}
 SERIN=$(realpath "${2:?path to the serin binary}")

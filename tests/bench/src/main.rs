@@ -15,6 +15,12 @@ use serin_bench::scenario::{self, Setup};
 use serin_bench::sim_agent::SimConfig;
 use serin_bench::swarm::{LocalSwarm, serve_worker};
 
+/// The coordinator's allocator in the simulators too: they stand in for agents on other machines
+/// and share this one's cores with the coordinator, so the less they take the closer the figures
+/// are to a real fleet's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A fleet simulator against a real `serin serve`; prints figures as a table and JSON.
 #[derive(Debug, Parser)]
 #[command(name = "serin-bench", version)]
